@@ -1,0 +1,477 @@
+"""CIFAR-10 download and class-folder data, decoded once and augmented on the device.
+
+    python data.py download [--root data/cifar10] [--source URL|PATH] [--md5 HEX]
+
+A data set is a folder with `train/` and `test/`, each holding one folder per
+class (torchvision ImageFolder conventions: class folders sorted by name,
+hidden files and non-images ignored). Each split is decoded once into a uint8
+tensor N x 3 x S x S, cached in `<data-dir>/.cache/` and rebuilt whenever the
+files change. Augmentation and the evaluation transform run batched on
+whatever device holds that tensor.
+"""
+import argparse
+import collections
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.parse
+import zipfile
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.datasets.utils import check_integrity, download_url
+from torchvision.ops import roi_align
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_DIR = "cifar-10-batches-py"  # the folder inside the official tarball
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation, as the reference
+STD = (0.229, 0.224, 0.225)
+EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centre-crops
+MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
+CACHE_VERSION = 1
+WORKERS = min(8, len(os.sched_getaffinity(0)))
+
+
+class UserError(Exception):
+    """A mistake in the user's input; scripts print it as one line and exit 1."""
+
+
+# --------------------------------------------------------------------------- images
+
+def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.Image, int]:
+    """Any image Pillow reads, as RGB, upright (EXIF), transparency over white.
+
+    Returns the image and its original shorter side. `size` lets a JPEG decode
+    at a reduced scale that is still at least size x size.
+    """
+    with Image.open(path) as img:
+        shorter_side = min(img.size)
+        if size is not None and img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale, do not clip
+        pixels = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16") or pixels.max() > 255:
+            pixels = pixels / 257.0
+        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB"), shorter_side
+    return img.convert("RGB"), shorter_side
+
+
+def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
+    """An image as a size x size x 3 uint8 array (shorter side to size, centre crop), and its shorter side.
+
+    The cache builder and predict.py both use this, so a single image is
+    prepared exactly like the images a model was trained and evaluated on.
+    A file that cannot be read raises UserError naming it.
+    """
+    try:
+        img, shorter_side = load_image(path, size)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"{path}: cannot read this image ({e}); remove or replace the file") from None
+    if img.size != (size, size):
+        w, h = img.size
+        scale = size / min(w, h)
+        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        img = img.resize((w, h), Image.BILINEAR)  # Pillow antialiases when shrinking
+        left, top = (w - size) // 2, (h - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return np.array(img, dtype=np.uint8), shorter_side
+
+
+def is_image_file(path: Path) -> bool:
+    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+# --------------------------------------------------------------------------- class folders
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # N x 3 x S x S uint8
+    labels: torch.Tensor  # N int64
+    classes: list[str]
+
+    def subset(self, indices: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[indices], self.labels[indices], self.classes)
+
+    def to(self, device: torch.device) -> "ImageSet":
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+    @property
+    def stored_size(self) -> int:
+        return self.images.shape[-1]
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped."""
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder; download the data (python data.py download) or pass --data-dir")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root}: no class folders inside; expected {root}/<class>/<image> files")
+    samples = []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).rglob("*") if is_image_file(p) and p.is_file())
+        if not files:
+            raise UserError(f"{root / name}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+        samples += [(p, label) for p in files]
+    return classes, samples
+
+
+def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None) -> str:
+    digest = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
+    for path, label in samples:
+        stat = path.stat()
+        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True) -> ImageSet:
+    """Decode a class-folder split into memory, through a cache beside it.
+
+    Images are stored at `size` (default: the most common shorter side, at most
+    256). The cache lives in `<root>/../.cache/<name>.pt` and is used only while
+    the file list, sizes and modification times are exactly those it was built from.
+    """
+    root = Path(root)
+    classes, samples = scan_class_folders(root)
+    key = fingerprint(samples, classes, size)
+    cache_file = root.parent / ".cache" / f"{root.name}.pt"
+    if cache and cache_file.is_file():
+        try:
+            cached = torch.load(cache_file, weights_only=True)
+            if cached.get("fingerprint") == key:
+                return ImageSet(cached["images"], cached["labels"], cached["classes"])
+        except Exception:  # a damaged cache is rebuilt, never trusted
+            pass
+    paths = [p for p, _ in samples]
+    images = decode_all(paths, size)
+    result = ImageSet(
+        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        torch.tensor([label for _, label in samples], dtype=torch.int64),
+        classes,
+    )
+    if cache:
+        write_cache(cache_file, result, key)
+    return result
+
+
+def decode_all(paths: list[Path], size: int | None) -> np.ndarray:
+    """Decode every image at `size`, or at the most common shorter side (at most 256) when None.
+
+    Opens each file once: the size is guessed from a sample, and only if the
+    full count disagrees are the images decoded again.
+    """
+    sample = paths[:: max(1, len(paths) // 64)]
+    guess = size or most_common_side([decode(p, 1)[1] for p in sample])
+    chunks = [paths[i:i + 1024] for i in range(0, len(paths), 1024)]
+    if len(chunks) > 1 and WORKERS > 1:  # decoding is Python-bound: processes, not threads
+        with ProcessPoolExecutor(WORKERS) as pool:
+            decoded = list(pool.map(decode_chunk, chunks, [guess] * len(chunks)))
+    else:
+        decoded = [decode_chunk(chunk, guess) for chunk in chunks]
+    images = np.concatenate([d[0] for d in decoded])
+    sides = [side for d in decoded for side in d[1]]
+    if size is None and most_common_side(sides) != guess:
+        return decode_all(paths, most_common_side(sides))
+    return images
+
+
+def decode_chunk(paths: list[Path], size: int) -> tuple[np.ndarray, list[int]]:
+    decoded = [decode(p, size) for p in paths]
+    return np.stack([d[0] for d in decoded]), [d[1] for d in decoded]
+
+
+def most_common_side(sides: list[int]) -> int:
+    return min(collections.Counter(sides).most_common(1)[0][0], MAX_STORED_SIZE)
+
+
+def write_cache(path: Path, images: ImageSet, key: str) -> None:
+    record = {"fingerprint": key, "images": images.images, "labels": images.labels, "classes": images.classes}
+    try:
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(record, f)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only data folder still trains, only slower to start
+        print(f"warning: cannot write the image cache {path} ({e}); decoding every run", file=sys.stderr)
+
+
+def load_dataset(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
+    """The train and test splits of a data folder, with the same classes."""
+    data_dir = Path(data_dir)
+    for split in ("train", "test"):
+        if not (data_dir / split).is_dir():
+            raise UserError(f"{data_dir}: no {split}/ folder; a data folder holds train/<class>/ and test/<class>/ "
+                            "(python data.py download makes one for CIFAR-10)")
+    train = load_folder(data_dir / "train")
+    test = load_folder(data_dir / "test", size=train.stored_size)
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise UserError(f"{data_dir}: train/ and test/ have different class folders "
+                        f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'}); make them the same")
+    return train, test
+
+
+def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick `count` indices with the class proportions of `labels`; return (picked, rest).
+
+    Per class, floor(count * share) plus one for the largest remainders; the
+    choice within a class is a seeded permutation, so it is the same every run.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    per_class = torch.bincount(labels)
+    exact = count * per_class.double() / len(labels)
+    quota = exact.floor().long()
+    remainders = (exact - quota).argsort(descending=True, stable=True)
+    quota[remainders[: count - int(quota.sum())]] += 1
+    picked, rest = [], []
+    for cls in range(len(per_class)):
+        members = (labels == cls).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        picked.append(members[: quota[cls]])
+        rest.append(members[quota[cls]:])
+    return torch.cat(picked).sort().values, torch.cat(rest).sort().values
+
+
+# --------------------------------------------------------------------------- transforms on the device
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    return (images - mean) / std
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear crop-and-resize of box (x1, y1, x2, y2) of each image to size x size.
+
+    roi_align with aligned=True samples at the same points as torchvision's
+    bilinear resize of the crop (identical inside; at the crop's outermost
+    half-pixel it reads the neighbouring pixels instead of repeating the edge),
+    and averages several samples per output pixel when shrinking.
+    """
+    index = torch.arange(len(images), device=images.device, dtype=boxes.dtype).unsqueeze(1)
+    return roi_align(images.float(), torch.cat([index, boxes], 1), size, 1.0, -1, True)
+
+
+def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: torch.device,
+                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for a batch of side x side images.
+
+    Each image tries `attempts` (area, aspect) draws and keeps the first that
+    fits; if none fits it falls back to the whole (square) image, as torchvision does.
+    """
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(n, attempts, generator=generator, device=device)
+
+    area = side * side * uniform(*scale)
+    aspect = torch.exp(uniform(np.log(ratio[0]), np.log(ratio[1])))
+    w = torch.sqrt(area * aspect).round()
+    h = torch.sqrt(area / aspect).round()
+    fits = (w > 0) & (w <= side) & (h > 0) & (h <= side)
+    first = fits.long().argmax(1, keepdim=True)
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), torch.full_like(found, side, dtype=w.dtype))
+    h = torch.where(found, h.gather(1, first).squeeze(1), torch.full_like(found, side, dtype=h.dtype))
+    u = torch.rand(n, 2, generator=generator, device=device)
+    top = (u[:, 0] * (side - h + 1)).floor()
+    left = (u[:, 1] * (side - w + 1)).floor()
+    return torch.stack([left, top, left + w, top + h], 1)
+
+
+def train_batch(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip + normalisation, on images' device."""
+    boxes = random_resized_boxes(len(images), images.shape[-1], generator, images.device)
+    x = crop_resize(images, boxes, size)
+    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return normalize(x)
+
+
+def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize to 256/224 of `size`, centre-crop `size`, normalise: one crop box per image."""
+    side = images.shape[-1]
+    resized = int(size * EVAL_RESIZE)
+    offset = int(round((resized - size) / 2.0))
+    box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32, device=images.device)
+    return normalize(crop_resize(images, (box * side / resized).expand(len(images), 4), size))
+
+
+# --------------------------------------------------------------------------- download
+
+def download(root: str | os.PathLike, source: str | None = None, md5: str | None = None) -> Path:
+    """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source.
+
+    Everything happens in a temporary folder beside ROOT, which is renamed into
+    place only once complete, so a failure or an interruption leaves nothing behind.
+    """
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        print(f"{root} already holds train/ and test/; nothing to do")
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise UserError(f"{root}: exists but holds no train/ and test/ folders; remove it or choose another --root")
+    if source is None:
+        source, md5 = CIFAR10_URL, CIFAR10_MD5
+    elif md5 is None:
+        print(f"warning: {source} is not checked against a checksum; pass --md5 to check it", file=sys.stderr)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
+    try:
+        tree = work / "tree"
+        if urllib.parse.urlparse(source).scheme in ("http", "https", "ftp"):
+            local = fetch(source, work)
+        else:
+            local = Path(source)
+            if not local.exists():
+                raise UserError(f"--source {source}: no such file or folder; pass a URL, an archive or a folder")
+        if local.is_dir():
+            copy_class_folders(local, tree)
+        else:
+            if md5 is not None and not check_integrity(str(local), md5):
+                raise UserError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
+                                "expected: download it again or pass the right --md5")
+            unpack(local, work, tree)
+        train, test = scan_class_folders(tree / "train"), scan_class_folders(tree / "test")
+        if train[0] != test[0]:
+            raise UserError(f"{source}: train/ and test/ have different class folders; fix the source")
+        if root.exists():
+            root.rmdir()  # empty, checked above
+        os.replace(tree, root)
+        print(f"{root}: {len(train[1])} training and {len(test[1])} test images in {len(train[0])} classes")
+        return root
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def fetch(url: str, work: Path) -> Path:
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    try:
+        download_url(url, str(work), name)
+    except (urllib.error.URLError, HTTPException, OSError) as e:
+        raise UserError(f"{url}: download failed ({getattr(e, 'reason', e)}); check the network or pass --source "
+                        "a local copy") from None
+    return work / name
+
+
+def unpack(archive: Path, work: Path, tree: Path) -> None:
+    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders."""
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            names = tar.getnames()
+            if f"{CIFAR10_DIR}/data_batch_1" in names:
+                convert_cifar10(tar, tree)
+                return
+            check_members(archive, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in tar.getmembers()])
+            extract = work / "extract"
+            tar.extractall(extract, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    elif zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            check_members(archive, [(name, None) for name in zf.namelist()])
+            extract = work / "extract"
+            zf.extractall(extract)
+    else:
+        raise UserError(f"{archive}: not a tar or zip archive; pass the CIFAR-10 python tarball, an archive or "
+                        "folder of train/ and test/ class folders")
+    copy_class_folders(extract, tree, move=True)
+
+
+def check_members(archive: Path, members: list[tuple[str, str | None]]) -> None:
+    """Refuse absolute names, `..`, and links that point outside the archive."""
+    for name, link in members:
+        for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
+            if path is None:
+                continue
+            normal = os.path.normpath(path.replace("\\", "/"))
+            if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
+                raise UserError(f"{archive}: member {name!r} points outside the archive; refusing to unpack it")
+
+
+def copy_class_folders(source: Path, tree: Path, move: bool = False) -> None:
+    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
+    candidates = [source] + sorted(p for p in source.glob("*") if p.is_dir()) + sorted(p for p in source.glob("*/*") if p.is_dir())
+    for found in candidates:
+        if (found / "train").is_dir() and (found / "test").is_dir():
+            tree.mkdir()
+            for split in ("train", "test"):
+                (shutil.move if move else shutil.copytree)(str(found / split), str(tree / split))
+            return
+    raise UserError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
+                    "lay it out as train/<class>/<image> and test/<class>/<image>")
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """The official batches are pickles; allow only what numpy arrays need, never other code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def convert_cifar10(tar: tarfile.TarFile, tree: Path) -> None:
+    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class."""
+    def read(name):
+        try:
+            return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
+        except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise UserError(f"{tar.name}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); download the tarball again") from None
+
+    classes = read("batches.meta")["label_names"]
+    splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    with ThreadPoolExecutor(WORKERS) as pool:
+        for split, batches in splits.items():
+            counts = [0] * len(classes)
+            for name in classes:
+                (tree / split / name).mkdir(parents=True)
+            jobs = []
+            for batch_name in batches:
+                batch = read(batch_name)
+                pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+                for image, label in zip(pixels, batch["labels"]):
+                    path = tree / split / classes[label] / f"{counts[label]:04d}.png"
+                    counts[label] += 1
+                    jobs.append(pool.submit(Image.fromarray(image).save, path))
+            for job in jobs:
+                job.result()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    get = commands.add_parser("download", help="download CIFAR-10 (or unpack a local copy) into class folders",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    get.add_argument("--root", default="data/cifar10", help="folder to create, holding train/ and test/")
+    get.add_argument("--source", default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
+                     "(default: the official cifar-10-python.tar.gz, md5-checked)")
+    get.add_argument("--md5", default=None, help="expected md5 of a --source file")
+    args = parser.parse_args(argv)
+    try:
+        download(args.root, args.source, args.md5)
+    except UserError as e:
+        sys.exit(f"data.py: {e}")
+
+
+if __name__ == "__main__":
+    main()

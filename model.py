@@ -1,0 +1,154 @@
+"""AlexNet as the reference trained it, in torchvision's layout, plus checkpoint I/O.
+
+Imports only torch, so this file can be copied into another project on its own.
+The layer names match torchvision's `models/alexnet.py` (features / avgpool /
+classifier), so torchvision state dicts load by name; only the classifier
+differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000).
+"""
+import os
+import sys
+import tempfile
+
+import torch
+from torch import nn
+
+
+class AlexNet(nn.Module):
+    def __init__(self, num_classes: int = 10, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(64, 192, kernel_size=5, padding=2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+            nn.Conv2d(192, 384, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, kernel_size=3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(kernel_size=3, stride=2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(
+            nn.Dropout(p=dropout),
+            nn.Linear(256 * 6 * 6, 4096),
+            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout),
+            nn.Linear(4096, 1024),
+            nn.ReLU(inplace=True),
+            nn.Linear(1024, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+# The smallest input for which every pooling layer still has a 3x3 window.
+MIN_IMAGE_SIZE = 63
+
+# Wrappers add these to parameter names: DataParallel/DDP and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# What every checkpoint carries: weights, what rebuilds the model, and how its inputs were made.
+CHECKPOINT_KEYS = ("model", "model_args", "classes", "image_size", "stored_size")
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message says which and why."""
+
+
+def unwrap_state_dict(state_dict: dict) -> dict:
+    """Strip the `module.` / `_orig_mod.` prefixes that wrappers add."""
+    unwrapped = {}
+    for name, tensor in state_dict.items():
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        unwrapped[name] = tensor
+    return unwrapped
+
+
+def load_matching(model: nn.Module, state_dict: dict) -> tuple[list[str], list[str]]:
+    """Load every tensor whose name and shape match; return (loaded, skipped) names.
+
+    Made for torchvision's AlexNet state dicts (e.g. its ImageNet weights): the
+    convolutions and classifier[1] match, the differently sized classifier
+    layers are skipped and keep their fresh initialisation.
+    """
+    own = model.state_dict()
+    state_dict = unwrap_state_dict(state_dict)
+    matching = {n: t for n, t in state_dict.items() if n in own and own[n].shape == t.shape}
+    skipped = sorted(set(state_dict) - set(matching))
+    model.load_state_dict(matching, strict=False)
+    return sorted(matching), skipped
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`None` means CUDA when there is one, else the CPU with a warning."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("warning: CUDA is not available, running on the CPU (slow); pass --device cpu to silence this", file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CheckpointError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
+    """Write atomically: a crash mid-write leaves the previous file intact."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load with weights_only=True: tensors and plain containers, never arbitrary code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path or train first")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt or unsafe file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason}); re-train or pass another file") from None
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint] if isinstance(checkpoint, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise CheckpointError(f"{path}: not a checkpoint of this project (lacks {', '.join(missing)}); "
+                              "pass a file written by pretrain.py or finetune.py")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> AlexNet:
+    model = AlexNet(**checkpoint["model_args"])
+    try:
+        model.load_state_dict(unwrap_state_dict(checkpoint["model"]))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: weights do not fit AlexNet({checkpoint['model_args']}): {' '.join(first[:2])}") from None
+    return model

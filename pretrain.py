@@ -1,0 +1,370 @@
+"""Train AlexNet from scratch on a class-folder data set (CIFAR-10 by default).
+
+    python pretrain.py                       # the reference: 40 epochs, SGD lr 0.01, 224 px
+    python pretrain.py --resume checkpoints/pretrain.last.pt   # continue a stopped run
+
+The training images are split into train and validation (stratified, seeded);
+the best epoch on validation is kept as --out, and the test split is evaluated
+once, at the end, with those weights. finetune.py runs the same loop.
+"""
+import argparse
+import csv
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data
+from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, resolve_device,
+                   save_checkpoint, unwrap_state_dict)
+
+# A resume continues the stopped run: every other flag comes from its checkpoint,
+# and a different value for one of them on the command line is refused.
+RESUME_FLAGS_FROM_COMMAND_LINE = ("epochs", "device", "resume")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return value
+
+
+def image_size(text: str) -> int:
+    value = int(text)
+    if value < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"AlexNet needs images of at least {MIN_IMAGE_SIZE} px, got {text}")
+    return value
+
+
+def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
+    """The flags pretrain.py and finetune.py share, with the same names and meanings."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
+    parser.add_argument("--out", default=f"checkpoints/{stage}.pt",
+                        help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it")
+    parser.add_argument("--epochs", type=positive_int, default=40)
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
+    parser.add_argument("--momentum", type=non_negative_float, default=0.9)
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    parser.add_argument("--val-size", type=positive_int, default=None,
+                        help="validation images held out of train/ (default: 10%%, at most 5000)")
+    parser.add_argument("--image-size", type=image_size, default=224, help="side of the network's input")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the augmentation")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="use only this many images of train/ (stratified), validation included: quick runs")
+    parser.add_argument("--resume", default=None, metavar="PATH", help="continue the run that left this .last.pt")
+    return parser
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Destinations of the flags that appear on the command line (abbreviations are off)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return {action.dest for action in parser._actions for option in action.option_strings
+            if any(token == option or token.startswith(option + "=") for token in argv)}
+
+
+def apply_resume(args: argparse.Namespace, given: set[str], state: dict) -> None:
+    """Take the run's flags from the resume checkpoint; refuse a changed one rather than ignore it."""
+    stored = state["args"]
+    changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run used {stored.get(name)})"
+               for name in sorted(given) if name not in RESUME_FLAGS_FROM_COMMAND_LINE and getattr(args, name) != stored.get(name)]
+    if changed:
+        raise data.UserError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
+                             "flags (only --epochs and --device may change): drop these flags or start a new run")
+    for name, value in stored.items():
+        if name not in given or name not in RESUME_FLAGS_FROM_COMMAND_LINE:
+            setattr(args, name, value)
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step."""
+
+    def __init__(self) -> None:
+        self.received = None
+
+    def __enter__(self) -> "StopSignal":
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.received is not None:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def side_files(out: Path) -> dict[str, Path]:
+    return {"last": out.with_suffix(".last.pt"), "csv": out.with_suffix(".csv"), "test": out.with_suffix(".test.json")}
+
+
+@torch.no_grad()
+def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batch_size: int) -> torch.Tensor:
+    """The evaluation path: centre crop on the device, batched; predict.py uses it too."""
+    model.eval()
+    return torch.cat([model(data.eval_batch(images[i:i + batch_size], image_size)).float()
+                      for i in range(0, len(images), batch_size)])
+
+
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    labels = labels.to(logits.device)
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
+    confusion.index_put_((labels.cpu(), logits.argmax(1).cpu()), torch.ones(len(labels), dtype=torch.int64), accumulate=True)
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    return {
+        "images": len(labels),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (confusion.diag().sum() / len(labels)).item(),
+        "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(classes)},
+        "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted
+    }
+
+
+def print_report(title: str, report: dict, classes: list[str]) -> None:
+    print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
+    width = max(len(name) for name in classes)
+    for name, accuracy in report["per_class_accuracy"].items():
+        print(f"  {name:>{width}}  {accuracy:7.2%}")
+    print("confusion matrix (rows: true, columns: predicted):")
+    print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
+    for name, row in zip(classes, report["confusion_matrix"]):
+        print(f"  {name:>{width}}" + " ".join(f"{count:5d}" for count in row))
+
+
+def checkpoint_of(model: nn.Module, args: argparse.Namespace, stage: str, classes: list[str], stored_size: int,
+                  epoch: int, metrics: dict) -> dict:
+    """What rebuilds and describes the model; plain types only, so weights_only loading works."""
+    return {
+        "model": unwrap_state_dict(model.state_dict()),
+        "model_args": {"num_classes": len(classes), "dropout": model.classifier[0].p},
+        "classes": list(classes),
+        "image_size": args.image_size,
+        "stored_size": stored_size,
+        "mean": list(data.MEAN),
+        "std": list(data.STD),
+        "stage": stage,
+        "epoch": epoch,
+        "metrics": metrics,
+        "args": dict(vars(args)),
+    }
+
+
+def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Callable[[list[str]], AlexNet],
+          trainable: Callable[[AlexNet], list[nn.Parameter]]) -> dict:
+    """Train, keep the best validation epoch, then evaluate the test split once. Returns the test report.
+
+    `given` names the flags set on the command line; `new_model(classes)` builds
+    the model of a fresh run; `trainable(model)` returns the parameters to train.
+    """
+    state = None
+    if args.resume is not None:
+        state = load_checkpoint(args.resume)
+        if "optimizer" not in state:
+            raise data.UserError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
+        apply_resume(args, given, state)
+    out = Path(args.out)
+    files = side_files(out)
+    device = resolve_device(args.device)
+
+    train_images, test_images = data.load_dataset(args.data_dir)
+    if args.limit is not None:
+        if args.limit > len(train_images.labels):
+            raise data.UserError(f"--limit {args.limit}: {args.data_dir}/train has only {len(train_images.labels)} images")
+        train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
+    val_size = args.val_size or min(5000, len(train_images.labels) // 10)
+    if not 0 < val_size < len(train_images.labels):
+        raise data.UserError(f"--val-size {val_size}: must be between 1 and {len(train_images.labels) - 1}, "
+                             f"the training images there are {len(train_images.labels)}; pass a smaller --val-size or more data")
+    val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
+    classes, stored_size = train_images.classes, train_images.stored_size
+    val_images = train_images.subset(val_index).to(device)
+    train_images = train_images.subset(train_index).to(device)
+    n = len(train_images.labels)
+
+    torch.manual_seed(args.seed)
+    if state is None:
+        model = new_model(classes)
+    else:
+        model = AlexNet(**state["model_args"])
+        model.load_state_dict(state["model"])
+    model.to(device)
+    optimizer = torch.optim.SGD(trainable(model), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    augment = torch.Generator(device=device).manual_seed(args.seed)
+    start_epoch, start_step, history, best = 0, 0, [], {"val_acc": -1.0, "epoch": 0}
+    running = torch.zeros(2, device=device)  # summed loss and correct predictions of the current epoch
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        augment.set_state(state["rng"]["augment"])
+        start_epoch, start_step, history, best = state["epoch"], state["step"], state["history"], state["best"]
+        running = state["running"].to(device)
+        print(f"resuming {stage} from {args.resume}: epoch {start_epoch + 1}, step {start_step}; flags from the "
+              f"checkpoint, --epochs {args.epochs} and --device from the command line when given")
+        if state.get("finished") and start_epoch >= args.epochs:
+            raise data.UserError(f"--resume {args.resume}: this run already finished {start_epoch} epochs; "
+                                 "pass a larger --epochs to train further")
+
+    steps = math.ceil(n / args.batch_size)
+    print(f"{stage}: {n} training, {len(val_images.labels)} validation, {len(test_images.labels)} test images, "
+          f"{len(classes)} classes, stored at {stored_size} px, trained at {args.image_size} px, on {device}, "
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
+
+    def resume_state(epoch: int, step: int, perm: torch.Tensor | None, finished: bool = False) -> dict:
+        return checkpoint_of(model, args, stage, classes, stored_size, epoch, history[-1] if history else {}) | {
+            "optimizer": optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "augment": augment.get_state(),
+                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+            "step": step, "perm": perm, "running": running.cpu(), "history": history, "best": best, "finished": finished,
+        }
+
+    with StopSignal() as stop:
+        for epoch in range(start_epoch, args.epochs):
+            started = time.perf_counter()
+            model.train()
+            if start_step and state is not None:
+                perm = state["perm"].to(device)
+            else:
+                perm = torch.randperm(n, generator=augment, device=device)
+                running.zero_()
+            for step in range(start_step, steps):
+                index = perm[step * args.batch_size:(step + 1) * args.batch_size]
+                x = data.train_batch(train_images.images[index], args.image_size, augment)
+                y = train_images.labels[index]
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                running += torch.stack([loss.detach() * len(index), (logits.argmax(1) == y).sum().float()])
+                if stop.received is not None and step + 1 < steps:
+                    save_checkpoint(resume_state(epoch, step + 1, perm.cpu()), files["last"])
+                    stopped(stop.received, stage, epoch, step + 1, files["last"])
+            start_step = 0
+            train_loss, train_correct = running.tolist()  # the one host sync of the epoch
+            if not math.isfinite(train_loss):
+                raise data.UserError(f"the training loss became {train_loss} in epoch {epoch + 1}; "
+                                     f"lower --lr (now {args.lr}) and start again")
+            train_seconds = time.perf_counter() - started
+            val = classification_report(compute_logits(model, val_images.images, args.image_size, args.batch_size),
+                                        val_images.labels, classes)
+            history.append({"epoch": epoch + 1, "train_loss": train_loss / n, "train_acc": train_correct / n,
+                            "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": optimizer.param_groups[0]["lr"],
+                            "images_per_s": n / train_seconds, "epoch_s": time.perf_counter() - started})
+            improved = val["accuracy"] > best["val_acc"]
+            if improved:
+                best = {"val_acc": val["accuracy"], "epoch": epoch + 1}
+                save_checkpoint(checkpoint_of(model, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
+            save_checkpoint(resume_state(epoch + 1, 0, None), files["last"])
+            write_csv(files["csv"], history)
+            print_epoch(history, args.epochs, improved)
+            if stop.received is not None and epoch + 1 < args.epochs:
+                stopped(stop.received, stage, epoch + 1, 0, files["last"])
+
+    final = load_checkpoint(out, map_location=device)
+    model.load_state_dict(final["model"])
+    test = classification_report(compute_logits(model, test_images.to(device).images, args.image_size, args.batch_size),
+                                 test_images.labels, classes)
+    print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}; the test split, evaluated once with those weights:")
+    print_report("test", test, classes)
+    test |= {"checkpoint": str(out), "epoch": best["epoch"], "val_acc": best["val_acc"]}
+    save_checkpoint(final | {"test_metrics": test}, out)
+    files["test"].write_text(json.dumps(test, indent=2) + "\n")
+    save_checkpoint(resume_state(args.epochs, 0, None, finished=True), files["last"])
+    print(f"saved {out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
+    return test
+
+
+def stopped(signum: signal.Signals, stage: str, epoch: int, step: int, last: Path) -> None:
+    where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+    print(f"{stage}.py: stopped by {signum.name} at {where}; resume with: python {stage}.py --resume {last}",
+          file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def write_csv(path: Path, history: list[dict]) -> None:
+    """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
+    row = history[-1]
+    remaining = (epochs - row["epoch"]) * sum(r["epoch_s"] for r in history) / len(history)
+    print(f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:6.2%}  "
+          f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:6.2%}  {row['images_per_s']:7.0f} img/s  "
+          f"{row['epoch_s']:6.1f} s  eta {time.strftime('%H:%M:%S', time.gmtime(remaining))}" + ("  *best" if improved else ""),
+          flush=True)
+
+
+def initial_weights(source: str) -> dict:
+    """--init: a torchvision AlexNet state dict file (or one of our checkpoints), or 'imagenet'."""
+    if source == "imagenet":
+        try:
+            from torchvision.models import AlexNet_Weights
+            return AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+        except Exception as e:  # no network, a proxy, a broken cache: all end the same way
+            raise data.UserError(f"--init imagenet: cannot get torchvision's ImageNet AlexNet weights ({e}); download "
+                                 "alexnet-owt-7be5be79.pth where there is internet and pass --init PATH") from None
+    try:
+        loaded = torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise data.UserError(f"--init {source}: no such file; pass a state dict file or 'imagenet'") from None
+    except Exception as e:
+        raise data.UserError(f"--init {source}: not a loadable state dict ({e}); pass a torchvision AlexNet state dict") from None
+    return loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser(__doc__.split("\n\n")[0], "pretrain")
+    parser.add_argument("--init", default=None, metavar="PATH|imagenet",
+                        help="start from a torchvision AlexNet state dict (tensors matched by name and shape)")
+    args = parser.parse_args(argv)
+
+    def new_model(classes: list[str]) -> AlexNet:
+        model = AlexNet(num_classes=len(classes))
+        if args.init is not None:
+            loaded, skipped = load_matching(model, initial_weights(args.init))
+            print(f"--init {args.init}: loaded {len(loaded)} tensors; kept fresh (name or shape differs): {', '.join(skipped) or 'none'}")
+        return model
+
+    try:
+        train(args, given_flags(parser, argv), "pretrain", new_model, lambda model: list(model.parameters()))
+    except (data.UserError, CheckpointError) as e:  # a user's mistake: one line, exit status 1
+        sys.exit(f"pretrain.py: {e}")
+
+
+if __name__ == "__main__":
+    main()

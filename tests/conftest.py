@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+# Flags that keep a training run to seconds on the CPU.
+QUICK = ["--image-size", "64", "--batch-size", "8", "--lr", "0.02", "--device", "cpu"]
+
+
+def make_class_folders(root: Path, classes=("red", "green", "blue"), train=16, test=6, size=32, seed=0) -> Path:
+    """train/ and test/ class folders of noisy images whose mean colour gives the class away."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train), ("test", test)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            colour = np.zeros(3)
+            colour[c % 3] = 200
+            colour[(c // 3) % 3] += 55 * (c // 3)
+            for i in range(count):
+                pixels = np.clip(colour + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}.png")
+    return root
+
+
+def run(script: str, *args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run a project script the way a user does, and return its output."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                            cwd=kwargs.pop("cwd", ROOT), **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return make_class_folders(tmp_path_factory.mktemp("tiny") / "data")
+
+
+@pytest.fixture(scope="session")
+def pretrained(tiny_data, tmp_path_factory) -> Path:
+    """A pretrain checkpoint from a few seconds of training on the tiny folders."""
+    out = tmp_path_factory.mktemp("ckpt") / "pretrain.pt"
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK)
+    return out
