@@ -1,0 +1,273 @@
+import functools
+import hashlib
+import http.server
+import io
+import os
+import pickle
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+from PIL import Image
+
+import data
+from conftest import make_class_folders, run
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def official_tarball(path: Path, per_batch: int = 12, seed: int = 0) -> dict:
+    """A small cifar-10-python.tar.gz in the official format; returns the arrays it holds."""
+    rng = np.random.default_rng(seed)
+    batches = {}
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name, obj):
+            payload = pickle.dumps(obj, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+        add("batches.meta", {"label_names": CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072})
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            batch = {"batch_label": name, "labels": rng.integers(0, 10, per_batch).tolist(),
+                     "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                     "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}
+            add(name, batch)
+            batches[name] = batch
+    return batches
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def error_line(result) -> str:
+    """The last stderr line, after checking it is the only error output (a progress bar may come before)."""
+    assert "Traceback" not in result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A loopback HTTP server for the files in tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(www)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield www, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_download_official_format_over_http_gives_identical_pixels(tmp_path, server):
+    www, url = server
+    batches = official_tarball(www / "cifar-10-python.tar.gz")
+    root = tmp_path / "cifar10"
+    result = run("data.py", "download", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz",
+                 "--md5", md5(www / "cifar-10-python.tar.gz"))
+    assert "60 training and 12 test images in 10 classes" in result.stdout
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        seen = {c: 0 for c in CLASSES}
+        for name in names:
+            batch = batches[name]
+            for pixels, label in zip(batch["data"], batch["labels"]):
+                png = root / split / CLASSES[label] / f"{seen[CLASSES[label]]:04d}.png"
+                seen[CLASSES[label]] += 1
+                assert np.array_equal(np.asarray(Image.open(png)), pixels.reshape(3, 32, 32).transpose(1, 2, 0))
+        assert sum(seen.values()) == sum(1 for _ in (root / split).rglob("*.png"))
+    again = run("data.py", "download", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz")
+    assert "nothing to do" in again.stdout
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".cifar10"))
+
+
+def test_checksum_mismatch_leaves_no_tree(tmp_path, server):
+    www, url = server
+    official_tarball(www / "cifar-10-python.tar.gz")
+    root = tmp_path / "out" / "cifar10"
+    result = run("data.py", "download", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz", "--md5", "0" * 32,
+                 check=False)
+    assert result.returncode == 1
+    assert "checksum mismatch" in error_line(result)
+    assert not root.exists() and leftovers(root.parent) == []
+
+
+def test_the_official_source_is_always_checked(tmp_path, server, monkeypatch):
+    www, url = server
+    official_tarball(www / "cifar-10-python.tar.gz")
+    monkeypatch.setattr(data, "CIFAR10_URL", f"{url}/cifar-10-python.tar.gz")
+    with pytest.raises(data.UserError, match=f"checksum mismatch \\(expected md5 {data.CIFAR10_MD5}"):
+        data.download(tmp_path / "cifar10")
+    assert not (tmp_path / "cifar10").exists()
+
+
+def test_unreachable_url_is_one_clear_line(tmp_path):
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz", check=False)
+    assert result.returncode == 1 and "download failed" in error_line(result)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "c").exists()
+
+
+def class_folder_archive(path: Path, tiny: Path, prefix: str = "cifar10/") -> None:
+    files = sorted(p for p in tiny.rglob("*.png"))
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for p in files:
+                zf.write(p, prefix + str(p.relative_to(tiny)))
+    else:
+        with tarfile.open(path, "w:gz") as tar:
+            for p in files:
+                tar.add(p, prefix + str(p.relative_to(tiny)))
+
+
+@pytest.mark.parametrize("kind", ["archive.tar.gz", "archive.zip", "folder"])
+def test_class_folder_sources(tmp_path, tiny_data, kind):
+    source = tiny_data if kind == "folder" else tmp_path / kind
+    if kind != "folder":
+        class_folder_archive(source, tiny_data)
+    root = tmp_path / "cifar10"
+    run("data.py", "download", "--root", root, "--source", source, "--md5", md5(source) if kind != "folder" else "unused")
+    assert sorted(p.relative_to(root) for p in root.rglob("*.png")) == sorted(p.relative_to(tiny_data) for p in tiny_data.rglob("*.png"))
+
+
+def evil_tar(path: Path, kind: str) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo({"dotdot": "cifar10/../../evil.txt", "absolute": "/tmp/evil-absolute.txt"}.get(kind, "cifar10/link"))
+        if kind in ("symlink", "hardlink"):
+            info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
+            info.linkname = "../../../etc/passwd"
+            tar.addfile(info)
+        else:
+            payload = b"escaped"
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink", "zip"])
+def test_archive_members_escaping_the_root_are_refused(tmp_path, kind):
+    work = tmp_path / "work"
+    work.mkdir()
+    archive = work / ("evil.zip" if kind == "zip" else "evil.tar.gz")
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            zf.writestr("../../evil.txt", "escaped")
+    else:
+        evil_tar(archive, kind)
+    root = work / "deep" / "cifar10"
+    result = run("data.py", "download", "--root", root, "--source", archive, check=False)
+    assert result.returncode == 1 and "points outside the archive; refusing" in error_line(result)
+    assert not root.exists() and leftovers(root.parent) == []
+    assert not (tmp_path / "evil.txt").exists() and not (work / "evil.txt").exists()
+    assert not Path("/tmp/evil-absolute.txt").exists()
+
+
+def test_folder_loader_follows_imagefolder_conventions(tmp_path):
+    root = make_class_folders(tmp_path / "d", classes=("b_second", "a_first"), train=3, test=1)
+    (root / "train" / "a_first" / ".hidden.png").write_bytes(b"not an image")
+    (root / "train" / "a_first" / "notes.txt").write_text("ignored")
+    (root / "train" / ".hidden_class").mkdir()
+    Image.new("RGB", (64, 48), "white").save(root / "train" / "a_first" / "big.jpg")
+    images = data.load_folder(root / "train")
+    assert images.classes == ["a_first", "b_second"]
+    assert images.images.shape == (7, 3, 32, 32) and images.images.dtype == torch.uint8
+    assert images.labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert (images.images[3] >= 250).all()  # big.jpg, after 0000-0002.png, resized to the stored 32 px
+
+
+def test_empty_or_missing_folders_are_clear_errors(tmp_path):
+    with pytest.raises(data.UserError, match="no such folder"):
+        data.load_folder(tmp_path / "missing")
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(data.UserError, match="cat: class folder has no images"):
+        data.load_folder(tmp_path / "train")
+    with pytest.raises(data.UserError, match="no test/ folder"):
+        data.load_dataset(tmp_path)
+
+
+def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+    first = data.load_folder(root / "train")
+    assert (root / ".cache" / "train.pt").is_file()
+    calls = []
+    monkeypatch.setattr(data, "decode_all", lambda *a: calls.append(a) or pytest.fail("decoded despite a valid cache"))
+    assert torch.equal(data.load_folder(root / "train").images, first.images)
+    monkeypatch.undo()
+    Image.new("RGB", (32, 32), "black").save(root / "train" / "red" / "0000.png")  # same name, new content
+    changed = data.load_folder(root / "train")
+    first_red = changed.classes.index("red") * 3
+    assert changed.images[first_red].sum() == 0 and first.images[first_red].sum() > 0
+    Image.new("RGB", (32, 32), "black").save(root / "train" / "red" / "extra.png")
+    assert len(data.load_folder(root / "train").labels) == len(first.labels) + 1
+
+
+def test_stratified_split_is_seeded_disjoint_and_proportional():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    picked, rest = data.stratified_split(labels, 10, seed=3)
+    assert torch.bincount(labels[picked]).tolist() == [5, 3, 2]
+    assert sorted(torch.cat([picked, rest]).tolist()) == list(range(100))
+    assert torch.equal(picked, data.stratified_split(labels, 10, seed=3)[0])
+    assert not torch.equal(picked, data.stratified_split(labels, 10, seed=4)[0])
+
+
+def test_eval_batch_is_torchvisions_resize_and_centre_crop():
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    reference = T.Compose([T.ToDtype(torch.float32, scale=True), T.Resize(int(64 * 256 / 224), antialias=False), T.CenterCrop(64),
+                           T.Normalize(data.MEAN, data.STD)])
+    assert torch.allclose(data.eval_batch(images, 64), reference(images), atol=1e-4)
+
+
+def test_train_batch_follows_random_resized_crop_and_flip():
+    n, side = 4000, 32
+    generator = torch.Generator().manual_seed(0)
+    boxes = data.random_resized_boxes(n, side, generator, torch.device("cpu"))
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= side).all() and (w >= 1).all() and (h >= 1).all()
+    torch.manual_seed(0)
+    reference = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, side, side), [0.08, 1.0], [3 / 4, 4 / 3])
+                              for _ in range(n)], dtype=torch.float32)
+    ours_area, ref_area = (w * h / side ** 2), reference[:, 2] * reference[:, 3] / side ** 2
+    assert abs(ours_area.mean() - ref_area.mean()) < 0.02
+    assert abs((w / h).log().mean() - (reference[:, 3] / reference[:, 2]).log().mean()) < 0.03
+    assert abs((w == side).float().mean() - (reference[:, 3] == side).float().mean()) < 0.03
+
+    image = torch.arange(32, dtype=torch.uint8).repeat(1, 3, 32, 1)  # brightness grows left to right
+    batch = data.train_batch(image.expand(400, -1, -1, -1), 64, torch.Generator().manual_seed(1))
+    assert batch.shape == (400, 3, 64, 64) and batch.dtype == torch.float32
+    flipped = (batch[:, 0, 32, 0] > batch[:, 0, 32, -1]).float().mean()
+    assert 0.4 < flipped < 0.6
+    again = data.train_batch(image.expand(400, -1, -1, -1), 64, torch.Generator().manual_seed(1))
+    assert torch.equal(batch, again)
+
+
+def test_crop_resize_equals_torchvision_inside_the_crop():
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    top, left, h, w = 3, 5, 20, 17
+    ours = data.crop_resize(images, torch.tensor([[left, top, left + w, top + h]] * 2, dtype=torch.float32), 64)
+    reference = T.functional.resize(images[:, :, top:top + h, left:left + w].float(), [64, 64], antialias=False)
+    assert torch.allclose(ours[:, :, 3:-3, 3:-3], reference[:, :, 3:-3, 3:-3], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16", "CMYK", "1", "L"])
+def test_any_image_mode_decodes_to_rgb(tmp_path, mode):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    image = {"I;16": lambda: Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)),
+             "P": lambda: rgb.convert("P")}.get(mode, lambda: rgb.convert(mode))()
+    if mode == "P":
+        image.info["transparency"] = 0
+    path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
+    image.save(path)
+    pixels, shorter = data.decode(path, 32)
+    assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and shorter == 40
+    if mode == "I;16":  # 16-bit grey is scaled to 8 bits, not clipped to white
+        assert abs(int(pixels.mean()) - int(np.asarray(rgb.convert("L").resize((40, 40))).mean())) < 20

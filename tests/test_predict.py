@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import ROOT, run
+from model import load_checkpoint, model_from_checkpoint
+from pretrain import compute_logits
+
+
+def odd_images(folder):
+    """One image per awkward kind Pillow reads, and a corrupt one."""
+    folder.mkdir()
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("LA").save(folder / "la.png")
+    palette = rgb.convert("P")
+    palette.save(folder / "palette.png", transparency=0)
+    Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257).save(folder / "grey16.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("1").save(folder / "bits.png")
+    Image.new("RGB", (1, 1), "red").save(folder / "tiny.png")
+    rgb.resize((400, 30)).save(folder / "wide.bmp")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "readme.txt").write_text("not an image, not predicted")
+    return 8
+
+
+def test_any_image_is_predicted_and_a_bad_one_reported(pretrained, tmp_path):
+    good = odd_images(tmp_path / "odd")
+    result = run("predict.py", tmp_path / "odd", "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert result.returncode == 1
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == good and all(line.split("\t")[1] in ("blue", "green", "red") for line in lines)
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2 and "corrupt.png: cannot read this image" in errors[0] and "empty.jpg: cannot read" in errors[1]
+
+
+def test_predict_gives_the_evaluation_paths_logits(pretrained, tiny_data):
+    checkpoint = load_checkpoint(pretrained)
+    test = data.load_folder(tiny_data / "test")
+    expected = torch.softmax(compute_logits(model_from_checkpoint(checkpoint), test.images, checkpoint["image_size"], 256), 1)
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--json", "--topk", "3",
+                 "--batch-size", "5")
+    output = json.loads(result.stdout)
+    got = torch.tensor([[t["probability"] for t in sorted(p["top"], key=lambda t: t["label"])] for p in output["predictions"]])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert [p["true"] for p in output["predictions"]] == [test.classes[i] for i in test.labels]
+    report = json.loads(pretrained.with_suffix(".test.json").read_text())
+    assert output["report"]["accuracy"] == pytest.approx(report["accuracy"])
+    assert output["report"]["confusion_matrix"] == report["confusion_matrix"]
+
+
+def test_a_labelled_folder_prints_accuracy_and_a_grid(pretrained, tiny_data, tmp_path):
+    grid = tmp_path / "grid.png"
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--limit", "9", "--grid", grid)
+    assert "9 labelled images: accuracy" in result.stdout and "confusion matrix" in result.stdout
+    assert len([line for line in result.stdout.splitlines() if "\t" in line]) == 9
+    picture = Image.open(grid)
+    assert picture.size == (8 * 98 + 2, 2 * 112 + 2)  # 9 tiles of 96 x (96 + 14), 8 a row, padding 2
+
+
+def test_topk_lines(pretrained, tiny_data):
+    image = next((tiny_data / "test" / "red").iterdir())
+    result = run("predict.py", image, "--checkpoint", pretrained, "--device", "cpu", "--topk", "5")
+    fields = result.stdout.strip().split("\t")
+    assert fields[0] == str(image) and len(fields) == 1 + 2 * 3  # top-5 of 3 classes is all 3
+    assert sum(float(p) for p in fields[2::2]) == pytest.approx(1, abs=1e-3)
+
+
+def test_no_checkpoint_says_train_first(tmp_path, tiny_data):
+    result = run("predict.py", tiny_data / "test", cwd=tmp_path, check=False)
+    assert result.returncode == 1 and "train first" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_missing_path_and_empty_folder(pretrained, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert result.returncode == 1
+    assert "nope.png: no such file or folder" in result.stderr and "empty: no images in this folder" in result.stderr
+
+
+def test_corrupt_checkpoint(tmp_path, tiny_data):
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "bad.pt", check=False)
+    assert result.returncode == 1 and "bad.pt: not a loadable checkpoint" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,153 @@
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torchvision
+
+from conftest import QUICK, ROOT, make_class_folders, run
+
+
+def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
+    checkpoint = torch.load(pretrained, weights_only=True)
+    assert checkpoint["model_args"] == {"num_classes": 3, "dropout": 0.5}
+    assert checkpoint["classes"] == ["blue", "green", "red"]
+    assert (checkpoint["image_size"], checkpoint["stored_size"], checkpoint["stage"]) == (64, 32, "pretrain")
+    assert checkpoint["args"]["lr"] == 0.02 and checkpoint["mean"] == [0.485, 0.456, 0.406]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
+    rows = list(csv.DictReader(open(pretrained.with_suffix(".csv"))))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"} <= set(rows[0])
+    best = max(rows, key=lambda r: float(r["val_acc"]))  # the first of equals, as the run keeps it
+    assert checkpoint["epoch"] == int(best["epoch"])
+    report = json.loads(pretrained.with_suffix(".test.json").read_text())
+    assert report["images"] == 18 and len(report["confusion_matrix"]) == 3 and set(report["per_class_accuracy"]) == {"blue", "green", "red"}
+    assert sum(map(sum, report["confusion_matrix"])) == 18
+    assert checkpoint["test_metrics"]["accuracy"] == report["accuracy"]
+    last = torch.load(pretrained.with_suffix(".last.pt"), weights_only=True)
+    assert last["finished"] and last["epoch"] == 2 and "optimizer" in last
+
+
+def test_finetune_to_other_classes_changes_only_the_head(pretrained, tmp_path):
+    other = make_class_folders(tmp_path / "other", classes=("w", "x", "y", "z"), train=8, test=3, size=40)
+    out = tmp_path / "finetune.pt"
+    result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", other, "--out", out, "--epochs", "1",
+                 "--val-size", "4", *QUICK)
+    assert "4,100 trainable parameters" in result.stdout  # 1024 x 4 + 4: the new head alone
+    tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
+    assert tuned["model_args"]["num_classes"] == 4 and tuned["classes"] == ["w", "x", "y", "z"] and tuned["stored_size"] == 40
+    for name, tensor in tuned["model"].items():
+        if not name.startswith("classifier.6."):
+            assert torch.equal(tensor, source["model"][name]), name
+    assert json.loads(out.with_suffix(".test.json").read_text())["images"] == 12
+
+
+@pytest.mark.parametrize("mode,frozen,changed", [("classifier", "features.0.weight", "classifier.1.weight"),
+                                                  ("full", None, "features.0.weight")])
+def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode, frozen, changed):
+    out = tmp_path / "finetune.pt"
+    run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
+        "--val-size", "6", "--mode", mode, *QUICK)
+    # the last epoch's weights, which trained whatever the validation score
+    tuned, source = torch.load(out.with_suffix(".last.pt"), weights_only=True)["model"], torch.load(pretrained, weights_only=True)["model"]
+    assert not torch.equal(tuned[changed], source[changed])
+    if frozen:
+        assert torch.equal(tuned[frozen], source[frozen])
+
+
+def start(out, epochs, data_dir, *extra):
+    return [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs),
+            "--val-size", "6", *QUICK, "--batch-size", "4", *extra]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_resumes_to_identical_weights(tiny_data, tmp_path, sig):
+    whole = tmp_path / "whole" / "pretrain.pt"
+    subprocess.run(start(whole, 3, tiny_data), check=True, capture_output=True)
+
+    parts = tmp_path / "parts" / "pretrain.pt"
+    process = subprocess.Popen(start(parts, 3, tiny_data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:  # stop it once epoch 1 is done: the signal lands during epoch 2
+        if line.startswith("epoch   1/3"):
+            process.send_signal(sig)
+            break
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + sig, stderr
+    message = stderr.strip().splitlines()[-1]
+    assert f"stopped by {sig.name} at epoch 2, step" in message and f"--resume {parts.with_suffix('.last.pt')}" in message
+    resumed = subprocess.run(start(parts, 3, tiny_data, "--resume", parts.with_suffix(".last.pt")), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming pretrain" in resumed.stdout and "epoch 2, step" in resumed.stdout
+
+    for suffix in (".pt", ".last.pt"):
+        a = torch.load(whole.with_suffix(suffix), weights_only=True)["model"]
+        b = torch.load(parts.with_suffix(suffix), weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), suffix
+    strip = lambda text: [line.split(",")[:5] for line in text.splitlines()]  # noqa: E731 (timings differ)
+    assert strip(whole.with_suffix(".csv").read_text()) == strip(parts.with_suffix(".csv").read_text())
+
+
+def test_resume_takes_the_runs_flags_and_extends_epochs(tiny_data, tmp_path):
+    out = tmp_path / "pretrain.pt"
+    subprocess.run(start(out, 1, tiny_data, "--lr", "0.03"), check=True, capture_output=True)
+    last = out.with_suffix(".last.pt")
+    finished = run("pretrain.py", "--resume", last, check=False)
+    assert finished.returncode == 1 and "already finished 1 epochs; pass a larger --epochs" in finished.stderr
+    changed = run("pretrain.py", "--resume", last, "--epochs", "2", "--lr", "0.5", "--seed", "3", check=False)
+    assert changed.returncode == 1
+    assert "--lr 0.5 (the run used 0.03), --seed 3 (the run used 0)" in changed.stderr and changed.stderr.count("\n") == 1
+    extended = run("pretrain.py", "--resume", last, "--epochs", "2")
+    assert "epoch   2/2" in extended.stdout
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 2 and state["args"]["lr"] == 0.03 and state["args"]["epochs"] == 2
+
+
+def test_resume_from_a_missing_file_is_an_error_not_a_fresh_start(tiny_data, tmp_path):
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--resume", tmp_path / "nope.last.pt",
+                 *QUICK, check=False)
+    assert result.returncode == 1 and "nope.last.pt: no such checkpoint file" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "p.pt").exists()
+
+
+def test_init_from_a_torchvision_state_dict(tiny_data, tmp_path):
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1", "--val-size", "6",
+                 "--init", weights, *QUICK)
+    assert "loaded 12 tensors; kept fresh (name or shape differs): classifier.4.bias, classifier.4.weight, classifier.6.bias" in result.stdout
+
+
+def test_init_imagenet_without_network_is_one_clear_line(tiny_data, tmp_path):
+    offline = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+               "PATH": "/usr/bin:/bin"}
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--init", "imagenet", *QUICK,
+                 check=False, env=offline)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "--init imagenet: cannot get torchvision's ImageNet AlexNet weights" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "0"], "--epochs: must be a positive integer"),
+    (["--batch-size", "-4"], "--batch-size: must be a positive integer"),
+    (["--lr", "0"], "--lr: must be a positive number"),
+    (["--image-size", "62"], "--image-size: AlexNet needs images of at least 63 px"),
+    (["--epochs", "two"], "--epochs: invalid positive_int value"),
+])
+def test_bad_flags_are_argparse_errors(flags, message):
+    result = run("pretrain.py", *flags, check=False)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_unknown_finetune_mode():
+    result = run("finetune.py", "--mode", "everything", check=False)
+    assert result.returncode == 2 and "invalid choice: 'everything'" in result.stderr
+
+
+def test_val_size_larger_than_the_data(tiny_data, tmp_path):
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "500", *QUICK, check=False)
+    assert result.returncode == 1 and "--val-size 500: must be between 1 and 47" in result.stderr
