@@ -65,7 +65,7 @@ def start(out, epochs, data_dir, *extra):
             "--val-size", "6", *QUICK, "--batch-size", "4", *extra]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
 def test_a_stopped_run_resumes_to_identical_weights(tiny_data, tmp_path, sig):
     whole = tmp_path / "whole" / "pretrain.pt"
     subprocess.run(start(whole, 3, tiny_data), check=True, capture_output=True)
