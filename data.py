@@ -22,6 +22,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -350,7 +351,7 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
             if md5 is not None and not check_integrity(str(local), md5):
                 raise UserError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
                                 "expected: download it again or pass the right --md5")
-            unpack(local, work, tree)
+            unpack(local, work, tree, source)
         train, test = scan_class_folders(tree / "train"), scan_class_folders(tree / "test")
         if train[0] != test[0]:
             raise UserError(f"{source}: train/ and test/ have different class folders; fix the source")
@@ -373,29 +374,33 @@ def fetch(url: str, work: Path) -> Path:
     return work / name
 
 
-def unpack(archive: Path, work: Path, tree: Path) -> None:
-    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders."""
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tar:
-            names = tar.getnames()
-            if f"{CIFAR10_DIR}/data_batch_1" in names:
-                convert_cifar10(tar, tree)
-                return
-            check_members(archive, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in tar.getmembers()])
-            extract = work / "extract"
-            tar.extractall(extract, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    elif zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            check_members(archive, [(name, None) for name in zf.namelist()])
-            extract = work / "extract"
-            zf.extractall(extract)
-    else:
-        raise UserError(f"{archive}: not a tar or zip archive; pass the CIFAR-10 python tarball, an archive or "
-                        "folder of train/ and test/ class folders")
-    copy_class_folders(extract, tree, move=True)
+def unpack(archive: Path, work: Path, tree: Path, shown: str) -> None:
+    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders.
+
+    `shown` names the archive in messages: the --source the user gave.
+    """
+    damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
+    try:
+        if tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tar:
+                if f"{CIFAR10_DIR}/data_batch_1" in tar.getnames():
+                    convert_cifar10(tar, tree, shown)
+                    return
+                check_members(shown, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in tar.getmembers()])
+                tar.extractall(work / "extract", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        elif zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                check_members(shown, [(name, None) for name in zf.namelist()])
+                zf.extractall(work / "extract")
+        else:
+            raise UserError(f"{shown}: not a tar or zip archive, or an incomplete one; download it again, or pass "
+                            "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
+    except damaged as e:
+        raise UserError(f"{shown}: damaged or incomplete archive ({e}); download it again") from None
+    copy_class_folders(work / "extract", tree, move=True)
 
 
-def check_members(archive: Path, members: list[tuple[str, str | None]]) -> None:
+def check_members(shown: str, members: list[tuple[str, str | None]]) -> None:
     """Refuse absolute names, `..`, and links that point outside the archive."""
     for name, link in members:
         for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
@@ -403,7 +408,7 @@ def check_members(archive: Path, members: list[tuple[str, str | None]]) -> None:
                 continue
             normal = os.path.normpath(path.replace("\\", "/"))
             if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
-                raise UserError(f"{archive}: member {name!r} points outside the archive; refusing to unpack it")
+                raise UserError(f"{shown}: member {name!r} points outside the archive; refusing to unpack it")
 
 
 def copy_class_folders(source: Path, tree: Path, move: bool = False) -> None:
@@ -430,13 +435,13 @@ class CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def convert_cifar10(tar: tarfile.TarFile, tree: Path) -> None:
+def convert_cifar10(tar: tarfile.TarFile, tree: Path, shown: str) -> None:
     """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class."""
     def read(name):
         try:
             return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
         except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise UserError(f"{tar.name}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); download the tarball again") from None
+            raise UserError(f"{shown}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); download the tarball again") from None
 
     classes = read("batches.meta")["label_names"]
     splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}

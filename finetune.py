@@ -6,13 +6,10 @@
 --mode head trains only the new last layer (classifier[6]); classifier trains all
 Linear layers; full trains everything. The data set may have any classes.
 """
-import sys
-
 from torch import nn
 
-import data
-from model import AlexNet, CheckpointError, load_checkpoint, model_from_checkpoint
-from pretrain import given_flags, make_parser, train
+from model import AlexNet, load_checkpoint, model_from_checkpoint
+from pretrain import given_flags, make_parser, report_errors, train
 
 TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "full": ("",)}
 
@@ -34,10 +31,7 @@ def main(argv: list[str] | None = None) -> None:
             parameter.requires_grad_(name.startswith(prefixes))
         return [p for p in model.parameters() if p.requires_grad]
 
-    try:
-        train(args, given_flags(parser, argv), "finetune", new_model, trainable)
-    except (data.UserError, CheckpointError) as e:  # a user's mistake: one line, exit status 1
-        sys.exit(f"finetune.py: {e}")
+    report_errors("finetune.py", args, lambda: train(args, given_flags(parser, argv), "finetune", new_model, trainable))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The layer names match torchvision's `models/alexnet.py` (features / avgpool /
 classifier), so torchvision state dicts load by name; only the classifier
 differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000).
 """
+import glob
 import os
 import sys
 import tempfile
@@ -106,19 +107,30 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a crash mid-write leaves the previous file intact."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    """Write atomically: a crash or SIGKILL mid-write leaves the previous file intact.
+
+    The temporary file sits beside the target; one left by a killed writer is
+    removed by the next save (one writer per path, as the scripts do).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
+            os.unlink(stale)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one is "
+                                  "untouched: free disk space, or choose a writable --out") from None
         raise
 
 

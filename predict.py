@@ -20,7 +20,7 @@ from torchvision.utils import make_grid
 
 import data
 from model import CheckpointError, load_checkpoint, model_from_checkpoint, resolve_device
-from pretrain import classification_report, compute_logits, positive_int, print_report
+from pretrain import classification_report, compute_logits, positive_int, print_report, report_errors
 
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
@@ -133,10 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--limit", type=positive_int, default=None, help="predict only this many images (stratified sample)")
     args = parser.parse_args(argv)
-    try:
-        sys.exit(predict(args))
-    except (data.UserError, CheckpointError) as e:  # a user's mistake: one line, exit status 1
-        sys.exit(f"predict.py: {e}")
+    sys.exit(report_errors("predict.py", args, lambda: predict(args)))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import json
 import math
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -191,6 +192,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
         apply_resume(args, given, state)
     out = Path(args.out)
     files = side_files(out)
+    check_writable(out)
     device = resolve_device(args.device)
 
     train_images, test_images = data.load_dataset(args.data_dir)
@@ -218,7 +220,9 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     optimizer = torch.optim.SGD(trainable(model), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     augment = torch.Generator(device=device).manual_seed(args.seed)
     start_epoch, start_step, history, best = 0, 0, [], {"val_acc": -1.0, "epoch": 0}
-    running = torch.zeros(2, device=device)  # summed loss and correct predictions of the current epoch
+    # The current epoch's summed loss, correct predictions, and first step with a non-finite loss (-1: none),
+    # kept on the device so that no step waits for the host.
+    running = torch.tensor([0.0, 0.0, -1.0], device=device)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -254,7 +258,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                 perm = state["perm"].to(device)
             else:
                 perm = torch.randperm(n, generator=augment, device=device)
-                running.zero_()
+                running.copy_(torch.tensor([0.0, 0.0, -1.0]))
             for step in range(start_step, steps):
                 index = perm[step * args.batch_size:(step + 1) * args.batch_size]
                 x = data.train_batch(train_images.images[index], args.image_size, augment)
@@ -264,14 +268,16 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                running += torch.stack([loss.detach() * len(index), (logits.argmax(1) == y).sum().float()])
+                loss = loss.detach()
+                first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
+                running.copy_(torch.stack([running[0] + loss * len(index), running[1] + (logits.argmax(1) == y).sum(), first_bad]))
                 if stop.received is not None and step + 1 < steps:
                     save_checkpoint(resume_state(epoch, step + 1, perm.cpu()), files["last"])
                     stopped(stop.received, stage, epoch, step + 1, files["last"])
             start_step = 0
-            train_loss, train_correct = running.tolist()  # the one host sync of the epoch
-            if not math.isfinite(train_loss):
-                raise data.UserError(f"the training loss became {train_loss} in epoch {epoch + 1}; "
+            train_loss, train_correct, first_bad = running.tolist()  # the one host sync of the epoch
+            if first_bad >= 0:
+                raise data.UserError(f"the training loss became {train_loss} at epoch {epoch + 1}, step {int(first_bad) + 1}; "
                                      f"lower --lr (now {args.lr}) and start again")
             train_seconds = time.perf_counter() - started
             val = classification_report(compute_logits(model, val_images.images, args.image_size, args.batch_size),
@@ -301,6 +307,15 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     save_checkpoint(resume_state(args.epochs, 0, None, finished=True), files["last"])
     print(f"saved {out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
     return test
+
+
+def check_writable(out: Path) -> None:
+    """Fail before training, not after the first epoch, when --out cannot be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise data.UserError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); choose a writable folder") from None
 
 
 def stopped(signum: signal.Signals, stage: str, epoch: int, step: int, last: Path) -> None:
@@ -360,10 +375,21 @@ def main(argv: list[str] | None = None) -> None:
             print(f"--init {args.init}: loaded {len(loaded)} tensors; kept fresh (name or shape differs): {', '.join(skipped) or 'none'}")
         return model
 
+    report_errors("pretrain.py", args, lambda: train(args, given_flags(parser, argv), "pretrain", new_model,
+                                                     lambda model: list(model.parameters())))
+
+
+def report_errors(program: str, args: argparse.Namespace, job: Callable[[], object]) -> object:
+    """Run a script's work; a user's mistake or an expected fault ends as one line on stderr."""
     try:
-        train(args, given_flags(parser, argv), "pretrain", new_model, lambda model: list(model.parameters()))
-    except (data.UserError, CheckpointError) as e:  # a user's mistake: one line, exit status 1
-        sys.exit(f"pretrain.py: {e}")
+        return job()
+    except (data.UserError, CheckpointError) as e:
+        sys.exit(f"{program}: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"{program}: out of GPU memory with --batch-size {args.batch_size}; pass a smaller --batch-size, "
+                 f"e.g. {max(1, args.batch_size // 2)}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        sys.exit(f"{program}: interrupted; nothing more was saved")
 
 
 if __name__ == "__main__":

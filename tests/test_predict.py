@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import ROOT, run
+from conftest import run
 from model import load_checkpoint, model_from_checkpoint
 from pretrain import compute_logits
 

@@ -1,10 +1,8 @@
 import csv
 import json
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

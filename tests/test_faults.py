@@ -1,0 +1,230 @@
+"""Bad input and faults: each ends in one clear line on stderr and a non-zero exit, or a clean recovery."""
+import http.server
+import io
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import pretrain
+from conftest import QUICK, ROOT, make_class_folders, run
+from model import AlexNet, CheckpointError, load_checkpoint, save_checkpoint
+
+
+def one_line(result) -> str:
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------- images
+
+def png_header_only(path, width, height):
+    """A PNG that claims width x height: Pillow's decompression-bomb guard refuses it on open."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_bad_image_files_are_reported_and_the_rest_predicted(pretrained, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), "red").save(folder / "good.png")
+    (folder / "text.png").write_text("hello, I am not a picture")
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[:400])
+    png_header_only(folder / "bomb.png", 30000, 30000)
+    result = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout.count("\n") == 1 and "good.png" in result.stdout
+    errors = result.stderr.strip().splitlines()
+    assert [e.split(": ")[1].rsplit("/", 1)[1] for e in errors] == ["bomb.png", "text.png", "truncated.jpg"]
+    assert "decompression bomb" in errors[0] and all("cannot read this image" in e for e in errors)
+
+
+def test_a_huge_image_is_predicted(pretrained, tmp_path):
+    Image.new("RGB", (8000, 8000), "blue").save(tmp_path / "huge.png")
+    result = run("predict.py", tmp_path / "huge.png", "--checkpoint", pretrained, "--device", "cpu")
+    assert result.stdout.startswith(str(tmp_path / "huge.png"))
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    pixels = np.zeros((32, 64, 3), np.uint8)
+    pixels[:, :32] = 255  # left half white, landscape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: display turns it 90 degrees clockwise
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    decoded, _ = data.decode(tmp_path / "rotated.jpg", 32)
+    # upright it is portrait with the white half on top; the centre crop keeps the middle, white above black
+    assert decoded[:8].mean() > 200 and decoded[-8:].mean() < 50
+
+
+# ---------------------------------------------------------------- data sets
+
+def test_train_and_test_with_different_classes(tmp_path):
+    root = make_class_folders(tmp_path / "d", train=2, test=1)
+    (root / "test" / "red").rename(root / "test" / "crimson")
+    result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
+    assert "train/ and test/ have different class folders (only in train: ['red'], only in test: ['crimson'])" in one_line(result)
+
+
+def test_missing_test_folder(tmp_path):
+    root = make_class_folders(tmp_path / "d", train=2, test=1)
+    (root / "test").rename(root / "elsewhere")
+    assert "no test/ folder" in one_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+
+
+def test_corrupt_training_image_names_the_file(tmp_path):
+    root = make_class_folders(tmp_path / "d", train=2, test=1)
+    (root / "train" / "red" / "0001.png").write_bytes(b"broken")
+    line = one_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+    assert "red/0001.png: cannot read this image" in line and "remove or replace the file" in line
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def test_finetune_from_a_file_that_is_not_our_checkpoint(tmp_path, tiny_data):
+    torch.save(AlexNet().state_dict(), tmp_path / "plain.pt")
+    result = run("finetune.py", "--data-dir", tiny_data, "--checkpoint", tmp_path / "plain.pt", "--out", tmp_path / "f.pt",
+                 *QUICK, check=False)
+    assert "plain.pt: not a checkpoint of this project" in one_line(result)
+
+
+def test_predict_with_a_checkpoint_of_another_shape(pretrained, tmp_path, tiny_data):
+    checkpoint = load_checkpoint(pretrained)
+    checkpoint["model_args"]["num_classes"] = 5
+    save_checkpoint(checkpoint, tmp_path / "mismatch.pt")
+    line = one_line(run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "mismatch.pt", check=False))
+    assert "mismatch.pt: weights do not fit AlexNet" in line and "classifier.6.weight" in line
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "c.pt"
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import sys, torch
+sys.path.insert(0, {str(ROOT)!r})
+from model import save_checkpoint
+big = torch.randn(50_000_000)
+for i in range(1000):
+    save_checkpoint({{"step": i, "weights": big}}, {str(path)!r})
+    print(i, flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    for line in writer.stdout:  # kill it while it writes the third file
+        if line.strip() == "1":
+            break
+    writer.kill()
+    writer.wait()
+    assert torch.load(path, weights_only=True)["step"] >= 1
+    save_checkpoint({"step": "next"}, path)  # and the next save clears what the killed write left
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+# ---------------------------------------------------------------- archives and download
+
+class Flaky(http.server.BaseHTTPRequestHandler):
+    """Serves an archive, cutting every transfer off half-way while `drop` is set."""
+    payload = b""
+    drop = True
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload[: len(self.payload) // 2] if self.drop else self.payload)
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("with_md5", [True, False])
+def test_a_dropped_download_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_data, with_md5):
+    from test_data import class_folder_archive, md5
+    archive = tmp_path / "data.tar.gz"
+    class_folder_archive(archive, tiny_data)
+    handler = type("Handler", (Flaky,), {"payload": archive.read_bytes()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/data.tar.gz"
+    root = tmp_path / "out" / "cifar10"
+    flags = ["--md5", md5(archive)] if with_md5 else []
+    try:
+        line = one_line(run("data.py", "download", "--root", root, "--source", url, *flags, check=False))
+        assert ("checksum mismatch" if with_md5 else "damaged or incomplete archive") in line
+        assert not root.parent.exists() or list(root.parent.iterdir()) == []
+        handler.drop = False
+        run("data.py", "download", "--root", root, "--source", url, *flags)
+        assert len(list(root.rglob("*.png"))) == len(list(tiny_data.rglob("*.png")))
+    finally:
+        server.shutdown()
+
+
+# ---------------------------------------------------------------- training faults
+
+def test_nan_loss_names_epoch_step_and_flag(tiny_data, tmp_path):
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK, "--lr", "1e6",
+                 check=False)
+    line = one_line(result)
+    assert "the training loss became nan at epoch 1, step" in line and "lower --lr (now 1000000.0)" in line
+    assert not (tmp_path / "p.pt").exists()
+
+
+def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch, capsys):
+    def out_of_memory(self, x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(AlexNet, "forward", out_of_memory)
+    with pytest.raises(SystemExit) as stop:
+        pretrain.main(["--data-dir", str(tiny_data), "--out", str(tmp_path / "p.pt"), "--val-size", "6", *QUICK])
+    assert stop.value.code == "pretrain.py: out of GPU memory with --batch-size 8; pass a smaller --batch-size, e.g. 4"
+
+
+def test_unwritable_output_folder_fails_before_training(tiny_data, tmp_path):
+    (tmp_path / "a_file").write_text("a file where --out needs a folder: unwritable even for root")
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "a_file" / "p.pt", "--epochs", "1", *QUICK,
+                 check=False)
+    assert "a_file/p.pt: cannot write in" in one_line(result) and "epoch" not in result.stdout
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"version": 1}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint \\(No space left on device\\); the previous one is untouched"):
+        save_checkpoint({"version": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"version": 1} and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (exec, ("open('PWNED', 'w').write('ran')",))
+
+
+def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("batches.meta", "data_batch_1"):
+            payload = pickle.dumps({"label_names": ["a"], "data": Payload(), "labels": [0]}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False, cwd=tmp_path)
+    assert "cifar-10-batches-py/batches.meta is missing or damaged (refusing to load __builtin__.exec)" in one_line(result)
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
