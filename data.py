@@ -299,11 +299,15 @@ def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: 
     return torch.stack([left, top, left + w, top + h], 1)
 
 
-def train_batch(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """RandomResizedCrop(size) + RandomHorizontalFlip + normalisation, on images' device."""
-    boxes = random_resized_boxes(len(images), images.shape[-1], generator, images.device)
-    x = crop_resize(images, boxes, size)
-    flip = torch.rand(len(images), generator=generator, device=images.device) < 0.5
+def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, part: slice = slice(None)) -> torch.Tensor:
+    """RandomResizedCrop(size) + RandomHorizontalFlip + normalisation, on images' device.
+
+    The random draws are made for the whole batch and `part` of it is returned,
+    so processes that share a global batch augment it as one process would.
+    """
+    boxes = random_resized_boxes(len(images), images.shape[-1], generator, images.device)[part]
+    flip = (torch.rand(len(images), generator=generator, device=images.device) < 0.5)[part]
+    x = crop_resize(images[part], boxes, size)
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
     return normalize(x)
 

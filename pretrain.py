@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import signal
 import sys
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -177,25 +179,61 @@ def checkpoint_of(model: nn.Module, args: argparse.Namespace, stage: str, classe
     }
 
 
-def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Callable[[list[str]], AlexNet],
-          trainable: Callable[[AlexNet], list[nn.Parameter]]) -> dict:
-    """Train, keep the best validation epoch, then evaluate the test split once. Returns the test report.
+class Processes:
+    """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
 
-    `given` names the flags set on the command line; `new_model(classes)` builds
-    the model of a fresh run; `trainable(model)` returns the parameters to train.
+    `--batch-size` is global: each step, every process takes its share
+    (positions rank, rank + world, ...) of the same global batch.
     """
-    state = None
-    if args.resume is not None:
-        state = load_checkpoint(args.resume)
-        if "optimizer" not in state:
-            raise data.UserError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
-        apply_resume(args, given, state)
-    out = Path(args.out)
-    files = side_files(out)
-    check_writable(out)
-    device = resolve_device(args.device)
 
+    def __init__(self, device_name: str | None) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.main = self.rank == 0
+        self.device = resolve_device(device_name)
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    def share(self) -> slice:
+        return slice(self.rank, None, self.world)
+
+    def reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor, op or dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether any process has the flag set: a signal to one process stops them all."""
+        if self.world == 1:
+            return flag
+        return bool(self.reduce(torch.tensor([float(flag)], device=self.device), dist.ReduceOp.MAX).item())
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.ImageSet, data.ImageSet, data.ImageSet]:
+    """Train, validation and test images on the device; the first process builds the cache, the others read it."""
+    if not processes.main:
+        processes.barrier()
     train_images, test_images = data.load_dataset(args.data_dir)
+    if processes.main:
+        processes.barrier()
     if args.limit is not None:
         if args.limit > len(train_images.labels):
             raise data.UserError(f"--limit {args.limit}: {args.data_dir}/train has only {len(train_images.labels)} images")
@@ -205,10 +243,37 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
         raise data.UserError(f"--val-size {val_size}: must be between 1 and {len(train_images.labels) - 1}, "
                              f"the training images there are {len(train_images.labels)}; pass a smaller --val-size or more data")
     val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
-    classes, stored_size = train_images.classes, train_images.stored_size
-    val_images = train_images.subset(val_index).to(device)
-    train_images = train_images.subset(train_index).to(device)
-    n = len(train_images.labels)
+    device = processes.device
+    return train_images.subset(train_index).to(device), train_images.subset(val_index).to(device), test_images
+
+
+def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Callable[[list[str]], AlexNet],
+          trainable: Callable[[AlexNet], list[nn.Parameter]]) -> dict | None:
+    """Train, keep the best validation epoch, then evaluate the test split once. Returns the test report.
+
+    `given` names the flags set on the command line; `new_model(classes)` builds
+    the model of a fresh run; `trainable(model)` returns the parameters to train.
+    Under torchrun every process runs this; only the first prints and writes.
+    """
+    state = None
+    if args.resume is not None:
+        state = load_checkpoint(args.resume)
+        if "optimizer" not in state:
+            raise data.UserError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
+        apply_resume(args, given, state)
+    out = Path(args.out)
+    files = side_files(out)
+    processes = Processes(args.device)
+    device, share = processes.device, processes.share()
+    log = print if processes.main else lambda *a, **k: None
+    if state is not None and len(state["rng"]["processes"]) != processes.world:
+        raise data.UserError(f"--resume {args.resume}: the run had {len(state['rng']['processes'])} processes, this has "
+                             f"{processes.world}; resume it with torchrun --nproc_per_node={len(state['rng']['processes'])}")
+    if processes.main:
+        check_writable(out)
+
+    train_images, val_images, test_images = prepare_data(args, processes)
+    classes, stored_size, n = train_images.classes, train_images.stored_size, len(train_images.labels)
 
     torch.manual_seed(args.seed)
     if state is None:
@@ -218,37 +283,50 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
         model.load_state_dict(state["model"])
     model.to(device)
     optimizer = torch.optim.SGD(trainable(model), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    augment = torch.Generator(device=device).manual_seed(args.seed)
+    net = nn.parallel.DistributedDataParallel(model) if processes.world > 1 else model
+    torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
+    augment = torch.Generator(device=device).manual_seed(args.seed)  # the same in every process: one global batch
     start_epoch, start_step, history, best = 0, 0, [], {"val_acc": -1.0, "epoch": 0}
     # The current epoch's summed loss, correct predictions, and first step with a non-finite loss (-1: none),
     # kept on the device so that no step waits for the host.
     running = torch.tensor([0.0, 0.0, -1.0], device=device)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        own = state["rng"]["processes"][processes.rank]
+        torch.set_rng_state(own["torch"])
+        if device.type == "cuda" and own["cuda"] is not None:
+            torch.cuda.set_rng_state(own["cuda"], device)
         augment.set_state(state["rng"]["augment"])
         start_epoch, start_step, history, best = state["epoch"], state["step"], state["history"], state["best"]
-        running = state["running"].to(device)
-        print(f"resuming {stage} from {args.resume}: epoch {start_epoch + 1}, step {start_step}; flags from the "
-              f"checkpoint, --epochs {args.epochs} and --device from the command line when given")
+        running = own["running"].to(device)
+        log(f"resuming {stage} from {args.resume}: epoch {start_epoch + 1}, step {start_step}; flags from the "
+            f"checkpoint, --epochs {args.epochs} and --device from the command line when given")
         if state.get("finished") and start_epoch >= args.epochs:
             raise data.UserError(f"--resume {args.resume}: this run already finished {start_epoch} epochs; "
                                  "pass a larger --epochs to train further")
 
     steps = math.ceil(n / args.batch_size)
-    print(f"{stage}: {n} training, {len(val_images.labels)} validation, {len(test_images.labels)} test images, "
-          f"{len(classes)} classes, stored at {stored_size} px, trained at {args.image_size} px, on {device}, "
-          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
+    log(f"{stage}: {n} training, {len(val_images.labels)} validation, {len(test_images.labels)} test images, "
+        f"{len(classes)} classes, stored at {stored_size} px, trained at {args.image_size} px, on {device}"
+        + (f" x {processes.world} processes" if processes.world > 1 else "")
+        + f", {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
 
-    def resume_state(epoch: int, step: int, perm: torch.Tensor | None, finished: bool = False) -> dict:
-        return checkpoint_of(model, args, stage, classes, stored_size, epoch, history[-1] if history else {}) | {
-            "optimizer": optimizer.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "augment": augment.get_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-            "step": step, "perm": perm, "running": running.cpu(), "history": history, "best": best, "finished": finished,
-        }
+    def save_resume_state(epoch: int, step: int, perm: torch.Tensor | None, finished: bool = False) -> None:
+        """Every process's RNG and running sums go to the first process, which writes the file."""
+        own = {"torch": torch.get_rng_state(), "running": running.cpu(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        every = processes.gather(own)
+        if processes.main:
+            save_checkpoint(checkpoint_of(model, args, stage, classes, stored_size, epoch, history[-1] if history else {}) | {
+                "optimizer": optimizer.state_dict(), "rng": {"processes": every, "augment": augment.get_state()},
+                "step": step, "perm": perm, "history": history, "best": best, "finished": finished}, files["last"])
+
+    def stop_here(signal_received: signal.Signals | None, epoch: int, step: int) -> None:
+        processes.barrier()
+        if processes.main:
+            stopped(signal_received or signal.SIGTERM, stage, epoch, step, files["last"], processes.world)
+        processes.close()
+        sys.exit(128 + (signal_received or signal.SIGTERM))
 
     with StopSignal() as stop:
         for epoch in range(start_epoch, args.epochs):
@@ -261,25 +339,29 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                 running.copy_(torch.tensor([0.0, 0.0, -1.0]))
             for step in range(start_step, steps):
                 index = perm[step * args.batch_size:(step + 1) * args.batch_size]
-                x = data.train_batch(train_images.images[index], args.image_size, augment)
-                y = train_images.labels[index]
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                x = data.train_batch(train_images.images[index], args.image_size, augment, share)
+                y = train_images.labels[index][share]
+                logits = net(x)
+                loss = F.cross_entropy(logits, y, reduction="sum")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                # the mean over the global batch: DDP averages the processes' gradients, hence the factor world
+                (loss * (processes.world / len(index))).backward()
                 optimizer.step()
                 loss = loss.detach()
                 first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
-                running.copy_(torch.stack([running[0] + loss * len(index), running[1] + (logits.argmax(1) == y).sum(), first_bad]))
-                if stop.received is not None and step + 1 < steps:
-                    save_checkpoint(resume_state(epoch, step + 1, perm.cpu()), files["last"])
-                    stopped(stop.received, stage, epoch, step + 1, files["last"])
+                running.copy_(torch.stack([running[0] + loss, running[1] + (logits.argmax(1) == y).sum(), first_bad]))
+                if processes.any(stop.received is not None) and step + 1 < steps:
+                    save_resume_state(epoch, step + 1, perm.cpu())
+                    stop_here(stop.received, epoch, step + 1)
             start_step = 0
-            train_loss, train_correct, first_bad = running.tolist()  # the one host sync of the epoch
+            totals = processes.reduce(running[:2].clone())
+            first_bad = processes.reduce(running[2:].clone(), dist.ReduceOp.MAX if processes.world > 1 else None)
+            (train_loss, train_correct), first_bad = totals.tolist(), first_bad.item()  # the host syncs of the epoch
             if first_bad >= 0:
                 raise data.UserError(f"the training loss became {train_loss} at epoch {epoch + 1}, step {int(first_bad) + 1}; "
                                      f"lower --lr (now {args.lr}) and start again")
             train_seconds = time.perf_counter() - started
+            # every process evaluates the whole validation split: identical weights, identical results
             val = classification_report(compute_logits(model, val_images.images, args.image_size, args.batch_size),
                                         val_images.labels, classes)
             history.append({"epoch": epoch + 1, "train_loss": train_loss / n, "train_acc": train_correct / n,
@@ -288,13 +370,19 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
             improved = val["accuracy"] > best["val_acc"]
             if improved:
                 best = {"val_acc": val["accuracy"], "epoch": epoch + 1}
-                save_checkpoint(checkpoint_of(model, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
-            save_checkpoint(resume_state(epoch + 1, 0, None), files["last"])
-            write_csv(files["csv"], history)
-            print_epoch(history, args.epochs, improved)
-            if stop.received is not None and epoch + 1 < args.epochs:
-                stopped(stop.received, stage, epoch + 1, 0, files["last"])
+                if processes.main:
+                    save_checkpoint(checkpoint_of(model, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
+            save_resume_state(epoch + 1, 0, None)
+            if processes.main:
+                write_csv(files["csv"], history)
+                print_epoch(history, args.epochs, improved)
+            if processes.any(stop.received is not None) and epoch + 1 < args.epochs:
+                stop_here(stop.received, epoch + 1, 0)
 
+    save_resume_state(args.epochs, 0, None, finished=True)
+    processes.close()
+    if not processes.main:
+        return None
     final = load_checkpoint(out, map_location=device)
     model.load_state_dict(final["model"])
     test = classification_report(compute_logits(model, test_images.to(device).images, args.image_size, args.batch_size),
@@ -304,7 +392,6 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     test |= {"checkpoint": str(out), "epoch": best["epoch"], "val_acc": best["val_acc"]}
     save_checkpoint(final | {"test_metrics": test}, out)
     files["test"].write_text(json.dumps(test, indent=2) + "\n")
-    save_checkpoint(resume_state(args.epochs, 0, None, finished=True), files["last"])
     print(f"saved {out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
     return test
 
@@ -318,11 +405,11 @@ def check_writable(out: Path) -> None:
         raise data.UserError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); choose a writable folder") from None
 
 
-def stopped(signum: signal.Signals, stage: str, epoch: int, step: int, last: Path) -> None:
+def stopped(signum: signal.Signals, stage: str, epoch: int, step: int, last: Path, world: int) -> None:
     where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-    print(f"{stage}.py: stopped by {signum.name} at {where}; resume with: python {stage}.py --resume {last}",
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    print(f"{stage}.py: stopped by {signum.name} at {where}; resume with: {launcher} {stage}.py --resume {last}",
           file=sys.stderr)
-    sys.exit(128 + signum)
 
 
 def write_csv(path: Path, history: list[dict]) -> None:
