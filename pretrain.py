@@ -81,6 +81,9 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="use only this many images of train/ (stratified), validation included: quick runs")
     parser.add_argument("--resume", default=None, metavar="PATH", help="continue the run that left this .last.pt")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="training arithmetic: auto is bf16 autocast on CUDA, fp32 on the CPU; evaluation is always fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     return parser
 
 
@@ -227,6 +230,41 @@ class Processes:
             dist.destroy_process_group()
 
 
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               image_size: int, augment: torch.Generator, processes: "Processes", bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a global batch of uint8 images (this process's share of it).
+
+    Returns the summed loss and the number of correct predictions as device
+    tensors, so the caller decides when to wait for them.
+    """
+    share = processes.share()
+    x = data.train_batch(images, image_size, augment, share)
+    if x.is_cuda:  # cuDNN's fastest convolutions take NHWC
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = labels[share]
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = net(x)
+    loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    optimizer.zero_grad(set_to_none=True)
+    # the mean over the global batch: DDP averages the processes' gradients, hence the factor world
+    (loss * (processes.world / len(images))).backward()
+    optimizer.step()
+    return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+def prepare_model(model: AlexNet, params: list[nn.Parameter], args: argparse.Namespace, processes: "Processes"
+                  ) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
+    """The network to train (DDP- and compile-wrapped as asked), its optimizer, and whether it trains in bf16."""
+    device = processes.device
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                **({"fused": True} if device.type == "cuda" else {}))
+    net = nn.parallel.DistributedDataParallel(model) if processes.world > 1 else model
+    if args.compile:
+        net = torch.compile(net)
+    return net, optimizer, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+
+
 def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.ImageSet, data.ImageSet, data.ImageSet]:
     """Train, validation and test images on the device; the first process builds the cache, the others read it."""
     if not processes.main:
@@ -264,7 +302,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     out = Path(args.out)
     files = side_files(out)
     processes = Processes(args.device)
-    device, share = processes.device, processes.share()
+    device = processes.device
     log = print if processes.main else lambda *a, **k: None
     if state is not None and len(state["rng"]["processes"]) != processes.world:
         raise data.UserError(f"--resume {args.resume}: the run had {len(state['rng']['processes'])} processes, this has "
@@ -281,9 +319,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     else:
         model = AlexNet(**state["model_args"])
         model.load_state_dict(state["model"])
-    model.to(device)
-    optimizer = torch.optim.SGD(trainable(model), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    net = nn.parallel.DistributedDataParallel(model) if processes.world > 1 else model
+    net, optimizer, bf16 = prepare_model(model, trainable(model), args, processes)
     torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
     augment = torch.Generator(device=device).manual_seed(args.seed)  # the same in every process: one global batch
     start_epoch, start_step, history, best = 0, 0, [], {"val_acc": -1.0, "epoch": 0}
@@ -309,6 +345,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     log(f"{stage}: {n} training, {len(val_images.labels)} validation, {len(test_images.labels)} test images, "
         f"{len(classes)} classes, stored at {stored_size} px, trained at {args.image_size} px, on {device}"
         + (f" x {processes.world} processes" if processes.world > 1 else "")
+        + f", {'bf16' if bf16 else 'fp32'}{', compiled' if args.compile else ''}"
         + f", {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
 
     def save_resume_state(epoch: int, step: int, perm: torch.Tensor | None, finished: bool = False) -> None:
@@ -339,17 +376,10 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                 running.copy_(torch.tensor([0.0, 0.0, -1.0]))
             for step in range(start_step, steps):
                 index = perm[step * args.batch_size:(step + 1) * args.batch_size]
-                x = data.train_batch(train_images.images[index], args.image_size, augment, share)
-                y = train_images.labels[index][share]
-                logits = net(x)
-                loss = F.cross_entropy(logits, y, reduction="sum")
-                optimizer.zero_grad(set_to_none=True)
-                # the mean over the global batch: DDP averages the processes' gradients, hence the factor world
-                (loss * (processes.world / len(index))).backward()
-                optimizer.step()
-                loss = loss.detach()
+                loss, correct = train_step(net, optimizer, train_images.images[index], train_images.labels[index],
+                                           args.image_size, augment, processes, bf16)
                 first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
-                running.copy_(torch.stack([running[0] + loss, running[1] + (logits.argmax(1) == y).sum(), first_bad]))
+                running.copy_(torch.stack([running[0] + loss, running[1] + correct, first_bad]))
                 if processes.any(stop.received is not None) and step + 1 < steps:
                     save_resume_state(epoch, step + 1, perm.cpu())
                     stop_here(stop.received, epoch, step + 1)

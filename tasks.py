@@ -80,6 +80,14 @@ def all_(c, data_dir="data/cifar10", out_dir="checkpoints", epochs=None, batch_s
     predict(c, paths=f"{data_dir}/test", checkpoint=f"{out_dir}/finetune.pt", grid=f"{out_dir}/predictions.png", device=device)
 
 
+@task(help={"data_dir": TRAIN_HELP["data_dir"], "image_size": TRAIN_HELP["image_size"], "batch_size": TRAIN_HELP["batch_size"],
+            "device": TRAIN_HELP["device"], "steps": "timed training steps (default 50)", "compile": "torch.compile the model"})
+def bench(c, data_dir=None, image_size=None, batch_size=None, device=None, steps=None, compile=False):
+    """Training and evaluation images/s of this pipeline against the reference's."""
+    script(c, "benchmarks/throughput.py", flags(data_dir=data_dir, image_size=image_size, batch_size=batch_size, device=device,
+                                                steps=steps) + (" --compile" if compile else ""))
+
+
 @task
 def test(c):
     """Run the test suite."""

@@ -149,3 +149,14 @@ def test_unknown_finetune_mode():
 def test_val_size_larger_than_the_data(tiny_data, tmp_path):
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "500", *QUICK, check=False)
     assert result.returncode == 1 and "--val-size 500: must be between 1 and 47" in result.stderr
+
+
+def test_bf16_autocast_and_compile_train_and_save_plain_names(tiny_data, tmp_path):
+    out = tmp_path / "pretrain.pt"
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
+                 "--precision", "bf16", "--compile")
+    assert "on cpu, bf16, compiled" in result.stdout
+    checkpoint = torch.load(out, weights_only=True)
+    assert not any(name.startswith(("module.", "_orig_mod.")) for name in checkpoint["model"])
+    assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())  # autocast keeps fp32 weights
+    assert json.loads(out.with_suffix(".test.json").read_text())["loss"] < 10

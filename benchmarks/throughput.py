@@ -1,0 +1,136 @@
+"""Training and evaluation images/s: this project's pipeline against the reference's, in one run.
+
+    python benchmarks/throughput.py                      # CIFAR-10 at 224 px, batch 256, on CUDA
+    python benchmarks/throughput.py --image-size 64 --batch-size 32 --steps 3 --device cpu   # a quick CPU check
+
+ours: uint8 images resident on the device, augmentation batched there,
+bf16 autocast and channels_last on CUDA (pretrain.py's own train_step).
+reference: torchvision ImageFolder + RandomResizedCrop/flip transforms per
+image in a DataLoader with 0 workers, fp32, as the reference did.
+Warm-up steps are excluded from every timing.
+"""
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torchvision import datasets, transforms  # noqa: E402
+
+import data  # noqa: E402
+from model import AlexNet  # noqa: E402
+from pretrain import Processes, compute_logits, make_parser, positive_int, prepare_model, train_step  # noqa: E402
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step, warmup: int, steps: int, images_per_step: int, device: torch.device) -> float:
+    """images/s over `steps` calls of step(i), after `warmup` calls that are not timed."""
+    for i in range(warmup):
+        step(i)
+    synchronize(device)
+    started = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    synchronize(device)
+    return steps * images_per_step / (time.perf_counter() - started)
+
+
+def ours(args, processes, train_images, val_images) -> tuple[float, float]:
+    model = AlexNet(num_classes=len(train_images.classes))
+    net, optimizer, bf16 = prepare_model(model, list(model.parameters()), args, processes)
+    augment = torch.Generator(device=processes.device).manual_seed(0)
+    n = len(train_images.labels)
+
+    def step(i):
+        index = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=processes.device) % n
+        train_step(net, optimizer, train_images.images[index], train_images.labels[index], args.image_size, augment, processes, bf16)
+
+    train = timed(step, args.warmup, args.steps, args.batch_size, processes.device)
+    evaluate = timed(lambda i: compute_logits(model, val_images.images, args.image_size, args.batch_size), 1, 1,
+                     len(val_images.labels), processes.device)
+    return train, evaluate
+
+
+def forever(loader):
+    """Batches from the loader, starting over at its end (small data sets in quick checks)."""
+    while True:
+        yield from loader
+
+
+def reference(args, device) -> tuple[float, float]:
+    normalize = transforms.Normalize(data.MEAN, data.STD)
+    train_set = datasets.ImageFolder(Path(args.data_dir) / "train", transforms.Compose([
+        transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]))
+    test_set = datasets.ImageFolder(Path(args.data_dir) / "test", transforms.Compose([
+        transforms.Resize(int(args.image_size * data.EVAL_RESIZE)), transforms.CenterCrop(args.image_size), transforms.ToTensor(), normalize]))
+    model = AlexNet(num_classes=len(train_set.classes)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loader = forever(torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=0))
+
+    def step(i):
+        x, y = next(loader)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model.train()
+    train = timed(step, args.warmup, args.reference_steps, args.batch_size, device)
+    model.eval()
+    test_loader = forever(torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, num_workers=0))
+
+    @torch.no_grad()
+    def evaluate(i):
+        x, _ = next(test_loader)
+        model(x.to(device))
+
+    return train, timed(evaluate, 1, args.reference_steps, args.batch_size, device)
+
+
+def main() -> None:
+    parser = make_parser(__doc__.split("\n\n")[0], "bench")
+    parser.add_argument("--steps", type=positive_int, default=50, help="timed training steps of ours")
+    parser.add_argument("--reference-steps", type=positive_int, default=10, help="timed steps of the reference pipeline")
+    parser.add_argument("--warmup", type=positive_int, default=5, help="untimed steps first")
+    args = parser.parse_args()
+    processes = Processes(args.device)
+    device = processes.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"device: {name}\ntorch {torch.__version__}, commit {commit()}\ncommand: {shlex.join([sys.executable, *sys.argv])}")
+    print(f"batch size {args.batch_size}, image size {args.image_size}, precision {args.precision}{', compiled' if args.compile else ''}")
+
+    started = time.perf_counter()
+    train_images = data.load_folder(Path(args.data_dir) / "train", cache=False)
+    print(f"decoding {len(train_images.labels)} training images (no cache): {time.perf_counter() - started:.1f} s, "
+          f"{len(train_images.labels) / (time.perf_counter() - started):.0f} images/s")
+    val_images = train_images.subset(data.stratified_split(train_images.labels, min(5000, len(train_images.labels) // 10), 0)[0])
+    train_images, val_images = train_images.to(device), val_images.to(device)
+
+    our_train, our_eval = ours(args, processes, train_images, val_images)
+    ref_train, ref_eval = reference(args, device)
+    print(f"{'':10} {'ours':>10} {'reference':>10} {'ratio':>7}")
+    print(f"{'train':10} {our_train:10.0f} {ref_train:10.0f} {our_train / ref_train:6.1f}x   images/s")
+    print(f"{'evaluate':10} {our_eval:10.0f} {ref_eval:10.0f} {our_eval / ref_eval:6.1f}x   images/s")
+
+
+if __name__ == "__main__":
+    main()
