@@ -299,13 +299,25 @@ def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: 
     return torch.stack([left, top, left + w, top + h], 1)
 
 
-def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, part: slice = slice(None)) -> torch.Tensor:
-    """RandomResizedCrop(size) + RandomHorizontalFlip + normalisation, on images' device.
+def random_shift_boxes(n: int, side: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """side x side crops of the image padded with black by side/8 all round (4 px for CIFAR-10's usual crop)."""
+    pad = side // 8
+    shift = torch.randint(-pad, pad + 1, (n, 2), generator=generator, device=device).float()
+    return torch.cat([shift, shift + side], 1)
+
+
+# --augment: the reference's RandomResizedCrop, or the usual CIFAR-10 padded crop; each then resized and flipped
+AUGMENTATIONS = {"rrc": random_resized_boxes, "crop": random_shift_boxes}
+
+
+def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, part: slice = slice(None),
+                augmentation: str = "rrc") -> torch.Tensor:
+    """A crop (see AUGMENTATIONS) resized to size, a horizontal flip, normalisation: on images' device.
 
     The random draws are made for the whole batch and `part` of it is returned,
     so processes that share a global batch augment it as one process would.
     """
-    boxes = random_resized_boxes(len(images), images.shape[-1], generator, images.device)[part]
+    boxes = AUGMENTATIONS[augmentation](len(images), images.shape[-1], generator, images.device)[part]
     flip = (torch.rand(len(images), generator=generator, device=images.device) < 0.5)[part]
     x = crop_resize(images[part], boxes, size)
     x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)

@@ -81,6 +81,12 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="use only this many images of train/ (stratified), validation included: quick runs")
     parser.add_argument("--resume", default=None, metavar="PATH", help="continue the run that left this .last.pt")
+    parser.add_argument("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
+                        help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
+    parser.add_argument("--label-smoothing", type=non_negative_float, default=0.0)
+    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                        help="per step, after --warmup-epochs of linear warm-up")
+    parser.add_argument("--warmup-epochs", type=non_negative_float, default=0.0)
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="training arithmetic: auto is bf16 autocast on CUDA, fp32 on the CPU; evaluation is always fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
@@ -230,21 +236,31 @@ class Processes:
             dist.destroy_process_group()
 
 
+def learning_rate(args: argparse.Namespace, epoch: int, step: int, steps: int) -> float:
+    """--lr after linear warm-up, then constant or cosine to zero at the last step; a function of the step alone."""
+    progress = epoch + (step + 1) / steps  # epochs done after this step
+    if progress <= args.warmup_epochs:
+        return args.lr * progress / args.warmup_epochs
+    if args.lr_schedule == "cosine":
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (progress - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+    return args.lr
+
+
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               image_size: int, augment: torch.Generator, processes: "Processes", bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               args: argparse.Namespace, rng: torch.Generator, processes: "Processes", bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a global batch of uint8 images (this process's share of it).
 
     Returns the summed loss and the number of correct predictions as device
     tensors, so the caller decides when to wait for them.
     """
     share = processes.share()
-    x = data.train_batch(images, image_size, augment, share)
+    x = data.train_batch(images, args.image_size, rng, share, args.augment)
     if x.is_cuda:  # cuDNN's fastest convolutions take NHWC
         x = x.contiguous(memory_format=torch.channels_last)
     y = labels[share]
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = net(x)
-    loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=args.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     # the mean over the global batch: DDP averages the processes' gradients, hence the factor world
     (loss * (processes.world / len(images))).backward()
@@ -376,8 +392,10 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                 running.copy_(torch.tensor([0.0, 0.0, -1.0]))
             for step in range(start_step, steps):
                 index = perm[step * args.batch_size:(step + 1) * args.batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(args, epoch, step, steps)
                 loss, correct = train_step(net, optimizer, train_images.images[index], train_images.labels[index],
-                                           args.image_size, augment, processes, bf16)
+                                           args, augment, processes, bf16)
                 first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
                 running.copy_(torch.stack([running[0] + loss, running[1] + correct, first_bad]))
                 if processes.any(stop.received is not None) and step + 1 < steps:

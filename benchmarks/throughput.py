@@ -62,7 +62,7 @@ def ours(args, processes, train_images, val_images) -> tuple[float, float]:
 
     def step(i):
         index = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=processes.device) % n
-        train_step(net, optimizer, train_images.images[index], train_images.labels[index], args.image_size, augment, processes, bf16)
+        train_step(net, optimizer, train_images.images[index], train_images.labels[index], args, augment, processes, bf16)
 
     train = timed(step, args.warmup, args.steps, args.batch_size, processes.device)
     evaluate = timed(lambda i: compute_logits(model, val_images.images, args.image_size, args.batch_size), 1, 1,
