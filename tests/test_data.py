@@ -249,6 +249,16 @@ def test_train_batch_follows_random_resized_crop_and_flip():
     assert torch.equal(batch, again)
 
 
+def test_padded_crop_shifts_within_an_eighth_and_pads_black():
+    boxes = data.random_shift_boxes(2000, 32, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert set(boxes[:, 0].unique().tolist()) == set(range(-4, 5)) and ((boxes[:, 2:] - boxes[:, :2]) == 32).all()
+    white = torch.full((64, 3, 32, 32), 255, dtype=torch.uint8)
+    batch = data.train_batch(white, 64, torch.Generator().manual_seed(0), augmentation="crop")
+    black = data.normalize(torch.zeros(1, 3, 1, 1))
+    shifted = (batch[:, :, :, 0] - black[:, :, :, 0]).abs().amax((1, 2)) < 1e-4  # the left column lies in the padding
+    assert 0.2 < shifted.float().mean() < 0.6
+
+
 def test_crop_resize_equals_torchvision_inside_the_crop():
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     top, left, h, w = 3, 5, 20, 17

@@ -1,5 +1,6 @@
 import csv
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -160,3 +161,43 @@ def test_bf16_autocast_and_compile_train_and_save_plain_names(tiny_data, tmp_pat
     assert not any(name.startswith(("module.", "_orig_mod.")) for name in checkpoint["model"])
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())  # autocast keeps fp32 weights
     assert json.loads(out.with_suffix(".test.json").read_text())["loss"] < 10
+
+
+def test_learning_rate_schedules():
+    from argparse import Namespace
+
+    from pretrain import learning_rate
+    args = Namespace(lr=0.1, epochs=4, warmup_epochs=1.0, lr_schedule="cosine")
+    rates = [learning_rate(args, epoch, step, 10) for epoch in range(4) for step in range(10)]
+    assert rates[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])  # linear warm-up over epoch 1
+    assert rates[10] < 0.1 and all(a > b for a, b in zip(rates[10:], rates[11:])) and rates[-1] == pytest.approx(0, abs=1e-12)
+    assert rates[24] == pytest.approx(0.05, abs=0.005)  # half-way through the cosine, half the rate
+    constant = Namespace(lr=0.1, epochs=4, warmup_epochs=0.0, lr_schedule="constant")
+    assert {learning_rate(constant, e, s, 10) for e in range(4) for s in range(10)} == {0.1}
+
+
+def test_recipe_flags_reach_the_training_step(tiny_data, tmp_path):
+    out = tmp_path / "pretrain.pt"
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK, "--augment", "crop",
+        "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--label-smoothing", "0.4")
+    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.02 * 0.5 * (1 + math.cos(math.pi * 1 / 3)), 0.0])
+    args = torch.load(out, weights_only=True)["args"]
+    assert (args["augment"], args["label_smoothing"], args["lr_schedule"]) == ("crop", 0.4, "cosine")
+
+
+def test_label_smoothing_changes_the_loss():
+    from argparse import Namespace
+
+    from model import AlexNet
+    from pretrain import Processes, train_step
+    images, labels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
+    losses = []
+    for smoothing in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = AlexNet(num_classes=3)
+        args = Namespace(image_size=63, augment="rrc", label_smoothing=smoothing)
+        loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), images, labels, args,
+                             torch.Generator().manual_seed(0), Processes("cpu"), False)
+        losses.append(loss.item())
+    assert losses[0] != pytest.approx(losses[1], abs=1e-4)
