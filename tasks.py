@@ -1,7 +1,7 @@
 """invoke tasks: each runs one of the scripts; `invoke --list`, `invoke --help TASK`.
 
     invoke all                     # download, pretrain, finetune, predict: the whole job
-    invoke all --epochs 2 --limit 2000 --image-size 64 --source ../shared/data/cifar10-jpg.tar.gz
+    invoke all --epochs 3 --limit 4000 --image-size 64 --batch-size 64 --lr 0.03 --source ../shared/data/cifar10-jpg.tar.gz
 """
 import shlex
 import sys
