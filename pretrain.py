@@ -275,7 +275,10 @@ def prepare_model(model: AlexNet, params: list[nn.Parameter], args: argparse.Nam
     model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 **({"fused": True} if device.type == "cuda" else {}))
-    net = nn.parallel.DistributedDataParallel(model) if processes.world > 1 else model
+    if processes.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
     if args.compile:
         net = torch.compile(net)
     return net, optimizer, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
