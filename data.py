@@ -492,6 +492,8 @@ def main(argv: list[str] | None = None) -> None:
         download(args.root, args.source, args.md5)
     except UserError as e:
         sys.exit(f"data.py: {e}")
+    except KeyboardInterrupt:  # the temporary folder is already gone
+        sys.exit(f"data.py: interrupted; nothing was written to {args.root}")
 
 
 if __name__ == "__main__":

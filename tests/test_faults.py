@@ -2,11 +2,13 @@
 import http.server
 import io
 import pickle
+import signal
 import struct
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -228,3 +230,20 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
     result = run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False, cwd=tmp_path)
     assert "cifar-10-batches-py/batches.meta is missing or damaged (refusing to load __builtin__.exec)" in one_line(result)
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
+
+
+def test_interrupted_copy_leaves_nothing(tmp_path):
+    source = make_class_folders(tmp_path / "source", train=1500, test=1, size=8)  # thousands of files: a copy that takes a while
+    work = tmp_path / "work"
+    work.mkdir()
+    process = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source",
+                                str(source)], stderr=subprocess.PIPE, text=True, cwd=work)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):  # interrupt it once it is copying
+        assert time.monotonic() < deadline and process.poll() is None, "the copy never started"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr  # 0 would mean the copy finished before the signal arrived
+    assert stderr.strip().splitlines()[-1] == f"data.py: interrupted; nothing was written to {work / 'c'}"
+    assert "Traceback" not in stderr and list(work.iterdir()) == []
