@@ -50,6 +50,13 @@ class UserError(Exception):
     """A mistake in the user's input; scripts print it as one line and exit 1."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except None: those flags' help says what happens instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 # --------------------------------------------------------------------------- images
 
 def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.Image, int]:
@@ -479,14 +486,14 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, shown: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("download", help="download CIFAR-10 (or unpack a local copy) into class folders",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=HelpFormatter)
     get.add_argument("--root", default="data/cifar10", help="folder to create, holding train/ and test/")
     get.add_argument("--source", default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
                      "(default: the official cifar-10-python.tar.gz, md5-checked)")
-    get.add_argument("--md5", default=None, help="expected md5 of a --source file")
+    get.add_argument("--md5", default=None, help="expected md5 of a --source file (default: not checked)")
     args = parser.parse_args(argv)
     try:
         download(args.root, args.source, args.md5)

@@ -122,16 +122,16 @@ def predict(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     parser.add_argument("--checkpoint", default=None, help=f"default: the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
     parser.add_argument("--topk", type=positive_int, default=1, help="how many classes to show per image")
     parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    parser.add_argument("--grid", default=None, metavar="PATH", help=f"also draw up to {GRID_MAX} images with their labels here")
+    parser.add_argument("--grid", default=None, metavar="PATH", help=f"also draw up to {GRID_MAX} images with their labels here (default: none)")
     parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")
-    parser.add_argument("--batch-size", type=positive_int, default=256)
-    parser.add_argument("--limit", type=positive_int, default=None, help="predict only this many images (stratified sample)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    parser.add_argument("--limit", type=positive_int, default=None, help="predict only this many images (stratified sample; default: all)")
     args = parser.parse_args(argv)
     sys.exit(report_errors("predict.py", args, lambda: predict(args)))
 

@@ -63,30 +63,31 @@ def image_size(text: str) -> int:
 
 def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The flags pretrain.py and finetune.py share, with the same names and meanings."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=description, formatter_class=data.HelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
     parser.add_argument("--out", default=f"checkpoints/{stage}.pt",
                         help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it")
-    parser.add_argument("--epochs", type=positive_int, default=40)
-    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--epochs", type=positive_int, default=40, help="passes over the training images")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per step, over all torchrun processes")
     parser.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
-    parser.add_argument("--momentum", type=non_negative_float, default=0.9)
-    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0)
+    parser.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="SGD weight decay")
     parser.add_argument("--val-size", type=positive_int, default=None,
                         help="validation images held out of train/ (default: 10%%, at most 5000)")
     parser.add_argument("--image-size", type=image_size, default=224, help="side of the network's input")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the augmentation")
     parser.add_argument("--limit", type=positive_int, default=None,
-                        help="use only this many images of train/ (stratified), validation included: quick runs")
-    parser.add_argument("--resume", default=None, metavar="PATH", help="continue the run that left this .last.pt")
+                        help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="continue the run that left this .last.pt, with its flags (only --epochs and --device may change)")
     parser.add_argument("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
                         help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
-    parser.add_argument("--label-smoothing", type=non_negative_float, default=0.0)
+    parser.add_argument("--label-smoothing", type=non_negative_float, default=0.0, help="of the training loss")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                         help="per step, after --warmup-epochs of linear warm-up")
-    parser.add_argument("--warmup-epochs", type=non_negative_float, default=0.0)
+    parser.add_argument("--warmup-epochs", type=non_negative_float, default=0.0, help="linear warm-up of the learning rate")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="training arithmetic: auto is bf16 autocast on CUDA, fp32 on the CPU; evaluation is always fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
@@ -503,7 +504,7 @@ def initial_weights(source: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser(__doc__.split("\n\n")[0], "pretrain")
     parser.add_argument("--init", default=None, metavar="PATH|imagenet",
-                        help="start from a torchvision AlexNet state dict (tensors matched by name and shape)")
+                        help="start from a torchvision AlexNet state dict, tensors matched by name and shape (default: from scratch)")
     args = parser.parse_args(argv)
 
     def new_model(classes: list[str]) -> AlexNet:

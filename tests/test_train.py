@@ -201,3 +201,11 @@ def test_label_smoothing_changes_the_loss():
                              torch.Generator().manual_seed(0), Processes("cpu"), False)
         losses.append(loss.item())
     assert losses[0] != pytest.approx(losses[1], abs=1e-4)
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "predict.py", "data.py download"])
+def test_help_shows_every_default(script):
+    text = run(*script.split(), "--help").stdout
+    assert "(default: None)" not in " ".join(text.split())
+    if script.endswith("train.py") or script == "finetune.py":
+        assert "passes over the training images (default: 40)" in text and "SGD momentum (default: 0.9)" in text
