@@ -99,7 +99,8 @@ def predict(args: argparse.Namespace) -> int:
         return 1
 
     images = torch.stack(decoded)
-    logits = compute_logits(model.to(device), images.to(device), checkpoint["image_size"], args.batch_size).cpu()
+    logits = compute_logits(model.to(device), images.to(device), checkpoint["image_size"], args.batch_size,
+                            checkpoint.get("tta", False)).cpu()
     top = torch.softmax(logits, 1).topk(min(args.topk, len(classes)), dim=1)
     results = [{"path": str(path), "true": None if label is None else classes[label],
                 "top": [{"label": classes[i], "probability": p} for p, i in zip(probs.tolist(), indices.tolist())]}

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import data
 from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, resolve_device,
@@ -51,6 +52,13 @@ def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return value
+
+
+def ema_decay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1 (e.g. 0.999), got {text}")
     return value
 
 
@@ -88,6 +96,10 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                         help="per step, after --warmup-epochs of linear warm-up")
     parser.add_argument("--warmup-epochs", type=non_negative_float, default=0.0, help="linear warm-up of the learning rate")
+    parser.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
+                        help="evaluate and keep an exponential moving average of the weights, updated every step; 0: off")
+    parser.add_argument("--tta", action="store_true",
+                        help="evaluate (validation, test, and later predict.py) on each image and its mirror, averaging logits")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="training arithmetic: auto is bf16 autocast on CUDA, fp32 on the CPU; evaluation is always fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
@@ -139,11 +151,17 @@ def side_files(out: Path) -> dict[str, Path]:
 
 
 @torch.no_grad()
-def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batch_size: int) -> torch.Tensor:
-    """The evaluation path: centre crop on the device, batched; predict.py uses it too."""
+def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batch_size: int, flip: bool = False) -> torch.Tensor:
+    """The evaluation path: centre crop on the device, batched; predict.py uses it too.
+
+    With `flip` (--tta) the logits are the mean over the crop and its mirror image.
+    """
     model.eval()
-    return torch.cat([model(data.eval_batch(images[i:i + batch_size], image_size)).float()
-                      for i in range(0, len(images), batch_size)])
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return (model(x).float() + model(x.flip(3)).float()) / 2 if flip else model(x).float()
+
+    return torch.cat([logits(data.eval_batch(images[i:i + batch_size], image_size)) for i in range(0, len(images), batch_size)])
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -180,6 +198,7 @@ def checkpoint_of(model: nn.Module, args: argparse.Namespace, stage: str, classe
         "classes": list(classes),
         "image_size": args.image_size,
         "stored_size": stored_size,
+        "tta": args.tta,
         "mean": list(data.MEAN),
         "std": list(data.STD),
         "stage": stage,
@@ -340,6 +359,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
         model = AlexNet(**state["model_args"])
         model.load_state_dict(state["model"])
     net, optimizer, bf16 = prepare_model(model, trainable(model), args, processes)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    evaluated = ema.module if ema is not None else model  # the weights that are validated, kept and tested
     torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
     augment = torch.Generator(device=device).manual_seed(args.seed)  # the same in every process: one global batch
     start_epoch, start_step, history, best = 0, 0, [], {"val_acc": -1.0, "epoch": 0}
@@ -353,6 +374,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
         if device.type == "cuda" and own["cuda"] is not None:
             torch.cuda.set_rng_state(own["cuda"], device)
         augment.set_state(state["rng"]["augment"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_epoch, start_step, history, best = state["epoch"], state["step"], state["history"], state["best"]
         running = own["running"].to(device)
         log(f"resuming {stage} from {args.resume}: epoch {start_epoch + 1}, step {start_step}; flags from the "
@@ -376,6 +399,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
         if processes.main:
             save_checkpoint(checkpoint_of(model, args, stage, classes, stored_size, epoch, history[-1] if history else {}) | {
                 "optimizer": optimizer.state_dict(), "rng": {"processes": every, "augment": augment.get_state()},
+                "ema": None if ema is None else ema.state_dict(),
                 "step": step, "perm": perm, "history": history, "best": best, "finished": finished}, files["last"])
 
     def stop_here(signal_received: signal.Signals | None, epoch: int, step: int) -> None:
@@ -400,6 +424,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                     group["lr"] = learning_rate(args, epoch, step, steps)
                 loss, correct = train_step(net, optimizer, train_images.images[index], train_images.labels[index],
                                            args, augment, processes, bf16)
+                if ema is not None:
+                    ema.update_parameters(model)
                 first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
                 running.copy_(torch.stack([running[0] + loss, running[1] + correct, first_bad]))
                 if processes.any(stop.received is not None) and step + 1 < steps:
@@ -414,7 +440,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                                      f"lower --lr (now {args.lr}) and start again")
             train_seconds = time.perf_counter() - started
             # every process evaluates the whole validation split: identical weights, identical results
-            val = classification_report(compute_logits(model, val_images.images, args.image_size, args.batch_size),
+            val = classification_report(compute_logits(evaluated, val_images.images, args.image_size, args.batch_size, args.tta),
                                         val_images.labels, classes)
             history.append({"epoch": epoch + 1, "train_loss": train_loss / n, "train_acc": train_correct / n,
                             "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": optimizer.param_groups[0]["lr"],
@@ -423,7 +449,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
             if improved:
                 best = {"val_acc": val["accuracy"], "epoch": epoch + 1}
                 if processes.main:
-                    save_checkpoint(checkpoint_of(model, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
+                    save_checkpoint(checkpoint_of(evaluated, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
             save_resume_state(epoch + 1, 0, None)
             if processes.main:
                 write_csv(files["csv"], history)
@@ -436,8 +462,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     if not processes.main:
         return None
     final = load_checkpoint(out, map_location=device)
-    model.load_state_dict(final["model"])
-    test = classification_report(compute_logits(model, test_images.to(device).images, args.image_size, args.batch_size),
+    evaluated.load_state_dict(final["model"])
+    test = classification_report(compute_logits(evaluated, test_images.to(device).images, args.image_size, args.batch_size, args.tta),
                                  test_images.labels, classes)
     print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}; the test split, evaluated once with those weights:")
     print_report("test", test, classes)

@@ -85,6 +85,7 @@ def test_sigterm_to_one_rank_stops_both_and_resume_under_torchrun_is_exact(data4
     second = worker(process.pid, 1)
     for line in process.stdout:
         if line.startswith("epoch   1/3"):
+            time.sleep(0.3)  # into epoch 2, whose seven steps take seconds
             os.kill(second, signal.SIGTERM)
             break
     code, _, stderr = finish(process)

@@ -4,6 +4,7 @@ import math
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -60,8 +61,9 @@ def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode
 
 
 def start(out, epochs, data_dir, *extra):
+    """A run with many small steps; --ema so that resuming must restore the average too."""
     return [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs),
-            "--val-size", "6", *QUICK, "--batch-size", "4", *extra]
+            "--val-size", "6", *QUICK, "--batch-size", "4", "--ema", "0.9", *extra]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
@@ -73,6 +75,7 @@ def test_a_stopped_run_resumes_to_identical_weights(tiny_data, tmp_path, sig):
     process = subprocess.Popen(start(parts, 3, tiny_data), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in process.stdout:  # stop it once epoch 1 is done: the signal lands during epoch 2
         if line.startswith("epoch   1/3"):
+            time.sleep(0.3)  # a few of epoch 2's eleven steps (each over 50 ms on a CPU)
             process.send_signal(sig)
             break
     _, stderr = process.communicate(timeout=120)
@@ -83,10 +86,10 @@ def test_a_stopped_run_resumes_to_identical_weights(tiny_data, tmp_path, sig):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming pretrain" in resumed.stdout and "epoch 2, step" in resumed.stdout
 
-    for suffix in (".pt", ".last.pt"):
-        a = torch.load(whole.with_suffix(suffix), weights_only=True)["model"]
-        b = torch.load(parts.with_suffix(suffix), weights_only=True)["model"]
-        assert all(torch.equal(a[k], b[k]) for k in a), suffix
+    for suffix, key in ((".pt", "model"), (".last.pt", "model"), (".last.pt", "ema")):
+        a = torch.load(whole.with_suffix(suffix), weights_only=True)[key]
+        b = torch.load(parts.with_suffix(suffix), weights_only=True)[key]
+        assert all(torch.equal(a[k], b[k]) for k in a), (suffix, key)
     strip = lambda text: [line.split(",")[:5] for line in text.splitlines()]  # noqa: E731 (timings differ)
     assert strip(whole.with_suffix(".csv").read_text()) == strip(parts.with_suffix(".csv").read_text())
 
@@ -135,6 +138,7 @@ def test_init_imagenet_without_network_is_one_clear_line(tiny_data, tmp_path):
     (["--batch-size", "-4"], "--batch-size: must be a positive integer"),
     (["--lr", "0"], "--lr: must be a positive number"),
     (["--image-size", "62"], "--image-size: AlexNet needs images of at least 63 px"),
+    (["--ema", "1"], "--ema: must be at least 0 and below 1"),
     (["--epochs", "two"], "--epochs: invalid positive_int value"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message):
@@ -209,3 +213,23 @@ def test_help_shows_every_default(script):
     assert "(default: None)" not in " ".join(text.split())
     if script.endswith("train.py") or script == "finetune.py":
         assert "passes over the training images (default: 40)" in text and "SGD momentum (default: 0.9)" in text
+
+
+def test_ema_weights_are_kept_and_tta_reaches_predict(tiny_data, tmp_path):
+    from model import load_checkpoint, model_from_checkpoint
+    from pretrain import compute_logits
+    import data
+    out = tmp_path / "pretrain.pt"
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK, "--ema", "0.5", "--tta")
+    kept, last = torch.load(out, weights_only=True), torch.load(out.with_suffix(".last.pt"), weights_only=True)
+    assert kept["tta"] is True and last["ema"]["n_averaged"].item() == 6  # one update per step
+    assert all(torch.equal(kept["model"][k], last["ema"]["module." + k]) for k in kept["model"])
+    assert not torch.equal(kept["model"]["classifier.6.weight"], last["model"]["classifier.6.weight"])
+
+    test = data.load_folder(tiny_data / "test")
+    model = model_from_checkpoint(load_checkpoint(out))
+    mirrored = torch.softmax(compute_logits(model, test.images, 64, 256, flip=True), 1)
+    plain = torch.softmax(compute_logits(model, test.images, 64, 256), 1)
+    output = json.loads(run("predict.py", tiny_data / "test", "--checkpoint", out, "--device", "cpu", "--json", "--topk", "3").stdout)
+    got = torch.tensor([[t["probability"] for t in sorted(p["top"], key=lambda t: t["label"])] for p in output["predictions"]])
+    assert torch.allclose(got, mirrored, atol=1e-5) and not torch.allclose(got, plain, atol=1e-6)
