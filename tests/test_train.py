@@ -45,6 +45,9 @@ def test_finetune_to_other_classes_changes_only_the_head(pretrained, tmp_path):
         if not name.startswith("classifier.6."):
             assert torch.equal(tensor, source["model"][name]), name
     assert json.loads(out.with_suffix(".test.json").read_text())["images"] == 12
+    predicted = run("predict.py", other / "test", "--checkpoint", out, "--device", "cpu")
+    assert "12 labelled images: accuracy" in predicted.stdout and all(
+        line.split("\t")[1] in "wxyz" for line in predicted.stdout.splitlines() if "\t" in line)
 
 
 @pytest.mark.parametrize("mode,frozen,changed", [("classifier", "features.0.weight", "classifier.1.weight"),
@@ -233,3 +236,12 @@ def test_ema_weights_are_kept_and_tta_reaches_predict(tiny_data, tmp_path):
     output = json.loads(run("predict.py", tiny_data / "test", "--checkpoint", out, "--device", "cpu", "--json", "--topk", "3").stdout)
     got = torch.tensor([[t["probability"] for t in sorted(p["top"], key=lambda t: t["label"])] for p in output["predictions"]])
     assert torch.allclose(got, mirrored, atol=1e-5) and not torch.allclose(got, plain, atol=1e-6)
+
+
+def test_finetune_resumes_with_its_mode(pretrained, tiny_data, tmp_path):
+    out = tmp_path / "finetune.pt"
+    run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK)
+    resumed = run("finetune.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2")
+    assert "resuming finetune" in resumed.stdout and "3,075 trainable parameters" in resumed.stdout  # still the head only
+    tuned, source = torch.load(out.with_suffix(".last.pt"), weights_only=True), torch.load(pretrained, weights_only=True)
+    assert tuned["epoch"] == 2 and torch.equal(tuned["model"]["features.0.weight"], source["model"]["features.0.weight"])
