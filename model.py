@@ -7,8 +7,10 @@ differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000).
 """
 import glob
 import os
+import queue
 import sys
 import tempfile
+import threading
 
 import torch
 from torch import nn
@@ -132,6 +134,64 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
             raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one is "
                                   "untouched: free disk space, or choose a writable --out") from None
         raise
+
+
+def to_cpu(obj):
+    """A copy of a checkpoint with every tensor copied to the CPU: training may go on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(value) for value in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in order on a background thread, so training does not wait for the disk.
+
+    `save` copies the checkpoint's tensors to the CPU at once (what is written is
+    the state at the call) and returns; `wait` blocks until everything queued is
+    written and raises the first error a write met.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self.run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            checkpoint, path = self.queue.get()
+            try:
+                if self.error is None:
+                    save_checkpoint(checkpoint, path)
+            except BaseException as e:  # handed to the training thread at its next save or wait
+                self.error = e
+            finally:
+                self.queue.task_done()
+
+    def save(self, checkpoint: dict, path: str | os.PathLike) -> None:
+        self.raise_error()
+        self.queue.put((to_cpu(checkpoint), path))
+
+    def wait(self) -> None:
+        self.queue.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        """Every queued checkpoint is on disk when the block ends, by an error too; a write's error is raised."""
+        self.queue.join()
+        if kind is None:
+            self.raise_error()
 
 
 def current_umask() -> int:

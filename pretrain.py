@@ -26,8 +26,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import data
-from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, resolve_device,
-                   save_checkpoint, unwrap_state_dict)
+from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, CheckpointWriter, load_checkpoint, load_matching,
+                   resolve_device, save_checkpoint, unwrap_state_dict)
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
@@ -397,19 +397,20 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         every = processes.gather(own)
         if processes.main:
-            save_checkpoint(checkpoint_of(model, args, stage, classes, stored_size, epoch, history[-1] if history else {}) | {
+            writer.save(checkpoint_of(model, args, stage, classes, stored_size, epoch, history[-1] if history else {}) | {
                 "optimizer": optimizer.state_dict(), "rng": {"processes": every, "augment": augment.get_state()},
                 "ema": None if ema is None else ema.state_dict(),
                 "step": step, "perm": perm, "history": history, "best": best, "finished": finished}, files["last"])
 
     def stop_here(signal_received: signal.Signals | None, epoch: int, step: int) -> None:
+        writer.wait()
         processes.barrier()
         if processes.main:
             stopped(signal_received or signal.SIGTERM, stage, epoch, step, files["last"], processes.world)
         processes.close()
         sys.exit(128 + (signal_received or signal.SIGTERM))
 
-    with StopSignal() as stop:
+    with StopSignal() as stop, CheckpointWriter() as writer:
         for epoch in range(start_epoch, args.epochs):
             started = time.perf_counter()
             model.train()
@@ -449,15 +450,15 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
             if improved:
                 best = {"val_acc": val["accuracy"], "epoch": epoch + 1}
                 if processes.main:
-                    save_checkpoint(checkpoint_of(evaluated, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
+                    writer.save(checkpoint_of(evaluated, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
             save_resume_state(epoch + 1, 0, None)
             if processes.main:
                 write_csv(files["csv"], history)
                 print_epoch(history, args.epochs, improved)
             if processes.any(stop.received is not None) and epoch + 1 < args.epochs:
                 stop_here(stop.received, epoch + 1, 0)
+        save_resume_state(args.epochs, 0, None, finished=True)
 
-    save_resume_state(args.epochs, 0, None, finished=True)
     processes.close()
     if not processes.main:
         return None

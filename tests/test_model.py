@@ -94,3 +94,39 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated.pt: not a loadable checkpoint"):
         load_checkpoint(tmp_path / "truncated.pt")
+
+
+def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
+    import threading
+
+    from model import CheckpointWriter
+    release = threading.Event()
+    real_save = torch.save
+
+    def slow_save(obj, f):
+        release.wait(10)
+        real_save(obj, f)
+
+    monkeypatch.setattr(torch, "save", slow_save)
+    weights = torch.zeros(4)
+    with CheckpointWriter() as writer:
+        writer.save({"w": weights}, tmp_path / "c.pt")
+        assert not (tmp_path / "c.pt").exists()  # save returned while the write waits
+        weights += 1  # training goes on changing the tensor
+        release.set()
+    assert torch.equal(torch.load(tmp_path / "c.pt", weights_only=True)["w"], torch.zeros(4))
+
+
+def test_background_writer_raises_a_failed_write(tmp_path, monkeypatch):
+    from model import CheckpointWriter
+    save_checkpoint({"version": 1}, tmp_path / "c.pt")
+
+    def disk_full(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    writer = CheckpointWriter()
+    writer.save({"version": 2}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        writer.wait()
+    assert torch.load(tmp_path / "c.pt", weights_only=True) == {"version": 1}
