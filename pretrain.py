@@ -33,6 +33,10 @@ from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, CheckpointWriter, l
 # and a different value for one of them on the command line is refused.
 RESUME_FLAGS_FROM_COMMAND_LINE = ("epochs", "device", "resume")
 
+# An epoch's running sums, kept on the device so that no step waits for the host: summed loss, correct
+# predictions, and the first step whose loss was not finite (-1: none yet).
+EPOCH_START = (0.0, 0.0, -1.0)
+
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -364,9 +368,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
     augment = torch.Generator(device=device).manual_seed(args.seed)  # the same in every process: one global batch
     start_epoch, start_step, history, best = 0, 0, [], {"val_acc": -1.0, "epoch": 0}
-    # The current epoch's summed loss, correct predictions, and first step with a non-finite loss (-1: none),
-    # kept on the device so that no step waits for the host.
-    running = torch.tensor([0.0, 0.0, -1.0], device=device)
+    running = torch.tensor(EPOCH_START, device=device)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         own = state["rng"]["processes"][processes.rank]
@@ -418,7 +420,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                 perm = state["perm"].to(device)
             else:
                 perm = torch.randperm(n, generator=augment, device=device)
-                running.copy_(torch.tensor([0.0, 0.0, -1.0]))
+                running.copy_(torch.tensor(EPOCH_START))
             for step in range(start_step, steps):
                 index = perm[step * args.batch_size:(step + 1) * args.batch_size]
                 for group in optimizer.param_groups:
@@ -451,13 +453,12 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                 best = {"val_acc": val["accuracy"], "epoch": epoch + 1}
                 if processes.main:
                     writer.save(checkpoint_of(evaluated, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
-            save_resume_state(epoch + 1, 0, None)
+            save_resume_state(epoch + 1, 0, None, finished=epoch + 1 == args.epochs)
             if processes.main:
                 write_csv(files["csv"], history)
                 print_epoch(history, args.epochs, improved)
             if processes.any(stop.received is not None) and epoch + 1 < args.epochs:
                 stop_here(stop.received, epoch + 1, 0)
-        save_resume_state(args.epochs, 0, None, finished=True)
 
     processes.close()
     if not processes.main:

@@ -1,5 +1,8 @@
+import hashlib
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,29 @@ def run(script: str, *args, check: bool = True, **kwargs) -> subprocess.Complete
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def error_line(result) -> str:
+    """The last stderr line of a failed run (a progress bar may come before it), after checking there is no traceback."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    return result.stderr.strip().splitlines()[-1]
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def class_folder_archive(path: Path, tiny: Path, prefix: str = "cifar10/") -> None:
+    """A .tar.gz or .zip of the class folders under `tiny`, nested in cifar10/ like the shared archive."""
+    files = sorted(p for p in tiny.rglob("*.png"))
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for p in files:
+                zf.write(p, prefix + str(p.relative_to(tiny)))
+    else:
+        with tarfile.open(path, "w:gz") as tar:
+            for p in files:
+                tar.add(p, prefix + str(p.relative_to(tiny)))
 
 
 @pytest.fixture(scope="session")

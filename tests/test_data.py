@@ -1,5 +1,4 @@
 import functools
-import hashlib
 import http.server
 import io
 import pickle
@@ -15,7 +14,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 
 import data
-from conftest import make_class_folders, run
+from conftest import class_folder_archive, error_line, make_class_folders, md5, run
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -46,12 +45,6 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def error_line(result) -> str:
-    """The last stderr line, after checking it is the only error output (a progress bar may come before)."""
-    assert "Traceback" not in result.stderr
-    return result.stderr.strip().splitlines()[-1]
-
-
 @pytest.fixture
 def server(tmp_path):
     """A loopback HTTP server for the files in tmp_path/www."""
@@ -64,8 +57,6 @@ def server(tmp_path):
     httpd.shutdown()
 
 
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def test_download_official_format_over_http_gives_identical_pixels(tmp_path, server):
@@ -116,18 +107,6 @@ def test_unreachable_url_is_one_clear_line(tmp_path):
     result = run("data.py", "download", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz", check=False)
     assert result.returncode == 1 and "download failed" in error_line(result)
     assert leftovers(tmp_path) == [] and not (tmp_path / "c").exists()
-
-
-def class_folder_archive(path: Path, tiny: Path, prefix: str = "cifar10/") -> None:
-    files = sorted(p for p in tiny.rglob("*.png"))
-    if path.suffix == ".zip":
-        with zipfile.ZipFile(path, "w") as zf:
-            for p in files:
-                zf.write(p, prefix + str(p.relative_to(tiny)))
-    else:
-        with tarfile.open(path, "w:gz") as tar:
-            for p in files:
-                tar.add(p, prefix + str(p.relative_to(tiny)))
 
 
 @pytest.mark.parametrize("kind", ["archive.tar.gz", "archive.zip", "folder"])

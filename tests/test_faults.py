@@ -18,13 +18,8 @@ from PIL import Image
 
 import data
 import pretrain
-from conftest import QUICK, ROOT, make_class_folders, run
+from conftest import QUICK, ROOT, class_folder_archive, error_line, make_class_folders, md5, run
 from model import AlexNet, CheckpointError, load_checkpoint, save_checkpoint
-
-
-def one_line(result) -> str:
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    return result.stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------- images
@@ -77,19 +72,19 @@ def test_train_and_test_with_different_classes(tmp_path):
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "test" / "red").rename(root / "test" / "crimson")
     result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
-    assert "train/ and test/ have different class folders (only in train: ['red'], only in test: ['crimson'])" in one_line(result)
+    assert "train/ and test/ have different class folders (only in train: ['red'], only in test: ['crimson'])" in error_line(result)
 
 
 def test_missing_test_folder(tmp_path):
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "test").rename(root / "elsewhere")
-    assert "no test/ folder" in one_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+    assert "no test/ folder" in error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
 
 
 def test_corrupt_training_image_names_the_file(tmp_path):
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "train" / "red" / "0001.png").write_bytes(b"broken")
-    line = one_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+    line = error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
     assert "red/0001.png: cannot read this image" in line and "remove or replace the file" in line
 
 
@@ -99,14 +94,14 @@ def test_finetune_from_a_file_that_is_not_our_checkpoint(tmp_path, tiny_data):
     torch.save(AlexNet().state_dict(), tmp_path / "plain.pt")
     result = run("finetune.py", "--data-dir", tiny_data, "--checkpoint", tmp_path / "plain.pt", "--out", tmp_path / "f.pt",
                  *QUICK, check=False)
-    assert "plain.pt: not a checkpoint of this project" in one_line(result)
+    assert "plain.pt: not a checkpoint of this project" in error_line(result)
 
 
 def test_predict_with_a_checkpoint_of_another_shape(pretrained, tmp_path, tiny_data):
     checkpoint = load_checkpoint(pretrained)
     checkpoint["model_args"]["num_classes"] = 5
     save_checkpoint(checkpoint, tmp_path / "mismatch.pt")
-    line = one_line(run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "mismatch.pt", check=False))
+    line = error_line(run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "mismatch.pt", check=False))
     assert "mismatch.pt: weights do not fit AlexNet" in line and "classifier.6.weight" in line
 
 
@@ -152,7 +147,6 @@ class Flaky(http.server.BaseHTTPRequestHandler):
 
 @pytest.mark.parametrize("with_md5", [True, False])
 def test_a_dropped_download_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_data, with_md5):
-    from test_data import class_folder_archive, md5
     archive = tmp_path / "data.tar.gz"
     class_folder_archive(archive, tiny_data)
     handler = type("Handler", (Flaky,), {"payload": archive.read_bytes()})
@@ -162,7 +156,7 @@ def test_a_dropped_download_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_d
     root = tmp_path / "out" / "cifar10"
     flags = ["--md5", md5(archive)] if with_md5 else []
     try:
-        line = one_line(run("data.py", "download", "--root", root, "--source", url, *flags, check=False))
+        line = error_line(run("data.py", "download", "--root", root, "--source", url, *flags, check=False))
         assert ("checksum mismatch" if with_md5 else "damaged or incomplete archive") in line
         assert not root.parent.exists() or list(root.parent.iterdir()) == []
         handler.drop = False
@@ -177,7 +171,7 @@ def test_a_dropped_download_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_d
 def test_nan_loss_names_epoch_step_and_flag(tiny_data, tmp_path):
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK, "--lr", "1e6",
                  check=False)
-    line = one_line(result)
+    line = error_line(result)
     assert "the training loss became nan at epoch 1, step" in line and "lower --lr (now 1000000.0)" in line
     assert not (tmp_path / "p.pt").exists()
 
@@ -196,7 +190,7 @@ def test_unwritable_output_folder_fails_before_training(tiny_data, tmp_path):
     (tmp_path / "a_file").write_text("a file where --out needs a folder: unwritable even for root")
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "a_file" / "p.pt", "--epochs", "1", *QUICK,
                  check=False)
-    assert "a_file/p.pt: cannot write in" in one_line(result) and "epoch" not in result.stdout
+    assert "a_file/p.pt: cannot write in" in error_line(result) and "epoch" not in result.stdout
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -228,7 +222,7 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     result = run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False, cwd=tmp_path)
-    assert "cifar-10-batches-py/batches.meta is missing or damaged (refusing to load __builtin__.exec)" in one_line(result)
+    assert "cifar-10-batches-py/batches.meta is missing or damaged (refusing to load __builtin__.exec)" in error_line(result)
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
 
 
