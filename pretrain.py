@@ -329,11 +329,13 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
 
 
 def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Callable[[list[str]], AlexNet],
-          trainable: Callable[[AlexNet], list[nn.Parameter]]) -> dict | None:
+          trainable: Callable[[AlexNet], list[nn.Parameter]], start_competes: bool = False) -> dict | None:
     """Train, keep the best validation epoch, then evaluate the test split once. Returns the test report.
 
     `given` names the flags set on the command line; `new_model(classes)` builds
     the model of a fresh run; `trainable(model)` returns the parameters to train.
+    With `start_competes` the starting weights are validated too, as epoch 0, and
+    kept if no epoch beats them: a fine-tuned model never validates below its start.
     Under torchrun every process runs this; only the first prints and writes.
     """
     state = None
@@ -412,7 +414,20 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
         processes.close()
         sys.exit(128 + (signal_received or signal.SIGTERM))
 
+    def validate() -> dict:
+        # every process evaluates the whole validation split: identical weights, identical results
+        return classification_report(compute_logits(evaluated, val_images.images, args.image_size, args.batch_size, args.tta),
+                                     val_images.labels, classes)
+
     with StopSignal() as stop, CheckpointWriter() as writer:
+        if start_competes and state is None:
+            val = validate()
+            best = {"val_acc": val["accuracy"], "epoch": 0}
+            if processes.main:
+                writer.save(checkpoint_of(evaluated, args, stage, classes, stored_size, 0,
+                                          {"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]}), out)
+                print(f"epoch   0/{args.epochs}  {'(the starting weights)':25}val_loss {val['loss']:.4f}  "
+                      f"val_acc {val['accuracy']:6.2%}  *best", flush=True)
         for epoch in range(start_epoch, args.epochs):
             started = time.perf_counter()
             model.train()
@@ -442,9 +457,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
                 raise data.UserError(f"the training loss became {train_loss} at epoch {epoch + 1}, step {int(first_bad) + 1}; "
                                      f"lower --lr (now {args.lr}) and start again")
             train_seconds = time.perf_counter() - started
-            # every process evaluates the whole validation split: identical weights, identical results
-            val = classification_report(compute_logits(evaluated, val_images.images, args.image_size, args.batch_size, args.tta),
-                                        val_images.labels, classes)
+            val = validate()
             history.append({"epoch": epoch + 1, "train_loss": train_loss / n, "train_acc": train_correct / n,
                             "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": optimizer.param_groups[0]["lr"],
                             "images_per_s": n / train_seconds, "epoch_s": time.perf_counter() - started})
@@ -467,7 +480,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Call
     evaluated.load_state_dict(final["model"])
     test = classification_report(compute_logits(evaluated, test_images.to(device).images, args.image_size, args.batch_size, args.tta),
                                  test_images.labels, classes)
-    print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}; the test split, evaluated once with those weights:")
+    print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
+          f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those weights:")
     print_report("test", test, classes)
     test |= {"checkpoint": str(out), "epoch": best["epoch"], "val_acc": best["val_acc"]}
     save_checkpoint(final | {"test_metrics": test}, out)

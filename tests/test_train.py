@@ -50,6 +50,30 @@ def test_finetune_to_other_classes_changes_only_the_head(pretrained, tmp_path):
         line.split("\t")[1] in "wxyz" for line in predicted.stdout.splitlines() if "\t" in line)
 
 
+def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates_below_its_start(pretrained, tiny_data, tmp_path):
+    out = tmp_path / "finetune.pt"
+    # an lr too small to change any weight: no epoch can beat the starting weights, which must then be kept
+    result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
+                 "--val-size", "6", *QUICK, "--lr", "1e-30")
+    assert "the head starts from its weights" in result.stdout and "optimistic" not in result.stderr
+    assert "epoch   0/1  (the starting weights)" in result.stdout
+    tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
+    assert tuned["epoch"] == 0 and tuned["metrics"]["val_acc"] == source["test_metrics"]["val_acc"]  # the same split
+    assert all(torch.equal(tensor, source["model"][name]) for name, tensor in tuned["model"].items())
+    assert tuned["test_metrics"]["accuracy"] == source["test_metrics"]["accuracy"]
+
+
+def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoints_training(pretrained, tiny_data, tmp_path):
+    out = tmp_path / "finetune.pt"
+    result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
+                 "--val-size", "6", *QUICK, "--lr", "1e-30", "--new-head", "--seed", "1")
+    assert "the head starts from" not in result.stdout
+    assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
+    tuned, source = torch.load(out.with_suffix(".last.pt"), weights_only=True), torch.load(pretrained, weights_only=True)
+    assert not torch.equal(tuned["model"]["classifier.6.weight"], source["model"]["classifier.6.weight"])  # not trained: new
+    assert torch.equal(tuned["model"]["classifier.4.weight"], source["model"]["classifier.4.weight"])
+
+
 @pytest.mark.parametrize("mode,frozen,changed", [("classifier", "features.0.weight", "classifier.1.weight"),
                                                   ("full", None, "features.0.weight")])
 def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode, frozen, changed):
