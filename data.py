@@ -318,17 +318,25 @@ AUGMENTATIONS = {"rrc": random_resized_boxes, "crop": random_shift_boxes}
 
 
 def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, part: slice = slice(None),
-                augmentation: str = "rrc") -> torch.Tensor:
-    """A crop (see AUGMENTATIONS) resized to size, a horizontal flip, normalisation: on images' device.
+                augmentation: str = "rrc", cutout: float = 0.0) -> torch.Tensor:
+    """A crop (see AUGMENTATIONS) resized to size, a horizontal flip, normalisation, then cutout: on images' device.
 
-    The random draws are made for the whole batch and `part` of it is returned,
-    so processes that share a global batch augment it as one process would.
+    Cutout (DeVries & Taylor, 2017) sets a square of side `cutout` x size, centred
+    anywhere in the image and clipped at its edges, to the mean colour (0 after
+    normalisation). The random draws are made for the whole batch and `part` of
+    it is returned, so processes that share a global batch augment it as one process would.
     """
     boxes = AUGMENTATIONS[augmentation](len(images), images.shape[-1], generator, images.device)[part]
     flip = (torch.rand(len(images), generator=generator, device=images.device) < 0.5)[part]
     x = crop_resize(images[part], boxes, size)
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    return normalize(x)
+    x = normalize(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x))
+    if cutout:
+        side = round(cutout * size)
+        start = torch.randint(size, (len(images), 2), generator=generator, device=images.device)[part] - side // 2
+        pixel = torch.arange(size, device=images.device)
+        inside = (pixel >= start[:, :, None]) & (pixel < start[:, :, None] + side)  # N x (rows, columns) x size
+        x = x.masked_fill((inside[:, 0, :, None] & inside[:, 1, None, :])[:, None], 0.0)
+    return x
 
 
 def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -59,10 +59,10 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-def ema_decay(text: str) -> float:
+def fraction(text: str) -> float:
     value = float(text)
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1 (e.g. 0.999), got {text}")
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
     return value
 
 
@@ -96,12 +96,14 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
                         help="continue the run that left this .last.pt, with its flags (only --epochs and --device may change)")
     parser.add_argument("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
                         help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
+    parser.add_argument("--cutout", type=fraction, default=0.0, metavar="FRACTION",
+                        help="cutout: a square of this fraction of --image-size per image set to the mean colour; 0: off")
     parser.add_argument("--label-smoothing", type=non_negative_float, default=0.0, help="of the training loss")
     parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                         help="per step, after --warmup-epochs of linear warm-up")
     parser.add_argument("--warmup-epochs", type=non_negative_float, default=0.0, help="linear warm-up of the learning rate")
-    parser.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
-                        help="evaluate and keep an exponential moving average of the weights, updated every step; 0: off")
+    parser.add_argument("--ema", type=fraction, default=0.0, metavar="DECAY",
+                        help="evaluate and keep an exponential moving average of the weights, updated every step (e.g. 0.999); 0: off")
     parser.add_argument("--tta", action="store_true",
                         help="evaluate (validation, test, and later predict.py) on each image and its mirror, averaging logits")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -278,7 +280,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
     tensors, so the caller decides when to wait for them.
     """
     share = processes.share()
-    x = data.train_batch(images, args.image_size, rng, share, args.augment)
+    x = data.train_batch(images, args.image_size, rng, share, args.augment, args.cutout)
     if x.is_cuda:  # cuDNN's fastest convolutions take NHWC
         x = x.contiguous(memory_format=torch.channels_last)
     y = labels[share]

@@ -238,6 +238,22 @@ def test_padded_crop_shifts_within_an_eighth_and_pads_black():
     assert 0.2 < shifted.float().mean() < 0.6
 
 
+def test_cutout_sets_one_clipped_square_per_image_to_the_mean_colour():
+    white = torch.full((500, 3, 32, 32), 255, dtype=torch.uint8)  # nothing else is 0 after normalisation
+    plain = data.train_batch(white, 64, torch.Generator().manual_seed(0))
+    assert not (plain == 0).any()
+    batch = data.train_batch(white, 64, torch.Generator().manual_seed(0), cutout=0.5)
+    hole = (batch == 0).all(1)
+    assert torch.equal(hole, (batch == 0).any(1))  # every channel, or none
+    rows, columns = hole.any(2).sum(1), hole.any(1).sum(1)
+    assert torch.equal(hole.sum((1, 2)), rows * columns)  # a rectangle (the rows and columns it covers are contiguous:)
+    assert ((hole.any(2).int().diff(dim=1) != 0).sum(1) <= 2).all() and ((hole.any(1).int().diff(dim=1) != 0).sum(1) <= 2).all()
+    assert rows.max() == columns.max() == 32 and rows.min() >= 16 and columns.min() >= 16  # 32 px, clipped by at most half
+    # a centre anywhere in the image: ~27.75 px covered per side on average, ~770 of 1,024 px
+    assert 700 < hole.sum((1, 2)).float().mean() < 840
+    assert torch.equal(torch.where(hole[:, None], plain, batch), plain)  # the same crop and flip draws, then the hole
+
+
 def test_crop_resize_equals_torchvision_inside_the_crop():
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     top, left, h, w = 3, 5, 20, 17

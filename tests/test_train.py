@@ -88,9 +88,9 @@ def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode
 
 
 def start(out, epochs, data_dir, *extra):
-    """A run with many small steps; --ema so that resuming must restore the average too."""
+    """A run with many small steps; --ema and --cutout so that resuming must restore the average and every random draw."""
     return [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs),
-            "--val-size", "6", *QUICK, "--batch-size", "4", "--ema", "0.9", *extra]
+            "--val-size", "6", *QUICK, "--batch-size", "4", "--ema", "0.9", "--cutout", "0.25", *extra]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
@@ -166,6 +166,7 @@ def test_init_imagenet_without_network_is_one_clear_line(tiny_data, tmp_path):
     (["--lr", "0"], "--lr: must be a positive number"),
     (["--image-size", "62"], "--image-size: AlexNet needs images of at least 63 px"),
     (["--ema", "1"], "--ema: must be at least 0 and below 1"),
+    (["--cutout", "1"], "--cutout: must be at least 0 and below 1"),
     (["--epochs", "two"], "--epochs: invalid positive_int value"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message):
@@ -210,24 +211,26 @@ def test_learning_rate_schedules():
 def test_recipe_flags_reach_the_training_step(tiny_data, tmp_path):
     out = tmp_path / "pretrain.pt"
     run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK, "--augment", "crop",
-        "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--label-smoothing", "0.4")
+        "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--label-smoothing", "0.4", "--cutout", "0.25")
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.02 * 0.5 * (1 + math.cos(math.pi * 1 / 3)), 0.0])
     args = torch.load(out, weights_only=True)["args"]
-    assert (args["augment"], args["label_smoothing"], args["lr_schedule"]) == ("crop", 0.4, "cosine")
+    assert (args["augment"], args["label_smoothing"], args["lr_schedule"], args["cutout"]) == ("crop", 0.4, "cosine", 0.25)
 
 
-def test_label_smoothing_changes_the_loss():
+@pytest.mark.parametrize("flag", ["label_smoothing", "cutout"])
+def test_recipe_flag_changes_the_training_loss(flag):
     from argparse import Namespace
 
     from model import AlexNet
     from pretrain import Processes, train_step
     images, labels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
     losses = []
-    for smoothing in (0.0, 0.5):
+    for value in (0.0, 0.5):
         torch.manual_seed(0)
         model = AlexNet(num_classes=3)
-        args = Namespace(image_size=63, augment="rrc", label_smoothing=smoothing)
+        args = Namespace(image_size=63, augment="rrc", label_smoothing=0.0, cutout=0.0)
+        setattr(args, flag, value)
         loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), images, labels, args,
                              torch.Generator().manual_seed(0), Processes("cpu"), False)
         losses.append(loss.item())
