@@ -30,6 +30,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="a freshly initialised head even when the data set has the checkpoint's classes (the reference)")
     args = parser.parse_args(argv)
 
+    def warn_if_validation_was_trained_on(source: dict) -> None:
+        """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
+        if "data_dir" not in source or Path(source["data_dir"]).resolve() != Path(args.data_dir).resolve():
+            return
+        shown = lambda value: "default" if value is None else value  # noqa: E731
+        differing = [f"--{name.replace('_', '-')} {shown(getattr(args, name))} (the checkpoint's run: {shown(source.get(name))})"
+                     for name in SPLIT_FLAGS if source.get(name) != getattr(args, name)]
+        if differing:
+            print(f"finetune.py: warning: {', '.join(differing)}: this validation split holds images {args.checkpoint} "
+                  "trained on, so validation accuracy is optimistic and may pick the wrong epoch; the test split is "
+                  "unaffected. Use the checkpoint's values to avoid it", file=sys.stderr)
+
     def new_model(classes: list[str]) -> AlexNet:
         checkpoint = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.checkpoint)
@@ -45,17 +57,6 @@ def main(argv: list[str] | None = None) -> None:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith(prefixes))
         return [p for p in model.parameters() if p.requires_grad]
-
-    def warn_if_validation_was_trained_on(source: dict) -> None:
-        """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
-        if "data_dir" not in source or Path(source["data_dir"]).resolve() != Path(args.data_dir).resolve():
-            return
-        differing = [f"--{name.replace('_', '-')} {getattr(args, name)} (the checkpoint's run: {source.get(name)})"
-                     for name in SPLIT_FLAGS if source.get(name) != getattr(args, name)]
-        if differing:
-            print(f"finetune.py: warning: {', '.join(differing)}: this validation split holds images {args.checkpoint} "
-                  "trained on, so validation accuracy is optimistic and may pick the wrong epoch; the test split is "
-                  "unaffected. Use the checkpoint's values to avoid it", file=sys.stderr)
 
     report_errors("finetune.py", args, lambda: train(args, given_flags(parser, argv), "finetune", new_model, trainable,
                                                      start_competes=True))
