@@ -37,6 +37,12 @@ def commit() -> str:
         return "unknown"
 
 
+def describe(device: torch.device) -> str:
+    """What a measurement was taken on and with: the device, torch, the commit and the command line."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"device: {name}\ntorch {torch.__version__}, commit {commit()}\ncommand: {shlex.join([sys.executable, *sys.argv])}"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -114,8 +120,7 @@ def main() -> None:
     args = parser.parse_args()
     processes = Processes(args.device)
     device = processes.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"device: {name}\ntorch {torch.__version__}, commit {commit()}\ncommand: {shlex.join([sys.executable, *sys.argv])}")
+    print(describe(device))
     print(f"batch size {args.batch_size}, image size {args.image_size}, precision {args.precision}{', compiled' if args.compile else ''}")
 
     started = time.perf_counter()

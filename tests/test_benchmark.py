@@ -1,5 +1,8 @@
+import json
 import subprocess
 import sys
+
+import torch
 
 from conftest import ROOT
 
@@ -15,3 +18,24 @@ def test_benchmark_prints_device_commit_and_both_pipelines(tiny_data):
     for name in ("train", "evaluate"):
         row = next(line for line in lines if line.startswith(name)).split()
         assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+
+
+def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"), "--recipe", "slow=--lr 0.01", "--recipe", "bad=--lr -1",
+               "--out-dir", str(tmp_path), "--data-dir", str(tiny_data), "--epochs", "2", "--val-size", "6", "--image-size", "64",
+               "--batch-size", "8", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1, result.stderr  # one recipe failed
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "recipes.py" in lines[2]
+    assert "--epochs 2" in lines[3] and "--device cpu" in lines[3]
+    report = json.loads((tmp_path / "slow.test.json").read_text())
+    slow = next(line for line in lines if line.startswith("| slow |")).split(" | ")
+    assert slow[1:3] == ["`--lr 0.01`", "2"] and slow[4] == f"{report['val_acc']:.2%} (epoch {report['epoch']})"
+    assert slow[5] == f"{report['accuracy']:.2%} |"
+    assert torch.load(tmp_path / "slow.pt", weights_only=True)["args"]["lr"] == 0.01  # the recipe's flags reached the run
+    bad = next(line for line in lines if line.startswith("| bad |"))
+    assert "failed (exit 2)" in bad and "--lr: must be a positive number" in bad
+    unknown = subprocess.run([*command[:2], "--recipe", "nope"], capture_output=True, text=True, cwd=ROOT)
+    assert unknown.returncode == 2 and "no recipe 'nope'; known: reference" in unknown.stderr
+

@@ -1,0 +1,95 @@
+"""Recipe search: pretrain.py once per recipe, the same other flags, one results table.
+
+    python benchmarks/recipes.py                     # the recipes below at full scale: a GPU's work
+    python benchmarks/recipes.py --recipe reference --recipe crop --image-size 64 --limit 10000 --epochs 15 --device cpu
+    python benchmarks/recipes.py --recipe mine="--lr 0.02 --augment crop --ema 0.999"
+
+Every flag this script does not know goes to pretrain.py, before the recipe's
+own flags, so a recipe's flags win. Each run writes DIR/NAME.pt and friends and
+its log DIR/NAME.log. The table (markdown) gives the recipe, its flags, the
+epochs, the wall time, the best validation accuracy and its epoch, and the test
+accuracy, which pretrain.py measured once, with the best-validation weights.
+The device, torch version, commit and command come first.
+"""
+import argparse
+import csv
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from throughput import ROOT, describe
+
+import data  # noqa: E402  (on the path that throughput set)
+from model import CheckpointError, resolve_device  # noqa: E402
+
+# Candidates for CIFAR-10; the reference recipe is pretrain.py's defaults.
+RECIPES = {
+    "reference": "--lr 0.01",
+    "lr0.03": "--lr 0.03",
+    "crop": "--lr 0.03 --augment crop",
+    "crop-cutout": "--lr 0.03 --augment crop --cutout 0.5",
+    "crop-cosine-wd": "--lr 0.03 --augment crop --lr-schedule cosine --warmup-epochs 1 --weight-decay 5e-4",
+}
+
+
+def recipe(text: str) -> tuple[str, str]:
+    """NAME=FLAGS, or the NAME of one of RECIPES."""
+    name, given, flags = text.partition("=")
+    if not given:
+        if name not in RECIPES:
+            raise argparse.ArgumentTypeError(f"no recipe {name!r}; known: {', '.join(RECIPES)}; or give NAME=\"FLAGS\"")
+        flags = RECIPES[name]
+    if not name or not name.replace("-", "").replace(".", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"recipe name {name!r}: use letters, digits, '.', '-' and '_' (it names files)")
+    return name, flags
+
+
+def run(name: str, flags: str, common: list[str], out_dir: Path) -> str:
+    """Train one recipe; its table row."""
+    out = out_dir / f"{name}.pt"
+    command = [sys.executable, str(ROOT / "pretrain.py"), *common, "--out", str(out), *shlex.split(flags)]
+    started = time.perf_counter()
+    with open(out_dir / f"{name}.log", "w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        last = (out_dir / f"{name}.log").read_text().strip().splitlines()[-1:] or ["no output"]
+        return f"| {name} | `{flags}` | failed (exit {result.returncode}): {last[0]} | | | |"
+    report = json.loads(out.with_suffix(".test.json").read_text())
+    epochs = len(list(csv.DictReader(open(out.with_suffix(".csv")))))
+    return (f"| {name} | `{flags}` | {epochs} | {wall:.0f} s | {report['val_acc']:.2%} (epoch {report['epoch']}) "
+            f"| {report['accuracy']:.2%} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter)
+    parser.add_argument("--recipe", type=recipe, action="append", metavar='NAME[="FLAGS"]',
+                        help=f"a recipe to run, repeatable (default: all of {', '.join(RECIPES)})")
+    parser.add_argument("--out-dir", default="checkpoints/recipes", help="checkpoints and logs, NAME.pt and NAME.log")
+    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available); passed to pretrain.py")
+    args, common = parser.parse_known_args()
+    recipes = args.recipe or list(RECIPES.items())
+    try:
+        device = resolve_device(args.device)
+    except CheckpointError as e:
+        sys.exit(f"recipes.py: {e}")
+    common += ["--device", str(device)]
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    print(describe(device))
+    print(f"pretrain.py flags of every run: {shlex.join(common)}\n")
+    print("| recipe | flags | epochs | wall | best val (epoch) | test |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    failed = 0
+    for name, flags in recipes:
+        row = run(name, flags, common, out_dir)
+        failed += "| failed (exit" in row
+        print(row, flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
