@@ -1,4 +1,4 @@
-"""Transfer a trained AlexNet to a class-folder data set: a new head, then train it.
+"""Transfer a trained AlexNet to a class-folder data set: train its last layer (or more) there.
 
     python finetune.py                        # CIFAR-10 again: all frozen, the head trains on
     python finetune.py --new-head             # the reference: all frozen, a fresh head

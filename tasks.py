@@ -51,13 +51,14 @@ def pretrain(c, data_dir=None, out_dir="checkpoints", epochs=None, batch_size=No
                                    lr=lr, image_size=image_size, limit=limit, device=device, seed=seed, resume=resume))
 
 
-@task(help=TRAIN_HELP | {"mode": "head, classifier or full (default head)", "resume": "continue the run that left this .last.pt"})
+@task(help=TRAIN_HELP | {"mode": "head, classifier or full (default head)", "resume": "continue the run that left this .last.pt",
+                         "new_head": "a fresh last layer even for the checkpoint's classes (the reference)"})
 def finetune(c, data_dir=None, out_dir="checkpoints", epochs=None, batch_size=None, lr=None, image_size=None, limit=None,
-             device=None, seed=None, mode=None, resume=None):
-    """Transfer the pretrained model: new head, then train."""
+             device=None, seed=None, mode=None, resume=None, new_head=False):
+    """Fine-tune the pretrained model (--mode head: its last layer only)."""
     script(c, "finetune.py", flags(data_dir=data_dir, out=f"{out_dir}/finetune.pt", checkpoint=f"{out_dir}/pretrain.pt",
                                    epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, limit=limit,
-                                   device=device, seed=seed, mode=mode, resume=resume))
+                                   device=device, seed=seed, mode=mode, resume=resume) + (" --new-head" if new_head else ""))
 
 
 @task(help={"paths": "image or folder (default data/cifar10/test)", "checkpoint": "default: checkpoints/finetune.pt, else pretrain.pt",

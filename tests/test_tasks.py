@@ -32,3 +32,9 @@ def test_all_stops_at_the_first_failing_step(tmp_path):
                     cwd=tmp_path)
     assert result.returncode != 0 and "no such file or folder" in result.stderr
     assert "pretrain.py" not in result.stdout + result.stderr and not (tmp_path / "ck").exists()
+
+
+def test_finetune_task_passes_its_flags(tmp_path):
+    result = invoke("--dry", "finetune", "--new-head", "--mode", "full", "--out-dir", "ck", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "finetune.py --out ck/finetune.pt --checkpoint ck/pretrain.pt --mode full --new-head" in result.stdout
