@@ -32,6 +32,9 @@ RECIPES = {
     "crop": "--lr 0.03 --augment crop",
     "crop-cutout": "--lr 0.03 --augment crop --cutout 0.5",
     "crop-cosine-wd": "--lr 0.03 --augment crop --lr-schedule cosine --warmup-epochs 1 --weight-decay 5e-4",
+    # an EMA decay of 0.999 averages over ~1,000 steps: meant for full-scale runs (40 epochs of 45,000 images is 7,000 steps)
+    "crop-cosine-wd-ls-ema-tta": "--lr 0.03 --augment crop --lr-schedule cosine --warmup-epochs 1 --weight-decay 5e-4 "
+                                 "--label-smoothing 0.1 --ema 0.999 --tta",
 }
 
 
