@@ -68,7 +68,7 @@ def run(name: str, flags: str, common: list[str], out_dir: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter, allow_abbrev=False,
                                      epilog="Every other flag goes to pretrain.py (see its --help), before the recipe's own flags.")
     parser.add_argument("--recipe", type=recipe, action="append", metavar='NAME[="FLAGS"]',
                         help=f"a recipe to run, repeatable (default: all of {', '.join(RECIPES)})")
