@@ -26,9 +26,9 @@ TRAIN_HELP = {
 
 
 def flags(**options) -> str:
-    """--name value for every option that was given, quoted for the shell."""
-    return "".join(f" --{name.replace('_', '-')} {shlex.quote(str(value))}" for name, value in options.items()
-                   if value is not None)
+    """--name value for every option that was given, quoted for the shell; --name alone for a switch that is on."""
+    return "".join(f" --{name.replace('_', '-')}" + ("" if value is True else f" {shlex.quote(str(value))}")
+                   for name, value in options.items() if value is not None and value is not False)
 
 
 def script(c, name: str, arguments: str) -> None:
@@ -58,7 +58,7 @@ def finetune(c, data_dir=None, out_dir="checkpoints", epochs=None, batch_size=No
     """Fine-tune the pretrained model (--mode head: its last layer only)."""
     script(c, "finetune.py", flags(data_dir=data_dir, out=f"{out_dir}/finetune.pt", checkpoint=f"{out_dir}/pretrain.pt",
                                    epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, limit=limit,
-                                   device=device, seed=seed, mode=mode, resume=resume) + (" --new-head" if new_head else ""))
+                                   device=device, seed=seed, mode=mode, resume=resume, new_head=new_head))
 
 
 @task(help={"paths": "image or folder (default data/cifar10/test)", "checkpoint": "default: checkpoints/finetune.pt, else pretrain.pt",
@@ -86,7 +86,7 @@ def all_(c, data_dir="data/cifar10", out_dir="checkpoints", epochs=None, batch_s
 def bench(c, data_dir=None, image_size=None, batch_size=None, device=None, steps=None, compile=False):
     """Training and evaluation images/s of this pipeline against the reference's."""
     script(c, "benchmarks/throughput.py", flags(data_dir=data_dir, image_size=image_size, batch_size=batch_size, device=device,
-                                                steps=steps) + (" --compile" if compile else ""))
+                                                steps=steps, compile=compile))
 
 
 @task

@@ -50,8 +50,8 @@ def recipe(text: str) -> tuple[str, str]:
     return name, flags
 
 
-def run(name: str, flags: str, common: list[str], out_dir: Path) -> str:
-    """Train one recipe; its table row."""
+def run(name: str, flags: str, common: list[str], out_dir: Path) -> tuple[bool, str]:
+    """Train one recipe; whether it finished, and its table row."""
     out = out_dir / f"{name}.pt"
     command = [sys.executable, str(ROOT / "pretrain.py"), *common, "--out", str(out), *shlex.split(flags)]
     started = time.perf_counter()
@@ -60,11 +60,12 @@ def run(name: str, flags: str, common: list[str], out_dir: Path) -> str:
     wall = time.perf_counter() - started
     if result.returncode != 0:
         last = (out_dir / f"{name}.log").read_text().strip().splitlines()[-1:] or ["no output"]
-        return f"| {name} | `{flags}` | failed (exit {result.returncode}): {last[0]} | | | |"
+        return False, f"| {name} | `{flags}` | failed (exit {result.returncode}): {last[0]} | | | |"
     report = json.loads(out.with_suffix(".test.json").read_text())
-    epochs = len(list(csv.DictReader(open(out.with_suffix(".csv")))))
-    return (f"| {name} | `{flags}` | {epochs} | {wall:.0f} s | {report['val_acc']:.2%} (epoch {report['epoch']}) "
-            f"| {report['accuracy']:.2%} |")
+    with open(out.with_suffix(".csv"), newline="") as log:
+        epochs = len(list(csv.DictReader(log)))
+    return True, (f"| {name} | `{flags}` | {epochs} | {wall:.0f} s | {report['val_acc']:.2%} (epoch {report['epoch']}) "
+                  f"| {report['accuracy']:.2%} |")
 
 
 def main() -> None:
@@ -87,12 +88,12 @@ def main() -> None:
     print(describe(device))
     print(f"pretrain.py flags of every run: {shlex.join(common)}\n")
     print("| recipe | flags | epochs | wall | best val (epoch) | test |\n| --- | --- | --- | --- | --- | --- |", flush=True)
-    failed = 0
+    finished = True
     for name, flags in recipes:
-        row = run(name, flags, common, out_dir)
-        failed += "| failed (exit" in row
+        ok, row = run(name, flags, common, out_dir)
+        finished &= ok
         print(row, flush=True)
-    sys.exit(1 if failed else 0)
+    sys.exit(0 if finished else 1)
 
 
 if __name__ == "__main__":
