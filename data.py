@@ -46,8 +46,8 @@ CACHE_VERSION = 1
 WORKERS = min(8, len(os.sched_getaffinity(0)))
 
 
-class UserError(Exception):
-    """A mistake in the user's input; scripts print it as one line and exit 1."""
+class DataError(Exception):
+    """Data that cannot be used (a folder, an image, an archive, a download); the message names it and what to do."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -87,12 +87,12 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
 
     The cache builder and predict.py both use this, so a single image is
     prepared exactly like the images a model was trained and evaluated on.
-    A file that cannot be read raises UserError naming it.
+    A file that cannot be read raises DataError naming it.
     """
     try:
         img, shorter_side = load_image(path, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise UserError(f"{path}: cannot read this image ({e}); remove or replace the file") from None
+        raise DataError(f"{path}: cannot read this image ({e}); remove or replace the file") from None
     if img.size != (size, size):
         w, h = img.size
         scale = size / min(w, h)
@@ -129,15 +129,16 @@ class ImageSet:
 def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped."""
     if not root.is_dir():
-        raise UserError(f"{root}: no such folder; download the data (python data.py download) or pass --data-dir")
+        raise DataError(f"{root}: no such folder; download the data (python data.py download) or pass --data-dir")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise UserError(f"{root}: no class folders inside; expected {root}/<class>/<image> files")
+        raise DataError(f"{root}: no class folders inside; expected {root}/<class>/<image> files")
     samples = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if is_image_file(p) and p.is_file())
         if not files:
-            raise UserError(f"{root / name}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+            raise DataError(f"{root / name}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                            "add images or remove the folder")
         samples += [(p, label) for p in files]
     return classes, samples
 
@@ -227,15 +228,16 @@ def load_dataset(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
     data_dir = Path(data_dir)
     for split in ("train", "test"):
         if not (data_dir / split).is_dir():
-            raise UserError(f"{data_dir}: no {split}/ folder; a data folder holds train/<class>/ and test/<class>/ "
+            raise DataError(f"{data_dir}: no {split}/ folder; a data folder holds train/<class>/ and test/<class>/ "
                             "(python data.py download makes one for CIFAR-10)")
     train = load_folder(data_dir / "train")
     test = load_folder(data_dir / "test", size=train.stored_size)
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
-        raise UserError(f"{data_dir}: train/ and test/ have different class folders "
-                        f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'}); make them the same")
+        raise DataError(f"{data_dir}: train/ and test/ have different class folders "
+                        f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'}); "
+                        "make them the same")
     return train, test
 
 
@@ -361,7 +363,7 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
         print(f"{root} already holds train/ and test/; nothing to do")
         return root
     if root.exists() and any(root.iterdir()):
-        raise UserError(f"{root}: exists but holds no train/ and test/ folders; remove it or choose another --root")
+        raise DataError(f"{root}: exists but holds no train/ and test/ folders; remove it or choose another --root")
     if source is None:
         source, md5 = CIFAR10_URL, CIFAR10_MD5
     elif md5 is None:
@@ -375,17 +377,17 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
         else:
             local = Path(source)
             if not local.exists():
-                raise UserError(f"--source {source}: no such file or folder; pass a URL, an archive or a folder")
+                raise DataError(f"--source {source}: no such file or folder; pass a URL, an archive or a folder")
         if local.is_dir():
             copy_class_folders(local, tree)
         else:
             if md5 is not None and not check_integrity(str(local), md5):
-                raise UserError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
+                raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
                                 "expected: download it again or pass the right --md5")
             unpack(local, work, tree, source)
         train, test = scan_class_folders(tree / "train"), scan_class_folders(tree / "test")
         if train[0] != test[0]:
-            raise UserError(f"{source}: train/ and test/ have different class folders; fix the source")
+            raise DataError(f"{source}: train/ and test/ have different class folders; fix the source")
         if root.exists():
             root.rmdir()  # empty, checked above
         os.replace(tree, root)
@@ -400,7 +402,7 @@ def fetch(url: str, work: Path) -> Path:
     try:
         download_url(url, str(work), name)
     except (urllib.error.URLError, HTTPException, OSError) as e:
-        raise UserError(f"{url}: download failed ({getattr(e, 'reason', e)}); check the network or pass --source "
+        raise DataError(f"{url}: download failed ({getattr(e, 'reason', e)}); check the network or pass --source "
                         "a local copy") from None
     return work / name
 
@@ -417,17 +419,18 @@ def unpack(archive: Path, work: Path, tree: Path, shown: str) -> None:
                 if f"{CIFAR10_DIR}/data_batch_1" in tar.getnames():
                     convert_cifar10(tar, tree, shown)
                     return
-                check_members(shown, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in tar.getmembers()])
+                members = tar.getmembers()
+                check_members(shown, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in members])
                 tar.extractall(work / "extract", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         elif zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 check_members(shown, [(name, None) for name in zf.namelist()])
                 zf.extractall(work / "extract")
         else:
-            raise UserError(f"{shown}: not a tar or zip archive, or an incomplete one; download it again, or pass "
+            raise DataError(f"{shown}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
     except damaged as e:
-        raise UserError(f"{shown}: damaged or incomplete archive ({e}); download it again") from None
+        raise DataError(f"{shown}: damaged or incomplete archive ({e}); download it again") from None
     copy_class_folders(work / "extract", tree, move=True)
 
 
@@ -439,19 +442,21 @@ def check_members(shown: str, members: list[tuple[str, str | None]]) -> None:
                 continue
             normal = os.path.normpath(path.replace("\\", "/"))
             if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
-                raise UserError(f"{shown}: member {name!r} points outside the archive; refusing to unpack it")
+                raise DataError(f"{shown}: member {name!r} points outside the archive; refusing to unpack it")
 
 
 def copy_class_folders(source: Path, tree: Path, move: bool = False) -> None:
     """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
-    candidates = [source] + sorted(p for p in source.glob("*") if p.is_dir()) + sorted(p for p in source.glob("*/*") if p.is_dir())
+    one_down = sorted(p for p in source.glob("*") if p.is_dir())
+    two_down = sorted(p for p in source.glob("*/*") if p.is_dir())
+    candidates = [source] + one_down + two_down
     for found in candidates:
         if (found / "train").is_dir() and (found / "test").is_dir():
             tree.mkdir()
             for split in ("train", "test"):
                 (shutil.move if move else shutil.copytree)(str(found / split), str(tree / split))
             return
-    raise UserError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
+    raise DataError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
                     "lay it out as train/<class>/<image> and test/<class>/<image>")
 
 
@@ -472,7 +477,8 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, shown: str) -> None:
         try:
             return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
         except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise UserError(f"{shown}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); download the tarball again") from None
+            raise DataError(f"{shown}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
+                            "download the tarball again") from None
 
     classes = read("batches.meta")["label_names"]
     splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -505,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         download(args.root, args.source, args.md5)
-    except UserError as e:
+    except DataError as e:
         sys.exit(f"data.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
         sys.exit(f"data.py: interrupted; nothing was written to {args.root}")

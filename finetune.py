@@ -9,17 +9,56 @@ Linear layers; full trains everything. The data set may have any classes: the
 head is new unless they are the checkpoint's classes. The starting weights are
 validated as epoch 0 and kept if no epoch beats them.
 """
+import argparse
 import sys
 from pathlib import Path
 
 from torch import nn
 
 from model import AlexNet, load_checkpoint, model_from_checkpoint
-from pretrain import given_flags, make_parser, report_errors, train
+from predict import report_errors
+from pretrain import given_flags, make_parser, train
 
 TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "full": ("",)}
 # Flags that choose the validation split; the checkpoint's run trained on what its own split left.
 SPLIT_FLAGS = ("seed", "val_size", "limit")
+
+
+def warn_if_validation_was_trained_on(args: argparse.Namespace, source: dict) -> None:
+    """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
+    if "data_dir" not in source or Path(source["data_dir"]).resolve() != Path(args.data_dir).resolve():
+        return
+    differing = [f"--{name.replace('_', '-')} {shown(getattr(args, name))} (the checkpoint's run: "
+                 f"{shown(source.get(name))})" for name in SPLIT_FLAGS if source.get(name) != getattr(args, name)]
+    if differing:
+        print(f"finetune.py: warning: {', '.join(differing)}: this validation split holds images {args.checkpoint} "
+              "trained on, so validation accuracy is optimistic and may pick the wrong epoch; the test split is "
+              "unaffected. Use the checkpoint's values to avoid it", file=sys.stderr)
+
+
+def shown(value) -> str:
+    return "default" if value is None else str(value)
+
+
+def new_model(args: argparse.Namespace, classes: list[str]) -> AlexNet:
+    """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head)."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(checkpoint, args.checkpoint)
+    if args.new_head or checkpoint["classes"] != classes:
+        model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(classes))
+    else:
+        print(f"{args.checkpoint} has this data set's classes: the head starts from its weights "
+              "(--new-head: a fresh one)")
+    warn_if_validation_was_trained_on(args, checkpoint.get("args", {}))
+    return model
+
+
+def trainable(args: argparse.Namespace, model: AlexNet) -> list[nn.Parameter]:
+    """--mode's layers train, the others are frozen."""
+    prefixes = TRAINED_PARTS[args.mode]
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith(prefixes))
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,39 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", default="checkpoints/pretrain.pt", help="the trained model to start from")
     parser.add_argument("--mode", choices=sorted(TRAINED_PARTS), default="head", help="which layers to train")
     parser.add_argument("--new-head", action="store_true",
-                        help="a freshly initialised head even when the data set has the checkpoint's classes (the reference)")
+                        help="a freshly initialised head even when the data set has the checkpoint's classes "
+                             "(the reference)")
     args = parser.parse_args(argv)
-
-    def warn_if_validation_was_trained_on(source: dict) -> None:
-        """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
-        if "data_dir" not in source or Path(source["data_dir"]).resolve() != Path(args.data_dir).resolve():
-            return
-        shown = lambda value: "default" if value is None else value  # noqa: E731
-        differing = [f"--{name.replace('_', '-')} {shown(getattr(args, name))} (the checkpoint's run: {shown(source.get(name))})"
-                     for name in SPLIT_FLAGS if source.get(name) != getattr(args, name)]
-        if differing:
-            print(f"finetune.py: warning: {', '.join(differing)}: this validation split holds images {args.checkpoint} "
-                  "trained on, so validation accuracy is optimistic and may pick the wrong epoch; the test split is "
-                  "unaffected. Use the checkpoint's values to avoid it", file=sys.stderr)
-
-    def new_model(classes: list[str]) -> AlexNet:
-        checkpoint = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(checkpoint, args.checkpoint)
-        if args.new_head or checkpoint["classes"] != classes:
-            model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(classes))
-        else:
-            print(f"{args.checkpoint} has this data set's classes: the head starts from its weights (--new-head: a fresh one)")
-        warn_if_validation_was_trained_on(checkpoint.get("args", {}))
-        return model
-
-    def trainable(model: AlexNet) -> list[nn.Parameter]:
-        prefixes = TRAINED_PARTS[args.mode]
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.startswith(prefixes))
-        return [p for p in model.parameters() if p.requires_grad]
-
-    report_errors("finetune.py", args, lambda: train(args, given_flags(parser, argv), "finetune", new_model, trainable,
-                                                     start_competes=True))
+    given = given_flags(parser, argv)
+    report_errors("finetune.py", args.batch_size,
+                  lambda: train(args, given, "finetune", new_model, trainable, starting_weights_compete=True))
 
 
 if __name__ == "__main__":

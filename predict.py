@@ -12,19 +12,114 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from torch import nn
 from torchvision.utils import make_grid
 
 import data
-from model import CheckpointError, load_checkpoint, model_from_checkpoint, resolve_device
-from pretrain import classification_report, compute_logits, positive_int, print_report, report_errors
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
 GRID_MAX = 64  # images drawn at most
+
+
+# --------------------------------------------------------------------------- the evaluation path
+
+@torch.no_grad()
+def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batch_size: int,
+                   flip: bool = False) -> torch.Tensor:
+    """Centre crop on the device, batched, in fp32; training's validation and test use it too.
+
+    With `flip` (--tta) the logits are the mean over the crop and its mirror image.
+    """
+    model.eval()
+    batches = []
+    for start in range(0, len(images), batch_size):
+        x = data.eval_batch(images[start:start + batch_size], image_size)
+        logits = model(x).float()
+        if flip:
+            logits = (logits + model(x.flip(3)).float()) / 2
+        batches.append(logits)
+    return torch.cat(batches)
+
+
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Accuracy, loss, per-class accuracy and the confusion matrix, as plain numbers."""
+    labels = labels.to(logits.device)
+    confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
+    ones = torch.ones(len(labels), dtype=torch.int64)
+    confusion.index_put_((labels.cpu(), logits.argmax(1).cpu()), ones, accumulate=True)
+    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    return {
+        "images": len(labels),
+        "loss": F.cross_entropy(logits, labels).item(),
+        "accuracy": (confusion.diag().sum() / len(labels)).item(),
+        "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(classes)},
+        "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted
+    }
+
+
+def print_report(title: str, report: dict, classes: list[str]) -> None:
+    print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
+    width = max(len(name) for name in classes)
+    for name, accuracy in report["per_class_accuracy"].items():
+        print(f"  {name:>{width}}  {accuracy:7.2%}")
+    print("confusion matrix (rows: true, columns: predicted):")
+    print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
+    for name, row in zip(classes, report["confusion_matrix"]):
+        print(f"  {name:>{width}}" + " ".join(f"{count:5d}" for count in row))
+
+
+# --------------------------------------------------------------------------- command-line plumbing
+
+class UsageError(Exception):
+    """A command-line value that cannot be used; the message names the flag and what to do."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device: `None` means CUDA when there is one, else the CPU with a warning."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("warning: CUDA is not available, running on the CPU (slow); pass --device cpu to silence this",
+              file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> object:
+    """Run a script's work; a user's mistake or an expected fault ends as one line on stderr."""
+    try:
+        return job()
+    except (UsageError, data.DataError, CheckpointError) as e:
+        sys.exit(f"{program}: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"{program}: out of GPU memory with --batch-size {batch_size}; pass a smaller --batch-size, "
+                 f"e.g. {max(1, batch_size // 2)}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        sys.exit(f"{program}: interrupted; nothing more was saved")
+
+
+# --------------------------------------------------------------------------- prediction
 
 
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
@@ -74,42 +169,57 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
 
 
-def predict(args: argparse.Namespace) -> int:
-    checkpoint_path = args.checkpoint or default_checkpoint()
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint, checkpoint_path)
-    device = resolve_device(args.device)
-    classes, size = checkpoint["classes"], checkpoint["stored_size"]
-
-    found, errors = find_images(args.paths, classes)
-    if args.limit is not None and args.limit < len(found):
-        labels = torch.tensor([-1 if label is None else label for _, label in found]) + 1
-        found = [found[i] for i in data.stratified_split(labels, args.limit, seed=0)[0]]
+def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
+                ) -> tuple[torch.Tensor | None, list[tuple[Path, int | None]]]:
+    """Decode each file as the training cache was built; an unreadable one adds a line to `errors`."""
     decoded, kept = [], []
     for path, label in found:
         try:
             decoded.append(torch.from_numpy(data.decode(path, size)[0]).permute(2, 0, 1))
             kept.append((path, label))
-        except data.UserError as e:
+        except data.DataError as e:
             errors.append(str(e))
+    return (torch.stack(decoded) if decoded else None), kept
+
+
+def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], classes: list[str], k: int) -> list[dict]:
+    """Per image: its path, its true class when known, and the k most probable classes."""
+    top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
+    results = []
+    for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
+        results.append({"path": str(path), "true": None if label is None else classes[label],
+                        "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
+    return results
+
+
+def predict(args: argparse.Namespace) -> int:
+    checkpoint_path = args.checkpoint or default_checkpoint()
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint, checkpoint_path)
+    device = resolve_device(args.device)
+    classes = checkpoint["classes"]
+
+    found, errors = find_images(args.paths, classes)
+    if args.limit is not None and args.limit < len(found):
+        labels = torch.tensor([-1 if label is None else label for _, label in found]) + 1
+        found = [found[i] for i in data.stratified_split(labels, args.limit, seed=0)[0]]
+    images, kept = read_images(found, checkpoint["stored_size"], errors)
     for line in errors:
         print(f"predict.py: {line}", file=sys.stderr)
     if not kept:
         print("predict.py: no image could be read; pass image files or folders of images", file=sys.stderr)
         return 1
 
-    images = torch.stack(decoded)
     logits = compute_logits(model.to(device), images.to(device), checkpoint["image_size"], args.batch_size,
                             checkpoint.get("tta", False)).cpu()
-    top = torch.softmax(logits, 1).topk(min(args.topk, len(classes)), dim=1)
-    results = [{"path": str(path), "true": None if label is None else classes[label],
-                "top": [{"label": classes[i], "probability": p} for p, i in zip(probs.tolist(), indices.tolist())]}
-               for (path, label), probs, indices in zip(kept, top.values, top.indices)]
-    labelled = all(label is not None for _, label in kept)
-    report = classification_report(logits, torch.tensor([label for _, label in kept]), classes) if labelled else None
+    results = top_classes(logits, kept, classes, args.topk)
+    report = None
+    if all(label is not None for _, label in kept):
+        report = classification_report(logits, torch.tensor([label for _, label in kept]), classes)
 
     if args.json:
-        print(json.dumps({"checkpoint": checkpoint_path, "predictions": results, "report": report, "errors": errors}, indent=1))
+        print(json.dumps({"checkpoint": checkpoint_path, "predictions": results, "report": report, "errors": errors},
+                         indent=1))
     else:
         for result in results:
             print(str(result["path"]) + "".join(f"\t{t['label']}\t{t['probability']:.4f}" for t in result["top"]))
@@ -117,7 +227,8 @@ def predict(args: argparse.Namespace) -> int:
             print_report(f"{len(kept)} labelled images", report, classes)
     if args.grid:
         show = torch.linspace(0, len(kept) - 1, min(GRID_MAX, len(kept))).round().long().unique()
-        draw_grid(args.grid, images[show], [results[i]["top"][0]["label"] for i in show], [results[i]["true"] for i in show])
+        predicted = [results[i]["top"][0]["label"] for i in show]
+        draw_grid(args.grid, images[show], predicted, [results[i]["true"] for i in show])
         print(f"wrote {args.grid} ({len(show)} images)", file=sys.stderr if args.json else sys.stdout)
     return 1 if errors else 0
 
@@ -125,16 +236,19 @@ def predict(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
-    parser.add_argument("--checkpoint", default=None, help=f"default: the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
-    parser.add_argument("--topk", type=positive_int, default=1, help="how many classes to show per image")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    parser.add_argument("--grid", default=None, metavar="PATH", help=f"also draw up to {GRID_MAX} images with their labels here (default: none)")
-    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass")
-    parser.add_argument("--limit", type=positive_int, default=None, help="predict only this many images (stratified sample; default: all)")
+    add = parser.add_argument
+    add("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
+    add("--checkpoint", default=None, help=f"default: the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
+    add("--topk", type=positive_int, default=1, help="how many classes to show per image")
+    add("--json", action="store_true", help="print JSON instead of lines")
+    add("--grid", default=None, metavar="PATH",
+        help=f"also draw up to {GRID_MAX} images with their labels here (default: none)")
+    add("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")
+    add("--batch-size", type=positive_int, default=256, help="images per forward pass")
+    add("--limit", type=positive_int, default=None,
+        help="predict only this many images (stratified sample; default: all)")
     args = parser.parse_args(argv)
-    sys.exit(report_errors("predict.py", args, lambda: predict(args)))
+    sys.exit(report_errors("predict.py", args.batch_size, lambda: predict(args)))
 
 
 if __name__ == "__main__":

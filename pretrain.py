@@ -6,16 +6,24 @@
 The training images are split into train and validation (stratified, seeded);
 the best epoch on validation is kept as --out, and the test split is evaluated
 once, at the end, with those weights. finetune.py runs the same loop.
+
+Sections: command line; checkpoints (what they hold, written atomically on a
+background thread); processes and signals; setting up a run; the loop
+(train_one_epoch, evaluate, the epoch loop in `train`); the test, once.
 """
 import argparse
 import csv
+import glob
 import json
 import math
 import os
+import queue
 import signal
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,8 +34,9 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import data
-from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, CheckpointWriter, load_checkpoint, load_matching,
-                   resolve_device, save_checkpoint, unwrap_state_dict)
+from model import MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, unwrap_state_dict
+from predict import (UsageError, classification_report, compute_logits, positive_int, print_report, report_errors,
+                     resolve_device)
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
@@ -38,12 +47,7 @@ RESUME_FLAGS_FROM_COMMAND_LINE = ("epochs", "device", "resume")
 EPOCH_START = (0.0, 0.0, -1.0)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
+# --------------------------------------------------------------------------- command line
 
 def positive_float(text: str) -> float:
     value = float(text)
@@ -77,38 +81,40 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The flags pretrain.py and finetune.py share, with the same names and meanings."""
     parser = argparse.ArgumentParser(description=description, formatter_class=data.HelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
-    parser.add_argument("--out", default=f"checkpoints/{stage}.pt",
-                        help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it")
-    parser.add_argument("--epochs", type=positive_int, default=40, help="passes over the training images")
-    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per step, over all torchrun processes")
-    parser.add_argument("--lr", type=positive_float, default=0.01, help="SGD learning rate")
-    parser.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="SGD weight decay")
-    parser.add_argument("--val-size", type=positive_int, default=None,
-                        help="validation images held out of train/ (default: 10%%, at most 5000)")
-    parser.add_argument("--image-size", type=image_size, default=224, help="side of the network's input")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the augmentation")
-    parser.add_argument("--limit", type=positive_int, default=None,
-                        help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
-    parser.add_argument("--resume", default=None, metavar="PATH",
-                        help="continue the run that left this .last.pt, with its flags (only --epochs and --device may change)")
-    parser.add_argument("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
-                        help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
-    parser.add_argument("--cutout", type=fraction, default=0.0, metavar="FRACTION",
-                        help="cutout: a square of this fraction of --image-size per image set to the mean colour; 0: off")
-    parser.add_argument("--label-smoothing", type=non_negative_float, default=0.0, help="of the training loss")
-    parser.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                        help="per step, after --warmup-epochs of linear warm-up")
-    parser.add_argument("--warmup-epochs", type=non_negative_float, default=0.0, help="linear warm-up of the learning rate")
-    parser.add_argument("--ema", type=fraction, default=0.0, metavar="DECAY",
-                        help="evaluate and keep an exponential moving average of the weights, updated every step (e.g. 0.999); 0: off")
-    parser.add_argument("--tta", action="store_true",
-                        help="evaluate (validation, test, and later predict.py) on each image and its mirror, averaging logits")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="training arithmetic: auto is bf16 autocast on CUDA, fp32 on the CPU; evaluation is always fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    add = parser.add_argument
+    add("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
+    add("--out", default=f"checkpoints/{stage}.pt",
+        help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it")
+    add("--epochs", type=positive_int, default=40, help="passes over the training images")
+    add("--batch-size", type=positive_int, default=256, help="images per step, over all torchrun processes")
+    add("--lr", type=positive_float, default=0.01, help="SGD learning rate")
+    add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    add("--weight-decay", type=non_negative_float, default=0.0, help="SGD weight decay")
+    add("--val-size", type=positive_int, default=None,
+        help="validation images held out of train/ (default: 10%%, at most 5000)")
+    add("--image-size", type=image_size, default=224, help="side of the network's input")
+    add("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)")
+    add("--seed", type=int, default=0, help="seeds the split, the initialisation and the augmentation")
+    add("--limit", type=positive_int, default=None,
+        help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
+    add("--resume", default=None, metavar="PATH",
+        help="continue the run that left this .last.pt, with its flags (only --epochs and --device may change)")
+    add("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
+        help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
+    add("--cutout", type=fraction, default=0.0, metavar="FRACTION",
+        help="cutout: a square of this fraction of --image-size per image set to the mean colour; 0: off")
+    add("--label-smoothing", type=non_negative_float, default=0.0, help="of the training loss")
+    add("--lr-schedule", choices=("constant", "cosine"), default="constant",
+        help="per step, after --warmup-epochs of linear warm-up")
+    add("--warmup-epochs", type=non_negative_float, default=0.0, help="linear warm-up of the learning rate")
+    add("--ema", type=fraction, default=0.0, metavar="DECAY",
+        help="evaluate and keep an exponential moving average of the weights, updated every step "
+             "(e.g. 0.999); 0: off")
+    add("--tta", action="store_true",
+        help="evaluate (validation, test, and later predict.py) on each image and its mirror, averaging logits")
+    add("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+        help="training arithmetic: auto is bf16 autocast on CUDA, fp32 on the CPU; evaluation is always fp32")
+    add("--compile", action="store_true", help="torch.compile the model for training")
     return parser
 
 
@@ -119,100 +125,139 @@ def given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[
             if any(token == option or token.startswith(option + "=") for token in argv)}
 
 
-def apply_resume(args: argparse.Namespace, given: set[str], state: dict) -> None:
-    """Take the run's flags from the resume checkpoint; refuse a changed one rather than ignore it."""
+def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argparse.Namespace:
+    """The run's flags from the resume checkpoint; a changed one is refused rather than ignored."""
     stored = state["args"]
     changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run used {stored.get(name)})"
-               for name in sorted(given) if name not in RESUME_FLAGS_FROM_COMMAND_LINE and getattr(args, name) != stored.get(name)]
+               for name in sorted(given)
+               if name not in RESUME_FLAGS_FROM_COMMAND_LINE and getattr(args, name) != stored.get(name)]
     if changed:
-        raise data.UserError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
-                             "flags (only --epochs and --device may change): drop these flags or start a new run")
-    for name, value in stored.items():
-        if name not in given or name not in RESUME_FLAGS_FROM_COMMAND_LINE:
-            setattr(args, name, value)
+        raise UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
+                         "flags (only --epochs and --device may change): drop these flags or start a new run")
+    from_command_line = {name for name in given if name in RESUME_FLAGS_FROM_COMMAND_LINE}
+    return argparse.Namespace(**(vars(args) | {name: value for name, value in stored.items()
+                                                if name not in from_command_line}))
 
 
-class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step."""
+def check_writable(out: Path) -> None:
+    """Fail before training, not after the first epoch, when --out cannot be written."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out.parent).close()
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); "
+                         "choose a writable folder") from None
 
-    def __init__(self) -> None:
-        self.received = None
 
-    def __enter__(self) -> "StopSignal":
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: stop now, without saving
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
+# --------------------------------------------------------------------------- checkpoints
 
 def side_files(out: Path) -> dict[str, Path]:
     return {"last": out.with_suffix(".last.pt"), "csv": out.with_suffix(".csv"), "test": out.with_suffix(".test.json")}
 
 
-@torch.no_grad()
-def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batch_size: int, flip: bool = False) -> torch.Tensor:
-    """The evaluation path: centre crop on the device, batched; predict.py uses it too.
+def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
+    """Write atomically: a crash or SIGKILL mid-write leaves the previous file intact.
 
-    With `flip` (--tta) the logits are the mean over the crop and its mirror image.
+    The temporary file sits beside the target; one left by a killed writer is
+    removed by the next save (one writer per path, as the scripts do).
     """
-    model.eval()
-
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        return (model(x).float() + model(x.flip(3)).float()) / 2 if flip else model(x).float()
-
-    return torch.cat([logits(data.eval_batch(images[i:i + batch_size], image_size)) for i in range(0, len(images), batch_size)])
-
-
-def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    labels = labels.to(logits.device)
-    confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
-    confusion.index_put_((labels.cpu(), logits.argmax(1).cpu()), torch.ones(len(labels), dtype=torch.int64), accumulate=True)
-    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
-    return {
-        "images": len(labels),
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (confusion.diag().sum() / len(labels)).item(),
-        "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(classes)},
-        "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted
-    }
-
-
-def print_report(title: str, report: dict, classes: list[str]) -> None:
-    print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
-    width = max(len(name) for name in classes)
-    for name, accuracy in report["per_class_accuracy"].items():
-        print(f"  {name:>{width}}  {accuracy:7.2%}")
-    print("confusion matrix (rows: true, columns: predicted):")
-    print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
-    for name, row in zip(classes, report["confusion_matrix"]):
-        print(f"  {name:>{width}}" + " ".join(f"{count:5d}" for count in row))
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
+            os.unlink(stale)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one is "
+                                  "untouched: free disk space, or choose a writable --out") from None
+        raise
 
 
-def checkpoint_of(model: nn.Module, args: argparse.Namespace, stage: str, classes: list[str], stored_size: int,
-                  epoch: int, metrics: dict) -> dict:
-    """What rebuilds and describes the model; plain types only, so weights_only loading works."""
-    return {
-        "model": unwrap_state_dict(model.state_dict()),
-        "model_args": {"num_classes": len(classes), "dropout": model.classifier[0].p},
-        "classes": list(classes),
-        "image_size": args.image_size,
-        "stored_size": stored_size,
-        "tta": args.tta,
-        "mean": list(data.MEAN),
-        "std": list(data.STD),
-        "stage": stage,
-        "epoch": epoch,
-        "metrics": metrics,
-        "args": dict(vars(args)),
-    }
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
+
+def to_cpu(obj):
+    """A copy of a checkpoint with every tensor copied to the CPU: training may go on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {key: to_cpu(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(value) for value in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints in order on a background thread, so training does not wait for the disk.
+
+    `save` copies the checkpoint's tensors to the CPU at once (what is written is
+    the state at the call) and returns; `wait` blocks until everything queued is
+    written and raises the first error a write met.
+    """
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self.run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while True:
+            checkpoint, path = self.queue.get()
+            try:
+                if self.error is None:
+                    save_checkpoint(checkpoint, path)
+            except BaseException as e:  # handed to the training thread at its next save or wait
+                self.error = e
+            finally:
+                self.queue.task_done()
+
+    def save(self, checkpoint: dict, path: str | os.PathLike) -> None:
+        self.raise_error()
+        self.queue.put((to_cpu(checkpoint), path))
+
+    def wait(self) -> None:
+        self.queue.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        """Every queued checkpoint is on disk when the block ends, by an error too; a write's error is raised."""
+        self.queue.join()
+        if kind is None:
+            self.raise_error()
+
+
+def write_csv(path: Path, history: list[dict]) -> None:
+    """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- processes and signals
 
 class Processes:
     """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
@@ -262,18 +307,200 @@ class Processes:
             dist.destroy_process_group()
 
 
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step."""
+
+    def __init__(self) -> None:
+        self.received = None
+
+    def __enter__(self) -> "StopSignal":
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        if self.received is not None:  # a second signal: stop now, without saving
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- setting up a run
+
+@dataclass
+class Run:
+    """What a run trains with; set up once, then handed explicitly to each part of the loop."""
+    args: argparse.Namespace
+    stage: str
+    processes: Processes
+    model: AlexNet  # the weights that train
+    net: nn.Module  # what the step calls: the model, DDP- and compile-wrapped as asked
+    optimizer: torch.optim.Optimizer
+    bf16: bool
+    ema: AveragedModel | None
+    augment: torch.Generator  # the same in every process: the draws of one global batch
+    classes: list[str]
+    stored_size: int
+    out: Path
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated, kept and tested: the EMA's when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+
+@dataclass
+class Progress:
+    """Where a run is, besides weights, optimizer and RNGs; a resume restores it."""
+    running: torch.Tensor  # the epoch's sums so far (EPOCH_START), on the device
+    epoch: int = 0  # epochs done
+    step: int = 0  # the next step of the epoch under way
+    perm: torch.Tensor | None = None  # the order of the epoch under way; None between epochs
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+
+
+def read_resume_state(path: str) -> dict:
+    state = load_checkpoint(path)
+    if "optimizer" not in state:
+        raise UsageError(f"--resume {path}: holds no training state; pass the .last.pt file beside --out")
+    return state
+
+
+def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.ImageSet, data.ImageSet, data.ImageSet]:
+    """Train, validation and test images on the device; the first process builds the cache, the others read it."""
+    if not processes.main:
+        processes.barrier()
+    train_images, test_images = data.load_dataset(args.data_dir)
+    if processes.main:
+        processes.barrier()
+    n = len(train_images.labels)
+    if args.limit is not None:
+        if args.limit > n:
+            raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images")
+        train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
+        n = args.limit
+    val_size = args.val_size or min(5000, n // 10)
+    if not 0 < val_size < n:
+        raise UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
+                         f"{n}; pass a smaller --val-size or more data")
+    val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
+    device = processes.device
+    return train_images.subset(train_index).to(device), train_images.subset(val_index).to(device), test_images
+
+
+def prepare_model(model: AlexNet, params: list[nn.Parameter], args: argparse.Namespace, processes: Processes
+                  ) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
+    """The network to train (DDP- and compile-wrapped as asked), its optimizer, and whether it trains in bf16."""
+    device = processes.device
+    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                **({"fused": True} if device.type == "cuda" else {}))
+    if processes.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        net = model
+    if args.compile:
+        net = torch.compile(net)
+    return net, optimizer, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+
+
+def start_run(args: argparse.Namespace, stage: str, processes: Processes, model: AlexNet,
+              trainable: list[nn.Parameter], images: data.ImageSet) -> Run:
+    net, optimizer, bf16 = prepare_model(model, trainable, args, processes)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
+    augment = torch.Generator(device=processes.device).manual_seed(args.seed)
+    return Run(args, stage, processes, model, net, optimizer, bf16, ema, augment, images.classes, images.stored_size,
+               Path(args.out))
+
+
+def restore(run: Run, state: dict) -> Progress:
+    """Everything a resume brings back, in one place: weights, optimizer, EMA, every RNG, where the run was."""
+    device, rank = run.processes.device, run.processes.rank
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    own = state["rng"]["processes"][rank]
+    torch.set_rng_state(own["torch"])
+    if device.type == "cuda" and own["cuda"] is not None:
+        torch.cuda.set_rng_state(own["cuda"], device)
+    run.augment.set_state(state["rng"]["augment"])
+    perm = None if state["perm"] is None else state["perm"].to(device)
+    return Progress(own["running"].to(device), state["epoch"], state["step"], perm, state["history"], state["best"])
+
+
+def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict:
+    """What rebuilds and describes the model; plain types only, so weights_only loading works."""
+    return {
+        "model": unwrap_state_dict(model.state_dict()),
+        "model_args": {"num_classes": len(run.classes), "dropout": run.model.classifier[0].p},
+        "classes": list(run.classes),
+        "image_size": run.args.image_size,
+        "stored_size": run.stored_size,
+        "tta": run.args.tta,
+        "mean": list(data.MEAN),
+        "std": list(data.STD),
+        "stage": run.stage,
+        "epoch": epoch,
+        "metrics": metrics,
+        "args": dict(vars(run.args)),
+    }
+
+
+def save_resume_state(run: Run, progress: Progress, writer: CheckpointWriter, finished: bool = False) -> None:
+    """Every process's RNG and running sums go to the first process, which writes the .last.pt file."""
+    device = run.processes.device
+    own = {"torch": torch.get_rng_state(), "running": progress.running.cpu(),
+           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    every = run.processes.gather(own)
+    if not run.processes.main:
+        return
+    metrics = progress.history[-1] if progress.history else {}
+    writer.save(checkpoint_of(run, run.model, progress.epoch, metrics) | {
+        "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
+        "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
+        "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
+        "best": progress.best, "finished": finished}, side_files(run.out)["last"])
+
+
+def stop_here(run: Run, progress: Progress, writer: CheckpointWriter, received: signal.Signals | None) -> None:
+    """After a signal: the resume state is on disk, every process leaves, the command to continue is printed."""
+    writer.wait()
+    run.processes.barrier()
+    received = received or signal.SIGTERM  # another process got the signal
+    if run.processes.main:
+        if progress.step:
+            where = f"epoch {progress.epoch + 1}, step {progress.step}"
+        else:
+            where = f"the end of epoch {progress.epoch}"
+        world = run.processes.world
+        launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+        print(f"{run.stage}.py: stopped by {received.name} at {where}; resume with: {launcher} {run.stage}.py "
+              f"--resume {side_files(run.out)['last']}", file=sys.stderr)
+    run.processes.close()
+    sys.exit(128 + received)
+
+
+# --------------------------------------------------------------------------- the loop
+
 def learning_rate(args: argparse.Namespace, epoch: int, step: int, steps: int) -> float:
     """--lr after linear warm-up, then constant or cosine to zero at the last step; a function of the step alone."""
     progress = epoch + (step + 1) / steps  # epochs done after this step
     if progress <= args.warmup_epochs:
         return args.lr * progress / args.warmup_epochs
     if args.lr_schedule == "cosine":
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (progress - args.warmup_epochs) / (args.epochs - args.warmup_epochs)))
+        cosine_progress = (progress - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
+        return args.lr * 0.5 * (1 + math.cos(math.pi * cosine_progress))
     return args.lr
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               args: argparse.Namespace, rng: torch.Generator, processes: "Processes", bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               args: argparse.Namespace, rng: torch.Generator, processes: Processes,
+               bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a global batch of uint8 images (this process's share of it).
 
     Returns the summed loss and the number of correct predictions as device
@@ -294,228 +521,89 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def prepare_model(model: AlexNet, params: list[nn.Parameter], args: argparse.Namespace, processes: "Processes"
-                  ) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
-    """The network to train (DDP- and compile-wrapped as asked), its optimizer, and whether it trains in bf16."""
-    device = processes.device
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                **({"fused": True} if device.type == "cuda" else {}))
-    if processes.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        net = model
-    if args.compile:
-        net = torch.compile(net)
-    return net, optimizer, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: StopSignal,
+                    writer: CheckpointWriter) -> bool:
+    """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved).
 
-
-def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.ImageSet, data.ImageSet, data.ImageSet]:
-    """Train, validation and test images on the device; the first process builds the cache, the others read it."""
-    if not processes.main:
-        processes.barrier()
-    train_images, test_images = data.load_dataset(args.data_dir)
-    if processes.main:
-        processes.barrier()
-    if args.limit is not None:
-        if args.limit > len(train_images.labels):
-            raise data.UserError(f"--limit {args.limit}: {args.data_dir}/train has only {len(train_images.labels)} images")
-        train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
-    val_size = args.val_size or min(5000, len(train_images.labels) // 10)
-    if not 0 < val_size < len(train_images.labels):
-        raise data.UserError(f"--val-size {val_size}: must be between 1 and {len(train_images.labels) - 1}, "
-                             f"the training images there are {len(train_images.labels)}; pass a smaller --val-size or more data")
-    val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
-    device = processes.device
-    return train_images.subset(train_index).to(device), train_images.subset(val_index).to(device), test_images
-
-
-def train(args: argparse.Namespace, given: set[str], stage: str, new_model: Callable[[list[str]], AlexNet],
-          trainable: Callable[[AlexNet], list[nn.Parameter]], start_competes: bool = False) -> dict | None:
-    """Train, keep the best validation epoch, then evaluate the test split once. Returns the test report.
-
-    `given` names the flags set on the command line; `new_model(classes)` builds
-    the model of a fresh run; `trainable(model)` returns the parameters to train.
-    With `start_competes` the starting weights are validated too, as epoch 0, and
-    kept if no epoch beats them: a fine-tuned model never validates below its start.
-    Under torchrun every process runs this; only the first prints and writes.
+    Loss, correct predictions and the first non-finite step are summed on the
+    device: no step waits for the host.
     """
-    state = None
-    if args.resume is not None:
-        state = load_checkpoint(args.resume)
-        if "optimizer" not in state:
-            raise data.UserError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
-        apply_resume(args, given, state)
-    out = Path(args.out)
-    files = side_files(out)
-    processes = Processes(args.device)
-    device = processes.device
-    log = print if processes.main else lambda *a, **k: None
-    if state is not None and len(state["rng"]["processes"]) != processes.world:
-        raise data.UserError(f"--resume {args.resume}: the run had {len(state['rng']['processes'])} processes, this has "
-                             f"{processes.world}; resume it with torchrun --nproc_per_node={len(state['rng']['processes'])}")
-    if processes.main:
-        check_writable(out)
-
-    train_images, val_images, test_images = prepare_data(args, processes)
-    classes, stored_size, n = train_images.classes, train_images.stored_size, len(train_images.labels)
-
-    torch.manual_seed(args.seed)
-    if state is None:
-        model = new_model(classes)
-    else:
-        model = AlexNet(**state["model_args"])
-        model.load_state_dict(state["model"])
-    net, optimizer, bf16 = prepare_model(model, trainable(model), args, processes)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
-    evaluated = ema.module if ema is not None else model  # the weights that are validated, kept and tested
-    torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
-    augment = torch.Generator(device=device).manual_seed(args.seed)  # the same in every process: one global batch
-    start_epoch, start_step, history, best = 0, 0, [], {"val_acc": -1.0, "epoch": 0}
-    running = torch.tensor(EPOCH_START, device=device)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        own = state["rng"]["processes"][processes.rank]
-        torch.set_rng_state(own["torch"])
-        if device.type == "cuda" and own["cuda"] is not None:
-            torch.cuda.set_rng_state(own["cuda"], device)
-        augment.set_state(state["rng"]["augment"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_epoch, start_step, history, best = state["epoch"], state["step"], state["history"], state["best"]
-        running = own["running"].to(device)
-        log(f"resuming {stage} from {args.resume}: epoch {start_epoch + 1}, step {start_step}; flags from the "
-            f"checkpoint, --epochs {args.epochs} and --device from the command line when given")
-        if state.get("finished") and start_epoch >= args.epochs:
-            raise data.UserError(f"--resume {args.resume}: this run already finished {start_epoch} epochs; "
-                                 "pass a larger --epochs to train further")
-
+    args, processes = run.args, run.processes
+    n = len(images.labels)
     steps = math.ceil(n / args.batch_size)
-    log(f"{stage}: {n} training, {len(val_images.labels)} validation, {len(test_images.labels)} test images, "
-        f"{len(classes)} classes, stored at {stored_size} px, trained at {args.image_size} px, on {device}"
-        + (f" x {processes.world} processes" if processes.world > 1 else "")
-        + f", {'bf16' if bf16 else 'fp32'}{', compiled' if args.compile else ''}"
-        + f", {sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters")
-
-    def save_resume_state(epoch: int, step: int, perm: torch.Tensor | None, finished: bool = False) -> None:
-        """Every process's RNG and running sums go to the first process, which writes the file."""
-        own = {"torch": torch.get_rng_state(), "running": running.cpu(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        every = processes.gather(own)
-        if processes.main:
-            writer.save(checkpoint_of(model, args, stage, classes, stored_size, epoch, history[-1] if history else {}) | {
-                "optimizer": optimizer.state_dict(), "rng": {"processes": every, "augment": augment.get_state()},
-                "ema": None if ema is None else ema.state_dict(),
-                "step": step, "perm": perm, "history": history, "best": best, "finished": finished}, files["last"])
-
-    def stop_here(signal_received: signal.Signals | None, epoch: int, step: int) -> None:
-        writer.wait()
-        processes.barrier()
-        if processes.main:
-            stopped(signal_received or signal.SIGTERM, stage, epoch, step, files["last"], processes.world)
-        processes.close()
-        sys.exit(128 + (signal_received or signal.SIGTERM))
-
-    def validate() -> dict:
-        # every process evaluates the whole validation split: identical weights, identical results
-        return classification_report(compute_logits(evaluated, val_images.images, args.image_size, args.batch_size, args.tta),
-                                     val_images.labels, classes)
-
-    with StopSignal() as stop, CheckpointWriter() as writer:
-        if start_competes and state is None:
-            val = validate()
-            best = {"val_acc": val["accuracy"], "epoch": 0}
-            if processes.main:
-                writer.save(checkpoint_of(evaluated, args, stage, classes, stored_size, 0,
-                                          {"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]}), out)
-                print(f"epoch   0/{args.epochs}  {'(the starting weights)':25}val_loss {val['loss']:.4f}  "
-                      f"val_acc {val['accuracy']:6.2%}  *best", flush=True)
-        for epoch in range(start_epoch, args.epochs):
-            started = time.perf_counter()
-            model.train()
-            if start_step and state is not None:
-                perm = state["perm"].to(device)
-            else:
-                perm = torch.randperm(n, generator=augment, device=device)
-                running.copy_(torch.tensor(EPOCH_START))
-            for step in range(start_step, steps):
-                index = perm[step * args.batch_size:(step + 1) * args.batch_size]
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate(args, epoch, step, steps)
-                loss, correct = train_step(net, optimizer, train_images.images[index], train_images.labels[index],
-                                           args, augment, processes, bf16)
-                if ema is not None:
-                    ema.update_parameters(model)
-                first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
-                running.copy_(torch.stack([running[0] + loss, running[1] + correct, first_bad]))
-                if processes.any(stop.received is not None) and step + 1 < steps:
-                    save_resume_state(epoch, step + 1, perm.cpu())
-                    stop_here(stop.received, epoch, step + 1)
-            start_step = 0
-            totals = processes.reduce(running[:2].clone())
-            first_bad = processes.reduce(running[2:].clone(), dist.ReduceOp.MAX if processes.world > 1 else None)
-            (train_loss, train_correct), first_bad = totals.tolist(), first_bad.item()  # the host syncs of the epoch
-            if first_bad >= 0:
-                raise data.UserError(f"the training loss became {train_loss} at epoch {epoch + 1}, step {int(first_bad) + 1}; "
-                                     f"lower --lr (now {args.lr}) and start again")
-            train_seconds = time.perf_counter() - started
-            val = validate()
-            history.append({"epoch": epoch + 1, "train_loss": train_loss / n, "train_acc": train_correct / n,
-                            "val_loss": val["loss"], "val_acc": val["accuracy"], "lr": optimizer.param_groups[0]["lr"],
-                            "images_per_s": n / train_seconds, "epoch_s": time.perf_counter() - started})
-            improved = val["accuracy"] > best["val_acc"]
-            if improved:
-                best = {"val_acc": val["accuracy"], "epoch": epoch + 1}
-                if processes.main:
-                    writer.save(checkpoint_of(evaluated, args, stage, classes, stored_size, epoch + 1, history[-1]), out)
-            save_resume_state(epoch + 1, 0, None, finished=epoch + 1 == args.epochs)
-            if processes.main:
-                write_csv(files["csv"], history)
-                print_epoch(history, args.epochs, improved)
-            if processes.any(stop.received is not None) and epoch + 1 < args.epochs:
-                stop_here(stop.received, epoch + 1, 0)
-
-    processes.close()
-    if not processes.main:
-        return None
-    final = load_checkpoint(out, map_location=device)
-    evaluated.load_state_dict(final["model"])
-    test = classification_report(compute_logits(evaluated, test_images.to(device).images, args.image_size, args.batch_size, args.tta),
-                                 test_images.labels, classes)
-    print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
-          f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those weights:")
-    print_report("test", test, classes)
-    test |= {"checkpoint": str(out), "epoch": best["epoch"], "val_acc": best["val_acc"]}
-    save_checkpoint(final | {"test_metrics": test}, out)
-    files["test"].write_text(json.dumps(test, indent=2) + "\n")
-    print(f"saved {out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
-    return test
+    run.model.train()
+    if progress.perm is None:
+        progress.perm = torch.randperm(n, generator=run.augment, device=processes.device)
+        progress.running.copy_(torch.tensor(EPOCH_START))
+    for step in range(progress.step, steps):
+        index = progress.perm[step * args.batch_size:(step + 1) * args.batch_size]
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate(args, progress.epoch, step, steps)
+        loss, correct = train_step(run.net, run.optimizer, images.images[index], images.labels[index], args,
+                                   run.augment, processes, run.bf16)
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        running = progress.running
+        first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
+        running.copy_(torch.stack([running[0] + loss, running[1] + correct, first_bad]))
+        if processes.any(stop.received is not None) and step + 1 < steps:
+            progress.step = step + 1
+            save_resume_state(run, progress, writer)
+            return False
+    return True
 
 
-def check_writable(out: Path) -> None:
-    """Fail before training, not after the first epoch, when --out cannot be written."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        raise data.UserError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); choose a writable folder") from None
+def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
+    """Mean training loss and accuracy of the epoch: the epoch's one wait for the device."""
+    processes = run.processes
+    totals = processes.reduce(progress.running[:2].clone())
+    first_bad = processes.reduce(progress.running[2:].clone(), dist.ReduceOp.MAX if processes.world > 1 else None)
+    (loss, correct), first_bad = totals.tolist(), first_bad.item()
+    if first_bad >= 0:
+        raise UsageError(f"the training loss became {loss} at epoch {progress.epoch + 1}, step {int(first_bad) + 1}; "
+                         f"lower --lr (now {run.args.lr}) and start again")
+    return loss / n, correct / n
 
 
-def stopped(signum: signal.Signals, stage: str, epoch: int, step: int, last: Path, world: int) -> None:
-    where = f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
-    print(f"{stage}.py: stopped by {signum.name} at {where}; resume with: {launcher} {stage}.py --resume {last}",
-          file=sys.stderr)
+def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace) -> dict:
+    """Predict's evaluation path on a split; under torchrun every process evaluates all of it (same result)."""
+    logits = compute_logits(model, images.images, args.image_size, args.batch_size, args.tta)
+    return classification_report(logits, images.labels, images.classes)
 
 
-def write_csv(path: Path, history: list[dict]) -> None:
-    """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(path)
+def start_competes(run: Run, progress: Progress, val_images: data.ImageSet, writer: CheckpointWriter) -> None:
+    """Fine-tuning: the starting weights are validated as epoch 0 and kept if no epoch beats them."""
+    val = evaluate(run.evaluated, val_images, run.args)
+    progress.best = {"val_acc": val["accuracy"], "epoch": 0}
+    if run.processes.main:
+        metrics = {"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]}
+        writer.save(checkpoint_of(run, run.evaluated, 0, metrics), run.out)
+        print(f"epoch   0/{run.args.epochs}  {'(the starting weights)':25}val_loss {val['loss']:.4f}  "
+              f"val_acc {val['accuracy']:6.2%}  *best", flush=True)
+
+
+def end_epoch(run: Run, progress: Progress, train_images: data.ImageSet, val_images: data.ImageSet,
+              started: float, writer: CheckpointWriter) -> None:
+    """Validate, log, keep the weights if validation improved, and write the resume state."""
+    n = len(train_images.labels)
+    train_loss, train_acc = epoch_totals(run, progress, n)
+    train_seconds = time.perf_counter() - started
+    val = evaluate(run.evaluated, val_images, run.args)
+    epoch = progress.epoch + 1
+    progress.history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                             "val_loss": val["loss"], "val_acc": val["accuracy"],
+                             "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": n / train_seconds,
+                             "epoch_s": time.perf_counter() - started})
+    improved = val["accuracy"] > progress.best["val_acc"]
+    if improved:
+        progress.best = {"val_acc": val["accuracy"], "epoch": epoch}
+        if run.processes.main:
+            writer.save(checkpoint_of(run, run.evaluated, epoch, progress.history[-1]), run.out)
+    progress.epoch, progress.step, progress.perm = epoch, 0, None
+    save_resume_state(run, progress, writer, finished=epoch == run.args.epochs)
+    if run.processes.main:
+        write_csv(side_files(run.out)["csv"], progress.history)
+        print_epoch(progress.history, run.args.epochs, improved)
 
 
 def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
@@ -523,9 +611,98 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
     remaining = (epochs - row["epoch"]) * sum(r["epoch_s"] for r in history) / len(history)
     print(f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:6.2%}  "
           f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:6.2%}  {row['images_per_s']:7.0f} img/s  "
-          f"{row['epoch_s']:6.1f} s  eta {time.strftime('%H:%M:%S', time.gmtime(remaining))}" + ("  *best" if improved else ""),
-          flush=True)
+          f"{row['epoch_s']:6.1f} s  eta {time.strftime('%H:%M:%S', time.gmtime(remaining))}"
+          + ("  *best" if improved else ""), flush=True)
 
+
+def train(args: argparse.Namespace, given: set[str], stage: str,
+          new_model: Callable[[argparse.Namespace, list[str]], AlexNet],
+          trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]],
+          starting_weights_compete: bool = False) -> dict | None:
+    """Train, keep the best validation epoch, then evaluate the test split once. Returns the test report.
+
+    `given` names the flags set on the command line; `new_model(args, classes)`
+    builds the model of a fresh run; `trainable(args, model)` returns the
+    parameters to train. With `starting_weights_compete` the starting weights
+    are validated as epoch 0 (see `start_competes`). Under torchrun every
+    process runs this; only the first prints and writes.
+    """
+    state = None if args.resume is None else read_resume_state(args.resume)
+    if state is not None:
+        args = resumed_args(args, given, state)
+    processes = Processes(args.device)
+    if state is not None and len(state["rng"]["processes"]) != processes.world:
+        world = len(state["rng"]["processes"])
+        raise UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
+                         f"resume it with torchrun --nproc_per_node={world}")
+    if processes.main:
+        check_writable(Path(args.out))
+    train_images, val_images, test_images = prepare_data(args, processes)
+
+    torch.manual_seed(args.seed)
+    model = new_model(args, train_images.classes) if state is None else AlexNet(**state["model_args"])
+    run = start_run(args, stage, processes, model, trainable(args, model), train_images)
+    progress = Progress(torch.tensor(EPOCH_START, device=processes.device)) if state is None else restore(run, state)
+    if state is not None:
+        announce_resume(run, progress, state)
+    print_start(run, train_images, val_images, test_images)
+
+    with StopSignal() as stop, CheckpointWriter() as writer:
+        if starting_weights_compete and state is None:
+            start_competes(run, progress, val_images, writer)
+        while progress.epoch < args.epochs:
+            started = time.perf_counter()
+            if not train_one_epoch(run, progress, train_images, stop, writer):
+                stop_here(run, progress, writer, stop.received)
+            end_epoch(run, progress, train_images, val_images, started, writer)
+            if processes.any(stop.received is not None) and progress.epoch < args.epochs:
+                stop_here(run, progress, writer, stop.received)
+    processes.close()
+    return test_once(run, progress, test_images) if processes.main else None
+
+
+def announce_resume(run: Run, progress: Progress, state: dict) -> None:
+    if run.processes.main:
+        print(f"resuming {run.stage} from {run.args.resume}: epoch {progress.epoch + 1}, step {progress.step}; flags "
+              "from the checkpoint, --epochs and --device from the command line when given")
+    if state.get("finished") and progress.epoch >= run.args.epochs:
+        raise UsageError(f"--resume {run.args.resume}: this run already finished {progress.epoch} epochs; "
+                         "pass a larger --epochs to train further")
+
+
+def print_start(run: Run, train_images: data.ImageSet, val_images: data.ImageSet, test_images: data.ImageSet) -> None:
+    if not run.processes.main:
+        return
+    world = run.processes.world
+    trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    print(f"{run.stage}: {len(train_images.labels)} training, {len(val_images.labels)} validation, "
+          f"{len(test_images.labels)} test images, {len(run.classes)} classes, stored at {run.stored_size} px, "
+          f"trained at {run.args.image_size} px, on {run.processes.device}"
+          + (f" x {world} processes" if world > 1 else "")
+          + f", {'bf16' if run.bf16 else 'fp32'}{', compiled' if run.args.compile else ''}"
+          + f", {trainable:,} trainable parameters")
+
+
+# --------------------------------------------------------------------------- the test, once
+
+def test_once(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
+    """The best validation epoch's weights on the test split: the only look at it, printed and saved."""
+    best, files, device = progress.best, side_files(run.out), run.processes.device
+    final = load_checkpoint(run.out, map_location=device)
+    run.evaluated.load_state_dict(final["model"])
+    test = evaluate(run.evaluated, test_images.to(device), run.args)
+    print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
+          f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
+          "weights:")
+    print_report("test", test, run.classes)
+    test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"]}
+    save_checkpoint(final | {"test_metrics": test}, run.out)
+    files["test"].write_text(json.dumps(test, indent=2) + "\n")
+    print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
+    return test
+
+
+# --------------------------------------------------------------------------- pretrain.py
 
 def initial_weights(source: str) -> dict:
     """--init: a torchvision AlexNet state dict file (or one of our checkpoints), or 'imagenet'."""
@@ -534,45 +711,40 @@ def initial_weights(source: str) -> dict:
             from torchvision.models import AlexNet_Weights
             return AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
         except Exception as e:  # no network, a proxy, a broken cache: all end the same way
-            raise data.UserError(f"--init imagenet: cannot get torchvision's ImageNet AlexNet weights ({e}); download "
-                                 "alexnet-owt-7be5be79.pth where there is internet and pass --init PATH") from None
+            raise UsageError(f"--init imagenet: cannot get torchvision's ImageNet AlexNet weights ({e}); download "
+                             "alexnet-owt-7be5be79.pth where there is internet and pass --init PATH") from None
     try:
         loaded = torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise data.UserError(f"--init {source}: no such file; pass a state dict file or 'imagenet'") from None
+        raise UsageError(f"--init {source}: no such file; pass a state dict file or 'imagenet'") from None
     except Exception as e:
-        raise data.UserError(f"--init {source}: not a loadable state dict ({e}); pass a torchvision AlexNet state dict") from None
+        raise UsageError(f"--init {source}: not a loadable state dict ({e}); "
+                         "pass a torchvision AlexNet state dict") from None
     return loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+
+
+def new_model(args: argparse.Namespace, classes: list[str]) -> AlexNet:
+    """A fresh AlexNet, or one started from --init's tensors where names and shapes match."""
+    model = AlexNet(num_classes=len(classes))
+    if args.init is not None:
+        loaded, skipped = load_matching(model, initial_weights(args.init))
+        print(f"--init {args.init}: loaded {len(loaded)} tensors; kept fresh (name or shape differs): "
+              f"{', '.join(skipped) or 'none'}")
+    return model
+
+
+def every_parameter(args: argparse.Namespace, model: AlexNet) -> list[nn.Parameter]:
+    return list(model.parameters())
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser(__doc__.split("\n\n")[0], "pretrain")
     parser.add_argument("--init", default=None, metavar="PATH|imagenet",
-                        help="start from a torchvision AlexNet state dict, tensors matched by name and shape (default: from scratch)")
+                        help="start from a torchvision AlexNet state dict, tensors matched by name and shape "
+                             "(default: from scratch)")
     args = parser.parse_args(argv)
-
-    def new_model(classes: list[str]) -> AlexNet:
-        model = AlexNet(num_classes=len(classes))
-        if args.init is not None:
-            loaded, skipped = load_matching(model, initial_weights(args.init))
-            print(f"--init {args.init}: loaded {len(loaded)} tensors; kept fresh (name or shape differs): {', '.join(skipped) or 'none'}")
-        return model
-
-    report_errors("pretrain.py", args, lambda: train(args, given_flags(parser, argv), "pretrain", new_model,
-                                                     lambda model: list(model.parameters())))
-
-
-def report_errors(program: str, args: argparse.Namespace, job: Callable[[], object]) -> object:
-    """Run a script's work; a user's mistake or an expected fault ends as one line on stderr."""
-    try:
-        return job()
-    except (data.UserError, CheckpointError) as e:
-        sys.exit(f"{program}: {e}")
-    except torch.cuda.OutOfMemoryError:
-        sys.exit(f"{program}: out of GPU memory with --batch-size {args.batch_size}; pass a smaller --batch-size, "
-                 f"e.g. {max(1, args.batch_size // 2)}")
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        sys.exit(f"{program}: interrupted; nothing more was saved")
+    given = given_flags(parser, argv)
+    report_errors("pretrain.py", args.batch_size, lambda: train(args, given, "pretrain", new_model, every_parameter))
 
 
 if __name__ == "__main__":

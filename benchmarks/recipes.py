@@ -23,7 +23,7 @@ from pathlib import Path
 from throughput import ROOT, describe
 
 import data  # noqa: E402  (on the path that throughput set)
-from model import CheckpointError, resolve_device  # noqa: E402
+from predict import UsageError, resolve_device  # noqa: E402
 
 # Candidates for CIFAR-10; the reference recipe is pretrain.py's defaults.
 RECIPES = {
@@ -32,7 +32,8 @@ RECIPES = {
     "crop": "--lr 0.03 --augment crop",
     "crop-cutout": "--lr 0.03 --augment crop --cutout 0.5",
     "crop-cosine-wd": "--lr 0.03 --augment crop --lr-schedule cosine --warmup-epochs 1 --weight-decay 5e-4",
-    # an EMA decay of 0.999 averages over ~1,000 steps: meant for full-scale runs (40 epochs of 45,000 images is 7,000 steps)
+    # an EMA decay of 0.999 averages over ~1,000 steps: meant for full-scale runs
+    # (40 epochs of 45,000 images is 7,000 steps)
     "crop-cosine-wd-ls-ema-tta": "--lr 0.03 --augment crop --lr-schedule cosine --warmup-epochs 1 --weight-decay 5e-4 "
                                  "--label-smoothing 0.1 --ema 0.999 --tta",
 }
@@ -46,7 +47,8 @@ def recipe(text: str) -> tuple[str, str]:
             raise argparse.ArgumentTypeError(f"no recipe {name!r}; known: {', '.join(RECIPES)}; or give NAME=\"FLAGS\"")
         flags = RECIPES[name]
     if not name or not name.replace("-", "").replace(".", "").replace("_", "").isalnum():
-        raise argparse.ArgumentTypeError(f"recipe name {name!r}: use letters, digits, '.', '-' and '_' (it names files)")
+        raise argparse.ArgumentTypeError(
+            f"recipe name {name!r}: use letters, digits, '.', '-' and '_' (it names files)")
     return name, flags
 
 
@@ -69,17 +71,19 @@ def run(name: str, flags: str, common: list[str], out_dir: Path) -> tuple[bool, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter, allow_abbrev=False,
-                                     epilog="Every other flag goes to pretrain.py (see its --help), before the recipe's own flags.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter, allow_abbrev=False,
+        epilog="Every other flag goes to pretrain.py (see its --help), before the recipe's own flags.")
     parser.add_argument("--recipe", type=recipe, action="append", metavar='NAME[="FLAGS"]',
                         help=f"a recipe to run, repeatable (default: all of {', '.join(RECIPES)})")
     parser.add_argument("--out-dir", default="checkpoints/recipes", help="checkpoints and logs, NAME.pt and NAME.log")
-    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available); passed to pretrain.py")
+    parser.add_argument("--device", default=None,
+                        help="cuda, cpu ... (default: cuda if available); passed to pretrain.py")
     args, common = parser.parse_known_args()
     recipes = args.recipe or list(RECIPES.items())
     try:
         device = resolve_device(args.device)
-    except CheckpointError as e:
+    except UsageError as e:
         sys.exit(f"recipes.py: {e}")
     common += ["--device", str(device)]
     out_dir = Path(args.out_dir)
@@ -87,7 +91,8 @@ def main() -> None:
 
     print(describe(device))
     print(f"pretrain.py flags of every run: {shlex.join(common)}\n")
-    print("| recipe | flags | epochs | wall | best val (epoch) | test |\n| --- | --- | --- | --- | --- | --- |", flush=True)
+    print("| recipe | flags | epochs | wall | best val (epoch) | test |\n"
+          "| --- | --- | --- | --- | --- | --- |", flush=True)
     finished = True
     for name, flags in recipes:
         ok, row = run(name, flags, common, out_dir)

@@ -25,13 +25,16 @@ from torchvision import datasets, transforms  # noqa: E402
 
 import data  # noqa: E402
 from model import AlexNet  # noqa: E402
-from pretrain import Processes, compute_logits, make_parser, positive_int, prepare_model, train_step  # noqa: E402
+from predict import compute_logits, positive_int  # noqa: E402
+from pretrain import Processes, make_parser, prepare_model, train_step  # noqa: E402
 
 
 def commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -39,8 +42,12 @@ def commit() -> str:
 
 def describe(device: torch.device) -> str:
     """What a measurement was taken on and with: the device, torch, the commit and the command line."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    return f"device: {name}\ntorch {torch.__version__}, commit {commit()}\ncommand: {shlex.join([sys.executable, *sys.argv])}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    command = shlex.join([sys.executable, *sys.argv])
+    return f"device: {name}\ntorch {torch.__version__}, commit {commit()}\ncommand: {command}"
 
 
 def synchronize(device: torch.device) -> None:
@@ -68,7 +75,8 @@ def ours(args, processes, train_images, val_images) -> tuple[float, float]:
 
     def step(i):
         index = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=processes.device) % n
-        train_step(net, optimizer, train_images.images[index], train_images.labels[index], args, augment, processes, bf16)
+        train_step(net, optimizer, train_images.images[index], train_images.labels[index], args, augment, processes,
+                   bf16)
 
     train = timed(step, args.warmup, args.steps, args.batch_size, processes.device)
     evaluate = timed(lambda i: compute_logits(model, val_images.images, args.image_size, args.batch_size), 1, 1,
@@ -85,9 +93,17 @@ def forever(loader):
 def reference(args, device) -> tuple[float, float]:
     normalize = transforms.Normalize(data.MEAN, data.STD)
     train_set = datasets.ImageFolder(Path(args.data_dir) / "train", transforms.Compose([
-        transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]))
+        transforms.RandomResizedCrop(args.image_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        normalize,
+    ]))
     test_set = datasets.ImageFolder(Path(args.data_dir) / "test", transforms.Compose([
-        transforms.Resize(int(args.image_size * data.EVAL_RESIZE)), transforms.CenterCrop(args.image_size), transforms.ToTensor(), normalize]))
+        transforms.Resize(int(args.image_size * data.EVAL_RESIZE)),
+        transforms.CenterCrop(args.image_size),
+        transforms.ToTensor(),
+        normalize,
+    ]))
     model = AlexNet(num_classes=len(train_set.classes)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loader = forever(torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=0))
@@ -115,19 +131,22 @@ def reference(args, device) -> tuple[float, float]:
 def main() -> None:
     parser = make_parser(__doc__.split("\n\n")[0], "bench")
     parser.add_argument("--steps", type=positive_int, default=50, help="timed training steps of ours")
-    parser.add_argument("--reference-steps", type=positive_int, default=10, help="timed steps of the reference pipeline")
+    parser.add_argument("--reference-steps", type=positive_int, default=10,
+                        help="timed steps of the reference pipeline")
     parser.add_argument("--warmup", type=positive_int, default=5, help="untimed steps first")
     args = parser.parse_args()
     processes = Processes(args.device)
     device = processes.device
     print(describe(device))
-    print(f"batch size {args.batch_size}, image size {args.image_size}, precision {args.precision}{', compiled' if args.compile else ''}")
+    compiled = ", compiled" if args.compile else ""
+    print(f"batch size {args.batch_size}, image size {args.image_size}, precision {args.precision}{compiled}")
 
     started = time.perf_counter()
     train_images = data.load_folder(Path(args.data_dir) / "train", cache=False)
     print(f"decoding {len(train_images.labels)} training images (no cache): {time.perf_counter() - started:.1f} s, "
           f"{len(train_images.labels) / (time.perf_counter() - started):.0f} images/s")
-    val_images = train_images.subset(data.stratified_split(train_images.labels, min(5000, len(train_images.labels) // 10), 0)[0])
+    val_size = min(5000, len(train_images.labels) // 10)
+    val_images = train_images.subset(data.stratified_split(train_images.labels, val_size, 0)[0])
     train_images, val_images = train_images.to(device), val_images.to(device)
 
     our_train, our_eval = ours(args, processes, train_images, val_images)

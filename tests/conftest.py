@@ -43,7 +43,8 @@ def run(script: str, *args, check: bool = True, **kwargs) -> subprocess.Complete
 
 
 def error_line(result) -> str:
-    """The last stderr line of a failed run (a progress bar may come before it), after checking there is no traceback."""
+    """The last stderr line of a failed run (a progress bar may come before it),
+    after checking there is no traceback."""
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     return result.stderr.strip().splitlines()[-1]
 

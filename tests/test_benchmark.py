@@ -8,8 +8,9 @@ from conftest import ROOT
 
 
 def test_benchmark_prints_device_commit_and_both_pipelines(tiny_data):
-    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data-dir", str(tiny_data), "--image-size", "64",
-               "--batch-size", "8", "--steps", "2", "--reference-steps", "2", "--warmup", "1", "--device", "cpu"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data-dir", str(tiny_data),
+               "--image-size", "64", "--batch-size", "8", "--steps", "2", "--reference-steps", "2", "--warmup", "1",
+               "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -21,9 +22,10 @@ def test_benchmark_prints_device_commit_and_both_pipelines(tiny_data):
 
 
 def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_path):
-    command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"), "--recipe", "slow=--lr 0.01", "--recipe", "bad=--lr -1",
-               "--out-dir", str(tmp_path), "--data-dir", str(tiny_data), "--epochs", "2", "--val-size", "6", "--image-size", "64",
-               "--batch-size", "8", "--device", "cpu"]
+    command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"),
+               "--recipe", "slow=--lr 0.01", "--recipe", "bad=--lr -1",
+               "--out-dir", str(tmp_path), "--data-dir", str(tiny_data), "--epochs", "2", "--val-size", "6",
+               "--image-size", "64", "--batch-size", "8", "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1, result.stderr  # one recipe failed
     lines = result.stdout.splitlines()
@@ -33,7 +35,8 @@ def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_p
     slow = next(line for line in lines if line.startswith("| slow |")).split(" | ")
     assert slow[1:3] == ["`--lr 0.01`", "2"] and slow[4] == f"{report['val_acc']:.2%} (epoch {report['epoch']})"
     assert slow[5] == f"{report['accuracy']:.2%} |"
-    assert torch.load(tmp_path / "slow.pt", weights_only=True)["args"]["lr"] == 0.01  # the recipe's flags reached the run
+    # the recipe's flags reached the run
+    assert torch.load(tmp_path / "slow.pt", weights_only=True)["args"]["lr"] == 0.01
     bad = next(line for line in lines if line.startswith("| bad |"))
     assert "failed (exit 2)" in bad and "--lr: must be a positive number" in bad
     unknown = subprocess.run([*command[:2], "--recipe", "nope"], capture_output=True, text=True, cwd=ROOT)

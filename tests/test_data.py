@@ -98,13 +98,14 @@ def test_the_official_source_is_always_checked(tmp_path, server, monkeypatch):
     www, url = server
     official_tarball(www / "cifar-10-python.tar.gz")
     monkeypatch.setattr(data, "CIFAR10_URL", f"{url}/cifar-10-python.tar.gz")
-    with pytest.raises(data.UserError, match=f"checksum mismatch \\(expected md5 {data.CIFAR10_MD5}"):
+    with pytest.raises(data.DataError, match=f"checksum mismatch \\(expected md5 {data.CIFAR10_MD5}"):
         data.download(tmp_path / "cifar10")
     assert not (tmp_path / "cifar10").exists()
 
 
 def test_unreachable_url_is_one_clear_line(tmp_path):
-    result = run("data.py", "download", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz", check=False)
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz",
+                 check=False)
     assert result.returncode == 1 and "download failed" in error_line(result)
     assert leftovers(tmp_path) == [] and not (tmp_path / "c").exists()
 
@@ -115,13 +116,17 @@ def test_class_folder_sources(tmp_path, tiny_data, kind):
     if kind != "folder":
         class_folder_archive(source, tiny_data)
     root = tmp_path / "cifar10"
-    run("data.py", "download", "--root", root, "--source", source, "--md5", md5(source) if kind != "folder" else "unused")
-    assert sorted(p.relative_to(root) for p in root.rglob("*.png")) == sorted(p.relative_to(tiny_data) for p in tiny_data.rglob("*.png"))
+    checksum = md5(source) if kind != "folder" else "unused"
+    run("data.py", "download", "--root", root, "--source", source, "--md5", checksum)
+    downloaded = sorted(p.relative_to(root) for p in root.rglob("*.png"))
+    expected = sorted(p.relative_to(tiny_data) for p in tiny_data.rglob("*.png"))
+    assert downloaded == expected
 
 
 def evil_tar(path: Path, kind: str) -> None:
     with tarfile.open(path, "w:gz") as tar:
-        info = tarfile.TarInfo({"dotdot": "cifar10/../../evil.txt", "absolute": "/tmp/evil-absolute.txt"}.get(kind, "cifar10/link"))
+        name = {"dotdot": "cifar10/../../evil.txt", "absolute": "/tmp/evil-absolute.txt"}.get(kind, "cifar10/link")
+        info = tarfile.TarInfo(name)
         if kind in ("symlink", "hardlink"):
             info.type = tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE
             info.linkname = "../../../etc/passwd"
@@ -164,12 +169,12 @@ def test_folder_loader_follows_imagefolder_conventions(tmp_path):
 
 
 def test_empty_or_missing_folders_are_clear_errors(tmp_path):
-    with pytest.raises(data.UserError, match="no such folder"):
+    with pytest.raises(data.DataError, match="no such folder"):
         data.load_folder(tmp_path / "missing")
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(data.UserError, match="cat: class folder has no images"):
+    with pytest.raises(data.DataError, match="cat: class folder has no images"):
         data.load_folder(tmp_path / "train")
-    with pytest.raises(data.UserError, match="no test/ folder"):
+    with pytest.raises(data.DataError, match="no test/ folder"):
         data.load_dataset(tmp_path)
 
 
@@ -200,8 +205,12 @@ def test_stratified_split_is_seeded_disjoint_and_proportional():
 
 def test_eval_batch_is_torchvisions_resize_and_centre_crop():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    reference = T.Compose([T.ToDtype(torch.float32, scale=True), T.Resize(int(64 * 256 / 224), antialias=False), T.CenterCrop(64),
-                           T.Normalize(data.MEAN, data.STD)])
+    reference = T.Compose([
+        T.ToDtype(torch.float32, scale=True),
+        T.Resize(int(64 * 256 / 224), antialias=False),
+        T.CenterCrop(64),
+        T.Normalize(data.MEAN, data.STD),
+    ])
     assert torch.allclose(data.eval_batch(images, 64), reference(images), atol=1e-4)
 
 
@@ -247,8 +256,10 @@ def test_cutout_sets_one_clipped_square_per_image_to_the_mean_colour():
     assert torch.equal(hole, (batch == 0).any(1))  # every channel, or none
     rows, columns = hole.any(2).sum(1), hole.any(1).sum(1)
     assert torch.equal(hole.sum((1, 2)), rows * columns)  # a rectangle (the rows and columns it covers are contiguous:)
-    assert ((hole.any(2).int().diff(dim=1) != 0).sum(1) <= 2).all() and ((hole.any(1).int().diff(dim=1) != 0).sum(1) <= 2).all()
-    assert rows.max() == columns.max() == 32 and rows.min() >= 16 and columns.min() >= 16  # 32 px, clipped by at most half
+    assert ((hole.any(2).int().diff(dim=1) != 0).sum(1) <= 2).all()
+    assert ((hole.any(1).int().diff(dim=1) != 0).sum(1) <= 2).all()
+    assert rows.max() == columns.max() == 32  # 32 px,
+    assert rows.min() >= 16 and columns.min() >= 16  # clipped by at most half
     # a centre anywhere in the image: ~27.75 px covered per side on average, ~770 of 1,024 px
     assert 700 < hole.sum((1, 2)).float().mean() < 840
     assert torch.equal(torch.where(hole[:, None], plain, batch), plain)  # the same crop and flip draws, then the hole

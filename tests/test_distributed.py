@@ -15,7 +15,8 @@ from conftest import ROOT, make_class_folders, run
 # DDP changes only the dropout masks (each process draws its own); with these settings the validation loss of
 # 2 processes stays within 0.0015 of 1 process over 3 epochs (measured), against ~0.03 moved by training.
 VAL_LOSS_TOLERANCE = 0.005
-FLAGS = ["--epochs", "3", "--val-size", "12", "--image-size", "64", "--batch-size", "16", "--lr", "0.01", "--device", "cpu"]
+FLAGS = ["--epochs", "3", "--val-size", "12", "--image-size", "64", "--batch-size", "16", "--lr", "0.01",
+         "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,8 @@ def data40(tmp_path_factory):
 
 
 def torchrun(*args, **kwargs):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "pretrain.py"), *map(str, args)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "pretrain.py"), *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
 
 
@@ -53,14 +55,16 @@ def test_two_processes_match_one(data40, two_processes, tmp_path):
     for one, two in zip(history(single), history(out), strict=True):
         assert one["val_acc"] == two["val_acc"]
         assert abs(float(one["val_loss"]) - float(two["val_loss"])) < VAL_LOSS_TOLERANCE, (one, two)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["pretrain.csv", "pretrain.last.pt", "pretrain.pt", "pretrain.test.json"]
+    files = sorted(p.name for p in out.parent.iterdir())
+    assert files == ["pretrain.csv", "pretrain.last.pt", "pretrain.pt", "pretrain.test.json"]
 
 
 def test_the_checkpoint_has_no_wrapper_prefix_and_predicts(data40, two_processes):
     out, _ = two_processes
     checkpoint = torch.load(out, weights_only=True)
     assert not any(name.startswith(("module.", "_orig_mod.")) for name in checkpoint["model"])
-    assert "30 labelled images: accuracy" in run("predict.py", data40 / "test", "--checkpoint", out, "--device", "cpu").stdout
+    result = run("predict.py", data40 / "test", "--checkpoint", out, "--device", "cpu")
+    assert "30 labelled images: accuracy" in result.stdout
 
 
 def worker(parent: int, rank: int) -> int:
@@ -89,8 +93,11 @@ def test_sigterm_to_one_rank_stops_both_and_resume_under_torchrun_is_exact(data4
             os.kill(second, signal.SIGTERM)
             break
     code, _, stderr = finish(process)
-    assert code != 0 and "stopped by SIGTERM at epoch 2, step" in stderr and "resume with: torchrun --nproc_per_node=2 pretrain.py" in stderr
-    code, stdout, stderr = finish(torchrun("--data-dir", data40, "--out", out, *FLAGS, "--resume", out.with_suffix(".last.pt")))
+    assert code != 0
+    assert "stopped by SIGTERM at epoch 2, step" in stderr
+    assert "resume with: torchrun --nproc_per_node=2 pretrain.py" in stderr
+    code, stdout, stderr = finish(torchrun("--data-dir", data40, "--out", out, *FLAGS,
+                                           "--resume", out.with_suffix(".last.pt")))
     assert code == 0, stderr
     assert "resuming pretrain" in stdout
     for suffix in (".pt", ".last.pt"):

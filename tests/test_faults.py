@@ -19,7 +19,8 @@ from PIL import Image
 import data
 import pretrain
 from conftest import QUICK, ROOT, class_folder_archive, error_line, make_class_folders, md5, run
-from model import AlexNet, CheckpointError, load_checkpoint, save_checkpoint
+from model import AlexNet, CheckpointError, load_checkpoint
+from pretrain import save_checkpoint
 
 
 # ---------------------------------------------------------------- images
@@ -72,13 +73,15 @@ def test_train_and_test_with_different_classes(tmp_path):
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "test" / "red").rename(root / "test" / "crimson")
     result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
-    assert "train/ and test/ have different class folders (only in train: ['red'], only in test: ['crimson'])" in error_line(result)
+    expected = "train/ and test/ have different class folders (only in train: ['red'], only in test: ['crimson'])"
+    assert expected in error_line(result)
 
 
 def test_missing_test_folder(tmp_path):
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "test").rename(root / "elsewhere")
-    assert "no test/ folder" in error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+    result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
+    assert "no test/ folder" in error_line(result)
 
 
 def test_corrupt_training_image_names_the_file(tmp_path):
@@ -92,8 +95,8 @@ def test_corrupt_training_image_names_the_file(tmp_path):
 
 def test_finetune_from_a_file_that_is_not_our_checkpoint(tmp_path, tiny_data):
     torch.save(AlexNet().state_dict(), tmp_path / "plain.pt")
-    result = run("finetune.py", "--data-dir", tiny_data, "--checkpoint", tmp_path / "plain.pt", "--out", tmp_path / "f.pt",
-                 *QUICK, check=False)
+    result = run("finetune.py", "--data-dir", tiny_data, "--checkpoint", tmp_path / "plain.pt",
+                 "--out", tmp_path / "f.pt", *QUICK, check=False)
     assert "plain.pt: not a checkpoint of this project" in error_line(result)
 
 
@@ -110,7 +113,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     writer = subprocess.Popen([sys.executable, "-c", f"""
 import sys, torch
 sys.path.insert(0, {str(ROOT)!r})
-from model import save_checkpoint
+from pretrain import save_checkpoint
 big = torch.randn(50_000_000)
 for i in range(1000):
     save_checkpoint({{"step": i, "weights": big}}, {str(path)!r})
@@ -169,8 +172,8 @@ def test_a_dropped_download_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_d
 # ---------------------------------------------------------------- training faults
 
 def test_nan_loss_names_epoch_step_and_flag(tiny_data, tmp_path):
-    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK, "--lr", "1e6",
-                 check=False)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK,
+                 "--lr", "1e6", check=False)
     line = error_line(result)
     assert "the training loss became nan at epoch 1, step" in line and "lower --lr (now 1000000.0)" in line
     assert not (tmp_path / "p.pt").exists()
@@ -202,7 +205,8 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="cannot write the checkpoint \\(No space left on device\\); the previous one is untouched"):
+    message = "cannot write the checkpoint \\(No space left on device\\); the previous one is untouched"
+    with pytest.raises(CheckpointError, match=message):
         save_checkpoint({"version": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"version": 1} and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
@@ -222,18 +226,21 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
     result = run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False, cwd=tmp_path)
-    assert "cifar-10-batches-py/batches.meta is missing or damaged (refusing to load __builtin__.exec)" in error_line(result)
+    expected = "cifar-10-batches-py/batches.meta is missing or damaged (refusing to load __builtin__.exec)"
+    assert expected in error_line(result)
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
 
 
 def test_interrupted_copy_leaves_nothing(tmp_path):
-    source = make_class_folders(tmp_path / "source", train=1500, test=1, size=8)  # thousands of files: a copy that takes a while
+    # thousands of files: a copy that takes a while
+    source = make_class_folders(tmp_path / "source", train=1500, test=1, size=8)
     work = tmp_path / "work"
     work.mkdir()
-    process = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source",
-                                str(source)], stderr=subprocess.PIPE, text=True, cwd=work)
+    command = [sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source", str(source)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work)
     deadline = time.monotonic() + 120
-    while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):  # interrupt it once it is copying
+    # interrupt it once it is copying
+    while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):
         assert time.monotonic() < deadline and process.poll() is None, "the copy never started"
         time.sleep(0.005)
     process.send_signal(signal.SIGINT)

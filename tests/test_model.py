@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchvision
 
-from model import AlexNet, CheckpointError, load_checkpoint, load_matching, model_from_checkpoint, save_checkpoint
+from model import AlexNet, CheckpointError, load_checkpoint, load_matching, model_from_checkpoint
+from pretrain import save_checkpoint
 
 
 def test_layers_and_parameter_count_match_the_reference():
@@ -43,8 +44,8 @@ def test_torchvision_state_dict_loads_by_name(prefix):
 def test_checkpoint_roundtrip_loads_weights_only(tmp_path):
     model = AlexNet(num_classes=3)
     path = tmp_path / "c.pt"
-    save_checkpoint({"model": model.state_dict(), "model_args": {"num_classes": 3, "dropout": 0.5}, "classes": ["a", "b", "c"],
-                     "image_size": 64, "stored_size": 32}, path)
+    save_checkpoint({"model": model.state_dict(), "model_args": {"num_classes": 3, "dropout": 0.5},
+                     "classes": ["a", "b", "c"], "image_size": 64, "stored_size": 32}, path)
     torch.load(path, weights_only=True)
     rebuilt = model_from_checkpoint(load_checkpoint(path))
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
@@ -99,7 +100,7 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
 def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
     import threading
 
-    from model import CheckpointWriter
+    from pretrain import CheckpointWriter
     release = threading.Event()
     real_save = torch.save
 
@@ -118,7 +119,7 @@ def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
 
 
 def test_background_writer_raises_a_failed_write(tmp_path, monkeypatch):
-    from model import CheckpointWriter
+    from pretrain import CheckpointWriter
     save_checkpoint({"version": 1}, tmp_path / "c.pt")
 
     def disk_full(obj, f):

@@ -8,7 +8,7 @@ from PIL import Image
 import data
 from conftest import run
 from model import load_checkpoint, model_from_checkpoint
-from pretrain import compute_logits
+from predict import compute_logits
 
 
 def odd_images(folder):
@@ -37,17 +37,23 @@ def test_any_image_is_predicted_and_a_bad_one_reported(pretrained, tmp_path):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == good and all(line.split("\t")[1] in ("blue", "green", "red") for line in lines)
     errors = result.stderr.strip().splitlines()
-    assert len(errors) == 2 and "corrupt.png: cannot read this image" in errors[0] and "empty.jpg: cannot read" in errors[1]
+    assert len(errors) == 2
+    assert "corrupt.png: cannot read this image" in errors[0]
+    assert "empty.jpg: cannot read" in errors[1]
 
 
 def test_predict_gives_the_evaluation_paths_logits(pretrained, tiny_data):
     checkpoint = load_checkpoint(pretrained)
     test = data.load_folder(tiny_data / "test")
-    expected = torch.softmax(compute_logits(model_from_checkpoint(checkpoint), test.images, checkpoint["image_size"], 256), 1)
-    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--json", "--topk", "3",
-                 "--batch-size", "5")
+    logits = compute_logits(model_from_checkpoint(checkpoint), test.images, checkpoint["image_size"], 256)
+    expected = torch.softmax(logits, 1)
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--json",
+                 "--topk", "3", "--batch-size", "5")
     output = json.loads(result.stdout)
-    got = torch.tensor([[t["probability"] for t in sorted(p["top"], key=lambda t: t["label"])] for p in output["predictions"]])
+    got = torch.tensor([
+        [t["probability"] for t in sorted(p["top"], key=lambda t: t["label"])]
+        for p in output["predictions"]
+    ])
     assert torch.allclose(got, expected, atol=1e-5)
     assert [p["true"] for p in output["predictions"]] == [test.classes[i] for i in test.labels]
     report = json.loads(pretrained.with_suffix(".test.json").read_text())
@@ -57,7 +63,8 @@ def test_predict_gives_the_evaluation_paths_logits(pretrained, tiny_data):
 
 def test_a_labelled_folder_prints_accuracy_and_a_grid(pretrained, tiny_data, tmp_path):
     grid = tmp_path / "grid.png"
-    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--limit", "9", "--grid", grid)
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--limit", "9",
+                 "--grid", grid)
     assert "9 labelled images: accuracy" in result.stdout and "confusion matrix" in result.stdout
     assert len([line for line in result.stdout.splitlines() if "\t" in line]) == 9
     picture = Image.open(grid)
@@ -79,7 +86,8 @@ def test_no_checkpoint_says_train_first(tmp_path, tiny_data):
 
 def test_missing_path_and_empty_folder(pretrained, tmp_path):
     (tmp_path / "empty").mkdir()
-    result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained, "--device", "cpu", check=False)
+    result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained,
+                 "--device", "cpu", check=False)
     assert result.returncode == 1
     assert "nope.png: no such file or folder" in result.stderr and "empty: no images in this folder" in result.stderr
 
@@ -87,4 +95,6 @@ def test_missing_path_and_empty_folder(pretrained, tmp_path):
 def test_corrupt_checkpoint(tmp_path, tiny_data):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "bad.pt", check=False)
-    assert result.returncode == 1 and "bad.pt: not a loadable checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 1
+    assert "bad.pt: not a loadable checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr

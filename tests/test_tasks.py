@@ -7,8 +7,8 @@ from conftest import ROOT
 
 
 def invoke(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
 
 
 def test_tasks_are_listed(tmp_path):
@@ -18,18 +18,20 @@ def test_tasks_are_listed(tmp_path):
 
 
 def test_all_runs_the_whole_job(tiny_data, tmp_path):
-    result = invoke("all", "--source", tiny_data, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "ck", "--epochs", "1",
-                    "--image-size", "64", "--batch-size", "8", "--device", "cpu", cwd=tmp_path)
+    result = invoke("all", "--source", tiny_data, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "ck",
+                    "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in ("pretrain.pt", "pretrain.csv", "pretrain.test.json", "finetune.pt", "finetune.test.json", "predictions.png"):
+    outputs = ("pretrain.pt", "pretrain.csv", "pretrain.test.json", "finetune.pt", "finetune.test.json",
+               "predictions.png")
+    for name in outputs:
         assert (tmp_path / "ck" / name).is_file(), name
     assert torch.load(tmp_path / "ck" / "finetune.pt", weights_only=True)["stage"] == "finetune"
     assert "18 labelled images: accuracy" in result.stdout
 
 
 def test_all_stops_at_the_first_failing_step(tmp_path):
-    result = invoke("all", "--source", tmp_path / "missing", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "ck",
-                    cwd=tmp_path)
+    result = invoke("all", "--source", tmp_path / "missing", "--data-dir", tmp_path / "data",
+                    "--out-dir", tmp_path / "ck", cwd=tmp_path)
     assert result.returncode != 0 and "no such file or folder" in result.stderr
     assert "pretrain.py" not in result.stdout + result.stderr and not (tmp_path / "ck").exists()
 

@@ -26,7 +26,9 @@ def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
     best = max(rows, key=lambda r: float(r["val_acc"]))  # the first of equals, as the run keeps it
     assert checkpoint["epoch"] == int(best["epoch"])
     report = json.loads(pretrained.with_suffix(".test.json").read_text())
-    assert report["images"] == 18 and len(report["confusion_matrix"]) == 3 and set(report["per_class_accuracy"]) == {"blue", "green", "red"}
+    assert report["images"] == 18
+    assert len(report["confusion_matrix"]) == 3
+    assert set(report["per_class_accuracy"]) == {"blue", "green", "red"}
     assert sum(map(sum, report["confusion_matrix"])) == 18
     assert checkpoint["test_metrics"]["accuracy"] == report["accuracy"]
     last = torch.load(pretrained.with_suffix(".last.pt"), weights_only=True)
@@ -40,17 +42,20 @@ def test_finetune_to_other_classes_changes_only_the_head(pretrained, tmp_path):
                  "--val-size", "4", *QUICK)
     assert "4,100 trainable parameters" in result.stdout  # 1024 x 4 + 4: the new head alone
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
-    assert tuned["model_args"]["num_classes"] == 4 and tuned["classes"] == ["w", "x", "y", "z"] and tuned["stored_size"] == 40
+    assert tuned["model_args"]["num_classes"] == 4
+    assert tuned["classes"] == ["w", "x", "y", "z"]
+    assert tuned["stored_size"] == 40
     for name, tensor in tuned["model"].items():
         if not name.startswith("classifier.6."):
             assert torch.equal(tensor, source["model"][name]), name
     assert json.loads(out.with_suffix(".test.json").read_text())["images"] == 12
     predicted = run("predict.py", other / "test", "--checkpoint", out, "--device", "cpu")
-    assert "12 labelled images: accuracy" in predicted.stdout and all(
-        line.split("\t")[1] in "wxyz" for line in predicted.stdout.splitlines() if "\t" in line)
+    assert "12 labelled images: accuracy" in predicted.stdout
+    assert all(line.split("\t")[1] in "wxyz" for line in predicted.stdout.splitlines() if "\t" in line)
 
 
-def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates_below_its_start(pretrained, tiny_data, tmp_path):
+def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates_below_its_start(
+        pretrained, tiny_data, tmp_path):
     out = tmp_path / "finetune.pt"
     # an lr too small to change any weight: no epoch can beat the starting weights, which must then be kept
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
@@ -58,19 +63,23 @@ def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates
     assert "the head starts from its weights" in result.stdout and "optimistic" not in result.stderr
     assert "epoch   0/1  (the starting weights)" in result.stdout
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
-    assert tuned["epoch"] == 0 and tuned["metrics"]["val_acc"] == source["test_metrics"]["val_acc"]  # the same split
+    assert tuned["epoch"] == 0
+    assert tuned["metrics"]["val_acc"] == source["test_metrics"]["val_acc"]  # the same split
     assert all(torch.equal(tensor, source["model"][name]) for name, tensor in tuned["model"].items())
     assert tuned["test_metrics"]["accuracy"] == source["test_metrics"]["accuracy"]
 
 
-def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoints_training(pretrained, tiny_data, tmp_path):
+def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoints_training(
+        pretrained, tiny_data, tmp_path):
     out = tmp_path / "finetune.pt"
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
                  "--val-size", "6", *QUICK, "--lr", "1e-30", "--new-head", "--seed", "1")
     assert "the head starts from" not in result.stdout
     assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
-    tuned, source = torch.load(out.with_suffix(".last.pt"), weights_only=True), torch.load(pretrained, weights_only=True)
-    assert not torch.equal(tuned["model"]["classifier.6.weight"], source["model"]["classifier.6.weight"])  # not trained: new
+    tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)
+    source = torch.load(pretrained, weights_only=True)
+    # not trained: new
+    assert not torch.equal(tuned["model"]["classifier.6.weight"], source["model"]["classifier.6.weight"])
     assert torch.equal(tuned["model"]["classifier.4.weight"], source["model"]["classifier.4.weight"])
 
 
@@ -81,16 +90,19 @@ def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
         "--val-size", "6", "--mode", mode, *QUICK)
     # the last epoch's weights, which trained whatever the validation score
-    tuned, source = torch.load(out.with_suffix(".last.pt"), weights_only=True)["model"], torch.load(pretrained, weights_only=True)["model"]
+    tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)["model"]
+    source = torch.load(pretrained, weights_only=True)["model"]
     assert not torch.equal(tuned[changed], source[changed])
     if frozen:
         assert torch.equal(tuned[frozen], source[frozen])
 
 
 def start(out, epochs, data_dir, *extra):
-    """A run with many small steps; --ema and --cutout so that resuming must restore the average and every random draw."""
-    return [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data_dir), "--out", str(out), "--epochs", str(epochs),
-            "--val-size", "6", *QUICK, "--batch-size", "4", "--ema", "0.9", "--cutout", "0.25", *extra]
+    """A run with many small steps; --ema and --cutout so that resuming must restore the average and every
+    random draw."""
+    return [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data_dir), "--out", str(out),
+            "--epochs", str(epochs), "--val-size", "6", *QUICK, "--batch-size", "4", "--ema", "0.9",
+            "--cutout", "0.25", *extra]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
@@ -108,8 +120,10 @@ def test_a_stopped_run_resumes_to_identical_weights(tiny_data, tmp_path, sig):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + sig, stderr
     message = stderr.strip().splitlines()[-1]
-    assert f"stopped by {sig.name} at epoch 2, step" in message and f"--resume {parts.with_suffix('.last.pt')}" in message
-    resumed = subprocess.run(start(parts, 3, tiny_data, "--resume", parts.with_suffix(".last.pt")), capture_output=True, text=True)
+    assert f"stopped by {sig.name} at epoch 2, step" in message
+    assert f"--resume {parts.with_suffix('.last.pt')}" in message
+    command = start(parts, 3, tiny_data, "--resume", parts.with_suffix(".last.pt"))
+    resumed = subprocess.run(command, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming pretrain" in resumed.stdout and "epoch 2, step" in resumed.stdout
 
@@ -129,7 +143,8 @@ def test_resume_takes_the_runs_flags_and_extends_epochs(tiny_data, tmp_path):
     assert finished.returncode == 1 and "already finished 1 epochs; pass a larger --epochs" in finished.stderr
     changed = run("pretrain.py", "--resume", last, "--epochs", "2", "--lr", "0.5", "--seed", "3", check=False)
     assert changed.returncode == 1
-    assert "--lr 0.5 (the run used 0.03), --seed 3 (the run used 0)" in changed.stderr and changed.stderr.count("\n") == 1
+    assert "--lr 0.5 (the run used 0.03), --seed 3 (the run used 0)" in changed.stderr
+    assert changed.stderr.count("\n") == 1
     extended = run("pretrain.py", "--resume", last, "--epochs", "2")
     assert "epoch   2/2" in extended.stdout
     state = torch.load(last, weights_only=True)
@@ -137,8 +152,8 @@ def test_resume_takes_the_runs_flags_and_extends_epochs(tiny_data, tmp_path):
 
 
 def test_resume_from_a_missing_file_is_an_error_not_a_fresh_start(tiny_data, tmp_path):
-    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--resume", tmp_path / "nope.last.pt",
-                 *QUICK, check=False)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt",
+                 "--resume", tmp_path / "nope.last.pt", *QUICK, check=False)
     assert result.returncode == 1 and "nope.last.pt: no such checkpoint file" in result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "p.pt").exists()
 
@@ -146,18 +161,25 @@ def test_resume_from_a_missing_file_is_an_error_not_a_fresh_start(tiny_data, tmp
 def test_init_from_a_torchvision_state_dict(tiny_data, tmp_path):
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
-    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1", "--val-size", "6",
-                 "--init", weights, *QUICK)
-    assert "loaded 12 tensors; kept fresh (name or shape differs): classifier.4.bias, classifier.4.weight, classifier.6.bias" in result.stdout
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
+                 "--val-size", "6", "--init", weights, *QUICK)
+    expected = ("loaded 12 tensors; kept fresh (name or shape differs): "
+                "classifier.4.bias, classifier.4.weight, classifier.6.bias")
+    assert expected in result.stdout
 
 
 def test_init_imagenet_without_network_is_one_clear_line(tiny_data, tmp_path):
-    offline = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
-               "PATH": "/usr/bin:/bin"}
+    offline = {
+        "TORCH_HOME": str(tmp_path / "torch"),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "PATH": "/usr/bin:/bin",
+    }
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--init", "imagenet", *QUICK,
                  check=False, env=offline)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "--init imagenet: cannot get torchvision's ImageNet AlexNet weights" in result.stderr.strip().splitlines()[-1]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "--init imagenet: cannot get torchvision's ImageNet AlexNet weights" in last_line
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -180,7 +202,8 @@ def test_unknown_finetune_mode():
 
 
 def test_val_size_larger_than_the_data(tiny_data, tmp_path):
-    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "500", *QUICK, check=False)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "500", *QUICK,
+                 check=False)
     assert result.returncode == 1 and "--val-size 500: must be between 1 and 47" in result.stderr
 
 
@@ -202,7 +225,9 @@ def test_learning_rate_schedules():
     args = Namespace(lr=0.1, epochs=4, warmup_epochs=1.0, lr_schedule="cosine")
     rates = [learning_rate(args, epoch, step, 10) for epoch in range(4) for step in range(10)]
     assert rates[:10] == pytest.approx([0.01 * (i + 1) for i in range(10)])  # linear warm-up over epoch 1
-    assert rates[10] < 0.1 and all(a > b for a, b in zip(rates[10:], rates[11:])) and rates[-1] == pytest.approx(0, abs=1e-12)
+    assert rates[10] < 0.1
+    assert all(a > b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[-1] == pytest.approx(0, abs=1e-12)
     assert rates[24] == pytest.approx(0.05, abs=0.005)  # half-way through the cosine, half the rate
     constant = Namespace(lr=0.1, epochs=4, warmup_epochs=0.0, lr_schedule="constant")
     assert {learning_rate(constant, e, s, 10) for e in range(4) for s in range(10)} == {0.1}
@@ -210,12 +235,14 @@ def test_learning_rate_schedules():
 
 def test_recipe_flags_reach_the_training_step(tiny_data, tmp_path):
     out = tmp_path / "pretrain.pt"
-    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK, "--augment", "crop",
-        "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--label-smoothing", "0.4", "--cutout", "0.25")
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK,
+        "--augment", "crop", "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--label-smoothing", "0.4",
+        "--cutout", "0.25")
     rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.02 * 0.5 * (1 + math.cos(math.pi * 1 / 3)), 0.0])
     args = torch.load(out, weights_only=True)["args"]
-    assert (args["augment"], args["label_smoothing"], args["lr_schedule"], args["cutout"]) == ("crop", 0.4, "cosine", 0.25)
+    recipe = (args["augment"], args["label_smoothing"], args["lr_schedule"], args["cutout"])
+    assert recipe == ("crop", 0.4, "cosine", 0.25)
 
 
 @pytest.mark.parametrize("flag", ["label_smoothing", "cutout"])
@@ -247,10 +274,11 @@ def test_help_shows_every_default(script):
 
 def test_ema_weights_are_kept_and_tta_reaches_predict(tiny_data, tmp_path):
     from model import load_checkpoint, model_from_checkpoint
-    from pretrain import compute_logits
+    from predict import compute_logits
     import data
     out = tmp_path / "pretrain.pt"
-    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK, "--ema", "0.5", "--tta")
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
+        "--ema", "0.5", "--tta")
     kept, last = torch.load(out, weights_only=True), torch.load(out.with_suffix(".last.pt"), weights_only=True)
     assert kept["tta"] is True and last["ema"]["n_averaged"].item() == 6  # one update per step
     assert all(torch.equal(kept["model"][k], last["ema"]["module." + k]) for k in kept["model"])
@@ -260,15 +288,23 @@ def test_ema_weights_are_kept_and_tta_reaches_predict(tiny_data, tmp_path):
     model = model_from_checkpoint(load_checkpoint(out))
     mirrored = torch.softmax(compute_logits(model, test.images, 64, 256, flip=True), 1)
     plain = torch.softmax(compute_logits(model, test.images, 64, 256), 1)
-    output = json.loads(run("predict.py", tiny_data / "test", "--checkpoint", out, "--device", "cpu", "--json", "--topk", "3").stdout)
-    got = torch.tensor([[t["probability"] for t in sorted(p["top"], key=lambda t: t["label"])] for p in output["predictions"]])
+    result = run("predict.py", tiny_data / "test", "--checkpoint", out, "--device", "cpu", "--json", "--topk", "3")
+    output = json.loads(result.stdout)
+    got = torch.tensor([
+        [t["probability"] for t in sorted(p["top"], key=lambda t: t["label"])]
+        for p in output["predictions"]
+    ])
     assert torch.allclose(got, mirrored, atol=1e-5) and not torch.allclose(got, plain, atol=1e-6)
 
 
 def test_finetune_resumes_with_its_mode(pretrained, tiny_data, tmp_path):
     out = tmp_path / "finetune.pt"
-    run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK)
+    run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
+        "--val-size", "6", *QUICK)
     resumed = run("finetune.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2")
-    assert "resuming finetune" in resumed.stdout and "3,075 trainable parameters" in resumed.stdout  # still the head only
-    tuned, source = torch.load(out.with_suffix(".last.pt"), weights_only=True), torch.load(pretrained, weights_only=True)
-    assert tuned["epoch"] == 2 and torch.equal(tuned["model"]["features.0.weight"], source["model"]["features.0.weight"])
+    assert "resuming finetune" in resumed.stdout
+    assert "3,075 trainable parameters" in resumed.stdout  # still the head only
+    tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)
+    source = torch.load(pretrained, weights_only=True)
+    assert tuned["epoch"] == 2
+    assert torch.equal(tuned["model"]["features.0.weight"], source["model"]["features.0.weight"])

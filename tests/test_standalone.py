@@ -1,0 +1,56 @@
+"""The files travel: model.py alone, and model.py + data.py + predict.py, work in an empty folder."""
+import re
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def python_in(folder, code: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter whose only project files are those in `folder`."""
+    return subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(folder)})
+
+
+def test_model_py_alone_rebuilds_a_checkpoint_and_imports_only_torch(pretrained, tmp_path):
+    shutil.copy(ROOT / "model.py", tmp_path)
+    result = python_in(tmp_path, f"""
+import sys
+import model
+checkpoint = model.load_checkpoint({str(pretrained)!r})
+net = model.model_from_checkpoint(checkpoint)
+print(type(net).__name__, checkpoint["classes"], sum(p.numel() for p in net.parameters()))
+print(sorted(name for name in ("torchvision", "PIL", "data", "predict", "pretrain") if name in sys.modules))
+""")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["AlexNet ['blue', 'green', 'red'] 44420931", "[]"]
+
+
+def test_model_py_names_no_flag_or_script_of_ours():
+    source = (ROOT / "model.py").read_text()
+    assert not re.findall(r"--[a-z]", source) and not re.findall(r"\b(pretrain|finetune|predict|data)\.py", source)
+
+
+def test_predict_with_model_and_data_alone_in_an_empty_folder(pretrained, tiny_data, tmp_path):
+    for name in ("model.py", "data.py", "predict.py"):
+        shutil.copy(ROOT / name, tmp_path)
+    image = next((tiny_data / "test" / "red").iterdir())
+    result = subprocess.run([sys.executable, "predict.py", str(image), "--checkpoint", str(pretrained), "--device",
+                             "cpu"], cwd=tmp_path, capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    path, label, probability = result.stdout.strip().split("\t")
+    assert path == str(image) and label in ("blue", "green", "red") and 0 < float(probability) <= 1
+
+
+def test_importing_predict_loads_no_trainer(tmp_path):
+    result = python_in(ROOT, """
+import sys
+import torch, torchvision.ops, torchvision.utils, torchvision.datasets.utils
+before = set(sys.modules)
+import predict
+added = set(sys.modules) - before
+print(sorted(name for name in added if name in ("pretrain", "finetune") or name.startswith("torch.distributed")))
+""")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
