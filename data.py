@@ -114,12 +114,13 @@ class ImageSet:
     images: torch.Tensor  # N x 3 x S x S uint8
     labels: torch.Tensor  # N int64
     classes: list[str]
+    fingerprint: str = ""  # of the files decoded (names, sizes, times), kept by a subset: they are its source
 
     def subset(self, indices: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[indices], self.labels[indices], self.classes)
+        return ImageSet(self.images[indices], self.labels[indices], self.classes, self.fingerprint)
 
     def to(self, device: torch.device) -> "ImageSet":
-        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.fingerprint)
 
     @property
     def stored_size(self) -> int:
@@ -166,7 +167,7 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
         try:
             cached = torch.load(cache_file, weights_only=True)
             if cached.get("fingerprint") == key:
-                return ImageSet(cached["images"], cached["labels"], cached["classes"])
+                return ImageSet(cached["images"], cached["labels"], cached["classes"], key)
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
     paths = [p for p, _ in samples]
@@ -175,6 +176,7 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
         torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
         torch.tensor([label for _, label in samples], dtype=torch.int64),
         classes,
+        key,
     )
     if cache:
         write_cache(cache_file, result, key)

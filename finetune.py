@@ -16,7 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from model import AlexNet, load_checkpoint, model_from_checkpoint
-from predict import report_errors
+from predict import UsageError, report_errors
 from pretrain import given_flags, make_parser, train
 
 TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "full": ("",)}
@@ -70,8 +70,14 @@ def main(argv: list[str] | None = None) -> None:
                              "(the reference)")
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
-    report_errors("finetune.py", args.batch_size,
-                  lambda: train(args, given, "finetune", new_model, trainable, starting_weights_compete=True))
+    report_errors("finetune.py", args.batch_size, lambda: finetune(args, given))
+
+
+def finetune(args: argparse.Namespace, given: set[str]) -> dict | None:
+    if args.resume is None and Path(args.out).resolve() == Path(args.checkpoint).resolve():
+        raise UsageError(f"--out {args.out}: is the --checkpoint fine-tuning starts from and would overwrite it; "
+                         "choose another --out")
+    return train(args, given, "finetune", new_model, trainable, starting_weights_compete=True)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,27 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (lacks {', '.join(missing)}); "
                               "pass a checkpoint that its training wrote")
+    check_consistent(checkpoint, path)
     return checkpoint
+
+
+def check_consistent(checkpoint: dict, path: str | os.PathLike) -> None:
+    """The pieces must fit each other: one class name per output of the head, sizes the model can take."""
+    classes, model_args = checkpoint["classes"], checkpoint["model_args"]
+    problem = None
+    if not isinstance(model_args, dict) or not isinstance(model_args.get("num_classes"), int):
+        problem = f"model_args {model_args!r} do not say how many classes the head has"
+    elif not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        problem = "its classes are not a list of names"
+    elif len(classes) != model_args["num_classes"] or len(set(classes)) != len(classes):
+        problem = (f"it names {len(classes)} classes ({len(set(classes))} different) "
+                   f"for a head of {model_args['num_classes']} outputs")
+    elif not (isinstance(checkpoint["image_size"], int) and checkpoint["image_size"] >= MIN_IMAGE_SIZE
+              and isinstance(checkpoint["stored_size"], int) and checkpoint["stored_size"] > 0):
+        problem = (f"image_size {checkpoint['image_size']!r} (at least {MIN_IMAGE_SIZE}) or stored_size "
+                   f"{checkpoint['stored_size']!r} is not a size")
+    if problem is not None:
+        raise CheckpointError(f"{path}: inconsistent checkpoint: {problem}; re-train or pass another file")
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> AlexNet:

@@ -11,6 +11,8 @@ accuracy, per-class accuracy and the confusion matrix are printed too.
 import argparse
 import json
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -33,12 +35,14 @@ GRID_MAX = 64  # images drawn at most
 
 @torch.no_grad()
 def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batch_size: int,
-                   flip: bool = False) -> torch.Tensor:
+                   flip: bool = False, title: str | None = None) -> torch.Tensor:
     """Centre crop on the device, batched, in fp32; training's validation and test use it too.
 
     With `flip` (--tta) the logits are the mean over the crop and its mirror image.
+    With a `title` it shows its progress (see ProgressLine).
     """
     model.eval()
+    line = None if title is None else ProgressLine(title, len(images))
     batches = []
     for start in range(0, len(images), batch_size):
         x = data.eval_batch(images[start:start + batch_size], image_size)
@@ -46,7 +50,53 @@ def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batc
         if flip:
             logits = (logits + model(x.flip(3)).float()) / 2
         batches.append(logits)
+        if line is not None and line.due(start + len(x)):
+            line.show(start + len(x))
+    if line is not None:
+        line.close()
     return torch.cat(batches)
+
+
+class ProgressLine:
+    """How far a long pass over images is: on a terminal one line rewritten in place, at most twice a second; in a
+    log file or pipe, a line at each tenth of the images. `due` reads only the clock, so the caller reads the device
+    (a host synchronisation) only when a line is shown.
+    """
+    TERMINAL_INTERVAL = 0.5  # seconds between rewrites of the terminal line
+
+    def __init__(self, title: str, total: int, done: int = 0, stream=None) -> None:
+        self.title, self.total, self.done_at_start = title, total, done
+        self.stream = stream or sys.stdout
+        self.terminal = self.stream.isatty()
+        self.started = self.shown_at = time.perf_counter()
+        self.next_tenth = done * 10 // total + 1
+        self.shown = False
+
+    def due(self, done: int) -> bool:
+        if done >= self.total:  # the pass's own closing line says the rest
+            return False
+        if self.terminal:
+            return time.perf_counter() - self.shown_at >= self.TERMINAL_INTERVAL
+        return done * 10 >= self.next_tenth * self.total
+
+    def show(self, done: int, extra: str = "") -> None:
+        self.shown_at = time.perf_counter()
+        rate = (done - self.done_at_start) / max(self.shown_at - self.started, 1e-9)
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - done) / max(rate, 1e-9)))
+        text = f"  {self.title}: {done:,}/{self.total:,} images{extra}  {rate:,.0f} img/s  eta {eta}"
+        if self.terminal:
+            self.stream.write("\r" + text + "\x1b[K")  # back to the line's start, write, erase the rest
+        else:
+            self.stream.write(text + "\n")
+            self.next_tenth = done * 10 // self.total + 1
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        """On a terminal the line is erased: the pass's summary takes its place."""
+        if self.terminal and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -90,7 +140,7 @@ def positive_int(text: str) -> int:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """--device: `None` means CUDA when there is one, else the CPU with a warning."""
+    """--device: `None` means CUDA when there is one, else the CPU with a warning; only cpu and cuda[:N] run here."""
     if name is None:
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -101,9 +151,19 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise UsageError(f"--device {name}: not supported by these scripts; use cuda, cuda:N or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0; pass one of them")
+    return torch.device(device.type) if device.type == "cpu" else device
+
+
+def is_out_of_host_memory(error: BaseException) -> bool:
+    """torch's CPU allocator raises a plain RuntimeError when malloc fails; Python raises MemoryError."""
+    return isinstance(error, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
 
 
 def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> object:
@@ -115,6 +175,11 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"{program}: out of GPU memory with --batch-size {batch_size}; pass a smaller --batch-size, "
                  f"e.g. {max(1, batch_size // 2)}")
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_host_memory(e):
+            raise
+        sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
+                 f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         sys.exit(f"{program}: interrupted; nothing more was saved")
 
@@ -192,7 +257,24 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     return results
 
 
+def check_grid_path(grid: str) -> None:
+    """--grid is checked before any prediction, not after: a picture file Pillow can write, in a writable folder."""
+    path = Path(grid)
+    if path.is_dir():
+        raise UsageError(f"--grid {grid}: is a folder; pass a picture file, e.g. --grid {path / 'predictions.png'}")
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise UsageError(f"--grid {grid}: Pillow cannot write a picture named like this; end it in .png or .jpg")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise UsageError(f"--grid {grid}: cannot write in {path.parent} ({e.strerror or e}); "
+                         "choose a writable path") from None
+
+
 def predict(args: argparse.Namespace) -> int:
+    if args.grid:
+        check_grid_path(args.grid)
     checkpoint_path = args.checkpoint or default_checkpoint()
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, checkpoint_path)
@@ -211,7 +293,7 @@ def predict(args: argparse.Namespace) -> int:
         return 1
 
     logits = compute_logits(model.to(device), images.to(device), checkpoint["image_size"], args.batch_size,
-                            checkpoint.get("tta", False)).cpu()
+                            checkpoint.get("tta", False), title="predict" if not args.json else None).cpu()
     results = top_classes(logits, kept, classes, args.topk)
     report = None
     if all(label is not None for _, label in kept):

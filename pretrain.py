@@ -12,7 +12,9 @@ background thread); processes and signals; setting up a run; the loop
 (train_one_epoch, evaluate, the epoch loop in `train`); the test, once.
 """
 import argparse
+import contextlib
 import csv
+import fcntl
 import glob
 import json
 import math
@@ -35,12 +37,15 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import data
 from model import MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, unwrap_state_dict
-from predict import (UsageError, classification_report, compute_logits, positive_int, print_report, report_errors,
-                     resolve_device)
+from predict import (ProgressLine, UsageError, classification_report, compute_logits, positive_int, print_report,
+                     report_errors, resolve_device)
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
 RESUME_FLAGS_FROM_COMMAND_LINE = ("epochs", "device", "resume")
+
+# The largest --image-size: 4.6 times the reference's 224; stored images are at most 256 px, so more only fills memory.
+MAX_IMAGE_SIZE = 1024
 
 # An epoch's running sums, kept on the device so that no step waits for the host: summed loss, correct
 # predictions, and the first step whose loss was not finite (-1: none yet).
@@ -74,6 +79,15 @@ def image_size(text: str) -> int:
     value = int(text)
     if value < MIN_IMAGE_SIZE:
         raise argparse.ArgumentTypeError(f"AlexNet needs images of at least {MIN_IMAGE_SIZE} px, got {text}")
+    if value > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_IMAGE_SIZE} px (the reference used 224), got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {text}")
     return value
 
 
@@ -94,7 +108,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
         help="validation images held out of train/ (default: 10%%, at most 5000)")
     add("--image-size", type=image_size, default=224, help="side of the network's input")
     add("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)")
-    add("--seed", type=int, default=0, help="seeds the split, the initialisation and the augmentation")
+    add("--seed", type=seed, default=0, help="seeds the split, the initialisation and the augmentation")
     add("--limit", type=positive_int, default=None,
         help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
     add("--resume", default=None, metavar="PATH",
@@ -139,14 +153,45 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
                                                 if name not in from_command_line}))
 
 
-def check_writable(out: Path) -> None:
+def check_out(out: Path) -> None:
     """Fail before training, not after the first epoch, when --out cannot be written."""
+    if out.is_dir():
+        raise UsageError(f"--out {out}: is a folder; pass a file in it, e.g. --out {out / 'model.pt'}")
+    if out in side_files(out).values():
+        raise UsageError(f"--out {out}: the run's log, resume state or test report would overwrite it; "
+                         "pass a name ending in .pt")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=out.parent).close()
     except OSError as e:
         raise UsageError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); "
                          "choose a writable folder") from None
+
+
+class OutLock:
+    """Holds an exclusive lock on --out for the whole run: two runs writing the same files would mix them."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.parent / f".{out.name}.lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UsageError(f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end "
+                             "or choose another --out") from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def __enter__(self) -> "OutLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # while still locked: no other run can be holding it
+        self.file.close()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -177,9 +222,10 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}); the previous one is "
-                                  "untouched: free disk space, or choose a writable --out") from None
+        os_error = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in RuntimeError
+        if isinstance(os_error, OSError):
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({os_error.strerror or os_error}); the "
+                                  "previous one is untouched: free disk space, or choose a writable --out") from None
         raise
 
 
@@ -308,19 +354,24 @@ class Processes:
 
 
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step."""
+    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step.
 
-    def __init__(self) -> None:
+    A second signal, or the first one `at_once`, raises KeyboardInterrupt where the program is.
+    """
+
+    def __init__(self, at_once: bool = False) -> None:
         self.received = None
+        self.at_once = at_once
 
     def __enter__(self) -> "StopSignal":
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handle(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: stop now, without saving
+        second = self.received is not None
+        self.received = self.received or signal.Signals(signum)
+        if second or self.at_once:
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
@@ -343,6 +394,7 @@ class Run:
     augment: torch.Generator  # the same in every process: the draws of one global batch
     classes: list[str]
     stored_size: int
+    data_fingerprint: str  # the training files': a resume checks that they did not change
     out: Path
 
     @property
@@ -362,10 +414,13 @@ class Progress:
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
 
 
-def read_resume_state(path: str) -> dict:
+def read_resume_state(path: str, stage: str) -> dict:
     state = load_checkpoint(path)
     if "optimizer" not in state:
         raise UsageError(f"--resume {path}: holds no training state; pass the .last.pt file beside --out")
+    if state["stage"] != stage:
+        raise UsageError(f"--resume {path}: the state of a {state['stage']} run; resume it with "
+                         f"{state['stage']}.py --resume {path}")
     return state
 
 
@@ -376,12 +431,18 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
     train_images, test_images = data.load_dataset(args.data_dir)
     if processes.main:
         processes.barrier()
-    n = len(train_images.labels)
+    n, classes = len(train_images.labels), len(train_images.classes)
     if args.limit is not None:
         if args.limit > n:
             raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images")
+        if args.limit < 2 * classes:
+            raise UsageError(f"--limit {args.limit}: too few for {classes} classes, each needs one training and "
+                             f"one validation image; pass --limit {2 * classes} or more")
         train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
         n = args.limit
+    if args.val_size is None and n // 10 == 0:
+        raise UsageError(f"{args.data_dir}/train: {n} images (after --limit) are too few to hold out the default "
+                         "validation split of 10 %; pass --val-size or use more images")
     val_size = args.val_size or min(5000, n // 10)
     if not 0 < val_size < n:
         raise UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
@@ -414,7 +475,7 @@ def start_run(args: argparse.Namespace, stage: str, processes: Processes, model:
     torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
     augment = torch.Generator(device=processes.device).manual_seed(args.seed)
     return Run(args, stage, processes, model, net, optimizer, bf16, ema, augment, images.classes, images.stored_size,
-               Path(args.out))
+               images.fingerprint, Path(args.out))
 
 
 def restore(run: Run, state: dict) -> Progress:
@@ -464,7 +525,8 @@ def save_resume_state(run: Run, progress: Progress, writer: CheckpointWriter, fi
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished}, side_files(run.out)["last"])
+        "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint},
+        side_files(run.out)["last"])
 
 
 def stop_here(run: Run, progress: Progress, writer: CheckpointWriter, received: signal.Signals | None) -> None:
@@ -477,12 +539,16 @@ def stop_here(run: Run, progress: Progress, writer: CheckpointWriter, received: 
             where = f"epoch {progress.epoch + 1}, step {progress.step}"
         else:
             where = f"the end of epoch {progress.epoch}"
-        world = run.processes.world
-        launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
-        print(f"{run.stage}.py: stopped by {received.name} at {where}; resume with: {launcher} {run.stage}.py "
-              f"--resume {side_files(run.out)['last']}", file=sys.stderr)
+        print(f"{run.stage}.py: stopped by {received.name} at {where}; resume with: {resume_command(run)}",
+              file=sys.stderr)
     run.processes.close()
     sys.exit(128 + received)
+
+
+def resume_command(run: Run) -> str:
+    world = run.processes.world
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    return f"{launcher} {run.stage}.py --resume {side_files(run.out)['last']}"
 
 
 # --------------------------------------------------------------------------- the loop
@@ -535,6 +601,8 @@ def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: S
     if progress.perm is None:
         progress.perm = torch.randperm(n, generator=run.augment, device=processes.device)
         progress.running.copy_(torch.tensor(EPOCH_START))
+    title = f"epoch {progress.epoch + 1}/{args.epochs}"
+    line = ProgressLine(title, n, done=progress.step * args.batch_size) if processes.main else None
     for step in range(progress.step, steps):
         index = progress.perm[step * args.batch_size:(step + 1) * args.batch_size]
         for group in run.optimizer.param_groups:
@@ -546,10 +614,15 @@ def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: S
         running = progress.running
         first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
         running.copy_(torch.stack([running[0] + loss, running[1] + correct, first_bad]))
+        done = min(n, (step + 1) * args.batch_size)
+        if line is not None and line.due(done):  # the loss so far: this process's share, scaled to all
+            line.show(done, f", loss {running[0].item() * processes.world / done:.4f}")
         if processes.any(stop.received is not None) and step + 1 < steps:
             progress.step = step + 1
             save_resume_state(run, progress, writer)
             return False
+    if line is not None:
+        line.close()
     return True
 
 
@@ -565,9 +638,9 @@ def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
     return loss / n, correct / n
 
 
-def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace) -> dict:
+def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace, title: str | None = None) -> dict:
     """Predict's evaluation path on a split; under torchrun every process evaluates all of it (same result)."""
-    logits = compute_logits(model, images.images, args.image_size, args.batch_size, args.tta)
+    logits = compute_logits(model, images.images, args.image_size, args.batch_size, args.tta, title)
     return classification_report(logits, images.labels, images.classes)
 
 
@@ -627,7 +700,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     are validated as epoch 0 (see `start_competes`). Under torchrun every
     process runs this; only the first prints and writes.
     """
-    state = None if args.resume is None else read_resume_state(args.resume)
+    state = None if args.resume is None else read_resume_state(args.resume, stage)
     if state is not None:
         args = resumed_args(args, given, state)
     processes = Processes(args.device)
@@ -635,39 +708,60 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         world = len(state["rng"]["processes"])
         raise UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
                          f"resume it with torchrun --nproc_per_node={world}")
+    out = Path(args.out)
     if processes.main:
-        check_writable(Path(args.out))
-    train_images, val_images, test_images = prepare_data(args, processes)
+        check_out(out)
+    with OutLock(out) if processes.main else contextlib.nullcontext():
+        train_images, val_images, test_images = prepare_data(args, processes)
+        torch.manual_seed(args.seed)
+        if state is None:
+            model = new_model(args, train_images.classes)
+        else:
+            check_same_data(args, state, train_images)
+            model = AlexNet(**state["model_args"])
+        run = start_run(args, stage, processes, model, trainable(args, model), train_images)
+        if state is None:
+            progress = Progress(torch.tensor(EPOCH_START, device=processes.device))
+        else:
+            progress = restore(run, state)
+        if state is not None:
+            announce_resume(run, progress, state)
+        print_start(run, train_images, val_images, test_images)
+        fit(run, progress, train_images, val_images, starting_weights_compete and state is None)
+        processes.close()
+        return test_or_stop(run, progress, test_images) if processes.main else None
 
-    torch.manual_seed(args.seed)
-    model = new_model(args, train_images.classes) if state is None else AlexNet(**state["model_args"])
-    run = start_run(args, stage, processes, model, trainable(args, model), train_images)
-    progress = Progress(torch.tensor(EPOCH_START, device=processes.device)) if state is None else restore(run, state)
-    if state is not None:
-        announce_resume(run, progress, state)
-    print_start(run, train_images, val_images, test_images)
 
+def fit(run: Run, progress: Progress, train_images: data.ImageSet, val_images: data.ImageSet,
+        starting_weights_compete: bool) -> None:
+    """The epoch loop: train, validate, keep the best, write the resume state; a signal stops it with that saved."""
     with StopSignal() as stop, CheckpointWriter() as writer:
-        if starting_weights_compete and state is None:
+        if starting_weights_compete:
             start_competes(run, progress, val_images, writer)
-        while progress.epoch < args.epochs:
+        while progress.epoch < run.args.epochs:
             started = time.perf_counter()
             if not train_one_epoch(run, progress, train_images, stop, writer):
                 stop_here(run, progress, writer, stop.received)
             end_epoch(run, progress, train_images, val_images, started, writer)
-            if processes.any(stop.received is not None) and progress.epoch < args.epochs:
+            if run.processes.any(stop.received is not None) and progress.epoch < run.args.epochs:
                 stop_here(run, progress, writer, stop.received)
-    processes.close()
-    return test_once(run, progress, test_images) if processes.main else None
+
+
+def check_same_data(args: argparse.Namespace, state: dict, train_images: data.ImageSet) -> None:
+    """The saved order and sums index the training images as they were: a changed folder cannot continue."""
+    if state.get("data_fingerprint", train_images.fingerprint) != train_images.fingerprint:
+        raise UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the run "
+                         "started (added, removed or modified files); restore them, or start a new run")
 
 
 def announce_resume(run: Run, progress: Progress, state: dict) -> None:
-    if run.processes.main:
-        print(f"resuming {run.stage} from {run.args.resume}: epoch {progress.epoch + 1}, step {progress.step}; flags "
-              "from the checkpoint, --epochs and --device from the command line when given")
+    if not run.processes.main:
+        return
+    print(f"resuming {run.stage} from {run.args.resume}: epoch {progress.epoch + 1}, step {progress.step}; flags "
+          "from the checkpoint, --epochs and --device from the command line when given")
     if state.get("finished") and progress.epoch >= run.args.epochs:
-        raise UsageError(f"--resume {run.args.resume}: this run already finished {progress.epoch} epochs; "
-                         "pass a larger --epochs to train further")
+        print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
+              "evaluating the test split again with its best validation epoch's weights")
 
 
 def print_start(run: Run, train_images: data.ImageSet, val_images: data.ImageSet, test_images: data.ImageSet) -> None:
@@ -685,12 +779,24 @@ def print_start(run: Run, train_images: data.ImageSet, val_images: data.ImageSet
 
 # --------------------------------------------------------------------------- the test, once
 
+def test_or_stop(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
+    """The test; a signal during it stops at once, the trained run being saved already."""
+    with StopSignal(at_once=True) as stop:
+        try:
+            return test_once(run, progress, test_images)
+        except KeyboardInterrupt:
+            received = stop.received or signal.SIGINT
+    print(f"{run.stage}.py: stopped by {received.name} during the test evaluation; the trained run is saved, get "
+          f"its test report with: {resume_command(run)}", file=sys.stderr)
+    sys.exit(128 + received)
+
+
 def test_once(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
     """The best validation epoch's weights on the test split: the only look at it, printed and saved."""
     best, files, device = progress.best, side_files(run.out), run.processes.device
     final = load_checkpoint(run.out, map_location=device)
     run.evaluated.load_state_dict(final["model"])
-    test = evaluate(run.evaluated, test_images.to(device), run.args)
+    test = evaluate(run.evaluated, test_images.to(device), run.args, title="test")
     print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
           f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
           "weights:")

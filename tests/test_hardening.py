@@ -1,0 +1,218 @@
+"""Faults met by a hostile but realistic user of training and prediction, each with the real fault where possible."""
+import io
+import os
+import pty
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pretrain
+import predict
+from conftest import QUICK, ROOT, error_line, make_class_folders, run
+from model import CheckpointError, load_checkpoint
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 64 MB tmpfs, unmounted afterwards; skipped where this machine does not let the tests mount one."""
+    def mount(size="64m", read_only=False):
+        folder = tmp_path / f"fs{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    mounted = []
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_really_full_disk_keeps_the_previous_checkpoint(small_filesystem):
+    disk = small_filesystem("16m")
+    path = disk / "c.pt"
+    pretrain.save_checkpoint({"version": 1}, path)
+    with pytest.raises(CheckpointError, match="c.pt: cannot write the checkpoint \\(No space left on device\\)"):
+        pretrain.save_checkpoint({"version": 2, "weights": torch.zeros(8_000_000)}, path)
+    assert torch.load(path, weights_only=True) == {"version": 1} and os.listdir(disk) == ["c.pt"]
+
+
+def test_training_onto_a_full_disk_is_one_line(tiny_data, small_filesystem):
+    out = small_filesystem("64m") / "p.pt"  # a checkpoint is 178 MB
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
+                 check=False)
+    assert "p.pt: cannot write the checkpoint (No space left on device)" in error_line(result)
+    assert not out.exists()
+
+
+def test_grid_in_a_read_only_folder_fails_before_predicting(pretrained, tiny_data, small_filesystem):
+    grid = small_filesystem(read_only=True) / "grid.png"
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--grid", grid,
+                 check=False)
+    assert f"--grid {grid}: cannot write in" in error_line(result) and result.stdout == ""
+
+
+@pytest.mark.parametrize("name", ["predictions", "folder"])
+def test_grid_that_is_no_picture_file_fails_before_predicting(pretrained, tiny_data, tmp_path, name):
+    (tmp_path / "folder").mkdir()
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu",
+                 "--grid", tmp_path / name, check=False)
+    assert f"--grid {tmp_path / name}: " in error_line(result) and result.stdout == ""
+
+
+def test_resume_after_the_training_images_changed_is_refused(tmp_path):
+    data = make_class_folders(tmp_path / "data")
+    out = tmp_path / "p.pt"
+    run("pretrain.py", "--data-dir", data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK)
+    for image in sorted((data / "train" / "red").iterdir())[:4]:
+        image.unlink()
+    result = run("pretrain.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2", check=False)
+    assert f"the images in {data}/train changed since the run started" in error_line(result)
+
+
+@pytest.mark.parametrize("names", [11, 9])
+def test_a_checkpoint_whose_classes_do_not_fit_its_head_is_refused(pretrained, tiny_data, tmp_path, names):
+    checkpoint = torch.load(pretrained, weights_only=True)
+    checkpoint["classes"] = [f"class{i}" for i in range(names)]
+    torch.save(checkpoint, tmp_path / "odd.pt")
+    result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "odd.pt", "--device", "cpu",
+                 check=False)
+    assert f"inconsistent checkpoint: it names {names} classes ({names} different) for a head of 3 outputs" in (
+        error_line(result))
+
+
+def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrained, tiny_data, tmp_path):
+    out = tmp_path / "f.pt"
+    run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
+        "--val-size", "6", *QUICK)
+    result = run("pretrain.py", "--resume", out.with_suffix(".last.pt"), check=False)
+    assert "the state of a finetune run; resume it with finetune.py --resume" in error_line(result)
+
+
+def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
+    data = make_class_folders(tmp_path / "data", train=8, test=400, size=8)  # a test pass long enough to signal
+    out = tmp_path / "p.pt"
+    command = [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data), "--out", str(out), "--epochs",
+               "1", "--val-size", "3", *QUICK]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("  test: "):  # the first tenth of the test images is done
+            process.send_signal(signal.SIGINT)
+            break
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert "stopped by SIGINT during the test evaluation; the trained run is saved" in stderr.splitlines()[-1]
+    assert not out.with_suffix(".test.json").exists()
+    again = run("pretrain.py", "--resume", out.with_suffix(".last.pt"))
+    assert "already finished 1 epochs" in again.stdout and "test: accuracy" in again.stdout
+    assert load_checkpoint(out)["test_metrics"]["images"] == 1200 and out.with_suffix(".test.json").exists()
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tiny_data, tmp_path):
+    out = tmp_path / "p.pt"
+    with pretrain.OutLock(out):  # a real lock, as a running training holds it
+        result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6",
+                     *QUICK, check=False)
+    assert f"--out {out}: another run (pid {os.getpid()}) is writing it" in error_line(result)
+    assert list(tmp_path.iterdir()) == []  # the lock is gone with its holder
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("folder", "is a folder; pass a file in it"),
+    ("run.csv", "the run's log, resume state or test report would overwrite it"),
+])
+def test_an_out_that_would_clash_is_refused_before_training(tiny_data, tmp_path, out, message):
+    (tmp_path / "folder").mkdir()
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / out, "--epochs", "1", *QUICK,
+                 check=False)
+    assert message in error_line(result) and "epoch" not in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_path):
+    before = pretrained.read_bytes()
+    result = run("finetune.py", "--checkpoint", pretrained, "--out", pretrained, "--data-dir", tiny_data,
+                 "--epochs", "1", *QUICK, check=False)
+    assert "is the --checkpoint fine-tuning starts from and would overwrite it" in error_line(result)
+    assert pretrained.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "4"], "--limit 4: too few for 3 classes"),
+    (["--limit", "9"], "too few to hold out the default validation split"),
+    (["--seed", "99999999999999999999"], "--seed: must be an integer from 0 to 4294967295"),
+    (["--image-size", "10000"], "--image-size: at most 1024 px"),
+    (["--device", "cpu:1"], "--device cpu:1: not supported by these scripts"),
+    (["--device", "mps"], "--device mps: not supported by these scripts"),
+    (["--device", "meta"], "--device meta: not supported by these scripts"),
+    (["--device", "xla"], "--device xla: not supported by these scripts"),
+])
+def test_flags_that_cannot_work_are_one_line(tiny_data, tmp_path, flags, message):
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
+                 *QUICK, *flags, check=False)
+    assert message in error_line(result) and not (tmp_path / "p.pt").exists()
+
+
+def test_out_of_host_memory_is_one_line(tiny_data, tmp_path):
+    """A real allocation failure: the process's address space is capped below what the step needs."""
+    limit = 6 * 2**30
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
+            f"sys.argv = ['pretrain.py'] + sys.argv[1:]; sys.path.insert(0, {str(ROOT)!r}); "
+            "import pretrain; pretrain.main()")
+    result = subprocess.run([sys.executable, "-c", code, "--data-dir", str(tiny_data), "--out", str(tmp_path / "p.pt"),
+                             "--epochs", "1", "--val-size", "6", "--device", "cpu", "--image-size", "1024",
+                             "--batch-size", "42"], capture_output=True, text=True)
+    if "import" in result.stderr and "Error" in result.stderr and "pretrain" not in result.stderr:
+        pytest.skip(f"torch does not start under a {limit} byte address space here")
+    assert "pretrain.py: out of host memory with --batch-size 42" in error_line(result)
+
+
+def test_training_shows_its_progress_in_a_log_at_most_every_tenth(tiny_data, tmp_path):
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
+                 "--val-size", "6", *QUICK, "--batch-size", "2")  # 21 steps
+    lines = [line for line in result.stdout.splitlines() if line.startswith("  epoch 1/1: ")]
+    assert 5 <= len(lines) <= 10 and "\r" not in result.stdout
+    assert lines[0].startswith("  epoch 1/1: 6/42 images, loss ") and " img/s  eta " in lines[0]
+
+
+def test_progress_on_a_terminal_is_one_line_rewritten_in_place(monkeypatch):
+    parent, child = pty.openpty()
+    terminal = os.fdopen(child, "w")
+    monkeypatch.setattr(predict.ProgressLine, "TERMINAL_INTERVAL", 0.0)
+    line = predict.ProgressLine("test", 100, stream=terminal)
+    for done in range(10, 101, 10):
+        if line.due(done):
+            line.show(done)
+    line.close()
+    terminal.close()
+    written = b""
+    while True:  # a terminal hands the writes over in pieces; EIO once the writer's side is closed
+        try:
+            piece = os.read(parent, 10_000)
+        except OSError:
+            break
+        if not piece:
+            break
+        written += piece
+    os.close(parent)
+    written = written.decode()
+    assert written.count("\r") == 10 and "\n" not in written  # nine rewrites of one line, then erased
+    assert "\r  test: 90/100 images  " in written and written.endswith("\r\x1b[K")
+
+
+def test_progress_in_a_log_is_a_line_per_tenth():
+    log = io.StringIO()
+    line = predict.ProgressLine("predict", 1000, stream=log)
+    for done in range(1, 1001):
+        if line.due(done):
+            line.show(done)
+    line.close()
+    assert [row.split(":")[1].split("/")[0].strip() for row in log.getvalue().splitlines()] == [
+        str(100 * tenth) for tenth in range(1, 10)]
