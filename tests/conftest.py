@@ -1,7 +1,14 @@
+import contextlib
 import hashlib
+import http.server
+import importlib
+import io
+import os
 import subprocess
 import sys
 import tarfile
+import traceback
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -14,7 +21,11 @@ sys.path.insert(0, str(ROOT))
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 # Flags that keep a training run to seconds on the CPU.
-QUICK = ["--image-size", "64", "--batch-size", "8", "--lr", "0.02", "--device", "cpu"]
+QUICK = ["--image-size", "64", "--batch-size", "16", "--lr", "0.02", "--device", "cpu"]
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: end-to-end runs (training, real processes); `-m 'not slow'` skips them")
 
 
 def make_class_folders(root: Path, classes=("red", "green", "blue"), train=16, test=6, size=32, seed=0) -> Path:
@@ -33,13 +44,55 @@ def make_class_folders(root: Path, classes=("red", "green", "blue"), train=16, t
     return root
 
 
-def run(script: str, *args, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    """Run a project script the way a user does, and return its output."""
-    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                            cwd=kwargs.pop("cwd", ROOT), **kwargs)
+def run(script: str, *args, check: bool = True, process: bool = False, cwd: Path = ROOT,
+        **kwargs) -> subprocess.CompletedProcess:
+    """Run a project script as a user does, and return its exit status and output.
+
+    In this process by default (its `main(argv)`, with stdout, stderr and the working folder
+    swapped for the call): a new Python costs seconds of importing torch and tests nothing more.
+    `process=True` starts a real one, for what only a process shows (signals, the script as a file).
+    """
+    if process or kwargs:
+        result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                                text=True, cwd=cwd, **kwargs)
+    else:
+        result = run_in_process(script, [str(a) for a in args], cwd)
     if check and result.returncode != 0:
         raise AssertionError(f"{script} {args} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_in_process(script: str, argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`main(argv)` of the script's module, with what Python does at exit: SystemExit's code, or a traceback."""
+    module = importlib.import_module(Path(script).stem)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.simplefilter("default")  # a warning shows each run, as in a new process
+            try:
+                module.main(argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+            except Exception:  # noqa: BLE001 - what Python prints for an uncaught error
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(previous)
+    if isinstance(code, str):
+        stderr.write(code + "\n")
+        code = 1
+    return subprocess.CompletedProcess([script, *argv], code or 0, stdout.getvalue(), stderr.getvalue())
+
+
+class QuietHTTPServer(http.server.ThreadingHTTPServer):
+    """A loopback server for download tests: a client that hangs up is what some tests do, not an error to print
+    (the scripts' stderr is captured in this process, so the server's would be too)."""
+
+    def handle_error(self, request, client_address) -> None:
+        pass
 
 
 def error_line(result) -> str:
@@ -75,5 +128,6 @@ def tiny_data(tmp_path_factory) -> Path:
 def pretrained(tiny_data, tmp_path_factory) -> Path:
     """A pretrain checkpoint from a few seconds of training on the tiny folders."""
     out = tmp_path_factory.mktemp("ckpt") / "pretrain.pt"
-    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK)
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK,
+        "--batch-size", "16")
     return out

@@ -2,10 +2,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # end to end: real processes and training
 
 def test_benchmark_prints_device_commit_and_both_pipelines(tiny_data):
     command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data-dir", str(tiny_data),

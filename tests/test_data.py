@@ -14,7 +14,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 
 import data
-from conftest import class_folder_archive, error_line, make_class_folders, md5, run
+from conftest import QuietHTTPServer, class_folder_archive, error_line, make_class_folders, md5, run
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -50,7 +50,7 @@ def server(tmp_path):
     """A loopback HTTP server for the files in tmp_path/www."""
     www = tmp_path / "www"
     www.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(www)))
+    httpd = QuietHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(www)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield www, f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -12,6 +12,8 @@ import torch
 
 from conftest import ROOT, make_class_folders, run
 
+pytestmark = pytest.mark.slow  # end to end: real processes and training
+
 # DDP changes only the dropout masks (each process draws its own); with these settings the validation loss of
 # 2 processes stays within 0.0015 of 1 process over 3 epochs (measured), against ~0.03 moved by training.
 VAL_LOSS_TOLERANCE = 0.005

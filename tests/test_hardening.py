@@ -43,6 +43,7 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(small_filesystem):
     assert torch.load(path, weights_only=True) == {"version": 1} and os.listdir(disk) == ["c.pt"]
 
 
+@pytest.mark.slow
 def test_training_onto_a_full_disk_is_one_line(tiny_data, small_filesystem):
     out = small_filesystem("64m") / "p.pt"  # a checkpoint is 178 MB
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
@@ -66,6 +67,7 @@ def test_grid_that_is_no_picture_file_fails_before_predicting(pretrained, tiny_d
     assert f"--grid {tmp_path / name}: " in error_line(result) and result.stdout == ""
 
 
+@pytest.mark.slow
 def test_resume_after_the_training_images_changed_is_refused(tmp_path):
     data = make_class_folders(tmp_path / "data")
     out = tmp_path / "p.pt"
@@ -87,6 +89,7 @@ def test_a_checkpoint_whose_classes_do_not_fit_its_head_is_refused(pretrained, t
         error_line(result))
 
 
+@pytest.mark.slow
 def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrained, tiny_data, tmp_path):
     out = tmp_path / "f.pt"
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
@@ -95,6 +98,7 @@ def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrain
     assert "the state of a finetune run; resume it with finetune.py --resume" in error_line(result)
 
 
+@pytest.mark.slow
 def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
     data = make_class_folders(tmp_path / "data", train=8, test=400, size=8)  # a test pass long enough to signal
     out = tmp_path / "p.pt"
@@ -114,6 +118,7 @@ def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
     assert load_checkpoint(out)["test_metrics"]["images"] == 1200 and out.with_suffix(".test.json").exists()
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tiny_data, tmp_path):
     out = tmp_path / "p.pt"
     with pretrain.OutLock(out):  # a real lock, as a running training holds it
@@ -160,6 +165,7 @@ def test_flags_that_cannot_work_are_one_line(tiny_data, tmp_path, flags, message
     assert message in error_line(result) and not (tmp_path / "p.pt").exists()
 
 
+@pytest.mark.slow
 def test_out_of_host_memory_is_one_line(tiny_data, tmp_path):
     """A real allocation failure: the process's address space is capped below what the step needs."""
     limit = 6 * 2**30
@@ -174,6 +180,7 @@ def test_out_of_host_memory_is_one_line(tiny_data, tmp_path):
     assert "pretrain.py: out of host memory with --batch-size 42" in error_line(result)
 
 
+@pytest.mark.slow
 def test_training_shows_its_progress_in_a_log_at_most_every_tenth(tiny_data, tmp_path):
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
                  "--val-size", "6", *QUICK, "--batch-size", "2")  # 21 steps

@@ -4,6 +4,8 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -13,6 +15,7 @@ def python_in(folder, code: str) -> subprocess.CompletedProcess:
                           env={"PATH": "/usr/bin:/bin", "HOME": str(folder)})
 
 
+@pytest.mark.slow  # a new interpreter is what is tested
 def test_model_py_alone_rebuilds_a_checkpoint_and_imports_only_torch(pretrained, tmp_path):
     shutil.copy(ROOT / "model.py", tmp_path)
     result = python_in(tmp_path, f"""
@@ -32,6 +35,7 @@ def test_model_py_names_no_flag_or_script_of_ours():
     assert not re.findall(r"--[a-z]", source) and not re.findall(r"\b(pretrain|finetune|predict|data)\.py", source)
 
 
+@pytest.mark.slow  # a new interpreter is what is tested
 def test_predict_with_model_and_data_alone_in_an_empty_folder(pretrained, tiny_data, tmp_path):
     for name in ("model.py", "data.py", "predict.py"):
         shutil.copy(ROOT / name, tmp_path)
@@ -43,6 +47,7 @@ def test_predict_with_model_and_data_alone_in_an_empty_folder(pretrained, tiny_d
     assert path == str(image) and label in ("blue", "green", "red") and 0 < float(probability) <= 1
 
 
+@pytest.mark.slow  # a new interpreter is what is tested
 def test_importing_predict_loads_no_trainer(tmp_path):
     result = python_in(ROOT, """
 import sys

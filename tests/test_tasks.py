@@ -1,10 +1,12 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # end to end: real processes and training
 
 def invoke(*args, cwd):
     return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *map(str, args)],
