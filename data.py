@@ -92,7 +92,7 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
     try:
         img, shorter_side = load_image(path, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read this image ({e}); remove or replace the file") from None
+        raise DataError(f"{shown(path)}: cannot read this image ({e}); remove or replace the file") from None
     if img.size != (size, size):
         w, h = img.size
         scale = size / min(w, h)
@@ -101,6 +101,11 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return np.array(img, dtype=np.uint8), shorter_side
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def is_image_file(path: Path) -> bool:
@@ -148,7 +153,8 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
     digest = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
     for path, label in samples:
         stat = path.stat()
-        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        # the name as bytes: a name that is not UTF-8 cannot be encoded as text (and UTF-8 names hash as before)
+        digest.update(os.fsencode(path) + f"\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 

@@ -252,7 +252,7 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
     results = []
     for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-        results.append({"path": str(path), "true": None if label is None else classes[label],
+        results.append({"path": data.shown(path), "true": None if label is None else classes[label],
                         "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
     return results
 

@@ -1,6 +1,7 @@
 """Bad input and faults: each ends in one clear line on stderr and a non-zero exit, or a clean recovery."""
 import http.server
 import io
+import os
 import pickle
 import signal
 import struct
@@ -10,6 +11,7 @@ import tarfile
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,6 +91,33 @@ def test_corrupt_training_image_names_the_file(tmp_path):
     (root / "train" / "red" / "0001.png").write_bytes(b"broken")
     line = error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
     assert "red/0001.png: cannot read this image" in line and "remove or replace the file" in line
+
+
+def non_utf8_file(folder: Path, name: bytes, content: bytes) -> Path:
+    """A file whose name is not UTF-8 (as a Latin-1 system writes it), made through a bytes path."""
+    path = os.path.join(os.fsencode(folder), name)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    os.write(descriptor, content)
+    os.close(descriptor)
+    return Path(os.fsdecode(path))
+
+
+def test_a_file_name_that_is_not_utf8_loads_and_is_named_when_damaged(tmp_path):
+    root = make_class_folders(tmp_path / "d", train=2, test=1)
+    odd = non_utf8_file(root / "train" / "red", b"caf\xe9.png", (root / "train" / "red" / "0000.png").read_bytes())
+    assert len(data.load_folder(root / "train").labels) == 7
+    odd.write_bytes(b"damaged")
+    line = error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+    assert "red/caf\\xe9.png: cannot read this image" in line
+
+
+def test_predict_prints_file_names_that_are_not_utf8(pretrained, tiny_data, tmp_path):
+    non_utf8_file(tmp_path, b"caf\xe9.png", next((tiny_data / "test" / "red").iterdir()).read_bytes())
+    non_utf8_file(tmp_path, b"damaged\xff.png", b"damaged")
+    strict = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # strict stdout, as most UTF-8 locales have
+    result = run("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu", check=False, env=strict)
+    assert result.stdout.startswith(f"{tmp_path}/caf\\xe9.png\t")
+    assert "damaged\\xff.png: cannot read this image" in error_line(result)
 
 
 # ---------------------------------------------------------------- checkpoints
