@@ -47,7 +47,14 @@ WORKERS = min(8, len(os.sched_getaffinity(0)))
 
 
 class DataError(Exception):
-    """Data that cannot be used (a folder, an image, an archive, a download); the message names it and what to do."""
+    """Data that cannot be used (a folder, an image, an archive, a download); the message names it and what to do.
+
+    Given apart, `problem` (what is wrong) can be reported again with other advice by a caller that knows better.
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem = problem
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -132,21 +139,45 @@ class ImageSet:
         return self.images.shape[-1]
 
 
-def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped."""
+def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped.
+
+    `name` is what messages call `root` (default: its path).
+    """
+    name = name or shown(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; download the data (python data.py download) or pass --data-dir")
+        raise DataError(f"{name}: no such folder", "download the data (python data.py download) or pass --data-dir")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{root}: no class folders inside; expected {root}/<class>/<image> files")
+        raise DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
     samples = []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if is_image_file(p) and p.is_file())
+    for label, folder in enumerate(classes):
+        files = sorted(p for p in (root / folder).rglob("*") if is_image_file(p) and p.is_file())
         if not files:
-            raise DataError(f"{root / name}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            raise DataError(f"{name}/{shown(folder)}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})",
                             "add images or remove the folder")
         samples += [(p, label) for p in files]
+    if len(classes) == 1:  # training would reach 100 % by always answering the one class
+        raise DataError(f"{name}: only one class folder ({shown(classes[0])})",
+                        "a classifier needs at least two: add a folder of images for each other class")
     return classes, samples
+
+
+def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
+    """train/ and test/ scanned (see scan_class_folders), checked to have the same class folders."""
+    name = name or shown(data_dir)
+    for split in ("train", "test"):
+        if not (data_dir / split).is_dir():
+            raise DataError(f"{name}: no {split}/ folder", "a data folder holds train/<class>/ and test/<class>/ "
+                            "(python data.py download makes one for CIFAR-10)")
+    scans = {split: scan_class_folders(data_dir / split, f"{name}/{split}") for split in ("train", "test")}
+    train, test = scans["train"][0], scans["test"][0]
+    if train != test:
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise DataError(f"{name}: train/ and test/ have different class folders "
+                        f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'})",
+                        "make them the same")
+    return scans
 
 
 def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None) -> str:
@@ -158,15 +189,17 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
     return digest.hexdigest()
 
 
-def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True) -> ImageSet:
+def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True,
+                scanned: tuple[list[str], list[tuple[Path, int]]] | None = None) -> ImageSet:
     """Decode a class-folder split into memory, through a cache beside it.
 
     Images are stored at `size` (default: the most common shorter side, at most
     256). The cache lives in `<root>/../.cache/<name>.pt` and is used only while
     the file list, sizes and modification times are exactly those it was built from.
+    `scanned` is scan_class_folders(root) when the caller has it already.
     """
     root = Path(root)
-    classes, samples = scan_class_folders(root)
+    classes, samples = scanned or scan_class_folders(root)
     key = fingerprint(samples, classes, size)
     cache_file = root.parent / ".cache" / f"{root.name}.pt"
     if cache and cache_file.is_file():
@@ -234,19 +267,9 @@ def write_cache(path: Path, images: ImageSet, key: str) -> None:
 def load_dataset(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
     """The train and test splits of a data folder, with the same classes."""
     data_dir = Path(data_dir)
-    for split in ("train", "test"):
-        if not (data_dir / split).is_dir():
-            raise DataError(f"{data_dir}: no {split}/ folder; a data folder holds train/<class>/ and test/<class>/ "
-                            "(python data.py download makes one for CIFAR-10)")
-    train = load_folder(data_dir / "train")
-    test = load_folder(data_dir / "test", size=train.stored_size)
-    if train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_test = sorted(set(test.classes) - set(train.classes))
-        raise DataError(f"{data_dir}: train/ and test/ have different class folders "
-                        f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'}); "
-                        "make them the same")
-    return train, test
+    scans = scan_dataset(data_dir)  # both splits are checked before the long decoding starts
+    train = load_folder(data_dir / "train", scanned=scans["train"])
+    return train, load_folder(data_dir / "test", size=train.stored_size, scanned=scans["test"])
 
 
 def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -93,6 +93,12 @@ def test_corrupt_training_image_names_the_file(tmp_path):
     assert "red/0001.png: cannot read this image" in line and "remove or replace the file" in line
 
 
+def test_a_single_class_is_refused(tmp_path):
+    root = make_class_folders(tmp_path / "d", classes=("red",), train=2, test=1)
+    line = error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+    assert f"{root}/train: only one class folder (red); a classifier needs at least two" in line
+
+
 def non_utf8_file(folder: Path, name: bytes, content: bytes) -> Path:
     """A file whose name is not UTF-8 (as a Latin-1 system writes it), made through a bytes path."""
     path = os.path.join(os.fsencode(folder), name)
