@@ -11,6 +11,7 @@ whatever device holds that tensor.
 """
 import argparse
 import collections
+import fcntl
 import hashlib
 import io
 import os
@@ -27,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -383,49 +385,138 @@ def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- download
 
+class Lock:
+    """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL,
+    releases it. `taken(pid)` is the error raised while another process holds it."""
+
+    def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
+        self.path = path
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise taken(owner) from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # while still locked: no other process can be holding it
+        self.file.close()
+
+
 def download(root: str | os.PathLike, source: str | None = None, md5: str | None = None) -> Path:
     """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source.
 
     Everything happens in a temporary folder beside ROOT, which is renamed into
     place only once complete, so a failure or an interruption leaves nothing behind.
+    A lock beside ROOT lets one download at a time work there: a temporary folder
+    found by the lock's holder was left by a killed download, and is removed.
     """
     root = Path(root)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        print(f"{root} already holds train/ and test/; nothing to do")
-        return root
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"{root}: exists but holds no train/ and test/ folders; remove it or choose another --root")
+    for path in (root, *root.parents):
+        if path.exists() and not path.is_dir():
+            raise DataError(f"--root {root}: {'it' if path == root else path} is a file, not a folder",
+                            "choose another --root")
+    source, md5 = checked_source(source, md5)
+    if dataset_problem(root) is not None or partial_folders(root):  # a complete ROOT needs no lock: it may be read-only
+        with download_lock(root):
+            for stale in partial_folders(root):
+                shutil.rmtree(stale, ignore_errors=True)
+            problem = dataset_problem(root)
+            if problem is not None:
+                return make_root(root, source, md5, problem)
+    print(f"{root} already holds train/ and test/; nothing to do")
+    return root
+
+
+def is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "ftp")
+
+
+def checked_source(source: str | None, md5: str | None) -> tuple[str, str | None]:
+    """The official tarball and its md5 by default; an md5 in lower case, as check_integrity computes it."""
     if source is None:
-        source, md5 = CIFAR10_URL, CIFAR10_MD5
-    elif md5 is None:
+        return CIFAR10_URL, CIFAR10_MD5
+    if not is_url(source):
+        if not Path(source).exists():
+            raise DataError(f"--source {source}: no such file or folder", "pass a URL, an archive or a folder")
+        if md5 is not None and Path(source).is_dir():
+            raise DataError(f"--md5 {md5}: --source {source} is a folder, which has no checksum",
+                            "drop --md5, or pass an archive")
+    return source, None if md5 is None else md5.lower()
+
+
+def dataset_problem(root: Path) -> str | None:
+    """What keeps ROOT from being a complete data set (see scan_dataset), or None; ROOT named by its last part."""
+    try:
+        scan_dataset(root, root.name)
+    except DataError as e:
+        return e.problem
+    return None
+
+
+def partial_folders(root: Path) -> list[Path]:
+    """The temporary folders of downloads into ROOT (see download)."""
+    prefix = f".{root.name}.partial-"
+    return [p for p in root.parent.iterdir() if p.name.startswith(prefix)] if root.parent.is_dir() else []
+
+
+def download_lock(root: Path) -> "Lock":
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        return Lock(root.parent / f".{root.name}.lock", lambda owner: DataError(
+            f"--root {root}: another download (pid {owner}) is writing it",
+            "wait for it to end or choose another --root"))
+    except OSError as e:
+        raise DataError(f"--root {root}: cannot write in {root.parent} ({e.strerror or e})",
+                        "choose another --root") from None
+
+
+def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
+    """Build the data set in a temporary folder beside ROOT, then rename it into place (ROOT is absent or empty)."""
+    if root.is_dir() and any(root.iterdir()):
+        if (root / "train").exists() or (root / "test").exists():
+            raise DataError(f"--root {root}: an incomplete data set ({problem})",
+                            "remove it and run again, or choose another --root")
+        raise DataError(f"--root {root}: exists but holds no train/ and test/ folders",
+                        "remove it or choose another --root")
+    if md5 is None:
         print(f"warning: {source} is not checked against a checksum; pass --md5 to check it", file=sys.stderr)
-    root.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
     try:
-        tree = work / "tree"
-        if urllib.parse.urlparse(source).scheme in ("http", "https", "ftp"):
-            local = fetch(source, work)
-        else:
-            local = Path(source)
-            if not local.exists():
-                raise DataError(f"--source {source}: no such file or folder; pass a URL, an archive or a folder")
-        if local.is_dir():
-            copy_class_folders(local, tree)
-        else:
-            if md5 is not None and not check_integrity(str(local), md5):
-                raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
-                                "expected: download it again or pass the right --md5")
-            unpack(local, work, tree, source)
-        train, test = scan_class_folders(tree / "train"), scan_class_folders(tree / "test")
-        if train[0] != test[0]:
-            raise DataError(f"{source}: train/ and test/ have different class folders; fix the source")
+        scans = build_tree(source, md5, work)
         if root.exists():
             root.rmdir()  # empty, checked above
-        os.replace(tree, root)
-        print(f"{root}: {len(train[1])} training and {len(test[1])} test images in {len(train[0])} classes")
-        return root
+        os.replace(work / "tree", root)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    classes, train = scans["train"]
+    print(f"{root}: {len(train)} training and {len(scans['test'][1])} test images in {len(classes)} classes")
+    return root
+
+
+def build_tree(source: str, md5: str | None, work: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
+    """WORK/tree/train/ and test/ from a URL, an archive or a folder; returns their scan_dataset."""
+    tree = work / "tree"
+    local = fetch(source, work) if is_url(source) else Path(source)
+    if local.is_dir():
+        copy_class_folders(local, tree)
+    else:
+        if md5 is not None and not check_integrity(str(local), md5):
+            raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
+                            "expected: download it again or pass the right --md5")
+        unpack(local, work, tree, source)
+    try:
+        return scan_dataset(tree, source)
+    except DataError as e:
+        raise DataError(e.problem, "fix the source") from None
 
 
 def fetch(url: str, work: Path) -> Path:
@@ -530,6 +621,13 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, shown: str) -> None:
                 job.result()
 
 
+def md5_digits(text: str) -> str:
+    """--md5: 32 hexadecimal digits, in either case."""
+    if len(text) != 32 or not all(c in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"must be 32 hexadecimal digits (an md5 checksum), got {text!r}")
+    return text.lower()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -538,7 +636,8 @@ def main(argv: list[str] | None = None) -> None:
     get.add_argument("--root", default="data/cifar10", help="folder to create, holding train/ and test/")
     get.add_argument("--source", default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
                      "(default: the official cifar-10-python.tar.gz, md5-checked)")
-    get.add_argument("--md5", default=None, help="expected md5 of a --source file (default: not checked)")
+    get.add_argument("--md5", type=md5_digits, default=None,
+                     help="expected md5 of a --source file (default: not checked)")
     args = parser.parse_args(argv)
     try:
         download(args.root, args.source, args.md5)

@@ -266,20 +266,81 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
 
 
-def test_interrupted_copy_leaves_nothing(tmp_path):
-    # thousands of files: a copy that takes a while
-    source = make_class_folders(tmp_path / "source", train=1500, test=1, size=8)
-    work = tmp_path / "work"
-    work.mkdir()
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """Thousands of small files: a copy that takes long enough to stop it half-way."""
+    return make_class_folders(tmp_path_factory.mktemp("many") / "source", train=1500, test=1, size=8)
+
+
+def download_under_way(work: Path, source: Path) -> subprocess.Popen:
+    """`data.py download --root WORK/c --source SOURCE`, returned once its temporary folder is there."""
     command = [sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source", str(source)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work)
     deadline = time.monotonic() + 120
-    # interrupt it once it is copying
     while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):
         assert time.monotonic() < deadline and process.poll() is None, "the copy never started"
         time.sleep(0.005)
+    return process
+
+
+def test_interrupted_copy_leaves_nothing(tmp_path, many_images):
+    process = download_under_way(tmp_path, many_images)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1, stderr  # 0 would mean the copy finished before the signal arrived
-    assert stderr.strip().splitlines()[-1] == f"data.py: interrupted; nothing was written to {work / 'c'}"
-    assert "Traceback" not in stderr and list(work.iterdir()) == []
+    assert stderr.strip().splitlines()[-1] == f"data.py: interrupted; nothing was written to {tmp_path / 'c'}"
+    assert "Traceback" not in stderr and list(tmp_path.iterdir()) == []
+
+
+def test_the_next_download_clears_what_a_killed_one_left(tmp_path, many_images):
+    process = download_under_way(tmp_path, many_images)
+    process.kill()
+    process.communicate(timeout=60)
+    assert any(p.name.startswith(".c.partial-") for p in tmp_path.iterdir())  # killed half-way: nothing cleaned up
+    run("data.py", "download", "--root", tmp_path / "c", "--source", many_images)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_a_second_download_into_the_same_root_waits_for_the_first(tmp_path, tiny_data):
+    root = tmp_path / "c"
+    with data.download_lock(root):  # a real lock, as a running download holds it
+        result = run("data.py", "download", "--root", root, "--source", tiny_data, check=False)
+    assert f"--root {root}: another download (pid {os.getpid()}) is writing it" in error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_root_that_is_a_file_is_one_line(tmp_path, tiny_data, inside):
+    (tmp_path / "f").write_text("a file")
+    root = tmp_path / "f" / "c" if inside else tmp_path / "f"
+    line = error_line(run("data.py", "download", "--root", root, "--source", tiny_data, check=False))
+    assert f"--root {root}: {tmp_path / 'f' if inside else 'it'} is a file, not a folder; choose another --root" in line
+
+
+@pytest.mark.parametrize("damage", ["no test/", "an empty class folder"])
+def test_an_incomplete_root_is_not_taken_for_a_finished_one(tmp_path, tiny_data, damage):
+    root = make_class_folders(tmp_path / "c", train=1, test=1)
+    for image in (root / "test" / "red").iterdir():
+        image.unlink()
+    if damage == "no test/":
+        (root / "test").rename(tmp_path / "elsewhere")
+    line = error_line(run("data.py", "download", "--root", root, "--source", tiny_data, check=False))
+    problem = ": no test/ folder" if damage == "no test/" else "/test/red: class folder has no images"
+    assert f"--root {root}: an incomplete data set (c{problem}" in line and "remove it and run again" in line
+
+
+def test_md5_in_either_case_is_checked(tmp_path, tiny_data):
+    archive = tmp_path / "a.tar.gz"
+    class_folder_archive(archive, tiny_data)
+    run("data.py", "download", "--root", tmp_path / "c", "--source", archive, "--md5", md5(archive).upper())
+
+
+@pytest.mark.parametrize("value, message", [
+    ("c58f30108f718f92721af3b95e74349", "--md5: must be 32 hexadecimal digits (an md5 checksum)"),
+    ("z" * 32, "--md5: must be 32 hexadecimal digits (an md5 checksum)"),
+    ("0" * 32, "is a folder, which has no checksum; drop --md5"),
+])
+def test_an_md5_that_cannot_be_checked_is_refused(tmp_path, tiny_data, value, message):
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", tiny_data, "--md5", value, check=False)
+    assert result.returncode == (1 if "folder" in message else 2) and message in error_line(result)
+    assert list(tmp_path.iterdir()) == []
