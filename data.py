@@ -427,11 +427,13 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
     source, md5 = checked_source(source, md5)
     if dataset_problem(root) is not None or partial_folders(root):  # a complete ROOT needs no lock: it may be read-only
         with download_lock(root):
-            for stale in partial_folders(root):
-                shutil.rmtree(stale, ignore_errors=True)
-            problem = dataset_problem(root)
-            if problem is not None:
-                return make_root(root, source, md5, problem)
+            remove_partial_folders(root)  # a killed download's: they may hold gigabytes
+            try:
+                problem = dataset_problem(root)
+                if problem is not None:
+                    return make_root(root, source, md5, problem)
+            finally:
+                remove_partial_folders(root)  # this one's, also when a signal came as mkdtemp returned
     print(f"{root} already holds train/ and test/; nothing to do")
     return root
 
@@ -468,6 +470,12 @@ def partial_folders(root: Path) -> list[Path]:
     return [p for p in root.parent.iterdir() if p.name.startswith(prefix)] if root.parent.is_dir() else []
 
 
+def remove_partial_folders(root: Path) -> None:
+    """Under the download lock only: then every temporary folder of ROOT is its holder's or a killed download's."""
+    for folder in partial_folders(root):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def download_lock(root: Path) -> "Lock":
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -480,23 +488,18 @@ def download_lock(root: Path) -> "Lock":
 
 
 def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
-    """Build the data set in a temporary folder beside ROOT, then rename it into place (ROOT is absent or empty)."""
+    """Build the data set in a temporary folder beside ROOT (the caller removes it), then rename it into place."""
     if root.is_dir() and any(root.iterdir()):
         if (root / "train").exists() or (root / "test").exists():
             raise DataError(f"--root {root}: an incomplete data set ({problem})",
                             "remove it and run again, or choose another --root")
         raise DataError(f"--root {root}: exists but holds no train/ and test/ folders",
                         "remove it or choose another --root")
-    if md5 is None:
-        print(f"warning: {source} is not checked against a checksum; pass --md5 to check it", file=sys.stderr)
     work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
-    try:
-        scans = build_tree(source, md5, work)
-        if root.exists():
-            root.rmdir()  # empty, checked above
-        os.replace(work / "tree", root)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    scans = build_tree(source, md5, work)
+    if root.exists():
+        root.rmdir()  # empty, checked above
+    os.replace(work / "tree", root)
     classes, train = scans["train"]
     print(f"{root}: {len(train)} training and {len(scans['test'][1])} test images in {len(classes)} classes")
     return root
@@ -507,9 +510,11 @@ def build_tree(source: str, md5: str | None, work: Path) -> dict[str, tuple[list
     tree = work / "tree"
     local = fetch(source, work) if is_url(source) else Path(source)
     if local.is_dir():
-        copy_class_folders(local, tree)
+        copy_class_folders(local, tree, source)
     else:
-        if md5 is not None and not check_integrity(str(local), md5):
+        if md5 is None:  # a folder has no checksum, and is not warned about
+            print(f"warning: {source} is not checked against a checksum; pass --md5 to check it", file=sys.stderr)
+        elif not check_integrity(str(local), md5):
             raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
                             "expected: download it again or pass the right --md5")
         unpack(local, work, tree, source)
@@ -529,34 +534,34 @@ def fetch(url: str, work: Path) -> Path:
     return work / name
 
 
-def unpack(archive: Path, work: Path, tree: Path, shown: str) -> None:
+def unpack(archive: Path, work: Path, tree: Path, source: str) -> None:
     """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders.
 
-    `shown` names the archive in messages: the --source the user gave.
+    `source` names the archive in messages: the --source the user gave.
     """
     damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
     try:
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
                 if f"{CIFAR10_DIR}/data_batch_1" in tar.getnames():
-                    convert_cifar10(tar, tree, shown)
+                    convert_cifar10(tar, tree, source)
                     return
                 members = tar.getmembers()
-                check_members(shown, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in members])
+                check_members(source, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in members])
                 tar.extractall(work / "extract", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         elif zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                check_members(shown, [(name, None) for name in zf.namelist()])
+                check_members(source, [(name, None) for name in zf.namelist()])
                 zf.extractall(work / "extract")
         else:
-            raise DataError(f"{shown}: not a tar or zip archive, or an incomplete one; download it again, or pass "
+            raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
     except damaged as e:
-        raise DataError(f"{shown}: damaged or incomplete archive ({e}); download it again") from None
-    copy_class_folders(work / "extract", tree, move=True)
+        raise DataError(f"{source}: damaged or incomplete archive ({e}); download it again") from None
+    copy_class_folders(work / "extract", tree, source, move=True)
 
 
-def check_members(shown: str, members: list[tuple[str, str | None]]) -> None:
+def check_members(source: str, members: list[tuple[str, str | None]]) -> None:
     """Refuse absolute names, `..`, and links that point outside the archive."""
     for name, link in members:
         for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
@@ -564,22 +569,61 @@ def check_members(shown: str, members: list[tuple[str, str | None]]) -> None:
                 continue
             normal = os.path.normpath(path.replace("\\", "/"))
             if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
-                raise DataError(f"{shown}: member {name!r} points outside the archive; refusing to unpack it")
+                raise DataError(f"{source}: member {name!r} points outside the archive; refusing to unpack it")
 
 
-def copy_class_folders(source: Path, tree: Path, move: bool = False) -> None:
-    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
-    one_down = sorted(p for p in source.glob("*") if p.is_dir())
-    two_down = sorted(p for p in source.glob("*/*") if p.is_dir())
-    candidates = [source] + one_down + two_down
-    for found in candidates:
+def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:
+    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`.
+
+    `source` names the --source in messages.
+    """
+    one_down = sorted(p for p in folder.glob("*") if p.is_dir())
+    two_down = sorted(p for p in folder.glob("*/*") if p.is_dir())
+    for found in [folder] + one_down + two_down:
         if (found / "train").is_dir() and (found / "test").is_dir():
             tree.mkdir()
             for split in ("train", "test"):
-                (shutil.move if move else shutil.copytree)(str(found / split), str(tree / split))
+                if move:
+                    shutil.move(found / split, tree / split)
+                else:
+                    copy_following_links(found / split, tree / split, source)
             return
     raise DataError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
                     "lay it out as train/<class>/<image> and test/<class>/<image>")
+
+
+def copy_following_links(folder: Path, target: Path, source: str) -> None:
+    """Copy a folder, a linked image or class folder as what it points to (its link could not be followed later).
+
+    A link that leads back to a folder above it is refused first: the copy would follow it round and round
+    until the path is too long, and fail with thousands of lines.
+    """
+    refuse_link_loops(folder, source, [])
+    try:
+        shutil.copytree(folder, target)
+    except shutil.Error as e:  # one (file, copy, why) per file that failed: the first says enough
+        name, _, why = e.args[0][0]
+        raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})", "fix or remove it") from None
+
+
+def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, int], Path]]) -> None:
+    """Walk `folder` as copytree will, following links; `above` holds the (device, inode) of each folder above."""
+    info = folder.stat()
+    above = above + [((info.st_dev, info.st_ino), folder)]
+    for entry in os.scandir(folder):
+        if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
+            continue  # a file: nothing to follow
+        try:
+            target = os.stat(entry.path)
+        except OSError as e:  # a link to itself, to a link back to it, or to nothing
+            raise DataError(f"--source {source}: {shown(entry.path)} is a link that cannot be followed "
+                            f"({e.strerror})", "remove it or make it point to a file or folder") from None
+        if entry.is_dir():
+            back = [path for key, path in above if key == (target.st_dev, target.st_ino)]
+            if back:
+                raise DataError(f"--source {source}: {shown(entry.path)} is a link back to {shown(back[0])}, "
+                                "a loop", "remove it") from None
+            refuse_link_loops(Path(entry.path), source, above)
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -593,13 +637,13 @@ class CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def convert_cifar10(tar: tarfile.TarFile, tree: Path, shown: str) -> None:
+def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
     """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class."""
     def read(name):
         try:
             return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
         except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise DataError(f"{shown}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
+            raise DataError(f"{source}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
                             "download the tarball again") from None
 
     classes = read("batches.meta")["label_names"]

@@ -344,3 +344,15 @@ def test_an_md5_that_cannot_be_checked_is_refused(tmp_path, tiny_data, value, me
     result = run("data.py", "download", "--root", tmp_path / "c", "--source", tiny_data, "--md5", value, check=False)
     assert result.returncode == (1 if "folder" in message else 2) and message in error_line(result)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["..", "loop"])
+def test_a_link_loop_in_a_source_folder_is_one_short_line(tmp_path, target):
+    source = make_class_folders(tmp_path / "source", train=2, test=1)
+    loop = source / "train" / "red" / "loop"
+    loop.symlink_to(target)  # back to train/, or to itself
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", source, check=False)
+    problem = (f"is a link back to {source}/train, a loop; remove it" if target == ".." else
+               "is a link that cannot be followed (Too many levels of symbolic links)")
+    assert f"--source {source}: {loop} {problem}" in error_line(result) and result.stderr.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["source"]
