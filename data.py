@@ -45,6 +45,9 @@ STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centre-crops
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
 CACHE_VERSION = 1
+# An archive whose members declare more is refused (a zip bomb unpacks a few MB to terabytes); a data set that large
+# would not fit in memory once decoded anyway.
+MAX_UNPACKED_BYTES = 16 * 2**30
 WORKERS = min(8, len(os.sched_getaffinity(0)))
 
 
@@ -543,15 +546,18 @@ def unpack(archive: Path, work: Path, tree: Path, source: str) -> None:
     try:
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                check_unpacked_size(source, sum(m.size for m in members if m.isreg()), work)
                 if f"{CIFAR10_DIR}/data_batch_1" in tar.getnames():
                     convert_cifar10(tar, tree, source)
                     return
-                members = tar.getmembers()
-                check_members(source, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in members])
+                check_members(source, [tar_member(m) for m in members])
                 tar.extractall(work / "extract", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         elif zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                check_members(source, [(name, None) for name in zf.namelist()])
+                members = zf.infolist()
+                check_unpacked_size(source, sum(m.file_size for m in members), work)
+                check_members(source, [(m.filename, None, None) for m in members])  # zipfile writes only files
                 zf.extractall(work / "extract")
         else:
             raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
@@ -561,9 +567,42 @@ def unpack(archive: Path, work: Path, tree: Path, source: str) -> None:
     copy_class_folders(work / "extract", tree, source, move=True)
 
 
-def check_members(source: str, members: list[tuple[str, str | None]]) -> None:
-    """Refuse absolute names, `..`, and links that point outside the archive."""
-    for name, link in members:
+def size_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def check_unpacked_size(source: str, size: int, work: Path) -> None:
+    """Refuse an archive whose members declare more bytes than the limit or the free space where it unpacks.
+
+    The declared sizes bound what unpacking writes: tarfile and zipfile stop a
+    member there (and zipfile then fails its checksum).
+    """
+    if size > MAX_UNPACKED_BYTES:
+        raise DataError(f"{source}: would unpack to {size_text(size)}, more than the {size_text(MAX_UNPACKED_BYTES)} "
+                        "this script unpacks (a zip bomb?)", "if it is a data set, unpack it yourself and pass "
+                        "the folder as --source")
+    free = shutil.disk_usage(work).free
+    if size > free:
+        raise DataError(f"{source}: would unpack to {size_text(size)}, more than the {size_text(free)} free at "
+                        f"{work.parent}", "free space there or choose a --root on another disk")
+
+
+SPECIAL_MEMBERS = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
+
+
+def tar_member(member: tarfile.TarInfo) -> tuple[str, str | None, str | None]:
+    """(name, link target, what it is unless a file, folder or link) for check_members."""
+    link = member.linkname if member.issym() or member.islnk() else None
+    plain = member.isreg() or member.isdir() or link is not None
+    return member.name, link, None if plain else SPECIAL_MEMBERS.get(member.type, "a special file")
+
+
+def check_members(source: str, members: list[tuple[str, str | None, str | None]]) -> None:
+    """Refuse devices and FIFOs (no part of a data set), absolute names, `..`, and links that point outside."""
+    for name, link, special in members:
+        if special is not None:
+            raise DataError(f"{source}: member {name!r} is {special}, not a regular file or folder; refusing to unpack "
+                            "it")
         for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
             if path is None:
                 continue

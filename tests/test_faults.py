@@ -10,6 +10,7 @@ import sys
 import tarfile
 import threading
 import time
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -356,3 +357,42 @@ def test_a_link_loop_in_a_source_folder_is_one_short_line(tmp_path, target):
                "is a link that cannot be followed (Too many levels of symbolic links)")
     assert f"--source {source}: {loop} {problem}" in error_line(result) and result.stderr.count("\n") == 1
     assert [p.name for p in tmp_path.iterdir()] == ["source"]
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a character device"])
+def test_a_device_or_fifo_in_a_tar_is_refused_by_name(tmp_path, tiny_data, kind):
+    special = Path("/dev/null")  # a real device node, and no mknod needed
+    if kind == "a FIFO":
+        special = tmp_path / "pipe"
+        os.mkfifo(special)
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_data, "cifar10")
+        tar.add(special, "cifar10/train/red/odd.png")
+    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    assert f"{archive}: member 'cifar10/train/red/odd.png' is {kind}, not a regular file or folder; refusing" in line
+    assert not (tmp_path / "c").exists()
+
+
+def zip_bomb(path: Path, size: int) -> Path:
+    """A zip of one file of `size` zero bytes: a thousandth of that to download."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("train/a/0.png", "w") as member:
+        for _ in range(size // 2**20):
+            member.write(bytes(2**20))
+    return path
+
+
+def test_an_archive_declaring_more_than_the_limit_is_refused(tmp_path, monkeypatch):
+    bomb = zip_bomb(tmp_path / "bomb.zip", 64 * 2**20)
+    monkeypatch.setattr(data, "MAX_UNPACKED_BYTES", 32 * 2**20)  # 16 GiB would take minutes to compress
+    with pytest.raises(data.DataError, match="bomb.zip: would unpack to 64.0 MiB, more than the 32.0 MiB this script"):
+        data.download(tmp_path / "c", str(bomb))
+    assert [p.name for p in tmp_path.iterdir()] == ["bomb.zip"]
+
+
+def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, small_filesystem):
+    bomb = zip_bomb(tmp_path / "bomb.zip", 64 * 2**20)
+    disk = small_filesystem("16m")
+    line = error_line(run("data.py", "download", "--root", disk / "c", "--source", bomb, check=False))
+    assert f"{bomb}: would unpack to 64.0 MiB, more than the " in line and f" MiB free at {disk}; free space" in line
+    assert os.listdir(disk) == []
