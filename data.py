@@ -17,6 +17,7 @@ import io
 import os
 import pickle
 import shutil
+import stat
 import sys
 import tarfile
 import tempfile
@@ -120,6 +121,13 @@ def shown(path: str | os.PathLike) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+def special_kind(mode: int) -> str:
+    """What a file that is no regular file, folder or link is, from its st_mode."""
+    kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+             stat.S_IFSOCK: "a socket"}
+    return kinds.get(stat.S_IFMT(mode), "a special file")
+
+
 def is_image_file(path: Path) -> bool:
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
@@ -188,9 +196,9 @@ def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[lis
 def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None) -> str:
     digest = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
     for path, label in samples:
-        stat = path.stat()
+        info = path.stat()
         # the name as bytes: a name that is not UTF-8 cannot be encoded as text (and UTF-8 names hash as before)
-        digest.update(os.fsencode(path) + f"\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(path) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -587,14 +595,12 @@ def check_unpacked_size(source: str, size: int, work: Path) -> None:
                         f"{work.parent}", "free space there or choose a --root on another disk")
 
 
-SPECIAL_MEMBERS = {tarfile.CHRTYPE: "a character device", tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO"}
-
-
 def tar_member(member: tarfile.TarInfo) -> tuple[str, str | None, str | None]:
     """(name, link target, what it is unless a file, folder or link) for check_members."""
     link = member.linkname if member.issym() or member.islnk() else None
     plain = member.isreg() or member.isdir() or link is not None
-    return member.name, link, None if plain else SPECIAL_MEMBERS.get(member.type, "a special file")
+    mode = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+    return member.name, link, None if plain else special_kind(mode.get(member.type, 0))
 
 
 def check_members(source: str, members: list[tuple[str, str | None, str | None]]) -> None:

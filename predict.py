@@ -203,10 +203,13 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             labelled = bool(folders) and all(p.name in classes for p in folders)
             images = sorted(p for p in path.rglob("*") if data.is_image_file(p) and p.is_file())
             if not images:
-                errors.append(f"{path}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
+                errors.append(f"{data.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
             found += [(p, classes.index(p.relative_to(path).parts[0]) if labelled else None) for p in images]
+        elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
+            kind = data.special_kind(path.stat().st_mode)
+            errors.append(f"{data.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
         else:
-            errors.append(f"{path}: no such file or folder")
+            errors.append(f"{data.shown(path)}: no such file or folder")
     return found, errors
 
 

@@ -4,6 +4,7 @@ import io
 import os
 import pickle
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -51,6 +52,18 @@ def test_bad_image_files_are_reported_and_the_rest_predicted(pretrained, tmp_pat
     errors = result.stderr.strip().splitlines()
     assert [e.split(": ")[1].rsplit("/", 1)[1] for e in errors] == ["bomb.png", "text.png", "truncated.jpg"]
     assert "decompression bomb" in errors[0] and all("cannot read this image" in e for e in errors)
+
+
+def test_a_path_that_is_no_file_or_folder_is_named_as_such(pretrained, tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(tmp_path / "socket.png"))
+        result = run("predict.py", "/dev/zero", tmp_path / "pipe.png", tmp_path / "socket.png", "--checkpoint",
+                     pretrained, "--device", "cpu", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    kinds = [("/dev/zero", "a character device"), (tmp_path / "pipe.png", "a FIFO"), (tmp_path / "socket.png", "a socket")]
+    assert result.stderr.splitlines()[:3] == [
+        f"predict.py: {path}: {kind}, not an image file or a folder; pass image files or folders" for path, kind in kinds]
 
 
 def test_a_huge_image_is_predicted(pretrained, tmp_path):
