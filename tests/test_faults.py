@@ -61,9 +61,9 @@ def test_a_path_that_is_no_file_or_folder_is_named_as_such(pretrained, tmp_path)
         result = run("predict.py", "/dev/zero", tmp_path / "pipe.png", tmp_path / "socket.png", "--checkpoint",
                      pretrained, "--device", "cpu", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    kinds = [("/dev/zero", "a character device"), (tmp_path / "pipe.png", "a FIFO"), (tmp_path / "socket.png", "a socket")]
-    assert result.stderr.splitlines()[:3] == [
-        f"predict.py: {path}: {kind}, not an image file or a folder; pass image files or folders" for path, kind in kinds]
+    kinds = {"/dev/zero": "a character device", tmp_path / "pipe.png": "a FIFO", tmp_path / "socket.png": "a socket"}
+    assert result.stderr.splitlines()[:3] == [f"predict.py: {path}: {kind}, not an image file or a folder; pass image "
+                                              "files or folders" for path, kind in kinds.items()]
 
 
 def test_a_huge_image_is_predicted(pretrained, tmp_path):
