@@ -397,8 +397,10 @@ def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- download
 
 class Lock:
-    """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL,
-    releases it. `taken(pid)` is the error raised while another process holds it."""
+    """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
+
+    `taken(pid)` makes the error raised while another process holds it.
+    """
 
     def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
         self.path = path
@@ -487,7 +489,7 @@ def remove_partial_folders(root: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def download_lock(root: Path) -> "Lock":
+def download_lock(root: Path) -> Lock:
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         return Lock(root.parent / f".{root.name}.lock", lambda owner: DataError(
@@ -638,10 +640,10 @@ def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False
 
 
 def copy_following_links(folder: Path, target: Path, source: str) -> None:
-    """Copy a folder, a linked image or class folder as what it points to (its link could not be followed later).
+    """Copy a folder; a linked image or class folder is copied as what it points to (a copied link could break).
 
-    A link that leads back to a folder above it is refused first: the copy would follow it round and round
-    until the path is too long, and fail with thousands of lines.
+    A link that leads back to a folder above it is refused first: the copy would follow it round and round,
+    40 levels deep, and fail with kilobytes of messages.
     """
     refuse_link_loops(folder, source, [])
     try:
@@ -649,6 +651,9 @@ def copy_following_links(folder: Path, target: Path, source: str) -> None:
     except shutil.Error as e:  # one (file, copy, why) per file that failed: the first says enough
         name, _, why = e.args[0][0]
         raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})", "fix or remove it") from None
+    except OSError as e:  # the copy's first folder could not be made
+        raise DataError(f"--source {source}: cannot copy {shown(folder)} ({e.strerror or e})",
+                        "free space or choose another --root") from None
 
 
 def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, int], Path]]) -> None:
@@ -667,7 +672,7 @@ def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, in
             back = [path for key, path in above if key == (target.st_dev, target.st_ino)]
             if back:
                 raise DataError(f"--source {source}: {shown(entry.path)} is a link back to {shown(back[0])}, "
-                                "a loop", "remove it") from None
+                                "a loop", "remove it")
             refuse_link_loops(Path(entry.path), source, above)
 
 
