@@ -11,11 +11,13 @@ whatever device holds that tensor.
 """
 import argparse
 import collections
+import fcntl
 import hashlib
 import io
 import os
 import pickle
 import shutil
+import stat
 import sys
 import tarfile
 import tempfile
@@ -27,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,11 +46,21 @@ STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centre-crops
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
 CACHE_VERSION = 1
+# An archive whose members declare more is refused (a zip bomb unpacks a few MB to terabytes); a data set that large
+# would not fit in memory once decoded anyway.
+MAX_UNPACKED_BYTES = 16 * 2**30
 WORKERS = min(8, len(os.sched_getaffinity(0)))
 
 
 class DataError(Exception):
-    """Data that cannot be used (a folder, an image, an archive, a download); the message names it and what to do."""
+    """Data that cannot be used (a folder, an image, an archive, a download); the message names it and what to do.
+
+    Given apart, `problem` (what is wrong) can be reported again with other advice by a caller that knows better.
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem = problem
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -92,7 +105,7 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
     try:
         img, shorter_side = load_image(path, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read this image ({e}); remove or replace the file") from None
+        raise DataError(f"{shown(path)}: cannot read this image ({e}); remove or replace the file") from None
     if img.size != (size, size):
         w, h = img.size
         scale = size / min(w, h)
@@ -101,6 +114,18 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return np.array(img, dtype=np.uint8), shorter_side
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is no regular file, folder or link is, from its st_mode."""
+    kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+             stat.S_IFSOCK: "a socket"}
+    return kinds.get(stat.S_IFMT(mode), "a special file")
 
 
 def is_image_file(path: Path) -> bool:
@@ -127,40 +152,67 @@ class ImageSet:
         return self.images.shape[-1]
 
 
-def scan_class_folders(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped."""
+def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped.
+
+    `name` is what messages call `root` (default: its path).
+    """
+    name = name or shown(root)
     if not root.is_dir():
-        raise DataError(f"{root}: no such folder; download the data (python data.py download) or pass --data-dir")
+        raise DataError(f"{name}: no such folder", "download the data (python data.py download) or pass --data-dir")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{root}: no class folders inside; expected {root}/<class>/<image> files")
+        raise DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
     samples = []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if is_image_file(p) and p.is_file())
+    for label, folder in enumerate(classes):
+        files = sorted(p for p in (root / folder).rglob("*") if is_image_file(p) and p.is_file())
         if not files:
-            raise DataError(f"{root / name}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+            raise DataError(f"{name}/{shown(folder)}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})",
                             "add images or remove the folder")
         samples += [(p, label) for p in files]
+    if len(classes) == 1:  # training would reach 100 % by always answering the one class
+        raise DataError(f"{name}: only one class folder ({shown(classes[0])})",
+                        "a classifier needs at least two: add a folder of images for each other class")
     return classes, samples
+
+
+def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
+    """train/ and test/ scanned (see scan_class_folders), checked to have the same class folders."""
+    name = name or shown(data_dir)
+    for split in ("train", "test"):
+        if not (data_dir / split).is_dir():
+            raise DataError(f"{name}: no {split}/ folder", "a data folder holds train/<class>/ and test/<class>/ "
+                            "(python data.py download makes one for CIFAR-10)")
+    scans = {split: scan_class_folders(data_dir / split, f"{name}/{split}") for split in ("train", "test")}
+    train, test = scans["train"][0], scans["test"][0]
+    if train != test:
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise DataError(f"{name}: train/ and test/ have different class folders "
+                        f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'})",
+                        "make them the same")
+    return scans
 
 
 def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None) -> str:
     digest = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
     for path, label in samples:
-        stat = path.stat()
-        digest.update(f"{path}\0{label}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        info = path.stat()
+        # the name as bytes: a name that is not UTF-8 cannot be encoded as text (and UTF-8 names hash as before)
+        digest.update(os.fsencode(path) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True) -> ImageSet:
+def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True,
+                scanned: tuple[list[str], list[tuple[Path, int]]] | None = None) -> ImageSet:
     """Decode a class-folder split into memory, through a cache beside it.
 
     Images are stored at `size` (default: the most common shorter side, at most
     256). The cache lives in `<root>/../.cache/<name>.pt` and is used only while
     the file list, sizes and modification times are exactly those it was built from.
+    `scanned` is scan_class_folders(root) when the caller has it already.
     """
     root = Path(root)
-    classes, samples = scan_class_folders(root)
+    classes, samples = scanned or scan_class_folders(root)
     key = fingerprint(samples, classes, size)
     cache_file = root.parent / ".cache" / f"{root.name}.pt"
     if cache and cache_file.is_file():
@@ -228,19 +280,9 @@ def write_cache(path: Path, images: ImageSet, key: str) -> None:
 def load_dataset(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
     """The train and test splits of a data folder, with the same classes."""
     data_dir = Path(data_dir)
-    for split in ("train", "test"):
-        if not (data_dir / split).is_dir():
-            raise DataError(f"{data_dir}: no {split}/ folder; a data folder holds train/<class>/ and test/<class>/ "
-                            "(python data.py download makes one for CIFAR-10)")
-    train = load_folder(data_dir / "train")
-    test = load_folder(data_dir / "test", size=train.stored_size)
-    if train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_test = sorted(set(test.classes) - set(train.classes))
-        raise DataError(f"{data_dir}: train/ and test/ have different class folders "
-                        f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'}); "
-                        "make them the same")
-    return train, test
+    scans = scan_dataset(data_dir)  # both splits are checked before the long decoding starts
+    train = load_folder(data_dir / "train", scanned=scans["train"])
+    return train, load_folder(data_dir / "test", size=train.stored_size, scanned=scans["test"])
 
 
 def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -354,49 +396,145 @@ def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- download
 
+class Lock:
+    """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
+
+    `taken(pid)` makes the error raised while another process holds it.
+    """
+
+    def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
+        self.path = path
+        self.file = open(path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise taken(owner) from None
+        self.file.truncate(0)
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # while still locked: no other process can be holding it
+        self.file.close()
+
+
 def download(root: str | os.PathLike, source: str | None = None, md5: str | None = None) -> Path:
     """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source.
 
     Everything happens in a temporary folder beside ROOT, which is renamed into
     place only once complete, so a failure or an interruption leaves nothing behind.
+    A lock beside ROOT lets one download at a time work there: a temporary folder
+    found by the lock's holder was left by a killed download, and is removed.
     """
     root = Path(root)
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        print(f"{root} already holds train/ and test/; nothing to do")
-        return root
-    if root.exists() and any(root.iterdir()):
-        raise DataError(f"{root}: exists but holds no train/ and test/ folders; remove it or choose another --root")
+    for path in (root, *root.parents):
+        if path.exists() and not path.is_dir():
+            raise DataError(f"--root {root}: {'it' if path == root else path} is a file, not a folder",
+                            "choose another --root")
+    source, md5 = checked_source(source, md5)
+    if dataset_problem(root) is not None or partial_folders(root):  # a complete ROOT needs no lock: it may be read-only
+        with download_lock(root):
+            remove_partial_folders(root)  # a killed download's: they may hold gigabytes
+            try:
+                problem = dataset_problem(root)
+                if problem is not None:
+                    return make_root(root, source, md5, problem)
+            finally:
+                remove_partial_folders(root)  # this one's, also when a signal came as mkdtemp returned
+    print(f"{root} already holds train/ and test/; nothing to do")
+    return root
+
+
+def is_url(source: str) -> bool:
+    return urllib.parse.urlparse(source).scheme in ("http", "https", "ftp")
+
+
+def checked_source(source: str | None, md5: str | None) -> tuple[str, str | None]:
+    """The official tarball and its md5 by default; an md5 in lower case, as check_integrity computes it."""
     if source is None:
-        source, md5 = CIFAR10_URL, CIFAR10_MD5
-    elif md5 is None:
-        print(f"warning: {source} is not checked against a checksum; pass --md5 to check it", file=sys.stderr)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
+        return CIFAR10_URL, CIFAR10_MD5
+    if not is_url(source):
+        if not Path(source).exists():
+            raise DataError(f"--source {source}: no such file or folder", "pass a URL, an archive or a folder")
+        if md5 is not None and Path(source).is_dir():
+            raise DataError(f"--md5 {md5}: --source {source} is a folder, which has no checksum",
+                            "drop --md5, or pass an archive")
+    return source, None if md5 is None else md5.lower()
+
+
+def dataset_problem(root: Path) -> str | None:
+    """What keeps ROOT from being a complete data set (see scan_dataset), or None; ROOT named by its last part."""
     try:
-        tree = work / "tree"
-        if urllib.parse.urlparse(source).scheme in ("http", "https", "ftp"):
-            local = fetch(source, work)
-        else:
-            local = Path(source)
-            if not local.exists():
-                raise DataError(f"--source {source}: no such file or folder; pass a URL, an archive or a folder")
-        if local.is_dir():
-            copy_class_folders(local, tree)
-        else:
-            if md5 is not None and not check_integrity(str(local), md5):
-                raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
-                                "expected: download it again or pass the right --md5")
-            unpack(local, work, tree, source)
-        train, test = scan_class_folders(tree / "train"), scan_class_folders(tree / "test")
-        if train[0] != test[0]:
-            raise DataError(f"{source}: train/ and test/ have different class folders; fix the source")
-        if root.exists():
-            root.rmdir()  # empty, checked above
-        os.replace(tree, root)
-        print(f"{root}: {len(train[1])} training and {len(test[1])} test images in {len(train[0])} classes")
-        return root
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        scan_dataset(root, root.name)
+    except DataError as e:
+        return e.problem
+    return None
+
+
+def partial_folders(root: Path) -> list[Path]:
+    """The temporary folders of downloads into ROOT (see download)."""
+    prefix = f".{root.name}.partial-"
+    return [p for p in root.parent.iterdir() if p.name.startswith(prefix)] if root.parent.is_dir() else []
+
+
+def remove_partial_folders(root: Path) -> None:
+    """Under the download lock only: then every temporary folder of ROOT is its holder's or a killed download's."""
+    for folder in partial_folders(root):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def download_lock(root: Path) -> Lock:
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        return Lock(root.parent / f".{root.name}.lock", lambda owner: DataError(
+            f"--root {root}: another download (pid {owner}) is writing it",
+            "wait for it to end or choose another --root"))
+    except OSError as e:
+        raise DataError(f"--root {root}: cannot write in {root.parent} ({e.strerror or e})",
+                        "choose another --root") from None
+
+
+def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
+    """Build the data set in a temporary folder beside ROOT (the caller removes it), then rename it into place."""
+    if root.is_dir() and any(root.iterdir()):
+        if (root / "train").exists() or (root / "test").exists():
+            raise DataError(f"--root {root}: an incomplete data set ({problem})",
+                            "remove it and run again, or choose another --root")
+        raise DataError(f"--root {root}: exists but holds no train/ and test/ folders",
+                        "remove it or choose another --root")
+    work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
+    scans = build_tree(source, md5, work)
+    if root.exists():
+        root.rmdir()  # empty, checked above
+    os.replace(work / "tree", root)
+    classes, train = scans["train"]
+    print(f"{root}: {len(train)} training and {len(scans['test'][1])} test images in {len(classes)} classes")
+    return root
+
+
+def build_tree(source: str, md5: str | None, work: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
+    """WORK/tree/train/ and test/ from a URL, an archive or a folder; returns their scan_dataset."""
+    tree = work / "tree"
+    local = fetch(source, work) if is_url(source) else Path(source)
+    if local.is_dir():
+        copy_class_folders(local, tree, source)
+    else:
+        if md5 is None:  # a folder has no checksum, and is not warned about
+            print(f"warning: {source} is not checked against a checksum; pass --md5 to check it", file=sys.stderr)
+        elif not check_integrity(str(local), md5):
+            raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
+                            "expected: download it again or pass the right --md5")
+        unpack(local, work, tree, source)
+    try:
+        return scan_dataset(tree, source)
+    except DataError as e:
+        raise DataError(e.problem, "fix the source") from None
 
 
 def fetch(url: str, work: Path) -> Path:
@@ -409,57 +547,135 @@ def fetch(url: str, work: Path) -> Path:
     return work / name
 
 
-def unpack(archive: Path, work: Path, tree: Path, shown: str) -> None:
+def unpack(archive: Path, work: Path, tree: Path, source: str) -> None:
     """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders.
 
-    `shown` names the archive in messages: the --source the user gave.
+    `source` names the archive in messages: the --source the user gave.
     """
     damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
     try:
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
-                if f"{CIFAR10_DIR}/data_batch_1" in tar.getnames():
-                    convert_cifar10(tar, tree, shown)
-                    return
                 members = tar.getmembers()
-                check_members(shown, [(m.name, m.linkname if (m.issym() or m.islnk()) else None) for m in members])
+                check_unpacked_size(source, sum(m.size for m in members if m.isreg()), work)
+                if f"{CIFAR10_DIR}/data_batch_1" in tar.getnames():
+                    convert_cifar10(tar, tree, source)
+                    return
+                check_members(source, [tar_member(m) for m in members])
                 tar.extractall(work / "extract", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         elif zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                check_members(shown, [(name, None) for name in zf.namelist()])
+                members = zf.infolist()
+                check_unpacked_size(source, sum(m.file_size for m in members), work)
+                check_members(source, [(m.filename, None, None) for m in members])  # zipfile writes only files
                 zf.extractall(work / "extract")
         else:
-            raise DataError(f"{shown}: not a tar or zip archive, or an incomplete one; download it again, or pass "
+            raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
     except damaged as e:
-        raise DataError(f"{shown}: damaged or incomplete archive ({e}); download it again") from None
-    copy_class_folders(work / "extract", tree, move=True)
+        raise DataError(f"{source}: damaged or incomplete archive ({e}); download it again") from None
+    copy_class_folders(work / "extract", tree, source, move=True)
 
 
-def check_members(shown: str, members: list[tuple[str, str | None]]) -> None:
-    """Refuse absolute names, `..`, and links that point outside the archive."""
-    for name, link in members:
+def size_text(size: int) -> str:
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
+def check_unpacked_size(source: str, size: int, work: Path) -> None:
+    """Refuse an archive whose members declare more bytes than the limit or the free space where it unpacks.
+
+    The declared sizes bound what unpacking writes: tarfile and zipfile stop a
+    member there (and zipfile then fails its checksum).
+    """
+    if size > MAX_UNPACKED_BYTES:
+        raise DataError(f"{source}: would unpack to {size_text(size)}, more than the {size_text(MAX_UNPACKED_BYTES)} "
+                        "this script unpacks (a zip bomb?)", "if it is a data set, unpack it yourself and pass "
+                        "the folder as --source")
+    free = shutil.disk_usage(work).free
+    if size > free:
+        raise DataError(f"{source}: would unpack to {size_text(size)}, more than the {size_text(free)} free at "
+                        f"{work.parent}", "free space there or choose a --root on another disk")
+
+
+def tar_member(member: tarfile.TarInfo) -> tuple[str, str | None, str | None]:
+    """(name, link target, what it is unless a file, folder or link) for check_members."""
+    link = member.linkname if member.issym() or member.islnk() else None
+    plain = member.isreg() or member.isdir() or link is not None
+    mode = {tarfile.CHRTYPE: stat.S_IFCHR, tarfile.BLKTYPE: stat.S_IFBLK, tarfile.FIFOTYPE: stat.S_IFIFO}
+    return member.name, link, None if plain else special_kind(mode.get(member.type, 0))
+
+
+def check_members(source: str, members: list[tuple[str, str | None, str | None]]) -> None:
+    """Refuse devices and FIFOs (no part of a data set), absolute names, `..`, and links that point outside."""
+    for name, link, special in members:
+        if special is not None:
+            raise DataError(f"{source}: member {name!r} is {special}, not a regular file or folder; refusing to unpack "
+                            "it")
         for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
             if path is None:
                 continue
             normal = os.path.normpath(path.replace("\\", "/"))
             if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
-                raise DataError(f"{shown}: member {name!r} points outside the archive; refusing to unpack it")
+                raise DataError(f"{source}: member {name!r} points outside the archive; refusing to unpack it")
 
 
-def copy_class_folders(source: Path, tree: Path, move: bool = False) -> None:
-    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
-    one_down = sorted(p for p in source.glob("*") if p.is_dir())
-    two_down = sorted(p for p in source.glob("*/*") if p.is_dir())
-    candidates = [source] + one_down + two_down
-    for found in candidates:
+def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:
+    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`.
+
+    `source` names the --source in messages.
+    """
+    one_down = sorted(p for p in folder.glob("*") if p.is_dir())
+    two_down = sorted(p for p in folder.glob("*/*") if p.is_dir())
+    for found in [folder] + one_down + two_down:
         if (found / "train").is_dir() and (found / "test").is_dir():
             tree.mkdir()
             for split in ("train", "test"):
-                (shutil.move if move else shutil.copytree)(str(found / split), str(tree / split))
+                if move:
+                    shutil.move(found / split, tree / split)
+                else:
+                    copy_following_links(found / split, tree / split, source)
             return
     raise DataError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
                     "lay it out as train/<class>/<image> and test/<class>/<image>")
+
+
+def copy_following_links(folder: Path, target: Path, source: str) -> None:
+    """Copy a folder; a linked image or class folder is copied as what it points to (a copied link could break).
+
+    A link that leads back to a folder above it is refused first: the copy would follow it round and round,
+    40 levels deep, and fail with kilobytes of messages.
+    """
+    refuse_link_loops(folder, source, [])
+    try:
+        shutil.copytree(folder, target)
+    except shutil.Error as e:  # one (file, copy, why) per file that failed: the first says enough
+        name, _, why = e.args[0][0]
+        raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})", "fix or remove it") from None
+    except OSError as e:  # the copy's first folder could not be made
+        raise DataError(f"--source {source}: cannot copy {shown(folder)} ({e.strerror or e})",
+                        "free space or choose another --root") from None
+
+
+def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, int], Path]]) -> None:
+    """Walk `folder` as copytree will, following links; `above` holds the (device, inode) of each folder above."""
+    info = folder.stat()
+    above = above + [((info.st_dev, info.st_ino), folder)]
+    with os.scandir(folder) as entries:  # closed also when a loop is refused
+        entries = list(entries)
+    for entry in entries:
+        if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
+            continue  # a file: nothing to follow
+        try:
+            target = os.stat(entry.path)
+        except OSError as e:  # a link to itself, to a link back to it, or to nothing
+            raise DataError(f"--source {source}: {shown(entry.path)} is a link that cannot be followed "
+                            f"({e.strerror})", "remove it or make it point to a file or folder") from None
+        if entry.is_dir():
+            back = [path for key, path in above if key == (target.st_dev, target.st_ino)]
+            if back:
+                raise DataError(f"--source {source}: {shown(entry.path)} is a link back to {shown(back[0])}, "
+                                "a loop", "remove it")
+            refuse_link_loops(Path(entry.path), source, above)
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -473,13 +689,13 @@ class CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def convert_cifar10(tar: tarfile.TarFile, tree: Path, shown: str) -> None:
+def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
     """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class."""
     def read(name):
         try:
             return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
         except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise DataError(f"{shown}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
+            raise DataError(f"{source}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
                             "download the tarball again") from None
 
     classes = read("batches.meta")["label_names"]
@@ -501,6 +717,13 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, shown: str) -> None:
                 job.result()
 
 
+def md5_digits(text: str) -> str:
+    """--md5: 32 hexadecimal digits, in either case."""
+    if len(text) != 32 or not all(c in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError(f"must be 32 hexadecimal digits (an md5 checksum), got {text!r}")
+    return text.lower()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -509,7 +732,8 @@ def main(argv: list[str] | None = None) -> None:
     get.add_argument("--root", default="data/cifar10", help="folder to create, holding train/ and test/")
     get.add_argument("--source", default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
                      "(default: the official cifar-10-python.tar.gz, md5-checked)")
-    get.add_argument("--md5", default=None, help="expected md5 of a --source file (default: not checked)")
+    get.add_argument("--md5", type=md5_digits, default=None,
+                     help="expected md5 of a --source file (default: not checked)")
     args = parser.parse_args(argv)
     try:
         download(args.root, args.source, args.md5)

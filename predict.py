@@ -203,10 +203,13 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             labelled = bool(folders) and all(p.name in classes for p in folders)
             images = sorted(p for p in path.rglob("*") if data.is_image_file(p) and p.is_file())
             if not images:
-                errors.append(f"{path}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
+                errors.append(f"{data.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
             found += [(p, classes.index(p.relative_to(path).parts[0]) if labelled else None) for p in images]
+        elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
+            kind = data.special_kind(path.stat().st_mode)
+            errors.append(f"{data.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
         else:
-            errors.append(f"{path}: no such file or folder")
+            errors.append(f"{data.shown(path)}: no such file or folder")
     return found, errors
 
 
@@ -252,7 +255,7 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
     results = []
     for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-        results.append({"path": str(path), "true": None if label is None else classes[label],
+        results.append({"path": data.shown(path), "true": None if label is None else classes[label],
                         "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
     return results
 

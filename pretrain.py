@@ -14,7 +14,6 @@ background thread); processes and signals; setting up a run; the loop
 import argparse
 import contextlib
 import csv
-import fcntl
 import glob
 import json
 import math
@@ -168,30 +167,12 @@ def check_out(out: Path) -> None:
                          "choose a writable folder") from None
 
 
-class OutLock:
-    """Holds an exclusive lock on --out for the whole run: two runs writing the same files would mix them."""
+class OutLock(data.Lock):
+    """Held on --out for the whole run: two runs writing the same files would mix them."""
 
     def __init__(self, out: Path) -> None:
-        self.path = out.parent / f".{out.name}.lock"
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "unknown"
-            self.file.close()
-            raise UsageError(f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end "
-                             "or choose another --out") from None
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-
-    def __enter__(self) -> "OutLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # while still locked: no other run can be holding it
-        self.file.close()
+        super().__init__(out.parent / f".{out.name}.lock", lambda owner: UsageError(
+            f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end or choose another --out"))
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -131,3 +131,22 @@ def pretrained(tiny_data, tmp_path_factory) -> Path:
     run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK,
         "--batch-size", "16")
     return out
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 64 MB tmpfs, unmounted afterwards; skipped where this machine does not let the tests mount one."""
+    def mount(size="64m", read_only=False):
+        folder = tmp_path / f"fs{len(mounted)}"
+        folder.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+        mounted.append(folder)
+        return folder
+
+    mounted = []
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -1,15 +1,19 @@
 """Bad input and faults: each ends in one clear line on stderr and a non-zero exit, or a clean recovery."""
 import http.server
 import io
+import os
 import pickle
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import tarfile
 import threading
 import time
+import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +52,18 @@ def test_bad_image_files_are_reported_and_the_rest_predicted(pretrained, tmp_pat
     errors = result.stderr.strip().splitlines()
     assert [e.split(": ")[1].rsplit("/", 1)[1] for e in errors] == ["bomb.png", "text.png", "truncated.jpg"]
     assert "decompression bomb" in errors[0] and all("cannot read this image" in e for e in errors)
+
+
+def test_a_path_that_is_no_file_or_folder_is_named_as_such(pretrained, tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(tmp_path / "socket.png"))
+        result = run("predict.py", "/dev/zero", tmp_path / "pipe.png", tmp_path / "socket.png", "--checkpoint",
+                     pretrained, "--device", "cpu", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    kinds = {"/dev/zero": "a character device", tmp_path / "pipe.png": "a FIFO", tmp_path / "socket.png": "a socket"}
+    assert result.stderr.splitlines()[:3] == [f"predict.py: {path}: {kind}, not an image file or a folder; pass image "
+                                              "files or folders" for path, kind in kinds.items()]
 
 
 @pytest.mark.slow
@@ -90,6 +106,39 @@ def test_corrupt_training_image_names_the_file(tmp_path):
     (root / "train" / "red" / "0001.png").write_bytes(b"broken")
     line = error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
     assert "red/0001.png: cannot read this image" in line and "remove or replace the file" in line
+
+
+def test_a_single_class_is_refused(tmp_path):
+    root = make_class_folders(tmp_path / "d", classes=("red",), train=2, test=1)
+    line = error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+    assert f"{root}/train: only one class folder (red); a classifier needs at least two" in line
+
+
+def non_utf8_file(folder: Path, name: bytes, content: bytes) -> Path:
+    """A file whose name is not UTF-8 (as a Latin-1 system writes it), made through a bytes path."""
+    path = os.path.join(os.fsencode(folder), name)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+    os.write(descriptor, content)
+    os.close(descriptor)
+    return Path(os.fsdecode(path))
+
+
+def test_a_file_name_that_is_not_utf8_loads_and_is_named_when_damaged(tmp_path):
+    root = make_class_folders(tmp_path / "d", train=2, test=1)
+    odd = non_utf8_file(root / "train" / "red", b"caf\xe9.png", (root / "train" / "red" / "0000.png").read_bytes())
+    assert len(data.load_folder(root / "train").labels) == 7
+    odd.write_bytes(b"damaged")
+    line = error_line(run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False))
+    assert "red/caf\\xe9.png: cannot read this image" in line
+
+
+def test_predict_prints_file_names_that_are_not_utf8(pretrained, tiny_data, tmp_path):
+    non_utf8_file(tmp_path, b"caf\xe9.png", next((tiny_data / "test" / "red").iterdir()).read_bytes())
+    non_utf8_file(tmp_path, b"damaged\xff.png", b"damaged")
+    strict = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # strict stdout, as most UTF-8 locales have
+    result = run("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu", check=False, env=strict)
+    assert result.stdout.startswith(f"{tmp_path}/caf\\xe9.png\t")
+    assert "damaged\\xff.png: cannot read this image" in error_line(result)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -235,21 +284,134 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
 
 
-@pytest.mark.slow
-def test_interrupted_copy_leaves_nothing(tmp_path):
-    # thousands of files: a copy that takes a while
-    source = make_class_folders(tmp_path / "source", train=1500, test=1, size=8)
-    work = tmp_path / "work"
-    work.mkdir()
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """Thousands of small files: a copy that takes long enough to stop it half-way."""
+    return make_class_folders(tmp_path_factory.mktemp("many") / "source", train=1500, test=1, size=8)
+
+
+def download_under_way(work: Path, source: Path) -> subprocess.Popen:
+    """`data.py download --root WORK/c --source SOURCE`, returned once its temporary folder is there."""
     command = [sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source", str(source)]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work)
     deadline = time.monotonic() + 120
-    # interrupt it once it is copying
     while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):
         assert time.monotonic() < deadline and process.poll() is None, "the copy never started"
         time.sleep(0.005)
+    return process
+
+
+@pytest.mark.slow
+def test_interrupted_copy_leaves_nothing(tmp_path, many_images):
+    process = download_under_way(tmp_path, many_images)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1, stderr  # 0 would mean the copy finished before the signal arrived
-    assert stderr.strip().splitlines()[-1] == f"data.py: interrupted; nothing was written to {work / 'c'}"
-    assert "Traceback" not in stderr and list(work.iterdir()) == []
+    assert stderr.strip().splitlines()[-1] == f"data.py: interrupted; nothing was written to {tmp_path / 'c'}"
+    assert "Traceback" not in stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_next_download_clears_what_a_killed_one_left(tmp_path, many_images):
+    process = download_under_way(tmp_path, many_images)
+    process.kill()
+    process.communicate(timeout=60)
+    assert any(p.name.startswith(".c.partial-") for p in tmp_path.iterdir())  # killed half-way: nothing cleaned up
+    run("data.py", "download", "--root", tmp_path / "c", "--source", many_images)
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+def test_a_second_download_into_the_same_root_waits_for_the_first(tmp_path, tiny_data):
+    root = tmp_path / "c"
+    with data.download_lock(root):  # a real lock, as a running download holds it
+        result = run("data.py", "download", "--root", root, "--source", tiny_data, check=False)
+    assert f"--root {root}: another download (pid {os.getpid()}) is writing it" in error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_root_that_is_a_file_is_one_line(tmp_path, tiny_data, inside):
+    (tmp_path / "f").write_text("a file")
+    root = tmp_path / "f" / "c" if inside else tmp_path / "f"
+    line = error_line(run("data.py", "download", "--root", root, "--source", tiny_data, check=False))
+    assert f"--root {root}: {tmp_path / 'f' if inside else 'it'} is a file, not a folder; choose another --root" in line
+
+
+@pytest.mark.parametrize("damage", ["no test/", "an empty class folder"])
+def test_an_incomplete_root_is_not_taken_for_a_finished_one(tmp_path, tiny_data, damage):
+    root = make_class_folders(tmp_path / "c", train=1, test=1)
+    for image in (root / "test" / "red").iterdir():
+        image.unlink()
+    if damage == "no test/":
+        (root / "test").rename(tmp_path / "elsewhere")
+    line = error_line(run("data.py", "download", "--root", root, "--source", tiny_data, check=False))
+    problem = ": no test/ folder" if damage == "no test/" else "/test/red: class folder has no images"
+    assert f"--root {root}: an incomplete data set (c{problem}" in line and "remove it and run again" in line
+
+
+def test_md5_in_either_case_is_checked(tmp_path, tiny_data):
+    archive = tmp_path / "a.tar.gz"
+    class_folder_archive(archive, tiny_data)
+    run("data.py", "download", "--root", tmp_path / "c", "--source", archive, "--md5", md5(archive).upper())
+
+
+@pytest.mark.parametrize("value, message", [
+    ("c58f30108f718f92721af3b95e74349", "--md5: must be 32 hexadecimal digits (an md5 checksum)"),
+    ("z" * 32, "--md5: must be 32 hexadecimal digits (an md5 checksum)"),
+    ("0" * 32, "is a folder, which has no checksum; drop --md5"),
+])
+def test_an_md5_that_cannot_be_checked_is_refused(tmp_path, tiny_data, value, message):
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", tiny_data, "--md5", value, check=False)
+    assert result.returncode == (1 if "folder" in message else 2) and message in error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ["..", "loop"])
+def test_a_link_loop_in_a_source_folder_is_one_short_line(tmp_path, target):
+    source = make_class_folders(tmp_path / "source", train=2, test=1)
+    loop = source / "train" / "red" / "loop"
+    loop.symlink_to(target)  # back to train/, or to itself
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", source, check=False)
+    problem = (f"is a link back to {source}/train, a loop; remove it" if target == ".." else
+               "is a link that cannot be followed (Too many levels of symbolic links)")
+    assert f"--source {source}: {loop} {problem}" in error_line(result) and result.stderr.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["source"]
+
+
+@pytest.mark.parametrize("kind", ["a FIFO", "a character device"])
+def test_a_device_or_fifo_in_a_tar_is_refused_by_name(tmp_path, tiny_data, kind):
+    special = Path("/dev/null")  # a real device node, and no mknod needed
+    if kind == "a FIFO":
+        special = tmp_path / "pipe"
+        os.mkfifo(special)
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_data, "cifar10")
+        tar.add(special, "cifar10/train/red/odd.png")
+    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    assert f"{archive}: member 'cifar10/train/red/odd.png' is {kind}, not a regular file or folder; refusing" in line
+    assert not (tmp_path / "c").exists()
+
+
+def zip_bomb(path: Path, size: int) -> Path:
+    """A zip of one file of `size` zero bytes: a thousandth of that to download."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, archive.open("train/a/0.png", "w") as member:
+        for _ in range(size // 2**20):
+            member.write(bytes(2**20))
+    return path
+
+
+def test_an_archive_declaring_more_than_the_limit_is_refused(tmp_path, monkeypatch):
+    bomb = zip_bomb(tmp_path / "bomb.zip", 64 * 2**20)
+    monkeypatch.setattr(data, "MAX_UNPACKED_BYTES", 32 * 2**20)  # 16 GiB would take minutes to compress
+    with pytest.raises(data.DataError, match="bomb.zip: would unpack to 64.0 MiB, more than the 32.0 MiB this script"):
+        data.download(tmp_path / "c", str(bomb))
+    assert [p.name for p in tmp_path.iterdir()] == ["bomb.zip"]
+
+
+def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, small_filesystem):
+    bomb = zip_bomb(tmp_path / "bomb.zip", 64 * 2**20)
+    disk = small_filesystem("16m")
+    line = error_line(run("data.py", "download", "--root", disk / "c", "--source", bomb, check=False))
+    assert f"{bomb}: would unpack to 64.0 MiB, more than the " in line and f" MiB free at {disk}; free space" in line
+    assert os.listdir(disk) == []

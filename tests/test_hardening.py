@@ -15,25 +15,6 @@ from conftest import QUICK, ROOT, error_line, make_class_folders, run
 from model import CheckpointError, load_checkpoint
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A real 64 MB tmpfs, unmounted afterwards; skipped where this machine does not let the tests mount one."""
-    def mount(size="64m", read_only=False):
-        folder = tmp_path / f"fs{len(mounted)}"
-        folder.mkdir()
-        options = f"size={size}" + (",ro" if read_only else "")
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-        mounted.append(folder)
-        return folder
-
-    mounted = []
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=True)
-
-
 def test_a_really_full_disk_keeps_the_previous_checkpoint(small_filesystem):
     disk = small_filesystem("16m")
     path = disk / "c.pt"
