@@ -349,7 +349,9 @@ class Processes:
     """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
 
     `--batch-size` is global: each step, every process takes its share
-    (positions rank, rank + world, ...) of the same global batch.
+    (positions rank, rank + world, ...) of the same global batch. Host values (the stop flag each step, the
+    resume state's pieces, barriers) go over a CPU (gloo) group: over NCCL, reading back a CUDA tensor would
+    make the host wait for everything queued on the GPU.
     """
 
     def __init__(self, device_name: str | None) -> None:
@@ -357,11 +359,14 @@ class Processes:
         self.rank = int(os.environ.get("RANK", "0"))
         self.main = self.rank == 0
         self.device = resolve_device(device_name)
+        self.host_group = None  # the default group when that is gloo already
         if self.world > 1:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if dist.get_backend() != "gloo":
+                self.host_group = dist.new_group(backend="gloo")
 
     def share(self) -> slice:
         return slice(self.rank, None, self.world)
@@ -372,21 +377,26 @@ class Processes:
         return tensor
 
     def any(self, flag: bool) -> bool:
-        """Whether any process has the flag set: a signal to one process stops them all."""
+        """Whether any process has the flag set: a signal to one process stops them all, at the same step.
+
+        It waits for the other processes' hosts, never for a device.
+        """
         if self.world == 1:
             return flag
-        return bool(self.reduce(torch.tensor([float(flag)], device=self.device), dist.ReduceOp.MAX).item())
+        flags = torch.tensor([float(flag)])
+        dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.host_group)
+        return bool(flags.item())
 
     def gather(self, obj) -> list:
         if self.world == 1:
             return [obj]
         gathered = [None] * self.world
-        dist.all_gather_object(gathered, obj)
+        dist.all_gather_object(gathered, obj, group=self.host_group)
         return gathered
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            dist.barrier(group=self.host_group)
 
     def close(self) -> None:
         if self.world > 1:

@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs of the scripts (deselect with -m 'not slow')")
+
+
 # Flags that keep a training run to seconds on the CPU.
 QUICK = ["--image-size", "64", "--batch-size", "8", "--lr", "0.02", "--device", "cpu"]
 
