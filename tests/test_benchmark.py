@@ -44,3 +44,16 @@ def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_p
     unknown = subprocess.run([*command[:2], "--recipe", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert unknown.returncode == 2 and "no recipe 'nope'; known: reference" in unknown.stderr
 
+
+
+def test_checkpoint_benchmark_times_each_save_and_counts_the_writes(tmp_path):
+    command = [sys.executable, str(ROOT / "benchmarks" / "checkpoint_writes.py"), "--epochs", "2",
+               "--epoch-seconds", "0", "--out-dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "checkpoint_writes.py" in lines[2]
+    assert lines[3] == "best checkpoint 178 MB, resume state 355 MB, every epoch"
+    assert lines[4].startswith("epoch 1: save blocked") and lines[5].startswith("epoch 2: save blocked")
+    assert "of 4 saves reached the disk" in lines[6] and "peak memory" in lines[6]
+    assert list(tmp_path.iterdir()) == []  # its temporary folder is gone

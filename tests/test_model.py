@@ -1,4 +1,7 @@
 import os
+import threading
+import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,8 +101,6 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
 
 
 def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
-    import threading
-
     from pretrain import CheckpointWriter
     release = threading.Event()
     real_save = torch.save
@@ -131,3 +132,144 @@ def test_background_writer_raises_a_failed_write(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="No space left on device"):
         writer.wait()
     assert torch.load(tmp_path / "c.pt", weights_only=True) == {"version": 1}
+
+
+class SlowDisk:
+    """Stands in for pretrain.save_checkpoint: records which version of which file each write was given, in order,
+    and holds every write until `release` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.written: list[tuple[str, int]] = []
+
+    def __call__(self, checkpoint: dict, path) -> None:
+        self.written.append((Path(path).name, checkpoint["version"]))
+        self.started.set()
+        assert self.release.wait(60), "the test never released the disk"
+        save_checkpoint(checkpoint, path)
+
+
+class CountedCopies:
+    """Wraps pretrain.to_cpu: counts the copies alive (each test checkpoint holds one tensor) and the most seen."""
+
+    def __init__(self, to_cpu) -> None:
+        self.to_cpu = to_cpu
+        self.alive = weakref.WeakValueDictionary()  # id -> tensor, for as long as the tensor lives
+        self.most = 0
+
+    def __call__(self, obj, reuse=None):
+        copy = self.to_cpu(obj, reuse)
+        if isinstance(copy, dict):  # not the calls for the tensors inside
+            self.alive[id(copy["w"])] = copy["w"]
+            self.most = max(self.most, len(self.alive))
+        return copy
+
+
+def state(version: int) -> dict:
+    return {"w": torch.full((1000,), float(version)), "version": version}
+
+
+def test_background_writer_keeps_only_the_newest_state_of_each_file_while_the_disk_is_slow(tmp_path, monkeypatch):
+    import pretrain
+    disk, copies = SlowDisk(), CountedCopies(pretrain.to_cpu)
+    monkeypatch.setattr(pretrain, "save_checkpoint", disk)
+    monkeypatch.setattr(pretrain, "to_cpu", copies)
+    with pretrain.CheckpointWriter() as writer:
+        writer.save(state(0), tmp_path / "last.pt")
+        assert disk.started.wait(60)  # the first write is under way and stays there until released
+        for version in range(1, 41):  # a resume state every epoch, a best checkpoint every other one
+            writer.save(state(version), tmp_path / ("last.pt" if version % 2 else "best.pt"))
+        assert len(copies.alive) == 3  # the one being written and the newest of each file
+        disk.release.set()
+        writer.wait()
+        assert disk.written == [("last.pt", 0), ("last.pt", 39), ("best.pt", 40)]
+    assert copies.most <= 4  # two per file: one being written or kept for reuse, one waiting or being copied
+    assert not writer.thread.is_alive() and len(copies.alive) == 0  # the thread ended and let go of its copies
+    for name, version in (("last.pt", 39), ("best.pt", 40)):
+        assert torch.load(tmp_path / name, weights_only=True)["version"] == version
+
+
+def test_background_writer_writes_in_the_order_of_the_newest_saves(tmp_path, monkeypatch):
+    import pretrain
+    disk = SlowDisk()
+    monkeypatch.setattr(pretrain, "save_checkpoint", disk)
+    with pretrain.CheckpointWriter() as writer:
+        writer.save(state(0), tmp_path / "best.pt")
+        assert disk.started.wait(60)
+        writer.save(state(0), tmp_path / "last.pt")
+        writer.save(state(1), tmp_path / "best.pt")
+        writer.save(state(1), tmp_path / "last.pt")  # saved after best.pt's newest: written after it
+        disk.release.set()
+    assert disk.written == [("best.pt", 0), ("best.pt", 1), ("last.pt", 1)]
+
+
+class FreesTheDiskMidSave:
+    """Wraps pretrain.to_cpu: during the first copy it lets the writer write all it has, as a fast disk may."""
+
+    def __init__(self, to_cpu, disk: SlowDisk) -> None:
+        self.to_cpu, self.disk = to_cpu, disk
+        self.writer = None
+
+    def __call__(self, obj, reuse=None):
+        if self.writer is not None and isinstance(obj, dict):
+            writer, self.writer = self.writer, None
+            self.disk.release.set()
+            writer.wait()
+        return self.to_cpu(obj, reuse)
+
+
+def test_a_resume_state_never_reaches_the_disk_before_the_best_checkpoint_saved_with_it(tmp_path, monkeypatch):
+    """The best checkpoint and the resume state of an epoch: an older resume state, naming a best checkpoint that
+    the newer one replaced before it was written, never reaches the disk."""
+    import pretrain
+    disk = SlowDisk()
+    copies = FreesTheDiskMidSave(pretrain.to_cpu, disk)
+    monkeypatch.setattr(pretrain, "save_checkpoint", disk)
+    monkeypatch.setattr(pretrain, "to_cpu", copies)
+    with pretrain.CheckpointWriter() as writer:
+        writer.save(state(0), tmp_path / "last.pt")
+        assert disk.started.wait(60)
+        writer.save_together({tmp_path / "best.pt": state(1), tmp_path / "last.pt": state(1)})
+        copies.writer = writer
+        writer.save_together({tmp_path / "best.pt": state(2), tmp_path / "last.pt": state(2)})
+    assert disk.written == [("last.pt", 0), ("best.pt", 2), ("last.pt", 2)]
+
+
+class KeptCopies:
+    """Wraps pretrain.to_cpu and keeps every checkpoint copy it makes."""
+
+    def __init__(self, to_cpu) -> None:
+        self.to_cpu = to_cpu
+        self.made: list[dict] = []
+
+    def __call__(self, obj, reuse=None):
+        copy = self.to_cpu(obj, reuse)
+        if isinstance(copy, dict):  # not the calls for the tensors inside
+            self.made.append(copy)
+        return copy
+
+
+def test_a_save_copies_into_the_memory_of_a_written_copy(tmp_path, monkeypatch):
+    import pretrain
+    copies = KeptCopies(pretrain.to_cpu)
+    monkeypatch.setattr(pretrain, "to_cpu", copies)
+    with pretrain.CheckpointWriter() as writer:
+        for version in range(3):
+            writer.save(state(version), tmp_path / "c.pt")
+            writer.wait()
+    first, *later = [copy["w"].untyped_storage().data_ptr() for copy in copies.made]
+    assert later == [first, first]
+    assert torch.load(tmp_path / "c.pt", weights_only=True)["w"][0] == 2
+
+
+def test_to_cpu_reuses_only_tensors_of_the_same_shape_and_dtype():
+    from pretrain import to_cpu
+    same, other_shape, other_dtype = torch.zeros(3), torch.zeros(4), torch.zeros(3, dtype=torch.float64)
+    source = {"a": torch.ones(3), "b": [torch.ones(3), torch.ones(3), 7], "c": None}
+    copy = to_cpu(source, reuse={"a": same, "b": [other_shape, other_dtype, 7], "c": torch.zeros(3)})
+    assert copy["a"] is same and torch.equal(same, torch.ones(3))
+    assert copy["b"][0] is not other_shape and copy["b"][1] is not other_dtype
+    assert torch.equal(other_shape, torch.zeros(4)) and copy["b"][2] == 7 and copy["c"] is None
+    copy["b"][0] += 1
+    assert torch.equal(source["b"][0], torch.ones(3))  # a copy, not the original

@@ -1,6 +1,8 @@
 import csv
+import functools
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -141,6 +143,33 @@ def test_a_run_stopped_by_sigint_then_sigterm_resumes_to_identical_weights(tiny_
         assert all(torch.equal(a[k], b[k]) for k in a), (suffix, key)
     strip = lambda text: [line.split(",")[:5] for line in text.splitlines()]  # noqa: E731 (timings differ)
     assert strip(whole.with_suffix(".csv").read_text()) == strip(parts.with_suffix(".csv").read_text())
+
+
+class SavedTogether:
+    """Wraps CheckpointWriter.save_together: records the file names of each call, in order."""
+
+    def __init__(self, save_together) -> None:
+        self.save_together = save_together
+        self.calls: list[list[str]] = []
+
+    def __get__(self, writer, owner):  # looked up on a writer, it is that writer's method
+        return functools.partial(self, writer)
+
+    def __call__(self, writer, files: dict) -> None:
+        self.calls.append([os.path.basename(path) for path in files])
+        self.save_together(writer, files)
+
+
+@pytest.mark.slow
+def test_an_epochs_best_checkpoint_and_resume_state_are_saved_together_best_first(tiny_data, tmp_path, monkeypatch):
+    """So that a killed run never leaves a resume state naming a best epoch that --out does not hold yet."""
+    import pretrain
+    saves = SavedTogether(pretrain.CheckpointWriter.save_together)
+    monkeypatch.setattr(pretrain.CheckpointWriter, "save_together", saves)
+    pretrain.main(["--data-dir", str(tiny_data), "--out", str(tmp_path / "p.pt"), "--epochs", "2", "--val-size", "6",
+                   *QUICK])
+    assert saves.calls[0] == ["p.pt", "p.last.pt"]  # the first epoch always improves on nothing
+    assert saves.calls[1] in (["p.pt", "p.last.pt"], ["p.last.pt"]) and len(saves.calls) == 2
 
 
 @pytest.mark.slow
