@@ -1,6 +1,6 @@
 """How long pretrain.py's per-epoch checkpoint save blocks the training thread, at the real model size.
 
-    python benchmarks/checkpoint_writes.py                       # 10 epochs of 1 s, on the CPU
+    python benchmarks/checkpoint_writes.py                       # 10 epochs of 1 s, on CUDA if there is one
     python benchmarks/checkpoint_writes.py --device cuda --epoch-seconds 0.2
 
 Each epoch changes every weight and momentum buffer in place, as a training
@@ -22,6 +22,7 @@ from throughput import describe
 
 import torch  # noqa: E402  (on the path that throughput set)
 
+import data  # noqa: E402
 import pretrain  # noqa: E402
 from model import AlexNet  # noqa: E402
 from predict import positive_int, resolve_device  # noqa: E402
@@ -49,11 +50,13 @@ def trained_model(device: torch.device, classes: int) -> tuple[AlexNet, torch.op
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=positive_int, default=10)
-    parser.add_argument("--epoch-seconds", type=float, default=1.0, help="the training time between saves")
-    parser.add_argument("--classes", type=positive_int, default=10)
-    parser.add_argument("--device", default="cpu")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--epochs", type=positive_int, default=10, help="saves, one per epoch")
+    parser.add_argument("--epoch-seconds", type=pretrain.non_negative_float, default=1.0,
+                        help="the training time between saves")
+    parser.add_argument("--classes", type=positive_int, default=10, help="outputs of the model's head")
+    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")
     parser.add_argument("--out-dir", default=None, help="where the two files go (default: a temporary folder)")
     args = parser.parse_args()
     device = resolve_device(args.device)

@@ -128,25 +128,35 @@ def tiny_data(tmp_path_factory) -> Path:
 def pretrained(tiny_data, tmp_path_factory) -> Path:
     """A pretrain checkpoint from a few seconds of training on the tiny folders."""
     out = tmp_path_factory.mktemp("ckpt") / "pretrain.pt"
-    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK,
-        "--batch-size", "16")
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK)
     return out
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A real 64 MB tmpfs, unmounted afterwards; skipped where this machine does not let the tests mount one."""
-    def mount(size="64m", read_only=False):
-        folder = tmp_path / f"fs{len(mounted)}"
+class SmallFilesystems:
+    """Real tmpfs mounts in folders under `parent`; the test is skipped where this machine does not allow one."""
+
+    def __init__(self, parent: Path) -> None:
+        self.parent = parent
+        self.mounted: list[Path] = []
+
+    def __call__(self, size: str = "64m", read_only: bool = False) -> Path:
+        folder = self.parent / f"fs{len(self.mounted)}"
         folder.mkdir()
         options = f"size={size}" + (",ro" if read_only else "")
         result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-        mounted.append(folder)
+        self.mounted.append(folder)
         return folder
 
-    mounted = []
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=True)
+    def unmount_all(self) -> None:
+        for folder in self.mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """small_filesystem(size="64m", read_only=False): a real tmpfs folder, unmounted after the test."""
+    filesystems = SmallFilesystems(tmp_path)
+    yield filesystems
+    filesystems.unmount_all()

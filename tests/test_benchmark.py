@@ -48,7 +48,7 @@ def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_p
 
 def test_checkpoint_benchmark_times_each_save_and_counts_the_writes(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "checkpoint_writes.py"), "--epochs", "2",
-               "--epoch-seconds", "0", "--out-dir", str(tmp_path)]
+               "--epoch-seconds", "0", "--out-dir", str(tmp_path), "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()

@@ -184,9 +184,11 @@ for i in range(1000):
 # ---------------------------------------------------------------- archives and download
 
 class Flaky(http.server.BaseHTTPRequestHandler):
-    """Serves an archive, cutting every transfer off half-way while `drop` is set."""
+    """Serves an archive, cutting every transfer off half-way while `drop` is set; while `hold` (an Event) is
+    not set either, the cut transfer stays open until it is: a download under way, for as long as a test needs."""
     payload = b""
     drop = True
+    hold: threading.Event | None = None
 
     def do_GET(self):
         self.send_response(200)
@@ -194,31 +196,39 @@ class Flaky(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(self.payload[: len(self.payload) // 2] if self.drop else self.payload)
         self.wfile.flush()
+        if self.drop and self.hold is not None:
+            self.hold.wait(timeout=600)
         self.close_connection = True
 
     def log_message(self, *args):
         pass
 
 
-@pytest.mark.parametrize("with_md5", [True, False])
-def test_a_dropped_download_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_data, with_md5):
+@pytest.fixture
+def flaky_server(tmp_path, tiny_data):
+    """(handler class, URL) of a Flaky server of the tiny class folders as a .tar.gz; stopped afterwards."""
     archive = tmp_path / "data.tar.gz"
     class_folder_archive(archive, tiny_data)
     handler = type("Handler", (Flaky,), {"payload": archive.read_bytes()})
     server = QuietHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/data.tar.gz"
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}/data.tar.gz"
+    if handler.hold is not None:
+        handler.hold.set()
+    server.shutdown()
+
+
+@pytest.mark.parametrize("with_md5", [True, False])
+def test_a_dropped_download_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_data, flaky_server, with_md5):
+    handler, url = flaky_server
     root = tmp_path / "out" / "cifar10"
-    flags = ["--md5", md5(archive)] if with_md5 else []
-    try:
-        line = error_line(run("data.py", "download", "--root", root, "--source", url, *flags, check=False))
-        assert ("checksum mismatch" if with_md5 else "damaged or incomplete archive") in line
-        assert not root.parent.exists() or list(root.parent.iterdir()) == []
-        handler.drop = False
-        run("data.py", "download", "--root", root, "--source", url, *flags)
-        assert len(list(root.rglob("*.png"))) == len(list(tiny_data.rglob("*.png")))
-    finally:
-        server.shutdown()
+    flags = ["--md5", md5(tmp_path / "data.tar.gz")] if with_md5 else []
+    line = error_line(run("data.py", "download", "--root", root, "--source", url, *flags, check=False))
+    assert ("checksum mismatch" if with_md5 else "damaged or incomplete archive") in line
+    assert not root.parent.exists() or list(root.parent.iterdir()) == []
+    handler.drop = False
+    run("data.py", "download", "--root", root, "--source", url, *flags)
+    assert len(list(root.rglob("*.png"))) == len(list(tiny_data.rglob("*.png")))
 
 
 # ---------------------------------------------------------------- training faults
@@ -284,41 +294,42 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
 
 
-@pytest.fixture(scope="module")
-def many_images(tmp_path_factory) -> Path:
-    """Thousands of small files: a copy that takes long enough to stop it half-way."""
-    return make_class_folders(tmp_path_factory.mktemp("many") / "source", train=1500, test=1, size=8)
-
-
-def download_under_way(work: Path, source: Path) -> subprocess.Popen:
-    """`data.py download --root WORK/c --source SOURCE`, returned once its temporary folder is there."""
-    command = [sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source", str(source)]
+def download_under_way(work: Path, flaky_server) -> subprocess.Popen:
+    """`data.py download --root WORK/c` from a server that holds the transfer half-way, returned with its
+    temporary folder there: whatever the machine's load, the download is under way until the test acts."""
+    handler, url = flaky_server
+    handler.hold = threading.Event()
+    work.mkdir()
+    command = [sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source", url]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work)
-    deadline = time.monotonic() + 120
     while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):
-        assert time.monotonic() < deadline and process.poll() is None, "the copy never started"
-        time.sleep(0.005)
+        assert process.poll() is None, process.communicate()[1]
+        time.sleep(0.01)
     return process
 
 
 @pytest.mark.slow
-def test_interrupted_copy_leaves_nothing(tmp_path, many_images):
-    process = download_under_way(tmp_path, many_images)
+def test_an_interrupted_download_leaves_nothing(tmp_path, flaky_server):
+    process = download_under_way(tmp_path / "work", flaky_server)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 1, stderr  # 0 would mean the copy finished before the signal arrived
-    assert stderr.strip().splitlines()[-1] == f"data.py: interrupted; nothing was written to {tmp_path / 'c'}"
-    assert "Traceback" not in stderr and list(tmp_path.iterdir()) == []
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1] == f"data.py: interrupted; nothing was written to {tmp_path / 'work/c'}"
+    assert "Traceback" not in stderr and list((tmp_path / "work").iterdir()) == []
 
 
 @pytest.mark.slow
-def test_the_next_download_clears_what_a_killed_one_left(tmp_path, many_images):
-    process = download_under_way(tmp_path, many_images)
+def test_the_next_download_clears_what_a_killed_one_left(tmp_path, flaky_server, tiny_data):
+    work = tmp_path / "work"
+    process = download_under_way(work, flaky_server)
     process.kill()
-    process.communicate(timeout=60)
-    assert any(p.name.startswith(".c.partial-") for p in tmp_path.iterdir())  # killed half-way: nothing cleaned up
-    run("data.py", "download", "--root", tmp_path / "c", "--source", many_images)
-    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+    process.communicate(timeout=120)
+    assert any(p.name.startswith(".c.partial-") for p in work.iterdir())  # killed half-way: nothing cleaned up
+    handler, url = flaky_server
+    handler.drop = False
+    run("data.py", "download", "--root", work / "c", "--source", url)
+    assert [p.name for p in work.iterdir()] == ["c"]
+    assert len(list((work / "c").rglob("*.png"))) == len(list(tiny_data.rglob("*.png")))
 
 
 def test_a_second_download_into_the_same_root_waits_for_the_first(tmp_path, tiny_data):
