@@ -718,17 +718,19 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
 
 
 def md5_digits(text: str) -> str:
-    """--md5: 32 hexadecimal digits, in either case."""
+    """--md5: 32 hexadecimal digits, in either case (checked_source lower-cases them, also for callers of download)."""
     if len(text) != 32 or not all(c in "0123456789abcdefABCDEF" for c in text):
         raise argparse.ArgumentTypeError(f"must be 32 hexadecimal digits (an md5 checksum), got {text!r}")
-    return text.lower()
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    # allow_abbrev=False: an abbreviated or mistyped flag is an error, not silently another flag (as in the other scripts)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("download", help="download CIFAR-10 (or unpack a local copy) into class folders",
-                              formatter_class=HelpFormatter)
+                              formatter_class=HelpFormatter, allow_abbrev=False)
     get.add_argument("--root", default="data/cifar10", help="folder to create, holding train/ and test/")
     get.add_argument("--source", default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
                      "(default: the official cifar-10-python.tar.gz, md5-checked)")

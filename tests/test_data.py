@@ -286,3 +286,16 @@ def test_any_image_mode_decodes_to_rgb(tmp_path, mode):
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and shorter == 40
     if mode == "I;16":  # 16-bit grey is scaled to 8 bits, not clipped to white
         assert abs(int(pixels.mean()) - int(np.asarray(rgb.convert("L").resize((40, 40))).mean())) < 20
+
+
+def test_an_abbreviated_flag_is_refused_not_taken_for_another(tmp_path, tiny_data):
+    result = run("data.py", "download", "--roo", tmp_path / "c", "--source", tiny_data, check=False)
+    assert result.returncode == 2 and "unrecognized arguments: --roo" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_md5_in_capitals_is_checked_also_when_download_is_called(tmp_path, tiny_data):
+    archive = tmp_path / "a.tar.gz"
+    class_folder_archive(archive, tiny_data)
+    data.download(tmp_path / "c", str(archive), md5(archive).upper())
+    assert (tmp_path / "c" / "train").is_dir()
