@@ -605,18 +605,22 @@ def tar_member(member: tarfile.TarInfo) -> tuple[str, str | None, str | None]:
     return member.name, link, None if plain else special_kind(mode.get(member.type, 0))
 
 
+MEMBER_ADVICE = "use the official archive or an archive or folder of class folders"
+
+
 def check_members(source: str, members: list[tuple[str, str | None, str | None]]) -> None:
     """Refuse devices and FIFOs (no part of a data set), absolute names, `..`, and links that point outside."""
     for name, link, special in members:
         if special is not None:
             raise DataError(f"{source}: member {name!r} is {special}, not a regular file or folder; refusing to unpack "
-                            "it")
+                            "it", MEMBER_ADVICE)
         for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
             if path is None:
                 continue
             normal = os.path.normpath(path.replace("\\", "/"))
             if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
-                raise DataError(f"{source}: member {name!r} points outside the archive; refusing to unpack it")
+                raise DataError(f"{source}: member {name!r} points outside the archive; refusing to unpack it",
+                                MEMBER_ADVICE)
 
 
 def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:

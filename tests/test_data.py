@@ -149,7 +149,8 @@ def test_archive_members_escaping_the_root_are_refused(tmp_path, kind):
         evil_tar(archive, kind)
     root = work / "deep" / "cifar10"
     result = run("data.py", "download", "--root", root, "--source", archive, check=False)
-    assert result.returncode == 1 and "points outside the archive; refusing" in error_line(result)
+    advice = "refusing to unpack it; use the official archive or an archive or folder of class folders"
+    assert result.returncode == 1 and error_line(result).endswith(f"points outside the archive; {advice}")
     assert not root.exists() and leftovers(root.parent) == []
     assert not (tmp_path / "evil.txt").exists() and not (work / "evil.txt").exists()
     assert not Path("/tmp/evil-absolute.txt").exists()
@@ -299,3 +300,13 @@ def test_an_md5_in_capitals_is_checked_also_when_download_is_called(tmp_path, ti
     class_folder_archive(archive, tiny_data)
     data.download(tmp_path / "c", str(archive), md5(archive).upper())
     assert (tmp_path / "c" / "train").is_dir()
+
+
+def test_a_device_member_is_refused_with_what_to_use_instead(tmp_path, tiny_data):
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tiny_data, "cifar10")
+        tar.add("/dev/null", "cifar10/train/red/odd.png")  # a real character device, no mknod needed
+    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    assert line.endswith("is a character device, not a regular file or folder; refusing to unpack it; "
+                         "use the official archive or an archive or folder of class folders")
