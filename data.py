@@ -694,15 +694,11 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
-    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class."""
-    def read(name):
-        try:
-            return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
-        except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise DataError(f"{source}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
-                            "download the tarball again") from None
+    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class.
 
-    classes = read("batches.meta")["label_names"]
+    Class names and labels are checked before anything is written: they become paths.
+    """
+    classes = cifar_classes(read_cifar_batch(tar, "batches.meta", source), source)
     splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     with ThreadPoolExecutor(WORKERS) as pool:
         for split, batches in splits.items():
@@ -711,14 +707,54 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
                 (tree / split / name).mkdir(parents=True)
             jobs = []
             for batch_name in batches:
-                batch = read(batch_name)
-                pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                for image, label in zip(pixels, batch["labels"]):
+                pixels, labels = cifar_arrays(read_cifar_batch(tar, batch_name, source), batch_name, len(classes),
+                                              source)
+                for image, label in zip(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels):
                     path = tree / split / classes[label] / f"{counts[label]:04d}.png"
                     counts[label] += 1
                     jobs.append(pool.submit(Image.fromarray(image).save, path))
             for job in jobs:
                 job.result()
+
+
+def read_cifar_batch(tar: tarfile.TarFile, name: str, source: str) -> object:
+    """One pickle of the official tarball, unpickled by CifarUnpickler."""
+    try:
+        return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
+    except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{source}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
+                        "download the tarball again") from None
+
+
+def not_official(source: str, name: str, what: str) -> DataError:
+    return DataError(f"{source}: {CIFAR10_DIR}/{name} is not the official format ({what})", "download it again")
+
+
+def cifar_classes(meta: object, source: str) -> list[str]:
+    """batches.meta's label_names, which become folder names: unique plain names, none hidden (ImageFolder skips
+    those), none naming another folder (`..`, `/`) or unwritable (NUL, over 255 bytes)."""
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise not_official(source, "batches.meta", "no list of label_names")
+    for name in names:
+        if not name or name.startswith(".") or "/" in name or "\0" in name or len(name.encode()) > 255:
+            raise not_official(source, "batches.meta", f"label name {name!r} cannot be a folder name")
+    if len(set(names)) != len(names):
+        raise not_official(source, "batches.meta", "label names repeat")
+    return names
+
+
+def cifar_arrays(batch: object, name: str, class_count: int, source: str) -> tuple[np.ndarray, list[int]]:
+    """A batch's data (N x 3072 uint8) and labels (N integers, each a class)."""
+    pixels = batch.get("data") if isinstance(batch, dict) else None
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3072:
+        raise not_official(source, name, "data is not N x 3072 uint8")
+    labels = batch.get("labels")
+    if not isinstance(labels, list) or len(labels) != len(pixels) or not all(isinstance(i, int) for i in labels):
+        raise not_official(source, name, f"labels are not a list of {len(pixels)} integers")
+    if labels and not (min(labels) >= 0 and max(labels) < class_count):
+        raise not_official(source, name, f"a label outside 0-{class_count - 1}")
+    return pixels, labels
 
 
 def md5_digits(text: str) -> str:

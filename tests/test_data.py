@@ -19,13 +19,17 @@ from conftest import QuietHTTPServer, class_folder_archive, error_line, make_cla
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def official_tarball(path: Path, per_batch: int = 12, seed: int = 0) -> dict:
-    """A small cifar-10-python.tar.gz in the official format; returns the arrays it holds."""
+def official_tarball(path: Path, per_batch: int = 12, seed: int = 0, changes: dict | None = None) -> dict:
+    """A small cifar-10-python.tar.gz in the official format; returns the arrays it holds.
+
+    `changes` doctors it: {member name: {key: value}} replaces those entries of that pickle's dictionary.
+    """
     rng = np.random.default_rng(seed)
+    changes = changes or {}
     batches = {}
     with tarfile.open(path, "w:gz") as tar:
         def add(name, obj):
-            payload = pickle.dumps(obj, protocol=2)
+            payload = pickle.dumps({**obj, **changes.get(name, {})}, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -310,3 +314,27 @@ def test_a_device_member_is_refused_with_what_to_use_instead(tmp_path, tiny_data
     line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
     assert line.endswith("is a character device, not a regular file or folder; refusing to unpack it; "
                          "use the official archive or an archive or folder of class folders")
+
+
+@pytest.mark.parametrize("member, change, what", [  # change(tmp_path): the doctored entries
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + [f"{tmp}/ABSOLUTE"]}, "ABSOLUTE' cannot be a folder"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + ["../../../ESCAPED"]}, "ESCAPED' cannot be a folder"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + [".."]}, "label name '..' cannot be a folder name"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + [""]}, "label name '' cannot be a folder name"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + ["a\0b"]}, "label name 'a\\x00b' cannot be a folder"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + ["cat"]}, "label names repeat"),
+    ("batches.meta", lambda tmp: {"label_names": None}, "no list of label_names"),
+    ("data_batch_3", lambda tmp: {"labels": [10] * 12}, "a label outside 0-9"),
+    ("data_batch_3", lambda tmp: {"labels": [-1] * 12}, "a label outside 0-9"),
+    ("test_batch", lambda tmp: {"labels": [0] * 11}, "labels are not a list of 12 integers"),
+    ("test_batch", lambda tmp: {"data": np.zeros((12, 3, 32, 32), np.uint8)}, "data is not N x 3072 uint8"),
+    ("data_batch_1", lambda tmp: {"data": np.zeros((12, 3072), np.float32)}, "data is not N x 3072 uint8"),
+])
+def test_a_doctored_official_tarball_is_refused_and_writes_nothing(tmp_path, member, change, what):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    official_tarball(archive, changes={member: change(tmp_path)})
+    root = tmp_path / "cifar10"  # ../../../ESCAPED would land beside it
+    line = error_line(run("data.py", "download", "--root", root, "--source", archive, check=False))
+    assert f"{archive}: cifar-10-batches-py/{member} is not the official format (" in line
+    assert what in line and line.endswith("; download it again")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [archive]  # no PNG anywhere, inside or out
