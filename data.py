@@ -267,14 +267,23 @@ def most_common_side(sides: list[int]) -> int:
 
 def write_cache(path: Path, images: ImageSet, key: str) -> None:
     record = {"fingerprint": key, "images": images.images, "labels": images.labels, "classes": images.classes}
+    tmp = None
     try:
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(record, f)
         os.replace(tmp, path)
-    except OSError as e:  # a read-only data folder still trains, only slower to start
-        print(f"warning: cannot write the image cache {path} ({e}); decoding every run", file=sys.stderr)
+    except BaseException as e:
+        if tmp is not None:  # it may hold gigabytes
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save wraps a failed write (a full disk) in RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
+        if not isinstance(os_error, OSError):
+            raise
+        # a read-only or full data folder still trains, only slower to start
+        print(f"warning: cannot write the image cache {path} ({os_error.strerror or os_error}); decoding every run",
+              file=sys.stderr)
 
 
 def load_dataset(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:

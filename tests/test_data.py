@@ -338,3 +338,28 @@ def test_a_doctored_official_tarball_is_refused_and_writes_nothing(tmp_path, mem
     assert f"{archive}: cifar-10-batches-py/{member} is not the official format (" in line
     assert what in line and line.endswith("; download it again")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [archive]  # no PNG anywhere, inside or out
+
+
+def small_image_set(count: int) -> data.ImageSet:
+    return data.ImageSet(torch.zeros(count, 3, 32, 32, dtype=torch.uint8), torch.zeros(count, dtype=torch.int64),
+                         ["a", "b"])
+
+
+def test_a_full_disk_while_writing_the_cache_is_a_warning_and_leaves_no_temporary_file(small_filesystem, capsys):
+    cache = small_filesystem("64k") / ".cache" / "train.pt"
+    data.write_cache(cache, small_image_set(100), "key")  # 300 KB: torch.save fails with a RuntimeError
+    warning = capsys.readouterr().err
+    assert f"warning: cannot write the image cache {cache} (No space left on device); decoding every run" in warning
+    assert list(cache.parent.iterdir()) == []
+
+
+def interrupted_save(record, file) -> None:
+    file.write(b"half a cache")
+    raise KeyboardInterrupt
+
+
+def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_cache(tmp_path / ".cache" / "train.pt", small_image_set(2), "key")
+    assert list((tmp_path / ".cache").iterdir()) == []
