@@ -413,17 +413,32 @@ class Lock:
 
     def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
         self.path = path
-        self.file = open(path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "unknown"
+        while True:
+            self.file = open(path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                owner = self.file.read().strip() or "unknown"
+                self.file.close()
+                raise taken(owner) from None
+            if self.locks_path():
+                break
+            # The file was opened just before its holder removed it: locking it excludes no one, since the next
+            # process creates and locks a new file at `path`. Lock what is at `path` now.
             self.file.close()
-            raise taken(owner) from None
         self.file.truncate(0)
         self.file.write(str(os.getpid()))
         self.file.flush()
+
+    def locks_path(self) -> bool:
+        """Whether the file locked is the one `path` names."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        locked = os.fstat(self.file.fileno())
+        return (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino)
 
     def __enter__(self) -> "Lock":
         return self

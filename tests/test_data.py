@@ -1,6 +1,8 @@
+import fcntl
 import functools
 import http.server
 import io
+import os
 import pickle
 import tarfile
 import threading
@@ -363,3 +365,40 @@ def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         data.write_cache(tmp_path / ".cache" / "train.pt", small_image_set(2), "key")
     assert list((tmp_path / ".cache").iterdir()) == []
+
+
+class RemovedBeforeLocking:
+    """fcntl.flock for data.Lock, in the order of a race between three processes: Lock has opened the lock file;
+    its holder removes it and ends; a newcomer creates a new one (and locks it, if `newcomer_locks`); then Lock locks
+    the file it opened."""
+
+    def __init__(self, path: Path, newcomer_locks: bool) -> None:
+        self.path, self.newcomer_locks, self.newcomer = path, newcomer_locks, None
+        self.flock = fcntl.flock
+
+    def __call__(self, file, operation) -> None:
+        if self.newcomer is None:
+            self.path.unlink()
+            self.newcomer = open(self.path, "a+")
+            self.newcomer.write("4242")
+            self.newcomer.flush()
+            if self.newcomer_locks:
+                self.flock(self.newcomer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.flock(file, operation)
+
+
+@pytest.mark.parametrize("newcomer_locks", [True, False])
+def test_a_lock_file_removed_before_it_is_locked_is_not_held(tmp_path, monkeypatch, newcomer_locks):
+    path = tmp_path / ".c.lock"
+    race = RemovedBeforeLocking(path, newcomer_locks)
+    monkeypatch.setattr(fcntl, "flock", race)
+    try:
+        if newcomer_locks:  # two holders, unless Lock sees the file it locked is no longer the lock file
+            with pytest.raises(RuntimeError, match="held by 4242"):
+                data.Lock(path, lambda owner: RuntimeError(f"held by {owner}"))
+        else:
+            with data.Lock(path, lambda owner: RuntimeError(f"held by {owner}")) as lock:
+                assert os.fstat(lock.file.fileno()).st_ino == path.stat().st_ino
+                assert path.read_text() == str(os.getpid())
+    finally:
+        race.newcomer.close()
