@@ -685,25 +685,32 @@ def copy_following_links(folder: Path, target: Path, source: str) -> None:
 
 
 def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, int], Path]]) -> None:
-    """Walk `folder` as copytree will, following links; `above` holds the (device, inode) of each folder above."""
+    """Walk `folder` as copytree will, following links, refusing what it would fail on or never finish.
+
+    That is a link loop (`above` holds the (device, inode) of each folder above), a link that cannot be followed,
+    and what is neither a file nor a folder: copytree reads a device (say a link to /dev/zero) forever.
+    """
     info = folder.stat()
     above = above + [((info.st_dev, info.st_ino), folder)]
     with os.scandir(folder) as entries:  # closed also when a loop is refused
         entries = list(entries)
     for entry in entries:
-        if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
-            continue  # a file: nothing to follow
         try:
-            target = os.stat(entry.path)
-        except OSError as e:  # a link to itself, to a link back to it, or to nothing
-            raise DataError(f"--source {source}: {shown(entry.path)} is a link that cannot be followed "
-                            f"({e.strerror})", "remove it or make it point to a file or folder") from None
-        if entry.is_dir():
+            target = entry.stat()  # following links, as copytree does
+        except OSError as e:  # a link to itself, to a link back to it, or to nothing (or a file gone meanwhile)
+            what = "is a link that cannot be followed" if entry.is_symlink() else "cannot be read"
+            raise DataError(f"--source {source}: {shown(entry.path)} {what} ({e.strerror})",
+                            "remove it or make it point to a file or folder") from None
+        if stat.S_ISDIR(target.st_mode):
             back = [path for key, path in above if key == (target.st_dev, target.st_ino)]
             if back:
                 raise DataError(f"--source {source}: {shown(entry.path)} is a link back to {shown(back[0])}, "
                                 "a loop", "remove it")
             refuse_link_loops(Path(entry.path), source, above)
+        elif not stat.S_ISREG(target.st_mode):
+            through = " (through a link)" if entry.is_symlink() else ""
+            raise DataError(f"--source {source}: {shown(entry.path)} is {special_kind(target.st_mode)}{through}, "
+                            "not a regular file or folder", "remove it")
 
 
 class CifarUnpickler(pickle.Unpickler):

@@ -4,6 +4,7 @@ import http.server
 import io
 import os
 import pickle
+import re
 import tarfile
 import threading
 import zipfile
@@ -402,3 +403,21 @@ def test_a_lock_file_removed_before_it_is_locked_is_not_held(tmp_path, monkeypat
                 assert path.read_text() == str(os.getpid())
     finally:
         race.newcomer.close()
+
+
+@pytest.mark.parametrize("kind", ["a link to /dev/zero", "a FIFO"])
+def test_a_device_or_fifo_in_a_source_folder_is_refused_before_copying(tmp_path, kind):
+    source = make_class_folders(tmp_path / "source", train=2, test=1)
+    odd = source / "train" / "red" / "odd.png"
+    if kind == "a FIFO":
+        os.mkfifo(odd)
+    else:
+        odd.symlink_to("/dev/zero")  # copytree would read it forever
+    expected = ("is a character device (through a link)" if kind != "a FIFO" else "is a FIFO") + \
+        ", not a regular file or folder; remove it"
+    # the walk first, called alone: a copy that began would never end
+    with pytest.raises(data.DataError, match=f"--source {source}: {odd} {re.escape(expected)}"):
+        data.refuse_link_loops(source, str(source), [])
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", source, check=False)
+    assert error_line(result) == f"data.py: --source {source}: {odd} {expected}"
+    assert [p.name for p in tmp_path.iterdir()] == ["source"]
