@@ -11,7 +11,9 @@ whatever device holds that tensor.
 """
 import argparse
 import collections
+import errno
 import fcntl
+import functools
 import hashlib
 import io
 import os
@@ -675,13 +677,31 @@ def copy_following_links(folder: Path, target: Path, source: str) -> None:
     """
     refuse_link_loops(folder, source, [])
     try:
-        shutil.copytree(folder, target)
-    except shutil.Error as e:  # one (file, copy, why) per file that failed: the first says enough
+        shutil.copytree(folder, target, copy_function=functools.partial(copy_file, source=source))
+    except shutil.Error as e:  # a folder that could not be made, one (folder, copy, why) each: the first says enough
         name, _, why = e.args[0][0]
-        raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})", "fix or remove it") from None
+        raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})",
+                        "free space or choose another --root") from None
     except OSError as e:  # the copy's first folder could not be made
         raise DataError(f"--source {source}: cannot copy {shown(folder)} ({e.strerror or e})",
                         "free space or choose another --root") from None
+
+
+# A write that failed for these is the fault of where it writes (--root), not of what it copies or unpacks.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def copy_file(src: str, dst: str, source: str) -> str:
+    """copytree's copy_function: the first file that fails ends the copy, as a DataError naming it.
+
+    copytree would note the error and copy on: for hours, file after file, on a full disk.
+    """
+    try:
+        return shutil.copy2(src, dst)
+    except OSError as e:
+        at_root = e.errno in WRITE_ERRNOS or e.filename == dst  # dst could not be made
+        raise DataError(f"--source {source}: cannot copy {shown(src)} ({e.strerror or e})",
+                        "free space or choose another --root" if at_root else "fix or remove it") from None
 
 
 def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, int], Path]]) -> None:

@@ -421,3 +421,14 @@ def test_a_device_or_fifo_in_a_source_folder_is_refused_before_copying(tmp_path,
     result = run("data.py", "download", "--root", tmp_path / "c", "--source", source, check=False)
     assert error_line(result) == f"data.py: --source {source}: {odd} {expected}"
     assert [p.name for p in tmp_path.iterdir()] == ["source"]
+
+
+def test_a_source_folder_larger_than_the_disk_at_root_is_one_line(tmp_path, small_filesystem):
+    disk = small_filesystem("64k")
+    source = make_class_folders(tmp_path / "source", train=8, test=2)  # 30 files of 3 KB, each a 4 KB page at least
+    result = run("data.py", "download", "--root", disk / "c", "--source", source, check=False)
+    line = error_line(result)
+    named = re.escape(f"data.py: --source {source}: cannot copy {source}/")
+    assert re.fullmatch(named + r"(train|test)/[a-z]+/[0-9]+\.png \(No space left on device\); free space or choose "
+                        "another --root", line), line
+    assert result.stderr.count("\n") == 1 and os.listdir(disk) == []
