@@ -16,6 +16,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import lzma
 import os
 import pickle
 import shutil
@@ -535,7 +536,7 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
         raise DataError(f"--root {root}: exists but holds no train/ and test/ folders",
                         "remove it or choose another --root")
     work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
-    scans = build_tree(source, md5, work)
+    scans = build_tree(source, md5, work, root)
     if root.exists():
         root.rmdir()  # empty, checked above
     os.replace(work / "tree", root)
@@ -544,8 +545,10 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
     return root
 
 
-def build_tree(source: str, md5: str | None, work: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
-    """WORK/tree/train/ and test/ from a URL, an archive or a folder; returns their scan_dataset."""
+def build_tree(source: str, md5: str | None, work: Path,
+               root: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
+    """WORK/tree/train/ and test/ from a URL, an archive or a folder; returns their scan_dataset. WORK is in ROOT's
+    parent: ROOT names it in messages."""
     tree = work / "tree"
     local = fetch(source, work) if is_url(source) else Path(source)
     if local.is_dir():
@@ -556,7 +559,7 @@ def build_tree(source: str, md5: str | None, work: Path) -> dict[str, tuple[list
         elif not check_integrity(str(local), md5):
             raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
                             "expected: download it again or pass the right --md5")
-        unpack(local, work, tree, source)
+        unpack(local, work, root, source)
     try:
         return scan_dataset(tree, source)
     except DataError as e:
@@ -573,12 +576,13 @@ def fetch(url: str, work: Path) -> Path:
     return work / name
 
 
-def unpack(archive: Path, work: Path, tree: Path, source: str) -> None:
-    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders.
+def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
+    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree.
 
     `source` names the archive in messages: the --source the user gave.
     """
-    damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
+    tree = work / "tree"
+    damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
     try:
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
@@ -599,8 +603,21 @@ def unpack(archive: Path, work: Path, tree: Path, source: str) -> None:
             raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
     except damaged as e:
-        raise DataError(f"{source}: damaged or incomplete archive ({e}); download it again") from None
+        raise unpack_error(e, work, root, source) from None
     copy_class_folders(work / "extract", tree, source, move=True)
+
+
+def unpack_error(e: Exception, work: Path, root: Path, source: str) -> DataError:
+    """What went wrong unpacking into WORK: the archive (a damaged compressed stream is an OSError without errno), or
+    --root when a write failed for want of room or permission."""
+    if isinstance(e, OSError) and (e.errno in WRITE_ERRNOS or names_a_file_in(e, work)):
+        return DataError(f"--root {root}: cannot write ({e.strerror or e})", "free space or choose another --root")
+    return DataError(f"{source}: damaged or incomplete archive ({e})", "download it again")
+
+
+def names_a_file_in(e: OSError, folder: Path) -> bool:
+    """Whether `e` is about a file inside FOLDER (one about the archive names the archive, or no file)."""
+    return e.filename is not None and Path(os.path.abspath(os.fsdecode(e.filename))).is_relative_to(folder.absolute())
 
 
 def size_text(size: int) -> str:

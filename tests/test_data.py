@@ -432,3 +432,30 @@ def test_a_source_folder_larger_than_the_disk_at_root_is_one_line(tmp_path, smal
     assert re.fullmatch(named + r"(train|test)/[a-z]+/[0-9]+\.png \(No space left on device\); free space or choose "
                         "another --root", line), line
     assert result.stderr.count("\n") == 1 and os.listdir(disk) == []
+
+
+def test_a_full_disk_while_unpacking_names_root_not_the_archive(tmp_path, small_filesystem):
+    disk = small_filesystem("64k")
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # 4 KB declared, but each file takes a 4 KB page of the 64 KB
+        for i in range(40):
+            info = tarfile.TarInfo(f"cifar10/{'train' if i % 2 else 'test'}/a/{i}.png")
+            info.size = 100
+            tar.addfile(info, io.BytesIO(bytes(100)))
+    line = error_line(run("data.py", "download", "--root", disk / "c", "--source", archive, check=False))
+    assert line == f"data.py: --root {disk / 'c'}: cannot write (No space left on device); free space or choose " \
+        "another --root"
+    assert os.listdir(disk) == []
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.xz"])  # gzip: an OSError without errno; xz: LZMAError
+def test_a_damaged_compressed_archive_is_called_damaged(tmp_path, tiny_data, suffix):
+    archive = tmp_path / f"a{suffix}"
+    with tarfile.open(archive, f"w:{suffix[5:]}") as tar:
+        tar.add(tiny_data, "cifar10")
+    payload = bytearray(archive.read_bytes())
+    payload[len(payload) // 2:len(payload) // 2 + 64] = bytes(64)  # a stretch of the compressed stream lost
+    archive.write_bytes(payload)
+    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    assert f"{archive}: damaged or incomplete archive (" in line and line.endswith("; download it again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
