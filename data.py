@@ -833,7 +833,7 @@ def md5_digits(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # allow_abbrev=False: an abbreviated or mistyped flag is an error, not silently another flag (as in the other scripts)
+    # allow_abbrev=False: an abbreviated flag is an error, not taken for another flag (as in the other scripts)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                      allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
