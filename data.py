@@ -11,9 +11,12 @@ whatever device holds that tensor.
 """
 import argparse
 import collections
+import errno
 import fcntl
+import functools
 import hashlib
 import io
+import lzma
 import os
 import pickle
 import shutil
@@ -267,14 +270,23 @@ def most_common_side(sides: list[int]) -> int:
 
 def write_cache(path: Path, images: ImageSet, key: str) -> None:
     record = {"fingerprint": key, "images": images.images, "labels": images.labels, "classes": images.classes}
+    tmp = None
     try:
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             torch.save(record, f)
         os.replace(tmp, path)
-    except OSError as e:  # a read-only data folder still trains, only slower to start
-        print(f"warning: cannot write the image cache {path} ({e}); decoding every run", file=sys.stderr)
+    except BaseException as e:
+        if tmp is not None:  # it may hold gigabytes
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save wraps a failed write (a full disk) in RuntimeError
+        os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
+        if not isinstance(os_error, OSError):
+            raise
+        # a read-only or full data folder still trains, only slower to start
+        print(f"warning: cannot write the image cache {path} ({os_error.strerror or os_error}); decoding every run",
+              file=sys.stderr)
 
 
 def load_dataset(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
@@ -404,17 +416,32 @@ class Lock:
 
     def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
         self.path = path
-        self.file = open(path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "unknown"
+        while True:
+            self.file = open(path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                owner = self.file.read().strip() or "unknown"
+                self.file.close()
+                raise taken(owner) from None
+            if self.locks_path():
+                break
+            # The file was opened just before its holder removed it: locking it excludes no one, since the next
+            # process creates and locks a new file at `path`. Lock what is at `path` now.
             self.file.close()
-            raise taken(owner) from None
         self.file.truncate(0)
         self.file.write(str(os.getpid()))
         self.file.flush()
+
+    def locks_path(self) -> bool:
+        """Whether the file locked is the one `path` names."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        locked = os.fstat(self.file.fileno())
+        return (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino)
 
     def __enter__(self) -> "Lock":
         return self
@@ -509,7 +536,7 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
         raise DataError(f"--root {root}: exists but holds no train/ and test/ folders",
                         "remove it or choose another --root")
     work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
-    scans = build_tree(source, md5, work)
+    scans = build_tree(source, md5, work, root)
     if root.exists():
         root.rmdir()  # empty, checked above
     os.replace(work / "tree", root)
@@ -518,8 +545,10 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
     return root
 
 
-def build_tree(source: str, md5: str | None, work: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
-    """WORK/tree/train/ and test/ from a URL, an archive or a folder; returns their scan_dataset."""
+def build_tree(source: str, md5: str | None, work: Path,
+               root: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
+    """WORK/tree/train/ and test/ from a URL, an archive or a folder; returns their scan_dataset. WORK is in ROOT's
+    parent: ROOT names it in messages."""
     tree = work / "tree"
     local = fetch(source, work) if is_url(source) else Path(source)
     if local.is_dir():
@@ -530,7 +559,7 @@ def build_tree(source: str, md5: str | None, work: Path) -> dict[str, tuple[list
         elif not check_integrity(str(local), md5):
             raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
                             "expected: download it again or pass the right --md5")
-        unpack(local, work, tree, source)
+        unpack(local, work, root, source)
     try:
         return scan_dataset(tree, source)
     except DataError as e:
@@ -547,12 +576,13 @@ def fetch(url: str, work: Path) -> Path:
     return work / name
 
 
-def unpack(archive: Path, work: Path, tree: Path, source: str) -> None:
-    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders.
+def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
+    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree.
 
     `source` names the archive in messages: the --source the user gave.
     """
-    damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, OSError)
+    tree = work / "tree"
+    damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
     try:
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
@@ -573,8 +603,21 @@ def unpack(archive: Path, work: Path, tree: Path, source: str) -> None:
             raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
     except damaged as e:
-        raise DataError(f"{source}: damaged or incomplete archive ({e}); download it again") from None
+        raise unpack_error(e, work, root, source) from None
     copy_class_folders(work / "extract", tree, source, move=True)
+
+
+def unpack_error(e: Exception, work: Path, root: Path, source: str) -> DataError:
+    """What went wrong unpacking into WORK: the archive (a damaged compressed stream is an OSError without errno), or
+    --root when a write failed for want of room or permission."""
+    if isinstance(e, OSError) and (e.errno in WRITE_ERRNOS or names_a_file_in(e, work)):
+        return DataError(f"--root {root}: cannot write ({e.strerror or e})", "free space or choose another --root")
+    return DataError(f"{source}: damaged or incomplete archive ({e})", "download it again")
+
+
+def names_a_file_in(e: OSError, folder: Path) -> bool:
+    """Whether `e` is about a file inside FOLDER (one about the archive names the archive, or no file)."""
+    return e.filename is not None and Path(os.path.abspath(os.fsdecode(e.filename))).is_relative_to(folder.absolute())
 
 
 def size_text(size: int) -> str:
@@ -605,18 +648,22 @@ def tar_member(member: tarfile.TarInfo) -> tuple[str, str | None, str | None]:
     return member.name, link, None if plain else special_kind(mode.get(member.type, 0))
 
 
+MEMBER_ADVICE = "use the official archive or an archive or folder of class folders"
+
+
 def check_members(source: str, members: list[tuple[str, str | None, str | None]]) -> None:
     """Refuse devices and FIFOs (no part of a data set), absolute names, `..`, and links that point outside."""
     for name, link, special in members:
         if special is not None:
             raise DataError(f"{source}: member {name!r} is {special}, not a regular file or folder; refusing to unpack "
-                            "it")
+                            "it", MEMBER_ADVICE)
         for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
             if path is None:
                 continue
             normal = os.path.normpath(path.replace("\\", "/"))
             if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
-                raise DataError(f"{source}: member {name!r} points outside the archive; refusing to unpack it")
+                raise DataError(f"{source}: member {name!r} points outside the archive; refusing to unpack it",
+                                MEMBER_ADVICE)
 
 
 def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:
@@ -647,35 +694,60 @@ def copy_following_links(folder: Path, target: Path, source: str) -> None:
     """
     refuse_link_loops(folder, source, [])
     try:
-        shutil.copytree(folder, target)
-    except shutil.Error as e:  # one (file, copy, why) per file that failed: the first says enough
+        shutil.copytree(folder, target, copy_function=functools.partial(copy_file, source=source))
+    except shutil.Error as e:  # a folder that could not be made, one (folder, copy, why) each: the first says enough
         name, _, why = e.args[0][0]
-        raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})", "fix or remove it") from None
+        raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})",
+                        "free space or choose another --root") from None
     except OSError as e:  # the copy's first folder could not be made
         raise DataError(f"--source {source}: cannot copy {shown(folder)} ({e.strerror or e})",
                         "free space or choose another --root") from None
 
 
+# A write that failed for these is the fault of where it writes (--root), not of what it copies or unpacks.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def copy_file(src: str, dst: str, source: str) -> str:
+    """copytree's copy_function: the first file that fails ends the copy, as a DataError naming it.
+
+    copytree would note the error and copy on: for hours, file after file, on a full disk.
+    """
+    try:
+        return shutil.copy2(src, dst)
+    except OSError as e:
+        at_root = e.errno in WRITE_ERRNOS or e.filename == dst  # dst could not be made
+        raise DataError(f"--source {source}: cannot copy {shown(src)} ({e.strerror or e})",
+                        "free space or choose another --root" if at_root else "fix or remove it") from None
+
+
 def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, int], Path]]) -> None:
-    """Walk `folder` as copytree will, following links; `above` holds the (device, inode) of each folder above."""
+    """Walk `folder` as copytree will, following links, refusing what it would fail on or never finish.
+
+    That is a link loop (`above` holds the (device, inode) of each folder above), a link that cannot be followed,
+    and what is neither a file nor a folder: copytree reads a device (say a link to /dev/zero) forever.
+    """
     info = folder.stat()
     above = above + [((info.st_dev, info.st_ino), folder)]
     with os.scandir(folder) as entries:  # closed also when a loop is refused
         entries = list(entries)
     for entry in entries:
-        if not entry.is_symlink() and not entry.is_dir(follow_symlinks=False):
-            continue  # a file: nothing to follow
         try:
-            target = os.stat(entry.path)
-        except OSError as e:  # a link to itself, to a link back to it, or to nothing
-            raise DataError(f"--source {source}: {shown(entry.path)} is a link that cannot be followed "
-                            f"({e.strerror})", "remove it or make it point to a file or folder") from None
-        if entry.is_dir():
+            target = entry.stat()  # following links, as copytree does
+        except OSError as e:  # a link to itself, to a link back to it, or to nothing (or a file gone meanwhile)
+            what = "is a link that cannot be followed" if entry.is_symlink() else "cannot be read"
+            raise DataError(f"--source {source}: {shown(entry.path)} {what} ({e.strerror})",
+                            "remove it or make it point to a file or folder") from None
+        if stat.S_ISDIR(target.st_mode):
             back = [path for key, path in above if key == (target.st_dev, target.st_ino)]
             if back:
                 raise DataError(f"--source {source}: {shown(entry.path)} is a link back to {shown(back[0])}, "
                                 "a loop", "remove it")
             refuse_link_loops(Path(entry.path), source, above)
+        elif not stat.S_ISREG(target.st_mode):
+            through = " (through a link)" if entry.is_symlink() else ""
+            raise DataError(f"--source {source}: {shown(entry.path)} is {special_kind(target.st_mode)}{through}, "
+                            "not a regular file or folder", "remove it")
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -690,15 +762,11 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
-    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class."""
-    def read(name):
-        try:
-            return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
-        except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise DataError(f"{source}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
-                            "download the tarball again") from None
+    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class.
 
-    classes = read("batches.meta")["label_names"]
+    Class names and labels are checked before anything is written: they become paths.
+    """
+    classes = cifar_classes(read_cifar_batch(tar, "batches.meta", source), source)
     splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     with ThreadPoolExecutor(WORKERS) as pool:
         for split, batches in splits.items():
@@ -707,9 +775,9 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
                 (tree / split / name).mkdir(parents=True)
             jobs = []
             for batch_name in batches:
-                batch = read(batch_name)
-                pixels = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                for image, label in zip(pixels, batch["labels"]):
+                pixels, labels = cifar_arrays(read_cifar_batch(tar, batch_name, source), batch_name, len(classes),
+                                              source)
+                for image, label in zip(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels):
                     path = tree / split / classes[label] / f"{counts[label]:04d}.png"
                     counts[label] += 1
                     jobs.append(pool.submit(Image.fromarray(image).save, path))
@@ -717,18 +785,60 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
                 job.result()
 
 
+def read_cifar_batch(tar: tarfile.TarFile, name: str, source: str) -> object:
+    """One pickle of the official tarball, unpickled by CifarUnpickler."""
+    try:
+        return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
+    except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{source}: {CIFAR10_DIR}/{name} is missing or damaged ({e}); "
+                        "download the tarball again") from None
+
+
+def not_official(source: str, name: str, what: str) -> DataError:
+    return DataError(f"{source}: {CIFAR10_DIR}/{name} is not the official format ({what})", "download it again")
+
+
+def cifar_classes(meta: object, source: str) -> list[str]:
+    """batches.meta's label_names, which become folder names: unique plain names, none hidden (ImageFolder skips
+    those), none naming another folder (`..`, `/`) or unwritable (NUL, over 255 bytes)."""
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise not_official(source, "batches.meta", "no list of label_names")
+    for name in names:
+        if not name or name.startswith(".") or "/" in name or "\0" in name or len(name.encode()) > 255:
+            raise not_official(source, "batches.meta", f"label name {name!r} cannot be a folder name")
+    if len(set(names)) != len(names):
+        raise not_official(source, "batches.meta", "label names repeat")
+    return names
+
+
+def cifar_arrays(batch: object, name: str, class_count: int, source: str) -> tuple[np.ndarray, list[int]]:
+    """A batch's data (N x 3072 uint8) and labels (N integers, each a class)."""
+    pixels = batch.get("data") if isinstance(batch, dict) else None
+    if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3072:
+        raise not_official(source, name, "data is not N x 3072 uint8")
+    labels = batch.get("labels")
+    if not isinstance(labels, list) or len(labels) != len(pixels) or not all(isinstance(i, int) for i in labels):
+        raise not_official(source, name, f"labels are not a list of {len(pixels)} integers")
+    if labels and not (min(labels) >= 0 and max(labels) < class_count):
+        raise not_official(source, name, f"a label outside 0-{class_count - 1}")
+    return pixels, labels
+
+
 def md5_digits(text: str) -> str:
-    """--md5: 32 hexadecimal digits, in either case."""
+    """--md5: 32 hexadecimal digits, in either case (checked_source lower-cases them, also for callers of download)."""
     if len(text) != 32 or not all(c in "0123456789abcdefABCDEF" for c in text):
         raise argparse.ArgumentTypeError(f"must be 32 hexadecimal digits (an md5 checksum), got {text!r}")
-    return text.lower()
+    return text
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    # allow_abbrev=False: an abbreviated flag is an error, not taken for another flag (as in the other scripts)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                                     allow_abbrev=False)
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("download", help="download CIFAR-10 (or unpack a local copy) into class folders",
-                              formatter_class=HelpFormatter)
+                              formatter_class=HelpFormatter, allow_abbrev=False)
     get.add_argument("--root", default="data/cifar10", help="folder to create, holding train/ and test/")
     get.add_argument("--source", default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
                      "(default: the official cifar-10-python.tar.gz, md5-checked)")

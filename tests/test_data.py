@@ -1,7 +1,10 @@
+import fcntl
 import functools
 import http.server
 import io
+import os
 import pickle
+import re
 import tarfile
 import threading
 import zipfile
@@ -19,13 +22,17 @@ from conftest import QuietHTTPServer, class_folder_archive, error_line, make_cla
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def official_tarball(path: Path, per_batch: int = 12, seed: int = 0) -> dict:
-    """A small cifar-10-python.tar.gz in the official format; returns the arrays it holds."""
+def official_tarball(path: Path, per_batch: int = 12, seed: int = 0, changes: dict | None = None) -> dict:
+    """A small cifar-10-python.tar.gz in the official format; returns the arrays it holds.
+
+    `changes` doctors it: {member name: {key: value}} replaces those entries of that pickle's dictionary.
+    """
     rng = np.random.default_rng(seed)
+    changes = changes or {}
     batches = {}
     with tarfile.open(path, "w:gz") as tar:
         def add(name, obj):
-            payload = pickle.dumps(obj, protocol=2)
+            payload = pickle.dumps({**obj, **changes.get(name, {})}, protocol=2)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -149,7 +156,8 @@ def test_archive_members_escaping_the_root_are_refused(tmp_path, kind):
         evil_tar(archive, kind)
     root = work / "deep" / "cifar10"
     result = run("data.py", "download", "--root", root, "--source", archive, check=False)
-    assert result.returncode == 1 and "points outside the archive; refusing" in error_line(result)
+    advice = "refusing to unpack it; use the official archive or an archive or folder of class folders"
+    assert result.returncode == 1 and error_line(result).endswith(f"points outside the archive; {advice}")
     assert not root.exists() and leftovers(root.parent) == []
     assert not (tmp_path / "evil.txt").exists() and not (work / "evil.txt").exists()
     assert not Path("/tmp/evil-absolute.txt").exists()
@@ -286,3 +294,168 @@ def test_any_image_mode_decodes_to_rgb(tmp_path, mode):
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and shorter == 40
     if mode == "I;16":  # 16-bit grey is scaled to 8 bits, not clipped to white
         assert abs(int(pixels.mean()) - int(np.asarray(rgb.convert("L").resize((40, 40))).mean())) < 20
+
+
+def test_an_abbreviated_flag_is_refused_not_taken_for_another(tmp_path, tiny_data):
+    result = run("data.py", "download", "--roo", tmp_path / "c", "--source", tiny_data, check=False)
+    assert result.returncode == 2 and "unrecognized arguments: --roo" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_md5_in_capitals_is_checked_also_when_download_is_called(tmp_path, tiny_data):
+    archive = tmp_path / "a.tar.gz"
+    class_folder_archive(archive, tiny_data)
+    data.download(tmp_path / "c", str(archive), md5(archive).upper())
+    assert (tmp_path / "c" / "train").is_dir()
+
+
+def test_a_device_member_is_refused_with_what_to_use_instead(tmp_path, tiny_data):
+    archive = tmp_path / "a.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tiny_data, "cifar10")
+        tar.add("/dev/null", "cifar10/train/red/odd.png")  # a real character device, no mknod needed
+    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    assert line.endswith("is a character device, not a regular file or folder; refusing to unpack it; "
+                         "use the official archive or an archive or folder of class folders")
+
+
+@pytest.mark.parametrize("member, change, what", [  # change(tmp_path): the doctored entries
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + [f"{tmp}/ABSOLUTE"]}, "ABSOLUTE' cannot be a folder"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + ["../../../ESCAPED"]}, "ESCAPED' cannot be a folder"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + [".."]}, "label name '..' cannot be a folder name"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + [""]}, "label name '' cannot be a folder name"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + ["a\0b"]}, "label name 'a\\x00b' cannot be a folder"),
+    ("batches.meta", lambda tmp: {"label_names": CLASSES[:9] + ["cat"]}, "label names repeat"),
+    ("batches.meta", lambda tmp: {"label_names": None}, "no list of label_names"),
+    ("data_batch_3", lambda tmp: {"labels": [10] * 12}, "a label outside 0-9"),
+    ("data_batch_3", lambda tmp: {"labels": [-1] * 12}, "a label outside 0-9"),
+    ("test_batch", lambda tmp: {"labels": [0] * 11}, "labels are not a list of 12 integers"),
+    ("test_batch", lambda tmp: {"data": np.zeros((12, 3, 32, 32), np.uint8)}, "data is not N x 3072 uint8"),
+    ("data_batch_1", lambda tmp: {"data": np.zeros((12, 3072), np.float32)}, "data is not N x 3072 uint8"),
+])
+def test_a_doctored_official_tarball_is_refused_and_writes_nothing(tmp_path, member, change, what):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    official_tarball(archive, changes={member: change(tmp_path)})
+    root = tmp_path / "cifar10"  # ../../../ESCAPED would land beside it
+    line = error_line(run("data.py", "download", "--root", root, "--source", archive, check=False))
+    assert f"{archive}: cifar-10-batches-py/{member} is not the official format (" in line
+    assert what in line and line.endswith("; download it again")
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [archive]  # no PNG anywhere, inside or out
+
+
+def small_image_set(count: int) -> data.ImageSet:
+    return data.ImageSet(torch.zeros(count, 3, 32, 32, dtype=torch.uint8), torch.zeros(count, dtype=torch.int64),
+                         ["a", "b"])
+
+
+def test_a_full_disk_while_writing_the_cache_is_a_warning_and_leaves_no_temporary_file(small_filesystem, capsys):
+    cache = small_filesystem("64k") / ".cache" / "train.pt"
+    data.write_cache(cache, small_image_set(100), "key")  # 300 KB: torch.save fails with a RuntimeError
+    warning = capsys.readouterr().err
+    assert f"warning: cannot write the image cache {cache} (No space left on device); decoding every run" in warning
+    assert list(cache.parent.iterdir()) == []
+
+
+def interrupted_save(record, file) -> None:
+    file.write(b"half a cache")
+    raise KeyboardInterrupt
+
+
+def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        data.write_cache(tmp_path / ".cache" / "train.pt", small_image_set(2), "key")
+    assert list((tmp_path / ".cache").iterdir()) == []
+
+
+class RemovedBeforeLocking:
+    """fcntl.flock for data.Lock, in the order of a race between three processes: Lock has opened the lock file;
+    its holder removes it and ends; a newcomer creates a new one (and locks it, if `newcomer_locks`); then Lock locks
+    the file it opened."""
+
+    def __init__(self, path: Path, newcomer_locks: bool) -> None:
+        self.path, self.newcomer_locks, self.newcomer = path, newcomer_locks, None
+        self.flock = fcntl.flock
+
+    def __call__(self, file, operation) -> None:
+        if self.newcomer is None:
+            self.path.unlink()
+            self.newcomer = open(self.path, "a+")
+            self.newcomer.write("4242")
+            self.newcomer.flush()
+            if self.newcomer_locks:
+                self.flock(self.newcomer, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.flock(file, operation)
+
+
+@pytest.mark.parametrize("newcomer_locks", [True, False])
+def test_a_lock_file_removed_before_it_is_locked_is_not_held(tmp_path, monkeypatch, newcomer_locks):
+    path = tmp_path / ".c.lock"
+    race = RemovedBeforeLocking(path, newcomer_locks)
+    monkeypatch.setattr(fcntl, "flock", race)
+    try:
+        if newcomer_locks:  # two holders, unless Lock sees the file it locked is no longer the lock file
+            with pytest.raises(RuntimeError, match="held by 4242"):
+                data.Lock(path, lambda owner: RuntimeError(f"held by {owner}"))
+        else:
+            with data.Lock(path, lambda owner: RuntimeError(f"held by {owner}")) as lock:
+                assert os.fstat(lock.file.fileno()).st_ino == path.stat().st_ino
+                assert path.read_text() == str(os.getpid())
+    finally:
+        race.newcomer.close()
+
+
+@pytest.mark.parametrize("kind", ["a link to /dev/zero", "a FIFO"])
+def test_a_device_or_fifo_in_a_source_folder_is_refused_before_copying(tmp_path, kind):
+    source = make_class_folders(tmp_path / "source", train=2, test=1)
+    odd = source / "train" / "red" / "odd.png"
+    if kind == "a FIFO":
+        os.mkfifo(odd)
+    else:
+        odd.symlink_to("/dev/zero")  # copytree would read it forever
+    expected = ("is a character device (through a link)" if kind != "a FIFO" else "is a FIFO") + \
+        ", not a regular file or folder; remove it"
+    # the walk first, called alone: a copy that began would never end
+    with pytest.raises(data.DataError, match=f"--source {source}: {odd} {re.escape(expected)}"):
+        data.refuse_link_loops(source, str(source), [])
+    result = run("data.py", "download", "--root", tmp_path / "c", "--source", source, check=False)
+    assert error_line(result) == f"data.py: --source {source}: {odd} {expected}"
+    assert [p.name for p in tmp_path.iterdir()] == ["source"]
+
+
+def test_a_source_folder_larger_than_the_disk_at_root_is_one_line(tmp_path, small_filesystem):
+    disk = small_filesystem("64k")
+    source = make_class_folders(tmp_path / "source", train=8, test=2)  # 30 files of 3 KB, each a 4 KB page at least
+    result = run("data.py", "download", "--root", disk / "c", "--source", source, check=False)
+    line = error_line(result)
+    named = re.escape(f"data.py: --source {source}: cannot copy {source}/")
+    assert re.fullmatch(named + r"(train|test)/[a-z]+/[0-9]+\.png \(No space left on device\); free space or choose "
+                        "another --root", line), line
+    assert result.stderr.count("\n") == 1 and os.listdir(disk) == []
+
+
+def test_a_full_disk_while_unpacking_names_root_not_the_archive(tmp_path, small_filesystem):
+    disk = small_filesystem("64k")
+    archive = tmp_path / "a.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:  # 4 KB declared, but each file takes a 4 KB page of the 64 KB
+        for i in range(40):
+            info = tarfile.TarInfo(f"cifar10/{'train' if i % 2 else 'test'}/a/{i}.png")
+            info.size = 100
+            tar.addfile(info, io.BytesIO(bytes(100)))
+    line = error_line(run("data.py", "download", "--root", disk / "c", "--source", archive, check=False))
+    assert line == f"data.py: --root {disk / 'c'}: cannot write (No space left on device); free space or choose " \
+        "another --root"
+    assert os.listdir(disk) == []
+
+
+@pytest.mark.parametrize("suffix", [".tar.gz", ".tar.xz"])  # gzip: an OSError without errno; xz: LZMAError
+def test_a_damaged_compressed_archive_is_called_damaged(tmp_path, tiny_data, suffix):
+    archive = tmp_path / f"a{suffix}"
+    with tarfile.open(archive, f"w:{suffix[5:]}") as tar:
+        tar.add(tiny_data, "cifar10")
+    payload = bytearray(archive.read_bytes())
+    payload[len(payload) // 2:len(payload) // 2 + 64] = bytes(64)  # a stretch of the compressed stream lost
+    archive.write_bytes(payload)
+    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    assert f"{archive}: damaged or incomplete archive (" in line and line.endswith("; download it again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
