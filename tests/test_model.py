@@ -90,6 +90,25 @@ def test_checkpoint_of_another_class_count_is_a_clear_error(tmp_path):
         model_from_checkpoint(checkpoint, "x.pt")
 
 
+@pytest.mark.parametrize("model_args, problem", [
+    ({"num_classes": 3, "foo": 1}, "hold 'foo', not arguments of AlexNet (num_classes, dropout)"),
+    ({"num_classes": 0}, "do not say how many classes the head has"),
+    ({"num_classes": 3.0}, "do not say how many classes the head has"),
+    ({"num_classes": 3, "dropout": 1.0}, "hold a dropout that is not a probability in [0, 1)"),
+    ({"num_classes": 3, "dropout": "0.5"}, "hold a dropout that is not a probability in [0, 1)"),
+    ({"num_classes": 3, "dropout": True}, "hold a dropout that is not a probability in [0, 1)"),
+    ([3], "are not a dict of AlexNet's arguments"),
+])
+def test_model_args_alexnet_cannot_take_are_refused_naming_the_file(tmp_path, model_args, problem):
+    path = tmp_path / "odd.pt"
+    torch.save({"model": {}, "model_args": model_args, "classes": ["a", "b", "c"], "image_size": 64,
+                "stored_size": 32}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value).startswith(f"{path}: inconsistent checkpoint: model_args ")
+    assert problem in str(error.value) and str(error.value).endswith("; re-train or pass another file")
+
+
 def test_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(AlexNet().state_dict(), path)
