@@ -162,9 +162,27 @@ def is_number(value, types) -> bool:
 def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> AlexNet:
     """The AlexNet a checkpoint describes, with its weights; `path` names it in errors."""
     model = AlexNet(**checkpoint["model_args"])
+    weights = checkpoint["model"]
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: its model is a {type(weights).__name__}, not a state dict of tensors; "
+                              "re-train or pass another file")
     try:
-        model.load_state_dict(unwrap_state_dict(checkpoint["model"]))
+        model.load_state_dict(unwrap_state_dict(weights))
     except RuntimeError as e:
-        first = " ".join(str(e).strip().splitlines()[:2])
-        raise CheckpointError(f"{path}: weights do not fit AlexNet({checkpoint['model_args']}): {first}") from None
+        why = misfit(model.state_dict(), unwrap_state_dict(weights)) or str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: weights do not fit AlexNet({checkpoint['model_args']}): {why}; the file "
+                              "was changed or written by other code: re-train or pass another file") from None
     return model
+
+
+def misfit(own: dict, given: dict) -> str:
+    """Which tensor names are missing, unexpected or shaped otherwise, a few of each: a full list runs to pages."""
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    shaped = [name for name in own if name in given and getattr(given[name], "shape", None) != own[name].shape]
+    parts = [f"{what} {few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                         ("not of this model's shape", shaped)) if names]
+    return ", ".join(parts)
+
+
+def few(names: list[str], at_most: int = 3) -> str:
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")

@@ -109,6 +109,21 @@ def test_model_args_alexnet_cannot_take_are_refused_naming_the_file(tmp_path, mo
     assert problem in str(error.value) and str(error.value).endswith("; re-train or pass another file")
 
 
+def test_weights_of_other_names_are_a_short_line_that_says_what_to_do():
+    renamed = {f"net.{name}": tensor for name, tensor in AlexNet(num_classes=3).state_dict().items()}  # 16 tensors
+    with pytest.raises(CheckpointError) as error:
+        model_from_checkpoint({"model": renamed, "model_args": {"num_classes": 3}}, "x.pt")
+    message = str(error.value)
+    assert message.startswith("x.pt: weights do not fit AlexNet({'num_classes': 3}): missing classifier.1.bias, "
+                              "classifier.1.weight, classifier.4.bias and 13 more, unexpected net.classifier.1.bias, ")
+    assert message.endswith("re-train or pass another file") and "\n" not in message and len(message) < 400
+
+
+def test_a_checkpoint_whose_model_is_no_state_dict_is_refused():
+    with pytest.raises(CheckpointError, match="x.pt: its model is a Tensor, not a state dict of tensors; re-train"):
+        model_from_checkpoint({"model": torch.zeros(3), "model_args": {"num_classes": 3}}, "x.pt")
+
+
 def test_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(AlexNet().state_dict(), path)
