@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -69,6 +70,20 @@ def test_a_labelled_folder_prints_accuracy_and_a_grid(pretrained, tiny_data, tmp
     assert len([line for line in result.stdout.splitlines() if "\t" in line]) == 9
     picture = Image.open(grid)
     assert picture.size == (8 * 98 + 2, 2 * 112 + 2)  # 9 tiles of 96 x (96 + 14), 8 a row, padding 2
+
+
+@pytest.mark.parametrize("stray", ["beside.png", ".hidden/inside.png"])
+def test_an_image_outside_the_class_folders_is_predicted_unlabelled(pretrained, tiny_data, tmp_path, stray):
+    folder = tmp_path / "test"
+    shutil.copytree(tiny_data / "test", folder)
+    (folder / stray).parent.mkdir(exist_ok=True)
+    shutil.copy(next((folder / "red").iterdir()), folder / stray)
+    result = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu", "--json")
+    output = json.loads(result.stdout)
+    truth = {p["path"]: p["true"] for p in output["predictions"]}
+    assert len(truth) == 19 and truth[str(folder / stray)] is None
+    assert sorted(set(truth.values()) - {None}) == ["blue", "green", "red"]
+    assert output["report"]["images"] == 18 and output["errors"] == []
 
 
 def test_topk_lines(pretrained, tiny_data):
