@@ -266,19 +266,27 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     return results
 
 
+def check_writable_file(flag: str, path: Path, example: str, what: str = "a file") -> None:
+    """Fail before the long work, not after it, when `flag`'s file cannot be written; its folder is made if missing.
+
+    `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
+    """
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()  # a real write: permissions alone miss a read-only mount
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); "
+                         "choose a writable folder") from None
+
+
 def check_grid_path(grid: str) -> None:
     """--grid is checked before any prediction, not after: a picture file Pillow can write, in a writable folder."""
     path = Path(grid)
-    if path.is_dir():
-        raise UsageError(f"--grid {grid}: is a folder; pass a picture file, e.g. --grid {path / 'predictions.png'}")
-    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+    if not path.is_dir() and Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
         raise UsageError(f"--grid {grid}: Pillow cannot write a picture named like this; end it in .png or .jpg")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as e:
-        raise UsageError(f"--grid {grid}: cannot write in {path.parent} ({e.strerror or e}); "
-                         "choose a writable path") from None
+    check_writable_file("--grid", path, "predictions.png", "a picture file")
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -35,8 +35,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import data
 from model import MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, unwrap_state_dict
-from predict import (ProgressLine, UsageError, classification_report, compute_logits, positive_int, print_report,
-                     report_errors, resolve_device)
+from predict import (ProgressLine, UsageError, check_writable_file, classification_report, compute_logits,
+                     positive_int, print_report, report_errors, resolve_device)
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
@@ -153,17 +153,10 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
 
 def check_out(out: Path) -> None:
     """Fail before training, not after the first epoch, when --out cannot be written."""
-    if out.is_dir():
-        raise UsageError(f"--out {out}: is a folder; pass a file in it, e.g. --out {out / 'model.pt'}")
     if out in side_files(out).values():
         raise UsageError(f"--out {out}: the run's log, resume state or test report would overwrite it; "
                          "pass a name ending in .pt")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); "
-                         "choose a writable folder") from None
+    check_writable_file("--out", out, "model.pt")
 
 
 class OutLock(data.Lock):

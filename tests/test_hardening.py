@@ -37,15 +37,27 @@ def test_grid_in_a_read_only_folder_fails_before_predicting(pretrained, tiny_dat
     grid = small_filesystem(read_only=True) / "grid.png"
     result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--grid", grid,
                  check=False)
-    assert f"--grid {grid}: cannot write in" in error_line(result) and result.stdout == ""
+    assert error_line(result) == (f"predict.py: --grid {grid}: cannot write in {grid.parent} (Read-only file system); "
+                                  "choose a writable folder") and result.stdout == ""
 
 
-@pytest.mark.parametrize("name", ["predictions", "folder"])
-def test_grid_that_is_no_picture_file_fails_before_predicting(pretrained, tiny_data, tmp_path, name):
+def test_out_in_a_read_only_folder_fails_before_training(tiny_data, small_filesystem):
+    out = small_filesystem(read_only=True) / "p.pt"
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", *QUICK, check=False)
+    assert error_line(result) == (f"pretrain.py: --out {out}: cannot write in {out.parent} (Read-only file system); "
+                                  "choose a writable folder") and "epoch" not in result.stdout
+
+
+@pytest.mark.parametrize("name, message", [
+    ("predictions", "Pillow cannot write a picture named like this; end it in .png or .jpg"),
+    ("folder", "is a folder; pass a picture file in it, e.g. --grid {folder}/predictions.png"),
+])
+def test_grid_that_is_no_picture_file_fails_before_predicting(pretrained, tiny_data, tmp_path, name, message):
     (tmp_path / "folder").mkdir()
     result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu",
                  "--grid", tmp_path / name, check=False)
-    assert f"--grid {tmp_path / name}: " in error_line(result) and result.stdout == ""
+    expected = f"predict.py: --grid {tmp_path / name}: " + message.format(folder=tmp_path / "folder")
+    assert error_line(result) == expected and result.stdout == ""
 
 
 @pytest.mark.slow
@@ -111,14 +123,14 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tiny_d
 
 
 @pytest.mark.parametrize("out, message", [
-    ("folder", "is a folder; pass a file in it"),
+    ("folder", "is a folder; pass a file in it, e.g. --out {tmp_path}/folder/model.pt"),
     ("run.csv", "the run's log, resume state or test report would overwrite it"),
 ])
 def test_an_out_that_would_clash_is_refused_before_training(tiny_data, tmp_path, out, message):
     (tmp_path / "folder").mkdir()
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / out, "--epochs", "1", *QUICK,
                  check=False)
-    assert message in error_line(result) and "epoch" not in result.stdout
+    assert message.format(tmp_path=tmp_path) in error_line(result) and "epoch" not in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
 
