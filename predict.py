@@ -209,7 +209,7 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             kind = data.special_kind(path.stat().st_mode)
             errors.append(f"{data.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
         else:
-            errors.append(f"{data.shown(path)}: no such file or folder")
+            errors.append(f"{data.shown(path)}: no such file or folder; check the path")
     return found, errors
 
 

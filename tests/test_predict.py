@@ -9,7 +9,7 @@ from PIL import Image
 import data
 from conftest import run
 from model import load_checkpoint, model_from_checkpoint
-from predict import compute_logits
+from predict import UsageError, compute_logits, resolve_device
 
 
 def odd_images(folder):
@@ -104,7 +104,8 @@ def test_missing_path_and_empty_folder(pretrained, tmp_path):
     result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained,
                  "--device", "cpu", check=False)
     assert result.returncode == 1
-    assert "nope.png: no such file or folder" in result.stderr and "empty: no images in this folder" in result.stderr
+    assert "nope.png: no such file or folder; check the path\n" in result.stderr
+    assert "empty: no images in this folder" in result.stderr
 
 
 def test_corrupt_checkpoint(tmp_path, tiny_data):
@@ -113,3 +114,23 @@ def test_corrupt_checkpoint(tmp_path, tiny_data):
     assert result.returncode == 1
     assert "bad.pt: not a loadable checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, available, count, message", [
+    ("gpu", True, 1, "--device gpu: not a device name; use cuda, cuda:N or cpu"),
+    ("cuda", False, 0, "--device cuda: CUDA is not available on this machine; use --device cpu"),
+    ("cuda:1", False, 0, "--device cuda:1: CUDA is not available on this machine; use --device cpu"),
+    ("cuda:2", True, 2, "--device cuda:2: this machine has 2 CUDA device(s), numbered from 0; pass one of them"),
+])
+def test_a_device_this_machine_lacks_is_a_usage_error(monkeypatch, name, available, count, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(UsageError) as error:
+        resolve_device(name)
+    assert str(error.value) == message
+
+
+def test_a_cuda_device_the_machine_has_is_used(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu:0") == torch.device("cpu")
