@@ -855,7 +855,12 @@ def initial_weights(source: str) -> dict:
     except Exception as e:
         raise UsageError(f"--init {source}: not a loadable state dict ({e}); "
                          "pass a torchvision AlexNet state dict") from None
-    return loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+    weights = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+    if not (isinstance(weights, dict) and all(isinstance(n, str) and isinstance(t, torch.Tensor)
+                                              for n, t in weights.items())):
+        raise UsageError(f"--init {source}: not a state dict (it holds a {type(weights).__name__}, not names mapped to "
+                         "tensors); pass a torchvision AlexNet state dict or a checkpoint of this project")
+    return weights
 
 
 def new_model(args: argparse.Namespace, classes: list[str]) -> AlexNet:
