@@ -458,7 +458,8 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
     n, classes = len(train_images.labels), len(train_images.classes)
     if args.limit is not None:
         if args.limit > n:
-            raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images")
+            raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images; "
+                             f"pass --limit {n} or less, or leave it out to use them all")
         if args.limit < 2 * classes:
             raise UsageError(f"--limit {args.limit}: too few for {classes} classes, each needs one training and "
                              f"one validation image; pass --limit {2 * classes} or more")

@@ -144,6 +144,7 @@ def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_
 
 @pytest.mark.parametrize("flags, message", [
     (["--limit", "4"], "--limit 4: too few for 3 classes"),
+    (["--limit", "49"], "train has only 48 images; pass --limit 48 or less, or leave it out to use them all"),
     (["--limit", "9"], "too few to hold out the default validation split"),
     (["--seed", "99999999999999999999"], "--seed: must be an integer from 0 to 4294967295"),
     (["--image-size", "10000"], "--image-size: at most 1024 px"),
