@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import glob
+import io
 import json
 import math
 import os
@@ -174,10 +175,20 @@ def side_files(out: Path) -> dict[str, Path]:
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a crash or SIGKILL mid-write leaves the previous file intact.
+    """Write atomically (see write_atomically): a crash or SIGKILL mid-write leaves the previous file intact."""
+    write_atomically(path, "checkpoint", lambda f: torch.save(checkpoint, f))
 
-    The temporary file sits beside the target; one left by a killed writer is
-    removed by the next save (one writer per path, as the scripts do).
+
+def write_text(path: str | os.PathLike, what: str, text: str) -> None:
+    """A log or report, atomically as a checkpoint: a reader, or a full disk, never meets half of it."""
+    write_atomically(path, what, lambda f: f.write(text.encode()))
+
+
+def write_atomically(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:
+    """`write` fills a temporary file beside `path`, which then replaces it; a failed write changes nothing.
+
+    A temporary file left by a killed writer is removed by the next write (one writer per path, as the scripts
+    do). A failure to write (a full disk, a read-only folder) is a one-line CheckpointError naming `what`.
     """
     directory, name = os.path.split(os.path.abspath(path))
     tmp = None
@@ -188,7 +199,7 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -197,8 +208,8 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
             os.unlink(tmp)
         os_error = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in RuntimeError
         if isinstance(os_error, OSError):
-            raise CheckpointError(f"{path}: cannot write the checkpoint ({os_error.strerror or os_error}); the "
-                                  "previous one is untouched: free disk space, or choose a writable --out") from None
+            raise CheckpointError(f"{path}: cannot write the {what} ({os_error.strerror or os_error}); the previous "
+                                  "one is untouched: free disk space, or choose a writable --out") from None
         raise
 
 
@@ -309,12 +320,11 @@ class CheckpointWriter:
 
 def write_csv(path: Path, history: list[dict]) -> None:
     """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, "training log", text.getvalue())
 
 
 # --------------------------------------------------------------------------- processes and signals
@@ -833,7 +843,7 @@ def test_once(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
     print_report("test", test, run.classes)
     test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"]}
     save_checkpoint(final | {"test_metrics": test}, run.out)
-    files["test"].write_text(json.dumps(test, indent=2) + "\n")
+    write_text(files["test"], "test report", json.dumps(test, indent=2) + "\n")
     print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
     return test
 
