@@ -28,15 +28,17 @@ def warn_if_validation_was_trained_on(args: argparse.Namespace, source: dict) ->
     """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
     if "data_dir" not in source or Path(source["data_dir"]).resolve() != Path(args.data_dir).resolve():
         return
-    differing = [f"--{name.replace('_', '-')} {shown(getattr(args, name))} (the checkpoint's run: "
-                 f"{shown(source.get(name))})" for name in SPLIT_FLAGS if source.get(name) != getattr(args, name)]
+    differing = [f"--{name.replace('_', '-')} {flag_value_text(getattr(args, name))} "
+                 f"(the checkpoint's run: {flag_value_text(source.get(name))})"
+                 for name in SPLIT_FLAGS if source.get(name) != getattr(args, name)]
     if differing:
         print(f"finetune.py: warning: {', '.join(differing)}: this validation split holds images {args.checkpoint} "
               "trained on, so validation accuracy is optimistic and may pick the wrong epoch; the test split is "
               "unaffected. Use the checkpoint's values to avoid it", file=sys.stderr)
 
 
-def shown(value) -> str:
+def flag_value_text(value) -> str:
+    """A flag's value as the warning shows it: None is the flag left at its default."""
     return "default" if value is None else str(value)
 
 

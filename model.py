@@ -10,6 +10,7 @@ The layer names match torchvision's `models/alexnet.py` (features / avgpool /
 classifier), so torchvision state dicts load by name; only the classifier
 differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000).
 """
+import inspect
 import os
 
 import torch
@@ -63,6 +64,10 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "image_size", "stored_size")
 
 
+# The keyword arguments AlexNet takes: a checkpoint's model_args may hold only these.
+ALEXNET_ARGS = tuple(name for name in inspect.signature(AlexNet).parameters)
+
+
 class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message says which and why."""
 
@@ -114,29 +119,70 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def check_consistent(checkpoint: dict, path: str | os.PathLike) -> None:
     """The pieces must fit each other: one class name per output of the head, sizes the model can take."""
-    classes, model_args = checkpoint["classes"], checkpoint["model_args"]
-    problem = None
-    if not isinstance(model_args, dict) or not isinstance(model_args.get("num_classes"), int):
-        problem = f"model_args {model_args!r} do not say how many classes the head has"
-    elif not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
-        problem = "its classes are not a list of names"
-    elif len(classes) != model_args["num_classes"] or len(set(classes)) != len(classes):
-        problem = (f"it names {len(classes)} classes ({len(set(classes))} different) "
-                   f"for a head of {model_args['num_classes']} outputs")
-    elif not (isinstance(checkpoint["image_size"], int) and checkpoint["image_size"] >= MIN_IMAGE_SIZE
-              and isinstance(checkpoint["stored_size"], int) and checkpoint["stored_size"] > 0):
-        problem = (f"image_size {checkpoint['image_size']!r} (at least {MIN_IMAGE_SIZE}) or stored_size "
-                   f"{checkpoint['stored_size']!r} is not a size")
+    problem = model_args_problem(checkpoint["model_args"]) or names_and_sizes_problem(checkpoint)
     if problem is not None:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {problem}; re-train or pass another file")
+
+
+def names_and_sizes_problem(checkpoint: dict) -> str | None:
+    """Class names that do not fit the head (model_args already checked), or sizes the model cannot take."""
+    classes, num_classes = checkpoint["classes"], checkpoint["model_args"]["num_classes"]
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+        return "its classes are not a list of names"
+    if len(classes) != num_classes or len(set(classes)) != len(classes):
+        return f"it names {len(classes)} classes ({len(set(classes))} different) for a head of {num_classes} outputs"
+    if not (isinstance(checkpoint["image_size"], int) and checkpoint["image_size"] >= MIN_IMAGE_SIZE
+            and isinstance(checkpoint["stored_size"], int) and checkpoint["stored_size"] > 0):
+        return (f"image_size {checkpoint['image_size']!r} (at least {MIN_IMAGE_SIZE}) or stored_size "
+                f"{checkpoint['stored_size']!r} is not a size")
+    return None
+
+
+def model_args_problem(model_args) -> str | None:
+    """What keeps `AlexNet(**model_args)` from building the head the checkpoint describes, or None."""
+    if not isinstance(model_args, dict):
+        return f"model_args {model_args!r} are not a dict of AlexNet's arguments"
+    unknown = sorted(map(repr, set(model_args) - set(ALEXNET_ARGS)))
+    if unknown:
+        return (f"model_args {model_args!r} hold {', '.join(unknown)}, not arguments of AlexNet "
+                f"({', '.join(ALEXNET_ARGS)})")
+    num_classes, dropout = model_args.get("num_classes"), model_args.get("dropout", 0.5)
+    if not is_number(num_classes, int) or num_classes < 1:
+        return f"model_args {model_args!r} do not say how many classes the head has (num_classes, an integer >= 1)"
+    if not is_number(dropout, (int, float)) or not 0 <= dropout < 1:
+        return f"model_args {model_args!r} hold a dropout that is not a probability in [0, 1)"
+    return None
+
+
+def is_number(value, types) -> bool:
+    """bool is an int to Python, never a class count or a probability here."""
+    return isinstance(value, types) and not isinstance(value, bool)
 
 
 def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> AlexNet:
     """The AlexNet a checkpoint describes, with its weights; `path` names it in errors."""
     model = AlexNet(**checkpoint["model_args"])
+    weights = checkpoint["model"]
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: its model is a {type(weights).__name__}, not a state dict of tensors; "
+                              "re-train or pass another file")
     try:
-        model.load_state_dict(unwrap_state_dict(checkpoint["model"]))
+        model.load_state_dict(unwrap_state_dict(weights))
     except RuntimeError as e:
-        first = " ".join(str(e).strip().splitlines()[:2])
-        raise CheckpointError(f"{path}: weights do not fit AlexNet({checkpoint['model_args']}): {first}") from None
+        why = misfit(model.state_dict(), unwrap_state_dict(weights)) or str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: weights do not fit AlexNet({checkpoint['model_args']}): {why}; the file "
+                              "was changed or written by other code: re-train or pass another file") from None
     return model
+
+
+def misfit(own: dict, given: dict) -> str:
+    """Which tensor names are missing, unexpected or shaped otherwise, a few of each: a full list runs to pages."""
+    missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
+    shaped = [name for name in own if name in given and getattr(given[name], "shape", None) != own[name].shape]
+    parts = [f"{what} {few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
+                                                         ("not of this model's shape", shaped)) if names]
+    return ", ".join(parts)
+
+
+def few(names: list[str], at_most: int = 3) -> str:
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")

@@ -191,7 +191,7 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
     """Files to predict with their true class index when known, and one error line per bad path.
 
     A folder whose sub-folders all carry names of the checkpoint's classes gives
-    its images those labels; any other folder is searched for images, unlabelled.
+    the images in them those labels; any other folder is searched for images, unlabelled.
     """
     found, errors = [], []
     for name in paths:
@@ -204,13 +204,19 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             images = sorted(p for p in path.rglob("*") if data.is_image_file(p) and p.is_file())
             if not images:
                 errors.append(f"{data.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
-            found += [(p, classes.index(p.relative_to(path).parts[0]) if labelled else None) for p in images]
+            found += [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in images]
         elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
             kind = data.special_kind(path.stat().st_mode)
             errors.append(f"{data.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
         else:
-            errors.append(f"{data.shown(path)}: no such file or folder")
+            errors.append(f"{data.shown(path)}: no such file or folder; check the path")
     return found, errors
+
+
+def class_of(relative: Path, classes: list[str]) -> int | None:
+    """The class folder an image lies in; one beside the class folders, or in a hidden folder, has none."""
+    first = relative.parts[0]
+    return classes.index(first) if len(relative.parts) > 1 and first in classes else None
 
 
 def default_checkpoint() -> str:
@@ -260,19 +266,27 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     return results
 
 
+def check_writable_file(flag: str, path: Path, example: str, what: str = "a file") -> None:
+    """Fail before the long work, not after it, when `flag`'s file cannot be written; its folder is made if missing.
+
+    `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
+    """
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()  # a real write: permissions alone miss a read-only mount
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); "
+                         "choose a writable folder") from None
+
+
 def check_grid_path(grid: str) -> None:
     """--grid is checked before any prediction, not after: a picture file Pillow can write, in a writable folder."""
     path = Path(grid)
-    if path.is_dir():
-        raise UsageError(f"--grid {grid}: is a folder; pass a picture file, e.g. --grid {path / 'predictions.png'}")
-    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+    if not path.is_dir() and Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
         raise UsageError(f"--grid {grid}: Pillow cannot write a picture named like this; end it in .png or .jpg")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()
-    except OSError as e:
-        raise UsageError(f"--grid {grid}: cannot write in {path.parent} ({e.strerror or e}); "
-                         "choose a writable path") from None
+    check_writable_file("--grid", path, "predictions.png", "a picture file")
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -298,9 +312,11 @@ def predict(args: argparse.Namespace) -> int:
     logits = compute_logits(model.to(device), images.to(device), checkpoint["image_size"], args.batch_size,
                             checkpoint.get("tta", False), title="predict" if not args.json else None).cpu()
     results = top_classes(logits, kept, classes, args.topk)
+    # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
+    labelled = [i for i, (_, label) in enumerate(kept) if label is not None]
     report = None
-    if all(label is not None for _, label in kept):
-        report = classification_report(logits, torch.tensor([label for _, label in kept]), classes)
+    if labelled:
+        report = classification_report(logits[labelled], torch.tensor([kept[i][1] for i in labelled]), classes)
 
     if args.json:
         print(json.dumps({"checkpoint": checkpoint_path, "predictions": results, "report": report, "errors": errors},
@@ -309,7 +325,7 @@ def predict(args: argparse.Namespace) -> int:
         for result in results:
             print(str(result["path"]) + "".join(f"\t{t['label']}\t{t['probability']:.4f}" for t in result["top"]))
         if report is not None:
-            print_report(f"{len(kept)} labelled images", report, classes)
+            print_report(f"{len(labelled)} labelled images", report, classes)
     if args.grid:
         show = torch.linspace(0, len(kept) - 1, min(GRID_MAX, len(kept))).round().long().unique()
         predicted = [results[i]["top"][0]["label"] for i in show]

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import csv
 import glob
+import io
 import json
 import math
 import os
@@ -35,8 +36,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import data
 from model import MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, unwrap_state_dict
-from predict import (ProgressLine, UsageError, classification_report, compute_logits, positive_int, print_report,
-                     report_errors, resolve_device)
+from predict import (ProgressLine, UsageError, check_writable_file, classification_report, compute_logits,
+                     positive_int, print_report, report_errors, resolve_device)
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
@@ -153,17 +154,10 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
 
 def check_out(out: Path) -> None:
     """Fail before training, not after the first epoch, when --out cannot be written."""
-    if out.is_dir():
-        raise UsageError(f"--out {out}: is a folder; pass a file in it, e.g. --out {out / 'model.pt'}")
     if out in side_files(out).values():
         raise UsageError(f"--out {out}: the run's log, resume state or test report would overwrite it; "
                          "pass a name ending in .pt")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=out.parent).close()
-    except OSError as e:
-        raise UsageError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); "
-                         "choose a writable folder") from None
+    check_writable_file("--out", out, "model.pt")
 
 
 class OutLock(data.Lock):
@@ -181,10 +175,20 @@ def side_files(out: Path) -> dict[str, Path]:
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a crash or SIGKILL mid-write leaves the previous file intact.
+    """Write atomically (see write_atomically): a crash or SIGKILL mid-write leaves the previous file intact."""
+    write_atomically(path, "checkpoint", lambda f: torch.save(checkpoint, f))
 
-    The temporary file sits beside the target; one left by a killed writer is
-    removed by the next save (one writer per path, as the scripts do).
+
+def write_text(path: str | os.PathLike, what: str, text: str) -> None:
+    """A log or report, atomically as a checkpoint: a reader, or a full disk, never meets half of it."""
+    write_atomically(path, what, lambda f: f.write(text.encode()))
+
+
+def write_atomically(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:
+    """`write` fills a temporary file beside `path`, which then replaces it; a failed write changes nothing.
+
+    A temporary file left by a killed writer is removed by the next write (one writer per path, as the scripts
+    do). A failure to write (a full disk, a read-only folder) is a one-line CheckpointError naming `what`.
     """
     directory, name = os.path.split(os.path.abspath(path))
     tmp = None
@@ -195,7 +199,7 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -204,8 +208,8 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
             os.unlink(tmp)
         os_error = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in RuntimeError
         if isinstance(os_error, OSError):
-            raise CheckpointError(f"{path}: cannot write the checkpoint ({os_error.strerror or os_error}); the "
-                                  "previous one is untouched: free disk space, or choose a writable --out") from None
+            raise CheckpointError(f"{path}: cannot write the {what} ({os_error.strerror or os_error}); the previous "
+                                  "one is untouched: free disk space, or choose a writable --out") from None
         raise
 
 
@@ -316,12 +320,11 @@ class CheckpointWriter:
 
 def write_csv(path: Path, history: list[dict]) -> None:
     """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, "training log", text.getvalue())
 
 
 # --------------------------------------------------------------------------- processes and signals
@@ -465,7 +468,8 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
     n, classes = len(train_images.labels), len(train_images.classes)
     if args.limit is not None:
         if args.limit > n:
-            raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images")
+            raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images; "
+                             f"pass --limit {n} or less, or leave it out to use them all")
         if args.limit < 2 * classes:
             raise UsageError(f"--limit {args.limit}: too few for {classes} classes, each needs one training and "
                              f"one validation image; pass --limit {2 * classes} or more")
@@ -839,7 +843,7 @@ def test_once(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
     print_report("test", test, run.classes)
     test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"]}
     save_checkpoint(final | {"test_metrics": test}, run.out)
-    files["test"].write_text(json.dumps(test, indent=2) + "\n")
+    write_text(files["test"], "test report", json.dumps(test, indent=2) + "\n")
     print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
     return test
 
@@ -862,7 +866,12 @@ def initial_weights(source: str) -> dict:
     except Exception as e:
         raise UsageError(f"--init {source}: not a loadable state dict ({e}); "
                          "pass a torchvision AlexNet state dict") from None
-    return loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+    weights = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
+    if not (isinstance(weights, dict) and all(isinstance(n, str) and isinstance(t, torch.Tensor)
+                                              for n, t in weights.items())):
+        raise UsageError(f"--init {source}: not a state dict (it holds a {type(weights).__name__}, not names mapped to "
+                         "tensors); pass a torchvision AlexNet state dict or a checkpoint of this project")
+    return weights
 
 
 def new_model(args: argparse.Namespace, classes: list[str]) -> AlexNet:

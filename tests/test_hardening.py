@@ -24,6 +24,21 @@ def test_a_really_full_disk_keeps_the_previous_checkpoint(small_filesystem):
     assert torch.load(path, weights_only=True) == {"version": 1} and os.listdir(disk) == ["c.pt"]
 
 
+def test_a_full_disk_keeps_the_previous_log_and_test_report(small_filesystem):
+    disk = small_filesystem("1m")
+    log, report = disk / "p.csv", disk / "p.test.json"
+    pretrain.write_csv(log, [{"epoch": 1, "val_acc": 0.5}])
+    pretrain.write_text(report, "test report", '{"accuracy": 0.5}\n')
+    before = log.read_text()
+    with pytest.raises(CheckpointError, match="p.csv: cannot write the training log \\(No space left on device\\); "
+                                              "the previous one is untouched: free disk space"):
+        pretrain.write_csv(log, [{"epoch": i, "note": "x" * 1000} for i in range(2000)])  # 2 MB
+    with pytest.raises(CheckpointError, match="p.test.json: cannot write the test report \\(No space left"):
+        pretrain.write_text(report, "test report", "x" * 2_000_000)
+    assert log.read_text() == before and report.read_text() == '{"accuracy": 0.5}\n'
+    assert sorted(os.listdir(disk)) == ["p.csv", "p.test.json"]  # no temporary file left
+
+
 @pytest.mark.slow
 def test_training_onto_a_full_disk_is_one_line(tiny_data, small_filesystem):
     out = small_filesystem("64m") / "p.pt"  # a checkpoint is 178 MB
@@ -37,15 +52,27 @@ def test_grid_in_a_read_only_folder_fails_before_predicting(pretrained, tiny_dat
     grid = small_filesystem(read_only=True) / "grid.png"
     result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--grid", grid,
                  check=False)
-    assert f"--grid {grid}: cannot write in" in error_line(result) and result.stdout == ""
+    assert error_line(result) == (f"predict.py: --grid {grid}: cannot write in {grid.parent} (Read-only file system); "
+                                  "choose a writable folder") and result.stdout == ""
 
 
-@pytest.mark.parametrize("name", ["predictions", "folder"])
-def test_grid_that_is_no_picture_file_fails_before_predicting(pretrained, tiny_data, tmp_path, name):
+def test_out_in_a_read_only_folder_fails_before_training(tiny_data, small_filesystem):
+    out = small_filesystem(read_only=True) / "p.pt"
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", *QUICK, check=False)
+    assert error_line(result) == (f"pretrain.py: --out {out}: cannot write in {out.parent} (Read-only file system); "
+                                  "choose a writable folder") and "epoch" not in result.stdout
+
+
+@pytest.mark.parametrize("name, message", [
+    ("predictions", "Pillow cannot write a picture named like this; end it in .png or .jpg"),
+    ("folder", "is a folder; pass a picture file in it, e.g. --grid {folder}/predictions.png"),
+])
+def test_grid_that_is_no_picture_file_fails_before_predicting(pretrained, tiny_data, tmp_path, name, message):
     (tmp_path / "folder").mkdir()
     result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu",
                  "--grid", tmp_path / name, check=False)
-    assert f"--grid {tmp_path / name}: " in error_line(result) and result.stdout == ""
+    expected = f"predict.py: --grid {tmp_path / name}: " + message.format(folder=tmp_path / "folder")
+    assert error_line(result) == expected and result.stdout == ""
 
 
 @pytest.mark.slow
@@ -111,14 +138,14 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tiny_d
 
 
 @pytest.mark.parametrize("out, message", [
-    ("folder", "is a folder; pass a file in it"),
+    ("folder", "is a folder; pass a file in it, e.g. --out {tmp_path}/folder/model.pt"),
     ("run.csv", "the run's log, resume state or test report would overwrite it"),
 ])
 def test_an_out_that_would_clash_is_refused_before_training(tiny_data, tmp_path, out, message):
     (tmp_path / "folder").mkdir()
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / out, "--epochs", "1", *QUICK,
                  check=False)
-    assert message in error_line(result) and "epoch" not in result.stdout
+    assert message.format(tmp_path=tmp_path) in error_line(result) and "epoch" not in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
 
 
@@ -132,6 +159,7 @@ def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_
 
 @pytest.mark.parametrize("flags, message", [
     (["--limit", "4"], "--limit 4: too few for 3 classes"),
+    (["--limit", "49"], "train has only 48 images; pass --limit 48 or less, or leave it out to use them all"),
     (["--limit", "9"], "too few to hold out the default validation split"),
     (["--seed", "99999999999999999999"], "--seed: must be an integer from 0 to 4294967295"),
     (["--image-size", "10000"], "--image-size: at most 1024 px"),

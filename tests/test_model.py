@@ -90,6 +90,40 @@ def test_checkpoint_of_another_class_count_is_a_clear_error(tmp_path):
         model_from_checkpoint(checkpoint, "x.pt")
 
 
+@pytest.mark.parametrize("model_args, problem", [
+    ({"num_classes": 3, "foo": 1}, "hold 'foo', not arguments of AlexNet (num_classes, dropout)"),
+    ({"num_classes": 0}, "do not say how many classes the head has"),
+    ({"num_classes": 3.0}, "do not say how many classes the head has"),
+    ({"num_classes": 3, "dropout": 1.0}, "hold a dropout that is not a probability in [0, 1)"),
+    ({"num_classes": 3, "dropout": "0.5"}, "hold a dropout that is not a probability in [0, 1)"),
+    ({"num_classes": 3, "dropout": True}, "hold a dropout that is not a probability in [0, 1)"),
+    ([3], "are not a dict of AlexNet's arguments"),
+])
+def test_model_args_alexnet_cannot_take_are_refused_naming_the_file(tmp_path, model_args, problem):
+    path = tmp_path / "odd.pt"
+    torch.save({"model": {}, "model_args": model_args, "classes": ["a", "b", "c"], "image_size": 64,
+                "stored_size": 32}, path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value).startswith(f"{path}: inconsistent checkpoint: model_args ")
+    assert problem in str(error.value) and str(error.value).endswith("; re-train or pass another file")
+
+
+def test_weights_of_other_names_are_a_short_line_that_says_what_to_do():
+    renamed = {f"net.{name}": tensor for name, tensor in AlexNet(num_classes=3).state_dict().items()}  # 16 tensors
+    with pytest.raises(CheckpointError) as error:
+        model_from_checkpoint({"model": renamed, "model_args": {"num_classes": 3}}, "x.pt")
+    message = str(error.value)
+    assert message.startswith("x.pt: weights do not fit AlexNet({'num_classes': 3}): missing classifier.1.bias, "
+                              "classifier.1.weight, classifier.4.bias and 13 more, unexpected net.classifier.1.bias, ")
+    assert message.endswith("re-train or pass another file") and "\n" not in message and len(message) < 400
+
+
+def test_a_checkpoint_whose_model_is_no_state_dict_is_refused():
+    with pytest.raises(CheckpointError, match="x.pt: its model is a Tensor, not a state dict of tensors; re-train"):
+        model_from_checkpoint({"model": torch.zeros(3), "model_args": {"num_classes": 3}}, "x.pt")
+
+
 def test_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save(AlexNet().state_dict(), path)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from PIL import Image
 import data
 from conftest import run
 from model import load_checkpoint, model_from_checkpoint
-from predict import compute_logits
+from predict import UsageError, compute_logits, resolve_device
 
 
 def odd_images(folder):
@@ -71,6 +72,20 @@ def test_a_labelled_folder_prints_accuracy_and_a_grid(pretrained, tiny_data, tmp
     assert picture.size == (8 * 98 + 2, 2 * 112 + 2)  # 9 tiles of 96 x (96 + 14), 8 a row, padding 2
 
 
+@pytest.mark.parametrize("stray", ["beside.png", ".hidden/inside.png"])
+def test_an_image_outside_the_class_folders_is_predicted_unlabelled(pretrained, tiny_data, tmp_path, stray):
+    folder = tmp_path / "test"
+    shutil.copytree(tiny_data / "test", folder)
+    (folder / stray).parent.mkdir(exist_ok=True)
+    shutil.copy(next((folder / "red").iterdir()), folder / stray)
+    result = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu", "--json")
+    output = json.loads(result.stdout)
+    truth = {p["path"]: p["true"] for p in output["predictions"]}
+    assert len(truth) == 19 and truth[str(folder / stray)] is None
+    assert sorted(set(truth.values()) - {None}) == ["blue", "green", "red"]
+    assert output["report"]["images"] == 18 and output["errors"] == []
+
+
 def test_topk_lines(pretrained, tiny_data):
     image = next((tiny_data / "test" / "red").iterdir())
     result = run("predict.py", image, "--checkpoint", pretrained, "--device", "cpu", "--topk", "5")
@@ -89,7 +104,8 @@ def test_missing_path_and_empty_folder(pretrained, tmp_path):
     result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained,
                  "--device", "cpu", check=False)
     assert result.returncode == 1
-    assert "nope.png: no such file or folder" in result.stderr and "empty: no images in this folder" in result.stderr
+    assert "nope.png: no such file or folder; check the path\n" in result.stderr
+    assert "empty: no images in this folder" in result.stderr
 
 
 def test_corrupt_checkpoint(tmp_path, tiny_data):
@@ -98,3 +114,23 @@ def test_corrupt_checkpoint(tmp_path, tiny_data):
     assert result.returncode == 1
     assert "bad.pt: not a loadable checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("name, available, count, message", [
+    ("gpu", True, 1, "--device gpu: not a device name; use cuda, cuda:N or cpu"),
+    ("cuda", False, 0, "--device cuda: CUDA is not available on this machine; use --device cpu"),
+    ("cuda:1", False, 0, "--device cuda:1: CUDA is not available on this machine; use --device cpu"),
+    ("cuda:2", True, 2, "--device cuda:2: this machine has 2 CUDA device(s), numbered from 0; pass one of them"),
+])
+def test_a_device_this_machine_lacks_is_a_usage_error(monkeypatch, name, available, count, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    with pytest.raises(UsageError) as error:
+        resolve_device(name)
+    assert str(error.value) == message
+
+
+def test_a_cuda_device_the_machine_has_is_used(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu:0") == torch.device("cpu")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import QUICK, ROOT, make_class_folders, run
+from conftest import QUICK, ROOT, error_line, make_class_folders, run
 
 
 def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
@@ -217,6 +217,22 @@ def test_init_imagenet_without_network_is_one_clear_line(tiny_data, tmp_path, mo
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert "--init imagenet: cannot get torchvision's ImageNet AlexNet weights" in last_line
+
+
+@pytest.mark.parametrize("held, kind", [
+    (torch.zeros(3), "Tensor"),
+    ([torch.zeros(3)], "list"),
+    ({"features.0.weight": 1}, "dict"),
+    ({"model": [torch.zeros(3)], "classes": ["a"]}, "list"),  # a checkpoint-like dict whose model is no state dict
+])
+def test_init_that_is_no_state_dict_is_one_line(tiny_data, tmp_path, held, kind):
+    init = tmp_path / "init.pt"
+    torch.save(held, init)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--init", init, "--epochs", "1",
+                 "--val-size", "6", *QUICK, check=False)
+    assert error_line(result) == (f"pretrain.py: --init {init}: not a state dict (it holds a {kind}, not names mapped "
+                                  "to tensors); pass a torchvision AlexNet state dict or a checkpoint of this project")
+    assert not (tmp_path / "p.pt").exists()
 
 
 @pytest.mark.parametrize("flags,message", [
