@@ -593,6 +593,8 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
                     return
                 check_members(source, [tar_member(m) for m in members])
                 tar.extractall(work / "extract", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+                while tar.fileobj.read(2**20):  # to the stream's end, where gzip and xz check it: damage that
+                    pass  # decompressed into what looked like the archive's end shows only there
         elif zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
                 members = zf.infolist()
