@@ -294,6 +294,12 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
 
 
+def interruptible() -> None:
+    """In the child before exec: Ctrl-C as on a terminal. A shell starts background jobs with SIGINT ignored, and an
+    ignored signal stays ignored through exec, so a suite run in the background would otherwise never stop it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def download_under_way(work: Path, flaky_server) -> subprocess.Popen:
     """`data.py download --root WORK/c` from a server that holds the transfer half-way, returned with its
     temporary folder there: whatever the machine's load, the download is under way until the test acts."""
@@ -301,7 +307,7 @@ def download_under_way(work: Path, flaky_server) -> subprocess.Popen:
     handler.hold = threading.Event()
     work.mkdir()
     command = [sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source", url]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work, preexec_fn=interruptible)
     while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):
         assert process.poll() is None, process.communicate()[1]
         time.sleep(0.01)
