@@ -834,6 +834,13 @@ def md5_digits(text: str) -> str:
     return text
 
 
+def path_text(text: str) -> str:
+    """--root, --source: an empty string would quietly mean the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; pass a path")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     # allow_abbrev=False: an abbreviated flag is an error, not taken for another flag (as in the other scripts)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
@@ -841,8 +848,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("download", help="download CIFAR-10 (or unpack a local copy) into class folders",
                               formatter_class=HelpFormatter, allow_abbrev=False)
-    get.add_argument("--root", default="data/cifar10", help="folder to create, holding train/ and test/")
-    get.add_argument("--source", default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
+    get.add_argument("--root", type=path_text, default="data/cifar10", help="folder to create, holding train/ and test/")
+    get.add_argument("--source", type=path_text, default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
                      "(default: the official cifar-10-python.tar.gz, md5-checked)")
     get.add_argument("--md5", type=md5_digits, default=None,
                      help="expected md5 of a --source file (default: not checked)")

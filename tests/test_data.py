@@ -465,3 +465,10 @@ def test_a_damaged_compressed_archive_is_called_damaged(tmp_path, tiny_data, suf
     line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
     assert f"{archive}: damaged or incomplete archive (" in line and line.endswith("; download it again")
     assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
+
+
+@pytest.mark.parametrize("flag", ["--root", "--source"])
+def test_an_empty_path_is_an_argparse_error_not_the_current_folder(tmp_path, flag):
+    result = run("data.py", "download", flag, "", check=False, cwd=tmp_path)
+    assert result.returncode == 2 and f"argument {flag}: is empty; pass a path" in result.stderr
+    assert list(tmp_path.iterdir()) == []
