@@ -112,7 +112,7 @@ def test_corrupt_checkpoint(tmp_path, tiny_data):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "bad.pt", check=False)
     assert result.returncode == 1
-    assert "bad.pt: not a loadable checkpoint" in result.stderr
+    assert "bad.pt: not a checkpoint file (not a PyTorch zip archive, or damaged)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
