@@ -12,6 +12,9 @@ differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000).
 """
 import inspect
 import os
+import pickle
+import stat
+import zipfile
 
 import torch
 from torch import nn
@@ -72,6 +75,24 @@ class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message says which and why."""
 
 
+NOT_A_CHECKPOINT = ("not a checkpoint file (not a PyTorch zip archive, or damaged); pass a checkpoint made by "
+                    "pretrain.py/finetune.py")
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> None:
+    """A regular file, or a one-line error: a FIFO would hang torch.load, a folder or device is no checkpoint."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file; check the path, or train a model first") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); pass a readable checkpoint file") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"{path}: is a folder; pass a checkpoint file, e.g. {os.path.join(path, 'pretrain.pt')}")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a device, FIFO or socket); pass a checkpoint file")
+
+
 def unwrap_state_dict(state_dict: dict) -> dict:
     """Strip the `module.` / `_orig_mod.` prefixes that wrappers add."""
     unwrapped = {}
@@ -99,13 +120,20 @@ def load_matching(model: nn.Module, state_dict: dict) -> tuple[list[str], list[s
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load with weights_only=True: tensors and plain containers, never arbitrary code."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such checkpoint file; check the path, or train a model first")
+    check_checkpoint_file(path)
+    if not zipfile.is_zipfile(path):  # torch's own errors for these are cryptic or advise weights_only=False
+        raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt or unsafe file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({reason}); re-train or pass another file") from None
+    except pickle.UnpicklingError as e:
+        if "GLOBAL " not in str(e):  # torch's only sign of a blocked class or function; else damage
+            raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
+        # A pickled object other than tensors and plain data: loading it could run code, so it is never loaded.
+        raise CheckpointError(f"{path}: not a loadable checkpoint: it holds objects other than tensors and plain "
+                              "data, refused because loading them could run code; pass a checkpoint made by "
+                              "pretrain.py/finetune.py") from None
+    except Exception:  # torch raises many types for a damaged archive; its text may advise weights_only=False
+        raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
     if not isinstance(checkpoint, dict):
         missing = CHECKPOINT_KEYS
     else:

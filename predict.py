@@ -10,6 +10,7 @@ accuracy, per-class accuracy and the confusion matrix are printed too.
 """
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -105,12 +106,14 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
     ones = torch.ones(len(labels), dtype=torch.int64)
     confusion.index_put_((labels.cpu(), logits.argmax(1).cpu()), ones, accumulate=True)
-    per_class = confusion.diag() / confusion.sum(1).clamp(min=1)
+    counts = confusion.sum(1).tolist()
+    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
     return {
         "images": len(labels),
         "loss": F.cross_entropy(logits, labels).item(),
         "accuracy": (confusion.diag().sum() / len(labels)).item(),
-        "per_class_accuracy": {name: per_class[i].item() for i, name in enumerate(classes)},
+        # None (JSON null) for a class without images: 0 would read as "all of them wrong".
+        "per_class_accuracy": {name: per_class[i] if counts[i] else None for i, name in enumerate(classes)},
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted
     }
 
@@ -119,7 +122,7 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
     print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
     width = max(len(name) for name in classes)
     for name, accuracy in report["per_class_accuracy"].items():
-        print(f"  {name:>{width}}  {accuracy:7.2%}")
+        print(f"  {name:>{width}}  " + ("n/a (no images)" if accuracy is None else f"{accuracy:7.2%}"))
     print("confusion matrix (rows: true, columns: predicted):")
     print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
     for name, row in zip(classes, report["confusion_matrix"]):
@@ -239,8 +242,21 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
         ImageDraw.Draw(tile).text((2, GRID_TILE + 1), text, fill=colour, font=font)
         tiles.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1))
     grid = make_grid(torch.stack(tiles), nrow=8, padding=2)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+    save_picture(Image.fromarray(grid.permute(1, 2, 0).numpy()), Path(path))
+
+
+def save_picture(picture: Image.Image, path: Path) -> None:
+    """Written beside, then renamed over `path`: a full disk leaves no half picture, and the old one stays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "xb") as file:  # "x": never through a link or onto another's file; mode 0666 less umask
+            picture.save(file, format=Image.registered_extensions()[path.suffix.lower()])
+        os.replace(temp, path)
+    except OSError as e:
+        temp.unlink(missing_ok=True)
+        raise UsageError(f"--grid {path}: cannot write ({e.strerror or e}); free space or choose another path"
+                         ) from None
 
 
 def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
@@ -273,6 +289,9 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
     """
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
+    if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
+        raise UsageError(f"{flag} {path}: is {data.special_kind(path.stat().st_mode)}, not a regular file, and "
+                         f"writing would replace it; pass {what} path, e.g. {flag} {path.parent / example}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path.parent).close()  # a real write: permissions alone miss a read-only mount
@@ -289,9 +308,20 @@ def check_grid_path(grid: str) -> None:
     check_writable_file("--grid", path, "predictions.png", "a picture file")
 
 
+def check_grid_not_input(grid: str, found: list[tuple[Path, int | None]]) -> None:
+    """The grid would overwrite an image it is about to show: refused before predicting."""
+    target = Path(grid).resolve()
+    if any(path.resolve() == target for path, _ in found):
+        raise UsageError(f"--grid {grid}: is one of the images to predict, and writing the grid would overwrite it; "
+                         "choose another path")
+
+
 def predict(args: argparse.Namespace) -> int:
     if args.grid:
         check_grid_path(args.grid)
+    if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
+        raise UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
+                         f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
     checkpoint_path = args.checkpoint or default_checkpoint()
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, checkpoint_path)
@@ -299,6 +329,8 @@ def predict(args: argparse.Namespace) -> int:
     classes = checkpoint["classes"]
 
     found, errors = find_images(args.paths, classes)
+    if args.grid:
+        check_grid_not_input(args.grid, found)
     if args.limit is not None and args.limit < len(found):
         labels = torch.tensor([-1 if label is None else label for _, label in found]) + 1
         found = [found[i] for i in data.stratified_split(labels, args.limit, seed=0)[0]]

@@ -79,9 +79,12 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
     RunsCode.marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"model": RunsCode(), "model_args": {}}, path)
-    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+    with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
     assert not RunsCode.marker.exists()
+    message = str(error.value)
+    assert "not a loadable checkpoint: it holds objects other than tensors" in message and "\n" not in message
+    assert "weights_only" not in message  # torch's advice to load it unsafely is never passed on
 
 
 def test_checkpoint_of_another_class_count_is_a_clear_error(tmp_path):
@@ -130,8 +133,29 @@ def test_a_file_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
         load_checkpoint(path)
     (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="truncated.pt: not a loadable checkpoint"):
+    with pytest.raises(CheckpointError, match="truncated.pt: not a checkpoint file"):
         load_checkpoint(tmp_path / "truncated.pt")
+
+
+@pytest.mark.parametrize("content", [os.urandom(5000), bytes(5000), b"hello\n", b"PK\x05\x06" + bytes(18)])
+def test_garbage_as_a_checkpoint_is_one_line_that_never_advises_unsafe_loading(tmp_path, content):
+    """Random bytes, zeros (as from /dev/zero), text, an empty zip: torch's errors say "(101)" or advise
+    weights_only=False, which would run any code the file holds."""
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == (f"{path}: not a checkpoint file (not a PyTorch zip archive, or damaged); pass a "
+                                "checkpoint made by pretrain.py/finetune.py")
+
+
+def test_a_folder_or_fifo_as_a_checkpoint_is_named_and_never_read(tmp_path):
+    """A FIFO would hang torch.load waiting for a writer; both were called "no such checkpoint file"."""
+    os.mkfifo(tmp_path / "fifo.pt")
+    with pytest.raises(CheckpointError, match=r"fifo\.pt: not a regular file \(a device, FIFO or socket\); pass a "):
+        load_checkpoint(tmp_path / "fifo.pt")
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: is a folder; pass a checkpoint file"):
+        load_checkpoint(tmp_path)
 
 
 def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):

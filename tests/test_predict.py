@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -7,9 +9,9 @@ import torch
 from PIL import Image
 
 import data
-from conftest import run
+from conftest import QUICK, error_line, run
 from model import load_checkpoint, model_from_checkpoint
-from predict import UsageError, compute_logits, resolve_device
+from predict import UsageError, classification_report, compute_logits, print_report, resolve_device
 
 
 def odd_images(folder):
@@ -112,7 +114,7 @@ def test_corrupt_checkpoint(tmp_path, tiny_data):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "bad.pt", check=False)
     assert result.returncode == 1
-    assert "bad.pt: not a loadable checkpoint" in result.stderr
+    assert "bad.pt: not a checkpoint file (not a PyTorch zip archive, or damaged)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -134,3 +136,65 @@ def test_a_cuda_device_the_machine_has_is_used(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu:0") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("script", ["predict.py", "pretrain.py"])
+def test_an_output_path_that_is_a_fifo_is_refused_before_any_work(pretrained, tiny_data, tmp_path, script):
+    """The write-then-rename would replace the FIFO (as root: a device such as /dev/null) with a regular file."""
+    fifo = tmp_path / "out.png"
+    os.mkfifo(fifo)
+    if script == "predict.py":
+        result = run(script, tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--grid", fifo,
+                     check=False)
+        flag, what = "--grid", "a picture file"
+    else:
+        result = run(script, "--data-dir", tiny_data, "--out", fifo, *QUICK, check=False)
+        flag, what = "--out", "a file"
+    assert error_line(result).endswith(f"{flag} {fifo}: is a FIFO, not a regular file, and writing would replace "
+                                       f"it; pass {what} path, e.g. {flag} {tmp_path}/"
+                                       + ("predictions.png" if flag == "--grid" else "model.pt"))
+    assert result.stdout == "" and stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+def test_a_grid_onto_a_full_disk_is_one_line_and_leaves_no_temporary_file(pretrained, tiny_data, small_filesystem):
+    full = small_filesystem(size="64k")  # the grid of the 18 test images is a PNG of about 3 times that
+    grid = full / "grid.png"
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--grid", grid,
+                 check=False)
+    assert error_line(result) == (f"predict.py: --grid {grid}: cannot write (No space left on device); free space "
+                                  "or choose another path")
+    assert list(full.iterdir()) == []
+
+
+def test_a_grid_naming_an_image_to_predict_is_refused_before_predicting(pretrained, tiny_data, tmp_path):
+    shutil.copytree(tiny_data / "test", tmp_path / "test")
+    image = tmp_path / "test" / "red" / "0000.png"
+    before = image.read_bytes()
+    result = run("predict.py", tmp_path / "test", "--checkpoint", pretrained, "--device", "cpu",
+                 "--grid", tmp_path / "test" / "green" / ".." / "red" / "0000.png", check=False)
+    assert error_line(result).endswith("0000.png: is one of the images to predict, and writing the grid would "
+                                       "overwrite it; choose another path")
+    assert result.stdout == "" and image.read_bytes() == before
+
+
+@pytest.mark.parametrize("checkpoint, message", [
+    ("", "--checkpoint is empty; pass a checkpoint file, or leave the flag out to use the first of "
+         "checkpoints/finetune.pt, checkpoints/pretrain.pt that exists"),
+    ("{tmp_path}", "{tmp_path}: is a folder; pass a checkpoint file, e.g. {tmp_path}/pretrain.pt"),
+])
+def test_an_empty_or_folder_checkpoint_is_named(tiny_data, tmp_path, checkpoint, message):
+    """'' fell back to the default checkpoints without a word; a folder was "no such checkpoint file"."""
+    result = run("predict.py", tiny_data / "test", "--checkpoint", checkpoint.format(tmp_path=tmp_path),
+                 "--device", "cpu", check=False)
+    assert error_line(result) == "predict.py: " + message.format(tmp_path=tmp_path)
+
+
+def test_a_class_without_images_has_no_accuracy_rather_than_zero(capsys):
+    classes = ["red", "green", "blue"]
+    logits = torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [2.0, 0, 0]])
+    report = classification_report(logits, torch.tensor([0, 1, 1]), classes)
+    assert report["per_class_accuracy"] == {"red": 1.0, "green": 0.5, "blue": None}
+    assert '"blue": null' in json.dumps(report)
+    print_report("3 labelled images", report, classes)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:4] == ["    red  100.00%", "  green   50.00%", "   blue  n/a (no images)"]
