@@ -50,6 +50,11 @@ MAX_IMAGE_SIZE = 1024
 # predictions, and the first step whose loss was not finite (-1: none yet).
 EPOCH_START = (0.0, 0.0, -1.0)
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+# What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
+SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
+
 
 # --------------------------------------------------------------------------- command line
 
@@ -57,13 +62,20 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return within_float32(value, text)
 
 
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return within_float32(value, text)
+
+
+def within_float32(value: float, text: str) -> float:
+    """The optimizer holds --lr and --weight-decay as float32: a larger value is torch's overflow traceback."""
+    if value > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"too large: at most {FLOAT32_MAX:.3g}, got {text}")
     return value
 
 
@@ -101,7 +113,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--epochs", type=positive_int, default=40, help="passes over the training images")
     add("--batch-size", type=positive_int, default=256, help="images per step, over all torchrun processes")
     add("--lr", type=positive_float, default=0.01, help="SGD learning rate")
-    add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    add("--momentum", type=fraction, default=0.9, help="SGD momentum")
     add("--weight-decay", type=non_negative_float, default=0.0, help="SGD weight decay")
     add("--val-size", type=positive_int, default=None,
         help="validation images held out of train/ (default: 10%%, at most 5000)")
@@ -116,7 +128,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
         help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
     add("--cutout", type=fraction, default=0.0, metavar="FRACTION",
         help="cutout: a square of this fraction of --image-size per image set to the mean colour; 0: off")
-    add("--label-smoothing", type=non_negative_float, default=0.0, help="of the training loss")
+    add("--label-smoothing", type=fraction, default=0.0, help="of the training loss")
     add("--lr-schedule", choices=("constant", "cosine"), default="constant",
         help="per step, after --warmup-epochs of linear warm-up")
     add("--warmup-epochs", type=non_negative_float, default=0.0, help="linear warm-up of the learning rate")
@@ -152,12 +164,14 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
                                                 if name not in from_command_line}))
 
 
-def check_out(out: Path) -> None:
+def check_out(out: str) -> None:
     """Fail before training, not after the first epoch, when --out cannot be written."""
-    if out in side_files(out).values():
-        raise UsageError(f"--out {out}: the run's log, resume state or test report would overwrite it; "
-                         "pass a name ending in .pt")
-    check_writable_file("--out", out, "model.pt")
+    if not Path(out).name:
+        raise UsageError(f"--out {out!r}: names no file; pass the best-checkpoint name, e.g. checkpoints/run.pt")
+    if out.endswith(tuple(SIDE_SUFFIXES.values())):
+        raise UsageError(f"--out {out}: that name is for a run's resume state/log/report; pass the best-checkpoint "
+                         "name, e.g. checkpoints/run.pt")
+    check_writable_file("--out", Path(out), "model.pt")
 
 
 class OutLock(data.Lock):
@@ -171,7 +185,7 @@ class OutLock(data.Lock):
 # --------------------------------------------------------------------------- checkpoints
 
 def side_files(out: Path) -> dict[str, Path]:
-    return {"last": out.with_suffix(".last.pt"), "csv": out.with_suffix(".csv"), "test": out.with_suffix(".test.json")}
+    return {kind: out.with_suffix(suffix) for kind, suffix in SIDE_SUFFIXES.items()}
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
@@ -748,9 +762,9 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         world = len(state["rng"]["processes"])
         raise UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
                          f"resume it with torchrun --nproc_per_node={world}")
-    out = Path(args.out)
     if processes.main:
-        check_out(out)
+        check_out(args.out)
+    out = Path(args.out)
     with OutLock(out) if processes.main else contextlib.nullcontext():
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)

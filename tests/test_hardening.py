@@ -139,7 +139,9 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tiny_d
 
 @pytest.mark.parametrize("out, message", [
     ("folder", "is a folder; pass a file in it, e.g. --out {tmp_path}/folder/model.pt"),
-    ("run.csv", "the run's log, resume state or test report would overwrite it"),
+    ("run.csv", "that name is for a run's resume state/log/report; pass the best-checkpoint name"),
+    ("run.test.json", "that name is for a run's resume state/log/report"),
+    ("pre.last.pt", "that name is for a run's resume state/log/report"),
 ])
 def test_an_out_that_would_clash_is_refused_before_training(tiny_data, tmp_path, out, message):
     (tmp_path / "folder").mkdir()
@@ -147,6 +149,16 @@ def test_an_out_that_would_clash_is_refused_before_training(tiny_data, tmp_path,
                  check=False)
     assert message.format(tmp_path=tmp_path) in error_line(result) and "epoch" not in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_finetune_onto_another_runs_resume_state_leaves_it_alone(pretrained, tiny_data, tmp_path):
+    """The best checkpoint of a finetune named pre.last.pt would have replaced pre's resume state."""
+    state = tmp_path / "pre.last.pt"
+    state.write_bytes(b"pre's resume state")
+    result = run("finetune.py", "--checkpoint", pretrained, "--out", state, "--data-dir", tiny_data,
+                 "--epochs", "1", *QUICK, check=False)
+    assert f"--out {state}: that name is for a run's resume state/log/report" in error_line(result)
+    assert state.read_bytes() == b"pre's resume state" and "epoch" not in result.stdout
 
 
 def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_path):
@@ -167,6 +179,14 @@ def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_
     (["--device", "mps"], "--device mps: not supported by these scripts"),
     (["--device", "meta"], "--device meta: not supported by these scripts"),
     (["--device", "xla"], "--device xla: not supported by these scripts"),
+    (["--out", ""], "--out '': names no file; pass the best-checkpoint name"),
+    (["--label-smoothing", "5"], "--label-smoothing: must be at least 0 and below 1, got 5"),
+    (["--label-smoothing", "1"], "--label-smoothing: must be at least 0 and below 1, got 1"),
+    (["--lr", "1e300"], "--lr: too large: at most 3.4e+38, got 1e300"),
+    (["--weight-decay", "1e39"], "--weight-decay: too large: at most 3.4e+38, got 1e39"),
+    (["--momentum", "1e300"], "--momentum: must be at least 0 and below 1, got 1e300"),
+    (["--momentum", "1"], "--momentum: must be at least 0 and below 1, got 1"),
+    (["--warmup-epochs", "1e300"], "--warmup-epochs: too large: at most 3.4e+38, got 1e300"),
 ])
 def test_flags_that_cannot_work_are_one_line(tiny_data, tmp_path, flags, message):
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
