@@ -164,6 +164,26 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
                                                 if name not in from_command_line}))
 
 
+def in_run_folder(args: argparse.Namespace, state: dict) -> argparse.Namespace:
+    """The run's files, wherever the resume starts: else a resume from another folder splits the run across two.
+
+    --out is beside its resume state (see side_files), even in a moved folder. A relative --data-dir is refused
+    from another folder rather than resolved: the data fingerprint holds the paths as given, so it would not match.
+    """
+    started = state.get("cwd", os.getcwd())  # a state from before "cwd" was kept: this folder
+    if not Path(args.data_dir).is_absolute() and Path(started) != Path.cwd():
+        raise UsageError(f"--resume {args.resume}: the run's --data-dir {args.data_dir} is relative to {started}, "
+                         "where the run started; run the resume from there")
+    return argparse.Namespace(**(vars(args) | {"out": str(Path(args.resume).parent / Path(args.out).name)}))
+
+
+def check_best_kept(args: argparse.Namespace, state: dict) -> None:
+    """Before training, not after an epoch: the run's best checkpoint so far is what its test evaluates."""
+    if state["best"]["val_acc"] >= 0 and not Path(args.out).exists():  # -1: no epoch validated yet
+        raise UsageError(f"--resume {args.resume}: its best checkpoint {args.out} (epoch {state['best']['epoch']}) "
+                         "is missing; put it back there, or start a new run")
+
+
 def check_out(out: str) -> None:
     """Fail before training, not after the first epoch, when --out cannot be written."""
     if not Path(out).name:
@@ -579,7 +599,7 @@ def save_resume_state(run: Run, progress: Progress, writer: CheckpointWriter, fi
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint}
+        "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint, "cwd": os.getcwd()}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
 
 
@@ -756,7 +776,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     """
     state = None if args.resume is None else read_resume_state(args.resume, stage)
     if state is not None:
-        args = resumed_args(args, given, state)
+        args = in_run_folder(resumed_args(args, given, state), state)
+        check_best_kept(args, state)
     processes = Processes(args.device)
     if state is not None and len(state["rng"]["processes"]) != processes.world:
         world = len(state["rng"]["processes"])

@@ -2,6 +2,7 @@
 import io
 import os
 import pty
+import shutil
 import signal
 import subprocess
 import sys
@@ -252,3 +253,45 @@ def test_progress_in_a_log_is_a_line_per_tenth():
     line.close()
     assert [row.split(":")[1].split("/")[0].strip() for row in log.getvalue().splitlines()] == [
         str(100 * tenth) for tenth in range(1, 10)]
+
+
+@pytest.fixture(scope="module")
+def relative_run(tmp_path_factory):
+    """A finished one-epoch run started in its own folder with a relative --data-dir and --out."""
+    folder = tmp_path_factory.mktemp("run")
+    make_class_folders(folder / "data")
+    run("pretrain.py", "--data-dir", "data", "--out", "ck/p.pt", "--epochs", "1", "--val-size", "6", *QUICK,
+        cwd=folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_resume_whose_best_checkpoint_is_missing_fails_before_training(relative_run):
+    moved = shutil.copytree(relative_run / "ck", relative_run / "moved")  # a moved run resumes in its new place
+    (moved / "p.pt").unlink()
+    result = run("pretrain.py", "--resume", "moved/p.last.pt", "--epochs", "2", check=False, cwd=relative_run)
+    assert error_line(result) == ("pretrain.py: --resume moved/p.last.pt: its best checkpoint moved/p.pt (epoch 1) is "
+                                  "missing; put it back there, or start a new run")
+    assert "epoch" not in result.stdout
+    assert sorted(p.name for p in moved.iterdir()) == ["p.csv", "p.last.pt", "p.test.json"]
+
+
+@pytest.mark.slow
+def test_a_resume_from_another_folder_is_refused_before_training(relative_run, tmp_path):
+    """Its relative --data-dir would name another folder (or none), and the run would split across two."""
+    last = os.path.relpath(relative_run / "ck" / "p.last.pt", tmp_path)
+    result = run("pretrain.py", "--resume", last, "--epochs", "2", check=False, cwd=tmp_path)
+    assert error_line(result) == (f"pretrain.py: --resume {last}: the run's --data-dir data is relative to "
+                                  f"{relative_run}, where the run started; run the resume from there")
+    assert list(tmp_path.iterdir()) == [] and len(load_checkpoint(relative_run / "ck" / "p.last.pt")["history"]) == 1
+
+
+@pytest.mark.slow
+def test_a_resume_with_an_absolute_data_dir_works_from_another_folder(tiny_data, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    run("pretrain.py", "--data-dir", tiny_data, "--out", "ck/p.pt", "--epochs", "1", "--val-size", "6", *QUICK,
+        cwd=tmp_path)
+    result = run("pretrain.py", "--resume", "../ck/p.last.pt", "--epochs", "2", cwd=tmp_path / "elsewhere")
+    assert "epoch   2/2" in result.stdout and list((tmp_path / "elsewhere").iterdir()) == []
+    assert [row["epoch"] for row in load_checkpoint(tmp_path / "ck" / "p.last.pt")["history"]] == [1, 2]
+    assert len((tmp_path / "ck" / "p.csv").read_text().splitlines()) == 3  # the header and both epochs, in one log
