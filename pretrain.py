@@ -517,8 +517,20 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
         raise UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
                          f"{n}; pass a smaller --val-size or more data")
     val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
+    check_every_class_trains(val_size, train_images.labels, train_index)
     device = processes.device
     return train_images.subset(train_index).to(device), train_images.subset(val_index).to(device), test_images
+
+
+def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: torch.Tensor) -> None:
+    """A class the split left without training images cannot be learnt: the run would train and exit 0 anyway."""
+    per_class = torch.bincount(labels.cpu())
+    if (torch.bincount(labels.cpu()[train_index], minlength=len(per_class)) > 0).all():
+        return
+    # At most n(m-1)/m of n images, a class of m gets at most m-1 held out, whatever the split's rounding.
+    largest = int((len(labels) * (per_class - 1) // per_class.clamp(min=1)).min())
+    advice = f"pass --val-size {largest} or less" if largest > 0 else "give every class two images or more"
+    raise UsageError(f"--val-size {val_size}: leaves a class with no training image; {advice}")
 
 
 def prepare_model(model: AlexNet, params: list[nn.Parameter], args: argparse.Namespace, processes: Processes

@@ -180,6 +180,8 @@ def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_
     (["--device", "mps"], "--device mps: not supported by these scripts"),
     (["--device", "meta"], "--device meta: not supported by these scripts"),
     (["--device", "xla"], "--device xla: not supported by these scripts"),
+    (["--val-size", "47"], "--val-size 47: leaves a class with no training image; pass --val-size 45 or less"),
+    (["--val-size", "46"], "--val-size 46: leaves a class with no training image; pass --val-size 45 or less"),
     (["--out", ""], "--out '': names no file; pass the best-checkpoint name"),
     (["--label-smoothing", "5"], "--label-smoothing: must be at least 0 and below 1, got 5"),
     (["--label-smoothing", "1"], "--label-smoothing: must be at least 0 and below 1, got 1"),
