@@ -50,6 +50,11 @@ MAX_IMAGE_SIZE = 1024
 # predictions, and the first step whose loss was not finite (-1: none yet).
 EPOCH_START = (0.0, 0.0, -1.0)
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+# What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
+SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
+
 
 # --------------------------------------------------------------------------- command line
 
@@ -57,13 +62,20 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    return within_float32(value, text)
 
 
 def non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return within_float32(value, text)
+
+
+def within_float32(value: float, text: str) -> float:
+    """The optimizer holds --lr and --weight-decay as float32: a larger value is torch's overflow traceback."""
+    if value > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"too large: at most {FLOAT32_MAX:.3g}, got {text}")
     return value
 
 
@@ -101,7 +113,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--epochs", type=positive_int, default=40, help="passes over the training images")
     add("--batch-size", type=positive_int, default=256, help="images per step, over all torchrun processes")
     add("--lr", type=positive_float, default=0.01, help="SGD learning rate")
-    add("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    add("--momentum", type=fraction, default=0.9, help="SGD momentum")
     add("--weight-decay", type=non_negative_float, default=0.0, help="SGD weight decay")
     add("--val-size", type=positive_int, default=None,
         help="validation images held out of train/ (default: 10%%, at most 5000)")
@@ -116,7 +128,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
         help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
     add("--cutout", type=fraction, default=0.0, metavar="FRACTION",
         help="cutout: a square of this fraction of --image-size per image set to the mean colour; 0: off")
-    add("--label-smoothing", type=non_negative_float, default=0.0, help="of the training loss")
+    add("--label-smoothing", type=fraction, default=0.0, help="of the training loss")
     add("--lr-schedule", choices=("constant", "cosine"), default="constant",
         help="per step, after --warmup-epochs of linear warm-up")
     add("--warmup-epochs", type=non_negative_float, default=0.0, help="linear warm-up of the learning rate")
@@ -152,12 +164,34 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
                                                 if name not in from_command_line}))
 
 
-def check_out(out: Path) -> None:
+def in_run_folder(args: argparse.Namespace, state: dict) -> argparse.Namespace:
+    """The run's files, wherever the resume starts: else a resume from another folder splits the run across two.
+
+    --out is beside its resume state (see side_files), even in a moved folder. A relative --data-dir is refused
+    from another folder rather than resolved: the data fingerprint holds the paths as given, so it would not match.
+    """
+    started = state.get("cwd", os.getcwd())  # a state from before "cwd" was kept: this folder
+    if not Path(args.data_dir).is_absolute() and Path(started) != Path.cwd():
+        raise UsageError(f"--resume {args.resume}: the run's --data-dir {args.data_dir} is relative to {started}, "
+                         "where the run started; run the resume from there")
+    return argparse.Namespace(**(vars(args) | {"out": str(Path(args.resume).parent / Path(args.out).name)}))
+
+
+def check_best_kept(args: argparse.Namespace, state: dict) -> None:
+    """Before training, not after an epoch: the run's best checkpoint so far is what its test evaluates."""
+    if state["best"]["val_acc"] >= 0 and not Path(args.out).exists():  # -1: no epoch validated yet
+        raise UsageError(f"--resume {args.resume}: its best checkpoint {args.out} (epoch {state['best']['epoch']}) "
+                         "is missing; put it back there, or start a new run")
+
+
+def check_out(out: str) -> None:
     """Fail before training, not after the first epoch, when --out cannot be written."""
-    if out in side_files(out).values():
-        raise UsageError(f"--out {out}: the run's log, resume state or test report would overwrite it; "
-                         "pass a name ending in .pt")
-    check_writable_file("--out", out, "model.pt")
+    if not Path(out).name:
+        raise UsageError(f"--out {out!r}: names no file; pass the best-checkpoint name, e.g. checkpoints/run.pt")
+    if out.endswith(tuple(SIDE_SUFFIXES.values())):
+        raise UsageError(f"--out {out}: that name is for a run's resume state/log/report; pass the best-checkpoint "
+                         "name, e.g. checkpoints/run.pt")
+    check_writable_file("--out", Path(out), "model.pt")
 
 
 class OutLock(data.Lock):
@@ -171,7 +205,7 @@ class OutLock(data.Lock):
 # --------------------------------------------------------------------------- checkpoints
 
 def side_files(out: Path) -> dict[str, Path]:
-    return {"last": out.with_suffix(".last.pt"), "csv": out.with_suffix(".csv"), "test": out.with_suffix(".test.json")}
+    return {kind: out.with_suffix(suffix) for kind, suffix in SIDE_SUFFIXES.items()}
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
@@ -483,8 +517,20 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
         raise UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
                          f"{n}; pass a smaller --val-size or more data")
     val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
+    check_every_class_trains(val_size, train_images.labels, train_index)
     device = processes.device
     return train_images.subset(train_index).to(device), train_images.subset(val_index).to(device), test_images
+
+
+def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: torch.Tensor) -> None:
+    """A class the split left without training images cannot be learnt: the run would train and exit 0 anyway."""
+    per_class = torch.bincount(labels.cpu())
+    if (torch.bincount(labels.cpu()[train_index], minlength=len(per_class)) > 0).all():
+        return
+    # At most n(m-1)/m of n images, a class of m gets at most m-1 held out, whatever the split's rounding.
+    largest = int((len(labels) * (per_class - 1) // per_class.clamp(min=1)).min())
+    advice = f"pass --val-size {largest} or less" if largest > 0 else "give every class two images or more"
+    raise UsageError(f"--val-size {val_size}: leaves a class with no training image; {advice}")
 
 
 def prepare_model(model: AlexNet, params: list[nn.Parameter], args: argparse.Namespace, processes: Processes
@@ -565,7 +611,7 @@ def save_resume_state(run: Run, progress: Progress, writer: CheckpointWriter, fi
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint}
+        "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint, "cwd": os.getcwd()}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
 
 
@@ -742,15 +788,16 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     """
     state = None if args.resume is None else read_resume_state(args.resume, stage)
     if state is not None:
-        args = resumed_args(args, given, state)
+        args = in_run_folder(resumed_args(args, given, state), state)
+        check_best_kept(args, state)
     processes = Processes(args.device)
     if state is not None and len(state["rng"]["processes"]) != processes.world:
         world = len(state["rng"]["processes"])
         raise UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
                          f"resume it with torchrun --nproc_per_node={world}")
-    out = Path(args.out)
     if processes.main:
-        check_out(out)
+        check_out(args.out)
+    out = Path(args.out)
     with OutLock(out) if processes.main else contextlib.nullcontext():
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)

@@ -2,6 +2,7 @@
 import io
 import os
 import pty
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,7 +140,9 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tiny_d
 
 @pytest.mark.parametrize("out, message", [
     ("folder", "is a folder; pass a file in it, e.g. --out {tmp_path}/folder/model.pt"),
-    ("run.csv", "the run's log, resume state or test report would overwrite it"),
+    ("run.csv", "that name is for a run's resume state/log/report; pass the best-checkpoint name"),
+    ("run.test.json", "that name is for a run's resume state/log/report"),
+    ("pre.last.pt", "that name is for a run's resume state/log/report"),
 ])
 def test_an_out_that_would_clash_is_refused_before_training(tiny_data, tmp_path, out, message):
     (tmp_path / "folder").mkdir()
@@ -147,6 +150,16 @@ def test_an_out_that_would_clash_is_refused_before_training(tiny_data, tmp_path,
                  check=False)
     assert message.format(tmp_path=tmp_path) in error_line(result) and "epoch" not in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_finetune_onto_another_runs_resume_state_leaves_it_alone(pretrained, tiny_data, tmp_path):
+    """The best checkpoint of a finetune named pre.last.pt would have replaced pre's resume state."""
+    state = tmp_path / "pre.last.pt"
+    state.write_bytes(b"pre's resume state")
+    result = run("finetune.py", "--checkpoint", pretrained, "--out", state, "--data-dir", tiny_data,
+                 "--epochs", "1", *QUICK, check=False)
+    assert f"--out {state}: that name is for a run's resume state/log/report" in error_line(result)
+    assert state.read_bytes() == b"pre's resume state" and "epoch" not in result.stdout
 
 
 def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_path):
@@ -167,6 +180,16 @@ def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_
     (["--device", "mps"], "--device mps: not supported by these scripts"),
     (["--device", "meta"], "--device meta: not supported by these scripts"),
     (["--device", "xla"], "--device xla: not supported by these scripts"),
+    (["--val-size", "47"], "--val-size 47: leaves a class with no training image; pass --val-size 45 or less"),
+    (["--val-size", "46"], "--val-size 46: leaves a class with no training image; pass --val-size 45 or less"),
+    (["--out", ""], "--out '': names no file; pass the best-checkpoint name"),
+    (["--label-smoothing", "5"], "--label-smoothing: must be at least 0 and below 1, got 5"),
+    (["--label-smoothing", "1"], "--label-smoothing: must be at least 0 and below 1, got 1"),
+    (["--lr", "1e300"], "--lr: too large: at most 3.4e+38, got 1e300"),
+    (["--weight-decay", "1e39"], "--weight-decay: too large: at most 3.4e+38, got 1e39"),
+    (["--momentum", "1e300"], "--momentum: must be at least 0 and below 1, got 1e300"),
+    (["--momentum", "1"], "--momentum: must be at least 0 and below 1, got 1"),
+    (["--warmup-epochs", "1e300"], "--warmup-epochs: too large: at most 3.4e+38, got 1e300"),
 ])
 def test_flags_that_cannot_work_are_one_line(tiny_data, tmp_path, flags, message):
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
@@ -232,3 +255,45 @@ def test_progress_in_a_log_is_a_line_per_tenth():
     line.close()
     assert [row.split(":")[1].split("/")[0].strip() for row in log.getvalue().splitlines()] == [
         str(100 * tenth) for tenth in range(1, 10)]
+
+
+@pytest.fixture(scope="module")
+def relative_run(tmp_path_factory):
+    """A finished one-epoch run started in its own folder with a relative --data-dir and --out."""
+    folder = tmp_path_factory.mktemp("run")
+    make_class_folders(folder / "data")
+    run("pretrain.py", "--data-dir", "data", "--out", "ck/p.pt", "--epochs", "1", "--val-size", "6", *QUICK,
+        cwd=folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_resume_whose_best_checkpoint_is_missing_fails_before_training(relative_run):
+    moved = shutil.copytree(relative_run / "ck", relative_run / "moved")  # a moved run resumes in its new place
+    (moved / "p.pt").unlink()
+    result = run("pretrain.py", "--resume", "moved/p.last.pt", "--epochs", "2", check=False, cwd=relative_run)
+    assert error_line(result) == ("pretrain.py: --resume moved/p.last.pt: its best checkpoint moved/p.pt (epoch 1) is "
+                                  "missing; put it back there, or start a new run")
+    assert "epoch" not in result.stdout
+    assert sorted(p.name for p in moved.iterdir()) == ["p.csv", "p.last.pt", "p.test.json"]
+
+
+@pytest.mark.slow
+def test_a_resume_from_another_folder_is_refused_before_training(relative_run, tmp_path):
+    """Its relative --data-dir would name another folder (or none), and the run would split across two."""
+    last = os.path.relpath(relative_run / "ck" / "p.last.pt", tmp_path)
+    result = run("pretrain.py", "--resume", last, "--epochs", "2", check=False, cwd=tmp_path)
+    assert error_line(result) == (f"pretrain.py: --resume {last}: the run's --data-dir data is relative to "
+                                  f"{relative_run}, where the run started; run the resume from there")
+    assert list(tmp_path.iterdir()) == [] and len(load_checkpoint(relative_run / "ck" / "p.last.pt")["history"]) == 1
+
+
+@pytest.mark.slow
+def test_a_resume_with_an_absolute_data_dir_works_from_another_folder(tiny_data, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    run("pretrain.py", "--data-dir", tiny_data, "--out", "ck/p.pt", "--epochs", "1", "--val-size", "6", *QUICK,
+        cwd=tmp_path)
+    result = run("pretrain.py", "--resume", "../ck/p.last.pt", "--epochs", "2", cwd=tmp_path / "elsewhere")
+    assert "epoch   2/2" in result.stdout and list((tmp_path / "elsewhere").iterdir()) == []
+    assert [row["epoch"] for row in load_checkpoint(tmp_path / "ck" / "p.last.pt")["history"]] == [1, 2]
+    assert len((tmp_path / "ck" / "p.csv").read_text().splitlines()) == 3  # the header and both epochs, in one log
