@@ -118,8 +118,9 @@ def load_matching(model: nn.Module, state_dict: dict) -> tuple[list[str], list[s
     return sorted(matching), skipped
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load with weights_only=True: tensors and plain containers, never arbitrary code."""
+def load_tensors(path: str | os.PathLike, map_location="cpu"):
+    """What a file saved with torch.save holds, loaded with weights_only=True: tensors and plain containers, never
+    arbitrary code; any failure is one line naming the file."""
     check_checkpoint_file(path)
     if not zipfile.is_zipfile(path):  # torch's own errors for these are cryptic or advise weights_only=False
         raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
@@ -134,6 +135,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
                               "pretrain.py/finetune.py") from None
     except Exception:  # torch raises many types for a damaged archive; its text may advise weights_only=False
         raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
+    return checkpoint
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """One of our checkpoints (see load_tensors), its pieces checked against each other."""
+    checkpoint = load_tensors(path, map_location)
     if not isinstance(checkpoint, dict):
         missing = CHECKPOINT_KEYS
     else:

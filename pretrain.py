@@ -35,7 +35,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import data
-from model import MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, unwrap_state_dict
+from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, load_tensors,
+                   unwrap_state_dict)
 from predict import (ProgressLine, UsageError, check_writable_file, classification_report, compute_logits,
                      positive_int, print_report, report_errors, resolve_device)
 
@@ -907,12 +908,9 @@ def initial_weights(source: str) -> dict:
             raise UsageError(f"--init imagenet: cannot get torchvision's ImageNet AlexNet weights ({e}); download "
                              "alexnet-owt-7be5be79.pth where there is internet and pass --init PATH") from None
     try:
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"--init {source}: no such file; pass a state dict file or 'imagenet'") from None
-    except Exception as e:
-        raise UsageError(f"--init {source}: not a loadable state dict ({e}); "
-                         "pass a torchvision AlexNet state dict") from None
+        loaded = load_tensors(source)
+    except CheckpointError as e:  # it names the file: a missing one, a folder, a FIFO, damage, pickled code
+        raise UsageError(f"--init {e}; or pass 'imagenet'") from None
     weights = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
     if not (isinstance(weights, dict) and all(isinstance(n, str) and isinstance(t, torch.Tensor)
                                               for n, t in weights.items())):

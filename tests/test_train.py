@@ -235,6 +235,24 @@ def test_init_that_is_no_state_dict_is_one_line(tiny_data, tmp_path, held, kind)
     assert not (tmp_path / "p.pt").exists()
 
 
+@pytest.mark.parametrize("kind, message", [
+    ("bytes", "not a checkpoint file (not a PyTorch zip archive, or damaged)"),
+    ("folder", "is a folder; pass a checkpoint file"),
+    ("missing", "no such checkpoint file"),
+])
+def test_an_init_file_that_cannot_be_loaded_is_one_line_without_unsafe_advice(tiny_data, tmp_path, kind, message):
+    init = tmp_path / "init.pt"
+    if kind == "bytes":
+        init.write_bytes(bytes(range(256)) * 20)
+    elif kind == "folder":
+        init.mkdir()
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--init", init, "--epochs", "1",
+                 "--val-size", "6", *QUICK, check=False)
+    line = error_line(result)
+    assert line.startswith(f"pretrain.py: --init {init}: {message}") and line.endswith("; or pass 'imagenet'")
+    assert "weights_only" not in result.stderr and not (tmp_path / "p.pt").exists()
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--epochs", "0"], "--epochs: must be a positive integer"),
     (["--batch-size", "-4"], "--batch-size: must be a positive integer"),
