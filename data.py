@@ -848,8 +848,10 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     get = commands.add_parser("download", help="download CIFAR-10 (or unpack a local copy) into class folders",
                               formatter_class=HelpFormatter, allow_abbrev=False)
-    get.add_argument("--root", type=path_text, default="data/cifar10", help="folder to create, holding train/ and test/")
-    get.add_argument("--source", type=path_text, default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
+    get.add_argument("--root", type=path_text, default="data/cifar10",
+                     help="folder to create, holding train/ and test/")
+    get.add_argument("--source", type=path_text, default=None,
+                     help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
                      "(default: the official cifar-10-python.tar.gz, md5-checked)")
     get.add_argument("--md5", type=md5_digits, default=None,
                      help="expected md5 of a --source file (default: not checked)")

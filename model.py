@@ -75,8 +75,8 @@ class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message says which and why."""
 
 
-NOT_A_CHECKPOINT = ("not a checkpoint file (not a PyTorch zip archive, or damaged); pass a checkpoint made by "
-                    "pretrain.py/finetune.py")
+NOT_A_CHECKPOINT = ("not a checkpoint file (not a PyTorch zip archive, or damaged); pass a checkpoint that this "
+                    "project's training wrote")
 
 
 def check_checkpoint_file(path: str | os.PathLike) -> None:
@@ -131,8 +131,8 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
             raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
         # A pickled object other than tensors and plain data: loading it could run code, so it is never loaded.
         raise CheckpointError(f"{path}: not a loadable checkpoint: it holds objects other than tensors and plain "
-                              "data, refused because loading them could run code; pass a checkpoint made by "
-                              "pretrain.py/finetune.py") from None
+                              "data, refused because loading them could run code; pass a checkpoint that "
+                              "this project's training wrote") from None
     except Exception:  # torch raises many types for a damaged archive; its text may advise weights_only=False
         raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
     return checkpoint

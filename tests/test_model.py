@@ -146,7 +146,7 @@ def test_garbage_as_a_checkpoint_is_one_line_that_never_advises_unsafe_loading(t
     with pytest.raises(CheckpointError) as error:
         load_checkpoint(path)
     assert str(error.value) == (f"{path}: not a checkpoint file (not a PyTorch zip archive, or damaged); pass a "
-                                "checkpoint made by pretrain.py/finetune.py")
+                                "checkpoint that this project's training wrote")
 
 
 def test_a_folder_or_fifo_as_a_checkpoint_is_named_and_never_read(tmp_path):
