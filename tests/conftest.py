@@ -94,6 +94,9 @@ class QuietHTTPServer(http.server.ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         pass
 
+    def serve_forever(self, poll_interval: float = 0.05) -> None:  # shutdown() waits up to one poll: keep it short
+        super().serve_forever(poll_interval)
+
 
 def error_line(result) -> str:
     """The last stderr line of a failed run (a progress bar may come before it),

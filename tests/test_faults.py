@@ -132,6 +132,7 @@ def test_a_file_name_that_is_not_utf8_loads_and_is_named_when_damaged(tmp_path):
     assert "red/caf\\xe9.png: cannot read this image" in line
 
 
+@pytest.mark.slow  # a process: its stdout encodes strictly, as a terminal's does
 def test_predict_prints_file_names_that_are_not_utf8(pretrained, tiny_data, tmp_path):
     non_utf8_file(tmp_path, b"caf\xe9.png", next((tiny_data / "test" / "red").iterdir()).read_bytes())
     non_utf8_file(tmp_path, b"damaged\xff.png", b"damaged")
