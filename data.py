@@ -14,6 +14,7 @@ import collections
 import errno
 import fcntl
 import functools
+import glob
 import hashlib
 import io
 import lzma
@@ -270,23 +271,45 @@ def most_common_side(sides: list[int]) -> int:
 
 def write_cache(path: Path, images: ImageSet, key: str) -> None:
     record = {"fingerprint": key, "images": images.images, "labels": images.labels, "classes": images.classes}
+    try:
+        write_atomically(path, lambda f: torch.save(record, f))
+    except OSError as e:  # a read-only or full data folder still trains, only slower to start
+        print(f"warning: cannot write the image cache {path} ({e.strerror or e}); decoding every run", file=sys.stderr)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:
+    """`write` fills a temporary file beside `path`, synced to disk, which then replaces `path`: a failure, a signal
+    or a kill mid-write leaves the previous file as it was.
+
+    The temporary file is removed on failure; one left by a killed writer is removed by the next write of `path`
+    (one writer per path, as the scripts do). A failed write raises its OSError, also where torch.save wrapped it
+    in a RuntimeError (as it does for a full disk).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
     tmp = None
     try:
-        path.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.makedirs(directory, exist_ok=True)
+        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
+            os.unlink(stale)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:  # it may hold gigabytes
             Path(tmp).unlink(missing_ok=True)
-        # torch.save wraps a failed write (a full disk) in RuntimeError
-        os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e, RuntimeError) else None
-        if not isinstance(os_error, OSError):
-            raise
-        # a read-only or full data folder still trains, only slower to start
-        print(f"warning: cannot write the image cache {path} ({os_error.strerror or os_error}); decoding every run",
-              file=sys.stderr)
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_dataset(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:

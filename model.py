@@ -197,14 +197,14 @@ def is_number(value, types) -> bool:
 def model_from_checkpoint(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> AlexNet:
     """The AlexNet a checkpoint describes, with its weights; `path` names it in errors."""
     model = AlexNet(**checkpoint["model_args"])
-    weights = checkpoint["model"]
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"{path}: its model is a {type(weights).__name__}, not a state dict of tensors; "
-                              "re-train or pass another file")
+    if not isinstance(checkpoint["model"], dict):
+        raise CheckpointError(f"{path}: its model is a {type(checkpoint['model']).__name__}, not a state dict of "
+                              "tensors; re-train or pass another file")
+    weights = unwrap_state_dict(checkpoint["model"])
     try:
-        model.load_state_dict(unwrap_state_dict(weights))
+        model.load_state_dict(weights)
     except RuntimeError as e:
-        why = misfit(model.state_dict(), unwrap_state_dict(weights)) or str(e).strip().splitlines()[-1].strip()
+        why = misfit(model.state_dict(), weights) or str(e).strip().splitlines()[-1].strip()
         raise CheckpointError(f"{path}: weights do not fit AlexNet({checkpoint['model_args']}): {why}; the file "
                               "was changed or written by other code: re-train or pass another file") from None
     return model

@@ -10,7 +10,6 @@ accuracy, per-class accuracy and the confusion matrix are printed too.
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -106,14 +105,14 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
     ones = torch.ones(len(labels), dtype=torch.int64)
     confusion.index_put_((labels.cpu(), logits.argmax(1).cpu()), ones, accumulate=True)
-    counts = confusion.sum(1).tolist()
-    per_class = (confusion.diag() / confusion.sum(1).clamp(min=1)).tolist()
+    counts = confusion.sum(1)
+    per_class, seen = (confusion.diag() / counts.clamp(min=1)).tolist(), (counts > 0).tolist()
     return {
         "images": len(labels),
         "loss": F.cross_entropy(logits, labels).item(),
         "accuracy": (confusion.diag().sum() / len(labels)).item(),
         # None (JSON null) for a class without images: 0 would read as "all of them wrong".
-        "per_class_accuracy": {name: per_class[i] if counts[i] else None for i, name in enumerate(classes)},
+        "per_class_accuracy": {name: per_class[i] if seen[i] else None for i, name in enumerate(classes)},
         "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted
     }
 
@@ -246,15 +245,11 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
 
 
 def save_picture(picture: Image.Image, path: Path) -> None:
-    """Written beside, then renamed over `path`: a full disk leaves no half picture, and the old one stays."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Written atomically (data.write_atomically): a full disk leaves no half picture, and the old one stays."""
+    picture_format = Image.registered_extensions()[path.suffix.lower()]  # check_grid_path made sure there is one
     try:
-        with open(temp, "xb") as file:  # "x": never through a link or onto another's file; mode 0666 less umask
-            picture.save(file, format=Image.registered_extensions()[path.suffix.lower()])
-        os.replace(temp, path)
+        data.write_atomically(path, lambda f: picture.save(f, format=picture_format))
     except OSError as e:
-        temp.unlink(missing_ok=True)
         raise UsageError(f"--grid {path}: cannot write ({e.strerror or e}); free space or choose another path"
                          ) from None
 

@@ -14,14 +14,12 @@ background thread); processes and signals; setting up a run; the loop
 import argparse
 import contextlib
 import csv
-import glob
 import io
 import json
 import math
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -210,48 +208,22 @@ def side_files(out: Path) -> dict[str, Path]:
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Write atomically (see write_atomically): a crash or SIGKILL mid-write leaves the previous file intact."""
-    write_atomically(path, "checkpoint", lambda f: torch.save(checkpoint, f))
+    """Written atomically (data.write_atomically): a crash or SIGKILL mid-write leaves the previous file intact."""
+    write_run_file(path, "checkpoint", lambda f: torch.save(checkpoint, f))
 
 
 def write_text(path: str | os.PathLike, what: str, text: str) -> None:
     """A log or report, atomically as a checkpoint: a reader, or a full disk, never meets half of it."""
-    write_atomically(path, what, lambda f: f.write(text.encode()))
+    write_run_file(path, what, lambda f: f.write(text.encode()))
 
 
-def write_atomically(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:
-    """`write` fills a temporary file beside `path`, which then replaces it; a failed write changes nothing.
-
-    A temporary file left by a killed writer is removed by the next write (one writer per path, as the scripts
-    do). A failure to write (a full disk, a read-only folder) is a one-line CheckpointError naming `what`.
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = None
+def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:
+    """data.write_atomically; a failure to write (a full disk, a read-only folder) is one line naming `what`."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
-            os.unlink(stale)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        os_error = e if isinstance(e, OSError) else e.__context__  # torch.save wraps a failed write in RuntimeError
-        if isinstance(os_error, OSError):
-            raise CheckpointError(f"{path}: cannot write the {what} ({os_error.strerror or os_error}); the previous "
-                                  "one is untouched: free disk space, or choose a writable --out") from None
-        raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        data.write_atomically(path, write)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write the {what} ({e.strerror or e}); the previous one is untouched: "
+                              "free disk space, or choose a writable --out") from None
 
 
 def to_cpu(obj, reuse=None):
