@@ -7,9 +7,10 @@ The training images are split into train and validation (stratified, seeded);
 the best epoch on validation is kept as --out, and the test split is evaluated
 once, at the end, with those weights. finetune.py runs the same loop.
 
-Sections: command line; checkpoints (what they hold, written atomically on a
-background thread); processes and signals; setting up a run; the loop
-(train_one_epoch, evaluate, the epoch loop in `train`); the test, once.
+Sections: command line; processes and signals; a run's state; checkpoints
+(what they hold, written atomically on a background thread, and read back by
+a resume); setting up a run; the loop (train_one_epoch, evaluate, the epoch
+loop in `train`); the test, once.
 """
 import argparse
 import contextlib
@@ -56,6 +57,7 @@ SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
 
 
 # --------------------------------------------------------------------------- command line
+
 
 def positive_float(text: str) -> float:
     value = float(text)
@@ -201,7 +203,130 @@ class OutLock(data.Lock):
             f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end or choose another --out"))
 
 
+# --------------------------------------------------------------------------- processes and signals
+
+
+class Processes:
+    """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
+
+    `--batch-size` is global: each step, every process takes its share
+    (positions rank, rank + world, ...) of the same global batch. Host values (the stop flag each step, the
+    resume state's pieces, barriers) go over a CPU (gloo) group: over NCCL, reading back a CUDA tensor would
+    make the host wait for everything queued on the GPU.
+    """
+
+    def __init__(self, device_name: str | None) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.main = self.rank == 0
+        self.device = resolve_device(device_name)
+        self.host_group = None  # the default group when that is gloo already
+        if self.world > 1:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if dist.get_backend() != "gloo":
+                self.host_group = dist.new_group(backend="gloo")
+
+    def share(self) -> slice:
+        return slice(self.rank, None, self.world)
+
+    def reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor, op or dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether any process has the flag set: a signal to one process stops them all, at the same step.
+
+        It waits for the other processes' hosts, never for a device.
+        """
+        if self.world == 1:
+            return flag
+        flags = torch.tensor([float(flag)])
+        dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.host_group)
+        return bool(flags.item())
+
+    def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, obj, group=self.host_group)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.host_group)
+
+    def close(self) -> None:
+        if self.world > 1:
+            dist.destroy_process_group()
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step.
+
+    A second signal, or the first one `at_once`, raises KeyboardInterrupt where the program is.
+    """
+
+    def __init__(self, at_once: bool = False) -> None:
+        self.received = None
+        self.at_once = at_once
+
+    def __enter__(self) -> "StopSignal":
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        second = self.received is not None
+        self.received = self.received or signal.Signals(signum)
+        if second or self.at_once:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- a run's state
+
+@dataclass
+class Run:
+    """What a run trains with; set up once, then handed explicitly to each part of the loop."""
+    args: argparse.Namespace
+    stage: str
+    processes: Processes
+    model: AlexNet  # the weights that train
+    net: nn.Module  # what the step calls: the model, DDP- and compile-wrapped as asked
+    optimizer: torch.optim.Optimizer
+    bf16: bool
+    ema: AveragedModel | None
+    augment: torch.Generator  # the same in every process: the draws of one global batch
+    classes: list[str]
+    stored_size: int
+    data_fingerprint: str  # the training files': a resume checks that they did not change
+    out: Path
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are validated, kept and tested: the EMA's when there is one."""
+        return self.model if self.ema is None else self.ema.module
+
+
+@dataclass
+class Progress:
+    """Where a run is, besides weights, optimizer and RNGs; a resume restores it."""
+    running: torch.Tensor  # the epoch's sums so far (EPOCH_START), on the device
+    epoch: int = 0  # epochs done
+    step: int = 0  # the next step of the epoch under way
+    perm: torch.Tensor | None = None  # the order of the epoch under way; None between epochs
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+
+
 # --------------------------------------------------------------------------- checkpoints
+
 
 def side_files(out: Path) -> dict[str, Path]:
     return {kind: out.with_suffix(suffix) for kind, suffix in SIDE_SUFFIXES.items()}
@@ -334,125 +459,44 @@ def write_csv(path: Path, history: list[dict]) -> None:
     write_text(path, "training log", text.getvalue())
 
 
-# --------------------------------------------------------------------------- processes and signals
+def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict:
+    """What rebuilds and describes the model; plain types only, so weights_only loading works."""
+    return {
+        "model": unwrap_state_dict(model.state_dict()),
+        "model_args": {"num_classes": len(run.classes), "dropout": run.model.classifier[0].p},
+        "classes": list(run.classes),
+        "image_size": run.args.image_size,
+        "stored_size": run.stored_size,
+        "tta": run.args.tta,
+        "mean": list(data.MEAN),
+        "std": list(data.STD),
+        "stage": run.stage,
+        "epoch": epoch,
+        "metrics": metrics,
+        "args": dict(vars(run.args)),
+    }
 
-class Processes:
-    """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
 
-    `--batch-size` is global: each step, every process takes its share
-    (positions rank, rank + world, ...) of the same global batch. Host values (the stop flag each step, the
-    resume state's pieces, barriers) go over a CPU (gloo) group: over NCCL, reading back a CUDA tensor would
-    make the host wait for everything queued on the GPU.
+def save_resume_state(run: Run, progress: Progress, writer: CheckpointWriter, finished: bool = False,
+                      best: dict | None = None) -> None:
+    """Every process's RNG and running sums go to the first process, which writes the .last.pt file.
+
+    `best`, the epoch's new best checkpoint, is handed over together with it and so written first: a resume
+    state on disk never names a best epoch that --out does not hold yet, even if the run is killed.
     """
-
-    def __init__(self, device_name: str | None) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.main = self.rank == 0
-        self.device = resolve_device(device_name)
-        self.host_group = None  # the default group when that is gloo already
-        if self.world > 1:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            if dist.get_backend() != "gloo":
-                self.host_group = dist.new_group(backend="gloo")
-
-    def share(self) -> slice:
-        return slice(self.rank, None, self.world)
-
-    def reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(tensor, op or dist.ReduceOp.SUM)
-        return tensor
-
-    def any(self, flag: bool) -> bool:
-        """Whether any process has the flag set: a signal to one process stops them all, at the same step.
-
-        It waits for the other processes' hosts, never for a device.
-        """
-        if self.world == 1:
-            return flag
-        flags = torch.tensor([float(flag)])
-        dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.host_group)
-        return bool(flags.item())
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, obj, group=self.host_group)
-        return gathered
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(group=self.host_group)
-
-    def close(self) -> None:
-        if self.world > 1:
-            dist.destroy_process_group()
-
-
-class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step.
-
-    A second signal, or the first one `at_once`, raises KeyboardInterrupt where the program is.
-    """
-
-    def __init__(self, at_once: bool = False) -> None:
-        self.received = None
-        self.at_once = at_once
-
-    def __enter__(self) -> "StopSignal":
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame) -> None:
-        second = self.received is not None
-        self.received = self.received or signal.Signals(signum)
-        if second or self.at_once:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-# --------------------------------------------------------------------------- setting up a run
-
-@dataclass
-class Run:
-    """What a run trains with; set up once, then handed explicitly to each part of the loop."""
-    args: argparse.Namespace
-    stage: str
-    processes: Processes
-    model: AlexNet  # the weights that train
-    net: nn.Module  # what the step calls: the model, DDP- and compile-wrapped as asked
-    optimizer: torch.optim.Optimizer
-    bf16: bool
-    ema: AveragedModel | None
-    augment: torch.Generator  # the same in every process: the draws of one global batch
-    classes: list[str]
-    stored_size: int
-    data_fingerprint: str  # the training files': a resume checks that they did not change
-    out: Path
-
-    @property
-    def evaluated(self) -> nn.Module:
-        """The weights that are validated, kept and tested: the EMA's when there is one."""
-        return self.model if self.ema is None else self.ema.module
-
-
-@dataclass
-class Progress:
-    """Where a run is, besides weights, optimizer and RNGs; a resume restores it."""
-    running: torch.Tensor  # the epoch's sums so far (EPOCH_START), on the device
-    epoch: int = 0  # epochs done
-    step: int = 0  # the next step of the epoch under way
-    perm: torch.Tensor | None = None  # the order of the epoch under way; None between epochs
-    history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+    device = run.processes.device
+    own = {"torch": torch.get_rng_state(), "running": progress.running.cpu(),
+           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    every = run.processes.gather(own)
+    if not run.processes.main:
+        return
+    metrics = progress.history[-1] if progress.history else {}
+    state = checkpoint_of(run, run.model, progress.epoch, metrics) | {
+        "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
+        "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
+        "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
+        "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint, "cwd": os.getcwd()}
+    writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
 
 
 def read_resume_state(path: str, stage: str) -> dict:
@@ -463,6 +507,25 @@ def read_resume_state(path: str, stage: str) -> dict:
         raise UsageError(f"--resume {path}: the state of a {state['stage']} run; resume it with "
                          f"{state['stage']}.py --resume {path}")
     return state
+
+
+def restore(run: Run, state: dict) -> Progress:
+    """Everything a resume brings back, in one place: weights, optimizer, EMA, every RNG, where the run was."""
+    device, rank = run.processes.device, run.processes.rank
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    own = state["rng"]["processes"][rank]
+    torch.set_rng_state(own["torch"])
+    if device.type == "cuda" and own["cuda"] is not None:
+        torch.cuda.set_rng_state(own["cuda"], device)
+    run.augment.set_state(state["rng"]["augment"])
+    perm = None if state["perm"] is None else state["perm"].to(device)
+    return Progress(own["running"].to(device), state["epoch"], state["step"], perm, state["history"], state["best"])
+
+
+# --------------------------------------------------------------------------- setting up a run
 
 
 def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.ImageSet, data.ImageSet, data.ImageSet]:
@@ -532,62 +595,6 @@ def start_run(args: argparse.Namespace, stage: str, processes: Processes, model:
                images.fingerprint, Path(args.out))
 
 
-def restore(run: Run, state: dict) -> Progress:
-    """Everything a resume brings back, in one place: weights, optimizer, EMA, every RNG, where the run was."""
-    device, rank = run.processes.device, run.processes.rank
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
-    own = state["rng"]["processes"][rank]
-    torch.set_rng_state(own["torch"])
-    if device.type == "cuda" and own["cuda"] is not None:
-        torch.cuda.set_rng_state(own["cuda"], device)
-    run.augment.set_state(state["rng"]["augment"])
-    perm = None if state["perm"] is None else state["perm"].to(device)
-    return Progress(own["running"].to(device), state["epoch"], state["step"], perm, state["history"], state["best"])
-
-
-def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict:
-    """What rebuilds and describes the model; plain types only, so weights_only loading works."""
-    return {
-        "model": unwrap_state_dict(model.state_dict()),
-        "model_args": {"num_classes": len(run.classes), "dropout": run.model.classifier[0].p},
-        "classes": list(run.classes),
-        "image_size": run.args.image_size,
-        "stored_size": run.stored_size,
-        "tta": run.args.tta,
-        "mean": list(data.MEAN),
-        "std": list(data.STD),
-        "stage": run.stage,
-        "epoch": epoch,
-        "metrics": metrics,
-        "args": dict(vars(run.args)),
-    }
-
-
-def save_resume_state(run: Run, progress: Progress, writer: CheckpointWriter, finished: bool = False,
-                      best: dict | None = None) -> None:
-    """Every process's RNG and running sums go to the first process, which writes the .last.pt file.
-
-    `best`, the epoch's new best checkpoint, is handed over together with it and so written first: a resume
-    state on disk never names a best epoch that --out does not hold yet, even if the run is killed.
-    """
-    device = run.processes.device
-    own = {"torch": torch.get_rng_state(), "running": progress.running.cpu(),
-           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-    every = run.processes.gather(own)
-    if not run.processes.main:
-        return
-    metrics = progress.history[-1] if progress.history else {}
-    state = checkpoint_of(run, run.model, progress.epoch, metrics) | {
-        "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
-        "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
-        "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint, "cwd": os.getcwd()}
-    writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
-
-
 def stop_here(run: Run, progress: Progress, writer: CheckpointWriter, received: signal.Signals | None) -> None:
     """After a signal: the resume state is on disk, every process leaves, the command to continue is printed."""
     writer.wait()
@@ -611,6 +618,7 @@ def resume_command(run: Run) -> str:
 
 
 # --------------------------------------------------------------------------- the loop
+
 
 def learning_rate(args: argparse.Namespace, epoch: int, step: int, steps: int) -> float:
     """--lr after linear warm-up, then constant or cosine to zero at the last step; a function of the step alone."""
@@ -839,6 +847,7 @@ def print_start(run: Run, train_images: data.ImageSet, val_images: data.ImageSet
 
 # --------------------------------------------------------------------------- the test, once
 
+
 def test_or_stop(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
     """The test; a signal during it stops at once, the trained run being saved already."""
     with StopSignal(at_once=True) as stop:
@@ -869,6 +878,7 @@ def test_once(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
 
 
 # --------------------------------------------------------------------------- pretrain.py
+
 
 def initial_weights(source: str) -> dict:
     """--init: a torchvision AlexNet state dict file (or one of our checkpoints), or 'imagenet'."""

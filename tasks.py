@@ -61,7 +61,7 @@ def shows_defaults(t: Task) -> Task:
 })
 def download(c, root=None, source=None, md5=None):
     """Download CIFAR-10 into train/ and test/ class folders (skipped when present)."""
-    script(c, "data.py download", flags(root=root, source=source, md5=md5))
+    script(c, "download.py", flags(root=root, source=source, md5=md5))
 
 
 @shows_defaults

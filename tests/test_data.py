@@ -17,6 +17,7 @@ import torchvision.transforms.v2 as T
 from PIL import Image
 
 import data
+import download
 from conftest import QuietHTTPServer, class_folder_archive, error_line, make_class_folders, md5, run
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -70,7 +71,7 @@ def test_download_official_format_over_http_gives_identical_pixels(tmp_path, ser
     www, url = server
     batches = official_tarball(www / "cifar-10-python.tar.gz")
     root = tmp_path / "cifar10"
-    result = run("data.py", "download", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz",
+    result = run("download.py", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz",
                  "--md5", md5(www / "cifar-10-python.tar.gz"))
     assert "60 training and 12 test images in 10 classes" in result.stdout
     for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
@@ -82,7 +83,7 @@ def test_download_official_format_over_http_gives_identical_pixels(tmp_path, ser
                 seen[CLASSES[label]] += 1
                 assert np.array_equal(np.asarray(Image.open(png)), pixels.reshape(3, 32, 32).transpose(1, 2, 0))
         assert sum(seen.values()) == sum(1 for _ in (root / split).rglob("*.png"))
-    again = run("data.py", "download", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz")
+    again = run("download.py", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz")
     assert "nothing to do" in again.stdout
 
 
@@ -94,7 +95,7 @@ def test_checksum_mismatch_leaves_no_tree(tmp_path, server):
     www, url = server
     official_tarball(www / "cifar-10-python.tar.gz")
     root = tmp_path / "out" / "cifar10"
-    result = run("data.py", "download", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz", "--md5", "0" * 32,
+    result = run("download.py", "--root", root, "--source", f"{url}/cifar-10-python.tar.gz", "--md5", "0" * 32,
                  check=False)
     assert result.returncode == 1
     assert "checksum mismatch" in error_line(result)
@@ -104,14 +105,14 @@ def test_checksum_mismatch_leaves_no_tree(tmp_path, server):
 def test_the_official_source_is_always_checked(tmp_path, server, monkeypatch):
     www, url = server
     official_tarball(www / "cifar-10-python.tar.gz")
-    monkeypatch.setattr(data, "CIFAR10_URL", f"{url}/cifar-10-python.tar.gz")
-    with pytest.raises(data.DataError, match=f"checksum mismatch \\(expected md5 {data.CIFAR10_MD5}"):
-        data.download(tmp_path / "cifar10")
+    monkeypatch.setattr(download, "CIFAR10_URL", f"{url}/cifar-10-python.tar.gz")
+    with pytest.raises(data.DataError, match=f"checksum mismatch \\(expected md5 {download.CIFAR10_MD5}"):
+        download.download(tmp_path / "cifar10")
     assert not (tmp_path / "cifar10").exists()
 
 
 def test_unreachable_url_is_one_clear_line(tmp_path):
-    result = run("data.py", "download", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz",
+    result = run("download.py", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz",
                  check=False)
     assert result.returncode == 1 and "download failed" in error_line(result)
     assert leftovers(tmp_path) == [] and not (tmp_path / "c").exists()
@@ -124,7 +125,7 @@ def test_class_folder_sources(tmp_path, tiny_data, kind):
         class_folder_archive(source, tiny_data)
     root = tmp_path / "cifar10"
     checksum = [] if kind == "folder" else ["--md5", md5(source)]  # a folder has none
-    run("data.py", "download", "--root", root, "--source", source, *checksum)
+    run("download.py", "--root", root, "--source", source, *checksum)
     downloaded = sorted(p.relative_to(root) for p in root.rglob("*.png"))
     expected = sorted(p.relative_to(tiny_data) for p in tiny_data.rglob("*.png"))
     assert downloaded == expected
@@ -155,7 +156,7 @@ def test_archive_members_escaping_the_root_are_refused(tmp_path, kind):
     else:
         evil_tar(archive, kind)
     root = work / "deep" / "cifar10"
-    result = run("data.py", "download", "--root", root, "--source", archive, check=False)
+    result = run("download.py", "--root", root, "--source", archive, check=False)
     advice = "refusing to unpack it; use the official archive or an archive or folder of class folders"
     assert result.returncode == 1 and error_line(result).endswith(f"points outside the archive; {advice}")
     assert not root.exists() and leftovers(root.parent) == []
@@ -297,7 +298,7 @@ def test_any_image_mode_decodes_to_rgb(tmp_path, mode):
 
 
 def test_an_abbreviated_flag_is_refused_not_taken_for_another(tmp_path, tiny_data):
-    result = run("data.py", "download", "--roo", tmp_path / "c", "--source", tiny_data, check=False)
+    result = run("download.py", "--roo", tmp_path / "c", "--source", tiny_data, check=False)
     assert result.returncode == 2 and "unrecognized arguments: --roo" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -305,7 +306,7 @@ def test_an_abbreviated_flag_is_refused_not_taken_for_another(tmp_path, tiny_dat
 def test_an_md5_in_capitals_is_checked_also_when_download_is_called(tmp_path, tiny_data):
     archive = tmp_path / "a.tar.gz"
     class_folder_archive(archive, tiny_data)
-    data.download(tmp_path / "c", str(archive), md5(archive).upper())
+    download.download(tmp_path / "c", str(archive), md5(archive).upper())
     assert (tmp_path / "c" / "train").is_dir()
 
 
@@ -314,7 +315,7 @@ def test_a_device_member_is_refused_with_what_to_use_instead(tmp_path, tiny_data
     with tarfile.open(archive, "w") as tar:
         tar.add(tiny_data, "cifar10")
         tar.add("/dev/null", "cifar10/train/red/odd.png")  # a real character device, no mknod needed
-    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    line = error_line(run("download.py", "--root", tmp_path / "c", "--source", archive, check=False))
     assert line.endswith("is a character device, not a regular file or folder; refusing to unpack it; "
                          "use the official archive or an archive or folder of class folders")
 
@@ -337,7 +338,7 @@ def test_a_doctored_official_tarball_is_refused_and_writes_nothing(tmp_path, mem
     archive = tmp_path / "cifar-10-python.tar.gz"
     official_tarball(archive, changes={member: change(tmp_path)})
     root = tmp_path / "cifar10"  # ../../../ESCAPED would land beside it
-    line = error_line(run("data.py", "download", "--root", root, "--source", archive, check=False))
+    line = error_line(run("download.py", "--root", root, "--source", archive, check=False))
     assert f"{archive}: cifar-10-batches-py/{member} is not the official format (" in line
     assert what in line and line.endswith("; download it again")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [archive]  # no PNG anywhere, inside or out
@@ -417,18 +418,18 @@ def test_a_device_or_fifo_in_a_source_folder_is_refused_before_copying(tmp_path,
         ", not a regular file or folder; remove it"
     # the walk first, called alone: a copy that began would never end
     with pytest.raises(data.DataError, match=f"--source {source}: {odd} {re.escape(expected)}"):
-        data.refuse_link_loops(source, str(source), [])
-    result = run("data.py", "download", "--root", tmp_path / "c", "--source", source, check=False)
-    assert error_line(result) == f"data.py: --source {source}: {odd} {expected}"
+        download.refuse_link_loops(source, str(source), [])
+    result = run("download.py", "--root", tmp_path / "c", "--source", source, check=False)
+    assert error_line(result) == f"download.py: --source {source}: {odd} {expected}"
     assert [p.name for p in tmp_path.iterdir()] == ["source"]
 
 
 def test_a_source_folder_larger_than_the_disk_at_root_is_one_line(tmp_path, small_filesystem):
     disk = small_filesystem("64k")
     source = make_class_folders(tmp_path / "source", train=8, test=2)  # 30 files of 3 KB, each a 4 KB page at least
-    result = run("data.py", "download", "--root", disk / "c", "--source", source, check=False)
+    result = run("download.py", "--root", disk / "c", "--source", source, check=False)
     line = error_line(result)
-    named = re.escape(f"data.py: --source {source}: cannot copy {source}/")
+    named = re.escape(f"download.py: --source {source}: cannot copy {source}/")
     assert re.fullmatch(named + r"(train|test)/[a-z]+/[0-9]+\.png \(No space left on device\); free space or choose "
                         "another --root", line), line
     assert result.stderr.count("\n") == 1 and os.listdir(disk) == []
@@ -442,8 +443,8 @@ def test_a_full_disk_while_unpacking_names_root_not_the_archive(tmp_path, small_
             info = tarfile.TarInfo(f"cifar10/{'train' if i % 2 else 'test'}/a/{i}.png")
             info.size = 100
             tar.addfile(info, io.BytesIO(bytes(100)))
-    line = error_line(run("data.py", "download", "--root", disk / "c", "--source", archive, check=False))
-    assert line == f"data.py: --root {disk / 'c'}: cannot write (No space left on device); free space or choose " \
+    line = error_line(run("download.py", "--root", disk / "c", "--source", archive, check=False))
+    assert line == f"download.py: --root {disk / 'c'}: cannot write (No space left on device); free space or choose " \
         "another --root"
     assert os.listdir(disk) == []
 
@@ -462,13 +463,13 @@ def test_a_damaged_compressed_archive_is_called_damaged(tmp_path, tiny_data, suf
     payload = bytearray(archive.read_bytes())
     payload[len(payload) // 2:len(payload) // 2 + 64] = bytes(64)  # a stretch of the compressed stream lost
     archive.write_bytes(payload)
-    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    line = error_line(run("download.py", "--root", tmp_path / "c", "--source", archive, check=False))
     assert f"{archive}: damaged or incomplete archive (" in line and line.endswith("; download it again")
     assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
 
 
 @pytest.mark.parametrize("flag", ["--root", "--source"])
 def test_an_empty_path_is_an_argparse_error_not_the_current_folder(tmp_path, flag):
-    result = run("data.py", "download", flag, "", check=False, cwd=tmp_path)
+    result = run("download.py", flag, "", check=False, cwd=tmp_path)
     assert result.returncode == 2 and f"argument {flag}: is empty; pass a path" in result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 import data
+import download
 import pretrain
 from conftest import QUICK, ROOT, QuietHTTPServer, class_folder_archive, error_line, make_class_folders, md5, run
 from model import AlexNet, CheckpointError, load_checkpoint
@@ -224,11 +225,11 @@ def test_a_dropped_download_leaves_nothing_and_a_rerun_succeeds(tmp_path, tiny_d
     handler, url = flaky_server
     root = tmp_path / "out" / "cifar10"
     flags = ["--md5", md5(tmp_path / "data.tar.gz")] if with_md5 else []
-    line = error_line(run("data.py", "download", "--root", root, "--source", url, *flags, check=False))
+    line = error_line(run("download.py", "--root", root, "--source", url, *flags, check=False))
     assert ("checksum mismatch" if with_md5 else "damaged or incomplete archive") in line
     assert not root.parent.exists() or list(root.parent.iterdir()) == []
     handler.drop = False
-    run("data.py", "download", "--root", root, "--source", url, *flags)
+    run("download.py", "--root", root, "--source", url, *flags)
     assert len(list(root.rglob("*.png"))) == len(list(tiny_data.rglob("*.png")))
 
 
@@ -289,7 +290,7 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    result = run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False, cwd=tmp_path)
+    result = run("download.py", "--root", tmp_path / "c", "--source", archive, check=False, cwd=tmp_path)
     expected = "cifar-10-batches-py/batches.meta is missing or damaged (refusing to load __builtin__.exec)"
     assert expected in error_line(result)
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
@@ -302,12 +303,12 @@ def interruptible() -> None:
 
 
 def download_under_way(work: Path, flaky_server) -> subprocess.Popen:
-    """`data.py download --root WORK/c` from a server that holds the transfer half-way, returned with its
+    """`download.py --root WORK/c` from a server that holds the transfer half-way, returned with its
     temporary folder there: whatever the machine's load, the download is under way until the test acts."""
     handler, url = flaky_server
     handler.hold = threading.Event()
     work.mkdir()
-    command = [sys.executable, str(ROOT / "data.py"), "download", "--root", str(work / "c"), "--source", url]
+    command = [sys.executable, str(ROOT / "download.py"), "--root", str(work / "c"), "--source", url]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work, preexec_fn=interruptible)
     while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):
         assert process.poll() is None, process.communicate()[1]
@@ -321,7 +322,7 @@ def test_an_interrupted_download_leaves_nothing(tmp_path, flaky_server):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr
-    assert stderr.strip().splitlines()[-1] == f"data.py: interrupted; nothing was written to {tmp_path / 'work/c'}"
+    assert stderr.strip().splitlines()[-1] == f"download.py: interrupted; nothing was written to {tmp_path / 'work/c'}"
     assert "Traceback" not in stderr and list((tmp_path / "work").iterdir()) == []
 
 
@@ -334,15 +335,15 @@ def test_the_next_download_clears_what_a_killed_one_left(tmp_path, flaky_server,
     assert any(p.name.startswith(".c.partial-") for p in work.iterdir())  # killed half-way: nothing cleaned up
     handler, url = flaky_server
     handler.drop = False
-    run("data.py", "download", "--root", work / "c", "--source", url)
+    run("download.py", "--root", work / "c", "--source", url)
     assert [p.name for p in work.iterdir()] == ["c"]
     assert len(list((work / "c").rglob("*.png"))) == len(list(tiny_data.rglob("*.png")))
 
 
 def test_a_second_download_into_the_same_root_waits_for_the_first(tmp_path, tiny_data):
     root = tmp_path / "c"
-    with data.download_lock(root):  # a real lock, as a running download holds it
-        result = run("data.py", "download", "--root", root, "--source", tiny_data, check=False)
+    with download.download_lock(root):  # a real lock, as a running download holds it
+        result = run("download.py", "--root", root, "--source", tiny_data, check=False)
     assert f"--root {root}: another download (pid {os.getpid()}) is writing it" in error_line(result)
     assert list(tmp_path.iterdir()) == []
 
@@ -351,7 +352,7 @@ def test_a_second_download_into_the_same_root_waits_for_the_first(tmp_path, tiny
 def test_a_root_that_is_a_file_is_one_line(tmp_path, tiny_data, inside):
     (tmp_path / "f").write_text("a file")
     root = tmp_path / "f" / "c" if inside else tmp_path / "f"
-    line = error_line(run("data.py", "download", "--root", root, "--source", tiny_data, check=False))
+    line = error_line(run("download.py", "--root", root, "--source", tiny_data, check=False))
     assert f"--root {root}: {tmp_path / 'f' if inside else 'it'} is a file, not a folder; choose another --root" in line
 
 
@@ -362,7 +363,7 @@ def test_an_incomplete_root_is_not_taken_for_a_finished_one(tmp_path, tiny_data,
         image.unlink()
     if damage == "no test/":
         (root / "test").rename(tmp_path / "elsewhere")
-    line = error_line(run("data.py", "download", "--root", root, "--source", tiny_data, check=False))
+    line = error_line(run("download.py", "--root", root, "--source", tiny_data, check=False))
     problem = ": no test/ folder" if damage == "no test/" else "/test/red: class folder has no images"
     assert f"--root {root}: an incomplete data set (c{problem}" in line and "remove it and run again" in line
 
@@ -370,7 +371,7 @@ def test_an_incomplete_root_is_not_taken_for_a_finished_one(tmp_path, tiny_data,
 def test_md5_in_either_case_is_checked(tmp_path, tiny_data):
     archive = tmp_path / "a.tar.gz"
     class_folder_archive(archive, tiny_data)
-    run("data.py", "download", "--root", tmp_path / "c", "--source", archive, "--md5", md5(archive).upper())
+    run("download.py", "--root", tmp_path / "c", "--source", archive, "--md5", md5(archive).upper())
 
 
 @pytest.mark.parametrize("value, message", [
@@ -379,7 +380,7 @@ def test_md5_in_either_case_is_checked(tmp_path, tiny_data):
     ("0" * 32, "is a folder, which has no checksum; drop --md5"),
 ])
 def test_an_md5_that_cannot_be_checked_is_refused(tmp_path, tiny_data, value, message):
-    result = run("data.py", "download", "--root", tmp_path / "c", "--source", tiny_data, "--md5", value, check=False)
+    result = run("download.py", "--root", tmp_path / "c", "--source", tiny_data, "--md5", value, check=False)
     assert result.returncode == (1 if "folder" in message else 2) and message in error_line(result)
     assert list(tmp_path.iterdir()) == []
 
@@ -389,7 +390,7 @@ def test_a_link_loop_in_a_source_folder_is_one_short_line(tmp_path, target):
     source = make_class_folders(tmp_path / "source", train=2, test=1)
     loop = source / "train" / "red" / "loop"
     loop.symlink_to(target)  # back to train/, or to itself
-    result = run("data.py", "download", "--root", tmp_path / "c", "--source", source, check=False)
+    result = run("download.py", "--root", tmp_path / "c", "--source", source, check=False)
     problem = (f"is a link back to {source}/train, a loop; remove it" if target == ".." else
                "is a link that cannot be followed (Too many levels of symbolic links)")
     assert f"--source {source}: {loop} {problem}" in error_line(result) and result.stderr.count("\n") == 1
@@ -406,7 +407,7 @@ def test_a_device_or_fifo_in_a_tar_is_refused_by_name(tmp_path, tiny_data, kind)
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(tiny_data, "cifar10")
         tar.add(special, "cifar10/train/red/odd.png")
-    line = error_line(run("data.py", "download", "--root", tmp_path / "c", "--source", archive, check=False))
+    line = error_line(run("download.py", "--root", tmp_path / "c", "--source", archive, check=False))
     assert f"{archive}: member 'cifar10/train/red/odd.png' is {kind}, not a regular file or folder; refusing" in line
     assert not (tmp_path / "c").exists()
 
@@ -421,15 +422,15 @@ def zip_bomb(path: Path, size: int) -> Path:
 
 def test_an_archive_declaring_more_than_the_limit_is_refused(tmp_path, monkeypatch):
     bomb = zip_bomb(tmp_path / "bomb.zip", 64 * 2**20)
-    monkeypatch.setattr(data, "MAX_UNPACKED_BYTES", 32 * 2**20)  # 16 GiB would take minutes to compress
+    monkeypatch.setattr(download, "MAX_UNPACKED_BYTES", 32 * 2**20)  # 16 GiB would take minutes to compress
     with pytest.raises(data.DataError, match="bomb.zip: would unpack to 64.0 MiB, more than the 32.0 MiB this script"):
-        data.download(tmp_path / "c", str(bomb))
+        download.download(tmp_path / "c", str(bomb))
     assert [p.name for p in tmp_path.iterdir()] == ["bomb.zip"]
 
 
 def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, small_filesystem):
     bomb = zip_bomb(tmp_path / "bomb.zip", 64 * 2**20)
     disk = small_filesystem("16m")
-    line = error_line(run("data.py", "download", "--root", disk / "c", "--source", bomb, check=False))
+    line = error_line(run("download.py", "--root", disk / "c", "--source", bomb, check=False))
     assert f"{bomb}: would unpack to 64.0 MiB, more than the " in line and f" MiB free at {disk}; free space" in line
     assert os.listdir(disk) == []

@@ -1,4 +1,4 @@
-"""Real CIFAR-10 (the JPEG copy beside the project): unpacked by data.py, trained briefly, tested once."""
+"""Real CIFAR-10 (the JPEG copy beside the project): unpacked by download.py, trained briefly, tested once."""
 import json
 import os
 from pathlib import Path
@@ -20,7 +20,7 @@ def first_images(source: Path, target: Path, per_class: int) -> None:
 
 def test_brief_training_on_real_images_beats_chance(tmp_path):
     root = tmp_path / "cifar10"
-    unpacked = run("data.py", "download", "--root", root, "--source", SHARED_ARCHIVE)
+    unpacked = run("download.py", "--root", root, "--source", SHARED_ARCHIVE)
     assert "50000 training and 10000 test images in 10 classes" in unpacked.stdout
     # A CPU trains AlexNet at ~200 images/s (its classifier costs the same at any image size): 2,000 real training
     # images and 1,000 real test images keep this to about half a minute.

@@ -337,7 +337,7 @@ def test_recipe_flag_changes_the_training_loss(flag):
     assert losses[0] != pytest.approx(losses[1], abs=1e-4)
 
 
-@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "predict.py", "data.py download"])
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "predict.py", "download.py"])
 def test_help_shows_every_default(script):
     text = run(*script.split(), "--help").stdout
     assert "(default: None)" not in " ".join(text.split())
