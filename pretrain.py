@@ -15,11 +15,14 @@ loop in `train`); the test, once.
 import argparse
 import contextlib
 import csv
+import functools
+import hashlib
 import io
 import json
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -453,10 +456,35 @@ class CheckpointWriter:
 def write_csv(path: Path, history: list[dict]) -> None:
     """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
     text = io.StringIO(newline="")
+    text.write(f"# {code_version()}, torch {torch.__version__}\n")  # a comment line: csv readers skip it with #
     writer = csv.DictWriter(text, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
     write_text(path, "training log", text.getvalue())
+
+
+@functools.cache
+def code_version() -> str:
+    """The code a run used, kept in its checkpoints, log and test report so that a figure traces to its code.
+
+    The git commit of this project's checkout (`-dirty` when tracked files differ from it); outside a checkout of
+    its own (the scripts copied elsewhere), a hash of the scripts beside this file.
+    """
+    here = Path(__file__).resolve().parent
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True)
+        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == here:
+            head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                                  check=True).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            return f"commit {head}" + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):  # no git, or a checkout without a commit
+        pass
+    digest = hashlib.sha256()
+    for script in sorted(here.glob("*.py")):
+        digest.update(script.name.encode() + b"\0" + script.read_bytes())
+    return f"scripts sha256 {digest.hexdigest()[:12]}"
 
 
 def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict:
@@ -474,6 +502,7 @@ def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict
         "epoch": epoch,
         "metrics": metrics,
         "args": dict(vars(run.args)),
+        "code": code_version(),
     }
 
 
@@ -870,7 +899,7 @@ def test_once(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
           f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
           "weights:")
     print_report("test", test, run.classes)
-    test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"]}
+    test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": code_version()}
     save_checkpoint(final | {"test_metrics": test}, run.out)
     write_text(files["test"], "test report", json.dumps(test, indent=2) + "\n")
     print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")

@@ -39,7 +39,7 @@ def finish(process, timeout=300):
 
 
 def history(out: Path) -> list[dict]:
-    return list(csv.DictReader(open(out.with_suffix(".csv"))))
+    return list(csv.DictReader(line for line in open(out.with_suffix(".csv")) if not line.startswith("#")))
 
 
 @pytest.fixture(scope="module")

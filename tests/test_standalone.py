@@ -1,10 +1,12 @@
 """The files travel: model.py alone, and model.py + data.py + predict.py, work in an empty folder."""
+import json
 import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -59,3 +61,28 @@ print(sorted(name for name in added if name in ("pretrain", "finetune") or name.
 """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_run_records_the_code_that_made_it(pretrained):
+    """Provenance: the checkpoint, the log's comment line and the test report name the commit of this checkout."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    code = torch.load(pretrained, weights_only=True)["code"]
+    assert re.fullmatch(rf"commit {head.stdout.strip()}(-dirty)?", code)
+    assert pretrained.with_suffix(".csv").read_text().startswith(f"# {code}, torch {torch.__version__}\n")
+    assert json.loads(pretrained.with_suffix(".test.json").read_text())["code"] == code
+
+
+@pytest.mark.slow  # a new interpreter is what is tested
+def test_outside_a_checkout_the_code_is_a_hash_of_the_scripts(tmp_path):
+    versions = []
+    for change in ("", "# a changed script\n"):
+        for name in ("model.py", "data.py", "predict.py", "pretrain.py"):
+            shutil.copy(ROOT / name, tmp_path)
+        with open(tmp_path / "model.py", "a") as f:
+            f.write(change)
+        result = python_in(tmp_path, "import pretrain; print(pretrain.code_version())")
+        assert result.returncode == 0, result.stderr
+        versions.append(result.stdout.strip())
+    assert all(re.fullmatch(r"scripts sha256 [0-9a-f]{12}", v) for v in versions) and versions[0] != versions[1]

@@ -21,7 +21,7 @@ def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
     assert (checkpoint["image_size"], checkpoint["stored_size"], checkpoint["stage"]) == (64, 32, "pretrain")
     assert checkpoint["args"]["lr"] == 0.02 and checkpoint["mean"] == [0.485, 0.456, 0.406]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
-    rows = list(csv.DictReader(open(pretrained.with_suffix(".csv"))))
+    rows = list(csv.DictReader(line for line in open(pretrained.with_suffix(".csv")) if not line.startswith("#")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"} <= set(rows[0])
     best = max(rows, key=lambda r: float(r["val_acc"]))  # the first of equals, as the run keeps it
