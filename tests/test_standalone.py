@@ -1,4 +1,5 @@
 """The files travel: model.py alone, and model.py + data.py + predict.py, work in an empty folder."""
+import ast
 import json
 import re
 import shutil
@@ -86,3 +87,24 @@ def test_outside_a_checkout_the_code_is_a_hash_of_the_scripts(tmp_path):
         assert result.returncode == 0, result.stderr
         versions.append(result.stdout.strip())
     assert all(re.fullmatch(r"scripts sha256 [0-9a-f]{12}", v) for v in versions) and versions[0] != versions[1]
+
+
+# Which of the project's scripts each may import: dependencies point one way (download and training above data,
+# predict above model and data), so no circle can form and predict.py never needs a trainer.
+ALLOWED_IMPORTS = {"model.py": set(), "data.py": set(), "download.py": {"data"}, "predict.py": {"model", "data"},
+                   "pretrain.py": {"model", "data", "predict"}, "finetune.py": {"model", "predict", "pretrain"},
+                   "tasks.py": set()}
+
+
+@pytest.mark.parametrize("script", sorted(ALLOWED_IMPORTS))
+def test_scripts_import_only_the_scripts_below_them(script):
+    scripts = {path.stem for path in ROOT.glob("*.py")}
+    tree = ast.parse((ROOT / script).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names} | {node.module.split(".")[0] for node in ast.walk(tree)
+                                            if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported & scripts <= ALLOWED_IMPORTS[script]
+
+
+def test_every_script_has_its_place_in_the_house():
+    assert {path.name for path in ROOT.glob("*.py")} == set(ALLOWED_IMPORTS)
