@@ -163,15 +163,23 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.
             img.draft("RGB", (size, size))
         img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale, do not clip
-        pixels = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or pixels.max() > 255:
-            pixels = pixels / 257.0
-        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(grey_to_8_bits(np.asarray(img, dtype=np.float64), img.mode), "L")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB"), shorter_side
     return img.convert("RGB"), shorter_side
+
+
+def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit and 32-bit integer grey by 65535 / 255; 32-bit float by its range: 0 ... 1 (the usual one), else as
+    integers are; NaN as black."""
+    pixels = np.where(np.isnan(pixels), 0.0, pixels)
+    if mode == "F" and pixels.size and pixels.max() <= 1.0:
+        pixels = pixels * 255.0
+    elif mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        pixels = pixels / 257.0
+    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:

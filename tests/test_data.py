@@ -297,6 +297,16 @@ def test_any_image_mode_decodes_to_rgb(tmp_path, mode):
         assert abs(int(pixels.mean()) - int(np.asarray(rgb.convert("L").resize((40, 40))).mean())) < 20
 
 
+@pytest.mark.parametrize("scale, expected", [(1.0, 255), (255.0, 255), (65535.0, 255)])
+def test_a_float_tiff_is_scaled_by_its_range_not_clipped_to_black(tmp_path, scale, expected):
+    ramp = np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)  # a 32-bit float grey TIFF, 0 ... scale
+    ramp[20, 25] = np.nan  # pixels[20, 20] after the centre crop
+    Image.fromarray(ramp * scale, "F").save(tmp_path / "x.tif")
+    assert Image.open(tmp_path / "x.tif").mode == "F"
+    pixels, _ = data.decode(tmp_path / "x.tif", 40)
+    assert abs(pixels.mean() - expected / 2) < 8 and pixels.max() >= expected - 5 and pixels[20, 20, 0] == 0
+
+
 def test_an_abbreviated_flag_is_refused_not_taken_for_another(tmp_path, tiny_data):
     result = run("download.py", "--roo", tmp_path / "c", "--source", tiny_data, check=False)
     assert result.returncode == 2 and "unrecognized arguments: --roo" in result.stderr
