@@ -207,6 +207,24 @@ def is_image_file(path: Path) -> bool:
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path]:
+    """The image files anywhere under `folder`, sorted; links to folders are followed (as ImageFolder does), except
+    a link to a folder it lies in (a loop). `above`: the real paths of the folders it lies in (default: all)."""
+    real = folder.resolve()
+    above = frozenset(real.parents) if above is None else above
+    if real in above:
+        return []
+    try:
+        entries = list(folder.iterdir())
+    except OSError as e:
+        raise DataError(f"{shown(folder)}: cannot read this folder ({e.strerror or e})",
+                        "check its permissions or remove it") from None
+    files = [p for p in entries if is_image_file(p) and p.is_file()]
+    for sub in (p for p in entries if p.is_dir()):
+        files += image_files(sub, above | {real})
+    return sorted(files)
+
+
 # --------------------------------------------------------------------------- class folders
 
 @dataclass
@@ -240,7 +258,7 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
         raise DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
     samples = []
     for label, folder in enumerate(classes):
-        files = sorted(p for p in (root / folder).rglob("*") if is_image_file(p) and p.is_file())
+        files = image_files(root / folder)
         if not files:
             raise DataError(f"{name}/{shown(folder)}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})",
                             "add images or remove the folder")

@@ -6,10 +6,12 @@
 Each image is brought to the resolution the model's training images were
 stored at, then given the evaluation transform, exactly as in evaluation.
 A folder whose sub-folders are the checkpoint's classes is treated as labelled:
-accuracy, per-class accuracy and the confusion matrix are printed too.
+accuracy, per-class accuracy and the confusion matrix are printed too (images
+in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -29,6 +31,7 @@ from model import CheckpointError, load_checkpoint, model_from_checkpoint
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
 GRID_MAX = 64  # images drawn at most
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 # --------------------------------------------------------------------------- the evaluation path
@@ -190,29 +193,42 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
 
 
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
-    """Files to predict with their true class index when known, and one error line per bad path.
-
-    A folder whose sub-folders all carry names of the checkpoint's classes gives
-    the images in them those labels; any other folder is searched for images, unlabelled.
-    """
+    """Files to predict with their true class index when known (see folder_images), and one error line per bad path."""
     found, errors = [], []
     for name in paths:
         path = Path(name)
         if path.is_file():
             found.append((path, None))
         elif path.is_dir():
-            folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-            labelled = bool(folders) and all(p.name in classes for p in folders)
-            images = sorted(p for p in path.rglob("*") if data.is_image_file(p) and p.is_file())
+            try:
+                images = folder_images(path, classes)
+            except data.DataError as e:
+                errors.append(str(e))
+                continue
             if not images:
                 errors.append(f"{data.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
-            found += [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in images]
+            found += images
         elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
             kind = data.special_kind(path.stat().st_mode)
             errors.append(f"{data.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
+        elif URL.match(name):  # Path() would also have merged its "//" into "/"
+            errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{data.shown(path)}: no such file or folder; check the path")
     return found, errors
+
+
+def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
+    """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
+    classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says."""
+    folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    labelled = any(p.name in classes for p in folders)
+    others = sorted(data.shown(p.name) for p in folders if p.name not in classes)
+    if labelled and others:
+        print(f"predict.py: note: {data.shown(path)}: {len(others)} sub-folder(s) named like no class of the "
+              f"checkpoint ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their images are "
+              "predicted unlabelled, the class folders' with their labels", file=sys.stderr)
+    return [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in data.image_files(path)]
 
 
 def class_of(relative: Path, classes: list[str]) -> int | None:

@@ -177,6 +177,18 @@ def test_folder_loader_follows_imagefolder_conventions(tmp_path):
     assert (images.images[3] >= 250).all()  # big.jpg, after 0000-0002.png, resized to the stored 32 px
 
 
+def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
+    root = make_class_folders(tmp_path / "d", train=2, test=1)
+    elsewhere = make_class_folders(tmp_path / "elsewhere", classes=("red",), train=3, test=1) / "train" / "red"
+    (root / "train" / "red" / "more").symlink_to(elsewhere)  # ImageFolder follows it
+    (root / "train" / "red" / "loop").symlink_to(root / "train")  # a loop back up the tree
+    (elsewhere / "back").symlink_to(root / "train" / "red")  # a loop through the linked folder
+    classes, samples = data.scan_class_folders(root / "train")
+    red = [path for path, label in samples if label == classes.index("red")]
+    assert len(samples) == 2 * 3 + 3 and len(red) == 5
+    assert root / "train" / "red" / "more" / "0002.png" in red
+
+
 def test_empty_or_missing_folders_are_clear_errors(tmp_path):
     with pytest.raises(data.DataError, match="no such folder"):
         data.load_folder(tmp_path / "missing")

@@ -88,6 +88,28 @@ def test_an_image_outside_the_class_folders_is_predicted_unlabelled(pretrained, 
     assert output["report"]["images"] == 18 and output["errors"] == []
 
 
+def test_an_extra_sub_folder_leaves_the_class_folders_labelled_and_says_so(pretrained, tiny_data, tmp_path):
+    folder = tmp_path / "test"
+    shutil.copytree(tiny_data / "test", folder)
+    (folder / "holiday").mkdir()
+    shutil.copy(next((folder / "red").iterdir()), folder / "holiday" / "x.png")
+    result = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu", "--json")
+    output = json.loads(result.stdout)
+    truth = {p["path"]: p["true"] for p in output["predictions"]}
+    assert len(truth) == 19 and truth[str(folder / "holiday" / "x.png")] is None
+    assert output["report"]["images"] == 18
+    assert ("1 sub-folder(s) named like no class of the checkpoint (holiday): their images are predicted "
+            "unlabelled") in result.stderr
+
+
+def test_a_url_is_said_to_be_no_local_file(pretrained, tiny_data):
+    result = run("predict.py", "https://example.com/cat.png", tiny_data / "test" / "red" / "0000.png",
+                 "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert result.returncode == 1 and result.stdout.startswith(str(tiny_data / "test" / "red" / "0000.png"))
+    assert ("https://example.com/cat.png: a URL; predict.py reads local files: download it first "
+            "(e.g. curl -O https://example.com/cat.png)") in result.stderr
+
+
 def test_topk_lines(pretrained, tiny_data):
     image = next((tiny_data / "test" / "red").iterdir())
     result = run("predict.py", image, "--checkpoint", pretrained, "--device", "cpu", "--topk", "5")
