@@ -35,6 +35,7 @@ MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation, as the reference
 STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centre-crops
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
+MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its shorter one
 CACHE_VERSION = 1
 WORKERS = min(8, len(os.sched_getaffinity(0)))
 
@@ -159,6 +160,9 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.
     """
     with Image.open(path) as img:
         shorter_side = min(img.size)
+        if max(img.size) > MAX_ASPECT_RATIO * shorter_side:  # its resize to `size` px across could fill the memory
+            raise DataError(f"{shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over {MAX_ASPECT_RATIO} "
+                            "times its shorter: too narrow to take a square from", "crop it, or remove the file")
         if size is not None and img.format == "JPEG":
             img.draft("RGB", (size, size))
         img = ImageOps.exif_transpose(img)

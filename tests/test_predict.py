@@ -110,6 +110,16 @@ def test_a_url_is_said_to_be_no_local_file(pretrained, tiny_data):
             "(e.g. curl -O https://example.com/cat.png)") in result.stderr
 
 
+def test_a_very_long_narrow_image_is_refused_alone(pretrained, tiny_data, tmp_path):
+    Image.new("RGB", (2_000_000, 1), "white").save(tmp_path / "wide.png")  # resized to 32 px high: 6 GB
+    image = tiny_data / "test" / "red" / "0000.png"
+    result = run("predict.py", tmp_path / "wide.png", image, "--checkpoint", pretrained, "--device", "cpu",
+                 check=False)
+    assert result.returncode == 1 and result.stdout.startswith(f"{image}\t")
+    assert result.stderr.endswith(f"predict.py: {tmp_path / 'wide.png'}: 2000000 x 1 px, its longer side over 100 "
+                                  "times its shorter: too narrow to take a square from; crop it, or remove the file\n")
+
+
 def test_topk_lines(pretrained, tiny_data):
     image = next((tiny_data / "test" / "red").iterdir())
     result = run("predict.py", image, "--checkpoint", pretrained, "--device", "cpu", "--topk", "5")
