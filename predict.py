@@ -293,8 +293,10 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     return results
 
 
-def check_writable_file(flag: str, path: Path, example: str, what: str = "a file") -> None:
-    """Fail before the long work, not after it, when `flag`'s file cannot be written; its folder is made if missing.
+def check_writable_file(flag: str, path: Path, example: str, what: str = "a file", make_folder: bool = False) -> None:
+    """Fail before the long work, not after it, when `flag`'s file cannot be written. A missing folder is made
+    only with `make_folder` (otherwise by the write, so a run that fails first leaves none); the check writes in
+    the nearest folder that exists.
 
     `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
     """
@@ -303,9 +305,14 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
         raise UsageError(f"{flag} {path}: is {data.special_kind(path.stat().st_mode)}, not a regular file, and "
                          f"writing would replace it; pass {what} path, e.g. {flag} {path.parent / example}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()  # a real write: permissions alone miss a read-only mount
+        if make_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = path.parent
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: permissions alone miss a read-only mount
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); "
                          "choose a writable folder") from None

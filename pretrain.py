@@ -192,7 +192,7 @@ def check_out(out: str) -> None:
     if out.endswith(tuple(SIDE_SUFFIXES.values())):
         raise UsageError(f"--out {out}: that name is for a run's resume state/log/report; pass the best-checkpoint "
                          "name, e.g. checkpoints/run.pt")
-    check_writable_file("--out", Path(out), "model.pt")
+    check_writable_file("--out", Path(out), "model.pt", make_folder=True)  # the run's lock is taken there
 
 
 class OutLock(data.Lock):

@@ -74,6 +74,15 @@ def test_a_labelled_folder_prints_accuracy_and_a_grid(pretrained, tiny_data, tmp
     assert picture.size == (8 * 98 + 2, 2 * 112 + 2)  # 9 tiles of 96 x (96 + 14), 8 a row, padding 2
 
 
+def test_a_grid_in_new_folders_makes_them_only_when_it_is_written(pretrained, tiny_data, tmp_path):
+    grid = tmp_path / "new" / "sub" / "grid.png"
+    result = run("predict.py", tmp_path / "missing.png", "--checkpoint", pretrained, "--device", "cpu",
+                 "--grid", grid, check=False)
+    assert result.returncode == 1 and not (tmp_path / "new").exists()
+    run("predict.py", tiny_data / "test" / "red", "--checkpoint", pretrained, "--device", "cpu", "--grid", grid)
+    assert Image.open(grid).size[0] > 0
+
+
 @pytest.mark.parametrize("stray", ["beside.png", ".hidden/inside.png"])
 def test_an_image_outside_the_class_folders_is_predicted_unlabelled(pretrained, tiny_data, tmp_path, stray):
     folder = tmp_path / "test"
