@@ -31,6 +31,7 @@ from model import CheckpointError, load_checkpoint, model_from_checkpoint
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
 GRID_MAX = 64  # images drawn at most
+MATRIX_WIDTH = 120  # characters: a wider confusion matrix is printed as its most confused pairs
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -125,10 +126,23 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
     width = max(len(name) for name in classes)
     for name, accuracy in report["per_class_accuracy"].items():
         print(f"  {name:>{width}}  " + ("n/a (no images)" if accuracy is None else f"{accuracy:7.2%}"))
+    if width + 2 + 6 * len(classes) > MATRIX_WIDTH:
+        print_most_confused(report["confusion_matrix"], classes)
+        return
     print("confusion matrix (rows: true, columns: predicted):")
     print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
     for name, row in zip(classes, report["confusion_matrix"]):
         print(f"  {name:>{width}}" + " ".join(f"{count:5d}" for count in row))
+
+
+def print_most_confused(confusion: list[list[int]], classes: list[str], shown: int = 10) -> None:
+    """Instead of a matrix wider than a terminal: the pairs of classes most often mistaken, the true one first."""
+    pairs = sorted((-count, true, predicted) for true, row in enumerate(confusion)
+                   for predicted, count in enumerate(row) if true != predicted and count)
+    print(f"most confused pairs ({min(shown, len(pairs))} of {len(pairs)}; the full matrix is in the JSON report: "
+          "predict.py --json, a training run's .test.json):")
+    for count, true, predicted in pairs[:shown]:
+        print(f"  {classes[true]} taken for {classes[predicted]}: {-count}")
 
 
 # --------------------------------------------------------------------------- command-line plumbing

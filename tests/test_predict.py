@@ -239,3 +239,19 @@ def test_a_class_without_images_has_no_accuracy_rather_than_zero(capsys):
     print_report("3 labelled images", report, classes)
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:4] == ["    red  100.00%", "  green   50.00%", "   blue  n/a (no images)"]
+
+
+def test_a_confusion_matrix_wider_than_a_terminal_is_printed_as_its_most_confused_pairs(capsys):
+    classes = [f"class{i:03d}" for i in range(105)]
+    labels = torch.arange(105).repeat(3)
+    logits = torch.nn.functional.one_hot(labels, 105).float()
+    logits[0, 7] = logits[105, 7] = 2.0  # class000 taken for class007 twice
+    logits[50, 9] = 2.0  # class050 once for class009
+    report = classification_report(logits, labels, classes)
+    print_report("test", report, classes)
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 120 and "confusion matrix (rows" not in out
+    assert out.endswith("most confused pairs (2 of 2; the full matrix is in the JSON report: predict.py --json, "
+                        "a training run's .test.json):\n  class000 taken for class007: 2\n"
+                        "  class050 taken for class009: 1\n")
+    assert len(report["confusion_matrix"]) == 105 and report["confusion_matrix"][0][7] == 2
