@@ -398,7 +398,8 @@ def predict(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """predict.py's flags, also the `invoke predict` task's."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
                                      allow_abbrev=False)
     add = parser.add_argument
@@ -412,7 +413,11 @@ def main(argv: list[str] | None = None) -> None:
     add("--batch-size", type=positive_int, default=256, help="images per forward pass")
     add("--limit", type=positive_int, default=None,
         help="predict only this many images (stratified sample; default: all)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     sys.exit(report_errors("predict.py", args.batch_size, lambda: predict(args)))
 
 

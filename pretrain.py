@@ -915,11 +915,17 @@ def every_parameter(args: argparse.Namespace, model: AlexNet) -> list[nn.Paramet
     return list(model.parameters())
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """pretrain.py's flags, also the `invoke pretrain` task's."""
     parser = make_parser(__doc__.split("\n\n")[0], "pretrain")
     parser.add_argument("--init", default=None, metavar="PATH|imagenet",
                         help="start from a torchvision AlexNet state dict, tensors matched by name and shape "
                              "(default: from scratch)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     report_errors("pretrain.py", args.batch_size, lambda: train(args, given, "pretrain", new_model, every_parameter))
