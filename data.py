@@ -290,12 +290,14 @@ def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[lis
     return scans
 
 
-def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None) -> str:
+def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None, root: Path) -> str:
+    """Of the files under `root` (names relative to it: the same folder named relatively or absolutely, or moved,
+    has the same fingerprint), their sizes and modification times."""
     digest = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
     for path, label in samples:
         info = path.stat()
-        # the name as bytes: a name that is not UTF-8 cannot be encoded as text (and UTF-8 names hash as before)
-        digest.update(os.fsencode(path) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        # the name as bytes: a name that is not UTF-8 cannot be encoded as text
+        digest.update(os.fsencode(path.relative_to(root)) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -310,7 +312,7 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     """
     root = Path(root)
     classes, samples = scanned or scan_class_folders(root)
-    key = fingerprint(samples, classes, size)
+    key = fingerprint(samples, classes, size, root)
     cache_file = root.parent / ".cache" / f"{root.name}.pt"
     if cache and cache_file.is_file():
         try:

@@ -189,6 +189,16 @@ def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
     assert root / "train" / "red" / "more" / "0002.png" in red
 
 
+def test_a_folder_named_relatively_or_absolutely_or_moved_uses_its_cache(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+    first = data.load_folder(root / "train")
+    monkeypatch.setattr(data, "decode_all", lambda *a: pytest.fail("decoded despite a valid cache"))
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(data.load_folder("d/train").images, first.images)
+    root.rename(tmp_path / "moved")  # the cache, in .cache/ beside train/, moves with it
+    assert data.load_folder(tmp_path / "moved" / "train").fingerprint == first.fingerprint
+
+
 def test_empty_or_missing_folders_are_clear_errors(tmp_path):
     with pytest.raises(data.DataError, match="no such folder"):
         data.load_folder(tmp_path / "missing")
