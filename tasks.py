@@ -5,10 +5,12 @@ r"""invoke tasks: each runs one of the scripts; `invoke --list`, `invoke --help 
         --source ../shared/data/cifar10-jpg.tar.gz
     invoke pretrain --epochs 3 --ema 0.999 --lr-schedule cosine
     invoke predict --paths cat.png --paths photos/ --topk 3
+    invoke predict --topk 3 -- cat.png photos/*.jpg
 
 A task's flags are its script's, read from the script's own argparse parser (its build_parser): the same names and
 help, the defaults argparse's, so a flag added to a script is a flag of its task too. A flag left out is left to the
-script; a value is passed as written, for the script to check. The scripts run in the folder invoke is called from
+script; a value is passed as written, for the script to check. Words after `--` are passed after the flags (invoke
+joins them with spaces: a name holding one needs --paths). The scripts run in the folder invoke is called from
 (`invoke -r PROJECT` from elsewhere reads and writes there); each command is shown on stderr before it runs.
 """
 import argparse
@@ -61,8 +63,9 @@ def help_of(action: argparse.Action) -> str:
     return text
 
 
-def script_argv(actions: list[argparse.Action], options: dict) -> list[str]:
-    """The command line that gives the script `options` (a task's values by dest); those not given are left out."""
+def script_argv(actions: list[argparse.Action], options: dict, extra: list[str]) -> list[str]:
+    """The command line that gives the script `options` (a task's values by dest; those not given are left out),
+    with the words in `extra` after its flags."""
     argv, positional = [], []
     for action in actions:
         value = options.get(action.dest)
@@ -74,7 +77,7 @@ def script_argv(actions: list[argparse.Action], options: dict) -> list[str]:
             argv.append(action.option_strings[-1])
         else:
             argv += [action.option_strings[-1], str(value)]
-    return argv + ["--"] * any(str(p).startswith("-") for p in positional) + [str(p) for p in positional]
+    return argv + extra + ["--"] * any(str(p).startswith("-") for p in positional) + [str(p) for p in positional]
 
 
 def run_script(c, script: str, argv: list[str]) -> None:
@@ -102,8 +105,9 @@ def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, f
     fallback = fallback or {}
 
     def body(c, **options):
+        extra = getattr(c, "remainder", "").split()  # the words after `--` (invoke 3 keeps them, joined)
         given = {name: value for name, value in options.items() if value not in (None, False, [])}
-        run_script(c, script, script_argv(actions, fallback | given))
+        run_script(c, script, script_argv(actions, ({} if extra else fallback) | given, extra))
 
     body.__signature__ = signature(actions)
     body.__doc__ = doc

@@ -87,3 +87,10 @@ def test_all_resume_continues_each_stage_that_left_a_resume_state(tmp_path):
     assert pretrain.endswith("pretrain.py --data-dir data/cifar10 --out ck/pretrain.pt --epochs 5 "
                              "--resume ck/pretrain.last.pt")
     assert "--resume" not in finetune
+
+
+@pytest.mark.slow  # a real invoke process
+def test_words_after_a_double_dash_reach_the_script_and_replace_the_default_paths(tmp_path):
+    result = invoke("--dry", "predict", "--topk", "3", "--", "a.png", "it's.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"{sys.executable} {ROOT / 'predict.py'} --topk 3 a.png 'it'\"'\"'s.png'\n"
