@@ -242,6 +242,9 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
         print(f"predict.py: note: {data.shown(path)}: {len(others)} sub-folder(s) named like no class of the "
               f"checkpoint ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their images are "
               "predicted unlabelled, the class folders' with their labels", file=sys.stderr)
+    elif not labelled and any((path / "test" / name).is_dir() for name in classes):
+        print(f"predict.py: note: {data.shown(path)} is a data folder (train/, test/): its images are predicted "
+              f"unlabelled; pass {data.shown(path / 'test')} for the test split's accuracy", file=sys.stderr)
     return [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in data.image_files(path)]
 
 

@@ -109,6 +109,9 @@ def test_an_extra_sub_folder_leaves_the_class_folders_labelled_and_says_so(pretr
     assert output["report"]["images"] == 18
     assert ("1 sub-folder(s) named like no class of the checkpoint (holiday): their images are predicted "
             "unlabelled") in result.stderr
+    result = run("predict.py", tiny_data, "--checkpoint", pretrained, "--device", "cpu", "--limit", "4")
+    assert result.stderr.endswith(f"predict.py: note: {tiny_data} is a data folder (train/, test/): its images are "
+                                  f"predicted unlabelled; pass {tiny_data / 'test'} for the test split's accuracy\n")
 
 
 def test_a_url_is_said_to_be_no_local_file(pretrained, tiny_data):
