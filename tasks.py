@@ -81,10 +81,13 @@ def script_argv(actions: list[argparse.Action], options: dict, extra: list[str])
 
 
 def run_script(c, script: str, argv: list[str]) -> None:
-    """The script by its absolute path, in the caller's folder. The command is shown first on stderr, a diagnostic
-    (invoke's echo prints to stdout, among the results), in invoke's bold only on a terminal; `invoke --dry` shows it
-    only."""
-    command = " ".join([PYTHON, shlex.quote(str(HERE / script)), *map(shlex.quote, argv)])
+    """The script by its absolute path, in the caller's folder."""
+    run_shown(c, " ".join([PYTHON, shlex.quote(str(HERE / script)), *map(shlex.quote, argv)]))
+
+
+def run_shown(c, command: str) -> None:
+    """The command is shown first on stderr, a diagnostic (invoke's echo prints to stdout, among the results), in
+    invoke's bold only on a terminal; `invoke --dry` shows it only."""
     print(c.config.run.echo_format.format(command=command) if sys.stderr.isatty() else command, file=sys.stderr,
           flush=True)
     if not c.config.run.dry:
@@ -170,4 +173,4 @@ all_ = Task(all_, name="all", auto_shortflags=False, help={
 def test(c):
     """Run the test suite."""
     with c.cd(HERE):
-        c.run(f"{PYTHON} -m pytest", echo=True, pty=False)
+        run_shown(c, f"{PYTHON} -m pytest")
