@@ -211,7 +211,9 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
     found, errors = [], []
     for name in paths:
         path = Path(name)
-        if path.is_file():
+        if not name:  # Path("") is the current folder
+            errors.append("'': an empty path; pass image files or folders")
+        elif path.is_file():
             found.append((path, None))
         elif path.is_dir():
             try:
@@ -352,6 +354,8 @@ def check_grid_not_input(grid: str, found: list[tuple[Path, int | None]]) -> Non
 
 
 def predict(args: argparse.Namespace) -> int:
+    if args.grid == "":  # `if args.grid` would draw no grid without a word
+        raise UsageError("--grid is empty; pass a picture file, or leave the flag out for no grid")
     if args.grid:
         check_grid_path(args.grid)
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word

@@ -114,6 +114,15 @@ def test_an_extra_sub_folder_leaves_the_class_folders_labelled_and_says_so(pretr
                                   f"predicted unlabelled; pass {tiny_data / 'test'} for the test split's accuracy\n")
 
 
+def test_an_empty_path_or_grid_is_named_not_taken_for_the_current_folder_or_no_grid(pretrained, tiny_data):
+    image = tiny_data / "test" / "red" / "0000.png"
+    result = run("predict.py", "", image, "--checkpoint", pretrained, "--device", "cpu", check=False, cwd=tiny_data)
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 1  # the one image, not the folder's 54
+    assert "predict.py: '': an empty path; pass image files or folders\n" in result.stderr
+    result = run("predict.py", image, "--grid", "", "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert error_line(result) == "predict.py: --grid is empty; pass a picture file, or leave the flag out for no grid"
+
+
 def test_a_url_is_said_to_be_no_local_file(pretrained, tiny_data):
     result = run("predict.py", "https://example.com/cat.png", tiny_data / "test" / "red" / "0000.png",
                  "--checkpoint", pretrained, "--device", "cpu", check=False)
