@@ -91,7 +91,7 @@ def run_shown(c, command: str) -> None:
     print(c.config.run.echo_format.format(command=command) if sys.stderr.isatty() else command, file=sys.stderr,
           flush=True)
     if not c.config.run.dry:
-        c.run(command, pty=False)
+        c.run(command, echo=False, pty=False)  # shown above: invoke's own echo (--echo, a config) would repeat it
 
 
 def signature(actions: list[argparse.Action], own: dict | None = None) -> inspect.Signature:
