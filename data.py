@@ -261,8 +261,9 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     if not classes:
         raise DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
     samples = []
+    above = frozenset([root.resolve(), *root.resolve().parents])  # a class folder linked to one: a loop
     for label, folder in enumerate(classes):
-        files = image_files(root / folder)
+        files = image_files(root / folder, above)
         if not files:
             raise DataError(f"{name}/{shown(folder)}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})",
                             "add images or remove the folder")

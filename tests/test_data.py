@@ -187,6 +187,9 @@ def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
     red = [path for path, label in samples if label == classes.index("red")]
     assert len(samples) == 2 * 3 + 3 and len(red) == 5
     assert root / "train" / "red" / "more" / "0002.png" in red
+    (root / "train" / "all").symlink_to(".")  # a class folder that is the split folder: a loop, so no images
+    with pytest.raises(data.DataError, match="train/all: class folder has no images"):
+        data.scan_class_folders(root / "train")
 
 
 def test_a_folder_named_relatively_or_absolutely_or_moved_uses_its_cache(tmp_path, monkeypatch):
