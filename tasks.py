@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from invoke import Task, task
+from invoke import Exit, Task, task
 
 import download as download_script
 import finetune as finetune_script
@@ -144,6 +144,8 @@ ALL_ACTIONS = list({action.dest: action for stage in reversed(STAGES) for action
 
 def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     """The whole job: download, pretrain, finetune, predict on test images."""
+    if getattr(c, "remainder", ""):  # each step would pass them on to its script
+        raise Exit(f"invoke all: takes no words after --, got {c.remainder!r}; pass flags (invoke --help all)")
     download(c, root=data_dir, source=source, md5=md5)
     outs = {stage: str(Path(out_dir) / Path(PARSERS[stage].get_default("out")).name) for stage in STAGES}
     for stage, run_stage in zip(STAGES, (pretrain, finetune)):

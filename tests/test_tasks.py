@@ -94,3 +94,6 @@ def test_words_after_a_double_dash_reach_the_script_and_replace_the_default_path
     result = invoke("--dry", "predict", "--topk", "3", "--", "a.png", "it's.png", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == f"{sys.executable} {ROOT / 'predict.py'} --topk 3 a.png 'it'\"'\"'s.png'\n"
+    result = invoke("--dry", "all", "--", "a.png", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == ("invoke all: takes no words after --, got 'a.png'; pass flags "
+                                                        "(invoke --help all)\n")
