@@ -17,6 +17,7 @@ import glob
 import hashlib
 import io
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -37,6 +38,7 @@ EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centr
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
 MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its shorter one
 CACHE_VERSION = 1
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")  # "//" may have become "/" in a Path
 WORKERS = min(8, len(os.sched_getaffinity(0)))
 
 
@@ -277,6 +279,9 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
 def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
     """train/ and test/ scanned (see scan_class_folders), checked to have the same class folders."""
     name = name or shown(data_dir)
+    if URL.match(str(data_dir)) and not data_dir.exists():
+        raise DataError(f"{name}: a URL, not a folder", "download it first: python download.py --source URL "
+                        "--root FOLDER, then pass --data-dir FOLDER")
     for split in ("train", "test"):
         if not (data_dir / split).is_dir():
             raise DataError(f"{name}: no {split}/ folder", "a data folder holds train/<class>/ and test/<class>/ "

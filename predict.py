@@ -11,7 +11,6 @@ in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import json
-import re
 import sys
 import tempfile
 import time
@@ -32,7 +31,6 @@ DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
 GRID_MAX = 64  # images drawn at most
 MATRIX_WIDTH = 120  # characters: a wider confusion matrix is printed as its most confused pairs
-URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 # --------------------------------------------------------------------------- the evaluation path
@@ -227,7 +225,7 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
         elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
             kind = data.special_kind(path.stat().st_mode)
             errors.append(f"{data.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
-        elif URL.match(name):  # Path() would also have merged its "//" into "/"
+        elif data.URL.match(name):
             errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{data.shown(path)}: no such file or folder; check the path")

@@ -202,6 +202,13 @@ def test_a_folder_named_relatively_or_absolutely_or_moved_uses_its_cache(tmp_pat
     assert data.load_folder(tmp_path / "moved" / "train").fingerprint == first.fingerprint
 
 
+def test_a_url_as_the_data_folder_says_to_download_it_first(tmp_path):
+    result = run("pretrain.py", "--data-dir", "https://example.com/data.tar.gz", "--out", tmp_path / "p.pt",
+                 "--device", "cpu", check=False, cwd=tmp_path)
+    assert error_line(result) == ("pretrain.py: https:/example.com/data.tar.gz: a URL, not a folder; download it "
+                                  "first: python download.py --source URL --root FOLDER, then pass --data-dir FOLDER")
+
+
 def test_empty_or_missing_folders_are_clear_errors(tmp_path):
     with pytest.raises(data.DataError, match="no such folder"):
         data.load_folder(tmp_path / "missing")
