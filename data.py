@@ -215,19 +215,21 @@ def is_image_file(path: Path) -> bool:
 
 def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path]:
     """The image files anywhere under `folder`, sorted; links to folders are followed (as ImageFolder does), except
-    a link to a folder it lies in (a loop). `above`: the real paths of the folders it lies in (default: all)."""
-    real = folder.resolve()
-    above = frozenset(real.parents) if above is None else above
-    if real in above:
-        return []
-    try:
-        entries = list(folder.iterdir())
-    except OSError as e:
-        raise DataError(f"{shown(folder)}: cannot read this folder ({e.strerror or e})",
-                        "check its permissions or remove it") from None
-    files = [p for p in entries if is_image_file(p) and p.is_file()]
-    for sub in (p for p in entries if p.is_dir()):
-        files += image_files(sub, above | {real})
+    a link to a folder it lies in (a loop). `above`: the real paths of the folders it lies in (default: all).
+    A walk, not a recursion: a tree may be deeper than Python's recursion limit."""
+    files, walk = [], [(folder, frozenset(folder.resolve().parents) if above is None else above)]
+    while walk:
+        current, outer = walk.pop()
+        real = current.resolve()
+        if real in outer:
+            continue
+        try:
+            entries = list(current.iterdir())
+        except OSError as e:
+            raise DataError(f"{shown(current)}: cannot read this folder ({e.strerror or e})",
+                            "check its permissions or remove it") from None
+        files += [p for p in entries if is_image_file(p) and p.is_file()]
+        walk += [(p, outer | {real}) for p in entries if p.is_dir()]
     return sorted(files)
 
 

@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import re
+import sys
 import tarfile
 import threading
 import zipfile
@@ -187,6 +188,15 @@ def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
     red = [path for path, label in samples if label == classes.index("red")]
     assert len(samples) == 2 * 3 + 3 and len(red) == 5
     assert root / "train" / "red" / "more" / "0002.png" in red
+    deep = root / "train" / "green" / "/".join("d" * 300)
+    deep.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(deep / "deep.png")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # a tree deeper than the recursion limit: walked, not recursed
+    try:
+        assert deep / "deep.png" in data.image_files(root / "train" / "green")
+    finally:
+        sys.setrecursionlimit(limit)
     (root / "train" / "all").symlink_to(".")  # a class folder that is the split folder: a loop, so no images
     with pytest.raises(data.DataError, match="train/all: class folder has no images"):
         data.scan_class_folders(root / "train")
