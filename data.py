@@ -17,6 +17,7 @@ import glob
 import hashlib
 import io
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -35,7 +36,9 @@ MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation, as the reference
 STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centre-crops
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
+MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its shorter one
 CACHE_VERSION = 1
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")  # "//" may have become "/" in a Path
 WORKERS = min(8, len(os.sched_getaffinity(0)))
 
 
@@ -159,19 +162,30 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.
     """
     with Image.open(path) as img:
         shorter_side = min(img.size)
+        if max(img.size) > MAX_ASPECT_RATIO * shorter_side:  # its resize to `size` px across could fill the memory
+            raise DataError(f"{shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over {MAX_ASPECT_RATIO} "
+                            "times its shorter: too narrow to take a square from", "crop it, or remove the file")
         if size is not None and img.format == "JPEG":
             img.draft("RGB", (size, size))
         img = ImageOps.exif_transpose(img)
     if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale, do not clip
-        pixels = np.asarray(img, dtype=np.float64)
-        if img.mode.startswith("I;16") or pixels.max() > 255:
-            pixels = pixels / 257.0
-        img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(grey_to_8_bits(np.asarray(img, dtype=np.float64), img.mode), "L")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB"), shorter_side
     return img.convert("RGB"), shorter_side
+
+
+def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit and 32-bit integer grey by 65535 / 255; 32-bit float by its range: 0 ... 1 (the usual one), else as
+    integers are; NaN as black."""
+    pixels = np.where(np.isnan(pixels), 0.0, pixels)
+    if mode == "F" and pixels.size and pixels.max() <= 1.0:
+        pixels = pixels * 255.0
+    elif mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        pixels = pixels / 257.0
+    return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
 def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
@@ -197,6 +211,26 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
 
 def is_image_file(path: Path) -> bool:
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path]:
+    """The image files anywhere under `folder`, sorted; links to folders are followed (as ImageFolder does), except
+    a link to a folder it lies in (a loop). `above`: the real paths of the folders it lies in (default: all).
+    A walk, not a recursion: a tree may be deeper than Python's recursion limit."""
+    files, walk = [], [(folder, frozenset(folder.resolve().parents) if above is None else above)]
+    while walk:
+        current, outer = walk.pop()
+        real = current.resolve()
+        if real in outer:
+            continue
+        try:
+            entries = list(current.iterdir())
+        except OSError as e:
+            raise DataError(f"{shown(current)}: cannot read this folder ({e.strerror or e})",
+                            "check its permissions or remove it") from None
+        files += [p for p in entries if is_image_file(p) and p.is_file()]
+        walk += [(p, outer | {real}) for p in entries if p.is_dir()]
+    return sorted(files)
 
 
 # --------------------------------------------------------------------------- class folders
@@ -231,8 +265,9 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     if not classes:
         raise DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
     samples = []
+    above = frozenset([root.resolve(), *root.resolve().parents])  # a class folder linked to one: a loop
     for label, folder in enumerate(classes):
-        files = sorted(p for p in (root / folder).rglob("*") if is_image_file(p) and p.is_file())
+        files = image_files(root / folder, above)
         if not files:
             raise DataError(f"{name}/{shown(folder)}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})",
                             "add images or remove the folder")
@@ -246,6 +281,9 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
 def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
     """train/ and test/ scanned (see scan_class_folders), checked to have the same class folders."""
     name = name or shown(data_dir)
+    if URL.match(str(data_dir)) and not data_dir.exists():
+        raise DataError(f"{name}: a URL, not a folder", "download it first: python download.py --source URL "
+                        "--root FOLDER, then pass --data-dir FOLDER")
     for split in ("train", "test"):
         if not (data_dir / split).is_dir():
             raise DataError(f"{name}: no {split}/ folder", "a data folder holds train/<class>/ and test/<class>/ "
@@ -260,12 +298,14 @@ def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[lis
     return scans
 
 
-def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None) -> str:
+def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None, root: Path) -> str:
+    """Of the files under `root` (names relative to it: the same folder named relatively or absolutely, or moved,
+    has the same fingerprint), their sizes and modification times."""
     digest = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
     for path, label in samples:
         info = path.stat()
-        # the name as bytes: a name that is not UTF-8 cannot be encoded as text (and UTF-8 names hash as before)
-        digest.update(os.fsencode(path) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        # the name as bytes: a name that is not UTF-8 cannot be encoded as text
+        digest.update(os.fsencode(path.relative_to(root)) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
@@ -280,7 +320,7 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     """
     root = Path(root)
     classes, samples = scanned or scan_class_folders(root)
-    key = fingerprint(samples, classes, size)
+    key = fingerprint(samples, classes, size, root)
     cache_file = root.parent / ".cache" / f"{root.name}.pt"
     if cache and cache_file.is_file():
         try:

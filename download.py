@@ -431,7 +431,8 @@ def path_text(text: str) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """download.py's flags, also the `invoke download` task's."""
     # allow_abbrev=False: an abbreviated flag is an error, not taken for another flag (as in the other scripts)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                                      allow_abbrev=False)
@@ -440,7 +441,11 @@ def main(argv: list[str] | None = None) -> None:
     add("--source", type=path_text, default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
         "(default: the official cifar-10-python.tar.gz, md5-checked)")
     add("--md5", type=md5_digits, default=None, help="expected md5 of a --source file (default: not checked)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         download(args.root, args.source, args.md5)
     except DataError as e:

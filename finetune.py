@@ -63,13 +63,19 @@ def trainable(args: argparse.Namespace, model: AlexNet) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """finetune.py's flags, also the `invoke finetune` task's."""
     parser = make_parser(__doc__.split("\n\n")[0], "finetune")
     parser.add_argument("--checkpoint", default="checkpoints/pretrain.pt", help="the trained model to start from")
     parser.add_argument("--mode", choices=sorted(TRAINED_PARTS), default="head", help="which layers to train")
     parser.add_argument("--new-head", action="store_true",
                         help="a freshly initialised head even when the data set has the checkpoint's classes "
                              "(the reference)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     report_errors("finetune.py", args.batch_size, lambda: finetune(args, given))

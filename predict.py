@@ -6,7 +6,8 @@
 Each image is brought to the resolution the model's training images were
 stored at, then given the evaluation transform, exactly as in evaluation.
 A folder whose sub-folders are the checkpoint's classes is treated as labelled:
-accuracy, per-class accuracy and the confusion matrix are printed too.
+accuracy, per-class accuracy and the confusion matrix are printed too (images
+in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ from model import CheckpointError, load_checkpoint, model_from_checkpoint
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
 GRID_MAX = 64  # images drawn at most
+MATRIX_WIDTH = 120  # characters: a wider confusion matrix is printed as its most confused pairs
 
 
 # --------------------------------------------------------------------------- the evaluation path
@@ -122,10 +124,23 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
     width = max(len(name) for name in classes)
     for name, accuracy in report["per_class_accuracy"].items():
         print(f"  {name:>{width}}  " + ("n/a (no images)" if accuracy is None else f"{accuracy:7.2%}"))
+    if width + 2 + 6 * len(classes) > MATRIX_WIDTH:
+        print_most_confused(report["confusion_matrix"], classes)
+        return
     print("confusion matrix (rows: true, columns: predicted):")
     print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
     for name, row in zip(classes, report["confusion_matrix"]):
         print(f"  {name:>{width}}" + " ".join(f"{count:5d}" for count in row))
+
+
+def print_most_confused(confusion: list[list[int]], classes: list[str], shown: int = 10) -> None:
+    """Instead of a matrix wider than a terminal: the pairs of classes most often mistaken, the true one first."""
+    pairs = sorted((-count, true, predicted) for true, row in enumerate(confusion)
+                   for predicted, count in enumerate(row) if true != predicted and count)
+    print(f"most confused pairs ({min(shown, len(pairs))} of {len(pairs)}; the full matrix is in the JSON report: "
+          "predict.py --json, a training run's .test.json):")
+    for count, true, predicted in pairs[:shown]:
+        print(f"  {classes[true]} taken for {classes[predicted]}: {-count}")
 
 
 # --------------------------------------------------------------------------- command-line plumbing
@@ -190,29 +205,47 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
 
 
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
-    """Files to predict with their true class index when known, and one error line per bad path.
-
-    A folder whose sub-folders all carry names of the checkpoint's classes gives
-    the images in them those labels; any other folder is searched for images, unlabelled.
-    """
+    """Files to predict with their true class index when known (see folder_images), and one error line per bad path."""
     found, errors = [], []
     for name in paths:
         path = Path(name)
-        if path.is_file():
+        if not name:  # Path("") is the current folder
+            errors.append("'': an empty path; pass image files or folders")
+        elif path.is_file():
             found.append((path, None))
         elif path.is_dir():
-            folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-            labelled = bool(folders) and all(p.name in classes for p in folders)
-            images = sorted(p for p in path.rglob("*") if data.is_image_file(p) and p.is_file())
+            try:
+                images = folder_images(path, classes)
+            except data.DataError as e:
+                errors.append(str(e))
+                continue
             if not images:
                 errors.append(f"{data.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
-            found += [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in images]
+            found += images
         elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
             kind = data.special_kind(path.stat().st_mode)
             errors.append(f"{data.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
+        elif data.URL.match(name):
+            errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{data.shown(path)}: no such file or folder; check the path")
     return found, errors
+
+
+def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
+    """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
+    classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says."""
+    folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    labelled = any(p.name in classes for p in folders)
+    others = sorted(data.shown(p.name) for p in folders if p.name not in classes)
+    if labelled and others:
+        print(f"predict.py: note: {data.shown(path)}: {len(others)} sub-folder(s) named like no class of the "
+              f"checkpoint ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their images are "
+              "predicted unlabelled, the class folders' with their labels", file=sys.stderr)
+    elif not labelled and any((path / "test" / name).is_dir() for name in classes):
+        print(f"predict.py: note: {data.shown(path)} is a data folder (train/, test/): its images are predicted "
+              f"unlabelled; pass {data.shown(path / 'test')} for the test split's accuracy", file=sys.stderr)
+    return [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in data.image_files(path)]
 
 
 def class_of(relative: Path, classes: list[str]) -> int | None:
@@ -277,8 +310,10 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     return results
 
 
-def check_writable_file(flag: str, path: Path, example: str, what: str = "a file") -> None:
-    """Fail before the long work, not after it, when `flag`'s file cannot be written; its folder is made if missing.
+def check_writable_file(flag: str, path: Path, example: str, what: str = "a file", make_folder: bool = False) -> None:
+    """Fail before the long work, not after it, when `flag`'s file cannot be written. A missing folder is made
+    only with `make_folder` (otherwise by the write, so a run that fails first leaves none); the check writes in
+    the nearest folder that exists.
 
     `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
     """
@@ -287,9 +322,14 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
         raise UsageError(f"{flag} {path}: is {data.special_kind(path.stat().st_mode)}, not a regular file, and "
                          f"writing would replace it; pass {what} path, e.g. {flag} {path.parent / example}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path.parent).close()  # a real write: permissions alone miss a read-only mount
+        if make_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = path.parent
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: permissions alone miss a read-only mount
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); "
                          "choose a writable folder") from None
@@ -312,6 +352,8 @@ def check_grid_not_input(grid: str, found: list[tuple[Path, int | None]]) -> Non
 
 
 def predict(args: argparse.Namespace) -> int:
+    if args.grid == "":  # `if args.grid` would draw no grid without a word
+        raise UsageError("--grid is empty; pass a picture file, or leave the flag out for no grid")
     if args.grid:
         check_grid_path(args.grid)
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
@@ -361,7 +403,8 @@ def predict(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """predict.py's flags, also the `invoke predict` task's."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
                                      allow_abbrev=False)
     add = parser.add_argument
@@ -375,7 +418,11 @@ def main(argv: list[str] | None = None) -> None:
     add("--batch-size", type=positive_int, default=256, help="images per forward pass")
     add("--limit", type=positive_int, default=None,
         help="predict only this many images (stratified sample; default: all)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     sys.exit(report_errors("predict.py", args.batch_size, lambda: predict(args)))
 
 

@@ -44,7 +44,8 @@ from predict import (ProgressLine, UsageError, check_writable_file, classificati
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
-RESUME_FLAGS_FROM_COMMAND_LINE = ("epochs", "device", "resume")
+# --data-dir: the same images, moved (check_same_data compares them by their fingerprint)
+RESUME_FLAGS_FROM_COMMAND_LINE = ("epochs", "device", "resume", "data_dir")
 
 # The largest --image-size: 4.6 times the reference's 224; stored images are at most 256 px, so more only fills memory.
 MAX_IMAGE_SIZE = 1024
@@ -127,7 +128,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--limit", type=positive_int, default=None,
         help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
     add("--resume", default=None, metavar="PATH",
-        help="continue the run that left this .last.pt, with its flags (only --epochs and --device may change)")
+        help="continue the run that left this .last.pt, with its flags (only --epochs, --device and, for images "
+             "moved, --data-dir may change)")
     add("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
         help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
     add("--cutout", type=fraction, default=0.0, metavar="FRACTION",
@@ -162,23 +164,25 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
                if name not in RESUME_FLAGS_FROM_COMMAND_LINE and getattr(args, name) != stored.get(name)]
     if changed:
         raise UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
-                         "flags (only --epochs and --device may change): drop these flags or start a new run")
+                         "flags (only --epochs, --device and, for moved images, --data-dir may change): drop these "
+                         "flags or start a new run")
     from_command_line = {name for name in given if name in RESUME_FLAGS_FROM_COMMAND_LINE}
     return argparse.Namespace(**(vars(args) | {name: value for name, value in stored.items()
                                                 if name not in from_command_line}))
 
 
-def in_run_folder(args: argparse.Namespace, state: dict) -> argparse.Namespace:
+def in_run_folder(args: argparse.Namespace, given: set[str], state: dict) -> argparse.Namespace:
     """The run's files, wherever the resume starts: else a resume from another folder splits the run across two.
 
-    --out is beside its resume state (see side_files), even in a moved folder. A relative --data-dir is refused
-    from another folder rather than resolved: the data fingerprint holds the paths as given, so it would not match.
+    --out is beside its resume state (see side_files), even in a moved folder. The run's relative --data-dir is
+    relative to the folder the run started in; one given with the resume, to this one.
     """
     started = state.get("cwd", os.getcwd())  # a state from before "cwd" was kept: this folder
-    if not Path(args.data_dir).is_absolute() and Path(started) != Path.cwd():
-        raise UsageError(f"--resume {args.resume}: the run's --data-dir {args.data_dir} is relative to {started}, "
-                         "where the run started; run the resume from there")
-    return argparse.Namespace(**(vars(args) | {"out": str(Path(args.resume).parent / Path(args.out).name)}))
+    data_dir = args.data_dir
+    if "data_dir" not in given and not Path(data_dir).is_absolute() and Path(started) != Path.cwd():
+        data_dir = os.path.join(started, data_dir)
+    return argparse.Namespace(**(vars(args) | {"out": str(Path(args.resume).parent / Path(args.out).name),
+                                               "data_dir": data_dir}))
 
 
 def check_best_kept(args: argparse.Namespace, state: dict) -> None:
@@ -195,7 +199,7 @@ def check_out(out: str) -> None:
     if out.endswith(tuple(SIDE_SUFFIXES.values())):
         raise UsageError(f"--out {out}: that name is for a run's resume state/log/report; pass the best-checkpoint "
                          "name, e.g. checkpoints/run.pt")
-    check_writable_file("--out", Path(out), "model.pt")
+    check_writable_file("--out", Path(out), "model.pt", make_folder=True)  # the run's lock is taken there
 
 
 class OutLock(data.Lock):
@@ -798,7 +802,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     """
     state = None if args.resume is None else read_resume_state(args.resume, stage)
     if state is not None:
-        args = in_run_folder(resumed_args(args, given, state), state)
+        args = in_run_folder(resumed_args(args, given, state), given, state)
         check_best_kept(args, state)
     processes = Processes(args.device)
     if state is not None and len(state["rng"]["processes"]) != processes.world:
@@ -855,7 +859,7 @@ def announce_resume(run: Run, progress: Progress, state: dict) -> None:
     if not run.processes.main:
         return
     print(f"resuming {run.stage} from {run.args.resume}: epoch {progress.epoch + 1}, step {progress.step}; flags "
-          "from the checkpoint, --epochs and --device from the command line when given")
+          "from the checkpoint, --epochs, --device and --data-dir from the command line when given")
     if state.get("finished") and progress.epoch >= run.args.epochs:
         print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
               "evaluating the test split again with its best validation epoch's weights")
@@ -944,11 +948,17 @@ def every_parameter(args: argparse.Namespace, model: AlexNet) -> list[nn.Paramet
     return list(model.parameters())
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """pretrain.py's flags, also the `invoke pretrain` task's."""
     parser = make_parser(__doc__.split("\n\n")[0], "pretrain")
     parser.add_argument("--init", default=None, metavar="PATH|imagenet",
                         help="start from a torchvision AlexNet state dict, tensors matched by name and shape "
                              "(default: from scratch)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     report_errors("pretrain.py", args.batch_size, lambda: train(args, given, "pretrain", new_model, every_parameter))

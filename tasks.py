@@ -3,137 +3,176 @@ r"""invoke tasks: each runs one of the scripts; `invoke --list`, `invoke --help 
     invoke all                     # download, pretrain, finetune, predict: the whole job
     invoke all --epochs 3 --limit 4000 --image-size 64 --batch-size 64 --lr 0.03 \
         --source ../shared/data/cifar10-jpg.tar.gz
+    invoke pretrain --epochs 3 --ema 0.999 --lr-schedule cosine
+    invoke predict --paths cat.png --paths photos/ --topk 3
+    invoke predict --topk 3 -- cat.png photos/*.jpg
 
-A flag left out is left to the script, whose `--help` shows its default.
+A task's flags are its script's, read from the script's own argparse parser (its build_parser): the same names and
+help, the defaults argparse's, so a flag added to a script is a flag of its task too. A flag left out is left to the
+script; a value is passed as written, for the script to check. Words after `--` are passed after the flags (invoke
+joins them with spaces: a name holding one needs --paths). The scripts run in the folder invoke is called from
+(`invoke -r PROJECT` from elsewhere reads and writes there); each command is shown on stderr before it runs.
 """
+import argparse
+import importlib.util
 import inspect
 import shlex
 import sys
 from pathlib import Path
 
-from invoke import Task, task
+from invoke import Exit, Task, task
+
+import download as download_script
+import finetune as finetune_script
+import predict as predict_script
+import pretrain as pretrain_script
 
 PYTHON = shlex.quote(sys.executable)
-HERE = str(Path(__file__).resolve().parent)
-
-TRAIN_HELP = {
-    "data_dir": "folder with train/<class>/ and test/<class>/",
-    "out_dir": "folder for checkpoints, logs and the prediction grid",
-    "epochs": "epochs per stage",
-    "batch_size": "images per step",
-    "lr": "SGD learning rate",
-    "image_size": "network input side in px",
-    "limit": "use only this many training images: quick runs",
-    "device": "where to run: cuda, cuda:1, cpu ...",
-    "seed": "seeds the split, the initialisation and the augmentation",
-}
+HERE = Path(__file__).resolve().parent
 
 
-def flags(**options) -> str:
-    """--name value for every option that was given, quoted for the shell; --name alone for a switch that is on."""
-    text = ""
-    for name, value in options.items():
-        if value is None or value is False:
-            continue
-        text += f" --{name.replace('_', '-')}"
-        if value is not True:
-            text += f" {shlex.quote(str(value))}"
+def load_benchmark():
+    """benchmarks/throughput.py, for its parser (it is a script, not a module on the path)."""
+    spec = importlib.util.spec_from_file_location("throughput", HERE / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def script_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    return [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+
+
+def is_switch(action: argparse.Action) -> bool:
+    return action.nargs == 0
+
+
+def is_list(action: argparse.Action) -> bool:
+    return not action.option_strings and action.nargs in ("+", "*")
+
+
+def help_of(action: argparse.Action) -> str:
+    """The script's help of a flag, with its choices and its default (argparse's: the only list of defaults)."""
+    text = (action.help or "").replace("%%", "%")  # argparse's escape
+    if action.choices:
+        text += f" (one of {', '.join(map(str, action.choices))})"
+    if action.default is not None and not is_switch(action):
+        text += f" (default {action.default})"
+    if is_list(action):
+        text += "; repeat the flag for more"
     return text
 
 
-def script(c, name: str, arguments: str) -> None:
-    with c.cd(HERE):
-        c.run(f"{PYTHON} {name}{arguments}", echo=True, pty=False)
+def script_argv(actions: list[argparse.Action], options: dict, extra: list[str]) -> list[str]:
+    """The command line that gives the script `options` (a task's values by dest; those not given are left out),
+    with the words in `extra` after its flags."""
+    argv, positional = [], []
+    for action in actions:
+        value = options.get(action.dest)
+        if value is None or value is False or value == []:
+            continue
+        if not action.option_strings:
+            positional += value if is_list(action) else [value]
+        elif is_switch(action):
+            argv.append(action.option_strings[-1])
+        else:
+            argv += [action.option_strings[-1], str(value)]
+    return argv + extra + ["--"] * any(str(p).startswith("-") for p in positional) + [str(p) for p in positional]
 
 
-def shows_defaults(t: Task) -> Task:
-    """Append a task's own defaults (its signature's) to their help: invoke's --help does not show them."""
-    for name, parameter in inspect.signature(t.body).parameters.items():
-        if name in t.help and parameter.default not in (None, False, inspect.Parameter.empty):
-            t.help[name] += f" (default {parameter.default})"
-    return t
+def run_script(c, script: str, argv: list[str]) -> None:
+    """The script by its absolute path, in the caller's folder."""
+    run_shown(c, " ".join([PYTHON, shlex.quote(str(HERE / script)), *map(shlex.quote, argv)]))
 
 
-@task(help={
-    "root": "folder to create, holding train/ and test/",
-    "source": "URL, archive or folder instead of the official download",
-    "md5": "expected md5 of --source",
-})
-def download(c, root=None, source=None, md5=None):
-    """Download CIFAR-10 into train/ and test/ class folders (skipped when present)."""
-    script(c, "download.py", flags(root=root, source=source, md5=md5))
+def run_shown(c, command: str) -> None:
+    """The command is shown first on stderr, a diagnostic (invoke's echo prints to stdout, among the results), in
+    invoke's bold only on a terminal; `invoke --dry` shows it only."""
+    print(c.config.run.echo_format.format(command=command) if sys.stderr.isatty() else command, file=sys.stderr,
+          flush=True)
+    if not c.config.run.dry:
+        c.run(command, echo=False, pty=False)  # shown above: invoke's own echo (--echo, a config) would repeat it
 
 
-@shows_defaults
-@task(help=TRAIN_HELP | {"resume": "continue the run that left this .last.pt"})
-def pretrain(c, data_dir=None, out_dir="checkpoints", epochs=None, batch_size=None, lr=None, image_size=None,
-             limit=None, device=None, seed=None, resume=None):
-    """Train AlexNet from scratch."""
-    arguments = flags(data_dir=data_dir, out=f"{out_dir}/pretrain.pt", epochs=epochs, batch_size=batch_size,
-                      lr=lr, image_size=image_size, limit=limit, device=device, seed=seed, resume=resume)
-    script(c, "pretrain.py", arguments)
+def signature(actions: list[argparse.Action], own: dict | None = None) -> inspect.Signature:
+    """What invoke reads a task's flags from: (c, `own` flags with their defaults, each action's flag), where an
+    action's default is False for a switch and None (left to the script) for a value."""
+    defaults = (own or {}) | {action.dest: False if is_switch(action) else None for action in actions}
+    return inspect.Signature([inspect.Parameter("c", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in defaults.items()])
 
 
-@shows_defaults
-@task(help=TRAIN_HELP | {
-    "mode": "which layers train: head, classifier or full",
-    "resume": "continue the run that left this .last.pt",
-    "new_head": "a fresh last layer even for the checkpoint's classes (the reference)",
-})
-def finetune(c, data_dir=None, out_dir="checkpoints", epochs=None, batch_size=None, lr=None, image_size=None,
-             limit=None, device=None, seed=None, mode=None, resume=None, new_head=False):
-    """Fine-tune the pretrained model (--mode head: its last layer only)."""
-    arguments = flags(data_dir=data_dir, out=f"{out_dir}/finetune.pt", checkpoint=f"{out_dir}/pretrain.pt",
-                      epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size, limit=limit,
-                      device=device, seed=seed, mode=mode, resume=resume, new_head=new_head)
-    script(c, "finetune.py", arguments)
+def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, fallback: dict | None = None) -> Task:
+    """A task that runs `script` with its parser's flags; `fallback` gives values the script has no default for."""
+    actions = script_actions(parser)
+    fallback = fallback or {}
+
+    def body(c, **options):
+        extra = getattr(c, "remainder", "").split()  # the words after `--` (invoke 3 keeps them, joined)
+        given = {name: value for name, value in options.items() if value not in (None, False, [])}
+        run_script(c, script, script_argv(actions, ({} if extra else fallback) | given, extra))
+
+    body.__signature__ = signature(actions)
+    body.__doc__ = doc
+    helps = {action.dest: help_of(action) for action in actions}
+    for dest, value in fallback.items():
+        helps[dest] += f" (default {' '.join(value) if isinstance(value, list) else value})"
+    # No short flags: they would be drawn from the names in order, and change as scripts gain flags.
+    return Task(body, name=name, help=helps, iterable=[a.dest for a in actions if is_list(a)], auto_shortflags=False)
 
 
-@shows_defaults
-@task(help={
-    "paths": "image or folder",
-    "checkpoint": "the trained model to classify with",
-    "limit": "predict only this many images, a stratified sample",
-    "grid": "where to draw the images with their predicted labels",
-    "device": TRAIN_HELP["device"],
-})
-def predict(c, paths="data/cifar10/test", checkpoint=None, limit=64, grid="checkpoints/predictions.png", device=None):
-    """Classify images and draw a grid of the predictions."""
-    arguments = flags(checkpoint=checkpoint, limit=limit, grid=grid, device=device)
-    script(c, "predict.py " + shlex.quote(paths), arguments)
+PARSERS = {"download": download_script.build_parser(), "pretrain": pretrain_script.build_parser(),
+           "finetune": finetune_script.build_parser(), "predict": predict_script.build_parser()}
+DEFAULT_DATA = PARSERS["pretrain"].get_default("data_dir")
+
+download = task_of("download.py", PARSERS["download"],
+                   "Download CIFAR-10 (or --source) into train/ and test/ class folders.", "download")
+pretrain = task_of("pretrain.py", PARSERS["pretrain"], "Train AlexNet from scratch.", "pretrain")
+finetune = task_of("finetune.py", PARSERS["finetune"],
+                   "Fine-tune a trained model (--mode head: its last layer only).", "finetune")
+predict = task_of("predict.py", PARSERS["predict"], "Classify images and folders of images.", "predict",
+                  fallback={"paths": [f"{DEFAULT_DATA}/test"]})
+bench = task_of("benchmarks/throughput.py", load_benchmark().build_parser(),
+                "Training and evaluation images/s of this pipeline against the reference's.", "bench")
+
+STAGES = ("pretrain", "finetune")
+# `all` takes both training scripts' flags but these: it names the stages' files itself.
+ALL_OWN = ("data_dir", "out", "checkpoint", "resume")
+ALL_ACTIONS = list({action.dest: action for stage in reversed(STAGES) for action in script_actions(PARSERS[stage])
+                    if action.dest not in ALL_OWN}.values())
 
 
-@shows_defaults
-@task(name="all", help=TRAIN_HELP | {"source": download.help["source"], "md5": download.help["md5"]})
-def all_(c, data_dir="data/cifar10", out_dir="checkpoints", epochs=None, batch_size=None, lr=None, image_size=None,
-         limit=None, device=None, seed=None, source=None, md5=None):
+def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     """The whole job: download, pretrain, finetune, predict on test images."""
-    training = dict(data_dir=data_dir, out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=lr,
-                    image_size=image_size, limit=limit, device=device, seed=seed)
+    if getattr(c, "remainder", ""):  # each step would pass them on to its script
+        raise Exit(f"invoke all: takes no words after --, got {c.remainder!r}; pass flags (invoke --help all)")
     download(c, root=data_dir, source=source, md5=md5)
-    pretrain(c, **training)
-    finetune(c, **training)
-    predict(c, paths=f"{data_dir}/test", checkpoint=f"{out_dir}/finetune.pt", grid=f"{out_dir}/predictions.png",
-            device=device)
+    outs = {stage: str(Path(out_dir) / Path(PARSERS[stage].get_default("out")).name) for stage in STAGES}
+    for stage, run_stage in zip(STAGES, (pretrain, finetune)):
+        dests = {action.dest for action in script_actions(PARSERS[stage])}
+        state = pretrain_script.side_files(Path(outs[stage]))["last"]
+        run_stage(c, data_dir=data_dir, out=outs[stage], checkpoint=outs["pretrain"] if stage == "finetune" else None,
+                  resume=str(state) if resume and state.is_file() else None,
+                  **{name: value for name, value in training.items() if name in dests})
+    predict(c, paths=[f"{data_dir}/test"], checkpoint=outs["finetune"], grid=f"{out_dir}/predictions.png",
+            device=training["device"], limit=str(predict_script.GRID_MAX))
 
 
-@task(help={
-    "data_dir": TRAIN_HELP["data_dir"],
-    "image_size": TRAIN_HELP["image_size"],
-    "batch_size": TRAIN_HELP["batch_size"],
-    "device": TRAIN_HELP["device"],
-    "steps": "timed training steps",
-    "compile": "torch.compile the model",
-})
-def bench(c, data_dir=None, image_size=None, batch_size=None, device=None, steps=None, compile=False):
-    """Training and evaluation images/s of this pipeline against the reference's."""
-    arguments = flags(data_dir=data_dir, image_size=image_size, batch_size=batch_size, device=device, steps=steps,
-                      compile=compile)
-    script(c, "benchmarks/throughput.py", arguments)
+ALL_DEFAULTS = {"data_dir": PARSERS["download"].get_default("root"),
+                "out_dir": str(Path(PARSERS["pretrain"].get_default("out")).parent),
+                "source": None, "md5": None, "resume": False}
+all_.__signature__ = signature(ALL_ACTIONS, ALL_DEFAULTS)
+all_ = Task(all_, name="all", auto_shortflags=False, help={
+    "data_dir": f"where the data set is downloaded and read (default {ALL_DEFAULTS['data_dir']})",
+    "out_dir": f"folder for both stages' checkpoints, logs, reports and the prediction grid "
+               f"(default {ALL_DEFAULTS['out_dir']})",
+    "resume": "continue each stage from the resume state it left in --out-dir, where there is one",
+} | {action.dest: help_of(action) for action in script_actions(PARSERS["download"]) if action.dest in ALL_DEFAULTS}
+  | {action.dest: help_of(action) for action in ALL_ACTIONS})
 
 
 @task
 def test(c):
     """Run the test suite."""
     with c.cd(HERE):
-        c.run(f"{PYTHON} -m pytest", echo=True, pty=False)
+        run_shown(c, f"{PYTHON} -m pytest")

@@ -9,6 +9,7 @@ reference: torchvision ImageFolder + RandomResizedCrop/flip transforms per
 image in a DataLoader with 0 workers, fp32, as the reference did.
 Warm-up steps are excluded from every timing.
 """
+import argparse
 import platform
 import shlex
 import subprocess
@@ -128,13 +129,18 @@ def reference(args, device) -> tuple[float, float]:
     return train, timed(evaluate, 1, args.reference_steps, args.batch_size, device)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """throughput.py's flags, also the `invoke bench` task's."""
     parser = make_parser(__doc__.split("\n\n")[0], "bench")
     parser.add_argument("--steps", type=positive_int, default=50, help="timed training steps of ours")
     parser.add_argument("--reference-steps", type=positive_int, default=10,
                         help="timed steps of the reference pipeline")
     parser.add_argument("--warmup", type=positive_int, default=5, help="untimed steps first")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     processes = Processes(args.device)
     device = processes.device
     print(describe(device))

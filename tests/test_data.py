@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import re
+import sys
 import tarfile
 import threading
 import zipfile
@@ -177,6 +178,47 @@ def test_folder_loader_follows_imagefolder_conventions(tmp_path):
     assert (images.images[3] >= 250).all()  # big.jpg, after 0000-0002.png, resized to the stored 32 px
 
 
+def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
+    root = make_class_folders(tmp_path / "d", train=2, test=1)
+    elsewhere = make_class_folders(tmp_path / "elsewhere", classes=("red",), train=3, test=1) / "train" / "red"
+    (root / "train" / "red" / "more").symlink_to(elsewhere)  # ImageFolder follows it
+    (root / "train" / "red" / "loop").symlink_to(root / "train")  # a loop back up the tree
+    (elsewhere / "back").symlink_to(root / "train" / "red")  # a loop through the linked folder
+    classes, samples = data.scan_class_folders(root / "train")
+    red = [path for path, label in samples if label == classes.index("red")]
+    assert len(samples) == 2 * 3 + 3 and len(red) == 5
+    assert root / "train" / "red" / "more" / "0002.png" in red
+    deep = root / "train" / "green" / "/".join("d" * 300)
+    deep.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(deep / "deep.png")
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(200)  # a tree deeper than the recursion limit: walked, not recursed
+    try:
+        assert deep / "deep.png" in data.image_files(root / "train" / "green")
+    finally:
+        sys.setrecursionlimit(limit)
+    (root / "train" / "all").symlink_to(".")  # a class folder that is the split folder: a loop, so no images
+    with pytest.raises(data.DataError, match="train/all: class folder has no images"):
+        data.scan_class_folders(root / "train")
+
+
+def test_a_folder_named_relatively_or_absolutely_or_moved_uses_its_cache(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+    first = data.load_folder(root / "train")
+    monkeypatch.setattr(data, "decode_all", lambda *a: pytest.fail("decoded despite a valid cache"))
+    monkeypatch.chdir(tmp_path)
+    assert torch.equal(data.load_folder("d/train").images, first.images)
+    root.rename(tmp_path / "moved")  # the cache, in .cache/ beside train/, moves with it
+    assert data.load_folder(tmp_path / "moved" / "train").fingerprint == first.fingerprint
+
+
+def test_a_url_as_the_data_folder_says_to_download_it_first(tmp_path):
+    result = run("pretrain.py", "--data-dir", "https://example.com/data.tar.gz", "--out", tmp_path / "p.pt",
+                 "--device", "cpu", check=False, cwd=tmp_path)
+    assert error_line(result) == ("pretrain.py: https:/example.com/data.tar.gz: a URL, not a folder; download it "
+                                  "first: python download.py --source URL --root FOLDER, then pass --data-dir FOLDER")
+
+
 def test_empty_or_missing_folders_are_clear_errors(tmp_path):
     with pytest.raises(data.DataError, match="no such folder"):
         data.load_folder(tmp_path / "missing")
@@ -295,6 +337,16 @@ def test_any_image_mode_decodes_to_rgb(tmp_path, mode):
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and shorter == 40
     if mode == "I;16":  # 16-bit grey is scaled to 8 bits, not clipped to white
         assert abs(int(pixels.mean()) - int(np.asarray(rgb.convert("L").resize((40, 40))).mean())) < 20
+
+
+@pytest.mark.parametrize("scale, expected", [(1.0, 255), (255.0, 255), (65535.0, 255)])
+def test_a_float_tiff_is_scaled_by_its_range_not_clipped_to_black(tmp_path, scale, expected):
+    ramp = np.linspace(0, 1, 40 * 50, dtype=np.float32).reshape(40, 50)  # a 32-bit float grey TIFF, 0 ... scale
+    ramp[20, 25] = np.nan  # pixels[20, 20] after the centre crop
+    Image.fromarray(ramp * scale, "F").save(tmp_path / "x.tif")
+    assert Image.open(tmp_path / "x.tif").mode == "F"
+    pixels, _ = data.decode(tmp_path / "x.tif", 40)
+    assert abs(pixels.mean() - expected / 2) < 8 and pixels.max() >= expected - 5 and pixels[20, 20, 0] == 0
 
 
 def test_an_abbreviated_flag_is_refused_not_taken_for_another(tmp_path, tiny_data):

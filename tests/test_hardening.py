@@ -279,13 +279,27 @@ def test_a_resume_whose_best_checkpoint_is_missing_fails_before_training(relativ
 
 
 @pytest.mark.slow
-def test_a_resume_from_another_folder_is_refused_before_training(relative_run, tmp_path):
-    """Its relative --data-dir would name another folder (or none), and the run would split across two."""
+def test_a_resume_from_another_folder_reads_the_runs_relative_data_dir_where_it_started(relative_run, tmp_path):
     last = os.path.relpath(relative_run / "ck" / "p.last.pt", tmp_path)
-    result = run("pretrain.py", "--resume", last, "--epochs", "2", check=False, cwd=tmp_path)
-    assert error_line(result) == (f"pretrain.py: --resume {last}: the run's --data-dir data is relative to "
-                                  f"{relative_run}, where the run started; run the resume from there")
-    assert list(tmp_path.iterdir()) == [] and len(load_checkpoint(relative_run / "ck" / "p.last.pt")["history"]) == 1
+    result = run("pretrain.py", "--resume", last, "--epochs", "2", cwd=tmp_path)
+    assert "epoch   2/2" in result.stdout and list(tmp_path.iterdir()) == []
+    assert len(load_checkpoint(relative_run / "ck" / "p.last.pt")["history"]) == 2
+
+
+@pytest.mark.slow
+def test_a_run_whose_data_folder_moved_resumes_with_a_data_dir_holding_the_same_images(tiny_data, tmp_path):
+    shutil.copytree(tiny_data, tmp_path / "data")
+    run("pretrain.py", "--data-dir", "data", "--out", "ck/p.pt", "--epochs", "1", "--val-size", "6", *QUICK,
+        cwd=tmp_path)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    make_class_folders(tmp_path / "other", seed=1)
+    result = run("pretrain.py", "--resume", "ck/p.last.pt", "--epochs", "2", "--data-dir", "other", check=False,
+                 cwd=tmp_path)
+    assert error_line(result) == ("pretrain.py: --resume ck/p.last.pt: the images in other/train changed since the "
+                                  "run started (added, removed or modified files); restore them, or start a new run")
+    result = run("pretrain.py", "--resume", "ck/p.last.pt", "--epochs", "2", "--data-dir", "moved", cwd=tmp_path)
+    assert "epoch   2/2" in result.stdout
+    assert load_checkpoint(tmp_path / "ck" / "p.last.pt")["args"]["data_dir"] == "moved"
 
 
 @pytest.mark.slow

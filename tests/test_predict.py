@@ -74,6 +74,15 @@ def test_a_labelled_folder_prints_accuracy_and_a_grid(pretrained, tiny_data, tmp
     assert picture.size == (8 * 98 + 2, 2 * 112 + 2)  # 9 tiles of 96 x (96 + 14), 8 a row, padding 2
 
 
+def test_a_grid_in_new_folders_makes_them_only_when_it_is_written(pretrained, tiny_data, tmp_path):
+    grid = tmp_path / "new" / "sub" / "grid.png"
+    result = run("predict.py", tmp_path / "missing.png", "--checkpoint", pretrained, "--device", "cpu",
+                 "--grid", grid, check=False)
+    assert result.returncode == 1 and not (tmp_path / "new").exists()
+    run("predict.py", tiny_data / "test" / "red", "--checkpoint", pretrained, "--device", "cpu", "--grid", grid)
+    assert Image.open(grid).size[0] > 0
+
+
 @pytest.mark.parametrize("stray", ["beside.png", ".hidden/inside.png"])
 def test_an_image_outside_the_class_folders_is_predicted_unlabelled(pretrained, tiny_data, tmp_path, stray):
     folder = tmp_path / "test"
@@ -86,6 +95,50 @@ def test_an_image_outside_the_class_folders_is_predicted_unlabelled(pretrained, 
     assert len(truth) == 19 and truth[str(folder / stray)] is None
     assert sorted(set(truth.values()) - {None}) == ["blue", "green", "red"]
     assert output["report"]["images"] == 18 and output["errors"] == []
+
+
+def test_an_extra_sub_folder_leaves_the_class_folders_labelled_and_says_so(pretrained, tiny_data, tmp_path):
+    folder = tmp_path / "test"
+    shutil.copytree(tiny_data / "test", folder)
+    (folder / "holiday").mkdir()
+    shutil.copy(next((folder / "red").iterdir()), folder / "holiday" / "x.png")
+    result = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu", "--json")
+    output = json.loads(result.stdout)
+    truth = {p["path"]: p["true"] for p in output["predictions"]}
+    assert len(truth) == 19 and truth[str(folder / "holiday" / "x.png")] is None
+    assert output["report"]["images"] == 18
+    assert ("1 sub-folder(s) named like no class of the checkpoint (holiday): their images are predicted "
+            "unlabelled") in result.stderr
+    result = run("predict.py", tiny_data, "--checkpoint", pretrained, "--device", "cpu", "--limit", "4")
+    assert result.stderr.endswith(f"predict.py: note: {tiny_data} is a data folder (train/, test/): its images are "
+                                  f"predicted unlabelled; pass {tiny_data / 'test'} for the test split's accuracy\n")
+
+
+def test_an_empty_path_or_grid_is_named_not_taken_for_the_current_folder_or_no_grid(pretrained, tiny_data):
+    image = tiny_data / "test" / "red" / "0000.png"
+    result = run("predict.py", "", image, "--checkpoint", pretrained, "--device", "cpu", check=False, cwd=tiny_data)
+    assert result.returncode == 1 and len(result.stdout.splitlines()) == 1  # the one image, not the folder's 54
+    assert "predict.py: '': an empty path; pass image files or folders\n" in result.stderr
+    result = run("predict.py", image, "--grid", "", "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert error_line(result) == "predict.py: --grid is empty; pass a picture file, or leave the flag out for no grid"
+
+
+def test_a_url_is_said_to_be_no_local_file(pretrained, tiny_data):
+    result = run("predict.py", "https://example.com/cat.png", tiny_data / "test" / "red" / "0000.png",
+                 "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert result.returncode == 1 and result.stdout.startswith(str(tiny_data / "test" / "red" / "0000.png"))
+    assert ("https://example.com/cat.png: a URL; predict.py reads local files: download it first "
+            "(e.g. curl -O https://example.com/cat.png)") in result.stderr
+
+
+def test_a_very_long_narrow_image_is_refused_alone(pretrained, tiny_data, tmp_path):
+    Image.new("RGB", (2_000_000, 1), "white").save(tmp_path / "wide.png")  # resized to 32 px high: 6 GB
+    image = tiny_data / "test" / "red" / "0000.png"
+    result = run("predict.py", tmp_path / "wide.png", image, "--checkpoint", pretrained, "--device", "cpu",
+                 check=False)
+    assert result.returncode == 1 and result.stdout.startswith(f"{image}\t")
+    assert result.stderr.endswith(f"predict.py: {tmp_path / 'wide.png'}: 2000000 x 1 px, its longer side over 100 "
+                                  "times its shorter: too narrow to take a square from; crop it, or remove the file\n")
 
 
 def test_topk_lines(pretrained, tiny_data):
@@ -198,3 +251,19 @@ def test_a_class_without_images_has_no_accuracy_rather_than_zero(capsys):
     print_report("3 labelled images", report, classes)
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:4] == ["    red  100.00%", "  green   50.00%", "   blue  n/a (no images)"]
+
+
+def test_a_confusion_matrix_wider_than_a_terminal_is_printed_as_its_most_confused_pairs(capsys):
+    classes = [f"class{i:03d}" for i in range(105)]
+    labels = torch.arange(105).repeat(3)
+    logits = torch.nn.functional.one_hot(labels, 105).float()
+    logits[0, 7] = logits[105, 7] = 2.0  # class000 taken for class007 twice
+    logits[50, 9] = 2.0  # class050 once for class009
+    report = classification_report(logits, labels, classes)
+    print_report("test", report, classes)
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 120 and "confusion matrix (rows" not in out
+    assert out.endswith("most confused pairs (2 of 2; the full matrix is in the JSON report: predict.py --json, "
+                        "a training run's .test.json):\n  class000 taken for class007: 2\n"
+                        "  class050 taken for class009: 1\n")
+    assert len(report["confusion_matrix"]) == 105 and report["confusion_matrix"][0][7] == 2

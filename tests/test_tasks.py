@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 
@@ -6,19 +7,20 @@ import torch
 
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow  # end to end: real processes and training
 
 def invoke(*args, cwd):
     return subprocess.run([sys.executable, "-m", "invoke", "--search-root", str(ROOT), *map(str, args)],
                           capture_output=True, text=True, cwd=cwd)
 
 
+@pytest.mark.slow  # a real invoke process
 def test_tasks_are_listed(tmp_path):
     listing = invoke("--list", cwd=tmp_path).stdout
     for name in ("download", "pretrain", "finetune", "predict", "all", "bench", "test"):
         assert f"\n  {name} " in listing
 
 
+@pytest.mark.slow  # a real invoke process
 def test_all_runs_the_whole_job(tiny_data, tmp_path):
     result = invoke("all", "--source", tiny_data, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "ck",
                     "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu", cwd=tmp_path)
@@ -31,6 +33,7 @@ def test_all_runs_the_whole_job(tiny_data, tmp_path):
     assert "18 labelled images: accuracy" in result.stdout
 
 
+@pytest.mark.slow  # a real invoke process
 def test_all_stops_at_the_first_failing_step(tmp_path):
     result = invoke("all", "--source", tmp_path / "missing", "--data-dir", tmp_path / "data",
                     "--out-dir", tmp_path / "ck", cwd=tmp_path)
@@ -38,7 +41,59 @@ def test_all_stops_at_the_first_failing_step(tmp_path):
     assert "pretrain.py" not in result.stdout + result.stderr and not (tmp_path / "ck").exists()
 
 
+@pytest.mark.slow  # a real invoke process
 def test_finetune_task_passes_its_flags(tmp_path):
-    result = invoke("--dry", "finetune", "--new-head", "--mode", "full", "--out-dir", "ck", cwd=tmp_path)
+    result = invoke("--dry", "finetune", "--new-head", "--mode", "full", "--out", "ck/f.pt", "--ema", "0.9",
+                    cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "finetune.py --out ck/finetune.pt --checkpoint ck/pretrain.pt --mode full --new-head" in result.stdout
+    assert f"{ROOT / 'finetune.py'} --out ck/f.pt --ema 0.9 --mode full --new-head\n" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["download", "pretrain", "finetune", "predict", "bench"])
+def test_every_script_flag_is_a_task_flag(name):
+    import tasks
+    flags = {flag for argument in getattr(tasks, name).get_arguments() for flag in argument.names}
+    parser = (tasks.load_benchmark() if name == "bench" else importlib.import_module(name)).build_parser()
+    dests = {action.dest.replace("_", "-") for action in parser._actions if action.dest != "help"}
+    assert flags == dests
+    if name in ("pretrain", "finetune"):
+        all_flags = {flag for argument in tasks.all_.get_arguments() for flag in argument.names}
+        assert dests - {"data-dir", "out", "checkpoint"} <= all_flags
+
+
+@pytest.mark.slow  # a real invoke process
+def test_a_value_invokes_parser_would_refuse_reaches_the_script(tmp_path):
+    result = invoke("predict", "--limit", "", "--paths", tmp_path, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --limit: invalid positive_int value: ''" in result.stderr
+
+
+@pytest.mark.slow  # a real invoke process
+def test_relative_paths_are_the_callers_and_the_command_shown_is_plain_text_on_stderr(tiny_data, tmp_path):
+    result = invoke("download", "--source", tiny_data, "--root", "here", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "here" / "train" / "red").is_dir() and not (ROOT / "here").exists()
+    assert result.stderr.startswith(f"{sys.executable} {ROOT / 'download.py'} --root here --source {tiny_data}\n")
+    assert "download.py" not in result.stdout and "\x1b" not in result.stderr
+
+
+@pytest.mark.slow  # a real invoke process
+def test_all_resume_continues_each_stage_that_left_a_resume_state(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "pretrain.last.pt").write_bytes(b"")
+    result = invoke("--dry", "all", "--resume", "--out-dir", "ck", "--epochs", "5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pretrain, finetune = result.stderr.splitlines()[1:3]
+    assert pretrain.endswith("pretrain.py --data-dir data/cifar10 --out ck/pretrain.pt --epochs 5 "
+                             "--resume ck/pretrain.last.pt")
+    assert "--resume" not in finetune
+
+
+@pytest.mark.slow  # a real invoke process
+def test_words_after_a_double_dash_reach_the_script_and_replace_the_default_paths(tmp_path):
+    result = invoke("--dry", "predict", "--topk", "3", "--", "a.png", "it's.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == f"{sys.executable} {ROOT / 'predict.py'} --topk 3 a.png 'it'\"'\"'s.png'\n"
+    result = invoke("--dry", "all", "--", "a.png", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == ("invoke all: takes no words after --, got 'a.png'; pass flags "
+                                                        "(invoke --help all)\n")
