@@ -54,6 +54,9 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
 SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
+# Endings of --out that its side files replace (pretrain.pt: pretrain.last.pt); any other ending is kept (exp.1:
+# exp.1.last.pt), so that --out exp.1 and --out exp.2 never share a side file.
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 # --------------------------------------------------------------------------- command line
@@ -125,6 +128,9 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
         help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
     add("--resume", default=None, metavar="PATH",
         help="continue the run that left this .last.pt, with its flags (only --epochs and --device may change)")
+    add("--overwrite", action="store_true",
+        help="start afresh onto an --out that holds a run already, replacing its checkpoint, resume state, log and "
+             "report (without it such a run is refused)")
     add("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
         help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
     add("--cutout", type=fraction, default=0.0, metavar="FRACTION",
@@ -195,11 +201,21 @@ def check_out(out: str) -> None:
     check_writable_file("--out", Path(out), "model.pt")
 
 
+def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
+    """A fresh run would replace the checkpoint, resume state, log and report of the run already at --out."""
+    out, last = Path(args.out), side_files(Path(args.out))["last"]
+    found = [str(path) for path in (out, last) if path.exists()]
+    if found and not args.overwrite:
+        resume = f"continue it with {stage}.py --resume {last} (a larger --epochs trains further), " * last.exists()
+        raise UsageError(f"--out {args.out}: {' and '.join(found)} exist{'s' if len(found) == 1 else ''} already, "
+                         f"from an earlier run; {resume}choose another --out, or pass --overwrite to replace it")
+
+
 class OutLock(data.Lock):
-    """Held on --out for the whole run: two runs writing the same files would mix them."""
+    """Held on --out and its side files for the whole run: two runs writing the same files would mix them."""
 
     def __init__(self, out: Path) -> None:
-        super().__init__(out.parent / f".{out.name}.lock", lambda owner: UsageError(
+        super().__init__(out.parent / f".{run_name(out).name}.lock", lambda owner: UsageError(
             f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end or choose another --out"))
 
 
@@ -328,8 +344,17 @@ class Progress:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def run_name(out: Path) -> Path:
+    """What --out's side files and lock are named after: --out without a checkpoint ending (see CHECKPOINT_SUFFIXES).
+
+    Two --out of one run name (run.pt, run.pth, run) share them, and so their lock: one runs at a time.
+    """
+    return out.with_suffix("") if out.suffix in CHECKPOINT_SUFFIXES else out
+
+
 def side_files(out: Path) -> dict[str, Path]:
-    return {kind: out.with_suffix(suffix) for kind, suffix in SIDE_SUFFIXES.items()}
+    base = run_name(out)
+    return {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_SUFFIXES.items()}
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
@@ -780,6 +805,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         check_out(args.out)
     out = Path(args.out)
     with OutLock(out) if processes.main else contextlib.nullcontext():
+        if state is None and processes.main:
+            check_no_run_there(args, stage)
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)
         if state is None:
