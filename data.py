@@ -13,10 +13,10 @@ the --help formatter); images; class folders and the cache; transforms on the de
 import argparse
 import collections
 import fcntl
-import glob
 import hashlib
 import io
 import os
+import re
 import stat
 import sys
 import tempfile
@@ -63,17 +63,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
     """`write` fills a temporary file beside `path`, synced to disk, which then replaces `path`: a failure, a signal
     or a kill mid-write leaves the previous file as it was.
 
-    The temporary file is removed on failure; one left by a killed writer is removed by the next write of `path`
-    (one writer per path, as the scripts do). A failed write raises its OSError, also where torch.save wrapped it
-    in a RuntimeError (as it does for a full disk).
+    The temporary file, named with the writer's pid, is removed on failure; one left by a killed writer (its pid
+    gone) is removed by the next write of `path`. Writers of one path at once (two predict.py --grid, two runs
+    building one cache) each write their own, the last rename wins, and none removes another's. A failed write
+    raises its OSError, also where torch.save wrapped it in a RuntimeError (as it does for a full disk).
     """
     directory, name = os.path.split(os.path.abspath(path))
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
-            os.unlink(stale)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        remove_dead_writers_files(directory, name)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -86,6 +86,25 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
         if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
             raise e.__context__ from None
         raise
+
+
+def remove_dead_writers_files(directory: str, name: str) -> None:
+    """The temporary files of `name` (see write_atomically) whose writer is no longer running: they may be large."""
+    own = re.compile(rf"\.{re.escape(name)}\.(\d+)-\w+\.tmp")
+    for entry in os.scandir(directory):
+        match = own.fullmatch(entry.name)
+        if match and not process_is_running(int(match[1])):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether there is such a process
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
 
 
 def current_umask() -> int:

@@ -1,10 +1,14 @@
 """Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import data
 import pretrain
-from conftest import QUICK, error_line, run
+from conftest import QUICK, ROOT, error_line, run
 from model import load_checkpoint
 from predict import UsageError
 
@@ -55,3 +59,43 @@ def test_a_fresh_run_onto_a_finished_run_is_refused_unless_overwrite(tiny_data, 
                                        "--overwrite to replace it")
     again = run("pretrain.py", *flags, "--overwrite")
     assert "epoch   1/1" in again.stdout and (tmp_path / "p.last.pt").exists()
+
+
+WRITER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import data
+def write(f):
+    f.write(b"x" * 1000)
+    time.sleep(0.01)  # the other writer starts meanwhile
+for i in range(40):
+    data.write_atomically({path!r}, write)
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_writers_of_one_path_never_remove_each_others_temporary_file(tmp_path):
+    """Two predict.py --grid of one picture, two runs building one cache: before, one failed or warned."""
+    path = tmp_path / "same.png"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), path=str(path))],
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for writer in writers:
+        _, stderr = writer.communicate(timeout=120)
+        assert writer.returncode == 0, stderr
+    assert os.listdir(tmp_path) == ["same.png"]
+
+
+def test_a_dead_writers_temporary_file_is_removed_a_running_ones_kept(tmp_path):
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    try:
+        for pid in (alive.pid, dead.pid):
+            (tmp_path / f".c.pt.{pid}-abcd1234.tmp").write_bytes(b"half")
+        (tmp_path / f".c.pt.1.{dead.pid}-abcd1234.tmp").write_bytes(b"c.pt.1's")  # another file's
+        data.write_atomically(tmp_path / "c.pt", lambda f: f.write(b"new"))
+        assert sorted(os.listdir(tmp_path)) == sorted([f".c.pt.{alive.pid}-abcd1234.tmp", "c.pt",
+                                                       f".c.pt.1.{dead.pid}-abcd1234.tmp"])
+    finally:
+        alive.kill()
+        alive.wait()
