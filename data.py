@@ -116,7 +116,8 @@ def current_umask() -> int:
 class Lock:
     """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
 
-    `taken(pid)` makes the error raised while another process holds it.
+    `taken(pid)` makes the error raised while another process holds it; an OSError is raised when the lock file
+    cannot be written (a full disk).
     """
 
     def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
@@ -135,9 +136,13 @@ class Lock:
             # The file was opened just before its holder removed it: locking it excludes no one, since the next
             # process creates and locks a new file at `path`. Lock what is at `path` now.
             self.file.close()
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+        try:
+            self.file.truncate(0)
+            self.file.write(str(os.getpid()))
+            self.file.flush()
+        except OSError:  # a full disk: no lock file is left behind, the caller words the error
+            self.__exit__()
+            raise
 
     def locks_path(self) -> bool:
         """Whether the file locked is the one `path` names."""
@@ -157,8 +162,18 @@ class Lock:
 
 
 def shown(path: str | os.PathLike) -> str:
-    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN,
+    control characters escaped (see printable)."""
+    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+# Control characters as Python writes them in a string literal: a newline or tab in a name would split a line of
+# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal.
+ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+
+
+def printable(text: str) -> str:
+    return text.translate(ESCAPES)
 
 
 def special_kind(mode: int) -> str:

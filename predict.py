@@ -9,7 +9,12 @@ A folder whose sub-folders are the checkpoint's classes is treated as labelled:
 accuracy, per-class accuracy and the confusion matrix are printed too.
 """
 import argparse
+import fcntl
+import io
 import json
+import os
+import signal
+import stat
 import sys
 import tempfile
 import time
@@ -66,7 +71,7 @@ class ProgressLine:
 
     def __init__(self, title: str, total: int, done: int = 0, stream=None) -> None:
         self.title, self.total, self.done_at_start = title, total, done
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr  # progress, not a result (tqdm's convention): `> results` holds none
         self.terminal = self.stream.isatty()
         self.started = self.shown_at = time.perf_counter()
         self.next_tenth = done * 10 // total + 1
@@ -119,8 +124,9 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
 
 def print_report(title: str, report: dict, classes: list[str]) -> None:
     print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
+    classes = [data.printable(name) for name in classes]  # a newline in a class folder's name would split a row
     width = max(len(name) for name in classes)
-    for name, accuracy in report["per_class_accuracy"].items():
+    for name, accuracy in zip(classes, report["per_class_accuracy"].values()):
         print(f"  {name:>{width}}  " + ("n/a (no images)" if accuracy is None else f"{accuracy:7.2%}"))
     print("confusion matrix (rows: true, columns: predicted):")
     print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
@@ -132,6 +138,71 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
 
 class UsageError(Exception):
     """A command-line value that cannot be used; the message names the flag and what to do."""
+
+
+class Output:
+    """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event.
+
+    The first write or flush that fails is kept in `lost`, and the stream's file descriptor then points at
+    /dev/null, so that nothing written later fails again (Python's own flush at exit included): the program goes
+    on, and decides what the loss means (see guard_output's callers).
+    """
+
+    def __init__(self, stream, whole: bool = False) -> None:
+        """`whole`: what is written to a regular file is all or nothing, the file cut back to its start on a loss."""
+        self.stream = stream
+        self.lost: OSError | None = None
+        self.lost_told = False  # whether the program has said so
+        self.start = regular_file_offset(stream) if whole else None
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.lose(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self.lose(e)
+
+    def lose(self, error: OSError) -> None:
+        self.lost = self.lost or error
+        try:
+            if self.start is not None:
+                os.ftruncate(self.stream.fileno(), self.start)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's StringIO)
+            pass
+
+    def isatty(self) -> bool:
+        return self.lost is None and self.stream.isatty()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def regular_file_offset(stream) -> int | None:
+    """Where writing to `stream` starts when it is a regular file (`> file` or `>> file`), else None."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.fstat(fd).st_size if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND else os.lseek(fd, 0, os.SEEK_CUR)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def guard_output(whole: bool = False) -> None:
+    """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
+    if not isinstance(sys.stdout, Output):
+        sys.stdout = Output(sys.stdout, whole)
+    if not isinstance(sys.stderr, Output):
+        sys.stderr = Output(sys.stderr)
 
 
 def positive_int(text: str) -> int:
@@ -348,17 +419,33 @@ def predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"checkpoint": checkpoint_path, "predictions": results, "report": report, "errors": errors},
                          indent=1))
-    else:
+    else:  # names escaped (data.printable): a tab or newline in one would split its line
         for result in results:
-            print(str(result["path"]) + "".join(f"\t{t['label']}\t{t['probability']:.4f}" for t in result["top"]))
+            print(result["path"] + "".join(f"\t{data.printable(t['label'])}\t{t['probability']:.4f}"
+                                           for t in result["top"]))
         if report is not None:
             print_report(f"{len(labelled)} labelled images", report, classes)
+    check_results_written()
     if args.grid:
         show = torch.linspace(0, len(kept) - 1, min(GRID_MAX, len(kept))).round().long().unique()
         predicted = [results[i]["top"][0]["label"] for i in show]
         draw_grid(args.grid, images[show], predicted, [results[i]["true"] for i in show])
-        print(f"wrote {args.grid} ({len(show)} images)", file=sys.stderr if args.json else sys.stdout)
+        print(f"wrote {args.grid} ({len(show)} images)", file=sys.stderr)
     return 1 if errors else 0
+
+
+def check_results_written() -> None:
+    """stdout closed early (`| head`) ends predict quietly, as Unix tools do: with 128 + SIGPIPE, as if killed by it.
+
+    Any other failure to write them (a full disk) is one line; they were written whole or not at all (Output).
+    """
+    sys.stdout.flush()
+    lost = getattr(sys.stdout, "lost", None)
+    if isinstance(lost, BrokenPipeError):
+        sys.exit(128 + signal.SIGPIPE)
+    if lost is not None:
+        raise UsageError(f"cannot write the results to stdout ({lost.strerror or lost}); none were kept: free space, "
+                         "or send them elsewhere")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -375,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--batch-size", type=positive_int, default=256, help="images per forward pass")
     add("--limit", type=positive_int, default=None,
         help="predict only this many images (stratified sample; default: all)")
+    guard_output(whole=True)
     args = parser.parse_args(argv)
     sys.exit(report_errors("predict.py", args.batch_size, lambda: predict(args)))
 

@@ -114,7 +114,7 @@ def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
     command = [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data), "--out", str(out), "--epochs",
                "1", "--val-size", "3", *QUICK]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
+    for line in process.stderr:  # progress goes to stderr
         if line.startswith("  test: "):  # the first tenth of the test images is done
             process.send_signal(signal.SIGINT)
             break

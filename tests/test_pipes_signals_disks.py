@@ -1,14 +1,19 @@
 """Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 import data
+import predict
 import pretrain
-from conftest import QUICK, ROOT, error_line, run
+from conftest import QUICK, ROOT, error_line, make_class_folders, run
 from model import load_checkpoint
 from predict import UsageError
 
@@ -99,3 +104,183 @@ def test_a_dead_writers_temporary_file_is_removed_a_running_ones_kept(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+# ---------------------------------------------------------------- stdout closed, or on a full disk
+
+def script(name: str, *args) -> list[str]:
+    return [sys.executable, str(ROOT / name), *map(str, args)]
+
+
+def closed_pipe_run(command: list[str]) -> subprocess.CompletedProcess:
+    """Run with stdout a pipe whose reader has gone (`| head` after its lines): every write meets EPIPE."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    process.wait(timeout=600)
+    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
+
+
+def filled(disk: Path) -> Path:
+    """Fill the filesystem at `disk` to its last byte; returns the file that fills it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: closing it has nothing left to write
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 65536)
+    return filler
+
+
+@pytest.mark.slow
+def test_predict_into_a_closed_pipe_exits_quietly(pretrained, tiny_data):
+    result = closed_pipe_run(script("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu"))
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
+
+
+@pytest.mark.slow
+def test_training_into_a_closed_pipe_goes_on_and_says_so(tiny_data, tmp_path):
+    out = tmp_path / "p.pt"
+    result = closed_pipe_run(script("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2",
+                                    "--val-size", "6", *QUICK))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert (f"pretrain.py: cannot write to stdout any more (Broken pipe); training goes on, each epoch is logged in "
+            f"{tmp_path}/p.csv") in result.stderr.splitlines()
+    assert len(load_checkpoint(tmp_path / "p.last.pt")["history"]) == 2 and (tmp_path / "p.test.json").exists()
+
+
+@pytest.mark.slow
+def test_predict_onto_a_full_disk_is_one_line_and_keeps_none_of_its_results(pretrained, tiny_data, small_filesystem):
+    disk = small_filesystem("256k")
+    results = disk / "results.tsv"
+    earlier = "an earlier line" + " " * 4080 + "\n"  # a page: the results need another
+    results.write_text(earlier)
+    filled(disk)
+    with open(results, "a") as stdout:  # `>> results.tsv`
+        result = subprocess.run(script("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device",
+                                       "cpu"), stdout=stdout, stderr=subprocess.PIPE, text=True)
+    assert error_line(result) == ("predict.py: cannot write the results to stdout (No space left on device); none "
+                                  "were kept: free space, or send them elsewhere")
+    assert results.read_text() == earlier
+
+
+@pytest.mark.slow
+def test_training_with_stdout_on_a_full_disk_goes_on_and_says_so(tiny_data, tmp_path, small_filesystem):
+    disk = small_filesystem("256k")
+    filled(disk)
+    with open(disk / "log", "w") as stdout:  # `> log`
+        result = subprocess.run(script("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs",
+                                       "1", "--val-size", "6", *QUICK), stdout=stdout, stderr=subprocess.PIPE,
+                                text=True)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "pretrain.py: cannot write to stdout any more (No space left on device); training goes on" in result.stderr
+    assert (tmp_path / "p.test.json").exists()
+
+
+def test_out_on_a_completely_full_disk_is_one_line_and_leaves_no_lock(tiny_data, small_filesystem):
+    disk = small_filesystem("256k")
+    filled(disk)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", disk / "p.pt", "--epochs", "1", *QUICK,
+                 check=False)
+    assert error_line(result) == (f"pretrain.py: --out {disk}/p.pt: cannot write its lock file {disk}/.p.lock (No "
+                                  "space left on device); free disk space, or choose another --out")
+    assert os.listdir(disk) == ["filler"]
+
+
+# ---------------------------------------------------------------- signals
+
+
+def stop_with(signals: list[signal.Signals], args: list, gap: float = 0.0) -> subprocess.CompletedProcess:
+    """pretrain.py, sent `signals` `gap` seconds apart once its first epoch shows progress."""
+    process = subprocess.Popen(script("pretrain.py", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stderr:
+        if line.startswith("  epoch 1/"):
+            break
+    for sig in signals:
+        process.send_signal(sig)
+        time.sleep(gap)
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_sighup_stops_like_sigint_with_the_resume_state_saved(tiny_data, tmp_path):
+    """The terminal closed, or an ssh connection dropped: before, the run died mid-write, leaving a temporary file."""
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    out = tmp_path / "ck" / "p.pt"
+    result = stop_with([signal.SIGHUP], ["--data-dir", data, "--out", out, "--epochs", "2", "--val-size", "6",
+                                         *QUICK])
+    assert result.returncode == 128 + signal.SIGHUP, result.stderr
+    assert "pretrain.py: stopped by SIGHUP at epoch 1, step" in error_line(result)
+    assert sorted(os.listdir(out.parent)) == ["p.last.pt"] and load_checkpoint(out.parent / "p.last.pt")["step"] > 0
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_says_which_resume_state_is_saved(tmp_path):
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    out = tmp_path / "p.pt"
+    result = stop_with([signal.SIGINT, signal.SIGINT], ["--data-dir", data, "--out", out, "--epochs", "2",
+                                                        "--val-size", "6", *QUICK], gap=0.25)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    line = error_line(result)  # the second signal came during the save, or after it (before: "nothing more saved")
+    if line.endswith("no resume state was saved"):
+        assert line == "pretrain.py: stopped at once by a second SIGINT; no resume state was saved"
+        assert not (tmp_path / "p.last.pt").exists()
+    else:
+        assert line.endswith(f"is saved: resume with: python pretrain.py --resume {tmp_path}/p.last.pt") or \
+            line.startswith("pretrain.py: stopped by SIGINT at "), line
+        state = load_checkpoint(tmp_path / "p.last.pt")
+        assert f"at epoch {state['epoch'] + 1}, step {state['step']}" in line, line
+
+
+# ---------------------------------------------------------------- names that would split a line
+
+
+@pytest.mark.slow
+def test_a_tab_or_newline_in_a_file_name_is_escaped_in_predicts_lines(pretrained, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a\nb.png", "c\td.png"):
+        Image.new("RGB", (32, 32), "red").save(folder / name)
+    result = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu")
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [f"{folder}/a\\nb.png", f"{folder}/c\\td.png"]
+    assert all(len(line.split("\t")) == 3 for line in lines)
+
+
+def test_a_newline_in_a_class_name_is_escaped_in_the_report(capsys):
+    logits, labels = torch.eye(2), torch.tensor([0, 1])
+    predict.print_report("t", predict.classification_report(logits, labels, ["a\nb", "c"]), ["a\nb", "c"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 7 and lines[1] == "  a\\nb  100.00%" and lines[5] == "  a\\nb    1     0"
+
+
+# ---------------------------------------------------------------- flags that do not do what they seem to
+
+
+@pytest.mark.parametrize("flags, warning", [
+    (["--lr-schedule", "cosine", "--warmup-epochs", "3"], "the learning rate only warms up, there is no cosine phase"),
+    (["--warmup-epochs", "6"], "the learning rate never reaches --lr 0.01 (it ends at 0.005)"),
+    (["--lr-schedule", "cosine", "--warmup-epochs", "2"], None),
+    (["--warmup-epochs", "3"], None),
+])
+def test_a_warmup_as_long_as_the_run_is_warned_about(capsys, flags, warning):
+    pretrain.warn_about_warmup(pretrain.make_parser("", "pretrain").parse_args(["--epochs", "3", *flags]))
+    err = capsys.readouterr().err
+    if warning is None:
+        assert err == ""
+    else:
+        assert err == f"warning: --warmup-epochs {flags[-1]} with --epochs 3: {warning}; pass a --warmup-epochs below " \
+                      "--epochs\n"
+
+
+@pytest.mark.slow
+def test_finetune_takes_the_checkpoints_image_size_unless_given(pretrained, tiny_data, tmp_path):
+    """pretrained was trained at 64 px; before, finetune.py trained it at the default 224 without a word."""
+    flags = ["--checkpoint", pretrained, "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "16",
+             "--device", "cpu"]
+    result = run("finetune.py", *flags, "--out", tmp_path / "f.pt")
+    assert f"--image-size 64: the size {pretrained} was trained at" in result.stdout
+    assert "trained at 64 px" in result.stdout and load_checkpoint(tmp_path / "f.pt")["image_size"] == 64
+    result = run("finetune.py", *flags, "--out", tmp_path / "g.pt", "--image-size", "96")
+    assert "the size" not in result.stdout and load_checkpoint(tmp_path / "g.pt")["image_size"] == 96
