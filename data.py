@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -105,6 +106,13 @@ def process_is_running(pid: int) -> bool:
     except PermissionError:  # another user's
         pass
     return True
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
+    dropped), but not SIGHUP where it is ignored (`nohup`): the user asked the run to outlive the terminal."""
+    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
 
 
 def current_umask() -> int:

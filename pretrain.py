@@ -240,8 +240,6 @@ class OutLock(data.Lock):
 
 # --------------------------------------------------------------------------- processes and signals
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
 
 class Processes:
     """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
@@ -304,7 +302,8 @@ class Processes:
 class StopSignal:
     """Turns the first SIGINT/SIGTERM/SIGHUP into a request to save and stop at the next step.
 
-    SIGHUP (the terminal closed, an ssh connection dropped) is a stop like the others, not death mid-write.
+    SIGHUP (the terminal closed, an ssh connection dropped) is a stop like the others, not death mid-write
+    (unless ignored: see data.stop_signals).
 
     A second signal, or the first one `at_once`, raises KeyboardInterrupt where the program is.
     """
@@ -314,7 +313,7 @@ class StopSignal:
         self.at_once = at_once
 
     def __enter__(self) -> "StopSignal":
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in data.stop_signals()}
         return self
 
     def handle(self, signum, frame) -> None:

@@ -284,3 +284,20 @@ def test_finetune_takes_the_checkpoints_image_size_unless_given(pretrained, tiny
     assert "trained at 64 px" in result.stdout and load_checkpoint(tmp_path / "f.pt")["image_size"] == 64
     result = run("finetune.py", *flags, "--out", tmp_path / "g.pt", "--image-size", "96")
     assert "the size" not in result.stdout and load_checkpoint(tmp_path / "g.pt")["image_size"] == 96
+
+
+@pytest.mark.slow
+def test_under_nohup_a_sighup_does_not_stop_the_run(tmp_path):
+    """nohup ignores SIGHUP so that the run outlives the terminal: the stop on SIGHUP must not undo that."""
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    command = script("pretrain.py", "--data-dir", data, "--out", tmp_path / "p.pt", "--epochs", "1", "--val-size",
+                     "6", *QUICK)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    for line in process.stderr:
+        if line.startswith("  epoch 1/"):
+            process.send_signal(signal.SIGHUP)
+            break
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    assert "test: accuracy" in stdout and (tmp_path / "p.test.json").exists()
