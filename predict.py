@@ -9,6 +9,7 @@ A folder whose sub-folders are the checkpoint's classes is treated as labelled:
 accuracy, per-class accuracy and the confusion matrix are printed too.
 """
 import argparse
+import errno
 import fcntl
 import io
 import json
@@ -200,9 +201,16 @@ def regular_file_offset(stream) -> int | None:
 def guard_output(whole: bool = False) -> None:
     """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
     if not isinstance(sys.stdout, Output):
-        sys.stdout = Output(sys.stdout, whole)
+        sys.stdout = Output(sys.stdout, whole) if sys.stdout is not None else closed_output()
     if not isinstance(sys.stderr, Output):
-        sys.stderr = Output(sys.stderr)
+        sys.stderr = Output(sys.stderr) if sys.stderr is not None else closed_output()
+
+
+def closed_output() -> Output:
+    """For a stream Python found closed at the start (`>&-`): it is None then, and lost from the start."""
+    output = Output(open(os.devnull, "w"))
+    output.lost = OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return output
 
 
 def positive_int(text: str) -> int:

@@ -365,7 +365,10 @@ class Progress:
 
 
 def position(progress: Progress) -> str:
-    return f"epoch {progress.epoch + 1}, step {progress.step}" if progress.step else f"the end of epoch {progress.epoch}"
+    """Where a stopped run is, as its messages say it."""
+    if progress.step:
+        return f"epoch {progress.epoch + 1}, step {progress.step}"
+    return f"the end of epoch {progress.epoch}"
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -833,6 +836,9 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     are validated as epoch 0 (see `start_competes`). Under torchrun every
     process runs this; only the first prints and writes.
     """
+    if args.resume is not None and args.overwrite:
+        raise UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume continues "
+                         "one; pass one of them")
     state = None if args.resume is None else read_resume_state(args.resume, stage)
     if state is not None:
         args = in_run_folder(resumed_args(args, given, state), state)

@@ -1,4 +1,5 @@
 """Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
+import errno
 import os
 import signal
 import subprocess
@@ -270,8 +271,8 @@ def test_a_warmup_as_long_as_the_run_is_warned_about(capsys, flags, warning):
     if warning is None:
         assert err == ""
     else:
-        assert err == f"warning: --warmup-epochs {flags[-1]} with --epochs 3: {warning}; pass a --warmup-epochs below " \
-                      "--epochs\n"
+        assert err == (f"warning: --warmup-epochs {flags[-1]} with --epochs 3: {warning}; pass a --warmup-epochs "
+                       "below --epochs\n")
 
 
 @pytest.mark.slow
@@ -301,3 +302,17 @@ def test_under_nohup_a_sighup_does_not_stop_the_run(tmp_path):
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
     assert "test: accuracy" in stdout and (tmp_path / "p.test.json").exists()
+
+
+def test_overwrite_with_resume_is_one_line(tmp_path):
+    result = run("pretrain.py", "--resume", tmp_path / "p.last.pt", "--overwrite", check=False)
+    assert error_line(result) == (f"pretrain.py: --overwrite with --resume {tmp_path}/p.last.pt: --overwrite starts a "
+                                  "run afresh, --resume continues one; pass one of them")
+
+
+def test_a_stdout_closed_from_the_start_is_lost_not_a_traceback(monkeypatch):
+    """`predict.py DIR >&-`: Python's sys.stdout is then None."""
+    monkeypatch.setattr(sys, "stdout", None)
+    predict.guard_output(whole=True)
+    print("a result")
+    assert sys.stdout.lost.errno == errno.EBADF
