@@ -1,6 +1,7 @@
 """Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
 import errno
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -316,3 +317,28 @@ def test_a_stdout_closed_from_the_start_is_lost_not_a_traceback(monkeypatch):
     predict.guard_output(whole=True)
     print("a result")
     assert sys.stdout.lost.errno == errno.EBADF
+
+
+def test_predicts_progress_goes_to_stderr_and_its_results_alone_to_stdout(pretrained, tiny_data):
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--batch-size", "2")
+    assert "  predict: 2/18 images" in result.stderr and "images  " not in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.count("\t") == 2]) == 18
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_training_with_its_state_saved(tmp_path):
+    """The terminal closes: its writes fail (EIO) and SIGHUP comes; the stop's own message cannot be shown."""
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    out = tmp_path / "ck" / "p.pt"
+    terminal, child = pty.openpty()
+    process = subprocess.Popen(script("pretrain.py", "--data-dir", data, "--out", out, "--epochs", "2",
+                                      "--val-size", "6", *QUICK), stdout=child, stderr=child)
+    os.close(child)
+    shown = b""
+    while b"  epoch 1/2: " not in shown:
+        shown += os.read(terminal, 10_000)
+    os.close(terminal)  # the terminal window closes...
+    process.send_signal(signal.SIGHUP)  # ...and the kernel hangs its session up
+    assert process.wait(timeout=600) == 128 + signal.SIGHUP
+    state = load_checkpoint(out.parent / "p.last.pt")
+    assert sorted(os.listdir(out.parent)) == ["p.last.pt"] and state["step"] > 0
