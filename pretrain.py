@@ -219,7 +219,8 @@ def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
     out, last = Path(args.out), side_files(Path(args.out))["last"]
     found = [str(path) for path in (out, last) if path.exists()]
     if found and not args.overwrite:
-        resume = f"continue it with {stage}.py --resume {last} (a larger --epochs trains further), " * last.exists()
+        resume = f"continue it with {stage}.py --resume {last} (a larger --epochs trains further), " if last.exists() \
+            else ""
         raise UsageError(f"--out {args.out}: {' and '.join(found)} exist{'s' if len(found) == 1 else ''} already, "
                          f"from an earlier run; {resume}choose another --out, or pass --overwrite to replace it")
 
