@@ -8,10 +8,11 @@ files change. Augmentation and the evaluation transform run batched on
 whatever device holds that tensor. download.py gets a data set onto disk.
 
 Sections: files (what every script shares: DataError, write_atomically, Lock,
-the --help formatter); images; class folders and the cache; transforms on the device.
+stop_signals, stdout and stderr as Output, the --help formatter); images; class folders and the cache; transforms on the device.
 """
 import argparse
 import collections
+import errno
 import fcntl
 import hashlib
 import io
@@ -167,6 +168,78 @@ class Lock:
     def __exit__(self, *exc) -> None:
         self.path.unlink(missing_ok=True)  # while still locked: no other process can be holding it
         self.file.close()
+
+
+class Output:
+    """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event.
+
+    The first write or flush that fails is kept in `lost`, and the stream's file descriptor then points at
+    /dev/null, so that nothing written later fails again (Python's own flush at exit included): the program goes
+    on, and decides what the loss means (see guard_output's callers).
+    """
+
+    def __init__(self, stream, whole: bool = False) -> None:
+        """`whole`: what is written to a regular file is all or nothing, the file cut back to its start on a loss."""
+        self.stream = stream
+        self.lost: OSError | None = None
+        self.lost_told = False  # whether the program has said so
+        self.start = regular_file_offset(stream) if whole else None
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.lose(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self.lose(e)
+
+    def lose(self, error: OSError) -> None:
+        self.lost = self.lost or error
+        try:
+            if self.start is not None:
+                os.ftruncate(self.stream.fileno(), self.start)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's StringIO)
+            pass
+
+    def isatty(self) -> bool:
+        return self.lost is None and self.stream.isatty()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def regular_file_offset(stream) -> int | None:
+    """Where writing to `stream` starts when it is a regular file (`> file` or `>> file`), else None."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.fstat(fd).st_size if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND else os.lseek(fd, 0, os.SEEK_CUR)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def guard_output(whole: bool = False) -> None:
+    """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
+    if not isinstance(sys.stdout, Output):
+        sys.stdout = Output(sys.stdout, whole) if sys.stdout is not None else closed_output()
+    if not isinstance(sys.stderr, Output):
+        sys.stderr = Output(sys.stderr) if sys.stderr is not None else closed_output()
+
+
+def closed_output() -> Output:
+    """For a stream Python found closed at the start (`>&-`): it is None then, and lost from the start."""
+    output = Output(open(os.devnull, "w"))
+    output.lost = OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return output
 
 
 def shown(path: str | os.PathLike) -> str:

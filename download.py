@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_url
 
-from data import WORKERS, DataError, HelpFormatter, Lock, scan_dataset, shown, special_kind, stop_signals
+from data import (WORKERS, DataError, HelpFormatter, Lock, guard_output, scan_dataset, shown, special_kind,
+                  stop_signals)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -441,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--source", type=path_text, default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
         "(default: the official cifar-10-python.tar.gz, md5-checked)")
     add("--md5", type=md5_digits, default=None, help="expected md5 of a --source file (default: not checked)")
+    guard_output()  # a closed stdout (`| head`) loses the closing line, not the data set
     args = parser.parse_args(argv)
     # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
     previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}

@@ -9,13 +9,8 @@ A folder whose sub-folders are the checkpoint's classes is treated as labelled:
 accuracy, per-class accuracy and the confusion matrix are printed too.
 """
 import argparse
-import errno
-import fcntl
-import io
 import json
-import os
 import signal
-import stat
 import sys
 import tempfile
 import time
@@ -139,78 +134,6 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
 
 class UsageError(Exception):
     """A command-line value that cannot be used; the message names the flag and what to do."""
-
-
-class Output:
-    """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event.
-
-    The first write or flush that fails is kept in `lost`, and the stream's file descriptor then points at
-    /dev/null, so that nothing written later fails again (Python's own flush at exit included): the program goes
-    on, and decides what the loss means (see guard_output's callers).
-    """
-
-    def __init__(self, stream, whole: bool = False) -> None:
-        """`whole`: what is written to a regular file is all or nothing, the file cut back to its start on a loss."""
-        self.stream = stream
-        self.lost: OSError | None = None
-        self.lost_told = False  # whether the program has said so
-        self.start = regular_file_offset(stream) if whole else None
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except OSError as e:
-            self.lose(e)
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except OSError as e:
-            self.lose(e)
-
-    def lose(self, error: OSError) -> None:
-        self.lost = self.lost or error
-        try:
-            if self.start is not None:
-                os.ftruncate(self.stream.fileno(), self.start)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's StringIO)
-            pass
-
-    def isatty(self) -> bool:
-        return self.lost is None and self.stream.isatty()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def regular_file_offset(stream) -> int | None:
-    """Where writing to `stream` starts when it is a regular file (`> file` or `>> file`), else None."""
-    try:
-        fd = stream.fileno()
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.fstat(fd).st_size if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND else os.lseek(fd, 0, os.SEEK_CUR)
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return None
-
-
-def guard_output(whole: bool = False) -> None:
-    """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
-    if not isinstance(sys.stdout, Output):
-        sys.stdout = Output(sys.stdout, whole) if sys.stdout is not None else closed_output()
-    if not isinstance(sys.stderr, Output):
-        sys.stderr = Output(sys.stderr) if sys.stderr is not None else closed_output()
-
-
-def closed_output() -> Output:
-    """For a stream Python found closed at the start (`>&-`): it is None then, and lost from the start."""
-    output = Output(open(os.devnull, "w"))
-    output.lost = OSError(errno.EBADF, os.strerror(errno.EBADF))
-    return output
 
 
 def positive_int(text: str) -> int:
@@ -470,7 +393,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--batch-size", type=positive_int, default=256, help="images per forward pass")
     add("--limit", type=positive_int, default=None,
         help="predict only this many images (stratified sample; default: all)")
-    guard_output(whole=True)
+    data.guard_output(whole=True)
     args = parser.parse_args(argv)
     sys.exit(report_errors("predict.py", args.batch_size, lambda: predict(args)))
 

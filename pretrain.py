@@ -37,7 +37,7 @@ import data
 from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, load_tensors,
                    unwrap_state_dict)
 from predict import (ProgressLine, UsageError, check_writable_file, classification_report, compute_logits,
-                     guard_output, positive_int, print_report, report_errors, resolve_device)
+                     positive_int, print_report, report_errors, resolve_device)
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
@@ -1013,7 +1013,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", default=None, metavar="PATH|imagenet",
                         help="start from a torchvision AlexNet state dict, tensors matched by name and shape "
                              "(default: from scratch)")
-    guard_output()
+    data.guard_output()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     report_errors("pretrain.py", args.batch_size, lambda: train(args, given, "pretrain", new_model, every_parameter))

@@ -314,7 +314,7 @@ def test_overwrite_with_resume_is_one_line(tmp_path):
 def test_a_stdout_closed_from_the_start_is_lost_not_a_traceback(monkeypatch):
     """`predict.py DIR >&-`: Python's sys.stdout is then None."""
     monkeypatch.setattr(sys, "stdout", None)
-    predict.guard_output(whole=True)
+    data.guard_output(whole=True)
     print("a result")
     assert sys.stdout.lost.errno == errno.EBADF
 
@@ -342,3 +342,9 @@ def test_a_closed_terminal_stops_training_with_its_state_saved(tmp_path):
     assert process.wait(timeout=600) == 128 + signal.SIGHUP
     state = load_checkpoint(out.parent / "p.last.pt")
     assert sorted(os.listdir(out.parent)) == ["p.last.pt"] and state["step"] > 0
+
+
+@pytest.mark.slow
+def test_download_into_a_closed_pipe_is_no_traceback(tiny_data):
+    result = closed_pipe_run(script("download.py", "--root", tiny_data))  # nothing to do: its one line is lost
+    assert result.returncode == 0 and result.stderr == "", result.stderr
