@@ -356,12 +356,12 @@ def predict(args: argparse.Namespace) -> int:
                                            for t in result["top"]))
         if report is not None:
             print_report(f"{len(labelled)} labelled images", report, classes)
-    check_results_written()
-    if args.grid:
+    if args.grid:  # also when stdout is closed (`| head`): the picture was asked for as well
         show = torch.linspace(0, len(kept) - 1, min(GRID_MAX, len(kept))).round().long().unique()
         predicted = [results[i]["top"][0]["label"] for i in show]
         draw_grid(args.grid, images[show], predicted, [results[i]["true"] for i in show])
         print(f"wrote {args.grid} ({len(show)} images)", file=sys.stderr)
+    check_results_written()
     return 1 if errors else 0
 
 

@@ -134,9 +134,13 @@ def filled(disk: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_predict_into_a_closed_pipe_exits_quietly(pretrained, tiny_data):
+def test_predict_into_a_closed_pipe_exits_quietly(pretrained, tiny_data, tmp_path):
     result = closed_pipe_run(script("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu"))
     assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
+    result = closed_pipe_run(script("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu",
+                                    "--grid", tmp_path / "grid.png"))  # the picture is still drawn
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == f"wrote {tmp_path}/grid.png (18 images)\n"
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
 
 
 @pytest.mark.slow
