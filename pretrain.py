@@ -113,7 +113,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
     add("--out", default=f"checkpoints/{stage}.pt",
-        help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it")
+        help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it, named after it "
+             "without a .pt/.pth ending (exp.1: exp.1.last.pt)")
     add("--epochs", type=positive_int, default=40, help="passes over the training images")
     add("--batch-size", type=positive_int, default=256, help="images per step, over all torchrun processes")
     add("--lr", type=positive_float, default=0.01, help="SGD learning rate")
