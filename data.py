@@ -8,7 +8,8 @@ files change. Augmentation and the evaluation transform run batched on
 whatever device holds that tensor. download.py gets a data set onto disk.
 
 Sections: files (what every script shares: DataError, write_atomically, Lock,
-stop_signals, stdout and stderr as Output, the --help formatter); images; class folders and the cache; transforms on the device.
+stop_signals, stdout and stderr as Output, the --help formatter); images; class folders and the cache;
+transforms on the device.
 """
 import argparse
 import collections

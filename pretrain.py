@@ -839,8 +839,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     process runs this; only the first prints and writes.
     """
     if args.resume is not None and args.overwrite:
-        raise UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume continues "
-                         "one; pass one of them")
+        raise UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume "
+                         "continues one; pass one of them")
     state = None if args.resume is None else read_resume_state(args.resume, stage)
     if state is not None:
         args = in_run_folder(resumed_args(args, given, state), state)
