@@ -202,8 +202,9 @@ class Output:
     def lose(self, error: OSError) -> None:
         self.lost = self.lost or error
         try:
-            if self.start is not None:
+            if self.start is not None:  # back to the start too: `2>&1` shares the offset, no hole before stderr's
                 os.ftruncate(self.stream.fileno(), self.start)
+                os.lseek(self.stream.fileno(), self.start, os.SEEK_SET)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())
             os.close(devnull)
