@@ -75,7 +75,7 @@ import data
 def write(f):
     f.write(b"x" * 1000)
     time.sleep(0.01)  # the other writer starts meanwhile
-for i in range(40):
+for i in range(100):  # a second or more: the two overlap whatever their start-up times
     data.write_atomically({path!r}, write)
 """
 
