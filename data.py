@@ -8,16 +8,18 @@ files change. Augmentation and the evaluation transform run batched on
 whatever device holds that tensor. download.py gets a data set onto disk.
 
 Sections: files (what every script shares: DataError, write_atomically, Lock,
-the --help formatter); images; class folders and the cache; transforms on the device.
+stop_signals, stdout and stderr as Output, the --help formatter); images; class folders and the cache;
+transforms on the device.
 """
 import argparse
 import collections
+import errno
 import fcntl
-import glob
 import hashlib
 import io
 import os
 import re
+import signal
 import stat
 import sys
 import tempfile
@@ -66,17 +68,17 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
     """`write` fills a temporary file beside `path`, synced to disk, which then replaces `path`: a failure, a signal
     or a kill mid-write leaves the previous file as it was.
 
-    The temporary file is removed on failure; one left by a killed writer is removed by the next write of `path`
-    (one writer per path, as the scripts do). A failed write raises its OSError, also where torch.save wrapped it
-    in a RuntimeError (as it does for a full disk).
+    The temporary file, named with the writer's pid, is removed on failure; one left by a killed writer (its pid
+    gone) is removed by the next write of `path`. Writers of one path at once (two predict.py --grid, two runs
+    building one cache) each write their own, the last rename wins, and none removes another's. A failed write
+    raises its OSError, also where torch.save wrapped it in a RuntimeError (as it does for a full disk).
     """
     directory, name = os.path.split(os.path.abspath(path))
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
-        for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(name)}.*.tmp")):
-            os.unlink(stale)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        remove_dead_writers_files(directory, name)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -91,6 +93,32 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
         raise
 
 
+def remove_dead_writers_files(directory: str, name: str) -> None:
+    """The temporary files of `name` (see write_atomically) whose writer is no longer running: they may be large."""
+    own = re.compile(rf"\.{re.escape(name)}\.(\d+)-\w+\.tmp")
+    for entry in os.scandir(directory):
+        match = own.fullmatch(entry.name)
+        if match and not process_is_running(int(match[1])):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether there is such a process
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
+    dropped), but not SIGHUP where it is ignored (`nohup`): the user asked the run to outlive the terminal."""
+    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
+
+
 def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -100,7 +128,8 @@ def current_umask() -> int:
 class Lock:
     """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
 
-    `taken(pid)` makes the error raised while another process holds it.
+    `taken(pid)` makes the error raised while another process holds it; an OSError is raised when the lock file
+    cannot be written (a full disk).
     """
 
     def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
@@ -119,9 +148,13 @@ class Lock:
             # The file was opened just before its holder removed it: locking it excludes no one, since the next
             # process creates and locks a new file at `path`. Lock what is at `path` now.
             self.file.close()
-        self.file.truncate(0)
-        self.file.write(str(os.getpid()))
-        self.file.flush()
+        try:
+            self.file.truncate(0)
+            self.file.write(str(os.getpid()))
+            self.file.flush()
+        except OSError:  # a full disk: no lock file is left behind, the caller words the error
+            self.__exit__()
+            raise
 
     def locks_path(self) -> bool:
         """Whether the file locked is the one `path` names."""
@@ -140,9 +173,92 @@ class Lock:
         self.file.close()
 
 
+class Output:
+    """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event.
+
+    The first write or flush that fails is kept in `lost`, and the stream's file descriptor then points at
+    /dev/null, so that nothing written later fails again (Python's own flush at exit included): the program goes
+    on, and decides what the loss means (see guard_output's callers).
+    """
+
+    def __init__(self, stream, whole: bool = False) -> None:
+        """`whole`: what is written to a regular file is all or nothing, the file cut back to its start on a loss."""
+        self.stream = stream
+        self.lost: OSError | None = None
+        self.lost_told = False  # whether the program has said so
+        self.start = regular_file_offset(stream) if whole else None
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.lose(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self.lose(e)
+
+    def lose(self, error: OSError) -> None:
+        self.lost = self.lost or error
+        try:
+            if self.start is not None:  # back to the start too: `2>&1` shares the offset, no hole before stderr's
+                os.ftruncate(self.stream.fileno(), self.start)
+                os.lseek(self.stream.fileno(), self.start, os.SEEK_SET)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's StringIO)
+            pass
+
+    def isatty(self) -> bool:
+        return self.lost is None and self.stream.isatty()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def regular_file_offset(stream) -> int | None:
+    """Where writing to `stream` starts when it is a regular file (`> file` or `>> file`), else None."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.fstat(fd).st_size if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND else os.lseek(fd, 0, os.SEEK_CUR)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def guard_output(whole: bool = False) -> None:
+    """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
+    if not isinstance(sys.stdout, Output):
+        sys.stdout = Output(sys.stdout, whole) if sys.stdout is not None else closed_output()
+    if not isinstance(sys.stderr, Output):
+        sys.stderr = Output(sys.stderr) if sys.stderr is not None else closed_output()
+
+
+def closed_output() -> Output:
+    """For a stream Python found closed at the start (`>&-`): it is None then, and lost from the start."""
+    output = Output(open(os.devnull, "w"))
+    output.lost = OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return output
+
+
 def shown(path: str | os.PathLike) -> str:
-    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN,
+    control characters escaped (see printable)."""
+    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+# Control characters as Python writes them in a string literal: a newline or tab in a name would split a line of
+# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal.
+ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+
+
+def printable(text: str) -> str:
+    return text.translate(ESCAPES)
 
 
 def special_kind(mode: int) -> str:

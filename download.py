@@ -15,6 +15,7 @@ import lzma
 import os
 import pickle
 import shutil
+import signal
 import stat
 import sys
 import tarfile
@@ -31,7 +32,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_url
 
-from data import WORKERS, DataError, HelpFormatter, Lock, scan_dataset, shown, special_kind
+from data import (WORKERS, DataError, HelpFormatter, Lock, guard_output, scan_dataset, shown, special_kind,
+                  stop_signals)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -445,13 +447,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    guard_output()  # a closed stdout (`| head`) loses the closing line, not the data set
     args = build_parser().parse_args(argv)
+    # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
+    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
     try:
         download(args.root, args.source, args.md5)
     except DataError as e:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
         sys.exit(f"download.py: interrupted; nothing was written to {args.root}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@ head is new unless they are the checkpoint's classes. The starting weights are
 validated as epoch 0 and kept if no epoch beats them.
 """
 import argparse
+import functools
 import sys
 from pathlib import Path
 
 from torch import nn
 
+from data import guard_output
 from model import AlexNet, load_checkpoint, model_from_checkpoint
 from predict import UsageError, report_errors
 from pretrain import given_flags, make_parser, train
@@ -42,9 +44,8 @@ def flag_value_text(value) -> str:
     return "default" if value is None else str(value)
 
 
-def new_model(args: argparse.Namespace, classes: list[str]) -> AlexNet:
+def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) -> AlexNet:
     """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head)."""
-    checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint, args.checkpoint)
     if args.new_head or checkpoint["classes"] != classes:
         model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(classes))
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    guard_output()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     report_errors("finetune.py", args.batch_size, lambda: finetune(args, given))
@@ -85,7 +87,15 @@ def finetune(args: argparse.Namespace, given: set[str]) -> dict | None:
     if args.resume is None and Path(args.out).resolve() == Path(args.checkpoint).resolve():
         raise UsageError(f"--out {args.out}: is the --checkpoint fine-tuning starts from and would overwrite it; "
                          "choose another --out")
-    return train(args, given, "finetune", new_model, trainable, starting_weights_compete=True)
+    start_from = None  # a resume's model comes from its resume state
+    if args.resume is None:
+        checkpoint = load_checkpoint(args.checkpoint)
+        if "image_size" not in given and args.image_size != checkpoint["image_size"]:
+            args.image_size = checkpoint["image_size"]  # its features were learnt at that size, not at the default
+            print(f"--image-size {args.image_size}: the size {args.checkpoint} was trained at (pass --image-size to "
+                  "choose another)")
+        start_from = functools.partial(new_model, checkpoint=checkpoint)
+    return train(args, given, "finetune", start_from, trainable, starting_weights_compete=True)
 
 
 if __name__ == "__main__":

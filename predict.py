@@ -11,6 +11,7 @@ in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -68,7 +69,7 @@ class ProgressLine:
 
     def __init__(self, title: str, total: int, done: int = 0, stream=None) -> None:
         self.title, self.total, self.done_at_start = title, total, done
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr  # progress, not a result (tqdm's convention): `> results` holds none
         self.terminal = self.stream.isatty()
         self.started = self.shown_at = time.perf_counter()
         self.next_tenth = done * 10 // total + 1
@@ -121,8 +122,9 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
 
 def print_report(title: str, report: dict, classes: list[str]) -> None:
     print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
+    classes = [data.printable(name) for name in classes]  # a newline in a class folder's name would split a row
     width = max(len(name) for name in classes)
-    for name, accuracy in report["per_class_accuracy"].items():
+    for name, accuracy in zip(classes, report["per_class_accuracy"].values()):
         print(f"  {name:>{width}}  " + ("n/a (no images)" if accuracy is None else f"{accuracy:7.2%}"))
     if width + 2 + 6 * len(classes) > MATRIX_WIDTH:
         print_most_confused(report["confusion_matrix"], classes)
@@ -390,17 +392,33 @@ def predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"checkpoint": checkpoint_path, "predictions": results, "report": report, "errors": errors},
                          indent=1))
-    else:
+    else:  # names escaped (data.printable): a tab or newline in one would split its line
         for result in results:
-            print(str(result["path"]) + "".join(f"\t{t['label']}\t{t['probability']:.4f}" for t in result["top"]))
+            print(result["path"] + "".join(f"\t{data.printable(t['label'])}\t{t['probability']:.4f}"
+                                           for t in result["top"]))
         if report is not None:
             print_report(f"{len(labelled)} labelled images", report, classes)
-    if args.grid:
+    if args.grid:  # also when stdout is closed (`| head`): the picture was asked for as well
         show = torch.linspace(0, len(kept) - 1, min(GRID_MAX, len(kept))).round().long().unique()
         predicted = [results[i]["top"][0]["label"] for i in show]
         draw_grid(args.grid, images[show], predicted, [results[i]["true"] for i in show])
-        print(f"wrote {args.grid} ({len(show)} images)", file=sys.stderr if args.json else sys.stdout)
+        print(f"wrote {args.grid} ({len(show)} images)", file=sys.stderr)
+    check_results_written()
     return 1 if errors else 0
+
+
+def check_results_written() -> None:
+    """stdout closed early (`| head`) ends predict quietly, as Unix tools do: with 128 + SIGPIPE, as if killed by it.
+
+    Any other failure to write them (a full disk) is one line; they were written whole or not at all (Output).
+    """
+    sys.stdout.flush()
+    lost = getattr(sys.stdout, "lost", None)
+    if isinstance(lost, BrokenPipeError):
+        sys.exit(128 + signal.SIGPIPE)
+    if lost is not None:
+        raise UsageError(f"cannot write the results to stdout ({lost.strerror or lost}); none were kept: free space, "
+                         "or send them elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    data.guard_output(whole=True)
     args = build_parser().parse_args(argv)
     sys.exit(report_errors("predict.py", args.batch_size, lambda: predict(args)))
 

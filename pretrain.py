@@ -58,6 +58,9 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
 SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
+# Endings of --out that its side files replace (pretrain.pt: pretrain.last.pt); any other ending is kept (exp.1:
+# exp.1.last.pt), so that --out exp.1 and --out exp.2 never share a side file.
+CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 # --------------------------------------------------------------------------- command line
@@ -114,7 +117,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
     add("--out", default=f"checkpoints/{stage}.pt",
-        help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it")
+        help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it, named after it "
+             "without a .pt/.pth ending (exp.1: exp.1.last.pt)")
     add("--epochs", type=positive_int, default=40, help="passes over the training images")
     add("--batch-size", type=positive_int, default=256, help="images per step, over all torchrun processes")
     add("--lr", type=positive_float, default=0.01, help="SGD learning rate")
@@ -130,6 +134,9 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--resume", default=None, metavar="PATH",
         help="continue the run that left this .last.pt, with its flags (only --epochs, --device and, for images "
              "moved, --data-dir may change)")
+    add("--overwrite", action="store_true",
+        help="start afresh onto an --out that holds a run already, replacing its checkpoint, resume state, log and "
+             "report (without it such a run is refused)")
     add("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
         help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
     add("--cutout", type=fraction, default=0.0, metavar="FRACTION",
@@ -192,6 +199,19 @@ def check_best_kept(args: argparse.Namespace, state: dict) -> None:
                          "is missing; put it back there, or start a new run")
 
 
+def warn_about_warmup(args: argparse.Namespace) -> None:
+    """A warm-up as long as the run leaves no cosine phase, or a learning rate that never reaches --lr."""
+    if args.lr_schedule == "cosine" and args.warmup_epochs >= args.epochs:
+        effect = "the learning rate only warms up, there is no cosine phase"
+    elif args.warmup_epochs > args.epochs:
+        effect = (f"the learning rate never reaches --lr {args.lr} (it ends at "
+                  f"{args.lr * args.epochs / args.warmup_epochs:.3g})")
+    else:
+        return
+    print(f"warning: --warmup-epochs {args.warmup_epochs:g} with --epochs {args.epochs}: {effect}; pass a "
+          "--warmup-epochs below --epochs", file=sys.stderr)
+
+
 def check_out(out: str) -> None:
     """Fail before training, not after the first epoch, when --out cannot be written."""
     if not Path(out).name:
@@ -202,12 +222,29 @@ def check_out(out: str) -> None:
     check_writable_file("--out", Path(out), "model.pt", make_folder=True)  # the run's lock is taken there
 
 
+def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
+    """A fresh run would replace the checkpoint, resume state, log and report of the run already at --out."""
+    out, last = Path(args.out), side_files(Path(args.out))["last"]
+    found = [str(path) for path in (out, last) if path.exists()]
+    if found and not args.overwrite:
+        resume = f"continue it with {stage}.py --resume {last} (a larger --epochs trains further), " if last.exists() \
+            else ""
+        raise UsageError(f"--out {args.out}: {' and '.join(found)} exist{'s' if len(found) == 1 else ''} already, "
+                         f"from an earlier run; {resume}choose another --out, or pass --overwrite to replace it")
+
+
 class OutLock(data.Lock):
-    """Held on --out for the whole run: two runs writing the same files would mix them."""
+    """Held on --out and its side files for the whole run: two runs writing the same files would mix them."""
 
     def __init__(self, out: Path) -> None:
-        super().__init__(out.parent / f".{out.name}.lock", lambda owner: UsageError(
-            f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end or choose another --out"))
+        path = out.parent / f".{run_name(out).name}.lock"
+        try:
+            super().__init__(path, lambda owner: UsageError(
+                f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end or choose another "
+                "--out"))
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot write its lock file {path} ({e.strerror or e}); free disk space, "
+                             "or choose another --out") from None
 
 
 # --------------------------------------------------------------------------- processes and signals
@@ -272,7 +309,10 @@ class Processes:
 
 
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM into a request to save and stop at the next step.
+    """Turns the first SIGINT/SIGTERM/SIGHUP into a request to save and stop at the next step.
+
+    SIGHUP (the terminal closed, an ssh connection dropped) is a stop like the others, not death mid-write
+    (unless ignored: see data.stop_signals).
 
     A second signal, or the first one `at_once`, raises KeyboardInterrupt where the program is.
     """
@@ -282,7 +322,7 @@ class StopSignal:
         self.at_once = at_once
 
     def __enter__(self) -> "StopSignal":
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in data.stop_signals()}
         return self
 
     def handle(self, signum, frame) -> None:
@@ -330,13 +370,30 @@ class Progress:
     perm: torch.Tensor | None = None  # the order of the epoch under way; None between epochs
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+    saved: str | None = None  # where the newest resume state handed to the writer is (see position); None: none yet
+
+
+def position(progress: Progress) -> str:
+    """Where a stopped run is, as its messages say it."""
+    if progress.step:
+        return f"epoch {progress.epoch + 1}, step {progress.step}"
+    return f"the end of epoch {progress.epoch}"
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 
+def run_name(out: Path) -> Path:
+    """What --out's side files and lock are named after: --out without a checkpoint ending (see CHECKPOINT_SUFFIXES).
+
+    Two --out of one run name (run.pt, run.pth, run) share them, and so their lock: one runs at a time.
+    """
+    return out.with_suffix("") if out.suffix in CHECKPOINT_SUFFIXES else out
+
+
 def side_files(out: Path) -> dict[str, Path]:
-    return {kind: out.with_suffix(suffix) for kind, suffix in SIDE_SUFFIXES.items()}
+    base = run_name(out)
+    return {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_SUFFIXES.items()}
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
@@ -530,6 +587,7 @@ def save_resume_state(run: Run, progress: Progress, writer: CheckpointWriter, fi
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
         "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint, "cwd": os.getcwd()}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
+    progress.saved = position(progress)
 
 
 def read_resume_state(path: str, stage: str) -> dict:
@@ -555,7 +613,9 @@ def restore(run: Run, state: dict) -> Progress:
         torch.cuda.set_rng_state(own["cuda"], device)
     run.augment.set_state(state["rng"]["augment"])
     perm = None if state["perm"] is None else state["perm"].to(device)
-    return Progress(own["running"].to(device), state["epoch"], state["step"], perm, state["history"], state["best"])
+    progress = Progress(own["running"].to(device), state["epoch"], state["step"], perm, state["history"], state["best"])
+    progress.saved = position(progress)
+    return progress
 
 
 # --------------------------------------------------------------------------- setting up a run
@@ -634,12 +694,8 @@ def stop_here(run: Run, progress: Progress, writer: CheckpointWriter, received: 
     run.processes.barrier()
     received = received or signal.SIGTERM  # another process got the signal
     if run.processes.main:
-        if progress.step:
-            where = f"epoch {progress.epoch + 1}, step {progress.step}"
-        else:
-            where = f"the end of epoch {progress.epoch}"
-        print(f"{run.stage}.py: stopped by {received.name} at {where}; resume with: {resume_command(run)}",
-              file=sys.stderr)
+        print(f"{run.stage}.py: stopped by {received.name} at {position(progress)}; resume with: "
+              f"{resume_command(run)}", file=sys.stderr)
     run.processes.close()
     sys.exit(128 + received)
 
@@ -777,6 +833,21 @@ def end_epoch(run: Run, progress: Progress, train_images: data.ImageSet, val_ima
     if run.processes.main:
         write_csv(side_files(run.out)["csv"], progress.history)
         print_epoch(progress.history, run.args.epochs, improved)
+        tell_if_stdout_lost(run)
+
+
+def tell_if_stdout_lost(run: Run) -> None:
+    """A closed stdout (`| head`), or a full disk under `> log`, does not stop the training: said once, on stderr.
+
+    What goes to stdout are results: the start line, each epoch's line, the test report. Progress lines and
+    diagnostics go to stderr (tqdm's convention), so `> log` holds only the results.
+    """
+    stdout = sys.stdout
+    if getattr(stdout, "lost", None) is None or stdout.lost_told:
+        return
+    stdout.lost_told = True
+    print(f"{run.stage}.py: cannot write to stdout any more ({stdout.lost.strerror or stdout.lost}); training goes "
+          f"on, each epoch is logged in {side_files(run.out)['csv']}", file=sys.stderr)
 
 
 def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
@@ -789,22 +860,27 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
 
 
 def train(args: argparse.Namespace, given: set[str], stage: str,
-          new_model: Callable[[argparse.Namespace, list[str]], AlexNet],
+          new_model: Callable[[argparse.Namespace, list[str]], AlexNet] | None,
           trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]],
           starting_weights_compete: bool = False) -> dict | None:
     """Train, keep the best validation epoch, then evaluate the test split once. Returns the test report.
 
     `given` names the flags set on the command line; `new_model(args, classes)`
-    builds the model of a fresh run; `trainable(args, model)` returns the
+    builds the model of a fresh run (None where only a resume is possible); `trainable(args, model)` returns the
     parameters to train. With `starting_weights_compete` the starting weights
     are validated as epoch 0 (see `start_competes`). Under torchrun every
     process runs this; only the first prints and writes.
     """
+    if args.resume is not None and args.overwrite:
+        raise UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume "
+                         "continues one; pass one of them")
     state = None if args.resume is None else read_resume_state(args.resume, stage)
     if state is not None:
         args = in_run_folder(resumed_args(args, given, state), given, state)
         check_best_kept(args, state)
     processes = Processes(args.device)
+    if processes.main:
+        warn_about_warmup(args)
     if state is not None and len(state["rng"]["processes"]) != processes.world:
         world = len(state["rng"]["processes"])
         raise UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
@@ -813,6 +889,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         check_out(args.out)
     out = Path(args.out)
     with OutLock(out) if processes.main else contextlib.nullcontext():
+        if state is None and processes.main:
+            check_no_run_there(args, stage)
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)
         if state is None:
@@ -836,16 +914,32 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
 def fit(run: Run, progress: Progress, train_images: data.ImageSet, val_images: data.ImageSet,
         starting_weights_compete: bool) -> None:
     """The epoch loop: train, validate, keep the best, write the resume state; a signal stops it with that saved."""
-    with StopSignal() as stop, CheckpointWriter() as writer:
-        if starting_weights_compete:
-            start_competes(run, progress, val_images, writer)
-        while progress.epoch < run.args.epochs:
-            started = time.perf_counter()
-            if not train_one_epoch(run, progress, train_images, stop, writer):
-                stop_here(run, progress, writer, stop.received)
-            end_epoch(run, progress, train_images, val_images, started, writer)
-            if run.processes.any(stop.received is not None) and progress.epoch < run.args.epochs:
-                stop_here(run, progress, writer, stop.received)
+    with StopSignal() as stop:
+        try:
+            with CheckpointWriter() as writer:
+                if starting_weights_compete:
+                    start_competes(run, progress, val_images, writer)
+                while progress.epoch < run.args.epochs:
+                    started = time.perf_counter()
+                    if not train_one_epoch(run, progress, train_images, stop, writer):
+                        stop_here(run, progress, writer, stop.received)
+                    end_epoch(run, progress, train_images, val_images, started, writer)
+                    if run.processes.any(stop.received is not None) and progress.epoch < run.args.epochs:
+                        stop_here(run, progress, writer, stop.received)
+        except KeyboardInterrupt:  # a second signal; leaving the writer's block has put its saves on disk
+            stopped_at_once(run, progress, writer, stop.received or signal.SIGINT)
+
+
+def stopped_at_once(run: Run, progress: Progress, writer: CheckpointWriter, received: signal.Signals) -> None:
+    """Say what a second signal leaves: the newest resume state saved before it, which a resume continues."""
+    if run.processes.main:
+        if progress.saved is None or writer.error is not None:
+            print(f"{run.stage}.py: stopped at once by a second {received.name}; no resume state was saved",
+                  file=sys.stderr)
+        else:
+            print(f"{run.stage}.py: stopped at once by a second {received.name}; the resume state at "
+                  f"{progress.saved} is saved: resume with: {resume_command(run)}", file=sys.stderr)
+    sys.exit(128 + received)
 
 
 def check_same_data(args: argparse.Namespace, state: dict, train_images: data.ImageSet) -> None:
@@ -959,6 +1053,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
+    data.guard_output()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
     report_errors("pretrain.py", args.batch_size, lambda: train(args, given, "pretrain", new_model, every_parameter))

@@ -55,7 +55,9 @@ def recipe(text: str) -> tuple[str, str]:
 def run(name: str, flags: str, common: list[str], out_dir: Path) -> tuple[bool, str]:
     """Train one recipe; whether it finished, and its table row."""
     out = out_dir / f"{name}.pt"
-    command = [sys.executable, str(ROOT / "pretrain.py"), *common, "--out", str(out), *shlex.split(flags)]
+    # --overwrite: a rerun of the benchmark replaces the recipe's earlier run
+    command = [sys.executable, str(ROOT / "pretrain.py"), *common, "--out", str(out), "--overwrite",
+               *shlex.split(flags)]
     started = time.perf_counter()
     with open(out_dir / f"{name}.log", "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -93,7 +93,7 @@ def test_sigterm_to_one_rank_stops_both_and_resume_under_torchrun_is_exact(data4
     out = tmp_path / "pretrain.pt"
     process = torchrun("--data-dir", data40, "--out", out, *FLAGS)
     second = worker(process.pid, 1)
-    for line in process.stdout:
+    for line in process.stderr:  # progress goes to stderr
         if line.startswith("  epoch 2/3: 16/108 images"):  # epoch 2's first step is done, six are left
             os.kill(second, signal.SIGTERM)
             break

@@ -317,9 +317,10 @@ def download_under_way(work: Path, flaky_server) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_an_interrupted_download_leaves_nothing(tmp_path, flaky_server):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_an_interrupted_download_leaves_nothing(tmp_path, flaky_server, sig):
     process = download_under_way(tmp_path / "work", flaky_server)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr
     assert stderr.strip().splitlines()[-1] == f"download.py: interrupted; nothing was written to {tmp_path / 'work/c'}"

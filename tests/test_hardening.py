@@ -114,7 +114,7 @@ def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
     command = [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data), "--out", str(out), "--epochs",
                "1", "--val-size", "3", *QUICK]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
+    for line in process.stderr:  # progress goes to stderr
         if line.startswith("  test: "):  # the first tenth of the test images is done
             process.send_signal(signal.SIGINT)
             break
@@ -216,8 +216,8 @@ def test_out_of_host_memory_is_one_line(tiny_data, tmp_path):
 def test_training_shows_its_progress_in_a_log_at_most_every_tenth(tiny_data, tmp_path):
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
                  "--val-size", "6", *QUICK, "--batch-size", "2")  # 21 steps
-    lines = [line for line in result.stdout.splitlines() if line.startswith("  epoch 1/1: ")]
-    assert 5 <= len(lines) <= 10 and "\r" not in result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.startswith("  epoch 1/1: ")]  # progress: stderr
+    assert 5 <= len(lines) <= 10 and "\r" not in result.stderr and "  epoch 1/1: " not in result.stdout
     assert lines[0].startswith("  epoch 1/1: 6/42 images, loss ") and " img/s  eta " in lines[0]
 
 

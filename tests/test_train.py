@@ -114,7 +114,7 @@ def stop_during(title: str, sig: signal.Signals, args: list) -> str:
     still to come, and a later arrival stops at the next epoch's start instead), return the stop's message."""
     process = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    for line in process.stdout:
+    for line in process.stderr:  # progress goes to stderr
         if line.startswith(f"  {title}: "):
             process.send_signal(sig)
             break

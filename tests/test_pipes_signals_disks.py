@@ -1,0 +1,355 @@
+"""Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
+import errno
+import os
+import pty
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import predict
+import pretrain
+from conftest import QUICK, ROOT, error_line, make_class_folders, run
+from model import load_checkpoint
+from predict import UsageError
+
+
+def test_side_files_belong_to_one_out():
+    names = {out: [p.name for p in pretrain.side_files(Path(out)).values()]
+             for out in ("pretrain.pt", "run.pth", "exp.1", "exp.2")}
+    assert names == {"pretrain.pt": ["pretrain.last.pt", "pretrain.csv", "pretrain.test.json"],
+                     "run.pth": ["run.last.pt", "run.csv", "run.test.json"],
+                     "exp.1": ["exp.1.last.pt", "exp.1.csv", "exp.1.test.json"],
+                     "exp.2": ["exp.2.last.pt", "exp.2.csv", "exp.2.test.json"]}
+
+
+def test_outs_that_share_side_files_share_their_lock(tmp_path):
+    """run.pt and run both write run.last.pt: one of them at a time."""
+    with pretrain.OutLock(tmp_path / "run.pt"):
+        with pytest.raises(UsageError, match="another run .* is writing it"):
+            pretrain.OutLock(tmp_path / "run")
+        with pretrain.OutLock(tmp_path / "run.2"):  # another run name: its own lock
+            pass
+
+
+@pytest.mark.slow
+def test_two_outs_that_differ_after_the_last_dot_keep_their_own_files(tiny_data, tmp_path):
+    for out in ("exp.1", "exp.2"):
+        result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / out, "--epochs", "1",
+                     "--val-size", "6", "--seed", out[-1], *QUICK)
+        assert f"{tmp_path / out}.last.pt (resume state), {tmp_path / out}.csv" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"exp.{i}{suffix}" for i in (1, 2) for suffix in ("", ".csv", ".last.pt", ".test.json")]
+    assert [load_checkpoint(tmp_path / f"exp.{i}.last.pt")["args"]["seed"] for i in (1, 2)] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_fresh_run_onto_a_finished_run_is_refused_unless_overwrite(tiny_data, tmp_path):
+    out = tmp_path / "p.pt"
+    flags = ["--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK]
+    run("pretrain.py", *flags)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = run("pretrain.py", *flags, check=False)
+    assert error_line(result) == (
+        f"pretrain.py: --out {out}: {out} and {tmp_path}/p.last.pt exist already, from an earlier run; continue it "
+        f"with pretrain.py --resume {tmp_path}/p.last.pt (a larger --epochs trains further), choose another --out, or "
+        "pass --overwrite to replace it")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and "epoch" not in result.stdout
+    (tmp_path / "p.last.pt").unlink()
+    result = run("pretrain.py", *flags, check=False)
+    assert error_line(result).endswith(f"{out} exists already, from an earlier run; choose another --out, or pass "
+                                       "--overwrite to replace it")
+    again = run("pretrain.py", *flags, "--overwrite")
+    assert "epoch   1/1" in again.stdout and (tmp_path / "p.last.pt").exists()
+
+
+WRITER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import data
+def write(f):
+    f.write(b"x" * 1000)
+    time.sleep(0.01)  # the other writer starts meanwhile
+for i in range(100):  # a second or more: the two overlap whatever their start-up times
+    data.write_atomically({path!r}, write)
+"""
+
+
+@pytest.mark.slow
+def test_concurrent_writers_of_one_path_never_remove_each_others_temporary_file(tmp_path):
+    """Two predict.py --grid of one picture, two runs building one cache: before, one failed or warned."""
+    path = tmp_path / "same.png"
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), path=str(path))],
+                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for writer in writers:
+        _, stderr = writer.communicate(timeout=120)
+        assert writer.returncode == 0, stderr
+    assert os.listdir(tmp_path) == ["same.png"]
+
+
+def test_a_dead_writers_temporary_file_is_removed_a_running_ones_kept(tmp_path):
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    try:
+        for pid in (alive.pid, dead.pid):
+            (tmp_path / f".c.pt.{pid}-abcd1234.tmp").write_bytes(b"half")
+        (tmp_path / f".c.pt.1.{dead.pid}-abcd1234.tmp").write_bytes(b"c.pt.1's")  # another file's
+        data.write_atomically(tmp_path / "c.pt", lambda f: f.write(b"new"))
+        assert sorted(os.listdir(tmp_path)) == sorted([f".c.pt.{alive.pid}-abcd1234.tmp", "c.pt",
+                                                       f".c.pt.1.{dead.pid}-abcd1234.tmp"])
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+# ---------------------------------------------------------------- stdout closed, or on a full disk
+
+def script(name: str, *args) -> list[str]:
+    return [sys.executable, str(ROOT / name), *map(str, args)]
+
+
+def closed_pipe_run(command: list[str]) -> subprocess.CompletedProcess:
+    """Run with stdout a pipe whose reader has gone (`| head` after its lines): every write meets EPIPE."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    stderr = process.stderr.read()
+    process.wait(timeout=600)
+    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
+
+
+def filled(disk: Path) -> Path:
+    """Fill the filesystem at `disk` to its last byte; returns the file that fills it."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: closing it has nothing left to write
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                f.write(b"\0" * 65536)
+    return filler
+
+
+@pytest.mark.slow
+def test_predict_into_a_closed_pipe_exits_quietly(pretrained, tiny_data, tmp_path):
+    result = closed_pipe_run(script("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu"))
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
+    result = closed_pipe_run(script("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu",
+                                    "--grid", tmp_path / "grid.png"))  # the picture is still drawn
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == f"wrote {tmp_path}/grid.png (18 images)\n"
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+@pytest.mark.slow
+def test_training_into_a_closed_pipe_goes_on_and_says_so(tiny_data, tmp_path):
+    out = tmp_path / "p.pt"
+    result = closed_pipe_run(script("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2",
+                                    "--val-size", "6", *QUICK))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert (f"pretrain.py: cannot write to stdout any more (Broken pipe); training goes on, each epoch is logged in "
+            f"{tmp_path}/p.csv") in result.stderr.splitlines()
+    assert len(load_checkpoint(tmp_path / "p.last.pt")["history"]) == 2 and (tmp_path / "p.test.json").exists()
+
+
+@pytest.mark.slow
+def test_predict_onto_a_full_disk_is_one_line_and_keeps_none_of_its_results(pretrained, tiny_data, small_filesystem):
+    disk = small_filesystem("256k")
+    results = disk / "results.tsv"
+    earlier = "an earlier line" + " " * 4080 + "\n"  # a page: the results need another
+    results.write_text(earlier)
+    filled(disk)
+    with open(results, "a") as stdout:  # `>> results.tsv`
+        result = subprocess.run(script("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device",
+                                       "cpu"), stdout=stdout, stderr=subprocess.PIPE, text=True)
+    assert error_line(result) == ("predict.py: cannot write the results to stdout (No space left on device); none "
+                                  "were kept: free space, or send them elsewhere")
+    assert results.read_text() == earlier
+
+
+@pytest.mark.slow
+def test_training_with_stdout_on_a_full_disk_goes_on_and_says_so(tiny_data, tmp_path, small_filesystem):
+    disk = small_filesystem("256k")
+    filled(disk)
+    with open(disk / "log", "w") as stdout:  # `> log`
+        result = subprocess.run(script("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs",
+                                       "1", "--val-size", "6", *QUICK), stdout=stdout, stderr=subprocess.PIPE,
+                                text=True)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "pretrain.py: cannot write to stdout any more (No space left on device); training goes on" in result.stderr
+    assert (tmp_path / "p.test.json").exists()
+
+
+def test_out_on_a_completely_full_disk_is_one_line_and_leaves_no_lock(tiny_data, small_filesystem):
+    disk = small_filesystem("256k")
+    filled(disk)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", disk / "p.pt", "--epochs", "1", *QUICK,
+                 check=False)
+    assert error_line(result) == (f"pretrain.py: --out {disk}/p.pt: cannot write its lock file {disk}/.p.lock (No "
+                                  "space left on device); free disk space, or choose another --out")
+    assert os.listdir(disk) == ["filler"]
+
+
+# ---------------------------------------------------------------- signals
+
+
+def stop_with(signals: list[signal.Signals], args: list, gap: float = 0.0) -> subprocess.CompletedProcess:
+    """pretrain.py, sent `signals` `gap` seconds apart once its first epoch shows progress."""
+    process = subprocess.Popen(script("pretrain.py", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    for line in process.stderr:
+        if line.startswith("  epoch 1/"):
+            break
+    for sig in signals:
+        process.send_signal(sig)
+        time.sleep(gap)
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_sighup_stops_like_sigint_with_the_resume_state_saved(tiny_data, tmp_path):
+    """The terminal closed, or an ssh connection dropped: before, the run died mid-write, leaving a temporary file."""
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    out = tmp_path / "ck" / "p.pt"
+    result = stop_with([signal.SIGHUP], ["--data-dir", data, "--out", out, "--epochs", "2", "--val-size", "6",
+                                         *QUICK])
+    assert result.returncode == 128 + signal.SIGHUP, result.stderr
+    assert "pretrain.py: stopped by SIGHUP at epoch 1, step" in error_line(result)
+    assert sorted(os.listdir(out.parent)) == ["p.last.pt"] and load_checkpoint(out.parent / "p.last.pt")["step"] > 0
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_says_which_resume_state_is_saved(tmp_path):
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    out = tmp_path / "p.pt"
+    result = stop_with([signal.SIGINT, signal.SIGINT], ["--data-dir", data, "--out", out, "--epochs", "2",
+                                                        "--val-size", "6", *QUICK], gap=0.25)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    line = error_line(result)  # the second signal came during the save, or after it (before: "nothing more saved")
+    if line.endswith("no resume state was saved"):
+        assert line == "pretrain.py: stopped at once by a second SIGINT; no resume state was saved"
+        assert not (tmp_path / "p.last.pt").exists()
+    else:
+        assert line.endswith(f"is saved: resume with: python pretrain.py --resume {tmp_path}/p.last.pt") or \
+            line.startswith("pretrain.py: stopped by SIGINT at "), line
+        state = load_checkpoint(tmp_path / "p.last.pt")
+        assert f"at epoch {state['epoch'] + 1}, step {state['step']}" in line, line
+
+
+# ---------------------------------------------------------------- names that would split a line
+
+
+@pytest.mark.slow
+def test_a_tab_or_newline_in_a_file_name_is_escaped_in_predicts_lines(pretrained, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("a\nb.png", "c\td.png"):
+        Image.new("RGB", (32, 32), "red").save(folder / name)
+    result = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu")
+    lines = result.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [f"{folder}/a\\nb.png", f"{folder}/c\\td.png"]
+    assert all(len(line.split("\t")) == 3 for line in lines)
+
+
+def test_a_newline_in_a_class_name_is_escaped_in_the_report(capsys):
+    logits, labels = torch.eye(2), torch.tensor([0, 1])
+    predict.print_report("t", predict.classification_report(logits, labels, ["a\nb", "c"]), ["a\nb", "c"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 7 and lines[1] == "  a\\nb  100.00%" and lines[5] == "  a\\nb    1     0"
+
+
+# ---------------------------------------------------------------- flags that do not do what they seem to
+
+
+@pytest.mark.parametrize("flags, warning", [
+    (["--lr-schedule", "cosine", "--warmup-epochs", "3"], "the learning rate only warms up, there is no cosine phase"),
+    (["--warmup-epochs", "6"], "the learning rate never reaches --lr 0.01 (it ends at 0.005)"),
+    (["--lr-schedule", "cosine", "--warmup-epochs", "2"], None),
+    (["--warmup-epochs", "3"], None),
+])
+def test_a_warmup_as_long_as_the_run_is_warned_about(capsys, flags, warning):
+    pretrain.warn_about_warmup(pretrain.make_parser("", "pretrain").parse_args(["--epochs", "3", *flags]))
+    err = capsys.readouterr().err
+    if warning is None:
+        assert err == ""
+    else:
+        assert err == (f"warning: --warmup-epochs {flags[-1]} with --epochs 3: {warning}; pass a --warmup-epochs "
+                       "below --epochs\n")
+
+
+@pytest.mark.slow
+def test_finetune_takes_the_checkpoints_image_size_unless_given(pretrained, tiny_data, tmp_path):
+    """pretrained was trained at 64 px; before, finetune.py trained it at the default 224 without a word."""
+    flags = ["--checkpoint", pretrained, "--data-dir", tiny_data, "--epochs", "1", "--batch-size", "16",
+             "--device", "cpu"]
+    result = run("finetune.py", *flags, "--out", tmp_path / "f.pt")
+    assert f"--image-size 64: the size {pretrained} was trained at" in result.stdout
+    assert "trained at 64 px" in result.stdout and load_checkpoint(tmp_path / "f.pt")["image_size"] == 64
+    result = run("finetune.py", *flags, "--out", tmp_path / "g.pt", "--image-size", "96")
+    assert "the size" not in result.stdout and load_checkpoint(tmp_path / "g.pt")["image_size"] == 96
+
+
+@pytest.mark.slow
+def test_under_nohup_a_sighup_does_not_stop_the_run(tmp_path):
+    """nohup ignores SIGHUP so that the run outlives the terminal: the stop on SIGHUP must not undo that."""
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    command = script("pretrain.py", "--data-dir", data, "--out", tmp_path / "p.pt", "--epochs", "1", "--val-size",
+                     "6", *QUICK)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    for line in process.stderr:
+        if line.startswith("  epoch 1/"):
+            process.send_signal(signal.SIGHUP)
+            break
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    assert "test: accuracy" in stdout and (tmp_path / "p.test.json").exists()
+
+
+def test_overwrite_with_resume_is_one_line(tmp_path):
+    result = run("pretrain.py", "--resume", tmp_path / "p.last.pt", "--overwrite", check=False)
+    assert error_line(result) == (f"pretrain.py: --overwrite with --resume {tmp_path}/p.last.pt: --overwrite starts a "
+                                  "run afresh, --resume continues one; pass one of them")
+
+
+def test_a_stdout_closed_from_the_start_is_lost_not_a_traceback(monkeypatch):
+    """`predict.py DIR >&-`: Python's sys.stdout is then None."""
+    monkeypatch.setattr(sys, "stdout", None)
+    data.guard_output(whole=True)
+    print("a result")
+    assert sys.stdout.lost.errno == errno.EBADF
+
+
+def test_predicts_progress_goes_to_stderr_and_its_results_alone_to_stdout(pretrained, tiny_data):
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--batch-size", "2")
+    assert "  predict: 2/18 images" in result.stderr and "images  " not in result.stdout
+    assert len([line for line in result.stdout.splitlines() if line.count("\t") == 2]) == 18
+
+
+@pytest.mark.slow
+def test_a_closed_terminal_stops_training_with_its_state_saved(tmp_path):
+    """The terminal closes: its writes fail (EIO) and SIGHUP comes; the stop's own message cannot be shown."""
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    out = tmp_path / "ck" / "p.pt"
+    terminal, child = pty.openpty()
+    process = subprocess.Popen(script("pretrain.py", "--data-dir", data, "--out", out, "--epochs", "2",
+                                      "--val-size", "6", *QUICK), stdout=child, stderr=child)
+    os.close(child)
+    shown = b""
+    while b"  epoch 1/2: " not in shown:
+        shown += os.read(terminal, 10_000)
+    os.close(terminal)  # the terminal window closes...
+    process.send_signal(signal.SIGHUP)  # ...and the kernel hangs its session up
+    assert process.wait(timeout=600) == 128 + signal.SIGHUP
+    state = load_checkpoint(out.parent / "p.last.pt")
+    assert sorted(os.listdir(out.parent)) == ["p.last.pt"] and state["step"] > 0
+
+
+@pytest.mark.slow
+def test_download_into_a_closed_pipe_is_no_traceback(tiny_data):
+    result = closed_pipe_run(script("download.py", "--root", tiny_data))  # nothing to do: its one line is lost
+    assert result.returncode == 0 and result.stderr == "", result.stderr
