@@ -283,7 +283,7 @@ def test_bf16_autocast_and_compile_train_and_save_plain_names(tiny_data, tmp_pat
     out = tmp_path / "pretrain.pt"
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
                  "--precision", "bf16", "--compile")
-    assert "on cpu, bf16, compiled" in result.stdout
+    assert "on cpu, bf16 autocast, channels_last, fused SGD (--precision bf16), compiled" in result.stdout
     checkpoint = torch.load(out, weights_only=True)
     assert not any(name.startswith(("module.", "_orig_mod.")) for name in checkpoint["model"])
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())  # autocast keeps fp32 weights
