@@ -220,9 +220,11 @@ class Processes:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.main = self.rank == 0
+        # under torchrun, with one process too: the NCCL (gloo) and DDP code path, testable on a machine of one GPU
+        self.distributed = "WORLD_SIZE" in os.environ
         self.device = resolve_device(device_name)
         self.host_group = None  # the default group when that is gloo already
-        if self.world > 1:
+        if self.distributed:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
@@ -261,7 +263,7 @@ class Processes:
             dist.barrier(group=self.host_group)
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.distributed:
             dist.destroy_process_group()
 
 
@@ -589,7 +591,7 @@ def prepare_model(model: AlexNet, params: list[nn.Parameter], args: argparse.Nam
     model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 **({"fused": True} if fast else {}))
-    if processes.world > 1:
+    if processes.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         net = model
@@ -853,7 +855,7 @@ def print_start(run: Run, train_images: data.ImageSet, val_images: data.ImageSet
     print(f"{run.stage}: {len(train_images.labels)} training, {len(val_images.labels)} validation, "
           f"{len(test_images.labels)} test images, {len(run.classes)} classes, stored at {run.stored_size} px, "
           f"trained at {run.args.image_size} px, on {run.processes.device}"
-          + (f" x {world} processes" if world > 1 else "")
+          + (f" x {world} processes ({dist.get_backend()})" if run.processes.distributed else "")
           + f", {'bf16 autocast, channels_last, fused SGD' if run.bf16 else 'fp32'} (--precision {run.args.precision})"
           + f"{', compiled' if run.args.compile else ''}"
           + f", {trainable:,} trainable parameters")
