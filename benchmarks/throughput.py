@@ -4,7 +4,7 @@
     python benchmarks/throughput.py --image-size 64 --batch-size 32 --steps 3 --device cpu   # a quick CPU check
 
 ours: uint8 images resident on the device, augmentation batched there,
-bf16 autocast and channels_last on CUDA (pretrain.py's own train_step).
+bf16 autocast and channels_last on CUDA and on AMX CPUs (pretrain.py's own train_step).
 reference: torchvision ImageFolder + RandomResizedCrop/flip transforms per
 image in a DataLoader with 0 workers, fp32, as the reference did.
 Warm-up steps are excluded from every timing.
