@@ -34,6 +34,7 @@ from PIL import Image
 from throughput import ROOT, describe
 
 import data  # noqa: E402  (on the path that throughput set)
+from pretrain import positive_float  # noqa: E402
 
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
@@ -239,7 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      allow_abbrev=False)
     parser.add_argument("--out-dir", required=True, help="the steps' logs and results.md")
     parser.add_argument("--source", default=str(SHARED_ARCHIVE), help="the CIFAR-10 archive or folder (no network)")
-    parser.add_argument("--minutes", type=float, default=12.0, help="no step starts that would end after this")
+    parser.add_argument("--minutes", type=positive_float, default=12.0, help="no step starts that would end after this")
     parser.add_argument("--work-dir", default=None,
                         help="data and checkpoints (default: data/headline, data/headline-rehearsal)")
     parser.add_argument("--rehearse", action="store_true",
