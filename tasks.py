@@ -138,7 +138,7 @@ def bench(c, data_dir=None, image_size=None, batch_size=None, device=None, steps
     "minutes": "no step starts that would end after this many minutes",
     "rehearse": "the same steps on the CPU at toy scale",
 })
-def headline(c, out_dir="headline", source=None, minutes=None, rehearse=False):
+def headline(c, out_dir="checkpoints/headline", source=None, minutes=None, rehearse=False):
     """Every headline figure on a GPU in one command: CUDA tests, throughput, the 40 + 40 job, recipes."""
     script(c, "benchmarks/headline.py", flags(out_dir=out_dir, source=source, minutes=minutes, rehearse=rehearse))
 

@@ -1,6 +1,6 @@
 """Every headline figure in one command: the CUDA tests, throughput, the whole 40 + 40 job, recipes; DIR/results.md.
 
-    python benchmarks/headline.py --out-dir headline --source ../shared/data/cifar10-jpg.tar.gz --minutes 12
+    python benchmarks/headline.py --out-dir checkpoints/headline --source ../shared/data/cifar10-jpg.tar.gz --minutes 12
     python benchmarks/headline.py --out-dir /tmp/rehearsal --rehearse     # the same steps on the CPU, toy scale
 
 The steps (see `plan`) run in order: tests/test_cuda.py; benchmarks/throughput.py at 224 px, batch 256, once per
