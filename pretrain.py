@@ -151,7 +151,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--tta", action="store_true",
         help="evaluate (validation, test, and later predict.py) on each image and its mirror, averaging logits")
     add("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-        help="training arithmetic: auto is bf16 autocast on CUDA, fp32 on the CPU; evaluation is always fp32")
+        help="training arithmetic: auto is bf16 autocast (channels_last, fused SGD) on CUDA and on a CPU with bf16 "
+             "matrix units (AMX), else fp32; evaluation is always fp32")
     add("--compile", action="store_true", help="torch.compile the model for training")
     return parser
 
@@ -263,9 +264,11 @@ class Processes:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.main = self.rank == 0
+        # under torchrun, with one process too: the NCCL (gloo) and DDP code path, testable on a machine of one GPU
+        self.distributed = "WORLD_SIZE" in os.environ
         self.device = resolve_device(device_name)
         self.host_group = None  # the default group when that is gloo already
-        if self.world > 1:
+        if self.distributed:
             if self.device.type == "cuda":
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
                 torch.cuda.set_device(self.device)
@@ -304,7 +307,7 @@ class Processes:
             dist.barrier(group=self.host_group)
 
     def close(self) -> None:
-        if self.world > 1:
+        if self.distributed:
             dist.destroy_process_group()
 
 
@@ -662,20 +665,32 @@ def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: t
     raise UsageError(f"--val-size {val_size}: leaves a class with no training image; {advice}")
 
 
+def has_bf16_units(device: torch.device) -> bool:
+    """CUDA, or a CPU with AMX tiles: there bf16 autocast trains AlexNet at 224 px faster than fp32 (benchmarks/)."""
+    return device.type == "cuda" or (device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", bool)())
+
+
+def channels_last(device: torch.device, bf16: bool) -> bool:
+    """CUDA's code path (NHWC tensors, the fused SGD): on CUDA, and in bf16 on the CPU, where oneDNN is fastest so."""
+    return device.type == "cuda" or bf16
+
+
 def prepare_model(model: AlexNet, params: list[nn.Parameter], args: argparse.Namespace, processes: Processes
                   ) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
     """The network to train (DDP- and compile-wrapped as asked), its optimizer, and whether it trains in bf16."""
     device = processes.device
-    model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and has_bf16_units(device))
+    fast = channels_last(device, bf16)
+    model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                **({"fused": True} if device.type == "cuda" else {}))
-    if processes.world > 1:
+                                **({"fused": True} if fast else {}))
+    if processes.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         net = model
     if args.compile:
         net = torch.compile(net)
-    return net, optimizer, args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    return net, optimizer, bf16
 
 
 def start_run(args: argparse.Namespace, stage: str, processes: Processes, model: AlexNet,
@@ -730,7 +745,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
     """
     share = processes.share()
     x = data.train_batch(images, args.image_size, rng, share, args.augment, args.cutout)
-    if x.is_cuda:  # cuDNN's fastest convolutions take NHWC
+    if channels_last(x.device, bf16):  # cuDNN's and oneDNN's fastest convolutions take NHWC
         x = x.contiguous(memory_format=torch.channels_last)
     y = labels[share]
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -967,8 +982,9 @@ def print_start(run: Run, train_images: data.ImageSet, val_images: data.ImageSet
     print(f"{run.stage}: {len(train_images.labels)} training, {len(val_images.labels)} validation, "
           f"{len(test_images.labels)} test images, {len(run.classes)} classes, stored at {run.stored_size} px, "
           f"trained at {run.args.image_size} px, on {run.processes.device}"
-          + (f" x {world} processes" if world > 1 else "")
-          + f", {'bf16' if run.bf16 else 'fp32'}{', compiled' if run.args.compile else ''}"
+          + (f" x {world} processes ({dist.get_backend()})" if run.processes.distributed else "")
+          + f", {'bf16 autocast, channels_last, fused SGD' if run.bf16 else 'fp32'} (--precision {run.args.precision})"
+          + f"{', compiled' if run.args.compile else ''}"
           + f", {trainable:,} trainable parameters")
 
 

@@ -171,6 +171,17 @@ all_ = Task(all_, name="all", auto_shortflags=False, help={
   | {action.dest: help_of(action) for action in ALL_ACTIONS})
 
 
+@task(help={
+    "out_dir": "folder for the steps' logs and results.md",
+    "source": "the CIFAR-10 archive or folder (nothing is downloaded)",
+    "minutes": "no step starts that would end after this many minutes",
+    "rehearse": "the same steps on the CPU at toy scale",
+})
+def headline(c, out_dir="checkpoints/headline", source=None, minutes=None, rehearse=False):
+    """Every headline figure on a GPU in one command: CUDA tests, throughput, the 40 + 40 job, recipes."""
+    script(c, "benchmarks/headline.py", flags(out_dir=out_dir, source=source, minutes=minutes, rehearse=rehearse))
+
+
 @task
 def test(c):
     """Run the test suite."""

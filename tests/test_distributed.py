@@ -27,8 +27,8 @@ def data40(tmp_path_factory):
     return make_class_folders(tmp_path_factory.mktemp("ddp") / "data", train=40, test=10)
 
 
-def torchrun(*args, **kwargs):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun(*args, nproc=2, **kwargs):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "pretrain.py"), *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
 
@@ -61,6 +61,16 @@ def test_two_processes_match_one(data40, two_processes, tmp_path):
         assert abs(float(one["val_loss"]) - float(two["val_loss"])) < VAL_LOSS_TOLERANCE, (one, two)
     files = sorted(p.name for p in out.parent.iterdir())
     assert files == ["pretrain.csv", "pretrain.last.pt", "pretrain.pt", "pretrain.test.json"]
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_takes_the_distributed_path(data40, tmp_path):
+    """What tests/test_cuda.py runs over NCCL on a machine of one GPU: here over gloo."""
+    out = tmp_path / "pretrain.pt"
+    code, stdout, stderr = finish(torchrun("--data-dir", data40, "--out", out, *FLAGS, "--epochs", "1", nproc=1))
+    assert code == 0, stderr
+    assert "on cpu x 1 processes (gloo)" in stdout
+    assert not any(name.startswith("module.") for name in torch.load(out, weights_only=True)["model"])
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ def invoke(*args, cwd):
 @pytest.mark.slow  # a real invoke process
 def test_tasks_are_listed(tmp_path):
     listing = invoke("--list", cwd=tmp_path).stdout
-    for name in ("download", "pretrain", "finetune", "predict", "all", "bench", "test"):
+    for name in ("download", "pretrain", "finetune", "predict", "all", "bench", "headline", "test"):
         assert f"\n  {name} " in listing
 
 

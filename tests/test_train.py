@@ -12,6 +12,7 @@ import torch
 import torchvision
 
 from conftest import QUICK, ROOT, error_line, make_class_folders, run
+from model import AlexNet
 
 
 def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
@@ -278,12 +279,49 @@ def test_val_size_larger_than_the_data(tiny_data, tmp_path):
     assert result.returncode == 1 and "--val-size 500: must be between 1 and 47" in result.stderr
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32_without(
+        amx, tiny_data, tmp_path, monkeypatch):
+    import pretrain
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cpu"])
+    model = AlexNet(num_classes=3)
+    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, pretrain.Processes("cpu"))
+    assert bf16 is amx and optimizer.defaults["fused"] is (True if amx else None)
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) is amx
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
+                 "--val-size", "6", *QUICK)
+    arithmetic = "bf16 autocast, channels_last, fused SGD" if amx else "fp32"
+    assert f"on cpu, {arithmetic} (--precision auto)," in result.stdout
+    fp32 = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "q.pt", "--epochs", "1",
+               "--val-size", "6", *QUICK, "--precision", "fp32")
+    assert "on cpu, fp32 (--precision fp32)," in fp32.stdout
+
+
+def test_a_bf16_step_on_the_cpu_convolves_nhwc_in_bf16_and_updates_fp32_weights():
+    import pretrain
+    args = pretrain.make_parser("", "pretrain").parse_args(["--precision", "bf16", "--image-size", "64"])
+    model = AlexNet(num_classes=3)
+    net, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, pretrain.Processes("cpu"))
+    seen = []
+    model.features[0].register_forward_hook(
+        lambda module, inputs, output: seen.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
+                                                    output.dtype)))
+    before = model.features[0].weight.detach().clone()
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3
+    loss, _ = pretrain.train_step(net, optimizer, images, labels, args, torch.Generator().manual_seed(0),
+                                  pretrain.Processes("cpu"), bf16)
+    assert seen == [(True, torch.bfloat16)] and torch.isfinite(loss)
+    weight = model.features[0].weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight, before)
+
+
 @pytest.mark.slow
 def test_bf16_autocast_and_compile_train_and_save_plain_names(tiny_data, tmp_path):
     out = tmp_path / "pretrain.pt"
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
                  "--precision", "bf16", "--compile")
-    assert "on cpu, bf16, compiled" in result.stdout
+    assert "on cpu, bf16 autocast, channels_last, fused SGD (--precision bf16), compiled" in result.stdout
     checkpoint = torch.load(out, weights_only=True)
     assert not any(name.startswith(("module.", "_orig_mod.")) for name in checkpoint["model"])
     assert all(t.dtype == torch.float32 for t in checkpoint["model"].values())  # autocast keeps fp32 weights

@@ -1,0 +1,281 @@
+"""Every headline figure in one command: the CUDA tests, throughput, the whole 40 + 40 job, recipes; DIR/results.md.
+
+    python benchmarks/headline.py --out-dir checkpoints/headline --source ../shared/data/cifar10-jpg.tar.gz --minutes 12
+    python benchmarks/headline.py --out-dir /tmp/rehearsal --rehearse     # the same steps on the CPU, toy scale
+
+The steps (see `plan`) run in order: tests/test_cuda.py; benchmarks/throughput.py at 224 px, batch 256, once per
+entry of THROUGHPUT_RUNS; the whole job, the commands `invoke all` chains (tasks.py) run directly, each stage timed
+(the GPU machine has no invoke); then benchmarks/recipes.py at 40 epochs, one recipe at a time, the most promising
+first, while time is left. Each step's output goes to DIR/LOG.log as it runs, and DIR/results.md, one table of every
+figure with the device, torch version, commit and each figure's command, is rewritten after each step: a run cut off
+keeps what it measured. A step starts only when its estimate fits in what is left of --minutes (a training step's
+estimate uses the images/s measured by then); one still running when the time is up gets SIGINT (a training run saves
+its resume state) and its partial figures. Data and checkpoints go to --work-dir, so DIR holds at most 8 files.
+
+--rehearse runs the same steps on the CPU at toy scale: a generated data set of 10 classes, one epoch, a few steps,
+tests/test_cuda.py all skipped. Its figures say only that the command works; tests/test_headline.py runs it.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from throughput import ROOT, describe
+
+import data  # noqa: E402  (on the path that throughput set)
+from pretrain import positive_float  # noqa: E402
+
+SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+# benchmarks/throughput.py's runs, in order: (log name, its flags besides the scale's). One entry per run.
+THROUGHPUT_RUNS = [
+    ("throughput", []),
+    ("throughput-compile", ["--compile"]),
+]
+
+# benchmarks/recipes.py's recipes, the most promising first (benchmarks/README.md's reduced-scale ranking); the
+# reference is the whole job's pretrain stage.
+RECIPE_ORDER = ["crop-cosine-wd", "crop-cosine-wd-ls-ema-tta", "crop", "lr0.03", "crop-cutout"]
+
+# A SIGINT'ed step that has not ended after this long is killed.
+STOP_GRACE_S = 60
+
+
+@dataclass
+class Scale:
+    """What differs between the GPU run and its rehearsal on the CPU; seconds are estimates."""
+    device: str
+    throughput: list[str]
+    training: list[str]
+    recipes: list[str]
+    train_images: int  # training images of one epoch (45,000 of CIFAR-10's 50,000; the rest validate)
+    epochs: int
+    images_per_s: float  # assumed until a throughput run has measured it
+    seconds: dict[str, float]
+
+
+GPU = Scale("cuda", ["--image-size", "224", "--batch-size", "256"], [], RECIPE_ORDER, 45_000, 40, 10_000.0,
+            {"cuda-tests": 180, "throughput": 90, "compile": 180, "download": 60, "training": 60, "predict": 30})
+REHEARSAL = Scale("cpu", ["--image-size", "64", "--batch-size", "8", "--steps", "2", "--reference-steps", "2",
+                          "--warmup", "1"],
+                  ["--epochs", "1", "--image-size", "64", "--batch-size", "16"], RECIPE_ORDER[:1],
+                  108, 1, 100.0,
+                  {"cuda-tests": 20, "throughput": 20, "compile": 60, "download": 10, "training": 15, "predict": 10})
+
+
+@dataclass
+class Step:
+    name: str
+    log: str  # DIR/LOG.log; the job's stages share one log, the recipes another
+    command: list[str]
+    seconds: float  # the estimate, besides the training images
+    images: int = 0  # training images it processes: their time is estimated from the measured images/s
+    needs: str | None = None  # a step that must have succeeded first
+    report: Path | None = None  # the .test.json it writes
+
+
+def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
+    """Every step of the run, in order; the job's download comes before throughput.py, which reads its images."""
+    python, data_dir, ckpt = sys.executable, work / "cifar10", work / "checkpoints"
+    device = ["--device", scale.device]
+    training = ["--data-dir", str(data_dir), *scale.training, *device]
+    epoch_images = scale.epochs * scale.train_images
+    steps = [
+        Step("cuda-tests", "cuda-tests", [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                                          "tests/test_cuda.py"], scale.seconds["cuda-tests"]),
+        Step("download", "job", [python, "download.py", "--root", str(data_dir), "--source", str(args.source)],
+             scale.seconds["download"]),
+    ]
+    for name, flags in THROUGHPUT_RUNS:
+        seconds = scale.seconds["compile" if "--compile" in flags else "throughput"]
+        steps.append(Step(name, name, [python, "benchmarks/throughput.py", "--data-dir", str(data_dir),
+                                       *scale.throughput, *flags, *device], seconds, needs="download"))
+    steps += [
+        Step("pretrain", "job", [python, "pretrain.py", *training, "--out", str(ckpt / "pretrain.pt")],
+             scale.seconds["training"], epoch_images, "download", ckpt / "pretrain.test.json"),
+        Step("finetune", "job", [python, "finetune.py", *training, "--out", str(ckpt / "finetune.pt"),
+                                 "--checkpoint", str(ckpt / "pretrain.pt")],
+             scale.seconds["training"], epoch_images, "pretrain", ckpt / "finetune.test.json"),
+        Step("predict", "job", [python, "predict.py", str(data_dir / "test"), "--checkpoint", str(ckpt / "finetune.pt"),
+                                "--limit", "64", "--grid", str(ckpt / "predictions.png"), *device],  # the task's
+             scale.seconds["predict"], needs="finetune"),
+    ]
+    for recipe in scale.recipes:
+        steps.append(Step(f"recipe {recipe}", "recipes",
+                          [python, "benchmarks/recipes.py", "--recipe", recipe, "--out-dir", str(work / "recipes"),
+                           *training], scale.seconds["training"], epoch_images, "download",
+                          work / "recipes" / f"{recipe}.test.json"))
+    return steps
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def figures(step: Step, output: str) -> list[tuple[str, str]]:
+    """(figure, value) pairs from a finished step's output and report."""
+    found = []
+    if step.log == "cuda-tests":
+        summary = [line.strip("= ") for line in output.splitlines() if re.search(r" in [\d.]+s", line)]
+        found.append(("tests/test_cuda.py", summary[-1] if summary else "no summary"))
+    for kind, ours, reference, ratio in re.findall(r"^(train|evaluate)\s+(\d+)\s+(\d+)\s+([\d.]+x)", output, re.M):
+        name = "training" if kind == "train" else "evaluation"
+        found.append((f"{name} images/s, ours / reference", f"{ours} / {reference} = {ratio}"))
+    accuracy = re.findall(r"labelled images: accuracy ([\d.]+ %|[\d.]+%)", output)
+    if accuracy:
+        found.append(("accuracy of the predicted images", accuracy[-1]))
+    if step.report is not None and step.report.exists():
+        report = json.loads(step.report.read_text())
+        found.append(("best validation accuracy (epoch)", f"{report['val_acc']:.2%} ({report['epoch']})"))
+        found.append(("test accuracy, once, best validation epoch", f"{report['accuracy']:.2%}"))
+    return found
+
+
+def shown_command(command: list[str]) -> str:
+    """The command as a reader runs it from the repository root."""
+    shown = ["python" if word == sys.executable else word for word in command]
+    return "`" + shlex.join(shown).replace(str(ROOT) + os.sep, "") + "`"
+
+
+def write_results(out_dir: Path, header: str, rows: list[tuple[str, str, str, str]]) -> None:
+    table = ["| step | wall time | figures | command |", "| --- | --- | --- | --- |"]
+    table += [f"| {step} | {wall} | {found} | {command} |" for step, wall, found, command in rows]
+    text = f"# Headline figures\n\n{header}\n\n" + "\n".join(table) + "\n"
+    data.write_atomically(out_dir / "results.md", lambda f: f.write(text.encode()))
+
+
+# --------------------------------------------------------------------------- running the steps
+
+
+def run_step(step: Step, out_dir: Path, seconds_left: float) -> tuple[int, float, str]:
+    """The step, its output appended to its log; SIGINT to it when the time is up. Exit status, seconds, output."""
+    path = out_dir / f"{step.log}.log"
+    with open(path, "a") as log:
+        log.write(f"$ {shown_command(step.command)[1:-1]}\n")
+        log.flush()
+        start = log.tell()
+        started = time.perf_counter()
+        # its own process group: a signal reaches recipes.py's pretrain.py too
+        process = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, process_group=0,
+                                   env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        interrupted = False
+        try:
+            code = process.wait(timeout=max(seconds_left, 1))
+        except subprocess.TimeoutExpired:
+            code = stop(process)
+        except KeyboardInterrupt:  # headline.py itself was stopped: so is the step, which keeps its state
+            code, interrupted = stop(process), True
+        seconds = time.perf_counter() - started
+    with open(path, "a") as log:
+        log.write(f"# exit {code}, {seconds:.1f} s\n\n")
+    if interrupted:
+        raise KeyboardInterrupt
+    with open(path) as log:
+        log.seek(start)
+        return code, seconds, log.read()
+
+
+def stop(process: subprocess.Popen) -> int:
+    """SIGINT (a training run saves its resume state and stops), then SIGKILL if it has not ended in STOP_GRACE_S."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        return process.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def run_all(steps: list[Step], scale: Scale, out_dir: Path, header: str, deadline: float) -> int:
+    """Each step that fits in the time left, results.md rewritten after each; the number of failed steps."""
+    rows, succeeded, failed = [], set(), 0
+    images_per_s = scale.images_per_s
+    for step in steps:
+        command, left = shown_command(step.command), deadline - time.monotonic()
+        estimate = step.seconds + step.images / images_per_s
+        if step.needs is not None and step.needs not in succeeded:
+            rows.append((step.name, "not run", f"{step.needs} did not succeed", command))
+        elif estimate > left:
+            rows.append((step.name, "not run", f"needs about {estimate:.0f} s, {max(left, 0):.0f} s were left",
+                         command))
+        else:
+            print(f"headline.py: {step.name} (about {estimate:.0f} s of {left:.0f} s left) ...", file=sys.stderr,
+                  flush=True)
+            code, seconds, output = run_step(step, out_dir, left)
+            found = figures(step, output)
+            if step.name == THROUGHPUT_RUNS[0][0] and found:  # training steps' estimates use what it measured
+                images_per_s = max(float(found[0][1].split(" / ")[0]), 1.0)
+            wall = f"{seconds:.1f} s" + (f", exit {code}" if code else "")
+            rows.append((step.name, wall, "; ".join(f"{figure}: {value}" for figure, value in found), command))
+            succeeded |= {step.name} if code == 0 else set()
+            failed += code != 0
+        write_results(out_dir, header, rows)
+    return failed
+
+
+def generate_data(root: Path, classes: int = 10, train: int = 12, test: int = 4, size: int = 32) -> Path:
+    """The rehearsal's data set: each class a colour, each image that colour plus noise."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("test", test)):
+        for c, colour in enumerate(rng.integers(0, 256, (classes, 3))):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(np.clip(colour + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)).save(
+                    folder / f"{i}.png")
+    return root
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--out-dir", required=True, help="the steps' logs and results.md")
+    parser.add_argument("--source", default=str(SHARED_ARCHIVE), help="the CIFAR-10 archive or folder (no network)")
+    parser.add_argument("--minutes", type=positive_float, default=12.0, help="no step starts that would end after this")
+    parser.add_argument("--work-dir", default=None,
+                        help="data and checkpoints (default: data/headline, data/headline-rehearsal)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="the same steps on the CPU at toy scale, on a generated data set")
+    args = parser.parse_args(argv)
+    if args.work_dir is None:
+        args.work_dir = str(ROOT / "data" / ("headline-rehearsal" if args.rehearse else "headline"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    deadline = time.monotonic() + args.minutes * 60
+    scale, work, out_dir = REHEARSAL if args.rehearse else GPU, Path(args.work_dir), Path(args.out_dir)
+    if not args.rehearse and not torch.cuda.is_available():
+        sys.exit("headline.py: CUDA is not available on this machine, and this command measures a GPU; pass "
+                 "--rehearse to rehearse it on the CPU")
+    if args.rehearse:
+        args.source = str(generate_data(work / "generated"))
+    elif not Path(args.source).exists():
+        sys.exit(f"headline.py: --source {args.source}: no such archive or folder; pass the CIFAR-10 JPEG archive "
+                 "(nothing is downloaded: the GPU machine has no network)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = "\n".join(f"- {line}" for line in [
+        *describe(torch.device(scale.device)).splitlines(), f"Python {sys.version.split()[0]}, started "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, --minutes {args.minutes:g}",
+        *(["rehearsal: toy scale on the CPU; these figures only show that the command works"] * args.rehearse)])
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout's TERM stops the step under way cleanly
+    try:
+        failed = run_all(plan(args, scale, work), scale, out_dir, header, deadline)
+    except KeyboardInterrupt:
+        sys.exit(f"headline.py: stopped; what was measured is in {out_dir / 'results.md'}")
+    print(f"headline.py: {out_dir / 'results.md'}" + (f"; {failed} step(s) failed, see their logs" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()

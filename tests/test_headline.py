@@ -1,0 +1,73 @@
+"""benchmarks/headline.py: the rehearsal of the GPU run end to end, the time limit, a step cut off by a real SIGINT."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import headline  # noqa: E402
+
+EVERY_STEP = ["cuda-tests", "download", *(name for name, _ in headline.THROUGHPUT_RUNS), "pretrain", "finetune",
+              "predict", *(f"recipe {name}" for name in headline.REHEARSAL.recipes)]
+
+
+def table(results: str) -> dict[str, list[str]]:
+    """results.md's rows by step: wall time, figures, command."""
+    rows = [line.strip("| ").split(" | ") for line in results.splitlines() if line.startswith("| ")]
+    return {row[0]: row[1:] for row in rows[2:]}
+
+
+@pytest.mark.slow
+def test_the_rehearsal_runs_every_step_and_tables_every_figure(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "headline.py"), "--rehearse",
+                             "--out-dir", out, "--work-dir", work], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = (out / "results.md").read_text()
+    assert "- device: CPU" in results and "commit" in results and "--rehearse" in results
+    rows = table(results)
+    assert list(rows) == EVERY_STEP and all(row[0].endswith(" s") for row in rows.values())  # each ran, exit 0
+    assert "tests/test_cuda.py: 6 skipped" in rows["cuda-tests"][1]
+    for name, _ in headline.THROUGHPUT_RUNS:
+        assert "training images/s, ours / reference: " in rows[name][1] and rows[name][1].count("x") == 2
+    report = json.loads((work / "checkpoints" / "finetune.test.json").read_text())
+    assert f"test accuracy, once, best validation epoch: {report['accuracy']:.2%}" in rows["finetune"][1]
+    assert rows["pretrain"][2].startswith("`python pretrain.py --data-dir ")
+    logs = ["cuda-tests.log", "job.log", "recipes.log", *(f"{name}.log" for name, _ in headline.THROUGHPUT_RUNS)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*logs, "results.md"])  # a GPU lease returns 8 files
+    assert (out / "job.log").read_text().count("# exit 0, ") == 4  # download, pretrain, finetune, predict
+
+
+def test_no_step_starts_that_the_time_left_cannot_fit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        headline.main(["--rehearse", "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+                       "--minutes", "0.1"])  # 6 s: less than any step's estimate
+    assert exit.value.code == 0
+    rows = table((tmp_path / "out" / "results.md").read_text())
+    assert list(rows) == EVERY_STEP and rows["cuda-tests"][:2] == ["not run", "needs about 20 s, 6 s were left"]
+    assert rows["pretrain"][:2] == ["not run", "download did not succeed"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.md"]
+
+
+def test_a_step_still_running_when_the_time_is_up_gets_sigint_and_keeps_its_log(tmp_path):
+    code = "import time, sys\ntry:\n    print('started', flush=True); time.sleep(60)\nexcept KeyboardInterrupt:\n" \
+           "    print('saved my state'); sys.exit(130)"
+    step = headline.Step("sleeper", "sleeper", [sys.executable, "-c", code], 1)
+    started = time.monotonic()
+    status, seconds, output = headline.run_step(step, tmp_path, seconds_left=3)
+    assert status == 130 and seconds < 30 and time.monotonic() - started < 30
+    assert output.splitlines()[:2] == ["started", "saved my state"]
+    assert (tmp_path / "sleeper.log").read_text().endswith(f"# exit 130, {seconds:.1f} s\n\n")
+
+
+def test_without_cuda_the_gpu_run_says_to_rehearse(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit:
+        headline.main(["--out-dir", str(tmp_path / "out")])
+    assert "CUDA is not available on this machine" in exit.value.code and "pass --rehearse" in exit.value.code
+    assert not (tmp_path / "out").exists()
