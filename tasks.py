@@ -31,9 +31,11 @@ PYTHON = shlex.quote(sys.executable)
 HERE = Path(__file__).resolve().parent
 
 
-def load_benchmark():
-    """benchmarks/throughput.py, for its parser (it is a script, not a module on the path)."""
-    spec = importlib.util.spec_from_file_location("throughput", HERE / "benchmarks" / "throughput.py")
+def load_benchmark(name: str):
+    """benchmarks/NAME.py, for its parser (a script, not a module: its folder goes on the path, as when it runs)."""
+    if str(HERE / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(HERE / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, HERE / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -132,7 +134,7 @@ finetune = task_of("finetune.py", PARSERS["finetune"],
                    "Fine-tune a trained model (--mode head: its last layer only).", "finetune")
 predict = task_of("predict.py", PARSERS["predict"], "Classify images and folders of images.", "predict",
                   fallback={"paths": [f"{DEFAULT_DATA}/test"]})
-bench = task_of("benchmarks/throughput.py", load_benchmark().build_parser(),
+bench = task_of("benchmarks/throughput.py", load_benchmark("throughput").build_parser(),
                 "Training and evaluation images/s of this pipeline against the reference's.", "bench")
 
 STAGES = ("pretrain", "finetune")
@@ -171,15 +173,9 @@ all_ = Task(all_, name="all", auto_shortflags=False, help={
   | {action.dest: help_of(action) for action in ALL_ACTIONS})
 
 
-@task(help={
-    "out_dir": "folder for the steps' logs and results.md",
-    "source": "the CIFAR-10 archive or folder (nothing is downloaded)",
-    "minutes": "no step starts that would end after this many minutes",
-    "rehearse": "the same steps on the CPU at toy scale",
-})
-def headline(c, out_dir="checkpoints/headline", source=None, minutes=None, rehearse=False):
-    """Every headline figure on a GPU in one command: CUDA tests, throughput, the 40 + 40 job, recipes."""
-    script(c, "benchmarks/headline.py", flags(out_dir=out_dir, source=source, minutes=minutes, rehearse=rehearse))
+headline = task_of("benchmarks/headline.py", load_benchmark("headline").build_parser(),
+                   "Every headline figure on a GPU in one command: CUDA tests, throughput, the 40 + 40 job, recipes.",
+                   "headline")
 
 
 @task

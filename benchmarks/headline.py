@@ -235,17 +235,22 @@ def generate_data(root: Path, classes: int = 10, train: int = 12, test: int = 4,
     return root
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """headline.py's flags, also the `invoke headline` task's."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--out-dir", required=True, help="the steps' logs and results.md")
+    parser.add_argument("--out-dir", default="checkpoints/headline", help="the steps' logs and results.md")
     parser.add_argument("--source", default=str(SHARED_ARCHIVE), help="the CIFAR-10 archive or folder (no network)")
     parser.add_argument("--minutes", type=positive_float, default=12.0, help="no step starts that would end after this")
     parser.add_argument("--work-dir", default=None,
                         help="data and checkpoints (default: data/headline, data/headline-rehearsal)")
     parser.add_argument("--rehearse", action="store_true",
                         help="the same steps on the CPU at toy scale, on a generated data set")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     if args.work_dir is None:
         args.work_dir = str(ROOT / "data" / ("headline-rehearsal" if args.rehearse else "headline"))
     return args

@@ -12,7 +12,6 @@ Warm-up steps are excluded from every timing.
 import argparse
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,18 +26,7 @@ from torchvision import datasets, transforms  # noqa: E402
 import data  # noqa: E402
 from model import AlexNet  # noqa: E402
 from predict import compute_logits, positive_int  # noqa: E402
-from pretrain import Processes, make_parser, prepare_model, train_step  # noqa: E402
-
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+from pretrain import Processes, code_version, make_parser, prepare_model, train_step  # noqa: E402
 
 
 def describe(device: torch.device) -> str:
@@ -48,7 +36,7 @@ def describe(device: torch.device) -> str:
     else:
         name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     command = shlex.join([sys.executable, *sys.argv])
-    return f"device: {name}\ntorch {torch.__version__}, commit {commit()}\ncommand: {command}"
+    return f"device: {name}\ntorch {torch.__version__}, {code_version()}\ncommand: {command}"
 
 
 def synchronize(device: torch.device) -> None:

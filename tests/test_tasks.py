@@ -49,11 +49,13 @@ def test_finetune_task_passes_its_flags(tmp_path):
     assert f"{ROOT / 'finetune.py'} --out ck/f.pt --ema 0.9 --mode full --new-head\n" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["download", "pretrain", "finetune", "predict", "bench"])
+@pytest.mark.parametrize("name", ["download", "pretrain", "finetune", "predict", "bench", "headline"])
 def test_every_script_flag_is_a_task_flag(name):
     import tasks
     flags = {flag for argument in getattr(tasks, name).get_arguments() for flag in argument.names}
-    parser = (tasks.load_benchmark() if name == "bench" else importlib.import_module(name)).build_parser()
+    benchmarks = {"bench": "throughput", "headline": "headline"}
+    module = tasks.load_benchmark(benchmarks[name]) if name in benchmarks else importlib.import_module(name)
+    parser = module.build_parser()
     dests = {action.dest.replace("_", "-") for action in parser._actions if action.dest != "help"}
     assert flags == dests
     if name in ("pretrain", "finetune"):
