@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -34,27 +34,35 @@ GRID_MAX = 64  # images drawn at most
 # --------------------------------------------------------------------------- the evaluation path
 
 @torch.no_grad()
-def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batch_size: int,
-                   flip: bool = False, title: str | None = None) -> torch.Tensor:
-    """Centre crop on the device, batched, in fp32; training's validation and test use it too.
+def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
+                   title: str | None = None, total: int = 0) -> torch.Tensor:
+    """Centre crop on the device, batch by batch (uint8 images, see data.ImageSet.batches), in fp32; training's
+    validation and test use it too.
 
     With `flip` (--tta) the logits are the mean over the crop and its mirror image.
-    With a `title` it shows its progress (see ProgressLine).
+    With a `title` it shows its progress over `total` images (see ProgressLine).
     """
+    return torch.cat(list(logits_of_batches(model, batches, image_size, flip, title, total)))
+
+
+@torch.no_grad()
+def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
+                      title: str | None = None, total: int = 0) -> Iterator[torch.Tensor]:
+    """compute_logits, one batch's logits at a time, for a caller that uses each as it comes."""
     model.eval()
-    line = None if title is None else ProgressLine(title, len(images))
-    batches = []
-    for start in range(0, len(images), batch_size):
-        x = data.eval_batch(images[start:start + batch_size], image_size)
+    line = None if title is None else ProgressLine(title, total)
+    done = 0
+    for images in batches:
+        x = data.eval_batch(images, image_size)
         logits = model(x).float()
         if flip:
             logits = (logits + model(x.flip(3)).float()) / 2
-        batches.append(logits)
-        if line is not None and line.due(start + len(x)):
-            line.show(start + len(x))
+        done += len(x)
+        if line is not None and line.due(done):
+            line.show(done)
+        yield logits
     if line is not None:
         line.close()
-    return torch.cat(batches)
 
 
 class ProgressLine:
@@ -336,8 +344,8 @@ def predict(args: argparse.Namespace) -> int:
         print("predict.py: no image could be read; pass image files or folders of images", file=sys.stderr)
         return 1
 
-    logits = compute_logits(model.to(device), images.to(device), checkpoint["image_size"], args.batch_size,
-                            checkpoint.get("tta", False), title="predict" if not args.json else None).cpu()
+    logits = compute_logits(model.to(device), images.to(device).split(args.batch_size), checkpoint["image_size"],
+                            checkpoint.get("tta", False), "predict" if not args.json else None, len(images)).cpu()
     results = top_classes(logits, kept, classes, args.topk)
     # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
     labelled = [i for i, (_, label) in enumerate(kept) if label is not None]

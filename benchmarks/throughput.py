@@ -73,14 +73,16 @@ def ours(args, processes, train_images, val_images) -> tuple[float, float]:
     augment = torch.Generator(device=processes.device).manual_seed(0)
     n = len(train_images.labels)
 
+    order = torch.arange((args.warmup + args.steps) * args.batch_size, device=processes.device) % n
+    batches = train_images.batches(order, 0, args.batch_size, processes.share())
+
     def step(i):
-        index = torch.arange(i * args.batch_size, (i + 1) * args.batch_size, device=processes.device) % n
-        train_step(net, optimizer, train_images.images[index], train_images.labels[index], args, augment, processes,
-                   bf16)
+        images, labels = next(batches)
+        train_step(net, optimizer, images, labels, args.batch_size, args, augment, processes, bf16)
 
     train = timed(step, args.warmup, args.steps, args.batch_size, processes.device)
-    evaluate = timed(lambda i: compute_logits(model, val_images.images, args.image_size, args.batch_size), 1, 1,
-                     len(val_images.labels), processes.device)
+    evaluate = timed(lambda i: compute_logits(model, (x for x, _ in val_images.batches(None, 0, args.batch_size)),
+                                              args.image_size), 1, 1, len(val_images.labels), processes.device)
     return train, evaluate
 
 
