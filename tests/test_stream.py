@@ -190,3 +190,17 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, sig
     with pretrain.OutLock(out):  # the next run is not refused
         pass
     assert not (root / ".cache" / "train.json").exists()
+
+
+def test_predict_prints_each_batch_before_decoding_the_next(pretrained, tiny_data, monkeypatch):
+    """Streamed: --batch-size images decoded, predicted and printed at a time, so memory stays bounded."""
+    decode, printed = data.decode, []
+
+    def counting_decode(path, size):
+        printed.append(sys.stdout.getvalue().count("\t") // 2)  # result lines so far (run() captures stdout)
+        return decode(path, size)
+
+    monkeypatch.setattr(data, "decode", counting_decode)
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--batch-size", "4")
+    assert len(printed) == 18 and "18 labelled images: accuracy" in result.stdout
+    assert printed == [4 * (i // 4) for i in range(18)]
