@@ -12,15 +12,17 @@ pytestmark = pytest.mark.slow  # end to end: real processes and training
 def test_benchmark_prints_device_commit_and_both_pipelines(tiny_data):
     command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data-dir", str(tiny_data),
                "--image-size", "64", "--batch-size", "8", "--steps", "2", "--reference-steps", "2", "--warmup", "1",
-               "--device", "cpu"]
+               "--device", "cpu", "--stream", "always"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "throughput.py" in lines[2]
     assert "batch size 8, image size 64" in lines[3] and "decoding 48 training images" in lines[4]
     for name in ("train", "evaluate"):
-        row = next(line for line in lines if line.startswith(name)).split()
-        assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+        rows = [line.split() for line in lines if line.startswith(name)]
+        assert len(rows) == 2  # ours against the reference, then streamed against resident
+        assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x") for row in rows)
+    assert lines[-3].split() == ["streamed", "resident", "ratio"]
 
 
 def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_path):
