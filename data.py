@@ -436,13 +436,13 @@ def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tupl
     if target is not None:
         target.with_suffix(".json").unlink(missing_ok=True)  # the old cache is stale: never paired with new images
     shape = (len(paths), 3, guess, guess)
-    tmp = new_image_file(target, shape)
+    tmp, beside = new_image_file(target, shape)
     try:
         sides = decode_into(tmp, paths, shape)
         if size is None and most_common_side(sides) != guess:
             tmp.unlink()
             return decode_all(paths, most_common_side(sides), target)
-        if target is not None and tmp.parent == target.parent:
+        if beside:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
@@ -454,9 +454,10 @@ def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tupl
     return images, tmp == target
 
 
-def new_image_file(target: Path | None, shape: tuple[int, ...]) -> Path:
-    """An empty file of the images' size beside `target` (or in the temporary folder when it cannot be written
-    there): allocated up front, so that a full disk is this OSError, not a SIGBUS in a process writing the mapping.
+def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, bool]:
+    """An empty file of the images' size beside `target` (then True), or in the temporary folder when it cannot be
+    written there: allocated up front, so that a full disk is this OSError, not a SIGBUS in a process writing the
+    mapping.
 
     Its name carries this pid: one left by a killed build is removed by the next one (concurrent ones are spared).
     """
@@ -469,11 +470,12 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> Path:
             fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}.", suffix=".tmp")
             path = Path(path)
             try:
+                os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
                 if math.prod(shape):
                     os.posix_fallocate(fd, 0, math.prod(shape))
             finally:
                 os.close(fd)
-            return path
+            return path, target is not None and folder == target.parent
         except OSError as e:
             if path is not None:
                 path.unlink(missing_ok=True)

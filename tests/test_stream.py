@@ -54,6 +54,14 @@ def test_auto_streams_a_set_larger_than_half_the_free_memory(tmp_path, monkeypat
     assert data.free_memory(cpu) > 0
 
 
+def test_a_relative_data_folder_is_cached_too(tmp_path, monkeypatch):
+    make_class_folders(tmp_path / "d", train=3, test=1)
+    monkeypatch.chdir(tmp_path)
+    data.load_folder(Path("d") / "train")
+    assert sorted(p.name for p in (tmp_path / "d" / ".cache").iterdir()) == ["train.json", "train.u8"]
+    assert (tmp_path / "d" / ".cache" / "train.u8").stat().st_mode & 0o777 == 0o666 & ~data.current_umask()
+
+
 def test_a_truncated_or_lengthened_cache_file_is_rebuilt_never_mapped_past_its_end(tmp_path):
     root = make_class_folders(tmp_path / "d", train=3, test=1)
     first = data.load_folder(root / "train")
