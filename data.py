@@ -532,9 +532,11 @@ def decode_into(path: Path, paths: list[Path], shape: tuple[int, ...]) -> list[i
 
 
 def decode_rows(path: Path, shape: tuple[int, ...], start: int, paths: list[Path]) -> list[int]:
-    images = np.memmap(path, np.uint8, "r+", shape=shape)
+    """Rows `start`, `start` + 1, ... of the file: only they are mapped here."""
+    row_bytes = math.prod(shape[1:])
+    images = np.memmap(path, np.uint8, "r+", offset=start * row_bytes, shape=(len(paths), *shape[1:]))
     sides = []
-    for row, image_path in enumerate(paths, start):
+    for row, image_path in enumerate(paths):
         pixels, side = decode(image_path, shape[-1])
         images[row] = pixels.transpose(2, 0, 1)
         sides.append(side)
