@@ -59,3 +59,18 @@ def test_checkpoint_benchmark_times_each_save_and_counts_the_writes(tmp_path):
     assert lines[4].startswith("epoch 1: save blocked") and lines[5].startswith("epoch 2: save blocked")
     assert "of 4 saves reached the disk" in lines[6] and "peak memory" in lines[6]
     assert list(tmp_path.iterdir()) == []  # its temporary folder is gone
+
+
+def test_peak_memory_makes_a_set_and_measures_a_process_tree(tmp_path):
+    script = str(ROOT / "benchmarks" / "peak_memory.py")
+    subprocess.run([sys.executable, script, "--make-set", str(tmp_path / "s"), "--images", "40", "--size", "16",
+                    "--test", "4"], check=True)
+    assert len(list((tmp_path / "s" / "train" / "a").iterdir())) == 20 and len(list((tmp_path / "s" / "test").rglob(
+        "*.png"))) == 4
+    child = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'x = bytearray(300 << 20); import time; " \
+            "time.sleep(0.5)']); sys.exit(3)"
+    result = subprocess.run([sys.executable, script, "--", sys.executable, "-c", child], capture_output=True,
+                            text=True)
+    assert result.returncode == 3
+    anonymous = int(result.stderr.split("peak anonymous ")[1].split()[0])
+    assert anonymous >= 300 and "exit 3" in result.stderr  # the grandchild's 300 MiB counted
