@@ -13,20 +13,26 @@ transforms on the device.
 """
 import argparse
 import collections
+import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import io
+import json
+import math
 import os
+import queue
 import re
 import signal
 import stat
 import sys
 import tempfile
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -353,20 +359,121 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
 
 @dataclass
 class ImageSet:
+    """Images N x 3 x S x S uint8 (a memory-mapped cache, or a copy on the device), the labels, and which rows of
+    them this set is: a validation split or --limit is a list of rows into the mapped file, not a copy.
+
+    `device` is where `batches` delivers: the images' own device (resident), or another one they stream to.
+    """
     images: torch.Tensor  # N x 3 x S x S uint8
-    labels: torch.Tensor  # N int64
+    labels: torch.Tensor  # int64, one per row of `rows` (or of `images`)
     classes: list[str]
     fingerprint: str = ""  # of the files decoded (names, sizes, times), kept by a subset: they are its source
+    rows: torch.Tensor | None = None  # CPU int64 rows of `images` in this set; None: all of them, in order
+    device: torch.device | None = None  # where batches go; None: the images' device
 
     def subset(self, indices: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[indices], self.labels[indices], self.classes, self.fingerprint)
+        indices = indices.cpu()
+        rows = indices if self.rows is None else self.rows[indices]
+        return ImageSet(self.images, self.labels[indices.to(self.labels.device)], self.classes, self.fingerprint,
+                        rows, self.device)
 
     def to(self, device: torch.device) -> "ImageSet":
-        return ImageSet(self.images.to(device), self.labels.to(device), self.classes, self.fingerprint)
+        """Resident: this set's rows copied to the device (airbench's way: the fastest path, when they fit)."""
+        images = self.images.to(device, copy=True) if self.rows is None else self.images[self.rows].to(device)
+        return ImageSet(images, self.labels.to(device), self.classes, self.fingerprint)
+
+    def streamed(self, device: torch.device) -> "ImageSet":
+        """Left where it is (memory-mapped): `batches` gathers each batch and copies it to `device` ahead of use."""
+        return ImageSet(self.images, self.labels.cpu(), self.classes, self.fingerprint, self.rows, torch.device(device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
 
     @property
     def stored_size(self) -> int:
         return self.images.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.images[0].numel()
+
+    def batches(self, order: torch.Tensor | None, start: int, batch_size: int, share: slice = slice(None)
+                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, labels) on `device` of steps `start`, `start` + 1, ... of `order` (positions in this set; None:
+        in turn), each step `batch_size` positions of which this process gathers only its `share`.
+
+        Resident sets index the device copy; streamed ones are gathered from the mapped file by a background thread
+        into (on CUDA, pinned) memory and copied without blocking, `PREFETCH` steps ahead: the same rows either way.
+        """
+        device = self.device or self.images.device
+        resident = device == self.images.device
+        positions = torch.arange(len(self)) if order is None else order if resident else order.cpu()
+        steps = [positions[i:i + batch_size][share] for i in range(start * batch_size, len(positions), batch_size)]
+        if not resident:
+            yield from prefetched(self.gather, steps, device)
+            return
+        for picked in steps:
+            rows = picked if self.rows is None else self.rows.to(picked.device)[picked]
+            yield self.images[rows], self.labels[picked]
+
+    def gather(self, picked: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = picked if self.rows is None else self.rows[picked]
+        images = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        torch.index_select(self.images, 0, rows, out=images)
+        labels = self.labels[picked]
+        return images, labels.pin_memory() if pin else labels
+
+
+PREFETCH = 2  # streamed batches gathered ahead of the one in use
+
+
+def prefetched(gather: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], steps: list[torch.Tensor],
+               device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """gather(step, pin) for each step on a background thread, copied to `device` on a side stream (CUDA), so that
+    reading the file and the copy overlap the steps in use; the consumer waits only for its own batch's copy."""
+    cuda = device.type == "cuda"
+    ready: queue.Queue = queue.Queue(PREFETCH)
+    stop = threading.Event()
+    thread = threading.Thread(target=gather_ahead, args=(gather, steps, device, ready, stop), daemon=True,
+                              name="batch-prefetch")
+    thread.start()
+    try:
+        for _ in steps:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            images, labels, copied = item
+            if cuda:
+                torch.cuda.current_stream(device).wait_event(copied)
+                images.record_stream(torch.cuda.current_stream(device))
+                labels.record_stream(torch.cuda.current_stream(device))
+            yield images, labels
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a put waiting for room
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        thread.join()
+
+
+def gather_ahead(gather, steps: list[torch.Tensor], device: torch.device, ready: queue.Queue,
+                 stop: threading.Event) -> None:
+    cuda = device.type == "cuda"
+    stream = torch.cuda.Stream(device) if cuda else None
+    try:
+        for picked in steps:
+            if stop.is_set():
+                return
+            images, labels = gather(picked, cuda)
+            copied = None
+            if cuda:
+                with torch.cuda.stream(stream):
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(stream)
+            ready.put((images, labels, copied))
+    except BaseException as e:  # handed to the consumer, which raises it where the batch was wanted
+        ready.put(e)
 
 
 def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -427,80 +534,177 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
 
 def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True,
                 scanned: tuple[list[str], list[tuple[Path, int]]] | None = None) -> ImageSet:
-    """Decode a class-folder split into memory, through a cache beside it.
+    """A class-folder split as a memory-mapped uint8 file N x 3 x S x S, through a cache beside it.
 
-    Images are stored at `size` (default: the most common shorter side, at most
-    256). The cache lives in `<root>/../.cache/<name>.pt` and is used only while
-    the file list, sizes and modification times are exactly those it was built from.
+    Images are stored at `size` (default: the most common shorter side, at most 256). The cache is two files in
+    `<root>/../.cache/`: `<name>.u8` (the images, in the layout training reads) and `<name>.json` (fingerprint,
+    labels, classes, shape); it is used only while the file list, sizes and modification times are exactly those it
+    was built from and the image file is exactly as long as the shape says. Without `cache`, or where it cannot be
+    written, the images go to a temporary file that is gone when the set is. Never loaded whole.
     `scanned` is scan_class_folders(root) when the caller has it already.
     """
     root = Path(root)
     classes, samples = scanned or scan_class_folders(root)
     key = fingerprint(samples, classes, size, root)
-    cache_file = root.parent / ".cache" / f"{root.name}.pt"
-    if cache and cache_file.is_file():
+    image_file = root.parent / ".cache" / f"{root.name}.u8"
+    metadata = image_file.with_suffix(".json")
+    cached = read_cache(image_file, metadata, key) if cache else None
+    if cached is not None:
+        return cached
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    images, published = decode_all([p for p, _ in samples], size, image_file if cache else None)
+    if published:  # the metadata makes it trusted
+        record = {"version": CACHE_VERSION, "fingerprint": key, "shape": list(images.shape),
+                  "labels": labels.tolist(), "classes": classes}
         try:
-            cached = torch.load(cache_file, weights_only=True)
-            if cached.get("fingerprint") == key:
-                return ImageSet(cached["images"], cached["labels"], cached["classes"], key)
-        except Exception:  # a damaged cache is rebuilt, never trusted
-            pass
-    paths = [p for p, _ in samples]
-    images = decode_all(paths, size)
-    result = ImageSet(
-        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
-        torch.tensor([label for _, label in samples], dtype=torch.int64),
-        classes,
-        key,
-    )
-    if cache:
-        write_cache(cache_file, result, key)
-    return result
+            write_atomically(metadata, lambda f: f.write(json.dumps(record).encode()))
+        except OSError as e:
+            cache_warning(metadata, e)
+    return ImageSet(torch.from_numpy(images), labels, classes, key)
 
 
-def decode_all(paths: list[Path], size: int | None) -> np.ndarray:
-    """Decode every image at `size`, or at the most common shorter side (at most 256) when None.
+def read_cache(image_file: Path, metadata: Path, key: str) -> ImageSet | None:
+    """The cached split, mapped, if its metadata has this fingerprint and its image file the length it says."""
+    try:
+        record = json.loads(metadata.read_bytes())
+        shape = tuple(record["shape"])
+        if record.get("version") != CACHE_VERSION or record.get("fingerprint") != key or len(shape) != 4:
+            return None
+        if image_file.stat().st_size != math.prod(shape) or len(record["labels"]) != shape[0]:
+            return None  # truncated or changed underneath: never mapped past its end
+        images = np.memmap(image_file, np.uint8, "c", shape=shape)
+        return ImageSet(torch.from_numpy(images), torch.tensor(record["labels"], dtype=torch.int64),
+                        record["classes"], key)
+    except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: rebuilt, never trusted
+        return None
 
-    Opens each file once: the size is guessed from a sample, and only if the
-    full count disagrees are the images decoded again.
+
+def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tuple[np.memmap, bool]:
+    """Decode every image at `size`, or at the most common shorter side (at most 256) when None, straight into a
+    memory-mapped file: `target` (published by a rename once complete, then True), else an unlinked temporary file.
+
+    Opens each file once: the size is guessed from a sample, and only if the full count disagrees are the images
+    decoded again. Memory stays bounded whatever the number of images: each process writes its rows to the file.
     """
     sample = paths[:: max(1, len(paths) // 64)]
     guess = size or most_common_side([decode(p, 1)[1] for p in sample])
-    chunks = [paths[i:i + 1024] for i in range(0, len(paths), 1024)]
-    if len(chunks) > 1 and WORKERS > 1:  # decoding is Python-bound: processes, not threads
-        with ProcessPoolExecutor(WORKERS) as pool:
-            decoded = list(pool.map(decode_chunk, chunks, [guess] * len(chunks)))
-    else:
-        decoded = [decode_chunk(chunk, guess) for chunk in chunks]
-    images = np.concatenate([d[0] for d in decoded])
-    sides = [side for d in decoded for side in d[1]]
-    if size is None and most_common_side(sides) != guess:
-        return decode_all(paths, most_common_side(sides))
-    return images
+    if target is not None:
+        target.with_suffix(".json").unlink(missing_ok=True)  # the old cache is stale: never paired with new images
+    shape = (len(paths), 3, guess, guess)
+    tmp, beside = new_image_file(target, shape)
+    try:
+        sides = decode_into(tmp, paths, shape)
+        if size is None and most_common_side(sides) != guess:
+            tmp.unlink()
+            return decode_all(paths, most_common_side(sides), target)
+        if beside:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            tmp = target
+        images = np.memmap(tmp, np.uint8, "c", shape=shape)
+    finally:
+        if tmp != target:
+            tmp.unlink(missing_ok=True)  # a mapping outlives its file's name; a failed build leaves nothing
+    return images, tmp == target
 
 
-def decode_chunk(paths: list[Path], size: int) -> tuple[np.ndarray, list[int]]:
-    decoded = [decode(p, size) for p in paths]
-    return np.stack([d[0] for d in decoded]), [d[1] for d in decoded]
+def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, bool]:
+    """An empty file of the images' size beside `target` (then True), or in the temporary folder when it cannot be
+    written there: allocated up front, so that a full disk is this OSError, not a SIGBUS in a process writing the
+    mapping.
+
+    Named as write_atomically names its files: one left by a killed build is removed by the next one (concurrent
+    ones are spared).
+    """
+    for folder in ([] if target is None else [target.parent]) + [Path(tempfile.gettempdir())]:
+        name = target.name if target is not None else "images.u8"
+        path = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_dead_writers_files(str(folder), name)
+            fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
+            path = Path(path)
+            try:
+                os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
+                if math.prod(shape):
+                    os.posix_fallocate(fd, 0, math.prod(shape))
+            finally:
+                os.close(fd)
+            return path, target is not None and folder == target.parent
+        except OSError as e:
+            if path is not None:
+                path.unlink(missing_ok=True)
+            if target is not None and folder == target.parent:
+                cache_warning(target, e)
+                continue
+            raise DataError(f"{shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
+                            f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
+    raise AssertionError("unreachable")
+
+
+def cache_warning(path: Path, error: OSError) -> None:
+    """A read-only or full data folder still trains, only slower to start."""
+    print(f"warning: cannot write the image cache {path} ({error.strerror or error}); decoding every run",
+          file=sys.stderr)
+
+
+DECODE_CHUNK = 256  # images per task of a decoding process: its share of the file is written, then synced
+
+
+def decode_into(path: Path, paths: list[Path], shape: tuple[int, ...]) -> list[int]:
+    """Decode `paths` into rows of the uint8 file `path` of `shape`; returns each image's shorter side.
+
+    Decoding is Python-bound: processes, each writing its rows to the file and returning only the sides. They end
+    with this process (see die_with_parent), even when it is killed.
+    """
+    starts = range(0, len(paths), DECODE_CHUNK)
+    if len(starts) <= 1 or WORKERS <= 1:
+        return [side for start in starts for side in decode_rows(path, shape, start, paths[start:start + DECODE_CHUNK])]
+    pool = ProcessPoolExecutor(WORKERS, initializer=die_with_parent, initargs=(os.getpid(),))
+    try:
+        chunks = pool.map(decode_rows, [path] * len(starts), [shape] * len(starts), starts,
+                          [paths[start:start + DECODE_CHUNK] for start in starts])
+        return [side for sides in chunks for side in sides]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def decode_rows(path: Path, shape: tuple[int, ...], start: int, paths: list[Path]) -> list[int]:
+    """Rows `start`, `start` + 1, ... of the file: only they are mapped here."""
+    row_bytes = math.prod(shape[1:])
+    images = np.memmap(path, np.uint8, "r+", offset=start * row_bytes, shape=(len(paths), *shape[1:]))
+    sides = []
+    for row, image_path in enumerate(paths):
+        pixels, side = decode(image_path, shape[-1])
+        images[row] = pixels.transpose(2, 0, 1)
+        sides.append(side)
+    images.flush()  # written back now: the pages can be dropped, the memory held stays bounded
+    return sides
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """A decoding process's start: killed with its parent (even by SIGKILL or the out-of-memory killer), rather than
+    left blocked, holding memory and the --out lock's file; Ctrl-C is the parent's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the request was made
+        os._exit(1)
 
 
 def most_common_side(sides: list[int]) -> int:
     return min(collections.Counter(sides).most_common(1)[0][0], MAX_STORED_SIZE)
 
 
-def write_cache(path: Path, images: ImageSet, key: str) -> None:
-    record = {"fingerprint": key, "images": images.images, "labels": images.labels, "classes": images.classes}
-    try:
-        write_atomically(path, lambda f: torch.save(record, f))
-    except OSError as e:  # a read-only or full data folder still trains, only slower to start
-        print(f"warning: cannot write the image cache {path} ({e.strerror or e}); decoding every run", file=sys.stderr)
-
-
-def load_dataset(data_dir: str | os.PathLike) -> tuple[ImageSet, ImageSet]:
-    """The train and test splits of a data folder, with the same classes."""
+def load_dataset(data_dir: str | os.PathLike, stored_size: int | None = None) -> tuple[ImageSet, ImageSet]:
+    """The train and test splits of a data folder, with the same classes, stored at `stored_size` (see load_folder)."""
     data_dir = Path(data_dir)
     scans = scan_dataset(data_dir)  # both splits are checked before the long decoding starts
-    train = load_folder(data_dir / "train", scanned=scans["train"])
+    train = load_folder(data_dir / "train", size=stored_size, scanned=scans["train"])
     return train, load_folder(data_dir / "test", size=train.stored_size, scanned=scans["test"])
 
 
@@ -513,10 +717,7 @@ def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch
     generator = torch.Generator().manual_seed(seed)
     labels = labels.cpu()
     per_class = torch.bincount(labels)
-    exact = count * per_class.double() / len(labels)
-    quota = exact.floor().long()
-    remainders = (exact - quota).argsort(descending=True, stable=True)
-    quota[remainders[: count - int(quota.sum())]] += 1
+    quota = stratified_quota(per_class, count)
     picked, rest = [], []
     for cls in range(len(per_class)):
         members = (labels == cls).nonzero().flatten()
@@ -524,6 +725,48 @@ def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch
         picked.append(members[: quota[cls]])
         rest.append(members[quota[cls]:])
     return torch.cat(picked).sort().values, torch.cat(rest).sort().values
+
+
+def stratified_quota(per_class: torch.Tensor, count: int) -> torch.Tensor:
+    """How many of `count` picks each class gets in stratified_split, from the class sizes."""
+    exact = count * per_class.double() / int(per_class.sum())
+    quota = exact.floor().long()
+    remainders = (exact - quota).argsort(descending=True, stable=True)
+    quota[remainders[: count - int(quota.sum())]] += 1
+    return quota
+
+
+def place(images: ImageSet, device: torch.device, stream: str) -> ImageSet:
+    """--stream: a set that fits is copied to the device whole (never, or auto within half its free memory, the rest
+    being the model's and the batches'); a larger one (or always) streams from the mapped file (see batches)."""
+    if stream == "always" or (stream == "auto" and images.nbytes > free_memory(device) / 2):
+        return images.streamed(device)
+    return images.to(device)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on the device: for the CPU the host's available memory, within this process's cgroup limit."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        meminfo = Path("/proc/meminfo").read_text()
+        free.append(int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable:")).split()[1])
+                    * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            v1 = "memory" in controllers.split(",")
+            if v1 or controllers == "":
+                mount, parts = Path("/sys/fs/cgroup") / ("memory" if v1 else ""), Path(path).parts[1:]
+                # in a container the mount is the container's own cgroup: the path's tail names ours below it
+                folder = next((mount.joinpath(*parts[i:]) for i in range(len(parts) + 1)
+                               if mount.joinpath(*parts[i:]).is_dir()), mount)
+                limit, used = (("memory.limit_in_bytes", "memory.usage_in_bytes") if v1
+                               else ("memory.max", "memory.current"))
+                with contextlib.suppress(OSError, ValueError):
+                    free.append(int((folder / limit).read_text()) - int((folder / used).read_text()))
+    return min(free) if free else 2**62
 
 
 # --------------------------------------------------------------------------- transforms on the device
@@ -583,21 +826,23 @@ AUGMENTATIONS = {"rrc": random_resized_boxes, "crop": random_shift_boxes}
 
 
 def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, part: slice = slice(None),
-                augmentation: str = "rrc", cutout: float = 0.0) -> torch.Tensor:
+                augmentation: str = "rrc", cutout: float = 0.0, batch: int | None = None) -> torch.Tensor:
     """A crop (see AUGMENTATIONS) resized to size, a horizontal flip, normalisation, then cutout: on images' device.
 
     Cutout (DeVries & Taylor, 2017) sets a square of side `cutout` x size, centred
     anywhere in the image and clipped at its edges, to the mean colour (0 after
-    normalisation). The random draws are made for the whole batch and `part` of
-    it is returned, so processes that share a global batch augment it as one process would.
+    normalisation). `images` are `part` of a global batch of `batch` images (default: all of it): the random draws
+    are made for the whole batch and `part` of them used, so processes that share a global batch augment it as one
+    process would.
     """
-    boxes = AUGMENTATIONS[augmentation](len(images), images.shape[-1], generator, images.device)[part]
-    flip = (torch.rand(len(images), generator=generator, device=images.device) < 0.5)[part]
-    x = crop_resize(images[part], boxes, size)
+    n = batch or len(images)
+    boxes = AUGMENTATIONS[augmentation](n, images.shape[-1], generator, images.device)[part]
+    flip = (torch.rand(n, generator=generator, device=images.device) < 0.5)[part]
+    x = crop_resize(images, boxes, size)
     x = normalize(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x))
     if cutout:
         side = round(cutout * size)
-        start = torch.randint(size, (len(images), 2), generator=generator, device=images.device)[part] - side // 2
+        start = torch.randint(size, (n, 2), generator=generator, device=images.device)[part] - side // 2
         pixel = torch.arange(size, device=images.device)
         inside = (pixel >= start[:, :, None]) & (pixel < start[:, :, None] + side)  # N x (rows, columns) x size
         x = x.masked_fill((inside[:, 0, :, None] & inside[:, 1, None, :])[:, None], 0.0)

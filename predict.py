@@ -15,8 +15,9 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -37,27 +38,35 @@ MATRIX_WIDTH = 120  # characters: a wider confusion matrix is printed as its mos
 # --------------------------------------------------------------------------- the evaluation path
 
 @torch.no_grad()
-def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batch_size: int,
-                   flip: bool = False, title: str | None = None) -> torch.Tensor:
-    """Centre crop on the device, batched, in fp32; training's validation and test use it too.
+def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
+                   title: str | None = None, total: int = 0) -> torch.Tensor:
+    """Centre crop on the device, batch by batch (uint8 images, see data.ImageSet.batches), in fp32; training's
+    validation and test use it too.
 
     With `flip` (--tta) the logits are the mean over the crop and its mirror image.
-    With a `title` it shows its progress (see ProgressLine).
+    With a `title` it shows its progress over `total` images (see ProgressLine).
     """
+    return torch.cat(list(logits_of_batches(model, batches, image_size, flip, title, total)))
+
+
+@torch.no_grad()
+def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
+                      title: str | None = None, total: int = 0) -> Iterator[torch.Tensor]:
+    """compute_logits, one batch's logits at a time, for a caller that uses each as it comes."""
     model.eval()
-    line = None if title is None else ProgressLine(title, len(images))
-    batches = []
-    for start in range(0, len(images), batch_size):
-        x = data.eval_batch(images[start:start + batch_size], image_size)
+    line = None if title is None else ProgressLine(title, total)
+    done = 0
+    for images in batches:
+        x = data.eval_batch(images, image_size)
         logits = model(x).float()
         if flip:
             logits = (logits + model(x.flip(3)).float()) / 2
-        batches.append(logits)
-        if line is not None and line.due(start + len(x)):
-            line.show(start + len(x))
+        done += len(x)
+        if line is not None and line.due(done):
+            line.show(done)
+        yield logits
     if line is not None:
         line.close()
-    return torch.cat(batches)
 
 
 class ProgressLine:
@@ -290,16 +299,19 @@ def save_picture(picture: Image.Image, path: Path) -> None:
 
 
 def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
-                ) -> tuple[torch.Tensor | None, list[tuple[Path, int | None]]]:
-    """Decode each file as the training cache was built; an unreadable one adds a line to `errors`."""
+                ) -> tuple[torch.Tensor | None, list[int]]:
+    """Decode each file as the training cache was built, and say which were read; an unreadable one adds a line to
+    `errors` and is printed to stderr at once."""
     decoded, kept = [], []
-    for path, label in found:
+    for i, (path, _) in enumerate(found):
         try:
-            decoded.append(torch.from_numpy(data.decode(path, size)[0]).permute(2, 0, 1))
-            kept.append((path, label))
+            decoded.append(data.decode(path, size)[0])
+            kept.append(i)
         except data.DataError as e:
             errors.append(str(e))
-    return (torch.stack(decoded) if decoded else None), kept
+            print(f"predict.py: {e}", file=sys.stderr)
+    # one copy into the training layout: torch.stack of permuted images takes many times longer
+    return (torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous() if decoded else None), kept
 
 
 def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], classes: list[str], k: int) -> list[dict]:
@@ -373,38 +385,72 @@ def predict(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < len(found):
         labels = torch.tensor([-1 if label is None else label for _, label in found]) + 1
         found = [found[i] for i in data.stratified_split(labels, args.limit, seed=0)[0]]
-    images, kept = read_images(found, checkpoint["stored_size"], errors)
     for line in errors:
         print(f"predict.py: {line}", file=sys.stderr)
-    if not kept:
+    done = predict_in_batches(model.to(device), found, checkpoint, args, device, errors)
+    if not done.results:
         print("predict.py: no image could be read; pass image files or folders of images", file=sys.stderr)
         return 1
-
-    logits = compute_logits(model.to(device), images.to(device), checkpoint["image_size"], args.batch_size,
-                            checkpoint.get("tta", False), title="predict" if not args.json else None).cpu()
-    results = top_classes(logits, kept, classes, args.topk)
     # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
-    labelled = [i for i, (_, label) in enumerate(kept) if label is not None]
     report = None
-    if labelled:
-        report = classification_report(logits[labelled], torch.tensor([kept[i][1] for i in labelled]), classes)
-
+    if done.labels:
+        report = classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes)
     if args.json:
-        print(json.dumps({"checkpoint": checkpoint_path, "predictions": results, "report": report, "errors": errors},
-                         indent=1))
-    else:  # names escaped (data.printable): a tab or newline in one would split its line
-        for result in results:
-            print(result["path"] + "".join(f"\t{data.printable(t['label'])}\t{t['probability']:.4f}"
-                                           for t in result["top"]))
-        if report is not None:
-            print_report(f"{len(labelled)} labelled images", report, classes)
+        print(json.dumps({"checkpoint": checkpoint_path, "predictions": done.results, "report": report,
+                          "errors": errors}, indent=1))
+    elif report is not None:
+        print_report(f"{len(done.labels)} labelled images", report, classes)
     if args.grid:  # also when stdout is closed (`| head`): the picture was asked for as well
-        show = torch.linspace(0, len(kept) - 1, min(GRID_MAX, len(kept))).round().long().unique()
-        predicted = [results[i]["top"][0]["label"] for i in show]
-        draw_grid(args.grid, images[show], predicted, [results[i]["true"] for i in show])
-        print(f"wrote {args.grid} ({len(show)} images)", file=sys.stderr)
+        draw_grid(args.grid, torch.stack(done.tiles), [done.results[i]["top"][0]["label"] for i in done.tiled],
+                  [done.results[i]["true"] for i in done.tiled])
+        print(f"wrote {args.grid} ({len(done.tiles)} images)", file=sys.stderr)
     check_results_written()
     return 1 if errors else 0
+
+
+@dataclass
+class Predicted:
+    """What a pass over the images keeps: a small result per image, the logits of the labelled ones (for the
+    report), and the few images the --grid picture shows (`tiled`: their results); never all the images."""
+    results: list[dict] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    tiles: list[torch.Tensor] = field(default_factory=list)
+    tiled: list[int] = field(default_factory=list)
+
+
+def predict_in_batches(model: nn.Module, found: list[tuple[Path, int | None]], checkpoint: dict,
+                       args: argparse.Namespace, device: torch.device, errors: list[str]) -> Predicted:
+    """Decode and predict --batch-size images at a time, each image's line printed as it comes (an unreadable
+    file's error too): a folder of any size predicts in bounded memory. --grid shows up to GRID_MAX images spread
+    evenly over the files."""
+    done = Predicted()
+    grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
+               else [])
+    line = None if args.json or not found else ProgressLine("predict", len(found), stream=sys.stderr)
+    for start in range(0, len(found), args.batch_size):
+        batch = found[start:start + args.batch_size]
+        images, kept = read_images(batch, checkpoint["stored_size"], errors)
+        if images is not None:
+            logits = compute_logits(model, [images.to(device)], checkpoint["image_size"],
+                                    checkpoint.get("tta", False)).cpu()
+            results = top_classes(logits, [batch[i] for i in kept], checkpoint["classes"], args.topk)
+            labelled = [j for j, i in enumerate(kept) if batch[i][1] is not None]
+            done.logits.append(logits[labelled])
+            done.labels += [batch[kept[j]][1] for j in labelled]
+            for j, i in enumerate(kept):
+                if start + i in grid:
+                    done.tiles.append(images[j])
+                    done.tiled.append(len(done.results) + j)
+            done.results += results
+            if not args.json:  # names escaped (data.printable): a tab or newline in one would split its line
+                print("".join(r["path"] + "".join(f"\t{data.printable(t['label'])}\t{t['probability']:.4f}"
+                                                  for t in r["top"]) + "\n" for r in results), end="", flush=True)
+        if line is not None and line.due(start + len(batch)):
+            line.show(start + len(batch))
+    if line is not None:
+        line.close()
+    return done
 
 
 def check_results_written() -> None:

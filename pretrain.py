@@ -44,8 +44,9 @@ from predict import (ProgressLine, UsageError, check_writable_file, classificati
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
-# --data-dir: the same images, moved (check_same_data compares them by their fingerprint)
-RESUME_FLAGS_FROM_COMMAND_LINE = ("epochs", "device", "resume", "data_dir")
+# --data-dir: the same images, moved (check_same_data compares them by their fingerprint); --stream: how the
+# images reach the device, which changes no result
+RESUME_FLAGS_FROM_COMMAND_LINE = ("epochs", "device", "resume", "data_dir", "stream")
 
 # The largest --image-size: 4.6 times the reference's 224; stored images are at most 256 px, so more only fills memory.
 MAX_IMAGE_SIZE = 1024
@@ -103,6 +104,13 @@ def image_size(text: str) -> int:
     return value
 
 
+def stored_size(text: str) -> int:
+    value = int(text)
+    if not 8 <= value <= MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least 8 and at most {MAX_IMAGE_SIZE} px, got {text}")
+    return value
+
+
 def seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**32:
@@ -132,8 +140,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--limit", type=positive_int, default=None,
         help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
     add("--resume", default=None, metavar="PATH",
-        help="continue the run that left this .last.pt, with its flags (only --epochs, --device and, for images "
-             "moved, --data-dir may change)")
+        help="continue the run that left this .last.pt, with its flags (only --epochs, --device, --stream "
+             "and, for images moved, --data-dir may change)")
     add("--overwrite", action="store_true",
         help="start afresh onto an --out that holds a run already, replacing its checkpoint, resume state, log and "
              "report (without it such a run is refused)")
@@ -154,6 +162,13 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
         help="training arithmetic: auto is bf16 autocast (channels_last, fused SGD) on CUDA and on a CPU with bf16 "
              "matrix units (AMX), else fp32; evaluation is always fp32")
     add("--compile", action="store_true", help="torch.compile the model for training")
+    add("--stream", choices=("auto", "always", "never"), default="auto",
+        help="stream each split's images to the device batch by batch from the memory-mapped cache, or copy them "
+             "there whole (never); auto streams a split larger than half the device's free memory (the host's for "
+             "the CPU); the results are the same")
+    add("--stored-size", type=stored_size, default=None,
+        help="side the images are cached at (default: their most common shorter side, at most 256); smaller "
+             "keeps a large set's cache small")
     return parser
 
 
@@ -172,8 +187,8 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
                if name not in RESUME_FLAGS_FROM_COMMAND_LINE and getattr(args, name) != stored.get(name)]
     if changed:
         raise UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
-                         "flags (only --epochs, --device and, for moved images, --data-dir may change): drop these "
-                         "flags or start a new run")
+                         "flags (only --epochs, --device, --stream and, for moved images, --data-dir may "
+                         "change): drop these flags or start a new run")
     from_command_line = {name for name in given if name in RESUME_FLAGS_FROM_COMMAND_LINE}
     return argparse.Namespace(**(vars(args) | {name: value for name, value in stored.items()
                                                 if name not in from_command_line}))
@@ -625,20 +640,16 @@ def restore(run: Run, state: dict) -> Progress:
 
 
 def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.ImageSet, data.ImageSet, data.ImageSet]:
-    """Train, validation and test images on the device; the first process builds the cache, the others read it."""
+    """Train and validation images placed for the device (see data.place), the test split mapped; the first process
+    builds the cache, the others read it. --limit and the split are lists of rows of the cache, not copies."""
     if not processes.main:
         processes.barrier()
-    train_images, test_images = data.load_dataset(args.data_dir)
+    train_images, test_images = data.load_dataset(args.data_dir, args.stored_size)
     if processes.main:
         processes.barrier()
-    n, classes = len(train_images.labels), len(train_images.classes)
+    n = len(train_images)
     if args.limit is not None:
-        if args.limit > n:
-            raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images; "
-                             f"pass --limit {n} or less, or leave it out to use them all")
-        if args.limit < 2 * classes:
-            raise UsageError(f"--limit {args.limit}: too few for {classes} classes, each needs one training and "
-                             f"one validation image; pass --limit {2 * classes} or more")
+        check_limit(args, train_images.labels, train_images.classes)
         train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
         n = args.limit
     if args.val_size is None and n // 10 == 0:
@@ -651,7 +662,27 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
     val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
     check_every_class_trains(val_size, train_images.labels, train_index)
     device = processes.device
-    return train_images.subset(train_index).to(device), train_images.subset(val_index).to(device), test_images
+    return (data.place(train_images.subset(train_index), device, args.stream),
+            data.place(train_images.subset(val_index), device, args.stream), test_images)
+
+
+def check_limit(args: argparse.Namespace, labels: torch.Tensor, classes: list[str]) -> None:
+    """--limit keeps every class, with an image to train and one to validate (all it has, if fewer)."""
+    n, per_class = len(labels), torch.bincount(labels, minlength=len(classes))
+    if args.limit > n:
+        raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images; "
+                         f"pass --limit {n} or less, or leave it out to use them all")
+    if args.limit < 2 * len(classes):
+        raise UsageError(f"--limit {args.limit}: too few for {len(classes)} classes, each needs one training and "
+                         f"one validation image; pass --limit {2 * len(classes)} or more")
+    needed = per_class.clamp(max=2)
+    short = (data.stratified_quota(per_class, args.limit) < needed).nonzero().flatten().tolist()
+    if short:
+        enough = next(count for count in range(args.limit, n + 1)
+                      if (data.stratified_quota(per_class, count) >= needed).all())
+        raise UsageError(f"--limit {args.limit}: a stratified sample this small leaves class "
+                         f"{data.shown(classes[short[0]])} ({int(per_class[short[0]])} images) without a training "
+                         f"and a validation image; pass --limit {enough} or more")
 
 
 def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: torch.Tensor) -> None:
@@ -736,24 +767,24 @@ def learning_rate(args: argparse.Namespace, epoch: int, step: int, steps: int) -
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
-               args: argparse.Namespace, rng: torch.Generator, processes: Processes,
+               batch: int, args: argparse.Namespace, rng: torch.Generator, processes: Processes,
                bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on a global batch of uint8 images (this process's share of it).
+    """One SGD step on a global batch of `batch` uint8 images, of which `images` and `labels` are this process's
+    share.
 
     Returns the summed loss and the number of correct predictions as device
     tensors, so the caller decides when to wait for them.
     """
-    share = processes.share()
-    x = data.train_batch(images, args.image_size, rng, share, args.augment, args.cutout)
+    x = data.train_batch(images, args.image_size, rng, processes.share(), args.augment, args.cutout, batch)
     if channels_last(x.device, bf16):  # cuDNN's and oneDNN's fastest convolutions take NHWC
         x = x.contiguous(memory_format=torch.channels_last)
-    y = labels[share]
+    y = labels
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = net(x)
     loss = F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=args.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     # the mean over the global batch: DDP averages the processes' gradients, hence the factor world
-    (loss * (processes.world / len(images))).backward()
+    (loss * (processes.world / batch)).backward()
     optimizer.step()
     return loss.detach(), (logits.argmax(1) == y).sum()
 
@@ -774,12 +805,12 @@ def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: S
         progress.running.copy_(torch.tensor(EPOCH_START))
     title = f"epoch {progress.epoch + 1}/{args.epochs}"
     line = ProgressLine(title, n, done=progress.step * args.batch_size) if processes.main else None
-    for step in range(progress.step, steps):
-        index = progress.perm[step * args.batch_size:(step + 1) * args.batch_size]
+    batches = images.batches(progress.perm, progress.step, args.batch_size, processes.share())
+    for step, (x, y) in zip(range(progress.step, steps), batches):
         for group in run.optimizer.param_groups:
             group["lr"] = learning_rate(args, progress.epoch, step, steps)
-        loss, correct = train_step(run.net, run.optimizer, images.images[index], images.labels[index], args,
-                                   run.augment, processes, run.bf16)
+        batch = min(args.batch_size, n - step * args.batch_size)
+        loss, correct = train_step(run.net, run.optimizer, x, y, batch, args, run.augment, processes, run.bf16)
         if run.ema is not None:
             run.ema.update_parameters(run.model)
         running = progress.running
@@ -789,6 +820,7 @@ def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: S
         if line is not None and line.due(done):  # the loss so far: this process's share, scaled to all
             line.show(done, f", loss {running[0].item() * processes.world / done:.4f}")
         if processes.any(stop.received is not None) and step + 1 < steps:
+            batches.close()  # a streamed set's reading ahead ends here
             progress.step = step + 1
             save_resume_state(run, progress, writer)
             return False
@@ -811,7 +843,8 @@ def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
 
 def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace, title: str | None = None) -> dict:
     """Predict's evaluation path on a split; under torchrun every process evaluates all of it (same result)."""
-    logits = compute_logits(model, images.images, args.image_size, args.batch_size, args.tta, title)
+    batches = (x for x, _ in images.batches(None, 0, args.batch_size))
+    logits = compute_logits(model, batches, args.image_size, args.tta, title, len(images))
     return classification_report(logits, images.labels, images.classes)
 
 
@@ -968,7 +1001,7 @@ def announce_resume(run: Run, progress: Progress, state: dict) -> None:
     if not run.processes.main:
         return
     print(f"resuming {run.stage} from {run.args.resume}: epoch {progress.epoch + 1}, step {progress.step}; flags "
-          "from the checkpoint, --epochs, --device and --data-dir from the command line when given")
+          "from the checkpoint, --epochs, --device, --stream and --data-dir from the command line when given")
     if state.get("finished") and progress.epoch >= run.args.epochs:
         print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
               "evaluating the test split again with its best validation epoch's weights")
@@ -1008,7 +1041,7 @@ def test_once(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
     best, files, device = progress.best, side_files(run.out), run.processes.device
     final = load_checkpoint(run.out, map_location=device)
     run.evaluated.load_state_dict(final["model"])
-    test = evaluate(run.evaluated, test_images.to(device), run.args, title="test")
+    test = evaluate(run.evaluated, data.place(test_images, device, run.args.stream), run.args, title="test")
     print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
           f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
           "weights:")

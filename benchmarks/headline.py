@@ -42,6 +42,7 @@ SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 THROUGHPUT_RUNS = [
     ("throughput", []),
     ("throughput-compile", ["--compile"]),
+    ("throughput-stream", ["--stream", "always"]),  # the streamed data path against the resident one, in one run
 ]
 
 # benchmarks/recipes.py's recipes, the most promising first (benchmarks/README.md's reduced-scale ranking); the
@@ -128,9 +129,12 @@ def figures(step: Step, output: str) -> list[tuple[str, str]]:
     if step.log == "cuda-tests":
         summary = [line.strip("= ") for line in output.splitlines() if re.search(r" in [\d.]+s", line)]
         found.append(("tests/test_cuda.py", summary[-1] if summary else "no summary"))
-    for kind, ours, reference, ratio in re.findall(r"^(train|evaluate)\s+(\d+)\s+(\d+)\s+([\d.]+x)", output, re.M):
-        name = "training" if kind == "train" else "evaluation"
-        found.append((f"{name} images/s, ours / reference", f"{ours} / {reference} = {ratio}"))
+    # throughput.py's tables: ours against the reference, then (--stream always) streamed against resident
+    tables = re.split(r"^\s+streamed\s+resident.*$", output, maxsplit=1, flags=re.M)
+    for table, compared in zip(tables, ("ours / reference", "streamed / resident")):
+        for kind, first, second, ratio in re.findall(r"^(train|evaluate)\s+(\d+)\s+(\d+)\s+([\d.]+x)", table, re.M):
+            name = "training" if kind == "train" else "evaluation"
+            found.append((f"{name} images/s, {compared}", f"{first} / {second} = {ratio}"))
     accuracy = re.findall(r"labelled images: accuracy ([\d.]+ %|[\d.]+%)", output)
     if accuracy:
         found.append(("accuracy of the predicted images", accuracy[-1]))

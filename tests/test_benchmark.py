@@ -12,15 +12,17 @@ pytestmark = pytest.mark.slow  # end to end: real processes and training
 def test_benchmark_prints_device_commit_and_both_pipelines(tiny_data):
     command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data-dir", str(tiny_data),
                "--image-size", "64", "--batch-size", "8", "--steps", "2", "--reference-steps", "2", "--warmup", "1",
-               "--device", "cpu"]
+               "--device", "cpu", "--stream", "always"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "throughput.py" in lines[2]
     assert "batch size 8, image size 64" in lines[3] and "decoding 48 training images" in lines[4]
     for name in ("train", "evaluate"):
-        row = next(line for line in lines if line.startswith(name)).split()
-        assert float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x")
+        rows = [line.split() for line in lines if line.startswith(name)]
+        assert len(rows) == 2  # ours against the reference, then streamed against resident
+        assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x") for row in rows)
+    assert lines[-3].split() == ["streamed", "resident", "ratio"]
 
 
 def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_path):
@@ -57,3 +59,18 @@ def test_checkpoint_benchmark_times_each_save_and_counts_the_writes(tmp_path):
     assert lines[4].startswith("epoch 1: save blocked") and lines[5].startswith("epoch 2: save blocked")
     assert "of 4 saves reached the disk" in lines[6] and "peak memory" in lines[6]
     assert list(tmp_path.iterdir()) == []  # its temporary folder is gone
+
+
+def test_peak_memory_makes_a_set_and_measures_a_process_tree(tmp_path):
+    script = str(ROOT / "benchmarks" / "peak_memory.py")
+    subprocess.run([sys.executable, script, "--make-set", str(tmp_path / "s"), "--images", "40", "--size", "16",
+                    "--test", "4"], check=True)
+    assert len(list((tmp_path / "s" / "train" / "a").iterdir())) == 20 and len(list((tmp_path / "s" / "test").rglob(
+        "*.png"))) == 4
+    child = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'x = bytearray(300 << 20); import time; " \
+            "time.sleep(0.5)']); sys.exit(3)"
+    result = subprocess.run([sys.executable, script, "--", sys.executable, "-c", child], capture_output=True,
+                            text=True)
+    assert result.returncode == 3
+    anonymous = int(result.stderr.split("peak anonymous ")[1].split()[0])
+    assert anonymous >= 300 and "exit 3" in result.stderr  # the grandchild's 300 MiB counted

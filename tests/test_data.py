@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import sys
+import tempfile
 import tarfile
 import threading
 import zipfile
@@ -232,7 +233,7 @@ def test_empty_or_missing_folders_are_clear_errors(tmp_path):
 def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
     root = make_class_folders(tmp_path / "d", train=3, test=1)
     first = data.load_folder(root / "train")
-    assert (root / ".cache" / "train.pt").is_file()
+    assert (root / ".cache" / "train.u8").is_file() and (root / ".cache" / "train.json").is_file()
     calls = []
     monkeypatch.setattr(data, "decode_all", lambda *a: calls.append(a) or pytest.fail("decoded despite a valid cache"))
     assert torch.equal(data.load_folder(root / "train").images, first.images)
@@ -396,29 +397,33 @@ def test_a_doctored_official_tarball_is_refused_and_writes_nothing(tmp_path, mem
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [archive]  # no PNG anywhere, inside or out
 
 
-def small_image_set(count: int) -> data.ImageSet:
-    return data.ImageSet(torch.zeros(count, 3, 32, 32, dtype=torch.uint8), torch.zeros(count, dtype=torch.int64),
-                         ["a", "b"])
-
-
 def test_a_full_disk_while_writing_the_cache_is_a_warning_and_leaves_no_temporary_file(small_filesystem, capsys):
-    cache = small_filesystem("64k") / ".cache" / "train.pt"
-    data.write_cache(cache, small_image_set(100), "key")  # 300 KB: torch.save fails with a RuntimeError
+    disk = small_filesystem("1m")
+    root = make_class_folders(disk / "d", train=30, test=1)
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    (disk / "filler").write_bytes(bytes(free - 64 * 1024))  # 64 KB left, 270 KB of images to cache
+    cache = root / ".cache" / "train.u8"
+    images = data.load_folder(root / "train")
     warning = capsys.readouterr().err
     assert f"warning: cannot write the image cache {cache} (No space left on device); decoding every run" in warning
-    assert list(cache.parent.iterdir()) == []
+    assert list(cache.parent.iterdir()) == [] and images.images.shape == (90, 3, 32, 32)
+    assert not list(Path(tempfile.gettempdir()).glob(f".images.u8.{os.getpid()}.*"))  # the fallback file: unlinked
 
 
-def interrupted_save(record, file) -> None:
-    file.write(b"half a cache")
+def interrupted_decode(path, size):
     raise KeyboardInterrupt
 
 
 def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch, "save", interrupted_save)
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+    data.load_folder(root / "train")
+    (root / "train" / "red" / "0000.png").touch()  # changed: the cache is rebuilt
+    monkeypatch.setattr(data, "decode", interrupted_decode)
     with pytest.raises(KeyboardInterrupt):
-        data.write_cache(tmp_path / ".cache" / "train.pt", small_image_set(2), "key")
-    assert list((tmp_path / ".cache").iterdir()) == []
+        data.load_folder(root / "train", size=32)
+    assert list((root / ".cache").iterdir()) == [root / ".cache" / "train.u8"]  # the old images, no longer trusted
+    monkeypatch.undo()
+    assert data.load_folder(root / "train").images.shape == (9, 3, 32, 32)
 
 
 class RemovedBeforeLocking:

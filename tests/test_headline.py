@@ -71,3 +71,17 @@ def test_without_cuda_the_gpu_run_says_to_rehearse(tmp_path, monkeypatch):
         headline.main(["--out-dir", str(tmp_path / "out")])
     assert "CUDA is not available on this machine" in exit.value.code and "pass --rehearse" in exit.value.code
     assert not (tmp_path / "out").exists()
+
+
+def test_a_streamed_throughput_run_is_tabled_as_streamed_against_resident():
+    """--stream always prints a second table; its rows must not read as ours against the reference."""
+    output = ("           ours  reference   ratio   (ours trained in bf16)\n"
+              "train        900        30    30.0x   images/s\nevaluate    2000       100    20.0x   images/s\n"
+              "             streamed   resident   ratio\n"
+              "train        880        900     0.98x   images/s\nevaluate    1900       2000     0.95x   images/s\n")
+    step = headline.Step("throughput-stream", "throughput-stream", ["throughput.py"], 1.0)
+    assert headline.figures(step, output) == [
+        ("training images/s, ours / reference", "900 / 30 = 30.0x"),
+        ("evaluation images/s, ours / reference", "2000 / 100 = 20.0x"),
+        ("training images/s, streamed / resident", "880 / 900 = 0.98x"),
+        ("evaluation images/s, streamed / resident", "1900 / 2000 = 0.95x")]

@@ -48,7 +48,7 @@ def test_any_image_is_predicted_and_a_bad_one_reported(pretrained, tmp_path):
 def test_predict_gives_the_evaluation_paths_logits(pretrained, tiny_data):
     checkpoint = load_checkpoint(pretrained)
     test = data.load_folder(tiny_data / "test")
-    logits = compute_logits(model_from_checkpoint(checkpoint), test.images, checkpoint["image_size"], 256)
+    logits = compute_logits(model_from_checkpoint(checkpoint), test.images.split(256), checkpoint["image_size"])
     expected = torch.softmax(logits, 1)
     result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--json",
                  "--topk", "3", "--batch-size", "5")

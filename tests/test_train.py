@@ -309,7 +309,7 @@ def test_a_bf16_step_on_the_cpu_convolves_nhwc_in_bf16_and_updates_fp32_weights(
                                                     output.dtype)))
     before = model.features[0].weight.detach().clone()
     images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3
-    loss, _ = pretrain.train_step(net, optimizer, images, labels, args, torch.Generator().manual_seed(0),
+    loss, _ = pretrain.train_step(net, optimizer, images, labels, 8, args, torch.Generator().manual_seed(0),
                                   pretrain.Processes("cpu"), bf16)
     assert seen == [(True, torch.bfloat16)] and torch.isfinite(loss)
     weight = model.features[0].weight
@@ -369,7 +369,7 @@ def test_recipe_flag_changes_the_training_loss(flag):
         model = AlexNet(num_classes=3)
         args = Namespace(image_size=63, augment="rrc", label_smoothing=0.0, cutout=0.0)
         setattr(args, flag, value)
-        loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), images, labels, args,
+        loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), images, labels, 4, args,
                              torch.Generator().manual_seed(0), Processes("cpu"), False)
         losses.append(loss.item())
     assert losses[0] != pytest.approx(losses[1], abs=1e-4)
@@ -398,8 +398,8 @@ def test_ema_weights_are_kept_and_tta_reaches_predict(tiny_data, tmp_path):
 
     test = data.load_folder(tiny_data / "test")
     model = model_from_checkpoint(load_checkpoint(out))
-    mirrored = torch.softmax(compute_logits(model, test.images, 64, 256, flip=True), 1)
-    plain = torch.softmax(compute_logits(model, test.images, 64, 256), 1)
+    mirrored = torch.softmax(compute_logits(model, test.images.split(256), 64, flip=True), 1)
+    plain = torch.softmax(compute_logits(model, test.images.split(256), 64), 1)
     result = run("predict.py", tiny_data / "test", "--checkpoint", out, "--device", "cpu", "--json", "--topk", "3")
     output = json.loads(result.stdout)
     got = torch.tensor([

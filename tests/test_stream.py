@@ -1,0 +1,214 @@
+"""The memory-mapped cache and the one batch path: streamed batches are the resident ones, the cache is never
+trusted past what was written, and decoding processes end with the run that started them."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import QUICK, ROOT, error_line, make_class_folders, run
+from test_train import start, stop_during
+
+
+def test_streamed_batches_are_the_resident_ones_and_subsets_are_rows_not_copies(tmp_path):
+    images = data.load_folder(make_class_folders(tmp_path / "d", train=20, test=1) / "train")
+    subset = images.subset(torch.arange(60).flip(0)).subset(torch.arange(0, 60, 2))  # rows 59, 57, ... 1
+    assert subset.images.data_ptr() == images.images.data_ptr()  # the same mapping, no copy
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    resident, streamed = subset.to(torch.device("cpu")), subset.streamed(torch.device("cpu"))
+    for share in (slice(None), slice(1, None, 2)):
+        got = list(streamed.batches(order, 2, 8, share))
+        want = list(resident.batches(order, 2, 8, share))
+        assert len(got) == len(want) == 2  # steps 2 and 3 of 4
+        for (a, y), (b, z) in zip(got, want):
+            assert torch.equal(a, b) and torch.equal(y, z)
+    rows = torch.arange(59, 0, -2)[order[16:24]]
+    assert torch.equal(next(streamed.batches(order, 2, 8))[0], images.images[rows])
+
+
+def test_a_streamed_batch_stopped_early_ends_its_reading_thread(tmp_path):
+    images = data.load_folder(make_class_folders(tmp_path / "d", train=20, test=1) / "train")
+    batches = images.streamed(torch.device("cpu")).batches(None, 0, 4)
+    next(batches)
+    batches.close()
+    assert not any(thread.name == "batch-prefetch" for thread in __import__("threading").enumerate())
+
+
+def test_auto_streams_a_set_larger_than_half_the_free_memory(tmp_path, monkeypatch):
+    images = data.load_folder(make_class_folders(tmp_path / "d", train=4, test=1) / "train")  # 12 x 3 KB
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(data, "free_memory", lambda device: 2 * images.nbytes)
+    placed = data.place(images, cpu, "auto")
+    assert placed.device is None and placed.images.data_ptr() != images.images.data_ptr()  # a resident copy
+    monkeypatch.setattr(data, "free_memory", lambda device: 2 * images.nbytes - 1)
+    assert data.place(images, cpu, "auto").device == cpu  # streamed from the mapping
+    assert data.place(images, cpu, "never").device is None and data.place(images, cpu, "always").device == cpu
+    assert data.free_memory(cpu) > 0
+
+
+def test_a_relative_data_folder_is_cached_too(tmp_path, monkeypatch):
+    make_class_folders(tmp_path / "d", train=3, test=1)
+    monkeypatch.chdir(tmp_path)
+    data.load_folder(Path("d") / "train")
+    assert sorted(p.name for p in (tmp_path / "d" / ".cache").iterdir()) == ["train.json", "train.u8"]
+    assert (tmp_path / "d" / ".cache" / "train.u8").stat().st_mode & 0o777 == 0o666 & ~data.current_umask()
+
+
+def test_a_truncated_or_lengthened_cache_file_is_rebuilt_never_mapped_past_its_end(tmp_path):
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+    first = data.load_folder(root / "train")
+    cache = root / ".cache" / "train.u8"
+    size = cache.stat().st_size
+    assert size == 9 * 3 * 32 * 32
+    for length in (size - 1, 0, size + 1):
+        os.truncate(cache, length)
+        again = data.load_folder(root / "train")
+        assert torch.equal(again.images, first.images) and cache.stat().st_size == size
+
+
+def test_a_build_leaves_no_trusted_cache_until_complete_and_a_killed_builds_file_is_removed(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = root / ".cache" / f".train.u8.{dead.stdout.strip()}-abc.tmp"  # a killed build's
+    stale.parent.mkdir()
+    stale.write_bytes(b"x" * 100)
+    calls = []
+
+    def decode(path, size):
+        calls.append(path)
+        if len(calls) == 5:
+            assert list(stale.parent.iterdir()) != [stale.parent / "train.json"]
+            raise data.DataError(f"{path}: cannot read")
+        return np.zeros((size, size, 3), np.uint8), 32
+
+    monkeypatch.setattr(data, "decode", decode)
+    with pytest.raises(data.DataError):
+        data.load_folder(root / "train", size=32)
+    assert list(stale.parent.iterdir()) == []  # neither the stale file, nor this build's, nor any metadata
+
+
+def test_stored_size_is_the_cache_side_and_reaches_the_checkpoint(tiny_data, tmp_path):
+    images = data.load_dataset(tiny_data, stored_size=24)
+    assert images[0].images.shape[-1] == images[1].images.shape[-1] == 24
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--stored-size", "7",
+                 "--epochs", "1", *QUICK, check=False)
+    assert "--stored-size: must be at least" in error_line(result)
+
+
+def test_limit_keeps_every_class_or_names_limit(tmp_path):
+    root = tmp_path / "d"
+    for split, counts in (("train", {"a": 200, "z": 3, "c": 200}), ("test", {"a": 1, "z": 1, "c": 1})):
+        for name, count in counts.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), "white").save(root / split / name / f"{i}.png")
+    result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", "--limit", "20", "--epochs", "1",
+                 *QUICK, check=False)
+    line = error_line(result)
+    assert line.startswith("pretrain.py: --limit 20: a stratified sample this small leaves class z (3 images)")
+    advised = int(line.split("pass --limit ")[1].split()[0])
+    labels = torch.tensor([0] * 200 + [1] * 200 + [2] * 3)
+    picked = data.stratified_split(labels, advised, 0)[0]
+    assert torch.bincount(labels[picked]).tolist()[2] == 2
+    assert (torch.bincount(labels[data.stratified_split(labels, advised - 1, 0)[0]], minlength=3) < 2).any()
+
+
+@pytest.mark.slow
+def test_streamed_and_resident_training_end_with_bit_identical_weights(tiny_data, tmp_path):
+    outs = {}
+    for stream in ("never", "always"):
+        outs[stream] = tmp_path / stream / "pretrain.pt"
+        run("pretrain.py", *start(outs[stream], 2, tiny_data), "--stream", stream)
+    for suffix in (".pt", ".last.pt"):
+        a = torch.load(outs["never"].with_suffix(suffix), weights_only=True)["model"]
+        b = torch.load(outs["always"].with_suffix(suffix), weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), suffix
+    reports = [json.loads(out.with_suffix(".test.json").read_text()) for out in outs.values()]
+    assert reports[0].pop("checkpoint") != reports[1].pop("checkpoint") and reports[0] == reports[1]
+
+
+@pytest.mark.slow
+def test_a_streamed_run_stopped_and_resumed_ends_as_a_resident_one(tiny_data, tmp_path):
+    whole = tmp_path / "whole" / "pretrain.pt"
+    run("pretrain.py", *start(whole, 2, tiny_data), "--stream", "never")
+    parts = tmp_path / "parts" / "pretrain.pt"
+    stop_during("epoch 1/2", signal.SIGTERM, [*start(parts, 2, tiny_data), "--stream", "always"])
+    run("pretrain.py", "--resume", parts.with_suffix(".last.pt"), "--stream", "always")
+    a = torch.load(whole.with_suffix(".last.pt"), weights_only=True)["model"]
+    b = torch.load(parts.with_suffix(".last.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, sig):
+    root = tmp_path / "d"
+    picture = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(picture)
+    for split, count in (("train", 1500), ("test", 1)):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                os.link(picture, root / split / name / f"{i}.png")
+    out = tmp_path / "p.pt"
+    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(root), "--out", str(out),
+                                *QUICK], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    for _ in range(600):
+        workers = children(process.pid)
+        if len(workers) >= min(2, data.WORKERS) or process.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert workers and process.poll() is None, "no decoding process seen"
+    time.sleep(0.5)  # decoding under way
+    process.send_signal(sig)
+    process.wait(timeout=60)
+    for _ in range(100):
+        if not any(alive(pid) for pid in workers):
+            break
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+    import pretrain
+    with pretrain.OutLock(out):  # the next run is not refused
+        pass
+    assert not (root / ".cache" / "train.json").exists()
+
+
+def test_predict_prints_each_batch_before_decoding_the_next(pretrained, tiny_data, monkeypatch):
+    """Streamed: --batch-size images decoded, predicted and printed at a time, so memory stays bounded."""
+    decode, printed = data.decode, []
+
+    def counting_decode(path, size):
+        printed.append(sys.stdout.getvalue().count("\t") // 2)  # result lines so far (run() captures stdout)
+        return decode(path, size)
+
+    monkeypatch.setattr(data, "decode", counting_decode)
+    result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--batch-size", "4")
+    assert len(printed) == 18 and "18 labelled images: accuracy" in result.stdout
+    assert printed == [4 * (i // 4) for i in range(18)]
