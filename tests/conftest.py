@@ -1,4 +1,5 @@
 import contextlib
+import csv
 import hashlib
 import http.server
 import importlib
@@ -23,6 +24,12 @@ SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 # Flags that keep a training run to seconds on the CPU. No --precision: on a CPU with AMX (this project's machines)
 # the tests train in bf16 with channels_last and the fused SGD, CUDA's code path; one that needs fp32 says so.
 QUICK = ["--image-size", "64", "--batch-size", "16", "--lr", "0.02", "--device", "cpu"]
+
+
+def training_log(out: Path) -> list[dict]:
+    """The rows of a run's .csv log; its first line, a comment, names the code that wrote it."""
+    with open(out.with_suffix(".csv"), newline="") as log:
+        return list(csv.DictReader(line for line in log if not line.startswith("#")))
 
 
 def pytest_configure(config) -> None:

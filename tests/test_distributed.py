@@ -1,5 +1,4 @@
 """torchrun with 2 processes on the CPU (gloo): same results as 1 process, one checkpoint, resume, stop on any rank."""
-import csv
 import os
 import re
 import signal
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_class_folders, run
+from conftest import ROOT, make_class_folders, run, training_log
 
 pytestmark = pytest.mark.slow  # end to end: real processes and training
 
@@ -39,7 +38,7 @@ def finish(process, timeout=300):
 
 
 def history(out: Path) -> list[dict]:
-    return list(csv.DictReader(line for line in open(out.with_suffix(".csv")) if not line.startswith("#")))
+    return training_log(out)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,3 @@
-import csv
 import functools
 import json
 import math
@@ -11,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import QUICK, ROOT, error_line, make_class_folders, run
+from conftest import QUICK, ROOT, error_line, make_class_folders, run, training_log
 from model import AlexNet
 
 
@@ -22,7 +21,7 @@ def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
     assert (checkpoint["image_size"], checkpoint["stored_size"], checkpoint["stage"]) == (64, 32, "pretrain")
     assert checkpoint["args"]["lr"] == 0.02 and checkpoint["mean"] == [0.485, 0.456, 0.406]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in checkpoint["model"])
-    rows = list(csv.DictReader(line for line in open(pretrained.with_suffix(".csv")) if not line.startswith("#")))
+    rows = training_log(pretrained)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"} <= set(rows[0])
     best = max(rows, key=lambda r: float(r["val_acc"]))  # the first of equals, as the run keeps it
@@ -349,7 +348,7 @@ def test_recipe_flags_reach_the_training_step(tiny_data, tmp_path):
     run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK,
         "--augment", "crop", "--lr-schedule", "cosine", "--warmup-epochs", "0.5", "--label-smoothing", "0.4",
         "--cutout", "0.25")
-    rows = list(csv.DictReader(open(out.with_suffix(".csv"))))
+    rows = training_log(out)
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.02 * 0.5 * (1 + math.cos(math.pi * 1 / 3)), 0.0])
     args = torch.load(out, weights_only=True)["args"]
     recipe = (args["augment"], args["label_smoothing"], args["lr_schedule"], args["cutout"])
