@@ -405,16 +405,15 @@ class ImageSet:
         Resident sets index the device copy; streamed ones are gathered from the mapped file by a background thread
         into (on CUDA, pinned) memory and copied without blocking, `PREFETCH` steps ahead: the same rows either way.
         """
-        device = self.device or self.images.device
-        resident = device == self.images.device
+        resident = self.device is None  # streamed also on the CPU: the same thread and gathering as on CUDA
         positions = torch.arange(len(self)) if order is None else order if resident else order.cpu()
         steps = [positions[i:i + batch_size][share] for i in range(start * batch_size, len(positions), batch_size)]
         if not resident:
-            yield from prefetched(self.gather, steps, device)
+            yield from prefetched(self.gather, steps, self.device)
             return
+        rows = None if self.rows is None else self.rows.to(positions.device)  # once, not each step
         for picked in steps:
-            rows = picked if self.rows is None else self.rows.to(picked.device)[picked]
-            yield self.images[rows], self.labels[picked]
+            yield self.images[picked if rows is None else rows[picked]], self.labels[picked]
 
     def gather(self, picked: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
         rows = picked if self.rows is None else self.rows[picked]
@@ -459,6 +458,8 @@ def prefetched(gather: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.
 def gather_ahead(gather, steps: list[torch.Tensor], device: torch.device, ready: queue.Queue,
                  stop: threading.Event) -> None:
     cuda = device.type == "cuda"
+    if cuda and device.index is not None:  # this thread's own current device: else pinning and copies open GPU 0
+        torch.cuda.set_device(device)
     stream = torch.cuda.Stream(device) if cuda else None
     try:
         for picked in steps:
@@ -597,12 +598,12 @@ def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tupl
         if size is None and most_common_side(sides) != guess:
             tmp.unlink()
             return decode_all(paths, most_common_side(sides), target)
+        images = np.memmap(tmp, np.uint8, "c", shape=shape)  # before the rename: another build may replace target
         if beside:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
             tmp = target
-        images = np.memmap(tmp, np.uint8, "c", shape=shape)
     finally:
         if tmp != target:
             tmp.unlink(missing_ok=True)  # a mapping outlives its file's name; a failed build leaves nothing

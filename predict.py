@@ -246,7 +246,11 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
     classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says."""
-    folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    try:
+        folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError as e:  # an unreadable folder is that path's error line; the other paths are still predicted
+        raise data.DataError(f"{data.shown(path)}: cannot read this folder ({e.strerror or e})",
+                             "check its permissions") from None
     labelled = any(p.name in classes for p in folders)
     others = sorted(data.shown(p.name) for p in folders if p.name not in classes)
     if labelled and others:
@@ -440,7 +444,7 @@ def predict_in_batches(model: nn.Module, found: list[tuple[Path, int | None]], c
             done.labels += [batch[kept[j]][1] for j in labelled]
             for j, i in enumerate(kept):
                 if start + i in grid:
-                    done.tiles.append(images[j])
+                    done.tiles.append(images[j].clone())  # a view would keep its whole batch
                     done.tiled.append(len(done.results) + j)
             done.results += results
             if not args.json:  # names escaped (data.printable): a tab or newline in one would split its line

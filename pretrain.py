@@ -805,28 +805,31 @@ def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: S
         progress.running.copy_(torch.tensor(EPOCH_START))
     title = f"epoch {progress.epoch + 1}/{args.epochs}"
     line = ProgressLine(title, n, done=progress.step * args.batch_size) if processes.main else None
+    stopped = False
+    # closed however the loop ends (a stop, an error): a streamed set's reading ahead ends with it
     batches = images.batches(progress.perm, progress.step, args.batch_size, processes.share())
-    for step, (x, y) in zip(range(progress.step, steps), batches):
-        for group in run.optimizer.param_groups:
-            group["lr"] = learning_rate(args, progress.epoch, step, steps)
-        batch = min(args.batch_size, n - step * args.batch_size)
-        loss, correct = train_step(run.net, run.optimizer, x, y, batch, args, run.augment, processes, run.bf16)
-        if run.ema is not None:
-            run.ema.update_parameters(run.model)
-        running = progress.running
-        first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
-        running.copy_(torch.stack([running[0] + loss, running[1] + correct, first_bad]))
-        done = min(n, (step + 1) * args.batch_size)
-        if line is not None and line.due(done):  # the loss so far: this process's share, scaled to all
-            line.show(done, f", loss {running[0].item() * processes.world / done:.4f}")
-        if processes.any(stop.received is not None) and step + 1 < steps:
-            batches.close()  # a streamed set's reading ahead ends here
-            progress.step = step + 1
-            save_resume_state(run, progress, writer)
-            return False
+    with contextlib.closing(batches):
+        for step, (x, y) in zip(range(progress.step, steps), batches):
+            for group in run.optimizer.param_groups:
+                group["lr"] = learning_rate(args, progress.epoch, step, steps)
+            batch = min(args.batch_size, n - step * args.batch_size)
+            loss, correct = train_step(run.net, run.optimizer, x, y, batch, args, run.augment, processes, run.bf16)
+            if run.ema is not None:
+                run.ema.update_parameters(run.model)
+            running = progress.running
+            first_bad = torch.where((running[2] < 0) & ~torch.isfinite(loss), float(step), running[2])
+            running.copy_(torch.stack([running[0] + loss, running[1] + correct, first_bad]))
+            done = min(n, (step + 1) * args.batch_size)
+            if line is not None and line.due(done):  # the loss so far: this process's share, scaled to all
+                line.show(done, f", loss {running[0].item() * processes.world / done:.4f}")
+            if processes.any(stop.received is not None) and step + 1 < steps:
+                progress.step, stopped = step + 1, True
+                break
     if line is not None:
-        line.close()
-    return True
+        line.close()  # also on a stop: the stop's message starts a line of its own
+    if stopped:
+        save_resume_state(run, progress, writer)
+    return not stopped
 
 
 def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
@@ -843,8 +846,8 @@ def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
 
 def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace, title: str | None = None) -> dict:
     """Predict's evaluation path on a split; under torchrun every process evaluates all of it (same result)."""
-    batches = (x for x, _ in images.batches(None, 0, args.batch_size))
-    logits = compute_logits(model, batches, args.image_size, args.tta, title, len(images))
+    with contextlib.closing(images.batches(None, 0, args.batch_size)) as batches:
+        logits = compute_logits(model, (x for x, _ in batches), args.image_size, args.tta, title, len(images))
     return classification_report(logits, images.labels, images.classes)
 
 

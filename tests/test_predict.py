@@ -267,3 +267,21 @@ def test_a_confusion_matrix_wider_than_a_terminal_is_printed_as_its_most_confuse
                         "a training run's .test.json):\n  class000 taken for class007: 2\n"
                         "  class050 taken for class009: 1\n")
     assert len(report["confusion_matrix"]) == 105 and report["confusion_matrix"][0][7] == 2
+
+
+def test_an_unreadable_folder_is_its_own_error_line_and_the_rest_predicted(pretrained, tiny_data, tmp_path,
+                                                                           monkeypatch):
+    """Root reads any folder, so the refusal is simulated: the Path.iterdir of that one folder fails as it would."""
+    locked, image = tmp_path / "locked", tiny_data / "test" / "red" / "0000.png"
+    locked.mkdir()
+    real_iterdir = type(locked).iterdir
+
+    def iterdir(path):
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+
+    monkeypatch.setattr(type(locked), "iterdir", iterdir)
+    result = run("predict.py", locked, image, "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert result.returncode == 1 and result.stdout.startswith(str(image)) and "Traceback" not in result.stderr
+    assert f"{locked}: cannot read this folder (Permission denied); check its permissions" in result.stderr
