@@ -33,8 +33,10 @@ def test_the_rehearsal_runs_every_step_and_tables_every_figure(tmp_path):
     rows = table(results)
     assert list(rows) == EVERY_STEP and all(row[0].endswith(" s") for row in rows.values())  # each ran, exit 0
     assert "tests/test_cuda.py: 6 skipped" in rows["cuda-tests"][1]
-    for name, _ in headline.THROUGHPUT_RUNS:
-        assert "training images/s, ours / reference: " in rows[name][1] and rows[name][1].count("x") == 2
+    for name, flags in headline.THROUGHPUT_RUNS:
+        streamed = "--stream" in flags  # a second table: streamed against resident
+        assert "training images/s, ours / reference: " in rows[name][1] and rows[name][1].count("x") == 2 + 2 * streamed
+        assert ("training images/s, streamed / resident: " in rows[name][1]) == streamed
     report = json.loads((work / "checkpoints" / "finetune.test.json").read_text())
     assert f"test accuracy, once, best validation epoch: {report['accuracy']:.2%}" in rows["finetune"][1]
     assert rows["pretrain"][2].startswith("`python pretrain.py --data-dir ")
