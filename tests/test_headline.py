@@ -71,3 +71,15 @@ def test_without_cuda_the_gpu_run_says_to_rehearse(tmp_path, monkeypatch):
         headline.main(["--out-dir", str(tmp_path / "out")])
     assert "CUDA is not available on this machine" in exit.value.code and "pass --rehearse" in exit.value.code
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--work-dir"])
+def test_a_folder_flag_naming_a_file_is_one_line(tmp_path, flag, capsys):
+    (tmp_path / "file").write_text("in the way")
+    folders = {"--out-dir": tmp_path / "out", "--work-dir": tmp_path / "work"}
+    folders[flag] = tmp_path / "file" / "sub"
+    argv = ["--rehearse", "--minutes", "0.001"] + [str(a) for pair in folders.items() for a in pair]
+    with pytest.raises(SystemExit) as stop:
+        headline.main(argv)
+    assert f"{flag} {folders[flag]}: cannot make this folder" in str(stop.value.code)
+    assert (tmp_path / "file").read_text() == "in the way" and not (tmp_path / "out" / "results.md").exists()
