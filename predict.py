@@ -231,7 +231,21 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{data.shown(path)}: no such file or folder; check the path")
-    return found, errors
+    return once_each(found), errors
+
+
+def once_each(found: list[tuple[Path, int | None]]) -> list[tuple[Path, int | None]]:
+    """Each image once, however often the paths name it (`d/test d/test`, a folder and a file in it): twice would
+    count it twice in the accuracy. Its first name is kept, with a label when any of its names gives one."""
+    kept: dict[Path, tuple[Path, int | None]] = {}
+    for path, label in found:
+        key = path.resolve()
+        first, first_label = kept.get(key, (path, None))
+        kept[key] = (first, label if first_label is None else first_label)
+    if len(kept) < len(found):
+        print(f"predict.py: note: {len(found) - len(kept)} image(s) named more than once by the paths given: each is "
+              "predicted once", file=sys.stderr)
+    return list(kept.values())
 
 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:

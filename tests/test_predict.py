@@ -267,3 +267,16 @@ def test_a_confusion_matrix_wider_than_a_terminal_is_printed_as_its_most_confuse
                         "a training run's .test.json):\n  class000 taken for class007: 2\n"
                         "  class050 taken for class009: 1\n")
     assert len(report["confusion_matrix"]) == 105 and report["confusion_matrix"][0][7] == 2
+
+
+def test_an_image_named_twice_is_predicted_and_counted_once(pretrained, tiny_data):
+    test = tiny_data / "test"
+    count = len(list(test.rglob("*.png")))
+    one = sorted(test.rglob("*.png"))[0]
+    result = run("predict.py", one, test, f"{test}/./", "--json", "--checkpoint", pretrained, "--device", "cpu")
+    report = json.loads(result.stdout)
+    paths = [p["path"] for p in report["predictions"]]
+    assert len(paths) == count and paths[0] == str(one)
+    assert report["predictions"][0]["true"] == one.parent.name  # the folder's label reaches the first name
+    assert sum(map(sum, report["report"]["confusion_matrix"])) == count
+    assert f"{count + 1} image(s) named more than once" in result.stderr
