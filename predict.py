@@ -60,6 +60,13 @@ def compute_logits(model: nn.Module, images: torch.Tensor, image_size: int, batc
     return torch.cat(batches)
 
 
+def clock(seconds: float) -> str:
+    """HH:MM:SS with as many hours as it takes: strftime's %H wraps at a day (25 hours showed as 01:00:00), and
+    time.gmtime overflows for a remaining time beyond time_t (--epochs 10**20)."""
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 class ProgressLine:
     """How far a long pass over images is: on a terminal one line rewritten in place, at most twice a second; in a
     log file or pipe, a line at each tenth of the images. `due` reads only the clock, so the caller reads the device
@@ -85,7 +92,7 @@ class ProgressLine:
     def show(self, done: int, extra: str = "") -> None:
         self.shown_at = time.perf_counter()
         rate = (done - self.done_at_start) / max(self.shown_at - self.started, 1e-9)
-        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - done) / max(rate, 1e-9)))
+        eta = clock((self.total - done) / max(rate, 1e-9))
         text = f"  {self.title}: {done:,}/{self.total:,} images{extra}  {rate:,.0f} img/s  eta {eta}"
         if self.terminal:
             self.stream.write("\r" + text + "\x1b[K")  # back to the line's start, write, erase the rest
