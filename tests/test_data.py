@@ -525,3 +525,18 @@ def test_an_empty_path_is_an_argparse_error_not_the_current_folder(tmp_path, fla
     result = run("download.py", flag, "", check=False, cwd=tmp_path)
     assert result.returncode == 2 and f"argument {flag}: is empty; pass a path" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_url_that_is_not_fetched_is_named_as_a_url(tmp_path, tiny_data):
+    archive = tmp_path / "my data.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tiny_data, arcname="set")
+    result = run("download.py", "--root", tmp_path / "root", "--source", archive.as_uri(), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert error_line(result) == (f"download.py: --source {archive.as_uri()}: a file: URL; pass the path itself: "
+                                  f"--source {archive}")  # before: "no such file or folder" for a file that exists
+    result = run("download.py", "--root", tmp_path / "root", "--source", "s3://bucket/set.tar", check=False)
+    assert error_line(result).startswith("download.py: --source s3://bucket/set.tar: a URL download.py does not "
+                                         "fetch (s3:); pass an http, https or ftp URL")
+    run("download.py", "--root", tmp_path / "root", "--source", archive)  # the advice works
+    assert not list(tmp_path.glob(".root.*partial*"))
