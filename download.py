@@ -57,6 +57,10 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
             raise DataError(f"--root {root}: {'it' if path == root else path} is a file, not a folder",
                             "choose another --root")
     source, md5 = checked_source(source, md5)
+    if root.name in ("", "..") and dataset_problem(root) is not None:  # ".", "..", "/": no name to build beside
+        raise DataError(f"--root {root}: is {root.resolve()}, named by '.' or '..' (or the top folder): the data set "
+                        "is built beside a named --root, then renamed to it",
+                        "pass the name of a folder to create, e.g. --root data/cifar10")
     if dataset_problem(root) is not None or partial_folders(root):  # a complete ROOT needs no lock: it may be read-only
         with download_lock(root):
             remove_partial_folders(root)  # a killed download's: they may hold gigabytes
