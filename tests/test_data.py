@@ -548,9 +548,9 @@ def test_a_root_named_by_dot_or_dot_dot_is_one_line_not_remove_it(tmp_path, tiny
     here.mkdir(parents=True)
     result = run("download.py", "--root", root, "--source", tiny_data, check=False, cwd=here)
     # before: "exists but holds no train/ and test/ folders; remove it" for an empty folder (its own lock inside)
-    assert error_line(result) == (f"download.py: --root {Path(root)}: is {(here / root).resolve()}, named by '.' or '..' "
-                                  "(or the top folder): the data set is built beside a named --root, then renamed "
-                                  "to it; pass the name of a folder to create, e.g. --root data/cifar10")
+    assert error_line(result) == (f"download.py: --root {Path(root)}: is {(here / root).resolve()}, named by '.' "
+                                  "or '..' (or the top folder): the data set is built beside a named --root, then "
+                                  "renamed to it; pass the name of a folder to create, e.g. --root data/cifar10")
     assert [p.name for p in (tmp_path / "empty").rglob("*")] == ["here"]  # no lock, no temporary folder
 
 
