@@ -340,6 +340,9 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
 
     `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
     """
+    if path.parts[:1] == ("~",) and not Path("~").exists():  # `--grid=~/g.png`: bash expands no ~ after a '='
+        raise UsageError(f"{flag} {path}: starts with a ~ the shell did not expand (it would make a folder named ~ "
+                         f"here); write {flag} {path} with a space after {flag}, or $HOME for ~")
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
