@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_url
 
-from data import (WORKERS, DataError, HelpFormatter, Lock, guard_output, scan_dataset, shown, special_kind,
+from data import (URL, WORKERS, DataError, HelpFormatter, Lock, guard_output, scan_dataset, shown, special_kind,
                   stop_signals)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -57,6 +57,10 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
             raise DataError(f"--root {root}: {'it' if path == root else path} is a file, not a folder",
                             "choose another --root")
     source, md5 = checked_source(source, md5)
+    if root.name in ("", "..") and dataset_problem(root) is not None:  # ".", "..", "/": no name to build beside
+        raise DataError(f"--root {root}: is {root.resolve()}, named by '.' or '..' (or the top folder): the data set "
+                        "is built beside a named --root, then renamed to it",
+                        "pass the name of a folder to create, e.g. --root data/cifar10")
     if dataset_problem(root) is not None or partial_folders(root):  # a complete ROOT needs no lock: it may be read-only
         with download_lock(root):
             remove_partial_folders(root)  # a killed download's: they may hold gigabytes
@@ -80,11 +84,23 @@ def checked_source(source: str | None, md5: str | None) -> tuple[str, str | None
         return CIFAR10_URL, CIFAR10_MD5
     if not is_url(source):
         if not Path(source).exists():
-            raise DataError(f"--source {source}: no such file or folder", "pass a URL, an archive or a folder")
+            raise DataError(*missing_source(source))
         if md5 is not None and Path(source).is_dir():
             raise DataError(f"--md5 {md5}: --source {source} is a folder, which has no checksum",
                             "drop --md5, or pass an archive")
     return source, None if md5 is None else md5.lower()
+
+
+def missing_source(source: str) -> tuple[str, str]:
+    """What is wrong with a --source that names nothing on disk, and what to do: a URL of a scheme that is not
+    fetched (file:, s3:) is said to be one, not "no such file"."""
+    parts = urllib.parse.urlparse(source)
+    if parts.scheme == "file":
+        return f"--source {source}: a file: URL", f"pass the path itself: --source {urllib.parse.unquote(parts.path)}"
+    if URL.match(source):
+        return (f"--source {source}: a URL download.py does not fetch ({parts.scheme}:)",
+                "pass an http, https or ftp URL, or download it first and pass the archive or folder")
+    return f"--source {source}: no such file or folder", "pass a URL, an archive or a folder"
 
 
 def dataset_problem(root: Path) -> str | None:

@@ -69,6 +69,13 @@ def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_s
         line.close()
 
 
+def clock(seconds: float) -> str:
+    """HH:MM:SS with as many hours as it takes: strftime's %H wraps at a day (25 hours showed as 01:00:00), and
+    time.gmtime overflows for a remaining time beyond time_t (--epochs 10**20)."""
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
 class ProgressLine:
     """How far a long pass over images is: on a terminal one line rewritten in place, at most twice a second; in a
     log file or pipe, a line at each tenth of the images. `due` reads only the clock, so the caller reads the device
@@ -94,7 +101,7 @@ class ProgressLine:
     def show(self, done: int, extra: str = "") -> None:
         self.shown_at = time.perf_counter()
         rate = (done - self.done_at_start) / max(self.shown_at - self.started, 1e-9)
-        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - done) / max(rate, 1e-9)))
+        eta = clock((self.total - done) / max(rate, 1e-9))
         text = f"  {self.title}: {done:,}/{self.total:,} images{extra}  {rate:,.0f} img/s  eta {eta}"
         if self.terminal:
             self.stream.write("\r" + text + "\x1b[K")  # back to the line's start, write, erase the rest
@@ -240,7 +247,21 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{data.shown(path)}: no such file or folder; check the path")
-    return found, errors
+    return once_each(found), errors
+
+
+def once_each(found: list[tuple[Path, int | None]]) -> list[tuple[Path, int | None]]:
+    """Each image once, however often the paths name it (`d/test d/test`, a folder and a file in it): twice would
+    count it twice in the accuracy. Its first name is kept, with a label when any of its names gives one."""
+    kept: dict[Path, tuple[Path, int | None]] = {}
+    for path, label in found:
+        key = path.resolve()
+        first, first_label = kept.get(key, (path, None))
+        kept[key] = (first, label if first_label is None else first_label)
+    if len(kept) < len(found):
+        print(f"predict.py: note: {len(found) - len(kept)} image(s) named more than once by the paths given: each is "
+              "predicted once", file=sys.stderr)
+    return list(kept.values())
 
 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
@@ -335,6 +356,9 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
 
     `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
     """
+    if path.parts[:1] == ("~",) and not Path("~").exists():  # `--grid=~/g.png`: bash expands no ~ after a '='
+        raise UsageError(f"{flag} {path}: starts with a ~ the shell did not expand (it would make a folder named ~ "
+                         f"here); write {flag} {path} with a space after {flag}, or $HOME for ~")
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file

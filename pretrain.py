@@ -39,7 +39,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import data
 from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, load_tensors,
                    unwrap_state_dict)
-from predict import (ProgressLine, UsageError, check_writable_file, classification_report, compute_logits,
+from predict import (ProgressLine, UsageError, check_writable_file, classification_report, clock, compute_logits,
                      positive_int, print_report, report_errors, resolve_device)
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
@@ -906,7 +906,7 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
     remaining = (epochs - row["epoch"]) * sum(r["epoch_s"] for r in history) / len(history)
     print(f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:6.2%}  "
           f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:6.2%}  {row['images_per_s']:7.0f} img/s  "
-          f"{row['epoch_s']:6.1f} s  eta {time.strftime('%H:%M:%S', time.gmtime(remaining))}"
+          f"{row['epoch_s']:6.1f} s  eta {clock(remaining)}"
           + ("  *best" if improved else ""), flush=True)
 
 

@@ -148,6 +148,9 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     """The whole job: download, pretrain, finetune, predict on test images."""
     if getattr(c, "remainder", ""):  # each step would pass them on to its script
         raise Exit(f"invoke all: takes no words after --, got {c.remainder!r}; pass flags (invoke --help all)")
+    for flag, folder in (("--data-dir", data_dir), ("--out-dir", out_dir)):
+        if not folder:  # f"{out_dir}/predictions.png" would be /predictions.png, at the file system's root
+            raise Exit(f"invoke all: {flag} is empty; pass a folder (invoke --help all)")
     download(c, root=data_dir, source=source, md5=md5)
     outs = {stage: str(Path(out_dir) / Path(PARSERS[stage].get_default("out")).name) for stage in STAGES}
     for stage, run_stage in zip(STAGES, (pretrain, finetune)):

@@ -260,6 +260,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def make_folder(flag: str, folder: Path) -> None:
+    """The folder, made before any step: a file in the way, or no permission, is one line, not a traceback later."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError: a file holds the name; NotADirectoryError: a file on the way to it
+        shown = "a file holds this name or a folder on the way to it" if isinstance(
+            e, (FileExistsError, NotADirectoryError)) else (e.strerror or str(e))
+        sys.exit(f"headline.py: {flag} {folder}: cannot make this folder ({shown}); choose another {flag}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     deadline = time.monotonic() + args.minutes * 60
@@ -267,12 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.rehearse and not torch.cuda.is_available():
         sys.exit("headline.py: CUDA is not available on this machine, and this command measures a GPU; pass "
                  "--rehearse to rehearse it on the CPU")
-    if args.rehearse:
-        args.source = str(generate_data(work / "generated"))
-    elif not Path(args.source).exists():
+    if not args.rehearse and not Path(args.source).exists():
         sys.exit(f"headline.py: --source {args.source}: no such archive or folder; pass the CIFAR-10 JPEG archive "
                  "(nothing is downloaded: the GPU machine has no network)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for flag, folder in (("--out-dir", out_dir), ("--work-dir", work)):
+        make_folder(flag, folder)
+    if args.rehearse:
+        args.source = str(generate_data(work / "generated"))
     header = "\n".join(f"- {line}" for line in [
         *describe(torch.device(scale.device)).splitlines(), f"Python {sys.version.split()[0]}, started "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, --minutes {args.minutes:g}",

@@ -530,3 +530,35 @@ def test_an_empty_path_is_an_argparse_error_not_the_current_folder(tmp_path, fla
     result = run("download.py", flag, "", check=False, cwd=tmp_path)
     assert result.returncode == 2 and f"argument {flag}: is empty; pass a path" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_source_url_that_is_not_fetched_is_named_as_a_url(tmp_path, tiny_data):
+    archive = tmp_path / "my data.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tiny_data, arcname="set")
+    result = run("download.py", "--root", tmp_path / "root", "--source", archive.as_uri(), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert error_line(result) == (f"download.py: --source {archive.as_uri()}: a file: URL; pass the path itself: "
+                                  f"--source {archive}")  # before: "no such file or folder" for a file that exists
+    result = run("download.py", "--root", tmp_path / "root", "--source", "s3://bucket/set.tar", check=False)
+    assert error_line(result).startswith("download.py: --source s3://bucket/set.tar: a URL download.py does not "
+                                         "fetch (s3:); pass an http, https or ftp URL")
+    run("download.py", "--root", tmp_path / "root", "--source", archive)  # the advice works
+    assert not list(tmp_path.glob(".root.*partial*"))
+
+
+@pytest.mark.parametrize("root", [".", "..", "./"])
+def test_a_root_named_by_dot_or_dot_dot_is_one_line_not_remove_it(tmp_path, tiny_data, root):
+    here = tmp_path / "empty" / "here"
+    here.mkdir(parents=True)
+    result = run("download.py", "--root", root, "--source", tiny_data, check=False, cwd=here)
+    # before: "exists but holds no train/ and test/ folders; remove it" for an empty folder (its own lock inside)
+    assert error_line(result) == (f"download.py: --root {Path(root)}: is {(here / root).resolve()}, named by '.' "
+                                  "or '..' (or the top folder): the data set is built beside a named --root, then "
+                                  "renamed to it; pass the name of a folder to create, e.g. --root data/cifar10")
+    assert [p.name for p in (tmp_path / "empty").rglob("*")] == ["here"]  # no lock, no temporary folder
+
+
+def test_a_complete_data_set_named_by_dot_is_still_found(tmp_path, tiny_data):
+    run("download.py", "--root", tmp_path / "set", "--source", tiny_data)
+    assert "already holds train/ and test/" in run("download.py", "--root", ".", cwd=tmp_path / "set").stdout

@@ -87,3 +87,15 @@ def test_a_streamed_throughput_run_is_tabled_as_streamed_against_resident():
         ("evaluation images/s, ours / reference", "2000 / 100 = 20.0x"),
         ("training images/s, streamed / resident", "880 / 900 = 0.98x"),
         ("evaluation images/s, streamed / resident", "1900 / 2000 = 0.95x")]
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--work-dir"])
+def test_a_folder_flag_naming_a_file_is_one_line(tmp_path, flag, capsys):
+    (tmp_path / "file").write_text("in the way")
+    folders = {"--out-dir": tmp_path / "out", "--work-dir": tmp_path / "work"}
+    folders[flag] = tmp_path / "file" / "sub"
+    argv = ["--rehearse", "--minutes", "0.001"] + [str(a) for pair in folders.items() for a in pair]
+    with pytest.raises(SystemExit) as stop:
+        headline.main(argv)
+    assert f"{flag} {folders[flag]}: cannot make this folder" in str(stop.value.code)
+    assert (tmp_path / "file").read_text() == "in the way" and not (tmp_path / "out" / "results.md").exists()

@@ -285,3 +285,32 @@ def test_an_unreadable_folder_is_its_own_error_line_and_the_rest_predicted(pretr
     result = run("predict.py", locked, image, "--checkpoint", pretrained, "--device", "cpu", check=False)
     assert result.returncode == 1 and result.stdout.startswith(str(image)) and "Traceback" not in result.stderr
     assert f"{locked}: cannot read this folder (Permission denied); check its permissions" in result.stderr
+
+
+def test_an_image_named_twice_is_predicted_and_counted_once(pretrained, tiny_data):
+    test = tiny_data / "test"
+    count = len(list(test.rglob("*.png")))
+    one = sorted(test.rglob("*.png"))[0]
+    result = run("predict.py", one, test, f"{test}/./", "--json", "--checkpoint", pretrained, "--device", "cpu")
+    report = json.loads(result.stdout)
+    paths = [p["path"] for p in report["predictions"]]
+    assert len(paths) == count and paths[0] == str(one)
+    assert report["predictions"][0]["true"] == one.parent.name  # the folder's label reaches the first name
+    assert sum(map(sum, report["report"]["confusion_matrix"])) == count
+    assert f"{count + 1} image(s) named more than once" in result.stderr
+
+
+@pytest.mark.parametrize("script, flag", [("predict.py", "--grid"), ("pretrain.py", "--out"), ("finetune.py", "--out")])
+def test_a_tilde_the_shell_left_unexpanded_makes_no_folder_named_tilde(pretrained, tiny_data, tmp_path, script, flag):
+    name = "~/grid.png" if flag == "--grid" else "~/model.pt"
+    args = {"predict.py": [tiny_data / "test", "--checkpoint", pretrained],
+            "pretrain.py": ["--data-dir", tiny_data, *QUICK],
+            "finetune.py": ["--data-dir", tiny_data, "--checkpoint", pretrained, *QUICK]}[script]
+    result = run(script, *args, f"{flag}={name}", check=False, cwd=tmp_path)  # bash leaves `--grid=~/...` as is
+    assert error_line(result) == (f"{script}: {flag} {name}: starts with a ~ the shell did not expand (it would make "
+                                  f"a folder named ~ here); write {flag} {name} with a space after {flag}, or $HOME "
+                                  "for ~")
+    assert not (tmp_path / "~").exists()  # before: ~/grid.png made here, "wrote ~/grid.png" read as the home folder
+    (tmp_path / "~").mkdir()  # a folder really named ~ is the user's to write in
+    assert not error_line(run(script, *args, f"{flag}={name}", "--device", "bogus", check=False,
+                              cwd=tmp_path)).endswith("or $HOME for ~")

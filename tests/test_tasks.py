@@ -99,3 +99,11 @@ def test_words_after_a_double_dash_reach_the_script_and_replace_the_default_path
     result = invoke("--dry", "all", "--", "a.png", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr == ("invoke all: takes no words after --, got 'a.png'; pass flags "
                                                         "(invoke --help all)\n")
+
+
+@pytest.mark.slow  # a real invoke process
+@pytest.mark.parametrize("flag", ["--out-dir", "--data-dir"])
+def test_all_with_an_empty_folder_is_one_line_not_the_file_systems_root(tmp_path, flag):
+    result = invoke("--dry", "all", flag, "", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == f"invoke all: {flag} is empty; pass a folder (invoke --help all)\n"

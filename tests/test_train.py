@@ -1,7 +1,9 @@
 import functools
+import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,8 @@ import torchvision
 
 from conftest import QUICK, ROOT, error_line, make_class_folders, run, training_log
 from model import AlexNet
+from predict import ProgressLine
+from pretrain import print_epoch
 
 
 def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
@@ -420,3 +424,16 @@ def test_finetune_resumes_with_its_mode(pretrained, tiny_data, tmp_path):
     source = torch.load(pretrained, weights_only=True)
     assert tuned["epoch"] == 2
     assert torch.equal(tuned["model"]["features.0.weight"], source["model"]["features.0.weight"])
+
+
+@pytest.mark.parametrize("epochs, eta", [(26, r"eta 25:00:00"), (10**20, r"eta \d{20,}:\d\d:\d\d")])
+def test_an_eta_beyond_a_day_is_shown_in_hours_not_wrapped_or_a_traceback(capsys, epochs, eta):
+    row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "images_per_s": 1.0,
+           "epoch_s": 3600.0}
+    print_epoch([row], epochs, improved=False)  # before: 01:00:00 (strftime's %H), an OverflowError
+    assert re.search(eta, capsys.readouterr().out)
+    stream = io.StringIO()
+    progress = ProgressLine("epoch 1/1", total=10**9, stream=stream)
+    progress.started -= 3600  # an hour for the first 10 images: the rest take over a day
+    progress.show(10)
+    assert re.search(r"eta \d{5,}:\d\d:\d\d\n", stream.getvalue())
