@@ -364,6 +364,9 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
         raise UsageError(f"{flag} {path}: is {data.special_kind(path.stat().st_mode)}, not a regular file, and "
                          f"writing would replace it; pass {what} path, e.g. {flag} {path.parent / example}")
+    for parent in path.parents:  # mkdir's "File exists" would not say which file is in the way
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -314,3 +314,15 @@ def test_a_tilde_the_shell_left_unexpanded_makes_no_folder_named_tilde(pretraine
     (tmp_path / "~").mkdir()  # a folder really named ~ is the user's to write in
     assert not error_line(run(script, *args, f"{flag}={name}", "--device", "bogus", check=False,
                               cwd=tmp_path)).endswith("or $HOME for ~")
+
+
+@pytest.mark.parametrize("script, flag", [("predict.py", "--grid"), ("pretrain.py", "--out")])
+def test_an_output_under_a_file_names_the_file(pretrained, tiny_data, tmp_path, script, flag):
+    (tmp_path / "notes").write_text("mine")
+    name = tmp_path / "notes" / "sub" / ("grid.png" if flag == "--grid" else "model.pt")
+    args = [tiny_data / "test", "--checkpoint", pretrained] if script == "predict.py" else ["--data-dir", tiny_data]
+    result = run(script, *args, flag, name, *QUICK[-2:], check=False)
+    # before: "cannot write in .../notes/sub (File exists)" from mkdir, or "(Not a directory)"
+    assert error_line(result) == (f"{script}: {flag} {name}: {tmp_path / 'notes'} is a file, not a folder; "
+                                  f"choose another {flag}")
+    assert (tmp_path / "notes").read_text() == "mine"
