@@ -12,6 +12,7 @@ image in a DataLoader with 0 workers, fp32, as the reference did.
 Warm-up steps are excluded from every timing.
 """
 import argparse
+import functools
 import platform
 import shlex
 import sys
@@ -66,15 +67,17 @@ def ours(args, processes, train_images, val_images) -> tuple[float, float, bool]
 
     order = torch.arange((args.warmup + args.steps) * args.batch_size, device=processes.device) % n
     batches = train_images.batches(order, 0, args.batch_size, processes.share())
-
-    def step(i):
-        images, labels = next(batches)
-        train_step(net, optimizer, images, labels, args.batch_size, args, augment, processes, bf16)
-
+    step = functools.partial(train_next, batches, net, optimizer, args, augment, processes, bf16)
     train = timed(step, args.warmup, args.steps, args.batch_size, processes.device)
     evaluate = timed(lambda i: compute_logits(model, (x for x, _ in val_images.batches(None, 0, args.batch_size)),
                                               args.image_size), 1, 1, len(val_images.labels), processes.device)
     return train, evaluate, bf16
+
+
+def train_next(batches, net, optimizer, args, augment, processes, bf16, i: int) -> None:
+    """Step i of timed: pretrain.py's own training step on the next batch the images deliver."""
+    images, labels = next(batches)
+    train_step(net, optimizer, images, labels, args.batch_size, args, augment, processes, bf16)
 
 
 def forever(loader):
