@@ -14,13 +14,14 @@ transforms on the device.
 import argparse
 import collections
 import contextlib
-import ctypes
 import errno
 import fcntl
 import hashlib
 import io
 import json
 import math
+import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import re
@@ -662,7 +663,7 @@ def decode_into(path: Path, paths: list[Path], shape: tuple[int, ...]) -> list[i
     starts = range(0, len(paths), DECODE_CHUNK)
     if len(starts) <= 1 or WORKERS <= 1:
         return [side for start in starts for side in decode_rows(path, shape, start, paths[start:start + DECODE_CHUNK])]
-    pool = ProcessPoolExecutor(WORKERS, initializer=die_with_parent, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(WORKERS, initializer=die_with_parent)
     try:
         chunks = pool.map(decode_rows, [path] * len(starts), [shape] * len(starts), starts,
                           [paths[start:start + DECODE_CHUNK] for start in starts])
@@ -684,17 +685,28 @@ def decode_rows(path: Path, shape: tuple[int, ...], start: int, paths: list[Path
     return sides
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCH_INTERVAL = 0.2  # seconds between a decoding process's looks at its parent
 
 
-def die_with_parent(parent: int) -> None:
-    """A decoding process's start: killed with its parent (even by SIGKILL or the out-of-memory killer), rather than
-    left blocked, holding memory and the --out lock's file; Ctrl-C is the parent's to handle."""
+def die_with_parent() -> None:
+    """A decoding process's start: it ends when the process that started the pool ends (even by SIGKILL or the
+    out-of-memory killer), rather than being left blocked, holding memory and the --out lock's file; Ctrl-C is the
+    parent's to handle. Works under every start method (fork, forkserver, spawn) and system: a thread watches
+    multiprocessing's sentinel for the parent (Windows, spawn) and whether this process was handed to another
+    parent (POSIX: under fork, siblings hold the sentinel's pipe open; under forkserver the parent is the server).
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent ended before the request was made
+    parent = multiprocessing.parent_process()
+    if parent is None or not parent.is_alive():
         os._exit(1)
+    threading.Thread(target=watch_parent, args=(parent.sentinel, os.getppid()), daemon=True,
+                     name="watch-parent").start()
+
+
+def watch_parent(sentinel: int, ppid: int) -> None:
+    while not multiprocessing.connection.wait([sentinel], WATCH_INTERVAL) and os.getppid() == ppid:
+        pass
+    os._exit(1)
 
 
 def most_common_side(sides: list[int]) -> int:

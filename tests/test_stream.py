@@ -165,9 +165,38 @@ def alive(pid: int) -> bool:
         return False
 
 
+def descendants(pid: int) -> list[int]:
+    """Children, theirs, and so on: under forkserver the decoding processes are the server's children."""
+    found = children(pid)
+    return found + [grandchild for child in found for grandchild in descendants(child)]
+
+
+# A script run under a given start method of multiprocessing (Python 3.14 on Linux takes forkserver by default,
+# macOS and Windows spawn): python -c WITH_START_METHOD METHOD SCRIPT ARGS...
+WITH_START_METHOD = ("import multiprocessing, runpy, sys; multiprocessing.set_start_method(sys.argv[1]); "
+                     "sys.argv = sys.argv[2:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, sig):
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+def test_the_decoding_processes_work_under_every_start_method(tmp_path, method):
+    root = make_class_folders(tmp_path / "d", train=150, test=1, size=8)  # 450 images: two decoding tasks
+    script = tmp_path / "cache.py"
+    script.write_text("import sys; sys.path.insert(0, sys.argv[1]); import data, numpy\n"
+                      "if __name__ == '__main__':\n"
+                      "    images = data.load_folder(sys.argv[2]).images.numpy()\n"
+                      "    print(images.shape, int(images.astype(numpy.int64).sum()))\n")
+    result = subprocess.run([sys.executable, "-c", WITH_START_METHOD, method, str(script), str(ROOT),
+                             str(root / "train")], capture_output=True, text=True)
+    want = data.decode_all(sorted(root.glob("train/*/*.png")), None, None)[0]
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [*str(want.shape).split(), str(int(want.astype(np.int64).sum()))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, sig", [("fork", signal.SIGKILL), ("fork", signal.SIGTERM),
+                                         ("forkserver", signal.SIGKILL), ("spawn", signal.SIGKILL)])
+def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, method, sig):
     root = tmp_path / "d"
     picture = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(picture)
@@ -177,11 +206,12 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, sig
             for i in range(count):
                 os.link(picture, root / split / name / f"{i}.png")
     out = tmp_path / "p.pt"
-    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(root), "--out", str(out),
-                                *QUICK], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-c", WITH_START_METHOD, method, str(ROOT / "pretrain.py"),
+                                "--data-dir", str(root), "--out", str(out), *QUICK],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers = []
     for _ in range(600):
-        workers = children(process.pid)
+        workers = descendants(process.pid)
         if len(workers) >= min(2, data.WORKERS) or process.poll() is not None:
             break
         time.sleep(0.05)
