@@ -7,17 +7,11 @@ tensor N x 3 x S x S, cached in `<data-dir>/.cache/` and rebuilt whenever the
 files change. Augmentation and the evaluation transform run batched on
 whatever device holds that tensor. download.py gets a data set onto disk.
 
-Sections: files (what every script shares: DataError, write_atomically, Lock,
-stop_signals, stdout and stderr as Output, the --help formatter); images; class folders and the cache;
-transforms on the device.
+Sections: images; class folders and the cache; transforms on the device.
 """
-import argparse
 import collections
 import contextlib
-import errno
-import fcntl
 import hashlib
-import io
 import json
 import math
 import multiprocessing
@@ -26,7 +20,6 @@ import os
 import queue
 import re
 import signal
-import stat
 import sys
 import tempfile
 import threading
@@ -40,6 +33,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.ops import roi_align
 
+import cli
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation, as the reference
 STD = (0.229, 0.224, 0.225)
@@ -49,230 +44,6 @@ MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its sho
 CACHE_VERSION = 1
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")  # "//" may have become "/" in a Path
 WORKERS = min(8, len(os.sched_getaffinity(0)))
-
-
-# --------------------------------------------------------------------------- files (every script's)
-
-class DataError(Exception):
-    """Data that cannot be used (a folder, an image, an archive, a download); the message names it and what to do.
-
-    Given apart, `problem` (what is wrong) can be reported again with other advice by a caller that knows better.
-    """
-
-    def __init__(self, problem: str, fix: str = "") -> None:
-        super().__init__(f"{problem}; {fix}" if fix else problem)
-        self.problem = problem
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each default, except None: those flags' help says what happens instead."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:
-    """`write` fills a temporary file beside `path`, synced to disk, which then replaces `path`: a failure, a signal
-    or a kill mid-write leaves the previous file as it was.
-
-    The temporary file, named with the writer's pid, is removed on failure; one left by a killed writer (its pid
-    gone) is removed by the next write of `path`. Writers of one path at once (two predict.py --grid, two runs
-    building one cache) each write their own, the last rename wins, and none removes another's. A failed write
-    raises its OSError, also where torch.save wrapped it in a RuntimeError (as it does for a full disk).
-    """
-    directory, name = os.path.split(os.path.abspath(path))
-    tmp = None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        remove_dead_writers_files(directory, name)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:  # it may hold gigabytes
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
-            raise e.__context__ from None
-        raise
-
-
-def remove_dead_writers_files(directory: str, name: str) -> None:
-    """The temporary files of `name` (see write_atomically) whose writer is no longer running: they may be large."""
-    own = re.compile(rf"\.{re.escape(name)}\.(\d+)-\w+\.tmp")
-    for entry in os.scandir(directory):
-        match = own.fullmatch(entry.name)
-        if match and not process_is_running(int(match[1])):
-            Path(entry.path).unlink(missing_ok=True)
-
-
-def process_is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only whether there is such a process
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
-    return True
-
-
-def stop_signals() -> list[signal.Signals]:
-    """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
-    dropped), but not SIGHUP where it is ignored (`nohup`): the user asked the run to outlive the terminal."""
-    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class Lock:
-    """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
-
-    `taken(pid)` makes the error raised while another process holds it; an OSError is raised when the lock file
-    cannot be written (a full disk).
-    """
-
-    def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
-        self.path = path
-        while True:
-            self.file = open(path, "a+")
-            try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self.file.seek(0)
-                owner = self.file.read().strip() or "unknown"
-                self.file.close()
-                raise taken(owner) from None
-            if self.locks_path():
-                break
-            # The file was opened just before its holder removed it: locking it excludes no one, since the next
-            # process creates and locks a new file at `path`. Lock what is at `path` now.
-            self.file.close()
-        try:
-            self.file.truncate(0)
-            self.file.write(str(os.getpid()))
-            self.file.flush()
-        except OSError:  # a full disk: no lock file is left behind, the caller words the error
-            self.__exit__()
-            raise
-
-    def locks_path(self) -> bool:
-        """Whether the file locked is the one `path` names."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        locked = os.fstat(self.file.fileno())
-        return (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino)
-
-    def __enter__(self) -> "Lock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # while still locked: no other process can be holding it
-        self.file.close()
-
-
-class Output:
-    """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event.
-
-    The first write or flush that fails is kept in `lost`, and the stream's file descriptor then points at
-    /dev/null, so that nothing written later fails again (Python's own flush at exit included): the program goes
-    on, and decides what the loss means (see guard_output's callers).
-    """
-
-    def __init__(self, stream, whole: bool = False) -> None:
-        """`whole`: what is written to a regular file is all or nothing, the file cut back to its start on a loss."""
-        self.stream = stream
-        self.lost: OSError | None = None
-        self.lost_told = False  # whether the program has said so
-        self.start = regular_file_offset(stream) if whole else None
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except OSError as e:
-            self.lose(e)
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except OSError as e:
-            self.lose(e)
-
-    def lose(self, error: OSError) -> None:
-        self.lost = self.lost or error
-        try:
-            if self.start is not None:  # back to the start too: `2>&1` shares the offset, no hole before stderr's
-                os.ftruncate(self.stream.fileno(), self.start)
-                os.lseek(self.stream.fileno(), self.start, os.SEEK_SET)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self.stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's StringIO)
-            pass
-
-    def isatty(self) -> bool:
-        return self.lost is None and self.stream.isatty()
-
-    def __getattr__(self, name: str):
-        return getattr(self.stream, name)
-
-
-def regular_file_offset(stream) -> int | None:
-    """Where writing to `stream` starts when it is a regular file (`> file` or `>> file`), else None."""
-    try:
-        fd = stream.fileno()
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.fstat(fd).st_size if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND else os.lseek(fd, 0, os.SEEK_CUR)
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return None
-
-
-def guard_output(whole: bool = False) -> None:
-    """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
-    if not isinstance(sys.stdout, Output):
-        sys.stdout = Output(sys.stdout, whole) if sys.stdout is not None else closed_output()
-    if not isinstance(sys.stderr, Output):
-        sys.stderr = Output(sys.stderr) if sys.stderr is not None else closed_output()
-
-
-def closed_output() -> Output:
-    """For a stream Python found closed at the start (`>&-`): it is None then, and lost from the start."""
-    output = Output(open(os.devnull, "w"))
-    output.lost = OSError(errno.EBADF, os.strerror(errno.EBADF))
-    return output
-
-
-def shown(path: str | os.PathLike) -> str:
-    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN,
-    control characters escaped (see printable)."""
-    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
-
-
-# Control characters as Python writes them in a string literal: a newline or tab in a name would split a line of
-# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal.
-ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
-
-
-def printable(text: str) -> str:
-    return text.translate(ESCAPES)
-
-
-def special_kind(mode: int) -> str:
-    """What a file that is no regular file, folder or link is, from its st_mode."""
-    kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
-             stat.S_IFSOCK: "a socket"}
-    return kinds.get(stat.S_IFMT(mode), "a special file")
 
 
 # --------------------------------------------------------------------------- images
@@ -286,7 +57,7 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.
     with Image.open(path) as img:
         shorter_side = min(img.size)
         if max(img.size) > MAX_ASPECT_RATIO * shorter_side:  # its resize to `size` px across could fill the memory
-            raise DataError(f"{shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over {MAX_ASPECT_RATIO} "
+            raise cli.DataError(f"{cli.shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over {MAX_ASPECT_RATIO} "
                             "times its shorter: too narrow to take a square from", "crop it, or remove the file")
         if size is not None and img.format == "JPEG":
             img.draft("RGB", (size, size))
@@ -316,12 +87,12 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
 
     The cache builder and predict.py both use this, so a single image is
     prepared exactly like the images a model was trained and evaluated on.
-    A file that cannot be read raises DataError naming it.
+    A file that cannot be read raises cli.DataError naming it.
     """
     try:
         img, shorter_side = load_image(path, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{shown(path)}: cannot read this image ({e}); remove or replace the file") from None
+        raise cli.DataError(f"{cli.shown(path)}: cannot read this image ({e}); remove or replace the file") from None
     if img.size != (size, size):
         w, h = img.size
         scale = size / min(w, h)
@@ -349,7 +120,7 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
         try:
             entries = list(current.iterdir())
         except OSError as e:
-            raise DataError(f"{shown(current)}: cannot read this folder ({e.strerror or e})",
+            raise cli.DataError(f"{cli.shown(current)}: cannot read this folder ({e.strerror or e})",
                             "check its permissions or remove it") from None
         files += [p for p in entries if is_image_file(p) and p.is_file()]
         walk += [(p, outer | {real}) for p in entries if p.is_dir()]
@@ -483,41 +254,41 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
 
     `name` is what messages call `root` (default: its path).
     """
-    name = name or shown(root)
+    name = name or cli.shown(root)
     if not root.is_dir():
-        raise DataError(f"{name}: no such folder", "download the data (python download.py) or pass --data-dir")
+        raise cli.DataError(f"{name}: no such folder", "download the data (python download.py) or pass --data-dir")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
+        raise cli.DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
     samples = []
     above = frozenset([root.resolve(), *root.resolve().parents])  # a class folder linked to one: a loop
     for label, folder in enumerate(classes):
         files = image_files(root / folder, above)
         if not files:
-            raise DataError(f"{name}/{shown(folder)}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})",
+            raise cli.DataError(f"{name}/{cli.shown(folder)}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})",
                             "add images or remove the folder")
         samples += [(p, label) for p in files]
     if len(classes) == 1:  # training would reach 100 % by always answering the one class
-        raise DataError(f"{name}: only one class folder ({shown(classes[0])})",
+        raise cli.DataError(f"{name}: only one class folder ({cli.shown(classes[0])})",
                         "a classifier needs at least two: add a folder of images for each other class")
     return classes, samples
 
 
 def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
     """train/ and test/ scanned (see scan_class_folders), checked to have the same class folders."""
-    name = name or shown(data_dir)
+    name = name or cli.shown(data_dir)
     if URL.match(str(data_dir)) and not data_dir.exists():
-        raise DataError(f"{name}: a URL, not a folder", "download it first: python download.py --source URL "
+        raise cli.DataError(f"{name}: a URL, not a folder", "download it first: python download.py --source URL "
                         "--root FOLDER, then pass --data-dir FOLDER")
     for split in ("train", "test"):
         if not (data_dir / split).is_dir():
-            raise DataError(f"{name}: no {split}/ folder", "a data folder holds train/<class>/ and test/<class>/ "
+            raise cli.DataError(f"{name}: no {split}/ folder", "a data folder holds train/<class>/ and test/<class>/ "
                             "(python download.py makes one for CIFAR-10)")
     scans = {split: scan_class_folders(data_dir / split, f"{name}/{split}") for split in ("train", "test")}
     train, test = scans["train"][0], scans["test"][0]
     if train != test:
         only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
-        raise DataError(f"{name}: train/ and test/ have different class folders "
+        raise cli.DataError(f"{name}: train/ and test/ have different class folders "
                         f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'})",
                         "make them the same")
     return scans
@@ -559,7 +330,7 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
         record = {"version": CACHE_VERSION, "fingerprint": key, "shape": list(images.shape),
                   "labels": labels.tolist(), "classes": classes}
         try:
-            write_atomically(metadata, lambda f: f.write(json.dumps(record).encode()))
+            cli.write_atomically(metadata, lambda f: f.write(json.dumps(record).encode()))
         except OSError as e:
             cache_warning(metadata, e)
     return ImageSet(torch.from_numpy(images), labels, classes, key)
@@ -616,7 +387,7 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
     written there: allocated up front, so that a full disk is this OSError, not a SIGBUS in a process writing the
     mapping.
 
-    Named as write_atomically names its files: one left by a killed build is removed by the next one (concurrent
+    Named as cli.write_atomically names its files: one left by a killed build is removed by the next one (concurrent
     ones are spared).
     """
     for folder in ([] if target is None else [target.parent]) + [Path(tempfile.gettempdir())]:
@@ -624,11 +395,11 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
         path = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            remove_dead_writers_files(str(folder), name)
+            cli.remove_dead_writers_files(str(folder), name)
             fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
             path = Path(path)
             try:
-                os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
+                os.fchmod(fd, 0o666 & ~cli.current_umask())  # mkstemp makes 0600; give the usual permissions
                 if math.prod(shape):
                     os.posix_fallocate(fd, 0, math.prod(shape))
             finally:
@@ -640,7 +411,7 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
             if target is not None and folder == target.parent:
                 cache_warning(target, e)
                 continue
-            raise DataError(f"{shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
+            raise cli.DataError(f"{cli.shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
                             f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
     raise AssertionError("unreachable")
 

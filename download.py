@@ -32,8 +32,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_url
 
-from data import (URL, WORKERS, DataError, HelpFormatter, Lock, guard_output, scan_dataset, shown, special_kind,
-                  stop_signals)
+from cli import DataError, HelpFormatter, Lock, guard_output, shown, special_kind, stop_signals
+from data import URL, WORKERS, scan_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

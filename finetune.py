@@ -16,9 +16,8 @@ from pathlib import Path
 
 from torch import nn
 
-from data import guard_output
+from cli import UsageError, guard_output, report_errors
 from model import AlexNet, load_checkpoint, model_from_checkpoint
-from predict import UsageError, report_errors
 from pretrain import given_flags, make_parser, train
 
 TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "full": ("",)}

@@ -13,11 +13,9 @@ import argparse
 import json
 import signal
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torchvision.utils import make_grid
 
+import cli
 import data
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
@@ -44,7 +43,7 @@ def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size
     validation and test use it too.
 
     With `flip` (--tta) the logits are the mean over the crop and its mirror image.
-    With a `title` it shows its progress over `total` images (see ProgressLine).
+    With a `title` it shows its progress over `total` images (see cli.ProgressLine).
     """
     return torch.cat(list(logits_of_batches(model, batches, image_size, flip, title, total)))
 
@@ -54,7 +53,7 @@ def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_s
                       title: str | None = None, total: int = 0) -> Iterator[torch.Tensor]:
     """compute_logits, one batch's logits at a time, for a caller that uses each as it comes."""
     model.eval()
-    line = None if title is None else ProgressLine(title, total)
+    line = None if title is None else cli.ProgressLine(title, total)
     done = 0
     for images in batches:
         x = data.eval_batch(images, image_size)
@@ -67,55 +66,6 @@ def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_s
         yield logits
     if line is not None:
         line.close()
-
-
-def clock(seconds: float) -> str:
-    """HH:MM:SS with as many hours as it takes: strftime's %H wraps at a day (25 hours showed as 01:00:00), and
-    time.gmtime overflows for a remaining time beyond time_t (--epochs 10**20)."""
-    whole = int(seconds)
-    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
-
-
-class ProgressLine:
-    """How far a long pass over images is: on a terminal one line rewritten in place, at most twice a second; in a
-    log file or pipe, a line at each tenth of the images. `due` reads only the clock, so the caller reads the device
-    (a host synchronisation) only when a line is shown.
-    """
-    TERMINAL_INTERVAL = 0.5  # seconds between rewrites of the terminal line
-
-    def __init__(self, title: str, total: int, done: int = 0, stream=None) -> None:
-        self.title, self.total, self.done_at_start = title, total, done
-        self.stream = stream or sys.stderr  # progress, not a result (tqdm's convention): `> results` holds none
-        self.terminal = self.stream.isatty()
-        self.started = self.shown_at = time.perf_counter()
-        self.next_tenth = done * 10 // total + 1
-        self.shown = False
-
-    def due(self, done: int) -> bool:
-        if done >= self.total:  # the pass's own closing line says the rest
-            return False
-        if self.terminal:
-            return time.perf_counter() - self.shown_at >= self.TERMINAL_INTERVAL
-        return done * 10 >= self.next_tenth * self.total
-
-    def show(self, done: int, extra: str = "") -> None:
-        self.shown_at = time.perf_counter()
-        rate = (done - self.done_at_start) / max(self.shown_at - self.started, 1e-9)
-        eta = clock((self.total - done) / max(rate, 1e-9))
-        text = f"  {self.title}: {done:,}/{self.total:,} images{extra}  {rate:,.0f} img/s  eta {eta}"
-        if self.terminal:
-            self.stream.write("\r" + text + "\x1b[K")  # back to the line's start, write, erase the rest
-        else:
-            self.stream.write(text + "\n")
-            self.next_tenth = done * 10 // self.total + 1
-        self.stream.flush()
-        self.shown = True
-
-    def close(self) -> None:
-        """On a terminal the line is erased: the pass's summary takes its place."""
-        if self.terminal and self.shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -138,7 +88,7 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
 
 def print_report(title: str, report: dict, classes: list[str]) -> None:
     print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
-    classes = [data.printable(name) for name in classes]  # a newline in a class folder's name would split a row
+    classes = [cli.printable(name) for name in classes]  # a newline in a class folder's name would split a row
     width = max(len(name) for name in classes)
     for name, accuracy in zip(classes, report["per_class_accuracy"].values()):
         print(f"  {name:>{width}}  " + ("n/a (no images)" if accuracy is None else f"{accuracy:7.2%}"))
@@ -163,61 +113,6 @@ def print_most_confused(confusion: list[list[int]], classes: list[str], shown: i
 
 # --------------------------------------------------------------------------- command-line plumbing
 
-class UsageError(Exception):
-    """A command-line value that cannot be used; the message names the flag and what to do."""
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """--device: `None` means CUDA when there is one, else the CPU with a warning; only cpu and cuda[:N] run here."""
-    if name is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        print("warning: CUDA is not available, running on the CPU (slow); pass --device cpu to silence this",
-              file=sys.stderr)
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
-        raise UsageError(f"--device {name}: not supported by these scripts; use cuda, cuda:N or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"numbered from 0; pass one of them")
-    return torch.device(device.type) if device.type == "cpu" else device
-
-
-def is_out_of_host_memory(error: BaseException) -> bool:
-    """torch's CPU allocator raises a plain RuntimeError when malloc fails; Python raises MemoryError."""
-    return isinstance(error, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
-
-
-def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> object:
-    """Run a script's work; a user's mistake or an expected fault ends as one line on stderr."""
-    try:
-        return job()
-    except (UsageError, data.DataError, CheckpointError) as e:
-        sys.exit(f"{program}: {e}")
-    except torch.cuda.OutOfMemoryError:
-        sys.exit(f"{program}: out of GPU memory with --batch-size {batch_size}; pass a smaller --batch-size, "
-                 f"e.g. {max(1, batch_size // 2)}")
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_host_memory(e):
-            raise
-        sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
-                 f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        sys.exit(f"{program}: interrupted; nothing more was saved")
-
 
 # --------------------------------------------------------------------------- prediction
 
@@ -234,19 +129,19 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
         elif path.is_dir():
             try:
                 images = folder_images(path, classes)
-            except data.DataError as e:
+            except cli.DataError as e:
                 errors.append(str(e))
                 continue
             if not images:
-                errors.append(f"{data.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
+                errors.append(f"{cli.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
             found += images
         elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
-            kind = data.special_kind(path.stat().st_mode)
-            errors.append(f"{data.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
+            kind = cli.special_kind(path.stat().st_mode)
+            errors.append(f"{cli.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
         elif data.URL.match(name):
             errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
-            errors.append(f"{data.shown(path)}: no such file or folder; check the path")
+            errors.append(f"{cli.shown(path)}: no such file or folder; check the path")
     return once_each(found), errors
 
 
@@ -270,17 +165,17 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
     try:
         folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     except OSError as e:  # an unreadable folder is that path's error line; the other paths are still predicted
-        raise data.DataError(f"{data.shown(path)}: cannot read this folder ({e.strerror or e})",
+        raise cli.DataError(f"{cli.shown(path)}: cannot read this folder ({e.strerror or e})",
                              "check its permissions") from None
     labelled = any(p.name in classes for p in folders)
-    others = sorted(data.shown(p.name) for p in folders if p.name not in classes)
+    others = sorted(cli.shown(p.name) for p in folders if p.name not in classes)
     if labelled and others:
-        print(f"predict.py: note: {data.shown(path)}: {len(others)} sub-folder(s) named like no class of the "
+        print(f"predict.py: note: {cli.shown(path)}: {len(others)} sub-folder(s) named like no class of the "
               f"checkpoint ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their images are "
               "predicted unlabelled, the class folders' with their labels", file=sys.stderr)
     elif not labelled and any((path / "test" / name).is_dir() for name in classes):
-        print(f"predict.py: note: {data.shown(path)} is a data folder (train/, test/): its images are predicted "
-              f"unlabelled; pass {data.shown(path / 'test')} for the test split's accuracy", file=sys.stderr)
+        print(f"predict.py: note: {cli.shown(path)} is a data folder (train/, test/): its images are predicted "
+              f"unlabelled; pass {cli.shown(path / 'test')} for the test split's accuracy", file=sys.stderr)
     return [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in data.image_files(path)]
 
 
@@ -310,17 +205,7 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
         ImageDraw.Draw(tile).text((2, GRID_TILE + 1), text, fill=colour, font=font)
         tiles.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1))
     grid = make_grid(torch.stack(tiles), nrow=8, padding=2)
-    save_picture(Image.fromarray(grid.permute(1, 2, 0).numpy()), Path(path))
-
-
-def save_picture(picture: Image.Image, path: Path) -> None:
-    """Written atomically (data.write_atomically): a full disk leaves no half picture, and the old one stays."""
-    picture_format = Image.registered_extensions()[path.suffix.lower()]  # check_grid_path made sure there is one
-    try:
-        data.write_atomically(path, lambda f: picture.save(f, format=picture_format))
-    except OSError as e:
-        raise UsageError(f"--grid {path}: cannot write ({e.strerror or e}); free space or choose another path"
-                         ) from None
+    cli.save_picture(Image.fromarray(grid.permute(1, 2, 0).numpy()), Path(path))
 
 
 def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
@@ -332,7 +217,7 @@ def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[st
         try:
             decoded.append(data.decode(path, size)[0])
             kept.append(i)
-        except data.DataError as e:
+        except cli.DataError as e:
             errors.append(str(e))
             print(f"predict.py: {e}", file=sys.stderr)
     # one copy into the training layout: torch.stack of permuted images takes many times longer
@@ -344,70 +229,39 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
     results = []
     for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-        results.append({"path": data.shown(path), "true": None if label is None else classes[label],
+        results.append({"path": cli.shown(path), "true": None if label is None else classes[label],
                         "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
     return results
-
-
-def check_writable_file(flag: str, path: Path, example: str, what: str = "a file", make_folder: bool = False) -> None:
-    """Fail before the long work, not after it, when `flag`'s file cannot be written. A missing folder is made
-    only with `make_folder` (otherwise by the write, so a run that fails first leaves none); the check writes in
-    the nearest folder that exists.
-
-    `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
-    """
-    if path.parts[:1] == ("~",) and not Path("~").exists():  # `--grid=~/g.png`: bash expands no ~ after a '='
-        raise UsageError(f"{flag} {path}: starts with a ~ the shell did not expand (it would make a folder named ~ "
-                         f"here); write {flag} {path} with a space after {flag}, or $HOME for ~")
-    if path.is_dir():
-        raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
-    if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
-        raise UsageError(f"{flag} {path}: is {data.special_kind(path.stat().st_mode)}, not a regular file, and "
-                         f"writing would replace it; pass {what} path, e.g. {flag} {path.parent / example}")
-    for parent in path.parents:  # mkdir's "File exists" would not say which file is in the way
-        if parent.exists() and not parent.is_dir():
-            raise UsageError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        if make_folder:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            folder = path.parent
-        tempfile.TemporaryFile(dir=folder).close()  # a real write: permissions alone miss a read-only mount
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); "
-                         "choose a writable folder") from None
 
 
 def check_grid_path(grid: str) -> None:
     """--grid is checked before any prediction, not after: a picture file Pillow can write, in a writable folder."""
     path = Path(grid)
     if not path.is_dir() and Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
-        raise UsageError(f"--grid {grid}: Pillow cannot write a picture named like this; end it in .png or .jpg")
-    check_writable_file("--grid", path, "predictions.png", "a picture file")
+        raise cli.UsageError(f"--grid {grid}: Pillow cannot write a picture named like this; end it in .png or .jpg")
+    cli.check_writable_file("--grid", path, "predictions.png", "a picture file")
 
 
 def check_grid_not_input(grid: str, found: list[tuple[Path, int | None]]) -> None:
     """The grid would overwrite an image it is about to show: refused before predicting."""
     target = Path(grid).resolve()
     if any(path.resolve() == target for path, _ in found):
-        raise UsageError(f"--grid {grid}: is one of the images to predict, and writing the grid would overwrite it; "
+        raise cli.UsageError(f"--grid {grid}: is one of the images to predict, and writing the grid would overwrite it; "
                          "choose another path")
 
 
 def predict(args: argparse.Namespace) -> int:
     if args.grid == "":  # `if args.grid` would draw no grid without a word
-        raise UsageError("--grid is empty; pass a picture file, or leave the flag out for no grid")
+        raise cli.UsageError("--grid is empty; pass a picture file, or leave the flag out for no grid")
     if args.grid:
         check_grid_path(args.grid)
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
-        raise UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
+        raise cli.UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
                          f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
     checkpoint_path = args.checkpoint or default_checkpoint()
     checkpoint = load_checkpoint(checkpoint_path)
     model = model_from_checkpoint(checkpoint, checkpoint_path)
-    device = resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     classes = checkpoint["classes"]
 
     found, errors = find_images(args.paths, classes)
@@ -458,7 +312,7 @@ def predict_in_batches(model: nn.Module, found: list[tuple[Path, int | None]], c
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])
-    line = None if args.json or not found else ProgressLine("predict", len(found), stream=sys.stderr)
+    line = None if args.json or not found else cli.ProgressLine("predict", len(found), stream=sys.stderr)
     for start in range(0, len(found), args.batch_size):
         batch = found[start:start + args.batch_size]
         images, kept = read_images(batch, checkpoint["stored_size"], errors)
@@ -474,8 +328,8 @@ def predict_in_batches(model: nn.Module, found: list[tuple[Path, int | None]], c
                     done.tiles.append(images[j].clone())  # a view would keep its whole batch
                     done.tiled.append(len(done.results) + j)
             done.results += results
-            if not args.json:  # names escaped (data.printable): a tab or newline in one would split its line
-                print("".join(r["path"] + "".join(f"\t{data.printable(t['label'])}\t{t['probability']:.4f}"
+            if not args.json:  # names escaped (cli.printable): a tab or newline in one would split its line
+                print("".join(r["path"] + "".join(f"\t{cli.printable(t['label'])}\t{t['probability']:.4f}"
                                                   for t in r["top"]) + "\n" for r in results), end="", flush=True)
         if line is not None and line.due(start + len(batch)):
             line.show(start + len(batch))
@@ -487,39 +341,39 @@ def predict_in_batches(model: nn.Module, found: list[tuple[Path, int | None]], c
 def check_results_written() -> None:
     """stdout closed early (`| head`) ends predict quietly, as Unix tools do: with 128 + SIGPIPE, as if killed by it.
 
-    Any other failure to write them (a full disk) is one line; they were written whole or not at all (Output).
+    Any other failure to write them (a full disk) is one line; they were written whole or not at all (cli.Output).
     """
     sys.stdout.flush()
     lost = getattr(sys.stdout, "lost", None)
     if isinstance(lost, BrokenPipeError):
         sys.exit(128 + signal.SIGPIPE)
     if lost is not None:
-        raise UsageError(f"cannot write the results to stdout ({lost.strerror or lost}); none were kept: free space, "
+        raise cli.UsageError(f"cannot write the results to stdout ({lost.strerror or lost}); none were kept: free space, "
                          "or send them elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """predict.py's flags, also the `invoke predict` task's."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                                      allow_abbrev=False)
     add = parser.add_argument
     add("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     add("--checkpoint", default=None, help=f"default: the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
-    add("--topk", type=positive_int, default=1, help="how many classes to show per image")
+    add("--topk", type=cli.positive_int, default=1, help="how many classes to show per image")
     add("--json", action="store_true", help="print JSON instead of lines")
     add("--grid", default=None, metavar="PATH",
         help=f"also draw up to {GRID_MAX} images with their labels here (default: none)")
     add("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")
-    add("--batch-size", type=positive_int, default=256, help="images per forward pass")
-    add("--limit", type=positive_int, default=None,
+    add("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
+    add("--limit", type=cli.positive_int, default=None,
         help="predict only this many images (stratified sample; default: all)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    data.guard_output(whole=True)
+    cli.guard_output(whole=True)
     args = build_parser().parse_args(argv)
-    sys.exit(report_errors("predict.py", args.batch_size, lambda: predict(args)))
+    sys.exit(cli.report_errors("predict.py", args.batch_size, lambda: predict(args)))
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+import cli
 import data
 from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, load_tensors,
                    unwrap_state_dict)
-from predict import (ProgressLine, UsageError, check_writable_file, classification_report, clock, compute_logits,
-                     positive_int, print_report, report_errors, resolve_device)
+from predict import classification_report, compute_logits, print_report
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
@@ -55,7 +55,6 @@ MAX_IMAGE_SIZE = 1024
 # predictions, and the first step whose loss was not finite (-1: none yet).
 EPOCH_START = (0.0, 0.0, -1.0)
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
 SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
@@ -65,34 +64,6 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return within_float32(value, text)
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
-    return within_float32(value, text)
-
-
-def within_float32(value: float, text: str) -> float:
-    """The optimizer holds --lr and --weight-decay as float32: a larger value is torch's overflow traceback."""
-    if value > FLOAT32_MAX:
-        raise argparse.ArgumentTypeError(f"too large: at most {FLOAT32_MAX:.3g}, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
 
 
 def image_size(text: str) -> int:
@@ -111,33 +82,26 @@ def stored_size(text: str) -> int:
     return value
 
 
-def seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {text}")
-    return value
-
-
 def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The flags pretrain.py and finetune.py share, with the same names and meanings."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=data.HelpFormatter,
+    parser = argparse.ArgumentParser(description=description, formatter_class=cli.HelpFormatter,
                                      allow_abbrev=False)
     add = parser.add_argument
     add("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
     add("--out", default=f"checkpoints/{stage}.pt",
         help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it, named after it "
              "without a .pt/.pth ending (exp.1: exp.1.last.pt)")
-    add("--epochs", type=positive_int, default=40, help="passes over the training images")
-    add("--batch-size", type=positive_int, default=256, help="images per step, over all torchrun processes")
-    add("--lr", type=positive_float, default=0.01, help="SGD learning rate")
-    add("--momentum", type=fraction, default=0.9, help="SGD momentum")
-    add("--weight-decay", type=non_negative_float, default=0.0, help="SGD weight decay")
-    add("--val-size", type=positive_int, default=None,
+    add("--epochs", type=cli.positive_int, default=40, help="passes over the training images")
+    add("--batch-size", type=cli.positive_int, default=256, help="images per step, over all torchrun processes")
+    add("--lr", type=cli.positive_float, default=0.01, help="SGD learning rate")
+    add("--momentum", type=cli.fraction, default=0.9, help="SGD momentum")
+    add("--weight-decay", type=cli.non_negative_float, default=0.0, help="SGD weight decay")
+    add("--val-size", type=cli.positive_int, default=None,
         help="validation images held out of train/ (default: 10%%, at most 5000)")
     add("--image-size", type=image_size, default=224, help="side of the network's input")
     add("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)")
-    add("--seed", type=seed, default=0, help="seeds the split, the initialisation and the augmentation")
-    add("--limit", type=positive_int, default=None,
+    add("--seed", type=cli.random_seed, default=0, help="seeds the split, the initialisation and the augmentation")
+    add("--limit", type=cli.positive_int, default=None,
         help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
     add("--resume", default=None, metavar="PATH",
         help="continue the run that left this .last.pt, with its flags (only --epochs, --device, --stream "
@@ -147,13 +111,13 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
              "report (without it such a run is refused)")
     add("--augment", choices=sorted(data.AUGMENTATIONS), default="rrc",
         help="rrc: RandomResizedCrop (the reference); crop: 1/8-padded random crop; both then resized and flipped")
-    add("--cutout", type=fraction, default=0.0, metavar="FRACTION",
-        help="cutout: a square of this fraction of --image-size per image set to the mean colour; 0: off")
-    add("--label-smoothing", type=fraction, default=0.0, help="of the training loss")
+    add("--cutout", type=cli.fraction, default=0.0, metavar="FRACTION",
+        help="cutout: a square of this cli.fraction of --image-size per image set to the mean colour; 0: off")
+    add("--label-smoothing", type=cli.fraction, default=0.0, help="of the training loss")
     add("--lr-schedule", choices=("constant", "cosine"), default="constant",
         help="per step, after --warmup-epochs of linear warm-up")
-    add("--warmup-epochs", type=non_negative_float, default=0.0, help="linear warm-up of the learning rate")
-    add("--ema", type=fraction, default=0.0, metavar="DECAY",
+    add("--warmup-epochs", type=cli.non_negative_float, default=0.0, help="linear warm-up of the learning rate")
+    add("--ema", type=cli.fraction, default=0.0, metavar="DECAY",
         help="evaluate and keep an exponential moving average of the weights, updated every step "
              "(e.g. 0.999); 0: off")
     add("--tta", action="store_true",
@@ -186,7 +150,7 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
                for name in sorted(given)
                if name not in RESUME_FLAGS_FROM_COMMAND_LINE and getattr(args, name) != stored.get(name)]
     if changed:
-        raise UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
+        raise cli.UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
                          "flags (only --epochs, --device, --stream and, for moved images, --data-dir may "
                          "change): drop these flags or start a new run")
     from_command_line = {name for name in given if name in RESUME_FLAGS_FROM_COMMAND_LINE}
@@ -211,7 +175,7 @@ def in_run_folder(args: argparse.Namespace, given: set[str], state: dict) -> arg
 def check_best_kept(args: argparse.Namespace, state: dict) -> None:
     """Before training, not after an epoch: the run's best checkpoint so far is what its test evaluates."""
     if state["best"]["val_acc"] >= 0 and not Path(args.out).exists():  # -1: no epoch validated yet
-        raise UsageError(f"--resume {args.resume}: its best checkpoint {args.out} (epoch {state['best']['epoch']}) "
+        raise cli.UsageError(f"--resume {args.resume}: its best checkpoint {args.out} (epoch {state['best']['epoch']}) "
                          "is missing; put it back there, or start a new run")
 
 
@@ -231,11 +195,11 @@ def warn_about_warmup(args: argparse.Namespace) -> None:
 def check_out(out: str) -> None:
     """Fail before training, not after the first epoch, when --out cannot be written."""
     if not Path(out).name:
-        raise UsageError(f"--out {out!r}: names no file; pass the best-checkpoint name, e.g. checkpoints/run.pt")
+        raise cli.UsageError(f"--out {out!r}: names no file; pass the best-checkpoint name, e.g. checkpoints/run.pt")
     if out.endswith(tuple(SIDE_SUFFIXES.values())):
-        raise UsageError(f"--out {out}: that name is for a run's resume state/log/report; pass the best-checkpoint "
+        raise cli.UsageError(f"--out {out}: that name is for a run's resume state/log/report; pass the best-checkpoint "
                          "name, e.g. checkpoints/run.pt")
-    check_writable_file("--out", Path(out), "model.pt", make_folder=True)  # the run's lock is taken there
+    cli.check_writable_file("--out", Path(out), "model.pt", make_folder=True)  # the run's lock is taken there
 
 
 def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
@@ -245,21 +209,21 @@ def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
     if found and not args.overwrite:
         resume = f"continue it with {stage}.py --resume {last} (a larger --epochs trains further), " if last.exists() \
             else ""
-        raise UsageError(f"--out {args.out}: {' and '.join(found)} exist{'s' if len(found) == 1 else ''} already, "
+        raise cli.UsageError(f"--out {args.out}: {' and '.join(found)} exist{'s' if len(found) == 1 else ''} already, "
                          f"from an earlier run; {resume}choose another --out, or pass --overwrite to replace it")
 
 
-class OutLock(data.Lock):
+class OutLock(cli.Lock):
     """Held on --out and its side files for the whole run: two runs writing the same files would mix them."""
 
     def __init__(self, out: Path) -> None:
         path = out.parent / f".{run_name(out).name}.lock"
         try:
-            super().__init__(path, lambda owner: UsageError(
+            super().__init__(path, lambda owner: cli.UsageError(
                 f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end or choose another "
                 "--out"))
         except OSError as e:
-            raise UsageError(f"--out {out}: cannot write its lock file {path} ({e.strerror or e}); free disk space, "
+            raise cli.UsageError(f"--out {out}: cannot write its lock file {path} ({e.strerror or e}); free disk space, "
                              "or choose another --out") from None
 
 
@@ -281,7 +245,7 @@ class Processes:
         self.main = self.rank == 0
         # under torchrun, with one process too: the NCCL (gloo) and DDP code path, testable on a machine of one GPU
         self.distributed = "WORLD_SIZE" in os.environ
-        self.device = resolve_device(device_name)
+        self.device = cli.resolve_device(device_name)
         self.host_group = None  # the default group when that is gloo already
         if self.distributed:
             if self.device.type == "cuda":
@@ -324,34 +288,6 @@ class Processes:
     def close(self) -> None:
         if self.distributed:
             dist.destroy_process_group()
-
-
-class StopSignal:
-    """Turns the first SIGINT/SIGTERM/SIGHUP into a request to save and stop at the next step.
-
-    SIGHUP (the terminal closed, an ssh connection dropped) is a stop like the others, not death mid-write
-    (unless ignored: see data.stop_signals).
-
-    A second signal, or the first one `at_once`, raises KeyboardInterrupt where the program is.
-    """
-
-    def __init__(self, at_once: bool = False) -> None:
-        self.received = None
-        self.at_once = at_once
-
-    def __enter__(self) -> "StopSignal":
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in data.stop_signals()}
-        return self
-
-    def handle(self, signum, frame) -> None:
-        second = self.received is not None
-        self.received = self.received or signal.Signals(signum)
-        if second or self.at_once:
-            raise KeyboardInterrupt
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- a run's state
@@ -415,7 +351,7 @@ def side_files(out: Path) -> dict[str, Path]:
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Written atomically (data.write_atomically): a crash or SIGKILL mid-write leaves the previous file intact."""
+    """Written atomically (cli.write_atomically): a crash or SIGKILL mid-write leaves the previous file intact."""
     write_run_file(path, "checkpoint", lambda f: torch.save(checkpoint, f))
 
 
@@ -425,9 +361,9 @@ def write_text(path: str | os.PathLike, what: str, text: str) -> None:
 
 
 def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:
-    """data.write_atomically; a failure to write (a full disk, a read-only folder) is one line naming `what`."""
+    """cli.write_atomically; a failure to write (a full disk, a read-only folder) is one line naming `what`."""
     try:
-        data.write_atomically(path, write)
+        cli.write_atomically(path, write)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write the {what} ({e.strerror or e}); the previous one is untouched: "
                               "free disk space, or choose a writable --out") from None
@@ -611,9 +547,9 @@ def save_resume_state(run: Run, progress: Progress, writer: CheckpointWriter, fi
 def read_resume_state(path: str, stage: str) -> dict:
     state = load_checkpoint(path)
     if "optimizer" not in state:
-        raise UsageError(f"--resume {path}: holds no training state; pass the .last.pt file beside --out")
+        raise cli.UsageError(f"--resume {path}: holds no training state; pass the .last.pt file beside --out")
     if state["stage"] != stage:
-        raise UsageError(f"--resume {path}: the state of a {state['stage']} run; resume it with "
+        raise cli.UsageError(f"--resume {path}: the state of a {state['stage']} run; resume it with "
                          f"{state['stage']}.py --resume {path}")
     return state
 
@@ -653,11 +589,11 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
         train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
         n = args.limit
     if args.val_size is None and n // 10 == 0:
-        raise UsageError(f"{args.data_dir}/train: {n} images (after --limit) are too few to hold out the default "
+        raise cli.UsageError(f"{args.data_dir}/train: {n} images (after --limit) are too few to hold out the default "
                          "validation split of 10 %; pass --val-size or use more images")
     val_size = args.val_size or min(5000, n // 10)
     if not 0 < val_size < n:
-        raise UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
+        raise cli.UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
                          f"{n}; pass a smaller --val-size or more data")
     val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
     check_every_class_trains(val_size, train_images.labels, train_index)
@@ -670,18 +606,18 @@ def check_limit(args: argparse.Namespace, labels: torch.Tensor, classes: list[st
     """--limit keeps every class, with an image to train and one to validate (all it has, if fewer)."""
     n, per_class = len(labels), torch.bincount(labels, minlength=len(classes))
     if args.limit > n:
-        raise UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images; "
+        raise cli.UsageError(f"--limit {args.limit}: {args.data_dir}/train has only {n} images; "
                          f"pass --limit {n} or less, or leave it out to use them all")
     if args.limit < 2 * len(classes):
-        raise UsageError(f"--limit {args.limit}: too few for {len(classes)} classes, each needs one training and "
+        raise cli.UsageError(f"--limit {args.limit}: too few for {len(classes)} classes, each needs one training and "
                          f"one validation image; pass --limit {2 * len(classes)} or more")
     needed = per_class.clamp(max=2)
     short = (data.stratified_quota(per_class, args.limit) < needed).nonzero().flatten().tolist()
     if short:
         enough = next(count for count in range(args.limit, n + 1)
                       if (data.stratified_quota(per_class, count) >= needed).all())
-        raise UsageError(f"--limit {args.limit}: a stratified sample this small leaves class "
-                         f"{data.shown(classes[short[0]])} ({int(per_class[short[0]])} images) without a training "
+        raise cli.UsageError(f"--limit {args.limit}: a stratified sample this small leaves class "
+                         f"{cli.shown(classes[short[0]])} ({int(per_class[short[0]])} images) without a training "
                          f"and a validation image; pass --limit {enough} or more")
 
 
@@ -693,7 +629,7 @@ def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: t
     # At most n(m-1)/m of n images, a class of m gets at most m-1 held out, whatever the split's rounding.
     largest = int((len(labels) * (per_class - 1) // per_class.clamp(min=1)).min())
     advice = f"pass --val-size {largest} or less" if largest > 0 else "give every class two images or more"
-    raise UsageError(f"--val-size {val_size}: leaves a class with no training image; {advice}")
+    raise cli.UsageError(f"--val-size {val_size}: leaves a class with no training image; {advice}")
 
 
 def has_bf16_units(device: torch.device) -> bool:
@@ -789,7 +725,7 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, images: torch.T
     return loss.detach(), (logits.argmax(1) == y).sum()
 
 
-def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: StopSignal,
+def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: cli.StopSignal,
                     writer: CheckpointWriter) -> bool:
     """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved).
 
@@ -804,7 +740,7 @@ def train_one_epoch(run: Run, progress: Progress, images: data.ImageSet, stop: S
         progress.perm = torch.randperm(n, generator=run.augment, device=processes.device)
         progress.running.copy_(torch.tensor(EPOCH_START))
     title = f"epoch {progress.epoch + 1}/{args.epochs}"
-    line = ProgressLine(title, n, done=progress.step * args.batch_size) if processes.main else None
+    line = cli.ProgressLine(title, n, done=progress.step * args.batch_size) if processes.main else None
     stopped = False
     # closed however the loop ends (a stop, an error): a streamed set's reading ahead ends with it
     batches = images.batches(progress.perm, progress.step, args.batch_size, processes.share())
@@ -839,7 +775,7 @@ def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
     first_bad = processes.reduce(progress.running[2:].clone(), dist.ReduceOp.MAX if processes.world > 1 else None)
     (loss, correct), first_bad = totals.tolist(), first_bad.item()
     if first_bad >= 0:
-        raise UsageError(f"the training loss became {loss} at epoch {progress.epoch + 1}, step {int(first_bad) + 1}; "
+        raise cli.UsageError(f"the training loss became {loss} at epoch {progress.epoch + 1}, step {int(first_bad) + 1}; "
                          f"lower --lr (now {run.args.lr}) and start again")
     return loss / n, correct / n
 
@@ -906,7 +842,7 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
     remaining = (epochs - row["epoch"]) * sum(r["epoch_s"] for r in history) / len(history)
     print(f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:6.2%}  "
           f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:6.2%}  {row['images_per_s']:7.0f} img/s  "
-          f"{row['epoch_s']:6.1f} s  eta {clock(remaining)}"
+          f"{row['epoch_s']:6.1f} s  eta {cli.clock(remaining)}"
           + ("  *best" if improved else ""), flush=True)
 
 
@@ -923,7 +859,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     process runs this; only the first prints and writes.
     """
     if args.resume is not None and args.overwrite:
-        raise UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume "
+        raise cli.UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume "
                          "continues one; pass one of them")
     state = None if args.resume is None else read_resume_state(args.resume, stage)
     if state is not None:
@@ -934,7 +870,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         warn_about_warmup(args)
     if state is not None and len(state["rng"]["processes"]) != processes.world:
         world = len(state["rng"]["processes"])
-        raise UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
+        raise cli.UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
                          f"resume it with torchrun --nproc_per_node={world}")
     if processes.main:
         check_out(args.out)
@@ -965,7 +901,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
 def fit(run: Run, progress: Progress, train_images: data.ImageSet, val_images: data.ImageSet,
         starting_weights_compete: bool) -> None:
     """The epoch loop: train, validate, keep the best, write the resume state; a signal stops it with that saved."""
-    with StopSignal() as stop:
+    with cli.StopSignal() as stop:
         try:
             with CheckpointWriter() as writer:
                 if starting_weights_compete:
@@ -996,7 +932,7 @@ def stopped_at_once(run: Run, progress: Progress, writer: CheckpointWriter, rece
 def check_same_data(args: argparse.Namespace, state: dict, train_images: data.ImageSet) -> None:
     """The saved order and sums index the training images as they were: a changed folder cannot continue."""
     if state.get("data_fingerprint", train_images.fingerprint) != train_images.fingerprint:
-        raise UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the run "
+        raise cli.UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the run "
                          "started (added, removed or modified files); restore them, or start a new run")
 
 
@@ -1029,7 +965,7 @@ def print_start(run: Run, train_images: data.ImageSet, val_images: data.ImageSet
 
 def test_or_stop(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
     """The test; a signal during it stops at once, the trained run being saved already."""
-    with StopSignal(at_once=True) as stop:
+    with cli.StopSignal(at_once=True) as stop:
         try:
             return test_once(run, progress, test_images)
         except KeyboardInterrupt:
@@ -1066,16 +1002,16 @@ def initial_weights(source: str) -> dict:
             from torchvision.models import AlexNet_Weights
             return AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
         except Exception as e:  # no network, a proxy, a broken cache: all end the same way
-            raise UsageError(f"--init imagenet: cannot get torchvision's ImageNet AlexNet weights ({e}); download "
+            raise cli.UsageError(f"--init imagenet: cannot get torchvision's ImageNet AlexNet weights ({e}); download "
                              "alexnet-owt-7be5be79.pth where there is internet and pass --init PATH") from None
     try:
         loaded = load_tensors(source)
     except CheckpointError as e:  # it names the file: a missing one, a folder, a FIFO, damage, pickled code
-        raise UsageError(f"--init {e}; or pass 'imagenet'") from None
+        raise cli.UsageError(f"--init {e}; or pass 'imagenet'") from None
     weights = loaded["model"] if isinstance(loaded, dict) and "model" in loaded else loaded
     if not (isinstance(weights, dict) and all(isinstance(n, str) and isinstance(t, torch.Tensor)
                                               for n, t in weights.items())):
-        raise UsageError(f"--init {source}: not a state dict (it holds a {type(weights).__name__}, not names mapped to "
+        raise cli.UsageError(f"--init {source}: not a state dict (it holds a {type(weights).__name__}, not names mapped to "
                          "tensors); pass a torchvision AlexNet state dict or a checkpoint of this project")
     return weights
 
@@ -1105,10 +1041,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    data.guard_output()
+    cli.guard_output()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
-    report_errors("pretrain.py", args.batch_size, lambda: train(args, given, "pretrain", new_model, every_parameter))
+    cli.report_errors("pretrain.py", args.batch_size, lambda: train(args, given, "pretrain", new_model, every_parameter))
 
 
 if __name__ == "__main__":

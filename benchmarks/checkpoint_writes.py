@@ -22,10 +22,11 @@ from throughput import describe
 
 import torch  # noqa: E402  (on the path that throughput set)
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
 from model import AlexNet  # noqa: E402
-from predict import positive_int, resolve_device  # noqa: E402
+from cli import positive_int, resolve_device  # noqa: E402
 
 
 class CountedWrites:
@@ -50,10 +51,10 @@ def trained_model(device: torch.device, classes: int) -> tuple[AlexNet, torch.op
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--epochs", type=positive_int, default=10, help="saves, one per epoch")
-    parser.add_argument("--epoch-seconds", type=pretrain.non_negative_float, default=1.0,
+    parser.add_argument("--epoch-seconds", type=cli.non_negative_float, default=1.0,
                         help="the training time between saves")
     parser.add_argument("--classes", type=positive_int, default=10, help="outputs of the model's head")
     parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")

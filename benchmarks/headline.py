@@ -33,8 +33,9 @@ from PIL import Image
 
 from throughput import ROOT, describe
 
+import cli  # noqa: E402
 import data  # noqa: E402  (on the path that throughput set)
-from pretrain import positive_float  # noqa: E402
+from cli import positive_float  # noqa: E402
 
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
@@ -155,7 +156,7 @@ def write_results(out_dir: Path, header: str, rows: list[tuple[str, str, str, st
     table = ["| step | wall time | figures | command |", "| --- | --- | --- | --- |"]
     table += [f"| {step} | {wall} | {found} | {command} |" for step, wall, found, command in rows]
     text = f"# Headline figures\n\n{header}\n\n" + "\n".join(table) + "\n"
-    data.write_atomically(out_dir / "results.md", lambda f: f.write(text.encode()))
+    cli.write_atomically(out_dir / "results.md", lambda f: f.write(text.encode()))
 
 
 # --------------------------------------------------------------------------- running the steps
@@ -241,7 +242,7 @@ def generate_data(root: Path, classes: int = 10, train: int = 12, test: int = 4,
 
 def build_parser() -> argparse.ArgumentParser:
     """headline.py's flags, also the `invoke headline` task's."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--out-dir", default="checkpoints/headline", help="the steps' logs and results.md")
     parser.add_argument("--source", default=str(SHARED_ARCHIVE), help="the CIFAR-10 archive or folder (no network)")

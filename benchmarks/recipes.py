@@ -22,8 +22,9 @@ from pathlib import Path
 
 from throughput import ROOT, describe
 
+import cli  # noqa: E402
 import data  # noqa: E402  (on the path that throughput set)
-from predict import UsageError, resolve_device  # noqa: E402
+from cli import UsageError, resolve_device  # noqa: E402
 
 # Candidates for CIFAR-10; the reference recipe is pretrain.py's defaults.
 RECIPES = {
@@ -74,7 +75,7 @@ def run(name: str, flags: str, common: list[str], out_dir: Path) -> tuple[bool, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter, allow_abbrev=False,
+        description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter, allow_abbrev=False,
         epilog="Every other flag goes to pretrain.py (see its --help), before the recipe's own flags.")
     parser.add_argument("--recipe", type=recipe, action="append", metavar='NAME[="FLAGS"]',
                         help=f"a recipe to run, repeatable (default: all of {', '.join(RECIPES)})")

@@ -28,7 +28,8 @@ from torchvision import datasets, transforms  # noqa: E402
 
 import data  # noqa: E402
 from model import AlexNet  # noqa: E402
-from predict import compute_logits, positive_int  # noqa: E402
+from cli import positive_int  # noqa: E402
+from predict import compute_logits  # noqa: E402
 from pretrain import Processes, code_version, make_parser, prepare_model, train_step  # noqa: E402
 
 

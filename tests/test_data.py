@@ -18,6 +18,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
+import cli
 import data
 import download
 from conftest import QuietHTTPServer, class_folder_archive, error_line, make_class_folders, md5, run
@@ -108,7 +109,7 @@ def test_the_official_source_is_always_checked(tmp_path, server, monkeypatch):
     www, url = server
     official_tarball(www / "cifar-10-python.tar.gz")
     monkeypatch.setattr(download, "CIFAR10_URL", f"{url}/cifar-10-python.tar.gz")
-    with pytest.raises(data.DataError, match=f"checksum mismatch \\(expected md5 {download.CIFAR10_MD5}"):
+    with pytest.raises(cli.DataError, match=f"checksum mismatch \\(expected md5 {download.CIFAR10_MD5}"):
         download.download(tmp_path / "cifar10")
     assert not (tmp_path / "cifar10").exists()
 
@@ -199,7 +200,7 @@ def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
     finally:
         sys.setrecursionlimit(limit)
     (root / "train" / "all").symlink_to(".")  # a class folder that is the split folder: a loop, so no images
-    with pytest.raises(data.DataError, match="train/all: class folder has no images"):
+    with pytest.raises(cli.DataError, match="train/all: class folder has no images"):
         data.scan_class_folders(root / "train")
 
 
@@ -221,12 +222,12 @@ def test_a_url_as_the_data_folder_says_to_download_it_first(tmp_path):
 
 
 def test_empty_or_missing_folders_are_clear_errors(tmp_path):
-    with pytest.raises(data.DataError, match="no such folder"):
+    with pytest.raises(cli.DataError, match="no such folder"):
         data.load_folder(tmp_path / "missing")
     (tmp_path / "train" / "cat").mkdir(parents=True)
-    with pytest.raises(data.DataError, match="cat: class folder has no images"):
+    with pytest.raises(cli.DataError, match="cat: class folder has no images"):
         data.load_folder(tmp_path / "train")
-    with pytest.raises(data.DataError, match="no test/ folder"):
+    with pytest.raises(cli.DataError, match="no test/ folder"):
         data.load_dataset(tmp_path)
 
 
@@ -427,7 +428,7 @@ def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, monkeypat
 
 
 class RemovedBeforeLocking:
-    """fcntl.flock for data.Lock, in the order of a race between three processes: Lock has opened the lock file;
+    """fcntl.flock for cli.Lock, in the order of a race between three processes: Lock has opened the lock file;
     its holder removes it and ends; a newcomer creates a new one (and locks it, if `newcomer_locks`); then Lock locks
     the file it opened."""
 
@@ -454,9 +455,9 @@ def test_a_lock_file_removed_before_it_is_locked_is_not_held(tmp_path, monkeypat
     try:
         if newcomer_locks:  # two holders, unless Lock sees the file it locked is no longer the lock file
             with pytest.raises(RuntimeError, match="held by 4242"):
-                data.Lock(path, lambda owner: RuntimeError(f"held by {owner}"))
+                cli.Lock(path, lambda owner: RuntimeError(f"held by {owner}"))
         else:
-            with data.Lock(path, lambda owner: RuntimeError(f"held by {owner}")) as lock:
+            with cli.Lock(path, lambda owner: RuntimeError(f"held by {owner}")) as lock:
                 assert os.fstat(lock.file.fileno()).st_ino == path.stat().st_ino
                 assert path.read_text() == str(os.getpid())
     finally:
@@ -474,7 +475,7 @@ def test_a_device_or_fifo_in_a_source_folder_is_refused_before_copying(tmp_path,
     expected = ("is a character device (through a link)" if kind != "a FIFO" else "is a FIFO") + \
         ", not a regular file or folder; remove it"
     # the walk first, called alone: a copy that began would never end
-    with pytest.raises(data.DataError, match=f"--source {source}: {odd} {re.escape(expected)}"):
+    with pytest.raises(cli.DataError, match=f"--source {source}: {odd} {re.escape(expected)}"):
         download.refuse_link_loops(source, str(source), [])
     result = run("download.py", "--root", tmp_path / "c", "--source", source, check=False)
     assert error_line(result) == f"download.py: --source {source}: {odd} {expected}"

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 import download
 import pretrain
@@ -425,7 +426,7 @@ def zip_bomb(path: Path, size: int) -> Path:
 def test_an_archive_declaring_more_than_the_limit_is_refused(tmp_path, monkeypatch):
     bomb = zip_bomb(tmp_path / "bomb.zip", 64 * 2**20)
     monkeypatch.setattr(download, "MAX_UNPACKED_BYTES", 32 * 2**20)  # 16 GiB would take minutes to compress
-    with pytest.raises(data.DataError, match="bomb.zip: would unpack to 64.0 MiB, more than the 32.0 MiB this script"):
+    with pytest.raises(cli.DataError, match="bomb.zip: would unpack to 64.0 MiB, more than the 32.0 MiB this script"):
         download.download(tmp_path / "c", str(bomb))
     assert [p.name for p in tmp_path.iterdir()] == ["bomb.zip"]
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import cli
 import pretrain
 import predict
 from conftest import QUICK, ROOT, error_line, make_class_folders, run
@@ -224,8 +225,8 @@ def test_training_shows_its_progress_in_a_log_at_most_every_tenth(tiny_data, tmp
 def test_progress_on_a_terminal_is_one_line_rewritten_in_place(monkeypatch):
     parent, child = pty.openpty()
     terminal = os.fdopen(child, "w")
-    monkeypatch.setattr(predict.ProgressLine, "TERMINAL_INTERVAL", 0.0)
-    line = predict.ProgressLine("test", 100, stream=terminal)
+    monkeypatch.setattr(cli.ProgressLine, "TERMINAL_INTERVAL", 0.0)
+    line = cli.ProgressLine("test", 100, stream=terminal)
     for done in range(10, 101, 10):
         if line.due(done):
             line.show(done)
@@ -248,7 +249,7 @@ def test_progress_on_a_terminal_is_one_line_rewritten_in_place(monkeypatch):
 
 def test_progress_in_a_log_is_a_line_per_tenth():
     log = io.StringIO()
-    line = predict.ProgressLine("predict", 1000, stream=log)
+    line = cli.ProgressLine("predict", 1000, stream=log)
     for done in range(1, 1001):
         if line.due(done):
             line.show(done)

@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 import predict
 import pretrain
 from conftest import QUICK, ROOT, error_line, make_class_folders, run
 from model import load_checkpoint
-from predict import UsageError
+from cli import UsageError
 
 
 def test_side_files_belong_to_one_out():
@@ -77,7 +78,7 @@ def write(f):
     f.write(b"x" * 1000)
     time.sleep(0.01)  # the other writer starts meanwhile
 for i in range(100):  # a second or more: the two overlap whatever their start-up times
-    data.write_atomically({path!r}, write)
+    cli.write_atomically({path!r}, write)
 """
 
 
@@ -101,7 +102,7 @@ def test_a_dead_writers_temporary_file_is_removed_a_running_ones_kept(tmp_path):
         for pid in (alive.pid, dead.pid):
             (tmp_path / f".c.pt.{pid}-abcd1234.tmp").write_bytes(b"half")
         (tmp_path / f".c.pt.1.{dead.pid}-abcd1234.tmp").write_bytes(b"c.pt.1's")  # another file's
-        data.write_atomically(tmp_path / "c.pt", lambda f: f.write(b"new"))
+        cli.write_atomically(tmp_path / "c.pt", lambda f: f.write(b"new"))
         assert sorted(os.listdir(tmp_path)) == sorted([f".c.pt.{alive.pid}-abcd1234.tmp", "c.pt",
                                                        f".c.pt.1.{dead.pid}-abcd1234.tmp"])
     finally:
@@ -319,7 +320,7 @@ def test_overwrite_with_resume_is_one_line(tmp_path):
 def test_a_stdout_closed_from_the_start_is_lost_not_a_traceback(monkeypatch):
     """`predict.py DIR >&-`: Python's sys.stdout is then None."""
     monkeypatch.setattr(sys, "stdout", None)
-    data.guard_output(whole=True)
+    cli.guard_output(whole=True)
     print("a result")
     assert sys.stdout.lost.errno == errno.EBADF
 

@@ -11,7 +11,8 @@ from PIL import Image
 import data
 from conftest import QUICK, error_line, run
 from model import load_checkpoint, model_from_checkpoint
-from predict import UsageError, classification_report, compute_logits, print_report, resolve_device
+from cli import UsageError, resolve_device
+from predict import classification_report, compute_logits, print_report
 
 
 def odd_images(folder):

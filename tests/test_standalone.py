@@ -1,4 +1,4 @@
-"""The files travel: model.py alone, and model.py + data.py + predict.py, work in an empty folder."""
+"""The files travel: model.py alone, and model.py + cli.py + data.py + predict.py, work in an empty folder."""
 import ast
 import json
 import re
@@ -39,8 +39,8 @@ def test_model_py_names_no_flag_or_script_of_ours():
 
 
 @pytest.mark.slow  # a new interpreter is what is tested
-def test_predict_with_model_and_data_alone_in_an_empty_folder(pretrained, tiny_data, tmp_path):
-    for name in ("model.py", "data.py", "predict.py"):
+def test_predict_with_model_cli_and_data_alone_in_an_empty_folder(pretrained, tiny_data, tmp_path):
+    for name in ("model.py", "cli.py", "data.py", "predict.py"):
         shutil.copy(ROOT / name, tmp_path)
     image = next((tiny_data / "test" / "red").iterdir())
     result = subprocess.run([sys.executable, "predict.py", str(image), "--checkpoint", str(pretrained), "--device",
@@ -79,7 +79,7 @@ def test_a_run_records_the_code_that_made_it(pretrained):
 def test_outside_a_checkout_the_code_is_a_hash_of_the_scripts(tmp_path):
     versions = []
     for change in ("", "# a changed script\n"):
-        for name in ("model.py", "data.py", "predict.py", "pretrain.py"):
+        for name in ("model.py", "cli.py", "data.py", "predict.py", "pretrain.py"):
             shutil.copy(ROOT / name, tmp_path)
         with open(tmp_path / "model.py", "a") as f:
             f.write(change)
@@ -89,11 +89,12 @@ def test_outside_a_checkout_the_code_is_a_hash_of_the_scripts(tmp_path):
     assert all(re.fullmatch(r"scripts sha256 [0-9a-f]{12}", v) for v in versions) and versions[0] != versions[1]
 
 
-# Which of the project's scripts each may import: dependencies point one way (download and training above data,
-# predict above model and data, tasks.py reading the scripts' parsers), so no circle forms and predict.py never needs a
-# trainer.
-ALLOWED_IMPORTS = {"model.py": set(), "data.py": set(), "download.py": {"data"}, "predict.py": {"model", "data"},
-                   "pretrain.py": {"model", "data", "predict"}, "finetune.py": {"model", "data", "predict", "pretrain"},
+# Which of the project's scripts each may import: dependencies point one way (the shared plumbing above the model's
+# error type, data above the plumbing, download and predict above data, training above predict, tasks.py reading the
+# scripts' parsers), so no circle forms and predict.py never needs a trainer.
+ALLOWED_IMPORTS = {"model.py": set(), "cli.py": {"model"}, "data.py": {"cli"}, "download.py": {"cli", "data"},
+                   "predict.py": {"model", "cli", "data"}, "pretrain.py": {"model", "cli", "data", "predict"},
+                   "finetune.py": {"model", "cli", "data", "predict", "pretrain"},
                    "tasks.py": {"download", "pretrain", "finetune", "predict"}}
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import data
 from conftest import QUICK, ROOT, error_line, make_class_folders, run
 from test_train import start, stop_during
@@ -59,7 +60,7 @@ def test_a_relative_data_folder_is_cached_too(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data.load_folder(Path("d") / "train")
     assert sorted(p.name for p in (tmp_path / "d" / ".cache").iterdir()) == ["train.json", "train.u8"]
-    assert (tmp_path / "d" / ".cache" / "train.u8").stat().st_mode & 0o777 == 0o666 & ~data.current_umask()
+    assert (tmp_path / "d" / ".cache" / "train.u8").stat().st_mode & 0o777 == 0o666 & ~cli.current_umask()
 
 
 def test_a_truncated_or_lengthened_cache_file_is_rebuilt_never_mapped_past_its_end(tmp_path):
@@ -86,11 +87,11 @@ def test_a_build_leaves_no_trusted_cache_until_complete_and_a_killed_builds_file
         calls.append(path)
         if len(calls) == 5:
             assert list(stale.parent.iterdir()) != [stale.parent / "train.json"]
-            raise data.DataError(f"{path}: cannot read")
+            raise cli.DataError(f"{path}: cannot read")
         return np.zeros((size, size, 3), np.uint8), 32
 
     monkeypatch.setattr(data, "decode", decode)
-    with pytest.raises(data.DataError):
+    with pytest.raises(cli.DataError):
         data.load_folder(root / "train", size=32)
     assert list(stale.parent.iterdir()) == []  # neither the stale file, nor this build's, nor any metadata
 

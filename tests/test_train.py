@@ -14,7 +14,7 @@ import torchvision
 
 from conftest import QUICK, ROOT, error_line, make_class_folders, run, training_log
 from model import AlexNet
-from predict import ProgressLine
+from cli import ProgressLine
 from pretrain import print_epoch
 
 

@@ -1,0 +1,466 @@
+"""What every script shares: one-line errors, flag types, the device, stdout and stderr that may close, progress
+lines, stop signals, files written atomically and the lock that keeps two runs apart.
+
+Sections: errors and flags; output; signals and files.
+"""
+import argparse
+import errno
+import fcntl
+import io
+import math
+import os
+import re
+import signal
+import stat
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from model import CheckpointError
+
+# --------------------------------------------------------------------------- errors and flags
+
+
+class DataError(Exception):
+    """Data that cannot be used (a folder, an image, an archive, a download); the message names it and what to do.
+
+    Given apart, `problem` (what is wrong) can be reported again with other advice by a caller that knows better.
+    """
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem = problem
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default, except None: those flags' help says what happens instead."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class UsageError(Exception):
+    """A command-line value that cannot be used; the message names the flag and what to do."""
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return within_float32(value, text)
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return within_float32(value, text)
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def within_float32(value: float, text: str) -> float:
+    """The optimizer holds --lr and --weight-decay as float32: a larger value is torch's overflow traceback."""
+    if value > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(f"too large: at most {FLOAT32_MAX:.3g}, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def random_seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {text}")
+    return value
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device: `None` means CUDA when there is one, else the CPU with a warning; only cpu and cuda[:N] run here."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("warning: CUDA is not available, running on the CPU (slow); pass --device cpu to silence this",
+              file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise UsageError(f"--device {name}: not supported by these scripts; use cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0; pass one of them")
+    return torch.device(device.type) if device.type == "cpu" else device
+
+
+def is_out_of_host_memory(error: BaseException) -> bool:
+    """torch's CPU allocator raises a plain RuntimeError when malloc fails; Python raises MemoryError."""
+    return isinstance(error, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
+def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> object:
+    """Run a script's work; a user's mistake or an expected fault ends as one line on stderr."""
+    try:
+        return job()
+    except (UsageError, DataError, CheckpointError) as e:
+        sys.exit(f"{program}: {e}")
+    except torch.cuda.OutOfMemoryError:
+        sys.exit(f"{program}: out of GPU memory with --batch-size {batch_size}; pass a smaller --batch-size, "
+                 f"e.g. {max(1, batch_size // 2)}")
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_host_memory(e):
+            raise
+        sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
+                 f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        sys.exit(f"{program}: interrupted; nothing more was saved")
+
+
+# --------------------------------------------------------------------------- output
+
+
+class Output:
+    """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event.
+
+    The first write or flush that fails is kept in `lost`, and the stream's file descriptor then points at
+    /dev/null, so that nothing written later fails again (Python's own flush at exit included): the program goes
+    on, and decides what the loss means (see guard_output's callers).
+    """
+
+    def __init__(self, stream, whole: bool = False) -> None:
+        """`whole`: what is written to a regular file is all or nothing, the file cut back to its start on a loss."""
+        self.stream = stream
+        self.lost: OSError | None = None
+        self.lost_told = False  # whether the program has said so
+        self.start = regular_file_offset(stream) if whole else None
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            self.lose(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            self.lose(e)
+
+    def lose(self, error: OSError) -> None:
+        self.lost = self.lost or error
+        try:
+            if self.start is not None:  # back to the start too: `2>&1` shares the offset, no hole before stderr's
+                os.ftruncate(self.stream.fileno(), self.start)
+                os.lseek(self.stream.fileno(), self.start, os.SEEK_SET)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's StringIO)
+            pass
+
+    def isatty(self) -> bool:
+        return self.lost is None and self.stream.isatty()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def regular_file_offset(stream) -> int | None:
+    """Where writing to `stream` starts when it is a regular file (`> file` or `>> file`), else None."""
+    try:
+        fd = stream.fileno()
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.fstat(fd).st_size if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND else os.lseek(fd, 0, os.SEEK_CUR)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return None
+
+
+def guard_output(whole: bool = False) -> None:
+    """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
+    if not isinstance(sys.stdout, Output):
+        sys.stdout = Output(sys.stdout, whole) if sys.stdout is not None else closed_output()
+    if not isinstance(sys.stderr, Output):
+        sys.stderr = Output(sys.stderr) if sys.stderr is not None else closed_output()
+
+
+def closed_output() -> Output:
+    """For a stream Python found closed at the start (`>&-`): it is None then, and lost from the start."""
+    output = Output(open(os.devnull, "w"))
+    output.lost = OSError(errno.EBADF, os.strerror(errno.EBADF))
+    return output
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN,
+    control characters escaped (see printable)."""
+    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+# Control characters as Python writes them in a string literal: a newline or tab in a name would split a line of
+# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal.
+ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+
+
+def printable(text: str) -> str:
+    return text.translate(ESCAPES)
+
+
+def clock(seconds: float) -> str:
+    """HH:MM:SS with as many hours as it takes: strftime's %H wraps at a day (25 hours showed as 01:00:00), and
+    time.gmtime overflows for a remaining time beyond time_t (--epochs 10**20)."""
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+class ProgressLine:
+    """How far a long pass over images is: on a terminal one line rewritten in place, at most twice a second; in a
+    log file or pipe, a line at each tenth of the images. `due` reads only the clock, so the caller reads the device
+    (a host synchronisation) only when a line is shown.
+    """
+    TERMINAL_INTERVAL = 0.5  # seconds between rewrites of the terminal line
+
+    def __init__(self, title: str, total: int, done: int = 0, stream=None) -> None:
+        self.title, self.total, self.done_at_start = title, total, done
+        self.stream = stream or sys.stderr  # progress, not a result (tqdm's convention): `> results` holds none
+        self.terminal = self.stream.isatty()
+        self.started = self.shown_at = time.perf_counter()
+        self.next_tenth = done * 10 // total + 1
+        self.shown = False
+
+    def due(self, done: int) -> bool:
+        if done >= self.total:  # the pass's own closing line says the rest
+            return False
+        if self.terminal:
+            return time.perf_counter() - self.shown_at >= self.TERMINAL_INTERVAL
+        return done * 10 >= self.next_tenth * self.total
+
+    def show(self, done: int, extra: str = "") -> None:
+        self.shown_at = time.perf_counter()
+        rate = (done - self.done_at_start) / max(self.shown_at - self.started, 1e-9)
+        eta = clock((self.total - done) / max(rate, 1e-9))
+        text = f"  {self.title}: {done:,}/{self.total:,} images{extra}  {rate:,.0f} img/s  eta {eta}"
+        if self.terminal:
+            self.stream.write("\r" + text + "\x1b[K")  # back to the line's start, write, erase the rest
+        else:
+            self.stream.write(text + "\n")
+            self.next_tenth = done * 10 // self.total + 1
+        self.stream.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        """On a terminal the line is erased: the pass's summary takes its place."""
+        if self.terminal and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+# --------------------------------------------------------------------------- signals and files
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
+    dropped), but not SIGHUP where it is ignored (`nohup`): the user asked the run to outlive the terminal."""
+    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM/SIGHUP into a request to save and stop at the next step.
+
+    SIGHUP (the terminal closed, an ssh connection dropped) is a stop like the others, not death mid-write
+    (unless ignored: see stop_signals).
+
+    A second signal, or the first one `at_once`, raises KeyboardInterrupt where the program is.
+    """
+
+    def __init__(self, at_once: bool = False) -> None:
+        self.received = None
+        self.at_once = at_once
+
+    def __enter__(self) -> "StopSignal":
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in stop_signals()}
+        return self
+
+    def handle(self, signum, frame) -> None:
+        second = self.received is not None
+        self.received = self.received or signal.Signals(signum)
+        if second or self.at_once:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:
+    """`write` fills a temporary file beside `path`, synced to disk, which then replaces `path`: a failure, a signal
+    or a kill mid-write leaves the previous file as it was.
+
+    The temporary file, named with the writer's pid, is removed on failure; one left by a killed writer (its pid
+    gone) is removed by the next write of `path`. Writers of one path at once (two predict.py --grid, two runs
+    building one cache) each write their own, the last rename wins, and none removes another's. A failed write
+    raises its OSError, also where torch.save wrapped it in a RuntimeError (as it does for a full disk).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        remove_dead_writers_files(directory, name)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:  # it may hold gigabytes
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
+
+
+def remove_dead_writers_files(directory: str, name: str) -> None:
+    """The temporary files of `name` (see write_atomically) whose writer is no longer running: they may be large."""
+    own = re.compile(rf"\.{re.escape(name)}\.(\d+)-\w+\.tmp")
+    for entry in os.scandir(directory):
+        match = own.fullmatch(entry.name)
+        if match and not process_is_running(int(match[1])):
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether there is such a process
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class Lock:
+    """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
+
+    `taken(pid)` makes the error raised while another process holds it; an OSError is raised when the lock file
+    cannot be written (a full disk).
+    """
+
+    def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
+        self.path = path
+        while True:
+            self.file = open(path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                owner = self.file.read().strip() or "unknown"
+                self.file.close()
+                raise taken(owner) from None
+            if self.locks_path():
+                break
+            # The file was opened just before its holder removed it: locking it excludes no one, since the next
+            # process creates and locks a new file at `path`. Lock what is at `path` now.
+            self.file.close()
+        try:
+            self.file.truncate(0)
+            self.file.write(str(os.getpid()))
+            self.file.flush()
+        except OSError:  # a full disk: no lock file is left behind, the caller words the error
+            self.__exit__()
+            raise
+
+    def locks_path(self) -> bool:
+        """Whether the file locked is the one `path` names."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        locked = os.fstat(self.file.fileno())
+        return (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino)
+
+    def __enter__(self) -> "Lock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # while still locked: no other process can be holding it
+        self.file.close()
+
+
+def special_kind(mode: int) -> str:
+    """What a file that is no regular file, folder or link is, from its st_mode."""
+    kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+             stat.S_IFSOCK: "a socket"}
+    return kinds.get(stat.S_IFMT(mode), "a special file")
+
+
+def check_writable_file(flag: str, path: Path, example: str, what: str = "a file", make_folder: bool = False) -> None:
+    """Fail before the long work, not after it, when `flag`'s file cannot be written. A missing folder is made
+    only with `make_folder` (otherwise by the write, so a run that fails first leaves none); the check writes in
+    the nearest folder that exists.
+
+    `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
+    """
+    if path.parts[:1] == ("~",) and not Path("~").exists():  # `--grid=~/g.png`: bash expands no ~ after a '='
+        raise UsageError(f"{flag} {path}: starts with a ~ the shell did not expand (it would make a folder named ~ "
+                         f"here); write {flag} {path} with a space after {flag}, or $HOME for ~")
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
+    if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
+        raise UsageError(f"{flag} {path}: is {special_kind(path.stat().st_mode)}, not a regular file, and "
+                         f"writing would replace it; pass {what} path, e.g. {flag} {path.parent / example}")
+    for parent in path.parents:  # mkdir's "File exists" would not say which file is in the way
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        if make_folder:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            folder = path.parent
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: permissions alone miss a read-only mount
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); "
+                         "choose a writable folder") from None
+
+
+def save_picture(picture: Image.Image, path: Path) -> None:
+    """Written atomically (write_atomically): a full disk leaves no half picture, and the old one stays."""
+    picture_format = Image.registered_extensions()[path.suffix.lower()]  # check_grid_path made sure there is one
+    try:
+        write_atomically(path, lambda f: picture.save(f, format=picture_format))
+    except OSError as e:
+        raise UsageError(f"--grid {path}: cannot write ({e.strerror or e}); free space or choose another path"
+                         ) from None
