@@ -569,7 +569,7 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     half-pixel it reads the neighbouring pixels instead of repeating the edge),
     and averages several samples per output pixel when shrinking.
     """
-    index = torch.arange(len(images), device=images.device, dtype=boxes.dtype).unsqueeze(1)
+    index = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype).unsqueeze(1)
     return roi_align(images.float(), torch.cat([index, boxes], 1), size, 1.0, -1, True)
 
 
@@ -639,4 +639,4 @@ def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     resized = int(size * EVAL_RESIZE)
     offset = int(round((resized - size) / 2.0))
     box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32, device=images.device)
-    return normalize(crop_resize(images, (box * side / resized).expand(len(images), 4), size))
+    return normalize(crop_resize(images, (box * side / resized).expand(images.shape[0], 4), size))
