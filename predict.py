@@ -10,6 +10,7 @@ accuracy, per-class accuracy and the confusion matrix are printed too (images
 in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -22,15 +23,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
+from torch.export.passes import move_to_device_pass
 from torchvision.utils import make_grid
 
 import cli
 import data
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from model import (CheckpointError, check_checkpoint_file, is_exported_program, load_checkpoint,
+                   model_from_checkpoint)
 
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
 GRID_MAX = 64  # images drawn at most
+PROGRAM_RECORD = "export.json"  # in an exported program's file (export.py): classes, sizes, where it came from
 MATRIX_WIDTH = 120  # characters: a wider confusion matrix is printed as its most confused pairs
 
 
@@ -56,16 +60,23 @@ def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_s
     line = None if title is None else cli.ProgressLine(title, total)
     done = 0
     for images in batches:
-        x = data.eval_batch(images, image_size)
-        logits = model(x).float()
-        if flip:
-            logits = (logits + model(x.flip(3)).float()) / 2
-        done += len(x)
+        logits = logits_of(model, images, image_size, flip)
+        done += len(images)
         if line is not None and line.due(done):
             line.show(done)
         yield logits
     if line is not None:
         line.close()
+
+
+def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: bool = False) -> torch.Tensor:
+    """One batch of uint8 images through the evaluation transform and the model (in eval mode), fp32 logits; also
+    the body of export.py's program."""
+    x = data.eval_batch(images, image_size)
+    logits = model(x).float()
+    if flip:
+        logits = (logits + model(x.flip(3)).float()) / 2
+    return logits
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
@@ -185,6 +196,40 @@ def class_of(relative: Path, classes: list[str]) -> int | None:
     return classes.index(first) if len(relative.parts) > 1 and first in classes else None
 
 
+def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+    """A checkpoint, or a program export.py wrote, as a function from uint8 images at the stored size to logits on
+    `device`, and what describes it (classes, stored_size: the checkpoint, or the record in the program's file)."""
+    check_checkpoint_file(path)
+    if not is_exported_program(path):
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, path).to(device).eval()
+        return functools.partial(logits_of, model, image_size=checkpoint["image_size"],
+                                 flip=checkpoint.get("tta", False)), checkpoint
+    program, about = load_program(path)
+    return functools.partial(log_probabilities, move_to_device_pass(program, device).module()), about
+
+
+def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
+    """A program export.py wrote, and the record it holds (PROGRAM_RECORD); anything else is one line."""
+    check_checkpoint_file(path)
+    if not is_exported_program(path):
+        raise CheckpointError(f"{path}: not an exported program; pass a file export.py wrote, or export this "
+                              f"checkpoint first: python export.py --checkpoint {path}")
+    record = {PROGRAM_RECORD: ""}
+    try:
+        program = torch.export.load(path, extra_files=record)
+        about = json.loads(record[PROGRAM_RECORD])
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
+        raise CheckpointError(f"{path}: an exported program that cannot be loaded (damaged, or without "
+                              f"{PROGRAM_RECORD}: not written by export.py); export it again") from None
+    return program, about
+
+
+def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A program's probabilities as logits: softmax gives them back, and the loss is the same."""
+    return program(images).log()
+
+
 def default_checkpoint() -> str:
     for path in DEFAULT_CHECKPOINTS:
         if Path(path).is_file():
@@ -259,9 +304,8 @@ def predict(args: argparse.Namespace) -> int:
         raise cli.UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
                          f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
     checkpoint_path = args.checkpoint or default_checkpoint()
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint, checkpoint_path)
     device = cli.resolve_device(args.device)
+    classify, checkpoint = load_classifier(checkpoint_path, device)
     classes = checkpoint["classes"]
 
     found, errors = find_images(args.paths, classes)
@@ -272,7 +316,7 @@ def predict(args: argparse.Namespace) -> int:
         found = [found[i] for i in data.stratified_split(labels, args.limit, seed=0)[0]]
     for line in errors:
         print(f"predict.py: {line}", file=sys.stderr)
-    done = predict_in_batches(model.to(device), found, checkpoint, args, device, errors)
+    done = predict_in_batches(classify, found, checkpoint, args, device, errors)
     if not done.results:
         print("predict.py: no image could be read; pass image files or folders of images", file=sys.stderr)
         return 1
@@ -304,9 +348,11 @@ class Predicted:
     tiled: list[int] = field(default_factory=list)
 
 
-def predict_in_batches(model: nn.Module, found: list[tuple[Path, int | None]], checkpoint: dict,
-                       args: argparse.Namespace, device: torch.device, errors: list[str]) -> Predicted:
-    """Decode and predict --batch-size images at a time, each image's line printed as it comes (an unreadable
+@torch.no_grad()
+def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: list[tuple[Path, int | None]],
+                       checkpoint: dict, args: argparse.Namespace, device: torch.device, errors: list[str]
+                       ) -> Predicted:
+    """Decode and predict (see load_classifier) --batch-size images at a time, each image's line printed as it comes (an unreadable
     file's error too): a folder of any size predicts in bounded memory. --grid shows up to GRID_MAX images spread
     evenly over the files."""
     done = Predicted()
@@ -317,8 +363,7 @@ def predict_in_batches(model: nn.Module, found: list[tuple[Path, int | None]], c
         batch = found[start:start + args.batch_size]
         images, kept = read_images(batch, checkpoint["stored_size"], errors)
         if images is not None:
-            logits = compute_logits(model, [images.to(device)], checkpoint["image_size"],
-                                    checkpoint.get("tta", False)).cpu()
+            logits = classify(images.to(device)).cpu()
             results = top_classes(logits, [batch[i] for i in kept], checkpoint["classes"], args.topk)
             labelled = [j for j, i in enumerate(kept) if batch[i][1] is not None]
             done.logits.append(logits[labelled])
