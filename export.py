@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import cli
 import data
 import predict
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
@@ -73,7 +74,7 @@ def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> t
         test = data.load_folder(Path(folder) / "test", size=size)
         if limit is not None and limit < len(test):
             test = test.subset(data.stratified_split(test.labels, limit, seed=0)[0])
-        return test, f"the test split of {data.shown(folder)}"
+        return test, f"the test split of {cli.shown(folder)}"
     count = min(limit or GENERATED_IMAGES, GENERATED_IMAGES)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
@@ -100,31 +101,31 @@ def check_out(out: str) -> Path:
     """--out before the long work: a file in a folder that exists and can be written."""
     path = Path(out)
     if not path.parent.is_dir() and not any(p.exists() and not p.is_dir() for p in path.parents):
-        raise predict.UsageError(f"--out {out}: folder {data.shown(path.parent)} does not exist; create it or "
+        raise cli.UsageError(f"--out {out}: folder {cli.shown(path.parent)} does not exist; create it or "
                                  "choose another --out")
-    predict.check_writable_file("--out", path, "model.pt2", "a program file")
+    cli.check_writable_file("--out", path, "model.pt2", "a program file")
     return path
 
 
 def write_program(path: Path, program: bytes, record: dict) -> None:
-    """The program, then its record beside it, each written whole or not at all (data.write_atomically)."""
+    """The program, then its record beside it, each written whole or not at all (cli.write_atomically)."""
     beside = Path(f"{path}.json")
     try:
-        data.write_atomically(path, lambda f: f.write(program))
+        cli.write_atomically(path, lambda f: f.write(program))
     except OSError as e:  # the previous program and record, if any, are as they were
-        raise predict.UsageError(f"--out {path}: cannot write ({e.strerror or e}); free space or choose another "
+        raise cli.UsageError(f"--out {path}: cannot write ({e.strerror or e}); free space or choose another "
                                  "path") from None
     try:
-        data.write_atomically(beside, lambda f: f.write(json.dumps(record, indent=1).encode() + b"\n"))
+        cli.write_atomically(beside, lambda f: f.write(json.dumps(record, indent=1).encode() + b"\n"))
     except OSError as e:
         beside.unlink(missing_ok=True)  # a previous record would describe another program; this one holds its own
-        raise predict.UsageError(f"--out {path}: written, but not its record {beside} ({e.strerror or e}); free "
+        raise cli.UsageError(f"--out {path}: written, but not its record {beside} ({e.strerror or e}); free "
                                  "space and export again") from None
 
 
 def export(args: argparse.Namespace) -> int:
     out = check_out(args.out)
-    device = predict.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     reference = deployed(checkpoint, args.checkpoint).to(device)
     size = checkpoint["stored_size"]
@@ -139,21 +140,21 @@ def export(args: argparse.Namespace) -> int:
     loaded = torch.export.load(io.BytesIO(program)).module()  # checked as it will be loaded
     images, source = check_images(checkpoint, args.data_dir, args.limit)
     check = agreement(loaded, reference, images, args.batch_size, device) | {"source": source}
-    print(f"{data.shown(args.checkpoint)} -> {data.shown(out)} on {check['images']} images ({source}): top-1 agreement "
+    print(f"{cli.shown(args.checkpoint)} -> {cli.shown(out)} on {check['images']} images ({source}): top-1 agreement "
           f"{check['top1_agreement']:.2%}, largest probability difference {check['max_probability_difference']:.2e}")
     if check["top1_agreement"] < 1 or not check["max_probability_difference"] < TOLERANCE:
         raise CheckpointError(f"{args.checkpoint}: the exported program differs from the checkpoint (needs top-1 "
                                  f"agreement 100% and a difference below {TOLERANCE}); nothing written: report it "
                                  "with torch's version")
     write_program(out, program, record | {"check": check, "export_seconds": round(seconds, 2)})
-    print(f"wrote {data.shown(out)} ({len(program) / 1e6:.1f} MB, exported in {seconds:.1f} s) and its record "
-          f"{data.shown(out)}.json", file=sys.stderr)
+    print(f"wrote {cli.shown(out)} ({len(program) / 1e6:.1f} MB, exported in {seconds:.1f} s) and its record "
+          f"{cli.shown(out)}.json", file=sys.stderr)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """export.py's flags, also the `invoke export` task's."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                                      allow_abbrev=False)
     add = parser.add_argument
     add("--checkpoint", default=predict.DEFAULT_CHECKPOINTS[0], help="the checkpoint to export")
@@ -161,14 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="cpu", help="cuda, cpu ...: the device the program runs on, and is checked on")
     add("--data-dir", default=None,
         help="data folder whose test/ the check runs on (default: the checkpoint's, else generated images)")
-    add("--limit", type=predict.positive_int, default=None, help="check only this many images (stratified sample)")
-    add("--batch-size", type=predict.positive_int, default=256, help="images per forward pass of the check")
+    add("--limit", type=cli.positive_int, default=None, help="check only this many images (stratified sample)")
+    add("--batch-size", type=cli.positive_int, default=256, help="images per forward pass of the check")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
+    cli.guard_output()  # stdout closed (`| head`) does not stop the export: the program is its result
     args = build_parser().parse_args(argv)
-    sys.exit(predict.report_errors("export.py", args.batch_size, lambda: export(args)))
+    sys.exit(cli.report_errors("export.py", args.batch_size, lambda: export(args)))
 
 
 if __name__ == "__main__":

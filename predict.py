@@ -16,7 +16,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -352,9 +352,9 @@ class Predicted:
 def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: list[tuple[Path, int | None]],
                        checkpoint: dict, args: argparse.Namespace, device: torch.device, errors: list[str]
                        ) -> Predicted:
-    """Decode and predict (see load_classifier) --batch-size images at a time, each image's line printed as it comes (an unreadable
-    file's error too): a folder of any size predicts in bounded memory. --grid shows up to GRID_MAX images spread
-    evenly over the files."""
+    """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each image's line printed
+    as it comes (an unreadable file's error too): a folder of any size predicts in bounded memory. --grid shows up to
+    GRID_MAX images spread evenly over the files."""
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])

@@ -17,6 +17,7 @@ from throughput import describe, synchronize
 import torch  # noqa: E402  (after throughput, which puts the project on the path)
 from torch.export.passes import move_to_device_pass  # noqa: E402
 
+import cli  # noqa: E402
 import data  # noqa: E402
 import export  # noqa: E402
 import predict  # noqa: E402
@@ -59,7 +60,7 @@ def latency(args: argparse.Namespace) -> int:
         program = predict.load_program(args.program)[0]
     devices = [torch.device("cpu")] + [torch.device("cuda")] * torch.cuda.is_available()
     print(describe(devices[-1]))
-    print(f"{data.shown(args.checkpoint)}: {size} x {size} uint8 in, image size {checkpoint['image_size']}, "
+    print(f"{cli.shown(args.checkpoint)}: {size} x {size} uint8 in, image size {checkpoint['image_size']}, "
           f"tta {checkpoint.get('tta', False)}; program {args.program or 'exported here'}")
     print(f"| device | model | batch 1 median ms | batch 1 p95 ms | batch {args.batch_size} images/s |")
     print("| --- | --- | --- | --- | --- |")
@@ -72,21 +73,21 @@ def latency(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=data.HelpFormatter,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
                                      allow_abbrev=False)
     add = parser.add_argument
     add("--checkpoint", default=predict.DEFAULT_CHECKPOINTS[0], help="the checkpoint, run eagerly")
     add("--program", default=None, help="its exported program (default: exported from it here, in memory)")
-    add("--runs", type=predict.positive_int, default=100, help="timed calls at batch 1")
-    add("--batch-size", type=predict.positive_int, default=64, help="the batch whose images/s is measured")
-    add("--batch-runs", type=predict.positive_int, default=10, help="timed calls at --batch-size")
-    add("--warmup", type=predict.positive_int, default=10, help="calls before each timing, not timed")
+    add("--runs", type=cli.positive_int, default=100, help="timed calls at batch 1")
+    add("--batch-size", type=cli.positive_int, default=64, help="the batch whose images/s is measured")
+    add("--batch-runs", type=cli.positive_int, default=10, help="timed calls at --batch-size")
+    add("--warmup", type=cli.positive_int, default=10, help="calls before each timing, not timed")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    sys.exit(predict.report_errors("latency.py", args.batch_size, lambda: latency(args)))
+    sys.exit(cli.report_errors("latency.py", args.batch_size, lambda: latency(args)))
 
 
 if __name__ == "__main__":
