@@ -101,8 +101,8 @@ def check_out(out: str) -> Path:
     """--out before the long work: a file in a folder that exists and can be written."""
     path = Path(out)
     if not path.parent.is_dir() and not any(p.exists() and not p.is_dir() for p in path.parents):
-        raise cli.UsageError(f"--out {out}: folder {cli.shown(path.parent)} does not exist; create it or "
-                                 "choose another --out")
+        raise cli.UsageError(f"--out {out}: folder {cli.shown(path.parent)} does not exist; create it or choose "
+                             "another --out")
     cli.check_writable_file("--out", path, "model.pt2", "a program file")
     return path
 
@@ -114,13 +114,13 @@ def write_program(path: Path, program: bytes, record: dict) -> None:
         cli.write_atomically(path, lambda f: f.write(program))
     except OSError as e:  # the previous program and record, if any, are as they were
         raise cli.UsageError(f"--out {path}: cannot write ({e.strerror or e}); free space or choose another "
-                                 "path") from None
+                             "path") from None
     try:
         cli.write_atomically(beside, lambda f: f.write(json.dumps(record, indent=1).encode() + b"\n"))
     except OSError as e:
         beside.unlink(missing_ok=True)  # a previous record would describe another program; this one holds its own
         raise cli.UsageError(f"--out {path}: written, but not its record {beside} ({e.strerror or e}); free "
-                                 "space and export again") from None
+                             "space and export again") from None
 
 
 def export(args: argparse.Namespace) -> int:
@@ -144,8 +144,8 @@ def export(args: argparse.Namespace) -> int:
           f"{check['top1_agreement']:.2%}, largest probability difference {check['max_probability_difference']:.2e}")
     if check["top1_agreement"] < 1 or not check["max_probability_difference"] < TOLERANCE:
         raise CheckpointError(f"{args.checkpoint}: the exported program differs from the checkpoint (needs top-1 "
-                                 f"agreement 100% and a difference below {TOLERANCE}); nothing written: report it "
-                                 "with torch's version")
+                              f"agreement 100% and a difference below {TOLERANCE}); nothing written: report it "
+                              "with torch's version")
     write_program(out, program, record | {"check": check, "export_seconds": round(seconds, 2)})
     print(f"wrote {cli.shown(out)} ({len(program) / 1e6:.1f} MB, exported in {seconds:.1f} s) and its record "
           f"{cli.shown(out)}.json", file=sys.stderr)

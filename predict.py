@@ -12,6 +12,7 @@ in its other sub-folders are predicted unlabelled, and a line says so).
 import argparse
 import functools
 import json
+import logging
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -216,18 +217,23 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
         raise CheckpointError(f"{path}: not an exported program; pass a file export.py wrote, or export this "
                               f"checkpoint first: python export.py --checkpoint {path}")
     record = {PROGRAM_RECORD: ""}
+    torch_log = logging.getLogger("torch.export")  # it logs a traceback before it raises: the line below says it
+    torch_log.disabled = True
     try:
         program = torch.export.load(path, extra_files=record)
         about = json.loads(record[PROGRAM_RECORD])
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
         raise CheckpointError(f"{path}: an exported program that cannot be loaded (damaged, or without "
                               f"{PROGRAM_RECORD}: not written by export.py); export it again") from None
+    finally:
+        torch_log.disabled = False
     return program, about
 
 
 def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """A program's probabilities as logits: softmax gives them back, and the loss is the same."""
-    return program(images).log()
+    """A program's probabilities as logits: softmax gives them back, and the loss is the same (a probability that
+    underflowed to 0 as the smallest float, not as -inf: an infinite loss)."""
+    return program(images).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
 def default_checkpoint() -> str:

@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -131,6 +132,14 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
     result = run("finetune.py", "--checkpoint", out, "--data-dir", tmp_path, "--out", tmp_path / "f.pt", check=False)
     assert "an exported program (export.py), not a checkpoint" in error_line(result)
+
+
+def test_a_damaged_program_given_to_predict_is_one_line(tiny_data, tmp_path):
+    with zipfile.ZipFile(tmp_path / "m.pt2", "w") as archive:  # a program's marker, and nothing a program needs
+        archive.writestr("m/archive_format", "pt2")
+    result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "m.pt2", "--device", "cpu", check=False)
+    assert error_line(result) == (f"predict.py: {tmp_path / 'm.pt2'}: an exported program that cannot be loaded "
+                                  "(damaged, or without export.json: not written by export.py); export it again")
 
 
 @pytest.mark.slow  # a real process: latency.py is a benchmark script
