@@ -1,6 +1,6 @@
 """On CUDA: the bf16 step (channels_last, fused SGD, compiled or not), a stop and resume, predict agreeing with the
-CPU, an exported program checked and moved there, torchrun on NCCL, the out-of-memory message. Every test is skipped without CUDA; benchmarks/headline.py runs
-them on a GPU."""
+CPU, an exported program checked and moved there, torchrun on NCCL, the out-of-memory message. Every test is skipped
+without CUDA; benchmarks/headline.py runs them on a GPU."""
 import json
 import signal
 import subprocess
