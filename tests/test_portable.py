@@ -1,5 +1,7 @@
 """macOS, Windows and Python 3.14's forkserver, simulated on Linux: the scripts run under a sitecustomize.py that takes
 away what those systems lack; and the code's other paths for them, with the system calls faked."""
+import io
+import signal
 import subprocess
 import sys
 import textwrap
@@ -129,6 +131,17 @@ def test_without_posix_fallocate_the_image_file_is_written_out_and_a_full_disk_i
     with pytest.raises(cli.DataError, match=r"cannot hold the decoded images \(No space left on device, 0.0 GB\)"):
         data.new_image_file(None, (1, 3, 1500, 1500))
     assert not list(small_filesystem.mounted[0].iterdir())
+
+
+def test_a_closed_stdout_without_sigpipe_ends_predict_quietly_too(monkeypatch):
+    import predict
+    monkeypatch.delattr(signal, "SIGPIPE")  # Windows
+    stdout = cli.Output(io.StringIO())
+    stdout.lost = BrokenPipeError()
+    monkeypatch.setattr(sys, "stdout", stdout)
+    with pytest.raises(SystemExit) as exit:
+        predict.check_results_written()
+    assert exit.value.code == 128 + 13
 
 
 def test_a_drive_letter_is_a_path_not_a_url():
