@@ -11,7 +11,6 @@ Sections: images; class folders and the cache; transforms on the device.
 """
 import collections
 import contextlib
-import ctypes
 import hashlib
 import json
 import math
@@ -548,15 +547,12 @@ def place(images: ImageSet, device: torch.device, stream: str) -> ImageSet:
 
 
 class Loader:
-    """`for images, labels in loader:` batches for a training loop of one's own (airbench's CifarLoader shape):
-    float images N x 3 x size x size, normalised, augmented (`train`: see train_batch) or centre-cropped (see
-    eval_batch), and int64 labels, on `device`, for `epochs` passes over `source` (a class-folder split such as
-    cifar10/train, cached as load_folder does, or an ImageSet), reshuffled each pass unless `shuffle` is False
-    (default: `train`); `drop_last` leaves out a last batch smaller than `batch_size`. `seed` fixes the order and
-    the augmentation's draws, made as pretrain.py makes them.
-    """
+    """`for images, labels in loader:` for a training loop of one's own (airbench's CifarLoader shape): `epochs`
+    passes over `source` (a class-folder split, cached by load_folder, or an ImageSet) in batches on `device`,
+    augmented (`train`: see train_batch) or centre-cropped (eval_batch), reshuffled each pass if `shuffle` (default:
+    `train`); `drop_last` leaves out a short last batch. `seed` fixes the draws, made as pretrain.py makes them."""
 
-    def __init__(self, source: "str | os.PathLike | ImageSet", batch_size: int, size: int, device: str = "cpu",
+    def __init__(self, source: str | os.PathLike | ImageSet, batch_size: int, size: int, device: str = "cpu",
                  train: bool = True, epochs: int = 1, shuffle: bool | None = None, drop_last: bool = False,
                  augmentation: str = "rrc", cutout: float = 0.0, seed: int = 0) -> None:
         images = source if isinstance(source, ImageSet) else load_folder(source)
@@ -570,8 +566,8 @@ class Loader:
 
     def __len__(self) -> int:
         """Batches in all `epochs`."""
-        per_epoch = len(self.images) // self.batch_size if self.drop_last else -(-len(self.images) // self.batch_size)
-        return self.epochs * per_epoch
+        rounding = math.floor if self.drop_last else math.ceil
+        return self.epochs * rounding(len(self.images) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
@@ -587,27 +583,16 @@ class Loader:
 
 def free_memory(device: torch.device) -> int:
     """Bytes free on the device: for the CPU (and Apple's MPS, which shares it) the host's available memory, within
-    this process's cgroup limit on Linux. Where that cannot be read, half the host's memory is taken as free, and
-    where that cannot be either, none: a set then streams, with the same results."""
+    this process's cgroup limit on Linux. Without /proc (macOS) half the host's memory is taken as free; where that
+    cannot be read either (Windows), none: a set then streams, with the same results (and on the CPU about as fast)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    if sys.platform == "win32":
-        return windows_available_memory()
     free = linux_available_memory()
     if free is not None:
         return free
     with contextlib.suppress(ValueError, OSError, AttributeError):  # macOS counts no available pages
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     return 0
-
-
-def windows_available_memory() -> int:
-    class MemoryStatus(ctypes.Structure):  # MEMORYSTATUSEX
-        _fields_ = [("length", ctypes.c_ulong), ("load", ctypes.c_ulong)] + [
-            (name, ctypes.c_ulonglong) for name in ("total", "available", "total_page_file", "available_page_file",
-                                                     "total_virtual", "available_virtual", "available_extended")]
-    status = MemoryStatus(length=ctypes.sizeof(MemoryStatus))
-    return status.available if ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)) else 0
 
 
 def linux_available_memory() -> int | None:

@@ -1,10 +1,16 @@
 """macOS, Windows and Python 3.14's forkserver, simulated on Linux: the scripts run under a sitecustomize.py that takes
 away what those systems lack; and the code's other paths for them, with the system calls faked."""
+import errno
+import fcntl
+import inspect
 import io
+import multiprocessing
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -13,22 +19,26 @@ import cli
 import data
 from conftest import ROOT, make_class_folders
 
+
+def locking(fd, mode, nbytes):
+    """msvcrt.locking faked with record locks, which are like Windows' byte locks: from the file's position, EACCES
+    when another process holds them."""
+    command = fcntl.LOCK_UN if mode == 0 else fcntl.LOCK_EX | fcntl.LOCK_NB
+    try:
+        fcntl.lockf(fd, command, nbytes, os.lseek(fd, 0, os.SEEK_CUR))
+    except BlockingIOError:
+        raise PermissionError(errno.EACCES, "Permission denied") from None
+
+
+MSVCRT = types.SimpleNamespace(LK_UNLCK=0, LK_NBLCK=2, locking=locking)
 LINUX_ONLY = "import os\ndel os.sched_getaffinity, os.posix_fallocate\n"
 SHIMS = {
     "macos": LINUX_ONLY + "import multiprocessing\nmultiprocessing.set_start_method('spawn', force=True)\n",
-    # no fcntl (its lock is msvcrt's, here faked with the record locks Windows' byte locks are like), no SIGHUP,
-    # SIGPIPE or SIGKILL, no fchmod (before Python 3.13); subprocess is imported first: a msvcrt means Windows to it
-    "windows": LINUX_ONLY + textwrap.dedent("""
-        import errno, fcntl, signal, subprocess, sys, types
+    # no fcntl (the lock is msvcrt's, faked), no SIGHUP, SIGPIPE or SIGKILL, no fchmod (before Python 3.13);
+    # subprocess is imported first: to it, a msvcrt module means Windows
+    "windows": LINUX_ONLY + "import errno, fcntl, signal, subprocess, sys, types\n" + inspect.getsource(locking)
+    + textwrap.dedent("""
         del os.fchmod, signal.SIGHUP, signal.SIGPIPE, signal.SIGKILL
-
-        def locking(fd, mode, nbytes):
-            command = fcntl.LOCK_UN if mode == 0 else fcntl.LOCK_EX | fcntl.LOCK_NB
-            try:
-                fcntl.lockf(fd, command, nbytes, os.lseek(fd, 0, os.SEEK_CUR))
-            except BlockingIOError:
-                raise PermissionError(errno.EACCES, "Permission denied") from None
-
         sys.modules["msvcrt"] = types.SimpleNamespace(LK_UNLCK=0, LK_NBLCK=2, locking=locking)
 
         class NoFcntl:
@@ -79,6 +89,30 @@ def test_an_older_python_is_told_in_one_line_before_anything_fails(monkeypatch):
         assert ours[0] == "cli", script
 
 
+def hold_lock(path, ready, done) -> None:
+    with cli.Lock(path, RuntimeError):
+        ready.set()
+        done.wait(60)
+
+
+def test_without_fcntl_the_lock_is_msvcrts_and_keeps_another_process_out_until_it_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "fcntl", None)
+    monkeypatch.setattr(cli, "msvcrt", MSVCRT, raising=False)
+    path = tmp_path / ".out.lock"
+    fork = multiprocessing.get_context("fork")
+    ready, done = fork.Event(), fork.Event()
+    holder = fork.Process(target=hold_lock, args=(path, ready, done))
+    holder.start()
+    assert ready.wait(60)
+    with pytest.raises(RuntimeError, match=f"^{holder.pid}$"):
+        cli.Lock(path, RuntimeError)
+    done.set()
+    holder.join(60)
+    with cli.Lock(path, RuntimeError):
+        assert path.read_text() == str(os.getpid())
+    assert not path.exists()
+
+
 def test_free_memory_without_proc_is_half_the_host_memory_so_a_large_set_streams(monkeypatch):
     monkeypatch.setattr(data, "linux_available_memory", lambda: None)  # macOS: no /proc, no count of free pages
     half = data.free_memory(torch.device("cpu"))
@@ -88,15 +122,10 @@ def test_free_memory_without_proc_is_half_the_host_memory_so_a_large_set_streams
     assert data.place(images, torch.device("cpu"), "auto").device is not None  # streamed
 
 
-def test_free_memory_on_windows_asks_the_system(monkeypatch):
-    class Kernel32:
-        @staticmethod
-        def GlobalMemoryStatusEx(pointer):
-            pointer._obj.available = 5 * 2**30
-            return 1
-    monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setattr(data.ctypes, "windll", type("WinDLL", (), {"kernel32": Kernel32}), raising=False)
-    assert data.free_memory(torch.device("cpu")) == 5 * 2**30
+def test_free_memory_where_nothing_tells_it_is_none_so_every_set_streams(monkeypatch):
+    monkeypatch.setattr(data, "linux_available_memory", lambda: None)
+    monkeypatch.delattr(os, "sysconf")  # Windows
+    assert data.free_memory(torch.device("cpu")) == 0
 
 
 def test_a_process_on_windows_is_looked_up_not_sent_signal_0(monkeypatch):
