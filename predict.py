@@ -397,7 +397,7 @@ def check_results_written() -> None:
     sys.stdout.flush()
     lost = getattr(sys.stdout, "lost", None)
     if isinstance(lost, BrokenPipeError):
-        sys.exit(128 + signal.SIGPIPE)
+        sys.exit(128 + getattr(signal, "SIGPIPE", 13))  # 13 wherever there is one; Windows has none
     if lost is not None:
         raise cli.UsageError(f"cannot write the results to stdout ({lost.strerror or lost}); none were kept: free space, "
                          "or send them elsewhere")
@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", action="store_true", help="print JSON instead of lines")
     add("--grid", default=None, metavar="PATH",
         help=f"also draw up to {GRID_MAX} images with their labels here (default: none)")
-    add("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")
+    add("--device", default="auto", help=cli.DEVICE_HELP)
     add("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
     add("--limit", type=cli.positive_int, default=None,
         help="predict only this many images (stratified sample; default: all)")

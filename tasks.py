@@ -18,6 +18,7 @@ import argparse
 import importlib.util
 import inspect
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +30,6 @@ import finetune as finetune_script
 import predict as predict_script
 import pretrain as pretrain_script
 
-PYTHON = shlex.quote(sys.executable)
 HERE = Path(__file__).resolve().parent
 
 
@@ -86,7 +86,12 @@ def script_argv(actions: list[argparse.Action], options: dict, extra: list[str])
 
 def run_script(c, script: str, argv: list[str]) -> None:
     """The script by its absolute path, in the caller's folder."""
-    run_shown(c, " ".join([PYTHON, shlex.quote(str(HERE / script)), *map(shlex.quote, argv)]))
+    run_shown(c, command_line([sys.executable, str(HERE / script), *argv]))
+
+
+def command_line(words: list[str]) -> str:
+    """As the shell invoke runs reads it: cmd.exe on Windows (to which single quotes are letters), else sh."""
+    return subprocess.list2cmdline(words) if sys.platform == "win32" else shlex.join(words)
 
 
 def run_shown(c, command: str) -> None:
@@ -190,4 +195,4 @@ headline = task_of("benchmarks/headline.py", load_benchmark("headline").build_pa
 def test(c):
     """Run the test suite."""
     with c.cd(HERE):
-        run_shown(c, f"{PYTHON} -m pytest")
+        run_shown(c, command_line([sys.executable, "-m", "pytest"]))
