@@ -44,6 +44,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with the help format above, no abbreviations, and its flags listed in `flags` (argparse keeps
+    its own list private): invoke's tasks are made from them."""
+
+    def __init__(self, description: str, **options) -> None:
+        self.flags: list[argparse.Action] = []
+        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False, **options)
+        self.flags.clear()  # --help, no flag of a task
+
+    def add_argument(self, *names, **options) -> argparse.Action:
+        self.flags.append(super().add_argument(*names, **options))
+        return self.flags[-1]
+
+
 class UsageError(Exception):
     """A command-line value that cannot be used; the message names the flag and what to do."""
 

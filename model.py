@@ -63,8 +63,17 @@ MIN_IMAGE_SIZE = 63
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-# What every checkpoint carries: weights, what rebuilds the model, and how its inputs were made.
+# What every checkpoint carries: weights, what rebuilds the model, and how its inputs were made (checkpoint_dict
+# writes them, load_checkpoint checks them).
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "image_size", "stored_size")
+
+
+def checkpoint_dict(model: "AlexNet", classes: list[str], image_size: int, stored_size: int, **described) -> dict:
+    """A checkpoint: CHECKPOINT_KEYS, then what `described` adds about the run; plain types only, so that
+    weights_only loading reads it."""
+    return {"model": unwrap_state_dict(model.state_dict()),
+            "model_args": {"num_classes": len(classes), "dropout": model.classifier[0].p},
+            "classes": list(classes), "image_size": image_size, "stored_size": stored_size} | described
 
 
 # The keyword arguments AlexNet takes: a checkpoint's model_args may hold only these.

@@ -51,8 +51,7 @@ def trained_model(device: torch.device, classes: int) -> tuple[AlexNet, torch.op
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                     allow_abbrev=False)
+    parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=positive_int, default=10, help="saves, one per epoch")
     parser.add_argument("--epoch-seconds", type=cli.non_negative_float, default=1.0,
                         help="the training time between saves")
