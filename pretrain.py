@@ -3,26 +3,22 @@
     python pretrain.py                       # the reference: 40 epochs, SGD lr 0.01, 224 px
     python pretrain.py --resume checkpoints/pretrain.last.pt   # continue a stopped run
 
-The training images are split into train and validation (stratified, seeded);
-the best epoch on validation is kept as --out, and the test split is evaluated
-once, at the end, with those weights. finetune.py runs the same loop.
-
-Read top to bottom, as torchvision's references/classification/train.py: main and train; the epoch loop, one
-epoch, one step; evaluation and the test; setting up a run; its files, checkpoints and processes.
+The training images are split into train and validation (stratified, seeded); the best epoch on validation is kept
+as --out, and the test split is evaluated once, at the end, with those weights. finetune.py runs the same loop.
+Read top to bottom as torchvision's references/classification/train.py: main and train; the epoch loop, one epoch,
+one step; evaluation and the test; setting up a run; its files and checkpoints.
 """
+from __future__ import annotations
+
 import argparse
 import contextlib
 import csv
-import functools
-import hashlib
 import io
 import json
 import math
 import os
 import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,15 +36,13 @@ from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, checkpoint_dict, lo
                    load_tensors)
 from predict import classification_report, compute_logits, print_report
 
-# The resume rule: a resume continues the stopped run with the flags in its checkpoint; only these may be given
-# again with another value (why), any other that differs is refused. Its messages and --help are built from it.
-RESUME_MAY_CHANGE = {"epochs": "a larger value trains further", "device": "where it runs changes no result",
-                     "stream": "how the images reach the device changes no result",
-                     "data_dir": "the same images, moved (their fingerprint is compared)"}
+# The resume rule: a resume continues the stopped run with the flags in its checkpoint; only these may be given again
+# with another value, any other that differs is refused (--epochs: a larger one trains further; --device, --stream:
+# change no result; --data-dir: the same images moved, their fingerprint is compared). Messages and --help use it.
+RESUME_MAY_CHANGE = ("epochs", "device", "stream", "data_dir")
 
 # The largest --image-size: 4.6 times the reference's 224; stored images are at most 256 px, so more only fills memory.
 MAX_IMAGE_SIZE = 1024
-
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
 SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
 # Endings of --out that its side files replace (pretrain.pt: pretrain.last.pt); any other ending is kept (exp.1:
@@ -60,24 +54,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     cli.guard_output()
     args, given = parse_flags(parser, argv)
-    cli.report_errors("pretrain.py", args.batch_size, lambda: train(args, given, "pretrain", new_model, every_parameter))
+    cli.report_errors("pretrain.py", args.batch_size,
+                      lambda: train(args, given, "pretrain", new_model, every_parameter))
 
 
 def train(args: argparse.Namespace, given: set[str], stage: str,
           new_model: Callable[[argparse.Namespace, list[str]], AlexNet] | None,
           trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]],
           starting_weights_compete: bool = False) -> dict | None:
-    """Train, keep the best validation epoch, then evaluate the test split once. Returns the test report.
-
-    `given` names the flags set on the command line; `new_model(args, classes)` builds the model of a fresh run
-    (None where only a resume is possible); `trainable(args, model)` returns the parameters to train. With
-    `starting_weights_compete` the starting weights are validated as epoch 0 (see `start_competes`). Under torchrun
-    every process runs this; only the first prints and writes.
-    """
+    """Train, keep the best validation epoch, then evaluate the test split once; returns the test report. `given`:
+    the flags on the command line; `new_model(args, classes)`: a fresh run's model (None: only a resume is possible);
+    `trainable(args, model)`: the parameters to train; `starting_weights_compete`: see start_competes. Under torchrun
+    every process runs this; only the first prints and writes."""
     state = None if args.resume is None else read_resume_state(args, stage)
     if state is not None:
         args = resumed_args(args, given, state)
-    processes = Processes(args.device)
+    processes = cli.Processes(args.device)
     check_before_training(args, state, processes)
     with OutLock(Path(args.out)) if processes.main else contextlib.nullcontext():
         if state is None and processes.main:
@@ -89,30 +81,29 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         else:
             check_same_data(args, state, train_images)
             model = AlexNet(**state["model_args"])
-        run = start_run(args, stage, processes, model, trainable(args, model), train_images)
+        run = start_run(args, stage, processes, model, trainable(args, model), train_images, val_images, test_images)
         progress = Progress(new_sums(processes.device)) if state is None else restore(run, state)
-        announce(run, progress, state, (train_images, val_images, test_images))
-        return fit(run, progress, train_images, val_images, test_images, starting_weights_compete and state is None)
+        announce(run, progress, state)
+        return fit(run, progress, starting_weights_compete and state is None)
 
 
 # --------------------------------------------------------------------------- the epoch loop
 
 
-def fit(run: "Run", progress: "Progress", train_images: data.ImageSet, val_images: data.ImageSet,
-        test_images: data.ImageSet, starting_weights_compete: bool) -> dict | None:
+def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | None:
     """The epoch loop, then the test: train, validate, keep the best, write the resume state; a signal stops the
     loop at the next step with the resume state saved, or the test at once (see stop)."""
-    writer = CheckpointWriter()
+    writer = cli.CheckpointWriter(save_checkpoint)
     with cli.StopSignal() as signals:
         try:
             with writer:
                 if starting_weights_compete:
-                    start_competes(run, progress, val_images, writer)
+                    start_competes(run, progress, writer)
                 while progress.epoch < run.args.epochs:
                     started = time.perf_counter()
-                    finished = train_one_epoch(run, progress, train_images, signals, writer)
+                    finished = train_one_epoch(run, progress, signals, writer)
                     if finished:
-                        end_epoch(run, progress, train_images, val_images, started, writer)
+                        end_epoch(run, progress, started, writer)
                     if not finished or (run.processes.any(signals.received is not None)
                                         and progress.epoch < run.args.epochs):
                         writer.wait()
@@ -123,20 +114,20 @@ def fit(run: "Run", progress: "Progress", train_images: data.ImageSet, val_image
                                             f"{resume_command(run)}")
             run.processes.close()
             signals.at_once = True  # the trained run is saved: a signal now stops the test at once
-            return test_once(run, progress, test_images) if run.processes.main else None
+            return test_once(run, progress) if run.processes.main else None
         except KeyboardInterrupt:  # a second signal, or one during the test
             received = signals.received or signal.SIGINT
             stop(run, received, stopped_at_once(run, progress, writer, received, signals.at_once))
 
 
-def stop(run: "Run", received: signal.Signals, where: str) -> None:
+def stop(run: Run, received: signal.Signals, where: str) -> None:
     """The one way a signal ends a run: a line saying where it stopped and what to do, and exit 128 + N."""
     if run.processes.main:
         print(f"{run.stage}.py: stopped {where}", file=sys.stderr)
     sys.exit(128 + received)
 
 
-def stopped_at_once(run: "Run", progress: "Progress", writer: "CheckpointWriter", received: signal.Signals,
+def stopped_at_once(run: Run, progress: Progress, writer: cli.CheckpointWriter, received: signal.Signals,
                     testing: bool) -> str:
     """What a signal that stops at once leaves: the run saved (during the test), else the newest resume state."""
     if testing:
@@ -148,24 +139,23 @@ def stopped_at_once(run: "Run", progress: "Progress", writer: "CheckpointWriter"
            f"{resume_command(run)}"
 
 
-def train_one_epoch(run: "Run", progress: "Progress", images: data.ImageSet, signals: cli.StopSignal,
-                    writer: "CheckpointWriter") -> bool:
+def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
+                    writer: cli.CheckpointWriter) -> bool:
     """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved).
-
-    Loss, correct predictions and the first non-finite step are summed on the device: no step waits for the host.
-    """
-    args, processes, sums = run.args, run.processes, progress.sums
-    n = len(images.labels)
+    Loss, correct predictions and the first non-finite step are summed on the device: no step waits for the host."""
+    args, processes, sums, images = run.args, run.processes, progress.sums, run.train_images
+    n = len(images)
     steps = math.ceil(n / args.batch_size)
     run.model.train()
     if progress.perm is None:
         progress.perm = torch.randperm(n, generator=run.augment, device=processes.device)
         progress.sums = sums = new_sums(processes.device)
-    line = cli.ProgressLine(f"epoch {progress.epoch + 1}/{args.epochs}", n, done=progress.step * args.batch_size) \
-        if processes.main else None
+    title = f"epoch {progress.epoch + 1}/{args.epochs}"
+    line = cli.ProgressLine(title, n, done=progress.step * args.batch_size) if processes.main else None
     stopped = False
     # closed however the loop ends (a stop, an error): a streamed set's reading ahead ends with it
-    with contextlib.closing(images.batches(progress.perm, progress.step, args.batch_size, processes.share())) as batches:
+    batches = images.batches(progress.perm, progress.step, args.batch_size, processes.share())
+    with contextlib.closing(batches):
         for step, (x, y) in zip(range(progress.step, steps), batches):
             for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(args, progress.epoch, step, steps)
@@ -189,7 +179,7 @@ def train_one_epoch(run: "Run", progress: "Progress", images: data.ImageSet, sig
     return not stopped
 
 
-def train_step(run: "Run", images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
     """One SGD step on a global batch of `batch` uint8 images, of which `images` and `labels` are this process's
     share. Returns the summed loss and the number of correct predictions as device tensors, so the caller decides
     when to wait for them."""
@@ -224,7 +214,7 @@ def new_sums(device: torch.device) -> dict[str, torch.Tensor]:
             "first_bad": torch.full((), -1.0, device=device)}
 
 
-def epoch_totals(run: "Run", progress: "Progress", n: int) -> tuple[float, float]:
+def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
     """Mean training loss and accuracy of the epoch: the epoch's one wait for the device."""
     processes, sums = run.processes, progress.sums
     loss, correct = processes.reduce(torch.stack([sums["loss"], sums["correct"]])).tolist()
@@ -235,13 +225,12 @@ def epoch_totals(run: "Run", progress: "Progress", n: int) -> tuple[float, float
     return loss / n, correct / n
 
 
-def end_epoch(run: "Run", progress: "Progress", train_images: data.ImageSet, val_images: data.ImageSet,
-              started: float, writer: "CheckpointWriter") -> None:
+def end_epoch(run: Run, progress: Progress, started: float, writer: cli.CheckpointWriter) -> None:
     """Validate, log, keep the weights if validation improved, and write the resume state."""
-    n = len(train_images.labels)
+    n = len(run.train_images)
     train_loss, train_acc = epoch_totals(run, progress, n)
     train_seconds = time.perf_counter() - started
-    val = evaluate(run.evaluated, val_images, run.args)
+    val = evaluate(run.evaluated, run.val_images, run.args)
     epoch = progress.epoch + 1
     progress.history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                              "val_loss": val["loss"], "val_acc": val["accuracy"],
@@ -259,9 +248,9 @@ def end_epoch(run: "Run", progress: "Progress", train_images: data.ImageSet, val
         tell_if_stdout_lost(run)
 
 
-def start_competes(run: "Run", progress: "Progress", val_images: data.ImageSet, writer: "CheckpointWriter") -> None:
+def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -> None:
     """Fine-tuning: the starting weights are validated as epoch 0 and kept if no epoch beats them."""
-    val = evaluate(run.evaluated, val_images, run.args)
+    val = evaluate(run.evaluated, run.val_images, run.args)
     progress.best = {"val_acc": val["accuracy"], "epoch": 0}
     if run.processes.main:
         metrics = {"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]}
@@ -278,12 +267,9 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
           f"{row['epoch_s']:6.1f} s  eta {cli.clock(remaining)}" + ("  *best" if improved else ""), flush=True)
 
 
-def tell_if_stdout_lost(run: "Run") -> None:
+def tell_if_stdout_lost(run: Run) -> None:
     """A closed stdout (`| head`), or a full disk under `> log`, does not stop the training: said once, on stderr.
-
-    What goes to stdout are results: the start line, each epoch's line, the test report. Progress lines and
-    diagnostics go to stderr (tqdm's convention), so `> log` holds only the results.
-    """
+    (Results go to stdout: the start line, each epoch's line, the test report; progress and diagnostics to stderr.)"""
     stdout = sys.stdout
     if getattr(stdout, "lost", None) is None or stdout.lost_told:
         return
@@ -302,17 +288,17 @@ def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace, 
     return classification_report(logits, images.labels, images.classes)
 
 
-def test_once(run: "Run", progress: "Progress", test_images: data.ImageSet) -> dict:
+def test_once(run: Run, progress: Progress) -> dict:
     """The best validation epoch's weights on the test split: the only look at it, printed and saved."""
     best, files, device = progress.best, side_files(run.out), run.processes.device
     final = load_checkpoint(run.out, map_location=device)
     run.evaluated.load_state_dict(final["model"])
-    test = evaluate(run.evaluated, data.place(test_images, device, run.args.stream), run.args, title="test")
+    test = evaluate(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, title="test")
     print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
           f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
           "weights:")
-    print_report("test", test, run.classes)
-    test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": code_version()}
+    print_report("test", test, run.train_images.classes)
+    test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": cli.code_version()}
     save_checkpoint(final | {"test_metrics": test}, run.out)
     write_text(files["test"], "test report", json.dumps(test, indent=2) + "\n")
     print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
@@ -407,13 +393,11 @@ def flag_names(names) -> str:
 
 def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argparse.Namespace:
     """The run's flags from its resume state, in the run's folder; a changed flag is refused rather than ignored.
-
-    --out is beside its resume state (see side_files), even in a moved folder. The run's relative --data-dir is
-    relative to the folder the run started in; one given with the resume, to this one.
-    """
+    --out is beside its resume state, even in a moved folder; the run's relative --data-dir is relative to the folder
+    the run started in (one given with the resume, to this one)."""
     stored = state["args"]
     changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run used {stored.get(name)})"
-               for name in sorted(given - {"resume"} - set(RESUME_MAY_CHANGE)) if getattr(args, name) != stored.get(name)]
+               for name in sorted(given - {"resume", *RESUME_MAY_CHANGE}) if getattr(args, name) != stored.get(name)]
     if changed:
         raise cli.UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
                              f"flags (only {flag_names(RESUME_MAY_CHANGE)} may change): drop these flags or start a "
@@ -429,9 +413,9 @@ def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argp
     return args
 
 
-def check_before_training(args: argparse.Namespace, state: dict | None, processes: "Processes") -> None:
-    """What can be known wrong before any image is read: a resume in another number of processes, an --out that
-    cannot be written; a warm-up that does not fit the run is warned about."""
+def check_before_training(args: argparse.Namespace, state: dict | None, processes: cli.Processes) -> None:
+    """Before any image is read: a resume in another number of processes, an --out that cannot be written; a warm-up
+    that does not fit the run is warned about."""
     if state is not None and len(state["rng"]["processes"]) != processes.world:
         world = len(state["rng"]["processes"])
         raise cli.UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
@@ -476,7 +460,7 @@ def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
 # --------------------------------------------------------------------------- setting up a run: data and model
 
 
-def prepare_data(args: argparse.Namespace, processes: "Processes") -> tuple[data.ImageSet, ...]:
+def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[data.ImageSet, ...]:
     """Train and validation images placed for the device (see data.place), the test split mapped; the first process
     builds the cache, the others read it. --limit and the split are lists of rows of the cache, not copies."""
     if not processes.main:
@@ -555,17 +539,17 @@ class Run:
     """What a run trains with; set up once (start_run), then handed explicitly to each part of the loop."""
     args: argparse.Namespace
     stage: str
-    processes: "Processes"
+    processes: cli.Processes
     model: AlexNet  # the weights that train
     net: nn.Module  # what the step calls: the model, DDP- and compile-wrapped as asked
     optimizer: torch.optim.Optimizer
     bf16: bool
     ema: AveragedModel | None
     augment: torch.Generator  # the same in every process: the draws of one global batch
-    classes: list[str]
-    stored_size: int
-    data_fingerprint: str  # the training files': a resume checks that they did not change
     out: Path
+    train_images: data.ImageSet  # placed for the device (see prepare_data), as the validation images
+    val_images: data.ImageSet | None = None
+    test_images: data.ImageSet | None = None  # mapped, placed for the test alone
 
     @property
     def evaluated(self) -> nn.Module:
@@ -591,18 +575,17 @@ def position(progress: Progress) -> str:
         f"the end of epoch {progress.epoch}"
 
 
-def start_run(args: argparse.Namespace, stage: str, processes: "Processes", model: AlexNet,
-              trainable: list[nn.Parameter], images: data.ImageSet) -> Run:
-    """What a run trains with (see Run): `images` are its training images."""
+def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, model: AlexNet,
+              trainable: list[nn.Parameter], *images: data.ImageSet) -> Run:
+    """What a run trains with (see Run): `images` are its training, validation and test images."""
     net, optimizer, bf16 = prepare_model(model, trainable, args, processes)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
     torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
     augment = torch.Generator(device=processes.device).manual_seed(args.seed)
-    return Run(args, stage, processes, model, net, optimizer, bf16, ema, augment, images.classes, images.stored_size,
-               images.fingerprint, Path(args.out))
+    return Run(args, stage, processes, model, net, optimizer, bf16, ema, augment, Path(args.out), *images)
 
 
-def prepare_model(model: AlexNet, trainable: list[nn.Parameter], args: argparse.Namespace, processes: "Processes"
+def prepare_model(model: AlexNet, trainable: list[nn.Parameter], args: argparse.Namespace, processes: cli.Processes
                   ) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
     """The network to train (DDP- and compile-wrapped as asked), its optimizer, and whether it trains in bf16."""
     device = processes.device
@@ -617,7 +600,7 @@ def prepare_model(model: AlexNet, trainable: list[nn.Parameter], args: argparse.
     return (torch.compile(net) if args.compile else net), optimizer, bf16
 
 
-def announce(run: Run, progress: Progress, state: dict | None, splits: tuple[data.ImageSet, ...]) -> None:
+def announce(run: Run, progress: Progress, state: dict | None) -> None:
     """The start line (a result: what trains, on what, how), after a resume's line."""
     if not run.processes.main:
         return
@@ -627,11 +610,11 @@ def announce(run: Run, progress: Progress, state: dict | None, splits: tuple[dat
         if state.get("finished") and progress.epoch >= run.args.epochs:
             print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
                   "evaluating the test split again with its best validation epoch's weights")
-    train_images, val_images, test_images = splits
     world, args = run.processes.world, run.args
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    print(f"{run.stage}: {len(train_images)} training, {len(val_images)} validation, {len(test_images)} test images, "
-          f"{len(run.classes)} classes, stored at {run.stored_size} px, trained at {args.image_size} px, on "
+    images = run.train_images
+    print(f"{run.stage}: {len(images)} training, {len(run.val_images)} validation, {len(run.test_images)} test images, "
+          f"{len(images.classes)} classes, stored at {images.stored_size} px, trained at {args.image_size} px, on "
           f"{run.processes.device}"
           + (f" x {world} processes ({dist.get_backend()})" if run.processes.distributed else "")
           + f", {'bf16 autocast, channels_last, fused SGD' if run.bf16 else 'fp32'} (--precision {args.precision})"
@@ -642,10 +625,8 @@ def announce(run: Run, progress: Progress, state: dict | None, splits: tuple[dat
 
 
 def run_name(out: Path) -> Path:
-    """What --out's side files and lock are named after: --out without a checkpoint ending (see CHECKPOINT_SUFFIXES).
-
-    Two --out of one run name (run.pt, run.pth, run) share them, and so their lock: one runs at a time.
-    """
+    """What --out's side files and lock are named after: --out without a checkpoint ending (CHECKPOINT_SUFFIXES);
+    two --out of one run name (run.pt, run.pth, run) share them, and so their lock: one runs at a time."""
     return out.with_suffix("") if out.suffix in CHECKPOINT_SUFFIXES else out
 
 
@@ -696,50 +677,26 @@ def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.Buffe
 def write_csv(path: Path, history: list[dict]) -> None:
     """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
     text = io.StringIO(newline="")
-    text.write(f"# {code_version()}, torch {torch.__version__}\n")  # a comment line: csv readers skip it with #
+    text.write(f"# {cli.code_version()}, torch {torch.__version__}\n")  # a comment line: csv readers skip it with #
     writer = csv.DictWriter(text, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
     write_text(path, "training log", text.getvalue())
 
 
-@functools.cache
-def code_version() -> str:
-    """The code a run used, kept in its checkpoints, log and test report so that a figure traces to its code.
-
-    The git commit of this project's checkout (`-dirty` when tracked files differ from it); outside a checkout of
-    its own (the scripts copied elsewhere), a hash of the scripts beside this file.
-    """
-    here = Path(__file__).resolve().parent
-    git = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True)
-    try:
-        top = git(["git", "rev-parse", "--show-toplevel"])
-        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == here:
-            head = git(["git", "rev-parse", "--short", "HEAD"], check=True).stdout.strip()
-            dirty = git(["git", "status", "--porcelain", "--untracked-files=no"], check=True).stdout.strip()
-            return f"commit {head}" + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):  # no git, or a checkout without a commit
-        pass
-    digest = hashlib.sha256()
-    for script in sorted(here.glob("*.py")):
-        digest.update(script.name.encode() + b"\0" + script.read_bytes())
-    return f"scripts sha256 {digest.hexdigest()[:12]}"
-
-
 def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict:
     """model.checkpoint_dict, with what describes the run that made it."""
-    return checkpoint_dict(model, run.classes, run.args.image_size, run.stored_size, tta=run.args.tta,
+    images = run.train_images
+    return checkpoint_dict(model, images.classes, run.args.image_size, images.stored_size, tta=run.args.tta,
                            mean=list(data.MEAN), std=list(data.STD), stage=run.stage, epoch=epoch, metrics=metrics,
-                           args=dict(vars(run.args)), code=code_version())
+                           args=dict(vars(run.args)), code=cli.code_version())
 
 
-def save_resume_state(run: Run, progress: Progress, writer: "CheckpointWriter", finished: bool = False,
+def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter, finished: bool = False,
                       best: dict | None = None) -> None:
-    """Every process's RNG and running sums go to the first process, which writes the .last.pt file.
-
-    `best`, the epoch's new best checkpoint, is handed over together with it and so written first: a resume
-    state on disk never names a best epoch that --out does not hold yet, even if the run is killed.
-    """
+    """Every process's RNG and running sums go to the first process, which writes the .last.pt file. `best`, the
+    epoch's new best checkpoint, is handed over together with it and so written first: a resume state on disk never
+    names a best epoch that --out does not hold yet, even if the run is killed."""
     device = run.processes.device
     own = {"torch": torch.get_rng_state(), "sums": {name: total.cpu() for name, total in progress.sums.items()},
            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -751,7 +708,8 @@ def save_resume_state(run: Run, progress: Progress, writer: "CheckpointWriter", 
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished, "data_fingerprint": run.data_fingerprint, "cwd": os.getcwd()}
+        "best": progress.best, "finished": finished, "data_fingerprint": run.train_images.fingerprint,
+        "cwd": os.getcwd()}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
     progress.saved = position(progress)
 
@@ -786,168 +744,6 @@ def restore(run: Run, state: dict) -> Progress:
     progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"])
     progress.saved = position(progress)
     return progress
-
-
-def to_cpu(obj, reuse=None):
-    """A copy of a checkpoint with every tensor copied to the CPU: training may go on changing the originals.
-
-    `reuse`, an earlier copy of the same kind of checkpoint that nothing needs any more, lends its tensors of the
-    same shape and dtype: copying into memory already touched takes about half the time of fresh memory.
-    """
-    if isinstance(obj, torch.Tensor):
-        if isinstance(reuse, torch.Tensor) and (reuse.shape, reuse.dtype) == (obj.shape, obj.dtype):
-            return reuse.copy_(obj.detach())
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        reuse = reuse if isinstance(reuse, dict) else {}
-        return {key: to_cpu(value, reuse.get(key)) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
-        return type(obj)(to_cpu(value, old) for value, old in zip(obj, reuse))
-    return obj
-
-
-class CheckpointWriter:
-    """Writes checkpoints on a background thread, so training does not wait for the disk.
-
-    `save` copies the checkpoint's tensors to the CPU at once (what is written is the state at the call) and
-    returns. Only the newest state of a file matters: a save replaces the one for the same path whose write has
-    not started, so however slow the disk, at most two copies per path are held (one being written, one waiting
-    or kept for reuse), and the newest state of every path reaches the disk. Writes follow the order of the
-    newest saves; `save_together` saves several files at once, so that no other write starts between them.
-    `wait` blocks until every save is on disk; it, and the next save, raise the first error a write met. Leaving
-    the `with` block writes what is left and ends the thread.
-    """
-
-    def __init__(self) -> None:
-        self.changed = threading.Condition()  # guards the fields below; notified whenever one of them changes
-        self.pending: dict[str, dict] = {}  # path -> its newest copy not yet being written, in order of saving
-        self.spare: dict[str, dict] = {}  # path -> a written copy, whose memory the next save of that path reuses
-        self.writing = False
-        self.closing = False
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self.run, name="checkpoint-writer", daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        while True:
-            with self.changed:
-                while not self.pending and not self.closing:
-                    self.changed.wait()
-                if not self.pending:
-                    return
-                path = next(iter(self.pending))
-                checkpoint = self.pending.pop(path)
-                self.writing = True
-            try:
-                if self.error is None:
-                    save_checkpoint(checkpoint, path)
-            except BaseException as e:  # handed to the training thread at its next save or wait
-                self.error = e
-            with self.changed:
-                self.spare[path] = checkpoint
-                self.writing = False
-                self.changed.notify_all()
-
-    def save(self, checkpoint: dict, path: str | os.PathLike) -> None:
-        self.save_together({path: checkpoint})
-
-    def save_together(self, files: dict) -> None:
-        """Saves {path: checkpoint} at once: they are written in this order, and no other write starts between."""
-        self.raise_error()
-        files = {os.fspath(path): checkpoint for path, checkpoint in files.items()}
-        with self.changed:  # an unstarted write of a path is dropped, a newer state replaces it: its memory is reused
-            reuse = {path: self.pending.pop(path, None) or self.spare.pop(path, None) for path in files}
-        copies = {path: to_cpu(checkpoint, reuse[path]) for path, checkpoint in files.items()}
-        with self.changed:
-            self.pending.update(copies)
-            self.changed.notify_all()
-
-    def wait(self) -> None:
-        with self.changed:
-            while self.pending or self.writing:
-                self.changed.wait()
-        self.raise_error()
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def __enter__(self) -> "CheckpointWriter":
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        """Every saved checkpoint is on disk when the block ends, by an error too; a write's error is raised."""
-        with self.changed:
-            self.closing = True
-            self.changed.notify_all()
-        self.thread.join()
-        self.spare.clear()
-        if kind is None:
-            self.raise_error()
-
-
-# --------------------------------------------------------------------------- processes
-
-
-class Processes:
-    """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
-
-    `--batch-size` is global: each step, every process takes its share (positions rank, rank + world, ...) of the
-    same global batch. Host values (the stop flag each step, the resume state's pieces, barriers) go over a CPU
-    (gloo) group: over NCCL, reading back a CUDA tensor would make the host wait for everything queued on the GPU.
-    """
-
-    def __init__(self, device_name: str | None) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.main = self.rank == 0
-        # under torchrun, with one process too: the NCCL (gloo) and DDP code path, testable on a machine of one GPU
-        self.distributed = "WORLD_SIZE" in os.environ
-        self.device = cli.resolve_device(device_name)
-        self.host_group = None  # the default group when that is gloo already
-        if self.distributed:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-            if dist.get_backend() != "gloo":
-                self.host_group = dist.new_group(backend="gloo")
-
-    def share(self) -> slice:
-        return slice(self.rank, None, self.world)
-
-    def reduce(self, tensor: torch.Tensor, largest: bool = False) -> torch.Tensor:
-        """The sum over the processes, or with `largest` the largest value."""
-        if self.world > 1:
-            dist.all_reduce(tensor, dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM)
-        return tensor
-
-    def any(self, flag: bool) -> bool:
-        """Whether any process has the flag set: a signal to one process stops them all, at the same step.
-
-        It waits for the other processes' hosts, never for a device.
-        """
-        if self.world == 1:
-            return flag
-        flags = torch.tensor([float(flag)])
-        dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.host_group)
-        return bool(flags.item())
-
-    def gather(self, obj) -> list:
-        if self.world == 1:
-            return [obj]
-        gathered = [None] * self.world
-        dist.all_gather_object(gathered, obj, group=self.host_group)
-        return gathered
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier(group=self.host_group)
-
-    def close(self) -> None:
-        if self.distributed:
-            dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- pretrain.py's own
@@ -989,7 +785,8 @@ def initial_weights(source: str) -> dict:
     if not (isinstance(weights, dict) and all(isinstance(n, str) and isinstance(t, torch.Tensor)
                                               for n, t in weights.items())):
         raise cli.UsageError(f"--init {source}: not a state dict (it holds a {type(weights).__name__}, not names "
-                             "mapped to tensors); pass a torchvision AlexNet state dict or a checkpoint of this project")
+                             "mapped to tensors); pass a torchvision AlexNet state dict or a checkpoint of this "
+                             "project")
     return weights
 
 

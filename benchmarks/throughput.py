@@ -28,9 +28,9 @@ from torchvision import datasets, transforms  # noqa: E402
 
 import data  # noqa: E402
 from model import AlexNet  # noqa: E402
-from cli import positive_int  # noqa: E402
 from predict import compute_logits  # noqa: E402
-from pretrain import Processes, code_version, make_parser, start_run, train_step  # noqa: E402
+from cli import Processes, code_version, positive_int  # noqa: E402
+from pretrain import make_parser, start_run, train_step  # noqa: E402
 
 
 def describe(device: torch.device) -> str:

@@ -15,6 +15,7 @@ import torchvision
 import data
 from conftest import QUICK, ROOT, error_line, make_class_folders, run, training_log
 from model import AlexNet
+import cli
 from cli import ProgressLine
 from pretrain import print_epoch
 
@@ -290,7 +291,7 @@ def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cpu"])
     model = AlexNet(num_classes=3)
-    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, pretrain.Processes("cpu"))
+    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, cli.Processes("cpu"))
     assert bf16 is amx and optimizer.defaults["fused"] is (True if amx else None)
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) is amx
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
@@ -307,7 +308,7 @@ def test_a_bf16_step_on_the_cpu_convolves_nhwc_in_bf16_and_updates_fp32_weights(
     args = pretrain.make_parser("", "pretrain").parse_args(["--precision", "bf16", "--image-size", "64"])
     model = AlexNet(num_classes=3)
     images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3
-    run_ = pretrain.start_run(args, "pretrain", pretrain.Processes("cpu"), model, list(model.parameters()),
+    run_ = pretrain.start_run(args, "pretrain", cli.Processes("cpu"), model, list(model.parameters()),
                               data.ImageSet(images, labels, ["a", "b", "c"]))
     seen = []
     model.features[0].register_forward_hook(
@@ -363,7 +364,8 @@ def test_recipe_flags_reach_the_training_step(tiny_data, tmp_path):
 @pytest.mark.parametrize("flag", ["label_smoothing", "cutout"])
 def test_recipe_flag_changes_the_training_loss(flag):
     from model import AlexNet
-    from pretrain import Processes, make_parser, start_run, train_step
+    from cli import Processes
+    from pretrain import make_parser, start_run, train_step
     images, labels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
     losses = []
     for value in (0.0, 0.5):
