@@ -14,7 +14,6 @@ import inspect
 import os
 import pickle
 import stat
-import zipfile
 
 import torch
 from torch import nn
@@ -131,8 +130,6 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
     """What a file saved with torch.save holds, loaded with weights_only=True: tensors and plain containers, never
     arbitrary code; any failure is one line naming the file."""
     check_checkpoint_file(path)
-    if not zipfile.is_zipfile(path):  # torch's own errors for these are cryptic or advise weights_only=False
-        raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -142,7 +139,7 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
         raise CheckpointError(f"{path}: not a loadable checkpoint: it holds objects other than tensors and plain "
                               "data, refused because loading them could run code; pass a checkpoint that "
                               "this project's training wrote") from None
-    except Exception:  # torch raises many types for a damaged archive; its text may advise weights_only=False
+    except Exception:  # torch raises many types for damage (KeyError for text); its text may advise weights_only=False
         raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
     return checkpoint
 
