@@ -1,7 +1,9 @@
 """What every script shares: one-line errors, flag types, the device, stdout and stderr that may close, progress
-lines, stop signals, files written atomically and the lock that keeps two runs apart.
+lines, stop signals, files written atomically (also in the background) and the lock that keeps two runs apart, the
+processes torchrun started and the code a run used.
 
-Sections: errors and flags; output; signals and files.
+Sections: errors and flags; output; signals and files; checkpoints written in the background; the run: its
+processes and its code.
 """
 import os
 import sys
@@ -14,17 +16,23 @@ import argparse
 import contextlib
 import ctypes
 import errno
+import functools
+import hashlib
 import io
 import math
+import queue
 import re
 import signal
 import stat
+import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from model import CheckpointError
@@ -54,6 +62,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, with the help format above, no abbreviations, and its flags listed in `flags` (argparse keeps
+    its own list private): invoke's tasks are made from them."""
+
+    def __init__(self, description: str, **options) -> None:
+        self.flags: list[argparse.Action] = []
+        super().__init__(description=description, formatter_class=HelpFormatter, allow_abbrev=False, **options)
+        self.flags.clear()  # --help, no flag of a task
+
+    def add_argument(self, *names, **options) -> argparse.Action:
+        self.flags.append(super().add_argument(*names, **options))
+        return self.flags[-1]
 
 
 class UsageError(Exception):
@@ -517,3 +539,177 @@ def save_picture(picture: Image.Image, path: Path) -> None:
     except OSError as e:
         raise UsageError(f"--grid {path}: cannot write ({e.strerror or e}); free space or choose another path"
                          ) from None
+
+
+# --------------------------------------------------------------------------- checkpoints written in the background
+
+
+def to_cpu(obj, reuse=None):
+    """A copy of a checkpoint with every tensor copied to the CPU: training may go on changing the originals.
+
+    `reuse`, an earlier copy of the same kind of checkpoint that nothing needs any more, lends its tensors of the
+    same shape and dtype: copying into memory already touched takes about half the time of fresh memory.
+    """
+    if isinstance(obj, torch.Tensor):
+        if isinstance(reuse, torch.Tensor) and (reuse.shape, reuse.dtype) == (obj.shape, obj.dtype):
+            return reuse.copy_(obj.detach())
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        reuse = reuse if isinstance(reuse, dict) else {}
+        return {key: to_cpu(value, reuse.get(key)) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
+        return type(obj)(to_cpu(value, old) for value, old in zip(obj, reuse))
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints with `write` on a background thread, so training does not wait for the disk.
+
+    `save_together({path: checkpoint, ...})` copies the tensors to the CPU at once (what is written is the state at
+    the call) and returns; the files are written in that order, no other write between them. Only the newest state
+    of a path matters: a save drops the copy of that path not yet being written and copies into its memory (or into
+    the last written copy's: touched memory takes half the time), so at most two copies per path are held however
+    slow the disk. `wait` blocks until every save is on disk; it, and the next save, raise the first error a write
+    met. Leaving the `with` block writes what is left and ends the thread.
+    """
+
+    def __init__(self, write: Callable[[dict, str], object]) -> None:
+        self.write = write  # (checkpoint, path): e.g. torch.save through write_atomically
+        self.lock = threading.Lock()  # guards pending and spare
+        self.pending: dict[str, dict] = {}  # path -> its newest copy not yet being written, in order of saving
+        self.spare: dict[str, dict] = {}  # path -> a written copy, whose memory the next save of that path reuses
+        self.error: BaseException | None = None
+        self.handed = queue.Queue()  # a token per copy handed over: its write, or none if a newer one replaced it
+        self.thread = threading.Thread(target=self.run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        for _ in iter(self.handed.get, None):  # None: the `with` block ended
+            with self.lock:
+                path = next(iter(self.pending), None)
+                checkpoint = self.pending.pop(path, None)
+            try:
+                if checkpoint is not None and self.error is None:
+                    self.write(checkpoint, path)
+            except BaseException as e:  # handed to the training thread at its next save or wait
+                self.error = e
+            with self.lock:
+                if checkpoint is not None:
+                    self.spare[path] = checkpoint
+            self.handed.task_done()
+
+    def save(self, checkpoint: dict, path: str | os.PathLike) -> None:
+        self.save_together({path: checkpoint})
+
+    def save_together(self, files: dict) -> None:
+        self.raise_error()
+        files = {os.fspath(path): checkpoint for path, checkpoint in files.items()}
+        with self.lock:
+            reuse = {path: self.pending.pop(path, None) or self.spare.pop(path, None) for path in files}
+        copies = {path: to_cpu(checkpoint, reuse[path]) for path, checkpoint in files.items()}
+        with self.lock:
+            self.pending.update(copies)
+        for _ in copies:
+            self.handed.put(True)
+
+    def wait(self) -> None:
+        self.handed.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        """Every saved checkpoint is on disk when the block ends, by an error too; a write's error is raised."""
+        self.handed.put(None)
+        self.thread.join()
+        self.spare.clear()
+        if kind is None:
+            self.raise_error()
+
+
+# --------------------------------------------------------------------------- the run: its processes and its code
+
+
+class Processes:
+    """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
+
+    `--batch-size` is global: each step, every process takes its share (positions rank, rank + world, ...) of the
+    same global batch. Host values (the stop flag each step, the resume state's pieces, barriers) go over a CPU
+    (gloo) group: over NCCL, reading back a CUDA tensor would make the host wait for everything queued on the GPU.
+    """
+
+    def __init__(self, device_name: str | None) -> None:
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        self.main = self.rank == 0
+        # under torchrun, with one process too: the NCCL (gloo) and DDP code path, testable on a machine of one GPU
+        self.distributed = "WORLD_SIZE" in os.environ
+        self.device = resolve_device(device_name)
+        self.host_group = None  # the default group when that is gloo already
+        if self.distributed:
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if dist.get_backend() != "gloo":
+                self.host_group = dist.new_group(backend="gloo")
+
+    def share(self) -> slice:
+        return slice(self.rank, None, self.world)
+
+    def reduce(self, tensor: torch.Tensor, largest: bool = False) -> torch.Tensor:
+        """The sum over the processes, or with `largest` the largest value."""
+        if self.world > 1:
+            dist.all_reduce(tensor, dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """Whether any process has the flag set (a signal to one stops them all, at the same step); it waits for
+        the other processes' hosts, never for a device."""
+        if self.world > 1:
+            flags = torch.tensor([float(flag)])
+            dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.host_group)
+            flag = bool(flags.item())
+        return flag
+
+    def gather(self, obj) -> list:
+        gathered = [obj] * self.world
+        if self.world > 1:
+            dist.all_gather_object(gathered, obj, group=self.host_group)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.host_group)
+
+    def close(self) -> None:
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+@functools.cache
+def code_version() -> str:
+    """The code a run used, kept in its checkpoints, log and test report so that a figure traces to its code.
+
+    The git commit of this project's checkout (`-dirty` when tracked files differ from it); outside a checkout of
+    its own (the scripts copied elsewhere), a hash of the scripts beside this file.
+    """
+    here = Path(__file__).resolve().parent
+    try:
+        git = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True)
+        top, head = (git.stdout.split("\n") + [""])[:2]
+        if git.returncode == 0 and Path(top).resolve() == here:
+            clean = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, capture_output=True).returncode == 0
+            return f"commit {head}" + ("" if clean else "-dirty")
+    except OSError:  # no git; a checkout without a commit fails above
+        pass
+    digest = hashlib.sha256()
+    for script in sorted(here.glob("*.py")):
+        digest.update(script.name.encode() + b"\0" + script.read_bytes())
+    return f"scripts sha256 {digest.hexdigest()[:12]}"

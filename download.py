@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_url
 
-from cli import DataError, HelpFormatter, Lock, guard_output, shown, special_kind, stop_signals
+from cli import ArgumentParser, DataError, Lock, guard_output, shown, special_kind, stop_signals
 from data import URL, WORKERS, scan_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -452,8 +452,7 @@ def path_text(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """download.py's flags, also the `invoke download` task's."""
     # allow_abbrev=False: an abbreviated flag is an error, not taken for another flag (as in the other scripts)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
-                                     allow_abbrev=False)
+    parser = ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--root", type=path_text, default="data/cifar10", help="folder to create, holding train/ and test/")
     add("--source", type=path_text, default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "

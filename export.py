@@ -27,7 +27,6 @@ import cli
 import data
 import predict
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
-from pretrain import code_version
 
 TOLERANCE = 1e-4  # the largest probability difference allowed between the program and the checkpoint, in fp32
 GENERATED_IMAGES = 64  # checked when there is no test split
@@ -129,7 +128,7 @@ def export(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     reference = deployed(checkpoint, args.checkpoint).to(device)
     size = checkpoint["stored_size"]
-    record = {"checkpoint": str(args.checkpoint), "checkpoint_code": checkpoint.get("code"), "code": code_version(),
+    record = {"checkpoint": str(args.checkpoint), "checkpoint_code": checkpoint.get("code"), "code": cli.code_version(),
               "torch": torch.__version__, "device": str(device), "input": f"N x 3 x {size} x {size} uint8",
               "output": f"N x {len(checkpoint['classes'])} probabilities", "classes": checkpoint["classes"],
               "stored_size": size, "image_size": checkpoint["image_size"], "tta": checkpoint.get("tta", False),
@@ -154,8 +153,7 @@ def export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """export.py's flags, also the `invoke export` task's."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                     allow_abbrev=False)
+    parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--checkpoint", default=predict.DEFAULT_CHECKPOINTS[0], help="the checkpoint to export")
     add("--out", default="model.pt2", help="the program file; its record is written beside it (OUT.json)")

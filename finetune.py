@@ -18,7 +18,7 @@ from torch import nn
 
 from cli import UsageError, guard_output, report_errors
 from model import AlexNet, load_checkpoint, model_from_checkpoint
-from pretrain import given_flags, make_parser, train
+from pretrain import make_parser, parse_flags, train
 
 TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "full": ("",)}
 # Flags that choose the validation split; the checkpoint's run trained on what its own split left.
@@ -77,8 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     guard_output()
-    args = parser.parse_args(argv)
-    given = given_flags(parser, argv)
+    args, given = parse_flags(parser, argv)
     report_errors("finetune.py", args.batch_size, lambda: finetune(args, given))
 
 

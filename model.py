@@ -13,8 +13,8 @@ differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000).
 import inspect
 import os
 import pickle
-import stat
 import zipfile
+import stat
 
 import torch
 from torch import nn
@@ -63,8 +63,17 @@ MIN_IMAGE_SIZE = 63
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-# What every checkpoint carries: weights, what rebuilds the model, and how its inputs were made.
+# What every checkpoint carries: weights, what rebuilds the model, and how its inputs were made (checkpoint_dict
+# writes them, load_checkpoint checks them).
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "image_size", "stored_size")
+
+
+def checkpoint_dict(model: "AlexNet", classes: list[str], image_size: int, stored_size: int, **described) -> dict:
+    """A checkpoint: CHECKPOINT_KEYS, then what `described` adds about the run; plain types only, so that
+    weights_only loading reads it."""
+    return {"model": unwrap_state_dict(model.state_dict()),
+            "model_args": {"num_classes": len(classes), "dropout": model.classifier[0].p},
+            "classes": list(classes), "image_size": image_size, "stored_size": stored_size} | described
 
 
 # The keyword arguments AlexNet takes: a checkpoint's model_args may hold only these.
@@ -132,8 +141,6 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
     """What a file saved with torch.save holds, loaded with weights_only=True: tensors and plain containers, never
     arbitrary code; any failure is one line naming the file."""
     check_checkpoint_file(path)
-    if not zipfile.is_zipfile(path):  # torch's own errors for these are cryptic or advise weights_only=False
-        raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
     if is_exported_program(path):
         raise CheckpointError(f"{path}: an exported program (export.py), not a checkpoint; pass the checkpoint it "
                               "was exported from")
@@ -146,7 +153,7 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
         raise CheckpointError(f"{path}: not a loadable checkpoint: it holds objects other than tensors and plain "
                               "data, refused because loading them could run code; pass a checkpoint that "
                               "this project's training wrote") from None
-    except Exception:  # torch raises many types for a damaged archive; its text may advise weights_only=False
+    except Exception:  # torch raises many types for damage (KeyError for text); its text may advise weights_only=False
         raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
     return checkpoint
 

@@ -405,8 +405,7 @@ def check_results_written() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """predict.py's flags, also the `invoke predict` task's."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                     allow_abbrev=False)
+    parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
     add("--checkpoint", default=None, help=f"default: the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")

@@ -43,10 +43,6 @@ def load_benchmark(name: str):
     return module
 
 
-def script_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
-    return [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
-
-
 def is_switch(action: argparse.Action) -> bool:
     return action.nargs == 0
 
@@ -113,7 +109,7 @@ def signature(actions: list[argparse.Action], own: dict | None = None) -> inspec
 
 def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, fallback: dict | None = None) -> Task:
     """A task that runs `script` with its parser's flags; `fallback` gives values the script has no default for."""
-    actions = script_actions(parser)
+    actions = parser.flags
     fallback = fallback or {}
 
     def body(c, **options):
@@ -150,7 +146,7 @@ bench = task_of("benchmarks/throughput.py", load_benchmark("throughput").build_p
 STAGES = ("pretrain", "finetune")
 # `all` takes both training scripts' flags but these: it names the stages' files itself.
 ALL_OWN = ("data_dir", "out", "checkpoint", "resume")
-ALL_ACTIONS = list({action.dest: action for stage in reversed(STAGES) for action in script_actions(PARSERS[stage])
+ALL_ACTIONS = list({action.dest: action for stage in reversed(STAGES) for action in PARSERS[stage].flags
                     if action.dest not in ALL_OWN}.values())
 
 
@@ -164,7 +160,7 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     download(c, root=data_dir, source=source, md5=md5)
     outs = {stage: str(Path(out_dir) / Path(PARSERS[stage].get_default("out")).name) for stage in STAGES}
     for stage, run_stage in zip(STAGES, (pretrain, finetune)):
-        dests = {action.dest for action in script_actions(PARSERS[stage])}
+        dests = {action.dest for action in PARSERS[stage].flags}
         state = pretrain_script.side_files(Path(outs[stage]))["last"]
         run_stage(c, data_dir=data_dir, out=outs[stage], checkpoint=outs["pretrain"] if stage == "finetune" else None,
                   resume=str(state) if resume and state.is_file() else None,
@@ -182,7 +178,7 @@ all_ = Task(all_, name="all", auto_shortflags=False, help={
     "out_dir": f"folder for both stages' checkpoints, logs, reports and the prediction grid "
                f"(default {ALL_DEFAULTS['out_dir']})",
     "resume": "continue each stage from the resume state it left in --out-dir, where there is one",
-} | {action.dest: help_of(action) for action in script_actions(PARSERS["download"]) if action.dest in ALL_DEFAULTS}
+} | {action.dest: help_of(action) for action in PARSERS["download"].flags if action.dest in ALL_DEFAULTS}
   | {action.dest: help_of(action) for action in ALL_ACTIONS})
 
 

@@ -11,7 +11,6 @@ writes reached the disk (a save replaces an unstarted write of its file), and
 how long the last writes took after the last epoch, and the process's peak
 memory.
 """
-import argparse
 import resource
 import statistics
 import sys
@@ -51,8 +50,7 @@ def trained_model(device: torch.device, classes: int) -> tuple[AlexNet, torch.op
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                     allow_abbrev=False)
+    parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=positive_int, default=10, help="saves, one per epoch")
     parser.add_argument("--epoch-seconds", type=cli.non_negative_float, default=1.0,
                         help="the training time between saves")
@@ -66,9 +64,8 @@ def main() -> None:
     megabytes = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
     print(f"best checkpoint {megabytes:.0f} MB, resume state {2 * megabytes:.0f} MB, every epoch")
     writes = CountedWrites()
-    pretrain.save_checkpoint = writes  # the writer thread looks it up in pretrain's namespace
     blocked = []
-    with tempfile.TemporaryDirectory(dir=args.out_dir) as folder, pretrain.CheckpointWriter() as writer:
+    with tempfile.TemporaryDirectory(dir=args.out_dir) as folder, cli.CheckpointWriter(writes) as writer:
         for epoch in range(args.epochs):
             with torch.no_grad():  # a training step changes the tensors in place
                 for group in optimizer.state.values():

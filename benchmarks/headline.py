@@ -252,8 +252,7 @@ def generate_data(root: Path, classes: int = 10, train: int = 12, test: int = 4,
 
 def build_parser() -> argparse.ArgumentParser:
     """headline.py's flags, also the `invoke headline` task's."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                     allow_abbrev=False)
+    parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     parser.add_argument("--out-dir", default="checkpoints/headline", help="the steps' logs and results.md")
     parser.add_argument("--source", default=str(SHARED_ARCHIVE), help="the CIFAR-10 archive or folder (no network)")
     parser.add_argument("--minutes", type=positive_float, default=12.0, help="no step starts that would end after this")

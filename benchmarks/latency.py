@@ -18,7 +18,6 @@ import torch  # noqa: E402  (after throughput, which puts the project on the pat
 from torch.export.passes import move_to_device_pass  # noqa: E402
 
 import cli  # noqa: E402
-import data  # noqa: E402
 import export  # noqa: E402
 import predict  # noqa: E402
 from model import load_checkpoint  # noqa: E402
@@ -73,8 +72,7 @@ def latency(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
-                                     allow_abbrev=False)
+    parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--checkpoint", default=predict.DEFAULT_CHECKPOINTS[0], help="the checkpoint, run eagerly")
     add("--program", default=None, help="its exported program (default: exported from it here, in memory)")

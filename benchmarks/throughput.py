@@ -28,9 +28,9 @@ from torchvision import datasets, transforms  # noqa: E402
 
 import data  # noqa: E402
 from model import AlexNet  # noqa: E402
-from cli import positive_int  # noqa: E402
 from predict import compute_logits  # noqa: E402
-from pretrain import Processes, code_version, make_parser, prepare_model, train_step  # noqa: E402
+from cli import Processes, code_version, positive_int  # noqa: E402
+from pretrain import make_parser, start_run, train_step  # noqa: E402
 
 
 def describe(device: torch.device) -> str:
@@ -62,23 +62,22 @@ def timed(step, warmup: int, steps: int, images_per_step: int, device: torch.dev
 
 def ours(args, processes, train_images, val_images) -> tuple[float, float, bool]:
     model = AlexNet(num_classes=len(train_images.classes))
-    net, optimizer, bf16 = prepare_model(model, list(model.parameters()), args, processes)
-    augment = torch.Generator(device=processes.device).manual_seed(0)
+    run = start_run(args, "bench", processes, model, list(model.parameters()), train_images)
     n = len(train_images.labels)
 
     order = torch.arange((args.warmup + args.steps) * args.batch_size, device=processes.device) % n
     batches = train_images.batches(order, 0, args.batch_size, processes.share())
-    step = functools.partial(train_next, batches, net, optimizer, args, augment, processes, bf16)
+    step = functools.partial(train_next, run, batches)
     train = timed(step, args.warmup, args.steps, args.batch_size, processes.device)
     evaluate = timed(lambda i: compute_logits(model, (x for x, _ in val_images.batches(None, 0, args.batch_size)),
                                               args.image_size), 1, 1, len(val_images.labels), processes.device)
-    return train, evaluate, bf16
+    return train, evaluate, run.bf16
 
 
-def train_next(batches, net, optimizer, args, augment, processes, bf16, i: int) -> None:
+def train_next(run, batches, i: int) -> None:
     """Step i of timed: pretrain.py's own training step on the next batch the images deliver."""
     images, labels = next(batches)
-    train_step(net, optimizer, images, labels, args.batch_size, args, augment, processes, bf16)
+    train_step(run, images, labels, run.args.batch_size)
 
 
 def forever(loader):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import cli
 from conftest import ROOT, error_line, make_class_folders, run
 from model import AlexNet
 from test_train import start, stop_during
@@ -23,7 +24,7 @@ def test_bf16_steps_with_channels_last_and_the_fused_sgd(tiny_data, tmp_path, co
     import pretrain
     args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cuda"])
     model = AlexNet(num_classes=3)
-    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, pretrain.Processes("cuda"))
+    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, cli.Processes("cuda"))
     assert bf16 and optimizer.defaults["fused"] and model.features[0].weight.is_cuda
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     out = tmp_path / "p.pt"

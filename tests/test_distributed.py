@@ -154,13 +154,13 @@ class FakeDistributed:
 @pytest.mark.parametrize("backend, host_group", [("nccl", "new gloo group"), ("gloo", None)])
 def test_the_stop_flag_and_host_values_never_go_over_nccl(monkeypatch, backend, host_group):
     """Over NCCL a stop flag read back each step would wait for the GPU: it goes over a CPU (gloo) group."""
-    import pretrain
+    import cli
     fake = FakeDistributed(backend)
     for name in ("init_process_group", "get_backend", "new_group", "all_reduce", "all_gather_object", "barrier"):
-        monkeypatch.setattr(pretrain.dist, name, getattr(fake, name))
+        monkeypatch.setattr(cli.dist, name, getattr(fake, name))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    processes = pretrain.Processes("cpu")
+    processes = cli.Processes("cpu")
     processes.device = torch.device("meta")  # stands for the GPU: the flag must not be read back from there
     assert processes.any(False) is True  # the other process got the signal
     assert processes.gather("rank 0") == ["rank 0", "rank 0"]

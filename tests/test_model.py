@@ -159,7 +159,7 @@ def test_a_folder_or_fifo_as_a_checkpoint_is_named_and_never_read(tmp_path):
 
 
 def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
-    from pretrain import CheckpointWriter
+    from cli import CheckpointWriter
     release = threading.Event()
     real_save = torch.save
 
@@ -169,7 +169,7 @@ def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", slow_save)
     weights = torch.zeros(4)
-    with CheckpointWriter() as writer:
+    with CheckpointWriter(save_checkpoint) as writer:
         writer.save({"w": weights}, tmp_path / "c.pt")
         assert not (tmp_path / "c.pt").exists()  # save returned while the write waits
         weights += 1  # training goes on changing the tensor
@@ -178,14 +178,14 @@ def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
 
 
 def test_background_writer_raises_a_failed_write(tmp_path, monkeypatch):
-    from pretrain import CheckpointWriter
+    from cli import CheckpointWriter
     save_checkpoint({"version": 1}, tmp_path / "c.pt")
 
     def disk_full(obj, f):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    writer = CheckpointWriter()
+    writer = CheckpointWriter(save_checkpoint)
     writer.save({"version": 2}, tmp_path / "c.pt")
     with pytest.raises(CheckpointError, match="No space left on device"):
         writer.wait()
@@ -193,8 +193,8 @@ def test_background_writer_raises_a_failed_write(tmp_path, monkeypatch):
 
 
 class SlowDisk:
-    """Stands in for pretrain.save_checkpoint: records which version of which file each write was given, in order,
-    and holds every write until `release` is set."""
+    """The writer's `write` (pretrain.save_checkpoint): records which version of which file each write was given, in
+    order, and holds every write until `release` is set."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -209,7 +209,7 @@ class SlowDisk:
 
 
 class CountedCopies:
-    """Wraps pretrain.to_cpu: counts the copies alive (each test checkpoint holds one tensor) and the most seen."""
+    """Wraps cli.to_cpu: counts the copies alive (each test checkpoint holds one tensor) and the most seen."""
 
     def __init__(self, to_cpu) -> None:
         self.to_cpu = to_cpu
@@ -229,11 +229,10 @@ def state(version: int) -> dict:
 
 
 def test_background_writer_keeps_only_the_newest_state_of_each_file_while_the_disk_is_slow(tmp_path, monkeypatch):
-    import pretrain
-    disk, copies = SlowDisk(), CountedCopies(pretrain.to_cpu)
-    monkeypatch.setattr(pretrain, "save_checkpoint", disk)
-    monkeypatch.setattr(pretrain, "to_cpu", copies)
-    with pretrain.CheckpointWriter() as writer:
+    import cli
+    disk, copies = SlowDisk(), CountedCopies(cli.to_cpu)
+    monkeypatch.setattr(cli, "to_cpu", copies)
+    with cli.CheckpointWriter(disk) as writer:
         writer.save(state(0), tmp_path / "last.pt")
         assert disk.started.wait(60)  # the first write is under way and stays there until released
         for version in range(1, 41):  # a resume state every epoch, a best checkpoint every other one
@@ -249,10 +248,9 @@ def test_background_writer_keeps_only_the_newest_state_of_each_file_while_the_di
 
 
 def test_background_writer_writes_in_the_order_of_the_newest_saves(tmp_path, monkeypatch):
-    import pretrain
+    import cli
     disk = SlowDisk()
-    monkeypatch.setattr(pretrain, "save_checkpoint", disk)
-    with pretrain.CheckpointWriter() as writer:
+    with cli.CheckpointWriter(disk) as writer:
         writer.save(state(0), tmp_path / "best.pt")
         assert disk.started.wait(60)
         writer.save(state(0), tmp_path / "last.pt")
@@ -263,7 +261,7 @@ def test_background_writer_writes_in_the_order_of_the_newest_saves(tmp_path, mon
 
 
 class FreesTheDiskMidSave:
-    """Wraps pretrain.to_cpu: during the first copy it lets the writer write all it has, as a fast disk may."""
+    """Wraps cli.to_cpu: during the first copy it lets the writer write all it has, as a fast disk may."""
 
     def __init__(self, to_cpu, disk: SlowDisk) -> None:
         self.to_cpu, self.disk = to_cpu, disk
@@ -280,12 +278,11 @@ class FreesTheDiskMidSave:
 def test_a_resume_state_never_reaches_the_disk_before_the_best_checkpoint_saved_with_it(tmp_path, monkeypatch):
     """The best checkpoint and the resume state of an epoch: an older resume state, naming a best checkpoint that
     the newer one replaced before it was written, never reaches the disk."""
-    import pretrain
+    import cli
     disk = SlowDisk()
-    copies = FreesTheDiskMidSave(pretrain.to_cpu, disk)
-    monkeypatch.setattr(pretrain, "save_checkpoint", disk)
-    monkeypatch.setattr(pretrain, "to_cpu", copies)
-    with pretrain.CheckpointWriter() as writer:
+    copies = FreesTheDiskMidSave(cli.to_cpu, disk)
+    monkeypatch.setattr(cli, "to_cpu", copies)
+    with cli.CheckpointWriter(disk) as writer:
         writer.save(state(0), tmp_path / "last.pt")
         assert disk.started.wait(60)
         writer.save_together({tmp_path / "best.pt": state(1), tmp_path / "last.pt": state(1)})
@@ -295,7 +292,7 @@ def test_a_resume_state_never_reaches_the_disk_before_the_best_checkpoint_saved_
 
 
 class KeptCopies:
-    """Wraps pretrain.to_cpu and keeps every checkpoint copy it makes."""
+    """Wraps cli.to_cpu and keeps every checkpoint copy it makes."""
 
     def __init__(self, to_cpu) -> None:
         self.to_cpu = to_cpu
@@ -309,10 +306,10 @@ class KeptCopies:
 
 
 def test_a_save_copies_into_the_memory_of_a_written_copy(tmp_path, monkeypatch):
-    import pretrain
-    copies = KeptCopies(pretrain.to_cpu)
-    monkeypatch.setattr(pretrain, "to_cpu", copies)
-    with pretrain.CheckpointWriter() as writer:
+    import cli
+    copies = KeptCopies(cli.to_cpu)
+    monkeypatch.setattr(cli, "to_cpu", copies)
+    with cli.CheckpointWriter(save_checkpoint) as writer:
         for version in range(3):
             writer.save(state(version), tmp_path / "c.pt")
             writer.wait()
@@ -322,7 +319,7 @@ def test_a_save_copies_into_the_memory_of_a_written_copy(tmp_path, monkeypatch):
 
 
 def test_to_cpu_reuses_only_tensors_of_the_same_shape_and_dtype():
-    from pretrain import to_cpu
+    from cli import to_cpu
     same, other_shape, other_dtype = torch.zeros(3), torch.zeros(4), torch.zeros(3, dtype=torch.float64)
     source = {"a": torch.ones(3), "b": [torch.ones(3), torch.ones(3), 7], "c": None}
     copy = to_cpu(source, reuse={"a": same, "b": [other_shape, other_dtype, 7], "c": torch.zeros(3)})

@@ -12,8 +12,10 @@ import pytest
 import torch
 import torchvision
 
+import data
 from conftest import QUICK, ROOT, error_line, make_class_folders, run, training_log
 from model import AlexNet
+import cli
 from cli import ProgressLine
 from pretrain import print_epoch
 
@@ -291,7 +293,7 @@ def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32
     native = amx or avx512_bf16
     args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cpu"])
     model = AlexNet(num_classes=3)
-    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, pretrain.Processes("cpu"))
+    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, cli.Processes("cpu"))
     assert bf16 is native and optimizer.defaults["fused"] is (True if native else None)
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) is native
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
@@ -307,15 +309,15 @@ def test_a_bf16_step_on_the_cpu_convolves_nhwc_in_bf16_and_updates_fp32_weights(
     import pretrain
     args = pretrain.make_parser("", "pretrain").parse_args(["--precision", "bf16", "--image-size", "64"])
     model = AlexNet(num_classes=3)
-    net, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, pretrain.Processes("cpu"))
+    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3
+    run_ = pretrain.start_run(args, "pretrain", cli.Processes("cpu"), model, list(model.parameters()),
+                              data.ImageSet(images, labels, ["a", "b", "c"]))
     seen = []
     model.features[0].register_forward_hook(
         lambda module, inputs, output: seen.append((inputs[0].is_contiguous(memory_format=torch.channels_last),
                                                     output.dtype)))
     before = model.features[0].weight.detach().clone()
-    images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3
-    loss, _ = pretrain.train_step(net, optimizer, images, labels, 8, args, torch.Generator().manual_seed(0),
-                                  pretrain.Processes("cpu"), bf16)
+    loss, _ = pretrain.train_step(run_, images, labels, 8)
     assert seen == [(True, torch.bfloat16)] and torch.isfinite(loss)
     weight = model.features[0].weight
     assert weight.dtype == torch.float32 and not torch.equal(weight, before)
@@ -363,19 +365,19 @@ def test_recipe_flags_reach_the_training_step(tiny_data, tmp_path):
 
 @pytest.mark.parametrize("flag", ["label_smoothing", "cutout"])
 def test_recipe_flag_changes_the_training_loss(flag):
-    from argparse import Namespace
-
     from model import AlexNet
-    from pretrain import Processes, train_step
+    from cli import Processes
+    from pretrain import make_parser, start_run, train_step
     images, labels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0])
     losses = []
     for value in (0.0, 0.5):
         torch.manual_seed(0)
         model = AlexNet(num_classes=3)
-        args = Namespace(image_size=63, augment="rrc", label_smoothing=0.0, cutout=0.0)
-        setattr(args, flag, value)
-        loss, _ = train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), images, labels, 4, args,
-                             torch.Generator().manual_seed(0), Processes("cpu"), False)
+        args = make_parser("", "pretrain").parse_args(["--image-size", "63", "--precision", "fp32",
+                                                       f"--{flag.replace('_', '-')}", str(value)])
+        run_ = start_run(args, "pretrain", Processes("cpu"), model, list(model.parameters()),
+                         data.ImageSet(images, labels, ["a", "b", "c"]))
+        loss, _ = train_step(run_, images, labels, 4)
         losses.append(loss.item())
     assert losses[0] != pytest.approx(losses[1], abs=1e-4)
 
