@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -40,7 +41,8 @@ import cli
 import data
 from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, load_checkpoint, load_matching, load_tensors,
                    unwrap_state_dict)
-from predict import classification_report, compute_logits, print_report
+from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
+                     learning_curves, print_report)
 
 # A resume continues the stopped run: every other flag comes from its checkpoint,
 # and a different value for one of them on the command line is refused.
@@ -57,7 +59,8 @@ EPOCH_START = (0.0, 0.0, -1.0)
 
 
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
-SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
+SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json", "curves": ".png",
+                 "confusion": ".confusion.png"}
 # Endings of --out that its side files replace (pretrain.pt: pretrain.last.pt); any other ending is kept (exp.1:
 # exp.1.last.pt), so that --out exp.1 and --out exp.2 never share a side file.
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -197,7 +200,7 @@ def check_out(out: str) -> None:
     if not Path(out).name:
         raise cli.UsageError(f"--out {out!r}: names no file; pass the best-checkpoint name, e.g. checkpoints/run.pt")
     if out.endswith(tuple(SIDE_SUFFIXES.values())):
-        raise cli.UsageError(f"--out {out}: that name is for a run's resume state/log/report; pass the best-checkpoint "
+        raise cli.UsageError(f"--out {out}: that name is for a run's resume state/log/report/pictures; pass the best-checkpoint "
                          "name, e.g. checkpoints/run.pt")
     cli.check_writable_file("--out", Path(out), "model.pt", make_folder=True)  # the run's lock is taken there
 
@@ -358,6 +361,11 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
 def write_text(path: str | os.PathLike, what: str, text: str) -> None:
     """A log or report, atomically as a checkpoint: a reader, or a full disk, never meets half of it."""
     write_run_file(path, what, lambda f: f.write(text.encode()))
+
+
+def write_picture(path: str | os.PathLike, what: str, picture: Image.Image) -> None:
+    """A run's picture (PNG), atomically as a checkpoint."""
+    write_run_file(path, what, lambda f: picture.save(f, format="PNG"))
 
 
 def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:
@@ -780,11 +788,15 @@ def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
     return loss / n, correct / n
 
 
-def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace, title: str | None = None) -> dict:
+def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace) -> dict:
     """Predict's evaluation path on a split; under torchrun every process evaluates all of it (same result)."""
+    return classification_report(split_logits(model, images, args), images.labels, images.classes)
+
+
+def split_logits(model: nn.Module, images: data.ImageSet, args: argparse.Namespace, title: str | None = None
+                 ) -> torch.Tensor:
     with contextlib.closing(images.batches(None, 0, args.batch_size)) as batches:
-        logits = compute_logits(model, (x for x, _ in batches), args.image_size, args.tta, title, len(images))
-    return classification_report(logits, images.labels, images.classes)
+        return compute_logits(model, (x for x, _ in batches), args.image_size, args.tta, title, len(images))
 
 
 def start_competes(run: Run, progress: Progress, val_images: data.ImageSet, writer: CheckpointWriter) -> None:
@@ -819,6 +831,9 @@ def end_epoch(run: Run, progress: Progress, train_images: data.ImageSet, val_ima
     save_resume_state(run, progress, writer, finished=epoch == run.args.epochs, best=best)
     if run.processes.main:
         write_csv(side_files(run.out)["csv"], progress.history)
+        write_picture(side_files(run.out)["curves"], "learning curves", learning_curves(
+            progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {epoch} of "
+            f"{run.args.epochs} epochs"))
         print_epoch(progress.history, run.args.epochs, improved)
         tell_if_stdout_lost(run)
 
@@ -895,7 +910,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         print_start(run, train_images, val_images, test_images)
         fit(run, progress, train_images, val_images, starting_weights_compete and state is None)
         processes.close()
-        return test_or_stop(run, progress, test_images) if processes.main else None
+        return test_or_stop(run, progress, val_images, test_images) if processes.main else None
 
 
 def fit(run: Run, progress: Progress, train_images: data.ImageSet, val_images: data.ImageSet,
@@ -963,11 +978,11 @@ def print_start(run: Run, train_images: data.ImageSet, val_images: data.ImageSet
 # --------------------------------------------------------------------------- the test, once
 
 
-def test_or_stop(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
+def test_or_stop(run: Run, progress: Progress, val_images: data.ImageSet, test_images: data.ImageSet) -> dict:
     """The test; a signal during it stops at once, the trained run being saved already."""
     with cli.StopSignal(at_once=True) as stop:
         try:
-            return test_once(run, progress, test_images)
+            return test_once(run, progress, val_images, test_images)
         except KeyboardInterrupt:
             received = stop.received or signal.SIGINT
     print(f"{run.stage}.py: stopped by {received.name} during the test evaluation; the trained run is saved, get "
@@ -975,20 +990,29 @@ def test_or_stop(run: Run, progress: Progress, test_images: data.ImageSet) -> di
     sys.exit(128 + received)
 
 
-def test_once(run: Run, progress: Progress, test_images: data.ImageSet) -> dict:
-    """The best validation epoch's weights on the test split: the only look at it, printed and saved."""
+def test_once(run: Run, progress: Progress, val_images: data.ImageSet, test_images: data.ImageSet) -> dict:
+    """The best validation epoch's weights on the test split: the only look at it, printed and saved. The
+    temperature that calibrates their probabilities is fitted on the validation split (Guo et al. 2017) and kept in
+    the checkpoint: predict.py's probabilities use it."""
     best, files, device = progress.best, side_files(run.out), run.processes.device
     final = load_checkpoint(run.out, map_location=device)
     run.evaluated.load_state_dict(final["model"])
-    test = evaluate(run.evaluated, data.place(test_images, device, run.args.stream), run.args, title="test")
+    logits = split_logits(run.evaluated, data.place(test_images, device, run.args.stream), run.args, title="test")
+    temperature = fit_temperature(split_logits(run.evaluated, val_images, run.args), val_images.labels)
+    test = classification_report(logits, test_images.labels, run.classes)
+    test |= calibration_report(logits, test_images.labels, temperature)
     print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
           f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
           "weights:")
     print_report("test", test, run.classes)
     test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": code_version()}
-    save_checkpoint(final | {"test_metrics": test}, run.out)
+    save_checkpoint(final | {"test_metrics": test, "temperature": temperature}, run.out)
     write_text(files["test"], "test report", json.dumps(test, indent=2) + "\n")
-    print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
+    write_picture(files["confusion"], "confusion matrix picture", confusion_picture(
+        test["confusion_matrix"], run.classes, f"{run.stage}: {run_name(run.out).name}, the test split "
+        f"({test['accuracy']:.1%} right; shade: share of the true class)"))
+    print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']} and "
+          f"{files['curves']} (each epoch), {files['test']} and {files['confusion']} (the test)")
     return test
 
 
