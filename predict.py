@@ -88,7 +88,8 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     # None (JSON null) where a share has nothing to divide: 0 would read as "all of them wrong".
     recall = [right[i].item() / counts[i].item() if counts[i] else None for i in range(len(classes))]
     precision = [right[i].item() / claimed[i].item() if claimed[i] else None for i in range(len(classes))]
-    f1 = [None if r is None or p is None else (2 * p * r / (p + r) if p + r else 0.0) for p, r in zip(precision, recall)]
+    f1 = [None if r is None or p is None else (2 * p * r / (p + r) if p + r else 0.0)
+          for p, r in zip(precision, recall)]
     report = {
         "images": len(labels),
         "loss": F.cross_entropy(logits, labels).item(),
@@ -524,8 +525,8 @@ def check_picture_not_input(flag: str, picture: str, found: list[tuple[Path, int
     """The picture would overwrite an image it is about to show: refused before predicting."""
     target = Path(picture).resolve()
     if any(path.resolve() == target for path, _ in found):
-        raise cli.UsageError(f"{flag} {picture}: is one of the images to predict, and writing the picture would overwrite "
-                         "it; choose another path")
+        raise cli.UsageError(f"{flag} {picture}: is one of the images to predict, and writing the picture would "
+                             "overwrite it; choose another path")
 
 
 def picture_flags(args: argparse.Namespace) -> dict[str, str]:

@@ -200,8 +200,8 @@ def check_out(out: str) -> None:
     if not Path(out).name:
         raise cli.UsageError(f"--out {out!r}: names no file; pass the best-checkpoint name, e.g. checkpoints/run.pt")
     if out.endswith(tuple(SIDE_SUFFIXES.values())):
-        raise cli.UsageError(f"--out {out}: that name is for a run's resume state/log/report/pictures; pass the best-checkpoint "
-                         "name, e.g. checkpoints/run.pt")
+        raise cli.UsageError(f"--out {out}: that name is for a run's resume state/log/report/pictures; pass the "
+                             "best-checkpoint name, e.g. checkpoints/run.pt")
     cli.check_writable_file("--out", Path(out), "model.pt", make_folder=True)  # the run's lock is taken there
 
 

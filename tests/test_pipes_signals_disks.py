@@ -24,10 +24,9 @@ from cli import UsageError
 def test_side_files_belong_to_one_out():
     names = {out: [p.name for p in pretrain.side_files(Path(out)).values()]
              for out in ("pretrain.pt", "run.pth", "exp.1", "exp.2")}
-    assert names == {"pretrain.pt": ["pretrain.last.pt", "pretrain.csv", "pretrain.test.json"],
-                     "run.pth": ["run.last.pt", "run.csv", "run.test.json"],
-                     "exp.1": ["exp.1.last.pt", "exp.1.csv", "exp.1.test.json"],
-                     "exp.2": ["exp.2.last.pt", "exp.2.csv", "exp.2.test.json"]}
+    ends = [".last.pt", ".csv", ".test.json", ".png", ".confusion.png"]
+    assert names == {"pretrain.pt": ["pretrain" + end for end in ends], "run.pth": ["run" + end for end in ends],
+                     "exp.1": ["exp.1" + end for end in ends], "exp.2": ["exp.2" + end for end in ends]}
 
 
 def test_outs_that_share_side_files_share_their_lock(tmp_path):

@@ -121,7 +121,8 @@ def test_an_empty_path_or_grid_is_named_not_taken_for_the_current_folder_or_no_g
     assert result.returncode == 1 and len(result.stdout.splitlines()) == 1  # the one image, not the folder's 54
     assert "predict.py: '': an empty path; pass image files or folders\n" in result.stderr
     result = run("predict.py", image, "--grid", "", "--checkpoint", pretrained, "--device", "cpu", check=False)
-    assert error_line(result) == "predict.py: --grid is empty; pass a picture file, or leave the flag out for no picture"
+    assert error_line(result) == ("predict.py: --grid is empty; pass a picture file, or leave the flag out for no "
+                                  "picture")
 
 
 def test_a_url_is_said_to_be_no_local_file(pretrained, tiny_data):
@@ -251,8 +252,10 @@ def test_a_class_without_images_has_no_accuracy_rather_than_zero(capsys):
     assert '"blue": null' in json.dumps(report)
     print_report("3 labelled images", report, classes)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2:6] == ["         red   100.00%     50.00%     66.67%", "       green    50.00%    100.00%     66.67%",
-                          "        blue       n/a        n/a        n/a", "  macro mean    75.00%     75.00%     66.67%"]
+    assert lines[2:6] == ["         red   100.00%     50.00%     66.67%",
+                          "       green    50.00%    100.00%     66.67%",
+                          "        blue       n/a        n/a        n/a",
+                          "  macro mean    75.00%     75.00%     66.67%"]
 
 
 def test_a_confusion_matrix_wider_than_a_terminal_is_printed_as_its_most_confused_pairs(capsys):
