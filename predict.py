@@ -221,9 +221,10 @@ class Axes:
 
 
 def padded_range(values: list[float], floor: float | None = None) -> tuple[float, float]:
-    """The values' range with a margin (a line on the box's edge is hard to see), not below `floor`; one value gets
-    a range around it."""
-    low, high = min(values), max(values)
+    """The finite values' range with a margin (a line on the box's edge is hard to see), not below `floor`; one value
+    gets a range around it."""
+    finite = [value for value in values if math.isfinite(value)] or [0.0]
+    low, high = min(finite), max(finite)
     margin = (high - low) * 0.08 or abs(high) * 0.1 or 1.0
     return low - margin if floor is None else max(low - margin, floor), high + margin
 
@@ -275,8 +276,9 @@ def draw_legend(draw: ImageDraw.ImageDraw, centre: tuple[int, int], entries: lis
 
 
 def draw_line(draw: ImageDraw.ImageDraw, axes: Axes, xs: list[float], ys: list[float], colour: tuple) -> None:
-    """A curve through the points, each point also a dot: a run of one epoch still shows."""
-    points = [axes.at(x, y) for x, y in zip(xs, ys)]
+    """A curve through the points, each point also a dot: a run of one epoch still shows. A value that is not finite
+    (a validation loss that overflowed) is left out."""
+    points = [axes.at(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
     if len(points) > 1:
         draw.line(points, fill=colour, width=2, joint="curve")
     for x, y in points:
