@@ -189,3 +189,12 @@ def test_a_resumed_run_draws_the_whole_run(tiny_data, tmp_path):
     train = pixels_of(Image.open(out.with_suffix(".png")), predict.CURVE_COLOURS["train"])
     loss_panel = train[(train[:, 0] > 84) & (train[:, 1] < 344)][:, 1]
     assert loss_panel.max() - loss_panel.min() > 100  # a line from epoch 1 to 2, not the resumed epoch's dot
+
+
+def test_a_validation_loss_that_is_not_finite_is_left_out_of_the_curves():
+    rows = history(3)
+    rows[1]["val_loss"], rows[2]["val_loss"] = float("inf"), float("nan")
+    picture = predict.learning_curves(rows, 1, "t")
+    validation = pixels_of(picture, predict.CURVE_COLOURS["validation"])
+    in_loss = validation[(validation[:, 0] > 84) & (validation[:, 1] < 344)]
+    assert 0 < len(in_loss) < 40  # epoch 1's dot alone, no line to the others
