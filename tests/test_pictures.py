@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import predict
+import pretrain
 from conftest import QUICK, error_line, run
-from model import load_checkpoint, model_from_checkpoint
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 
 def pixels_of(picture: Image.Image, colour: tuple) -> np.ndarray:
@@ -198,3 +199,13 @@ def test_a_validation_loss_that_is_not_finite_is_left_out_of_the_curves():
     validation = pixels_of(picture, predict.CURVE_COLOURS["validation"])
     in_loss = validation[(validation[:, 0] > 84) & (validation[:, 1] < 344)]
     assert 0 < len(in_loss) < 40  # epoch 1's dot alone, no line to the others
+
+
+def test_a_run_picture_onto_a_full_disk_is_one_line_and_keeps_the_previous_one(small_filesystem):
+    path = small_filesystem("1m") / "run.png"
+    pretrain.write_picture(path, "learning curves", predict.learning_curves(history(2), 2, "t"))
+    before = path.read_bytes()
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8))  # 3 MB
+    with pytest.raises(CheckpointError, match="run.png: cannot write the learning curves \\(No space left on dev"):
+        pretrain.write_picture(path, "learning curves", noise)
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["run.png"]

@@ -45,7 +45,8 @@ def test_two_outs_that_differ_after_the_last_dot_keep_their_own_files(tiny_data,
                      "--val-size", "6", "--seed", out[-1], *QUICK)
         assert f"{tmp_path / out}.last.pt (resume state), {tmp_path / out}.csv" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"exp.{i}{suffix}" for i in (1, 2) for suffix in ("", ".csv", ".last.pt", ".test.json")]
+        f"exp.{i}{suffix}" for i in (1, 2)
+        for suffix in ("", ".confusion.png", ".csv", ".last.pt", ".png", ".test.json")]
     assert [load_checkpoint(tmp_path / f"exp.{i}.last.pt")["args"]["seed"] for i in (1, 2)] == [1, 2]
 
 
