@@ -88,8 +88,8 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     # None (JSON null) where a share has nothing to divide: 0 would read as "all of them wrong".
     recall = [right[i].item() / counts[i].item() if counts[i] else None for i in range(len(classes))]
     precision = [right[i].item() / claimed[i].item() if claimed[i] else None for i in range(len(classes))]
-    f1 = [None if r is None or p is None else (2 * p * r / (p + r) if p + r else 0.0)
-          for p, r in zip(precision, recall)]
+    f1 = [2 * right[i].item() / (counts[i] + claimed[i]).item() if counts[i] + claimed[i] else None
+          for i in range(len(classes))]  # 2 TP / (2 TP + FP + FN): 0, not undefined, for a class never predicted
     report = {
         "images": len(labels),
         "loss": F.cross_entropy(logits, labels).item(),
@@ -98,9 +98,10 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
         "per_class_precision": dict(zip(classes, precision)),
         "per_class_f1": dict(zip(classes, f1)),
     }
+    # Macro means over the classes with images; a class never predicted counts as precision 0 (scikit-learn's way).
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
-        present = [value for value in values if value is not None]
-        report[f"macro_{name}"] = sum(present) / len(present) if present else None
+        present = [value or 0.0 for value, count in zip(values, counts) if count]
+        report[f"macro_{name}"] = sum(present) / len(present)
     if min_confidence > 0:
         report["unknown"] = int((~known).sum())
     return report | {"confusion_matrix": confusion.tolist()}  # rows: true class, columns: predicted

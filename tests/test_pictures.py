@@ -85,13 +85,13 @@ def test_expected_calibration_error_on_a_hand_made_case():
 
 
 def test_precision_recall_and_f1_with_their_macro_means():
-    logits = torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [2.0, 0, 0], [0, 0, 2.0]])
-    report = predict.classification_report(logits, torch.tensor([0, 1, 1, 2]), ["a", "b", "c"])
-    assert report["per_class_precision"] == {"a": 0.5, "b": 1.0, "c": 1.0}
-    assert report["per_class_accuracy"] == {"a": 1.0, "b": 0.5, "c": 1.0}
-    assert report["per_class_f1"] == pytest.approx({"a": 2 / 3, "b": 2 / 3, "c": 1.0})
-    assert report["macro_precision"] == pytest.approx(2.5 / 3) and report["macro_recall"] == pytest.approx(2.5 / 3)
-    assert report["macro_f1"] == pytest.approx((4 / 3 + 1) / 3)
+    logits = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0], [2.0, 0, 0, 0], [0, 0, 2.0, 0], [0, 0, 2.0, 0]])
+    report = predict.classification_report(logits, torch.tensor([0, 1, 1, 2, 3]), ["a", "b", "c", "d"])
+    assert report["per_class_precision"] == {"a": 0.5, "b": 1.0, "c": 0.5, "d": None}  # d: never predicted
+    assert report["per_class_accuracy"] == {"a": 1.0, "b": 0.5, "c": 1.0, "d": 0.0}
+    assert report["per_class_f1"] == pytest.approx({"a": 2 / 3, "b": 2 / 3, "c": 2 / 3, "d": 0.0})
+    assert report["macro_precision"] == pytest.approx(2 / 4)  # d counts 0
+    assert report["macro_recall"] == pytest.approx(2.5 / 4) and report["macro_f1"] == pytest.approx(2 / 4)
 
 
 def test_a_run_draws_its_curves_and_its_confusion_matrix_and_keeps_a_temperature(pretrained):
