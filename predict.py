@@ -597,7 +597,7 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
         draw_mistakes(args.mistakes, torch.stack([image for _, _, image in done.mistakes]), mistakes, len(done.labels))
         if not args.json:
             print(f"the {len(mistakes)} most confident mistakes (drawn in {args.mistakes}): path, predicted, "
-                  "cli.probability, true")
+                  "probability, true")
             print("".join(f"{m['path']}\t{cli.printable(m['predicted'])}\t{m['probability']:.4f}\t"
                           f"{cli.printable(m['true'])}\n" for m in mistakes), end="")
         print(f"wrote {args.mistakes} ({len(mistakes)} images)", file=sys.stderr)
@@ -607,7 +607,7 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
 class Predicted:
     """What a pass over the images keeps: a small result per image, the logits of the labelled ones (for the
     report), the few images the --grid picture shows (`tiled`: their results), and the --mistakes-count most
-    confident mistakes as (cli.probability, result, image); never all the images."""
+    confident mistakes as (probability, result, image); never all the images."""
     results: list[dict] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)

@@ -151,7 +151,8 @@ def test_mistakes_draws_and_prints_the_most_confident_wrong_predictions(pretrain
     assert [m["path"] for m in output["mistakes"]] == [p["path"] for p in wrong[:5]]
     assert [m["probability"] for m in output["mistakes"]] == [p["top"][0]["probability"] for p in wrong[:5]]
     plain = run("predict.py", *args)
-    listed = plain.stdout.split("(drawn in")[1].splitlines()[1:]
+    header, *listed = plain.stdout.split("the 5 most confident mistakes (drawn in ")[1].splitlines()
+    assert header == f"{picture}): path, predicted, probability, true"
     assert [line.split("\t")[0] for line in listed] == [p["path"] for p in wrong[:5]]
     assert [line.split("\t")[3] for line in listed] == [p["true"] for p in wrong[:5]]
     drawn = Image.open(picture)
