@@ -3,16 +3,22 @@ lines, stop signals, files written atomically and the lock that keeps two runs a
 
 Sections: errors and flags; output; signals and files.
 """
+import os
+import sys
+
+if sys.version_info < (3, 10):  # before an `X | Y` annotation fails with a traceback
+    sys.exit(f"{os.path.basename(sys.argv[0])}: needs Python 3.10 or newer, this is {sys.version_info[0]}."
+             f"{sys.version_info[1]}")
+
 import argparse
+import contextlib
+import ctypes
 import errno
-import fcntl
 import io
 import math
-import os
 import re
 import signal
 import stat
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +28,12 @@ import torch
 from PIL import Image
 
 from model import CheckpointError
+
+try:
+    import fcntl
+except ImportError:  # Windows: its lock is msvcrt's (see Lock)
+    fcntl = None
+    import msvcrt
 
 # --------------------------------------------------------------------------- errors and flags
 
@@ -100,26 +112,35 @@ def random_seed(text: str) -> int:
     return value
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """--device: `None` means CUDA when there is one, else the CPU with a warning; only cpu and cuda[:N] run here."""
-    if name is None:
+def resolve_device(name: str) -> torch.device:
+    """--device: `auto` is CUDA when there is one, else Apple's MPS, else the CPU with a warning; cpu, cuda[:N] and
+    mps run here."""
+    if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        print("warning: CUDA is not available, running on the CPU (slow); pass --device cpu to silence this",
-              file=sys.stderr)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        print("warning: neither CUDA nor MPS is available, running on the CPU (slow); pass --device cpu to silence "
+              "this", file=sys.stderr)
         return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name}: not a device name; use cuda, cuda:N or cpu") from None
-    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
-        raise UsageError(f"--device {name}: not supported by these scripts; use cuda, cuda:N or cpu")
+        raise UsageError(f"--device {name}: not a device name; use auto, cuda, cuda:N, mps or cpu") from None
+    if device.type not in ("cpu", "cuda", "mps") or (device.type != "cuda" and device.index not in (None, 0)):
+        raise UsageError(f"--device {name}: not supported by these scripts; use auto, cuda, cuda:N, mps or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device auto or cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS (Apple's GPU) is not available on this machine; use --device auto "
+                         "or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0; pass one of them")
-    return torch.device(device.type) if device.type == "cpu" else device
+    return device if device.type == "cuda" else torch.device(device.type)
+
+
+DEVICE_HELP = "cuda, cuda:N, mps, cpu, or auto: CUDA if available, else MPS (Apple's GPU), else the CPU"
 
 
 def is_out_of_host_memory(error: BaseException) -> bool:
@@ -201,7 +222,8 @@ def regular_file_offset(stream) -> int | None:
         fd = stream.fileno()
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        return os.fstat(fd).st_size if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND else os.lseek(fd, 0, os.SEEK_CUR)
+        appends = fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND  # Windows: cmd's >> seeks
+        return os.fstat(fd).st_size if appends else os.lseek(fd, 0, os.SEEK_CUR)
     except (OSError, ValueError, io.UnsupportedOperation):
         return None
 
@@ -290,9 +312,10 @@ class ProgressLine:
 
 def stop_signals() -> list[signal.Signals]:
     """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
-    dropped), but not SIGHUP where it is ignored (`nohup`): the user asked the run to outlive the terminal."""
-    return [sig for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN]
+    dropped; Windows has none), but not SIGHUP where it is ignored (`nohup`): the user asked the run to outlive the
+    terminal."""
+    hangup = getattr(signal, "SIGHUP", None)
+    return [signal.SIGINT, signal.SIGTERM] + ([hangup] if hangup and signal.getsignal(hangup) != signal.SIG_IGN else [])
 
 
 class StopSignal:
@@ -338,7 +361,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
         os.makedirs(directory, exist_ok=True)
         remove_dead_writers_files(directory, name)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -362,6 +385,8 @@ def remove_dead_writers_files(directory: str, name: str) -> None:
 
 
 def process_is_running(pid: int) -> bool:
+    if sys.platform == "win32":  # there os.kill's signal 0 is CTRL_C_EVENT, sent to the whole console
+        return windows_process_is_running(pid)
     try:
         os.kill(pid, 0)  # signal 0: only whether there is such a process
     except ProcessLookupError:
@@ -369,6 +394,17 @@ def process_is_running(pid: int) -> bool:
     except PermissionError:  # another user's
         pass
     return True
+
+
+def windows_process_is_running(pid: int) -> bool:
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: another user's; else there is none
+    exit_code = ctypes.c_ulong()
+    kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code))
+    kernel32.CloseHandle(handle)
+    return exit_code.value == 259  # STILL_ACTIVE
 
 
 def current_umask() -> int:
@@ -389,8 +425,8 @@ class Lock:
         while True:
             self.file = open(path, "a+")
             try:
-                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                lock_exclusively(self.file)
+            except (BlockingIOError, PermissionError):  # msvcrt's way of saying so is EACCES
                 self.file.seek(0)
                 owner = self.file.read().strip() or "unknown"
                 self.file.close()
@@ -421,8 +457,25 @@ class Lock:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)  # while still locked: no other process can be holding it
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: no other process can be holding it
+        except PermissionError:  # Windows removes no open file: closed first; then one another run opened stays
+            self.file.close()
+            with contextlib.suppress(PermissionError):
+                self.path.unlink(missing_ok=True)
         self.file.close()
+
+
+LOCKED_BYTE = 2**20  # msvcrt locks bytes, which no other process may then read: one far past the holder's pid
+
+
+def lock_exclusively(file) -> None:
+    """flock, or on Windows msvcrt's lock of one byte; either is freed when this process ends, however it ends."""
+    if fcntl is not None:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    os.lseek(file.fileno(), LOCKED_BYTE, os.SEEK_SET)
+    msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
 
 
 def special_kind(mode: int) -> str:

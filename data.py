@@ -42,8 +42,9 @@ EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centr
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
 MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its shorter one
 CACHE_VERSION = 1
-URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/")  # "//" may have become "/" in a Path
-WORKERS = min(8, len(os.sched_getaffinity(0)))
+URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # "//" may have become "/" in a Path; one letter is a drive (C:/)
+# the CPUs this process may use (macOS and Windows have no affinity: all of them)
+WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------- images
@@ -249,6 +250,10 @@ def gather_ahead(gather, steps: list[torch.Tensor], device: torch.device, ready:
         ready.put(e)
 
 
+class NoDataFolder(cli.DataError):
+    """The folder named is no data set (missing, a URL, without train/ or test/): a script adds how to name another."""
+
+
 def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
     """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped.
 
@@ -256,7 +261,7 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     """
     name = name or cli.shown(root)
     if not root.is_dir():
-        raise cli.DataError(f"{name}: no such folder", "download the data (python download.py) or pass --data-dir")
+        raise NoDataFolder(f"{name}: no such folder", "expected a folder of class folders")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise cli.DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
@@ -278,12 +283,10 @@ def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[lis
     """train/ and test/ scanned (see scan_class_folders), checked to have the same class folders."""
     name = name or cli.shown(data_dir)
     if URL.match(str(data_dir)) and not data_dir.exists():
-        raise cli.DataError(f"{name}: a URL, not a folder", "download it first: python download.py --source URL "
-                        "--root FOLDER, then pass --data-dir FOLDER")
+        raise NoDataFolder(f"{name}: a URL, not a folder", "download it into a folder first")
     for split in ("train", "test"):
         if not (data_dir / split).is_dir():
-            raise cli.DataError(f"{name}: no {split}/ folder", "a data folder holds train/<class>/ and test/<class>/ "
-                            "(python download.py makes one for CIFAR-10)")
+            raise NoDataFolder(f"{name}: no {split}/ folder", "a data folder holds train/<class>/ and test/<class>/")
     scans = {split: scan_class_folders(data_dir / split, f"{name}/{split}") for split in ("train", "test")}
     train, test = scans["train"][0], scans["test"][0]
     if train != test:
@@ -399,9 +402,8 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
             fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
             path = Path(path)
             try:
-                os.fchmod(fd, 0o666 & ~cli.current_umask())  # mkstemp makes 0600; give the usual permissions
-                if math.prod(shape):
-                    os.posix_fallocate(fd, 0, math.prod(shape))
+                os.chmod(path, 0o666 & ~cli.current_umask())  # mkstemp makes 0600; give the usual permissions
+                allocate(fd, math.prod(shape))
             finally:
                 os.close(fd)
             return path, target is not None and folder == target.parent
@@ -414,6 +416,22 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
             raise cli.DataError(f"{cli.shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
                             f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
     raise AssertionError("unreachable")
+
+
+ALLOCATION_STEP = 2**24  # bytes of zeros written at a time where there is no posix_fallocate
+
+
+def allocate(fd: int, size: int) -> None:
+    """The file's `size` bytes given disk space now: posix_fallocate where there is one (Linux), else written as
+    zeros (a file only made longer has none yet, and a full disk would be a SIGBUS in a process writing it)."""
+    if hasattr(os, "posix_fallocate"):
+        if size:  # EINVAL for 0
+            os.posix_fallocate(fd, 0, size)
+        return
+    zeros = memoryview(bytes(min(size, ALLOCATION_STEP)))
+    with open(fd, "wb", closefd=False) as f:
+        for start in range(0, size, ALLOCATION_STEP):
+            f.write(zeros[:size - start])
 
 
 def cache_warning(path: Path, error: OSError) -> None:
@@ -528,10 +546,57 @@ def place(images: ImageSet, device: torch.device, stream: str) -> ImageSet:
     return images.to(device)
 
 
+class Loader:
+    """`for images, labels in loader:` for a training loop of one's own (airbench's CifarLoader shape): `epochs`
+    passes over `source` (a class-folder split, cached by load_folder, or an ImageSet) in batches on `device`,
+    augmented (`train`: see train_batch) or centre-cropped (eval_batch), reshuffled each pass if `shuffle` (default:
+    `train`); `drop_last` leaves out a short last batch. `seed` fixes the draws, made as pretrain.py makes them."""
+
+    def __init__(self, source: str | os.PathLike | ImageSet, batch_size: int, size: int, device: str = "cpu",
+                 train: bool = True, epochs: int = 1, shuffle: bool | None = None, drop_last: bool = False,
+                 augmentation: str = "rrc", cutout: float = 0.0, seed: int = 0) -> None:
+        images = source if isinstance(source, ImageSet) else load_folder(source)
+        self.device = torch.device(device)
+        self.images = place(images, self.device, "auto")
+        self.classes = images.classes
+        self.batch_size, self.size, self.train, self.epochs = batch_size, size, train, epochs
+        self.shuffle = train if shuffle is None else shuffle
+        self.drop_last, self.augmentation, self.cutout = drop_last, augmentation, cutout
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def __len__(self) -> int:
+        """Batches in all `epochs`."""
+        rounding = math.floor if self.drop_last else math.ceil
+        return self.epochs * rounding(len(self.images) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.images)
+        for _ in range(self.epochs):
+            order = (torch.randperm(n, generator=self.generator, device=self.device) if self.shuffle
+                     else torch.arange(n, device=self.device))
+            kept = n - n % self.batch_size if self.drop_last else n
+            with contextlib.closing(self.images.batches(order[:kept], 0, self.batch_size)) as batches:
+                for images, labels in batches:
+                    yield (train_batch(images, self.size, self.generator, augmentation=self.augmentation,
+                                       cutout=self.cutout) if self.train else eval_batch(images, self.size)), labels
+
+
 def free_memory(device: torch.device) -> int:
-    """Bytes free on the device: for the CPU the host's available memory, within this process's cgroup limit."""
+    """Bytes free on the device: for the CPU (and Apple's MPS, which shares it) the host's available memory, within
+    this process's cgroup limit on Linux. Without /proc (macOS) half the host's memory is taken as free; where that
+    cannot be read either (Windows), none: a set then streams, with the same results (and on the CPU about as fast)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    free = linux_available_memory()
+    if free is not None:
+        return free
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # macOS counts no available pages
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    return 0
+
+
+def linux_available_memory() -> int | None:
+    """/proc/meminfo's MemAvailable, and the cgroup's limit less its use; None where there are neither."""
     free = []
     with contextlib.suppress(OSError, ValueError, StopIteration):
         meminfo = Path("/proc/meminfo").read_text()
@@ -550,7 +615,7 @@ def free_memory(device: torch.device) -> int:
                                else ("memory.max", "memory.current"))
                 with contextlib.suppress(OSError, ValueError):
                     free.append(int((folder / limit).read_text()) - int((folder / used).read_text()))
-    return min(free) if free else 2**62
+    return min(free) if free else None
 
 
 # --------------------------------------------------------------------------- transforms on the device
@@ -569,7 +634,7 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     half-pixel it reads the neighbouring pixels instead of repeating the edge),
     and averages several samples per output pixel when shrinking.
     """
-    index = torch.arange(len(images), device=images.device, dtype=boxes.dtype).unsqueeze(1)
+    index = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype).unsqueeze(1)
     return roi_align(images.float(), torch.cat([index, boxes], 1), size, 1.0, -1, True)
 
 
@@ -639,4 +704,4 @@ def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     resized = int(size * EVAL_RESIZE)
     offset = int(round((resized - size) / 2.0))
     box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32, device=images.device)
-    return normalize(crop_resize(images, (box * side / resized).expand(len(images), 4), size))
+    return normalize(crop_resize(images, (box * side / resized).expand(images.shape[0], 4), size))

@@ -93,6 +93,16 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: not a regular file (a device, FIFO or socket); pass a checkpoint file")
 
 
+def is_exported_program(path: str | os.PathLike) -> bool:
+    """A torch.export archive (torch.export.save; export.py writes them), told by the marker file it holds. `path`
+    is a regular file (check_checkpoint_file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/archive_format") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def unwrap_state_dict(state_dict: dict) -> dict:
     """Strip the `module.` / `_orig_mod.` prefixes that wrappers add."""
     unwrapped = {}
@@ -124,6 +134,9 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
     check_checkpoint_file(path)
     if not zipfile.is_zipfile(path):  # torch's own errors for these are cryptic or advise weights_only=False
         raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
+    if is_exported_program(path):
+        raise CheckpointError(f"{path}: an exported program (export.py), not a checkpoint; pass the checkpoint it "
+                              "was exported from")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -12,27 +12,31 @@ in its other sub-folders are predicted unlabelled, and a line says so).
 import argparse
 import functools
 import json
+import logging
 import math
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
+from torch.export.passes import move_to_device_pass
 from torchvision.utils import make_grid
 
 import cli
 import data
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from model import (CheckpointError, check_checkpoint_file, is_exported_program, load_checkpoint,
+                   model_from_checkpoint)
 
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
 GRID_MAX = 64  # images drawn at most
+PROGRAM_RECORD = "export.json"  # in an exported program's file (export.py): classes, sizes, where it came from
 MATRIX_WIDTH = 120  # characters: a wider confusion matrix is printed as its most confused pairs
 UNKNOWN = "unknown"  # the label of an image whose top probability is below --min-confidence
 ECE_BINS = 15  # the expected calibration error's bins, as Guo et al. 2017
@@ -61,16 +65,23 @@ def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_s
     line = None if title is None else cli.ProgressLine(title, total)
     done = 0
     for images in batches:
-        x = data.eval_batch(images, image_size)
-        logits = model(x).float()
-        if flip:
-            logits = (logits + model(x.flip(3)).float()) / 2
-        done += len(x)
+        logits = logits_of(model, images, image_size, flip)
+        done += len(images)
         if line is not None and line.due(done):
             line.show(done)
         yield logits
     if line is not None:
         line.close()
+
+
+def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: bool = False) -> torch.Tensor:
+    """One batch of uint8 images through the evaluation transform and the model (in eval mode), fp32 logits; also
+    the body of export.py's program."""
+    x = data.eval_batch(images, image_size)
+    logits = model(x).float()
+    if flip:
+        logits = (logits + model(x.flip(3)).float()) / 2
+    return logits
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
@@ -467,6 +478,51 @@ def class_of(relative: Path, classes: list[str]) -> int | None:
     return classes.index(first) if len(relative.parts) > 1 and first in classes else None
 
 
+def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+    """A checkpoint, or a program export.py wrote, as a function from uint8 images at the stored size to logits on
+    `device`, and what describes it (classes, stored_size: the checkpoint, or the record in the program's file)."""
+    check_checkpoint_file(path)
+    if not is_exported_program(path):
+        checkpoint = load_checkpoint(path)
+        model = model_from_checkpoint(checkpoint, path).to(device).eval()
+        return functools.partial(calibrated_logits, model, checkpoint), checkpoint
+    program, about = load_program(path)
+    return functools.partial(log_probabilities, move_to_device_pass(program, device).module()), about
+
+
+def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
+    """A program export.py wrote, and the record it holds (PROGRAM_RECORD); anything else is one line."""
+    check_checkpoint_file(path)
+    if not is_exported_program(path):
+        raise CheckpointError(f"{path}: not an exported program; pass a file export.py wrote, or export this "
+                              f"checkpoint first: python export.py --checkpoint {path}")
+    record = {PROGRAM_RECORD: ""}
+    torch_log = logging.getLogger("torch.export")  # it logs a traceback before it raises: the line below says it
+    torch_log.disabled = True
+    try:
+        program = torch.export.load(path, extra_files=record)
+        about = json.loads(record[PROGRAM_RECORD])
+    except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
+        raise CheckpointError(f"{path}: an exported program that cannot be loaded (damaged, or without "
+                              f"{PROGRAM_RECORD}: not written by export.py); export it again") from None
+    finally:
+        torch_log.disabled = False
+    return program, about
+
+
+def calibrated_logits(model: nn.Module, checkpoint: dict, images: torch.Tensor) -> torch.Tensor:
+    """The logits divided by the checkpoint's temperature (fitted after training; 1 without): their softmax is
+    predict's probabilities, as an exported program's are."""
+    logits = logits_of(model, images, checkpoint["image_size"], checkpoint.get("tta", False))
+    return logits / float(checkpoint.get("temperature", 1.0))
+
+
+def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A program's probabilities as logits: softmax gives them back, and the loss is the same (a probability that
+    underflowed to 0 as the smallest float, not as -inf: an infinite loss)."""
+    return program(images).clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
 def default_checkpoint() -> str:
     for path in DEFAULT_CHECKPOINTS:
         if Path(path).is_file():
@@ -548,9 +604,8 @@ def predict(args: argparse.Namespace) -> int:
         raise cli.UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
                          f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
     checkpoint_path = args.checkpoint or default_checkpoint()
-    checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint, checkpoint_path)
     device = cli.resolve_device(args.device)
+    classify, checkpoint = load_classifier(checkpoint_path, device)
     classes = checkpoint["classes"]
 
     found, errors = find_images(args.paths, classes)
@@ -564,7 +619,7 @@ def predict(args: argparse.Namespace) -> int:
         found = [found[i] for i in data.stratified_split(labels, args.limit, seed=0)[0]]
     for line in errors:
         print(f"predict.py: {line}", file=sys.stderr)
-    done = predict_in_batches(model.to(device), found, checkpoint, args, device, errors)
+    done = predict_in_batches(classify, found, checkpoint, args, device, errors)
     if not done.results:
         print("predict.py: no image could be read; pass image files or folders of images", file=sys.stderr)
         return 1
@@ -625,22 +680,22 @@ def keep_mistakes(done: Predicted, results: list[dict], images: torch.Tensor, co
     done.mistakes = sorted(done.mistakes, key=lambda mistake: (-mistake[0], mistake[1]))[:count]
 
 
-def predict_in_batches(model: nn.Module, found: list[tuple[Path, int | None]], checkpoint: dict,
-                       args: argparse.Namespace, device: torch.device, errors: list[str]) -> Predicted:
-    """Decode and predict --batch-size images at a time, each image's line printed as it comes (an unreadable
-    file's error too): a folder of any size predicts in bounded memory. --grid shows up to GRID_MAX images spread
-    evenly over the files. Probabilities are at the checkpoint's temperature (fitted after training; 1 without)."""
+@torch.no_grad()
+def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: list[tuple[Path, int | None]],
+                       checkpoint: dict, args: argparse.Namespace, device: torch.device, errors: list[str]
+                       ) -> Predicted:
+    """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each image's line printed
+    as it comes (an unreadable file's error too): a folder of any size predicts in bounded memory. --grid shows up to
+    GRID_MAX images spread evenly over the files."""
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])
-    temperature = float(checkpoint.get("temperature", 1.0))
     line = None if args.json or not found else cli.ProgressLine("predict", len(found), stream=sys.stderr)
     for start in range(0, len(found), args.batch_size):
         batch = found[start:start + args.batch_size]
         images, kept = read_images(batch, checkpoint["stored_size"], errors)
         if images is not None:
-            logits = compute_logits(model, [images.to(device)], checkpoint["image_size"],
-                                    checkpoint.get("tta", False)).cpu() / temperature
+            logits = classify(images.to(device)).cpu()
             results = top_classes(logits, [batch[i] for i in kept], checkpoint["classes"], args.topk,
                                   args.min_confidence)
             labelled = [j for j, i in enumerate(kept) if batch[i][1] is not None]
@@ -670,7 +725,7 @@ def check_results_written() -> None:
     sys.stdout.flush()
     lost = getattr(sys.stdout, "lost", None)
     if isinstance(lost, BrokenPipeError):
-        sys.exit(128 + signal.SIGPIPE)
+        sys.exit(128 + getattr(signal, "SIGPIPE", 13))  # 13 wherever there is one; Windows has none
     if lost is not None:
         raise cli.UsageError(f"cannot write the results to stdout ({lost.strerror or lost}); none were kept: free space, "
                          "or send them elsewhere")
@@ -692,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mistakes-count", type=cli.positive_int, default=16, metavar="N", help="how many mistakes --mistakes draws")
     add("--min-confidence", type=cli.probability, default=0.0, metavar="P",
         help=f"label an image whose top probability is below P as '{UNKNOWN}' (counted wrong)")
-    add("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")
+    add("--device", default="auto", help=cli.DEVICE_HELP)
     add("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
     add("--limit", type=cli.positive_int, default=None,
         help="predict only this many images (stratified sample; default: all)")

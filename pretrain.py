@@ -102,7 +102,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--val-size", type=cli.positive_int, default=None,
         help="validation images held out of train/ (default: 10%%, at most 5000)")
     add("--image-size", type=image_size, default=224, help="side of the network's input")
-    add("--device", default=None, help="cuda, cuda:1, cpu ... (default: cuda if available, else cpu)")
+    add("--device", default="auto", help=cli.DEVICE_HELP)
     add("--seed", type=cli.random_seed, default=0, help="seeds the split, the initialisation and the augmentation")
     add("--limit", type=cli.positive_int, default=None,
         help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
@@ -126,8 +126,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--tta", action="store_true",
         help="evaluate (validation, test, and later predict.py) on each image and its mirror, averaging logits")
     add("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-        help="training arithmetic: auto is bf16 autocast (channels_last, fused SGD) on CUDA and on a CPU with bf16 "
-             "matrix units (AMX), else fp32; evaluation is always fp32")
+        help="training arithmetic: auto is bf16 autocast (channels_last, fused SGD) on CUDA and on a CPU that "
+             "computes bf16 natively (AMX or AVX512-BF16), else fp32 (MPS too); evaluation is always fp32")
     add("--compile", action="store_true", help="torch.compile the model for training")
     add("--stream", choices=("auto", "always", "never"), default="auto",
         help="stream each split's images to the device batch by batch from the memory-mapped cache, or copy them "
@@ -588,7 +588,11 @@ def prepare_data(args: argparse.Namespace, processes: Processes) -> tuple[data.I
     builds the cache, the others read it. --limit and the split are lists of rows of the cache, not copies."""
     if not processes.main:
         processes.barrier()
-    train_images, test_images = data.load_dataset(args.data_dir, args.stored_size)
+    try:
+        train_images, test_images = data.load_dataset(args.data_dir, args.stored_size)
+    except data.NoDataFolder as e:
+        raise cli.DataError(e.problem, "pass --data-dir FOLDER of train/<class>/ and test/<class>/ folders "
+                            "(python download.py [--source URL|ARCHIVE] --root FOLDER makes one)") from None
     if processes.main:
         processes.barrier()
     n = len(train_images)
@@ -641,8 +645,11 @@ def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: t
 
 
 def has_bf16_units(device: torch.device) -> bool:
-    """CUDA, or a CPU with AMX tiles: there bf16 autocast trains AlexNet at 224 px faster than fp32 (benchmarks/)."""
-    return device.type == "cuda" or (device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", bool)())
+    """CUDA, or a CPU that computes bf16 natively (AMX tiles, or AVX512-BF16 as on AMD EPYC): there bf16 autocast
+    trains AlexNet at 224 px faster than fp32 (benchmarks/README.md; an AMD EPYC with AVX512-BF16 and no AMX: 66
+    images/s against 37). MPS trains in fp32."""
+    return device.type == "cuda" or (device.type == "cpu" and any(
+        getattr(torch.cpu, name, bool)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")))
 
 
 def channels_last(device: torch.device, bf16: bool) -> bool:

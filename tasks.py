@@ -6,6 +6,7 @@ r"""invoke tasks: each runs one of the scripts; `invoke --list`, `invoke --help 
     invoke pretrain --epochs 3 --ema 0.999 --lr-schedule cosine
     invoke predict --paths cat.png --paths photos/ --topk 3
     invoke predict --topk 3 -- cat.png photos/*.jpg
+    invoke export --checkpoint checkpoints/finetune.pt --out model.pt2
 
 A task's flags are its script's, read from the script's own argparse parser (its build_parser): the same names and
 help, the defaults argparse's, so a flag added to a script is a flag of its task too. A flag left out is left to the
@@ -17,17 +18,18 @@ import argparse
 import importlib.util
 import inspect
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 from invoke import Exit, Task, task
 
 import download as download_script
+import export as export_script
 import finetune as finetune_script
 import predict as predict_script
 import pretrain as pretrain_script
 
-PYTHON = shlex.quote(sys.executable)
 HERE = Path(__file__).resolve().parent
 
 
@@ -84,7 +86,12 @@ def script_argv(actions: list[argparse.Action], options: dict, extra: list[str])
 
 def run_script(c, script: str, argv: list[str]) -> None:
     """The script by its absolute path, in the caller's folder."""
-    run_shown(c, " ".join([PYTHON, shlex.quote(str(HERE / script)), *map(shlex.quote, argv)]))
+    run_shown(c, command_line([sys.executable, str(HERE / script), *argv]))
+
+
+def command_line(words: list[str]) -> str:
+    """As the shell invoke runs reads it: cmd.exe on Windows (to which single quotes are letters), else sh."""
+    return subprocess.list2cmdline(words) if sys.platform == "win32" else shlex.join(words)
 
 
 def run_shown(c, command: str) -> None:
@@ -124,7 +131,8 @@ def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, f
 
 
 PARSERS = {"download": download_script.build_parser(), "pretrain": pretrain_script.build_parser(),
-           "finetune": finetune_script.build_parser(), "predict": predict_script.build_parser()}
+           "finetune": finetune_script.build_parser(), "predict": predict_script.build_parser(),
+           "export": export_script.build_parser()}
 DEFAULT_DATA = PARSERS["pretrain"].get_default("data_dir")
 
 download = task_of("download.py", PARSERS["download"],
@@ -134,6 +142,8 @@ finetune = task_of("finetune.py", PARSERS["finetune"],
                    "Fine-tune a trained model (--mode head: its last layer only).", "finetune")
 predict = task_of("predict.py", PARSERS["predict"], "Classify images and folders of images.", "predict",
                   fallback={"paths": [f"{DEFAULT_DATA}/test"]})
+export = task_of("export.py", PARSERS["export"],
+                 "Export a checkpoint as a program that runs without this project, checked against it.", "export")
 bench = task_of("benchmarks/throughput.py", load_benchmark("throughput").build_parser(),
                 "Training and evaluation images/s of this pipeline against the reference's.", "bench")
 
@@ -185,4 +195,4 @@ headline = task_of("benchmarks/headline.py", load_benchmark("headline").build_pa
 def test(c):
     """Run the test suite."""
     with c.cd(HERE):
-        run_shown(c, f"{PYTHON} -m pytest")
+        run_shown(c, command_line([sys.executable, "-m", "pytest"]))

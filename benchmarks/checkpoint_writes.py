@@ -26,7 +26,7 @@ import cli  # noqa: E402
 import data  # noqa: E402
 import pretrain  # noqa: E402
 from model import AlexNet  # noqa: E402
-from cli import positive_int, resolve_device  # noqa: E402
+from cli import DEVICE_HELP, positive_int, resolve_device  # noqa: E402
 
 
 class CountedWrites:
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--epoch-seconds", type=cli.non_negative_float, default=1.0,
                         help="the training time between saves")
     parser.add_argument("--classes", type=positive_int, default=10, help="outputs of the model's head")
-    parser.add_argument("--device", default=None, help="cuda, cpu ... (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out-dir", default=None, help="where the two files go (default: a temporary folder)")
     args = parser.parse_args()
     device = resolve_device(args.device)

@@ -5,12 +5,13 @@
 
 The steps (see `plan`) run in order: tests/test_cuda.py; benchmarks/throughput.py at 224 px, batch 256, once per
 entry of THROUGHPUT_RUNS; the whole job, the commands `invoke all` chains (tasks.py) run directly, each stage timed
-(the GPU machine has no invoke); then benchmarks/recipes.py at 40 epochs, one recipe at a time, the most promising
-first, while time is left. Each step's output goes to DIR/LOG.log as it runs, and DIR/results.md, one table of every
-figure with the device, torch version, commit and each figure's command, is rewritten after each step: a run cut off
-keeps what it measured. A step starts only when its estimate fits in what is left of --minutes (a training step's
-estimate uses the images/s measured by then); one still running when the time is up gets SIGINT (a training run saves
-its resume state) and its partial figures. Data and checkpoints go to --work-dir, so DIR holds at most 8 files.
+(the GPU machine has no invoke); benchmarks/latency.py on its checkpoint, eager against exported; then
+benchmarks/recipes.py at 40 epochs, one recipe at a time, the most promising first, while time is left. Each step's
+output goes to DIR/LOG.log as it runs, and DIR/results.md, one table of every figure with the device, torch version,
+commit and each figure's command, is rewritten after each step: a run cut off keeps what it measured. A step starts
+only when its estimate fits in what is left of --minutes (a training step's estimate uses the images/s measured by
+then); one still running when the time is up gets SIGINT (a training run saves its resume state) and its partial
+figures. Data and checkpoints go to --work-dir, so DIR holds at most 8 files.
 
 --rehearse runs the same steps on the CPU at toy scale: a generated data set of 10 classes, one epoch, a few steps,
 tests/test_cuda.py all skipped. Its figures say only that the command works; tests/test_headline.py runs it.
@@ -61,19 +62,22 @@ class Scale:
     throughput: list[str]
     training: list[str]
     recipes: list[str]
+    latency: list[str]  # benchmarks/latency.py's flags
     train_images: int  # training images of one epoch (45,000 of CIFAR-10's 50,000; the rest validate)
     epochs: int
     images_per_s: float  # assumed until a throughput run has measured it
     seconds: dict[str, float]
 
 
-GPU = Scale("cuda", ["--image-size", "224", "--batch-size", "256"], [], RECIPE_ORDER, 45_000, 40, 10_000.0,
-            {"cuda-tests": 180, "throughput": 90, "compile": 180, "download": 60, "training": 60, "predict": 30})
+GPU = Scale("cuda", ["--image-size", "224", "--batch-size", "256"], [], RECIPE_ORDER, [], 45_000, 40, 10_000.0,
+            {"cuda-tests": 180, "throughput": 90, "compile": 180, "download": 60, "training": 60, "predict": 30,
+             "latency": 120})
 REHEARSAL = Scale("cpu", ["--image-size", "64", "--batch-size", "8", "--steps", "2", "--reference-steps", "2",
                           "--warmup", "1"],
                   ["--epochs", "1", "--image-size", "64", "--batch-size", "16"], RECIPE_ORDER[:1],
-                  108, 1, 100.0,
-                  {"cuda-tests": 20, "throughput": 20, "compile": 60, "download": 10, "training": 15, "predict": 10})
+                  ["--runs", "3", "--batch-runs", "1", "--warmup", "1", "--batch-size", "4"], 108, 1, 100.0,
+                  {"cuda-tests": 20, "throughput": 20, "compile": 60, "download": 10, "training": 15, "predict": 10,
+                   "latency": 30})
 
 
 @dataclass
@@ -112,6 +116,8 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
         Step("predict", "job", [python, "predict.py", str(data_dir / "test"), "--checkpoint", str(ckpt / "finetune.pt"),
                                 "--limit", "64", "--grid", str(ckpt / "predictions.png"), *device],  # the task's
              scale.seconds["predict"], needs="finetune"),
+        Step("latency", "latency", [python, "benchmarks/latency.py", "--checkpoint", str(ckpt / "finetune.pt"),
+                                    *scale.latency], scale.seconds["latency"], needs="finetune"),
     ]
     for recipe in scale.recipes:
         steps.append(Step(f"recipe {recipe}", "recipes",
@@ -136,6 +142,10 @@ def figures(step: Step, output: str) -> list[tuple[str, str]]:
         for kind, first, second, ratio in re.findall(r"^(train|evaluate)\s+(\d+)\s+(\d+)\s+([\d.]+x)", table, re.M):
             name = "training" if kind == "train" else "evaluation"
             found.append((f"{name} images/s, {compared}", f"{first} / {second} = {ratio}"))
+    # latency.py's rows: device, model, batch 1 median and p95 ms, images/s at its batch size
+    for device, model, median, p95, rate in re.findall(r"^\| (cpu|cuda) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| (\d+) \|",
+                                                       output, re.M):
+        found.append((f"{device} {model}: batch 1 median / p95 ms, batch images/s", f"{median} / {p95}, {rate}"))
     accuracy = re.findall(r"labelled images: accuracy ([\d.]+ %|[\d.]+%)", output)
     if accuracy:
         found.append(("accuracy of the predicted images", accuracy[-1]))

@@ -24,7 +24,7 @@ from throughput import ROOT, describe
 
 import cli  # noqa: E402
 import data  # noqa: E402  (on the path that throughput set)
-from cli import UsageError, resolve_device  # noqa: E402
+from cli import DEVICE_HELP, UsageError, resolve_device  # noqa: E402
 
 # Candidates for CIFAR-10; the reference recipe is pretrain.py's defaults.
 RECIPES = {
@@ -80,8 +80,7 @@ def main() -> None:
     parser.add_argument("--recipe", type=recipe, action="append", metavar='NAME[="FLAGS"]',
                         help=f"a recipe to run, repeatable (default: all of {', '.join(RECIPES)})")
     parser.add_argument("--out-dir", default="checkpoints/recipes", help="checkpoints and logs, NAME.pt and NAME.log")
-    parser.add_argument("--device", default=None,
-                        help="cuda, cpu ... (default: cuda if available); passed to pretrain.py")
+    parser.add_argument("--device", default="auto", help=f"{DEVICE_HELP}; passed to pretrain.py")
     args, common = parser.parse_known_args()
     recipes = args.recipe or list(RECIPES.items())
     try:

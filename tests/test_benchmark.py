@@ -74,3 +74,16 @@ def test_peak_memory_makes_a_set_and_measures_a_process_tree(tmp_path):
     assert result.returncode == 3
     anonymous = int(result.stderr.split("peak anonymous ")[1].split()[0])
     assert anonymous >= 300 and "exit 3" in result.stderr  # the grandchild's 300 MiB counted
+
+
+def test_latency_tables_eager_and_exported_at_batch_1_and_n(pretrained):
+    command = [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--checkpoint", str(pretrained), "--runs", "5",
+               "--batch-runs", "2", "--warmup", "1", "--batch-size", "3"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "latency.py" in lines[2]
+    assert lines[4] == "| device | model | batch 1 median ms | batch 1 p95 ms | batch 3 images/s |"
+    rows = [line.strip("| ").split(" | ") for line in lines[6:]]
+    assert [row[:2] for row in rows] == [["cpu", "eager"], ["cpu", "exported"]]
+    assert all(0 < float(row[2]) <= float(row[3]) and float(row[4]) > 0 for row in rows)

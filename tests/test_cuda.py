@@ -1,6 +1,6 @@
 """On CUDA: the bf16 step (channels_last, fused SGD, compiled or not), a stop and resume, predict agreeing with the
-CPU, torchrun on NCCL, the out-of-memory message. Every test is skipped without CUDA; benchmarks/headline.py runs
-them on a GPU."""
+CPU, an exported program checked and moved there, torchrun on NCCL, the out-of-memory message. Every test is skipped
+without CUDA; benchmarks/headline.py runs them on a GPU."""
 import json
 import signal
 import subprocess
@@ -50,6 +50,17 @@ def test_predict_on_cuda_agrees_with_the_cpu(pretrained, tiny_data):
     top1 = {}
     for device in ("cpu", "cuda"):
         result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--json", "--device", device)
+        top1[device] = [p["top"][0]["label"] for p in json.loads(result.stdout)["predictions"]]
+    assert top1["cuda"] == top1["cpu"] and len(top1["cpu"]) == 18
+
+
+def test_an_export_checked_on_cuda_and_a_cpu_program_predicting_on_cuda(pretrained, tiny_data, tmp_path):
+    run("export.py", "--checkpoint", pretrained, "--out", tmp_path / "cuda.pt2", "--device", "cuda",
+        "--data-dir", tiny_data)  # fails unless the program agrees with the checkpoint on CUDA
+    run("export.py", "--checkpoint", pretrained, "--out", tmp_path / "cpu.pt2", "--device", "cpu", "--limit", "4")
+    top1 = {}
+    for path, device in ((pretrained, "cpu"), (tmp_path / "cpu.pt2", "cuda")):
+        result = run("predict.py", tiny_data / "test", "--checkpoint", path, "--json", "--device", device)
         top1[device] = [p["top"][0]["label"] for p in json.loads(result.stdout)["predictions"]]
     assert top1["cuda"] == top1["cpu"] and len(top1["cpu"]) == 18
 

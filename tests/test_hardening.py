@@ -179,7 +179,7 @@ def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_
     (["--seed", "99999999999999999999"], "--seed: must be an integer from 0 to 4294967295"),
     (["--image-size", "10000"], "--image-size: at most 1024 px"),
     (["--device", "cpu:1"], "--device cpu:1: not supported by these scripts"),
-    (["--device", "mps"], "--device mps: not supported by these scripts"),
+    (["--device", "mps"], "--device mps: MPS (Apple's GPU) is not available on this machine"),
     (["--device", "meta"], "--device meta: not supported by these scripts"),
     (["--device", "xla"], "--device xla: not supported by these scripts"),
     (["--val-size", "47"], "--val-size 47: leaves a class with no training image; pass --val-size 45 or less"),

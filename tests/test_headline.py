@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import headline  # noqa: E402
 
 EVERY_STEP = ["cuda-tests", "download", *(name for name, _ in headline.THROUGHPUT_RUNS), "pretrain", "finetune",
-              "predict", *(f"recipe {name}" for name in headline.REHEARSAL.recipes)]
+              "predict", "latency", *(f"recipe {name}" for name in headline.REHEARSAL.recipes)]
 
 
 def table(results: str) -> dict[str, list[str]]:
@@ -32,7 +32,7 @@ def test_the_rehearsal_runs_every_step_and_tables_every_figure(tmp_path):
     assert "- device: CPU" in results and "commit" in results and "--rehearse" in results
     rows = table(results)
     assert list(rows) == EVERY_STEP and all(row[0].endswith(" s") for row in rows.values())  # each ran, exit 0
-    assert "tests/test_cuda.py: 6 skipped" in rows["cuda-tests"][1]
+    assert "tests/test_cuda.py: 7 skipped" in rows["cuda-tests"][1]
     for name, flags in headline.THROUGHPUT_RUNS:
         streamed = "--stream" in flags  # a second table: streamed against resident
         assert "training images/s, ours / reference: " in rows[name][1] and rows[name][1].count("x") == 2 + 2 * streamed
@@ -40,7 +40,9 @@ def test_the_rehearsal_runs_every_step_and_tables_every_figure(tmp_path):
     report = json.loads((work / "checkpoints" / "finetune.test.json").read_text())
     assert f"test accuracy, once, best validation epoch: {report['accuracy']:.2%}" in rows["finetune"][1]
     assert rows["pretrain"][2].startswith("`python pretrain.py --data-dir ")
-    logs = ["cuda-tests.log", "job.log", "recipes.log", *(f"{name}.log" for name, _ in headline.THROUGHPUT_RUNS)]
+    assert "cpu exported: batch 1 median / p95 ms, batch images/s: " in rows["latency"][1]
+    logs = ["cuda-tests.log", "job.log", "latency.log", "recipes.log",
+            *(f"{name}.log" for name, _ in headline.THROUGHPUT_RUNS)]
     assert sorted(p.name for p in out.iterdir()) == sorted([*logs, "results.md"])  # a GPU lease returns 8 files
     assert (out / "job.log").read_text().count("# exit 0, ") == 4  # download, pretrain, finetune, predict
 
@@ -87,6 +89,16 @@ def test_a_streamed_throughput_run_is_tabled_as_streamed_against_resident():
         ("evaluation images/s, ours / reference", "2000 / 100 = 20.0x"),
         ("training images/s, streamed / resident", "880 / 900 = 0.98x"),
         ("evaluation images/s, streamed / resident", "1900 / 2000 = 0.95x")]
+
+
+def test_latency_rows_are_tabled_by_device_and_model():
+    output = ("| device | model | batch 1 median ms | batch 1 p95 ms | batch 64 images/s |\n"
+              "| --- | --- | --- | --- | --- |\n| cpu | eager | 12.50 | 14.00 | 300 |\n"
+              "| cuda | exported | 0.90 | 1.10 | 25000 |\n")
+    step = headline.Step("latency", "latency", ["latency.py"], 1.0)
+    assert headline.figures(step, output) == [
+        ("cpu eager: batch 1 median / p95 ms, batch images/s", "12.50 / 14.00, 300"),
+        ("cuda exported: batch 1 median / p95 ms, batch images/s", "0.90 / 1.10, 25000")]
 
 
 @pytest.mark.parametrize("flag", ["--out-dir", "--work-dir"])

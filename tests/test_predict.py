@@ -174,23 +174,35 @@ def test_corrupt_checkpoint(tmp_path, tiny_data):
 
 
 @pytest.mark.parametrize("name, available, count, message", [
-    ("gpu", True, 1, "--device gpu: not a device name; use cuda, cuda:N or cpu"),
-    ("cuda", False, 0, "--device cuda: CUDA is not available on this machine; use --device cpu"),
-    ("cuda:1", False, 0, "--device cuda:1: CUDA is not available on this machine; use --device cpu"),
+    ("gpu", True, 1, "--device gpu: not a device name; use auto, cuda, cuda:N, mps or cpu"),
+    ("cuda", False, 0, "--device cuda: CUDA is not available on this machine; use --device auto or cpu"),
+    ("cuda:1", False, 0, "--device cuda:1: CUDA is not available on this machine; use --device auto or cpu"),
     ("cuda:2", True, 2, "--device cuda:2: this machine has 2 CUDA device(s), numbered from 0; pass one of them"),
+    ("mps", False, 0, "--device mps: MPS (Apple's GPU) is not available on this machine; use --device auto or cpu"),
 ])
 def test_a_device_this_machine_lacks_is_a_usage_error(monkeypatch, name, available, count, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(UsageError) as error:
         resolve_device(name)
     assert str(error.value) == message
 
 
-def test_a_cuda_device_the_machine_has_is_used(monkeypatch):
+def test_a_device_the_machine_has_is_used(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu:0") == torch.device("cpu")
+    assert resolve_device("mps:0") == torch.device("mps")
+
+
+@pytest.mark.parametrize("cuda, mps, chosen", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_takes_cuda_then_mps_then_the_cpu_with_a_warning(monkeypatch, capsys, cuda, mps, chosen):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(chosen)
+    assert ("running on the CPU (slow); pass --device cpu" in capsys.readouterr().err) is (chosen == "cpu")
 
 
 @pytest.mark.parametrize("script", ["predict.py", "pretrain.py"])

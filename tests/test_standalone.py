@@ -95,7 +95,8 @@ def test_outside_a_checkout_the_code_is_a_hash_of_the_scripts(tmp_path):
 ALLOWED_IMPORTS = {"model.py": set(), "cli.py": {"model"}, "data.py": {"cli"}, "download.py": {"cli", "data"},
                    "predict.py": {"model", "cli", "data"}, "pretrain.py": {"model", "cli", "data", "predict"},
                    "finetune.py": {"model", "cli", "data", "predict", "pretrain"},
-                   "tasks.py": {"download", "pretrain", "finetune", "predict"}}
+                   "export.py": {"model", "cli", "data", "predict", "pretrain"},
+                   "tasks.py": {"download", "pretrain", "finetune", "predict", "export"}}
 
 
 @pytest.mark.parametrize("script", sorted(ALLOWED_IMPORTS))

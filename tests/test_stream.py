@@ -220,7 +220,7 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, met
     time.sleep(0.5)  # decoding under way
     process.send_signal(sig)
     process.wait(timeout=60)
-    for _ in range(100):
+    for _ in range(600):  # a process still importing torch (spawn, forkserver) looks at its parent only after that
         if not any(alive(pid) for pid in workers):
             break
         time.sleep(0.1)

@@ -16,7 +16,7 @@ def invoke(*args, cwd):
 @pytest.mark.slow  # a real invoke process
 def test_tasks_are_listed(tmp_path):
     listing = invoke("--list", cwd=tmp_path).stdout
-    for name in ("download", "pretrain", "finetune", "predict", "all", "bench", "headline", "test"):
+    for name in ("download", "pretrain", "finetune", "predict", "export", "all", "bench", "headline", "test"):
         assert f"\n  {name} " in listing
 
 
@@ -50,7 +50,7 @@ def test_finetune_task_passes_its_flags(tmp_path):
     assert f"{ROOT / 'finetune.py'} --out ck/f.pt --ema 0.9 --mode full --new-head\n" in result.stderr
 
 
-@pytest.mark.parametrize("name", ["download", "pretrain", "finetune", "predict", "bench", "headline"])
+@pytest.mark.parametrize("name", ["download", "pretrain", "finetune", "predict", "export", "bench", "headline"])
 def test_every_script_flag_is_a_task_flag(name):
     import tasks
     flags = {flag for argument in getattr(tasks, name).get_arguments() for flag in argument.names}

@@ -282,19 +282,21 @@ def test_val_size_larger_than_the_data(tiny_data, tmp_path):
     assert result.returncode == 1 and "--val-size 500: must be between 1 and 47" in result.stderr
 
 
-@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("amx, avx512_bf16", [(True, False), (False, True), (False, False)])
 def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32_without(
-        amx, tiny_data, tmp_path, monkeypatch):
+        amx, avx512_bf16, tiny_data, tmp_path, monkeypatch):
     import pretrain
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    native = amx or avx512_bf16
     args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cpu"])
     model = AlexNet(num_classes=3)
     _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, pretrain.Processes("cpu"))
-    assert bf16 is amx and optimizer.defaults["fused"] is (True if amx else None)
-    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) is amx
+    assert bf16 is native and optimizer.defaults["fused"] is (True if native else None)
+    assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) is native
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
                  "--val-size", "6", *QUICK)
-    arithmetic = "bf16 autocast, channels_last, fused SGD" if amx else "fp32"
+    arithmetic = "bf16 autocast, channels_last, fused SGD" if native else "fp32"
     assert f"on cpu, {arithmetic} (--precision auto)," in result.stdout
     fp32 = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "q.pt", "--epochs", "1",
                "--val-size", "6", *QUICK, "--precision", "fp32")

@@ -1,0 +1,177 @@
+"""Export a checkpoint as a program that runs without this project: uint8 images in, probabilities out.
+
+    python export.py --checkpoint checkpoints/finetune.pt --out model.pt2
+
+The program (torch.export) holds the weights and predict.py's evaluation path: resize to 256/224 of the crop,
+centre crop, normalisation, the mirror-image average of --tta and the calibrated temperature. It takes a batch of
+N x 3 x S x S uint8 images, any N, S the checkpoint's stored size (an image's shorter side resized to S and its
+centre cropped, as data.decode does), and returns N x classes probabilities. It loads with torch.export.load where
+torch and torchvision (its crop is torchvision's roi_align) are installed; the class names are in its file.
+
+Before it is written, the program (as saved and loaded back) and the checkpoint (through predict.py) are run on
+the same images, the checkpoint's test split (or generated ones): the export fails unless their top-1 classes agree
+on every image and their probabilities differ by less than TOLERANCE. The figures are printed and written beside
+the program (model.pt2.json).
+"""
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import cli
+import data
+import predict
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from pretrain import code_version
+
+TOLERANCE = 1e-4  # the largest probability difference allowed between the program and the checkpoint, in fp32
+GENERATED_IMAGES = 64  # checked when there is no test split
+
+
+class Deployed(nn.Module):
+    """What the program computes: predict.py's evaluation path, then softmax(logits / temperature)."""
+
+    def __init__(self, model: nn.Module, image_size: int, flip: bool, temperature: float) -> None:
+        super().__init__()
+        self.model, self.image_size, self.flip, self.temperature = model.eval(), image_size, flip, temperature
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = predict.logits_of(self.model, images, self.image_size, self.flip)
+        return torch.softmax(logits / self.temperature, 1)
+
+
+def deployed(checkpoint: dict, path: str) -> Deployed:
+    """The checkpoint's model, eager, with what the program adds around it."""
+    return Deployed(model_from_checkpoint(checkpoint, path), checkpoint["image_size"], checkpoint.get("tta", False),
+                    float(checkpoint.get("temperature", 1.0)))
+
+
+def export_program(module: Deployed, stored_size: int, device: torch.device) -> torch.export.ExportedProgram:
+    """The module traced for uint8 batches of any size on `device`."""
+    example = torch.zeros(2, 3, stored_size, stored_size, dtype=torch.uint8, device=device)
+    with torch.no_grad():
+        return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def saved(program: torch.export.ExportedProgram, record: dict) -> bytes:
+    """The program's file, with `record` in it (predict.PROGRAM_RECORD)."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={predict.PROGRAM_RECORD: json.dumps(record)})
+    return buffer.getvalue()
+
+
+def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> tuple[data.ImageSet, str]:
+    """The images both are run on, and what they are: the test split of --data-dir (default: the checkpoint's data
+    folder, where it still holds one), else GENERATED_IMAGES seeded noise images."""
+    folder = data_dir or checkpoint.get("args", {}).get("data_dir")
+    size = checkpoint["stored_size"]
+    if data_dir is not None or (folder and (Path(folder) / "test").is_dir()):
+        test = data.load_folder(Path(folder) / "test", size=size)
+        if limit is not None and limit < len(test):
+            test = test.subset(data.stratified_split(test.labels, limit, seed=0)[0])
+        return test, f"the test split of {cli.shown(folder)}"
+    count = min(limit or GENERATED_IMAGES, GENERATED_IMAGES)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+    return (data.ImageSet(images, torch.zeros(count, dtype=torch.int64), checkpoint["classes"]),
+            "generated images (no test split found; pass --data-dir for real ones)")
+
+
+@torch.no_grad()
+def agreement(program: nn.Module, reference: nn.Module, images: data.ImageSet, batch_size: int,
+              device: torch.device) -> dict:
+    """Both run on the same images, batch by batch: the share of images whose top-1 class is the same, and the
+    largest difference of a probability."""
+    same, largest = 0, 0.0
+    for batch, _ in images.batches(None, 0, batch_size):
+        batch = batch.to(device)
+        exported, eager = program(batch), reference(batch)
+        same += int((exported.argmax(1) == eager.argmax(1)).sum())
+        largest = max(largest, float((exported - eager).abs().max()))
+    return {"images": len(images), "top1_agreement": same / len(images), "max_probability_difference": largest,
+            "tolerance": TOLERANCE}
+
+
+def check_out(out: str) -> Path:
+    """--out before the long work: a file in a folder that exists and can be written."""
+    path = Path(out)
+    if not path.parent.is_dir() and not any(p.exists() and not p.is_dir() for p in path.parents):
+        raise cli.UsageError(f"--out {out}: folder {cli.shown(path.parent)} does not exist; create it or choose "
+                             "another --out")
+    cli.check_writable_file("--out", path, "model.pt2", "a program file")
+    return path
+
+
+def write_program(path: Path, program: bytes, record: dict) -> None:
+    """The program, then its record beside it, each written whole or not at all (cli.write_atomically)."""
+    beside = Path(f"{path}.json")
+    try:
+        cli.write_atomically(path, lambda f: f.write(program))
+    except OSError as e:  # the previous program and record, if any, are as they were
+        raise cli.UsageError(f"--out {path}: cannot write ({e.strerror or e}); free space or choose another "
+                             "path") from None
+    try:
+        cli.write_atomically(beside, lambda f: f.write(json.dumps(record, indent=1).encode() + b"\n"))
+    except OSError as e:
+        beside.unlink(missing_ok=True)  # a previous record would describe another program; this one holds its own
+        raise cli.UsageError(f"--out {path}: written, but not its record {beside} ({e.strerror or e}); free "
+                             "space and export again") from None
+
+
+def export(args: argparse.Namespace) -> int:
+    out = check_out(args.out)
+    device = cli.resolve_device(args.device)
+    checkpoint = load_checkpoint(args.checkpoint)
+    reference = deployed(checkpoint, args.checkpoint).to(device)
+    size = checkpoint["stored_size"]
+    record = {"checkpoint": str(args.checkpoint), "checkpoint_code": checkpoint.get("code"), "code": code_version(),
+              "torch": torch.__version__, "device": str(device), "input": f"N x 3 x {size} x {size} uint8",
+              "output": f"N x {len(checkpoint['classes'])} probabilities", "classes": checkpoint["classes"],
+              "stored_size": size, "image_size": checkpoint["image_size"], "tta": checkpoint.get("tta", False),
+              "temperature": reference.temperature, "mean": list(data.MEAN), "std": list(data.STD)}
+    started = time.perf_counter()
+    program = saved(export_program(reference, size, device), record)
+    seconds = time.perf_counter() - started
+    loaded = torch.export.load(io.BytesIO(program)).module()  # checked as it will be loaded
+    images, source = check_images(checkpoint, args.data_dir, args.limit)
+    check = agreement(loaded, reference, images, args.batch_size, device) | {"source": source}
+    print(f"{cli.shown(args.checkpoint)} -> {cli.shown(out)} on {check['images']} images ({source}): top-1 agreement "
+          f"{check['top1_agreement']:.2%}, largest probability difference {check['max_probability_difference']:.2e}")
+    if check["top1_agreement"] < 1 or not check["max_probability_difference"] < TOLERANCE:
+        raise CheckpointError(f"{args.checkpoint}: the exported program differs from the checkpoint (needs top-1 "
+                              f"agreement 100% and a difference below {TOLERANCE}); nothing written: report it "
+                              "with torch's version")
+    write_program(out, program, record | {"check": check, "export_seconds": round(seconds, 2)})
+    print(f"wrote {cli.shown(out)} ({len(program) / 1e6:.1f} MB, exported in {seconds:.1f} s) and its record "
+          f"{cli.shown(out)}.json", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """export.py's flags, also the `invoke export` task's."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter,
+                                     allow_abbrev=False)
+    add = parser.add_argument
+    add("--checkpoint", default=predict.DEFAULT_CHECKPOINTS[0], help="the checkpoint to export")
+    add("--out", default="model.pt2", help="the program file; its record is written beside it (OUT.json)")
+    add("--device", default="cpu", help="cuda, cpu ...: the device the program runs on, and is checked on")
+    add("--data-dir", default=None,
+        help="data folder whose test/ the check runs on (default: the checkpoint's, else generated images)")
+    add("--limit", type=cli.positive_int, default=None, help="check only this many images (stratified sample)")
+    add("--batch-size", type=cli.positive_int, default=256, help="images per forward pass of the check")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.guard_output()  # stdout closed (`| head`) does not stop the export: the program is its result
+    args = build_parser().parse_args(argv)
+    sys.exit(cli.report_errors("export.py", args.batch_size, lambda: export(args)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+import data
+import export
+import predict
+from conftest import ROOT, error_line, run
+from model import model_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def varied(pretrained, tiny_data, tmp_path_factory) -> str:
+    """The tests' checkpoint with its head's bias moved by the mean logit of the test images: the briefly trained
+    model calls every image the same class, which would hide a mix-up of images; this one tells them apart."""
+    checkpoint = torch.load(pretrained, weights_only=True)
+    test = data.load_folder(tiny_data / "test", size=checkpoint["stored_size"])
+    logits = predict.compute_logits(model_from_checkpoint(checkpoint), [test.images], checkpoint["image_size"])
+    checkpoint["model"]["classifier.6.bias"] -= logits.mean(0)
+    path = tmp_path_factory.mktemp("varied") / "varied.pt"
+    torch.save(checkpoint, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def program(varied, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("program") / "model.pt2"
+    result = run("export.py", "--checkpoint", varied, "--out", out, "--data-dir", tiny_data)
+    return out, result
+
+
+def predicted(result) -> list[dict]:
+    return json.loads(result.stdout)["predictions"]
+
+
+def readme_snippet() -> str:
+    """README's lines that load the program with Pillow."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"\n((?:    .*\n)*    .*torch\.export\.load.*\n(?:    .*\n)*)", readme)[1]
+    return "".join(line[4:] + "\n" for line in block.splitlines())
+
+
+def test_export_checks_the_program_and_writes_its_record(program, varied, tiny_data):
+    out, result = program
+    record = json.loads(out.with_name("model.pt2.json").read_text())
+    assert record["check"]["images"] == 18 and record["check"]["top1_agreement"] == 1.0
+    assert record["check"]["max_probability_difference"] < export.TOLERANCE
+    assert record["checkpoint"] == varied and record["classes"] == ["blue", "green", "red"]
+    assert record["input"] == "N x 3 x 32 x 32 uint8" and record["mean"] == [0.485, 0.456, 0.406]
+    assert "top-1 agreement 100.00%" in result.stdout and "test split" in result.stdout
+
+
+@pytest.mark.slow  # a real Python process without the project on its path
+def test_the_program_runs_without_the_project_as_predict_does_at_batch_1_and_7(program, varied, tiny_data, tmp_path):
+    out, _ = program
+    images = sorted((tiny_data / "test").rglob("*.png"))[::2][:7]
+    for name in ("model.pt2", "model.pt2.json"):
+        os.symlink(out.with_name(name), tmp_path / name)
+    script = readme_snippet()
+    assert len(script.strip().splitlines()) <= 10
+    # -I: neither the working folder nor PYTHONPATH on sys.path; the script checks no project file is importable
+    check = "import importlib.util, sys; assert not any(importlib.util.find_spec(m) for m in ('model', 'data'))\n"
+    lines = {}
+    for batch in (images, images[:1]):
+        result = subprocess.run([sys.executable, "-I", "-c", check + script, *map(str, batch)], cwd=tmp_path,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        lines[len(batch)] = [line.split() for line in result.stdout.splitlines()]
+    expected = predicted(run("predict.py", *images, "--checkpoint", varied, "--device", "cpu", "--json"))
+    assert len({p["top"][0]["label"] for p in expected}) > 1  # a test that a mix-up of images would fail
+    assert [(path, label) for path, label, _ in lines[7]] == [(p["path"], p["top"][0]["label"]) for p in expected]
+    assert all(abs(float(line[2]) - p["top"][0]["probability"]) < 1e-3 for line, p in zip(lines[7], expected))
+    assert lines[1] == lines[7][:1]
+
+
+def test_predict_with_the_program_gives_the_checkpoints_output(program, varied, tiny_data):
+    out, _ = program
+    from_program, from_checkpoint = (
+        json.loads(run("predict.py", tiny_data / "test", "--checkpoint", path, "--device", "cpu", "--json",
+                       "--topk", "3").stdout) for path in (out, varied))
+    for ours, theirs in zip(from_program["predictions"], from_checkpoint["predictions"], strict=True):
+        assert [t["label"] for t in ours["top"]] == [t["label"] for t in theirs["top"]]
+        assert all(abs(a["probability"] - b["probability"]) < 1e-5 for a, b in zip(ours["top"], theirs["top"]))
+    assert from_program["report"]["accuracy"] == from_checkpoint["report"]["accuracy"]
+
+
+def test_the_program_divides_by_the_checkpoints_temperature(varied, tmp_path):
+    checkpoint = torch.load(varied, weights_only=True) | {"temperature": 3.0}
+    torch.save(checkpoint, tmp_path / "warm.pt")
+    run("export.py", "--checkpoint", tmp_path / "warm.pt", "--out", tmp_path / "warm.pt2", "--limit", "8")
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probabilities = torch.export.load(tmp_path / "warm.pt2").module()(images)
+        eager = export.deployed(checkpoint, "warm.pt")
+        expected = torch.softmax(eager.model(export.data.eval_batch(images, 64)) / 3.0, 1)
+    assert torch.allclose(probabilities, expected, atol=1e-6)
+
+
+def test_an_altered_program_fails_the_check_and_nothing_is_written(varied, tmp_path, monkeypatch):
+    def altered(module, *args):
+        changed = copy.deepcopy(module)  # the program's weights, not the checkpoint's
+        with torch.no_grad():  # a small, real change of one weight
+            changed.model.classifier[6].bias[1] += 0.01
+        return export_program(changed, *args)
+
+    export_program = export.export_program
+    monkeypatch.setattr(export, "export_program", altered)
+    result = run("export.py", "--checkpoint", varied, "--out", tmp_path / "m.pt2", "--limit", "8", check=False)
+    assert "the exported program differs from the checkpoint" in error_line(result)
+    assert "largest probability difference" in result.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
+    out, _ = program
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    cases = {
+        ("--checkpoint", tmp_path / "notes.txt"): "not a checkpoint file",
+        ("--checkpoint", out): "an exported program (export.py), not a checkpoint; pass the checkpoint it was",
+        ("--out", tmp_path / "missing" / "m.pt2"): "missing does not exist; create it or choose another --out",
+    }
+    for (flag, value), expected in cases.items():
+        argv = {"--checkpoint": varied, "--out": tmp_path / "m.pt2", "--limit": "4"} | {flag: value}
+        result = run("export.py", *[word for pair in argv.items() for word in pair], check=False)
+        assert expected in error_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    result = run("finetune.py", "--checkpoint", out, "--data-dir", tmp_path, "--out", tmp_path / "f.pt", check=False)
+    assert "an exported program (export.py), not a checkpoint" in error_line(result)
+
+
+def test_a_damaged_program_given_to_predict_is_one_line(tiny_data, tmp_path):
+    with zipfile.ZipFile(tmp_path / "m.pt2", "w") as archive:  # a program's marker, and nothing a program needs
+        archive.writestr("m/archive_format", "pt2")
+    result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "m.pt2", "--device", "cpu", check=False)
+    assert error_line(result) == (f"predict.py: {tmp_path / 'm.pt2'}: an exported program that cannot be loaded "
+                                  "(damaged, or without export.json: not written by export.py); export it again")
+
+
+@pytest.mark.slow  # a real process: latency.py is a benchmark script
+def test_latency_refuses_a_checkpoint_as_its_program(varied):
+    result = run("benchmarks/latency.py", "--checkpoint", varied, "--program", varied, process=True, check=False)
+    assert error_line(result) == (f"latency.py: {varied}: not an exported program; pass a file export.py wrote, or "
+                                  f"export this checkpoint first: python export.py --checkpoint {varied}")
+
+
+def test_a_program_onto_a_full_disk_is_one_line_and_leaves_nothing(varied, small_filesystem):
+    full = small_filesystem(size="16m")  # the program is about 180 MB
+    result = run("export.py", "--checkpoint", varied, "--out", full / "m.pt2", "--limit", "4", check=False)
+    assert error_line(result) == (f"export.py: --out {full / 'm.pt2'}: cannot write (No space left on device); free "
+                                  "space or choose another path")
+    assert list(full.iterdir()) == []

@@ -1,0 +1,63 @@
+"""data.Loader: data.py as a library for a training loop of one's own, and README's example of it, run."""
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+from conftest import ROOT, make_class_folders
+
+
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory):
+    return make_class_folders(tmp_path_factory.mktemp("loader"), train=10, test=1, size=16) / "train"
+
+
+def test_each_epoch_is_a_new_order_of_every_image_augmented_as_training_augments(train_folder):
+    loader = data.Loader(train_folder, batch_size=8, size=64, epochs=2, seed=3)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 8 and [len(y) for _, y in batches] == [8, 8, 8, 6] * 2
+    images = data.load_folder(train_folder)
+    generator = torch.Generator().manual_seed(3)
+    for epoch in range(2):  # pretrain.py's draws: the order, then each batch's augmentation, from one generator
+        order = torch.randperm(30, generator=generator)
+        for step, (x, y) in enumerate(images.batches(order, 0, 8)):
+            got_x, got_y = batches[4 * epoch + step]
+            assert torch.equal(got_x, data.train_batch(x, 64, generator)) and torch.equal(got_y, y)
+        labels = torch.cat([y for _, y in batches[4 * epoch:4 * epoch + 4]])
+        assert sorted(labels.tolist()) == sorted(images.labels.tolist())  # every image once
+    assert got_x.shape == (6, 3, 64, 64) and got_x.dtype == torch.float32
+
+
+def test_drop_last_shuffle_and_evaluation_batches(train_folder):
+    images = data.load_folder(train_folder)
+    dropped = data.Loader(images, batch_size=8, size=64, drop_last=True)
+    assert len(dropped) == 3 and [len(y) for _, y in dropped] == [8, 8, 8]
+    in_turn = data.Loader(images, batch_size=8, size=64, shuffle=False)
+    assert torch.equal(torch.cat([y for _, y in in_turn]), images.labels)
+    test = data.Loader(images, batch_size=8, size=64, train=False)  # in turn, centre-cropped: predict.py's transform
+    for (x, y), start in zip(test, range(0, 30, 8)):
+        assert torch.equal(x, data.eval_batch(images.images[start:start + 8], 64))
+        assert torch.equal(y, images.labels[start:start + 8])
+
+
+def readme_example() -> str:
+    return re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
+
+
+def test_readme_example_is_short():
+    assert len(readme_example().splitlines()) <= 15
+
+
+@pytest.mark.slow  # a new interpreter is what is tested
+def test_readme_example_trains_with_model_cli_and_data_alone(tmp_path):
+    for name in ("model.py", "cli.py", "data.py"):
+        shutil.copy(ROOT / name, tmp_path)
+    make_class_folders(tmp_path / "data" / "cifar10", train=8, test=2, size=16)
+    result = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(r"test accuracy: \d+\.\d%\n", result.stdout)
