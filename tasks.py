@@ -179,7 +179,7 @@ ALL_DEFAULTS = {"data_dir": PARSERS["download"].get_default("root"),
 all_.__signature__ = signature(ALL_ACTIONS, ALL_DEFAULTS)
 all_ = Task(all_, name="all", auto_shortflags=False, help={
     "data_dir": f"where the data set is downloaded and read (default {ALL_DEFAULTS['data_dir']})",
-    "out_dir": f"folder for both stages' checkpoints, logs, reports and the prediction grid "
+    "out_dir": f"folder for both stages' checkpoints, logs, reports, pictures, the prediction grid and mistakes "
                f"(default {ALL_DEFAULTS['out_dir']})",
     "resume": "continue each stage from the resume state it left in --out-dir, where there is one",
 } | {action.dest: help_of(action) for action in script_actions(PARSERS["download"]) if action.dest in ALL_DEFAULTS}
