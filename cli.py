@@ -120,6 +120,13 @@ def fraction(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text}")
+    return value
+
+
 def random_seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**32:
@@ -531,13 +538,14 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
                          "choose a writable folder") from None
 
 
-def save_picture(picture: Image.Image, path: Path) -> None:
-    """Written atomically (write_atomically): a full disk leaves no half picture, and the old one stays."""
-    picture_format = Image.registered_extensions()[path.suffix.lower()]  # check_grid_path made sure there is one
+def save_picture(picture: Image.Image, path: Path, flag: str) -> None:
+    """Written atomically (write_atomically): a full disk leaves no half picture, and the old one stays. `flag`
+    named the path; its ending is one Pillow writes (predict.check_picture_path made sure)."""
+    picture_format = Image.registered_extensions()[path.suffix.lower()]
     try:
         write_atomically(path, lambda f: picture.save(f, format=picture_format))
     except OSError as e:
-        raise UsageError(f"--grid {path}: cannot write ({e.strerror or e}); free space or choose another path"
+        raise UsageError(f"{flag} {path}: cannot write ({e.strerror or e}); free space or choose another path"
                          ) from None
 
 

@@ -13,6 +13,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import signal
 import sys
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ GRID_TILE = 96  # px per image in the --grid picture
 GRID_MAX = 64  # images drawn at most
 PROGRAM_RECORD = "export.json"  # in an exported program's file (export.py): classes, sizes, where it came from
 MATRIX_WIDTH = 120  # characters: a wider confusion matrix is printed as its most confused pairs
+UNKNOWN = "unknown"  # the label of an image whose top probability is below --min-confidence
+ECE_BINS = 15  # the expected calibration error's bins, as Guo et al. 2017
+TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is kept within these
 
 
 # --------------------------------------------------------------------------- the evaluation path
@@ -80,30 +84,57 @@ def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: boo
     return logits
 
 
-def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy, loss, per-class accuracy and the confusion matrix, as plain numbers."""
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                          min_confidence: float = 0.0) -> dict:
+    """Accuracy, loss, per-class accuracy (= recall), precision and F1 with their macro means, and the confusion
+    matrix, as plain numbers. An image whose top probability is below `min_confidence` is `unknown`: in no column
+    of the matrix, and counted wrong."""
     labels = labels.to(logits.device)
+    probabilities, predicted = torch.softmax(logits, 1).max(1)
+    known = (probabilities >= min_confidence).cpu()
     confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
-    ones = torch.ones(len(labels), dtype=torch.int64)
-    confusion.index_put_((labels.cpu(), logits.argmax(1).cpu()), ones, accumulate=True)
-    counts = confusion.sum(1)
-    per_class, seen = (confusion.diag() / counts.clamp(min=1)).tolist(), (counts > 0).tolist()
-    return {
+    confusion.index_put_((labels.cpu()[known], predicted.cpu()[known]), torch.ones(int(known.sum()), dtype=torch.int64),
+                         accumulate=True)
+    counts, claimed, right = torch.bincount(labels.cpu(), minlength=len(classes)), confusion.sum(0), confusion.diag()
+    # None (JSON null) where a share has nothing to divide: 0 would read as "all of them wrong".
+    recall = [right[i].item() / counts[i].item() if counts[i] else None for i in range(len(classes))]
+    precision = [right[i].item() / claimed[i].item() if claimed[i] else None for i in range(len(classes))]
+    f1 = [2 * right[i].item() / (counts[i] + claimed[i]).item() if counts[i] + claimed[i] else None
+          for i in range(len(classes))]  # 2 TP / (2 TP + FP + FN): 0, not undefined, for a class never predicted
+    report = {
         "images": len(labels),
         "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (confusion.diag().sum() / len(labels)).item(),
-        # None (JSON null) for a class without images: 0 would read as "all of them wrong".
-        "per_class_accuracy": {name: per_class[i] if seen[i] else None for i, name in enumerate(classes)},
-        "confusion_matrix": confusion.tolist(),  # rows: true class, columns: predicted
+        "accuracy": (right.sum() / len(labels)).item(),
+        "per_class_accuracy": dict(zip(classes, recall)),
+        "per_class_precision": dict(zip(classes, precision)),
+        "per_class_f1": dict(zip(classes, f1)),
     }
+    # Macro means over the classes with images; a class never predicted counts as precision 0 (scikit-learn's way).
+    for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
+        present = [value or 0.0 for value, count in zip(values, counts) if count]
+        report[f"macro_{name}"] = sum(present) / len(present)
+    if min_confidence > 0:
+        report["unknown"] = int((~known).sum())
+    return report | {"confusion_matrix": confusion.tolist()}  # rows: true class, columns: predicted
 
 
 def print_report(title: str, report: dict, classes: list[str]) -> None:
     print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
+    if "unknown" in report:
+        print(f"  {report['unknown']} unknown (top probability below --min-confidence), counted wrong")
     classes = [cli.printable(name) for name in classes]  # a newline in a class folder's name would split a row
     width = max(len(name) for name in classes)
-    for name, accuracy in zip(classes, report["per_class_accuracy"].values()):
-        print(f"  {name:>{width}}  " + ("n/a (no images)" if accuracy is None else f"{accuracy:7.2%}"))
+    rows = [(name, *(report[f"per_class_{kind}"][original] for kind in ("accuracy", "precision", "f1")))
+            for name, original in zip(classes, report["per_class_accuracy"])]
+    rows.append(("macro mean", *(report[f"macro_{kind}"] for kind in ("recall", "precision", "f1"))))
+    table = max(width, len(rows[-1][0]))
+    print(f"  {'class':>{table}}  accuracy  precision        F1  (accuracy of a class: its recall)")
+    for name, *shares in rows:
+        print(f"  {name:>{table}}  " + "   ".join(share(value, 8) for value in shares))
+    if "temperature" in report:
+        print(f"calibration: temperature {report['temperature']:.3f} (fitted on the validation split); expected "
+              f"calibration error ({ECE_BINS} bins) {report['ece']:.2%}, with the temperature "
+              f"{report['ece_calibrated']:.2%}")
     if width + 2 + 6 * len(classes) > MATRIX_WIDTH:
         print_most_confused(report["confusion_matrix"], classes)
         return
@@ -111,6 +142,11 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
     print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
     for name, row in zip(classes, report["confusion_matrix"]):
         print(f"  {name:>{width}}" + " ".join(f"{count:5d}" for count in row))
+
+
+def share(value: float | None, width: int) -> str:
+    """A share as a percentage in `width` characters, or n/a where it has nothing to divide."""
+    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.2%}"
 
 
 def print_most_confused(confusion: list[list[int]], classes: list[str], shown: int = 10) -> None:
@@ -123,8 +159,253 @@ def print_most_confused(confusion: list[list[int]], classes: list[str], shown: i
         print(f"  {classes[true]} taken for {classes[predicted]}: {-count}")
 
 
-# --------------------------------------------------------------------------- command-line plumbing
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The one temperature T for softmax(logits / T) that minimises the negative log-likelihood of `labels` (Guo et
+    al. 2017, "On Calibration of Modern Neural Networks"): LBFGS on log T, so T stays positive. Within
+    TEMPERATURE_RANGE: on a split the model gets all right the likelihood grows without end as T shrinks."""
+    logits, labels = logits.detach().float().cpu(), labels.cpu()
+    log_temperature = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_temperature], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+    optimizer.step(functools.partial(scaled_nll, log_temperature, logits, labels, optimizer))
+    temperature = log_temperature.exp().item()
+    return min(max(temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1]) if math.isfinite(temperature) else 1.0
 
+
+def scaled_nll(log_temperature: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+               optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """LBFGS's objective: the mean negative log-likelihood at temperature exp(log_temperature), with its gradient."""
+    optimizer.zero_grad()
+    loss = F.cross_entropy(logits / log_temperature.exp(), labels)
+    loss.backward()
+    return loss
+
+
+def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """How far confidence is from accuracy: the top probabilities fall in `bins` equal bins of (0, 1]; each bin's
+    |accuracy - mean confidence|, weighted by its share of the images, summed (Guo et al. 2017)."""
+    confidence, predicted = probabilities.float().max(1)
+    correct = (predicted == labels.to(predicted.device)).float()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1  # bin i holds (i/bins, (i+1)/bins]
+    gap = torch.zeros(bins, device=confidence.device).index_add_(0, index, correct - confidence)
+    return (gap.abs().sum() / len(labels)).item()
+
+
+def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
+    """The expected calibration error of the probabilities as the model gives them, and with `temperature`."""
+    return {"temperature": temperature, "ece": expected_calibration_error(torch.softmax(logits, 1), labels),
+            "ece_calibrated": expected_calibration_error(torch.softmax(logits / temperature, 1), labels)}
+
+
+# --------------------------------------------------------------------------- pictures
+# Drawn with Pillow and numpy only, from one set of helpers: Pillow's own font at a few sizes, a picture with its
+# title (new_picture), and a plot's axes (Axes, draw_axes).
+
+INK, FAINT = (40, 40, 40), (222, 222, 222)
+CURVE_COLOURS = {"train": (31, 119, 180), "validation": (230, 110, 0), "kept": (0, 150, 60)}
+SHADE = np.array([8, 48, 107])  # the darkest shade of the confusion matrix: a whole row in one cell
+TITLE_SIZE, TEXT_SIZE = 16, 12  # px
+
+
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's own scalable font: no font file to find on the machine."""
+    return ImageFont.load_default(size)
+
+
+def new_picture(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    """A white picture with `title` centred at its top (TITLE_SIZE px, in the top 30 px)."""
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.text((width // 2, 8), title, fill=INK, font=font(TITLE_SIZE), anchor="mt")
+    return picture, draw
+
+
+@dataclass
+class Axes:
+    """A plot's box on the picture (left, top, right, bottom in px) and the ranges of x and y it shows."""
+    box: tuple[int, int, int, int]
+    x: tuple[float, float]
+    y: tuple[float, float]
+
+    def at(self, x: float, y: float) -> tuple[float, float]:
+        left, top, right, bottom = self.box
+        return (left + (x - self.x[0]) / (self.x[1] - self.x[0]) * (right - left),
+                bottom - (y - self.y[0]) / (self.y[1] - self.y[0]) * (bottom - top))
+
+
+def padded_range(values: list[float], floor: float | None = None) -> tuple[float, float]:
+    """The finite values' range with a margin (a line on the box's edge is hard to see), not below `floor`; one value
+    gets a range around it."""
+    finite = [value for value in values if math.isfinite(value)] or [0.0]
+    low, high = min(finite), max(finite)
+    margin = (high - low) * 0.08 or abs(high) * 0.1 or 1.0
+    return low - margin if floor is None else max(low - margin, floor), high + margin
+
+
+def ticks(low: float, high: float, most: int, least_step: float = 0.0) -> tuple[np.ndarray, float]:
+    """Round values within [low, high], at most `most` of them, a step of 1, 2, 2.5 or 5 times a power of ten (at
+    least `least_step`); and the step."""
+    step = 10 ** math.floor(math.log10((high - low) / most))
+    step = max(next(step * m for m in (1, 2, 2.5, 5, 10) if (high - low) / (step * m) <= most), least_step)
+    return np.arange(math.ceil(low / step) * step, high + step * 1e-6, step), step
+
+
+def tick_text(value: float, step: float, percent: bool) -> str:
+    """A tick's number with as many decimals as its step needs (a percentage: of the value times 100)."""
+    scale = 100 if percent else 1
+    power = math.floor(math.log10(step * scale) + 1e-9)
+    decimals = max(0, -power + (round(step * scale / 10 ** power, 6) == 2.5))  # a step of 0.25 needs two
+    return f"{value * scale:.{decimals}f}" + (" %" if percent else "")
+
+
+def draw_axes(draw: ImageDraw.ImageDraw, axes: Axes, title: str, x_label: str, percent: bool) -> None:
+    """The box, faint grid lines at round values of y and whole values of x (about ten at most), their numbers, the
+    x axis's label under them and the plot's title over the box."""
+    left, top, right, bottom = axes.box
+    small = font(TEXT_SIZE)
+    values, step = ticks(*axes.y, 6)
+    for y in values:
+        _, at = axes.at(axes.x[0], y)
+        draw.line([(left, at), (right, at)], fill=FAINT)
+        draw.text((left - 4, at), tick_text(y, step, percent), fill=INK, font=small, anchor="rm")
+    for x in ticks(*axes.x, 10, least_step=1)[0]:
+        at, _ = axes.at(x, axes.y[0])
+        draw.line([(at, top), (at, bottom)], fill=FAINT)
+        draw.text((at, bottom + 4), f"{x:.0f}", fill=INK, font=small, anchor="mt")
+    draw.rectangle(axes.box, outline=INK)
+    draw.text(((left + right) / 2, bottom + 20), x_label, fill=INK, font=small, anchor="mt")
+    draw.text(((left + right) / 2, top - 6), title, fill=INK, font=font(TEXT_SIZE + 2), anchor="md")
+
+
+def draw_legend(draw: ImageDraw.ImageDraw, centre: tuple[int, int], entries: list[tuple[str, tuple]]) -> None:
+    """A line of colour and its name per entry, in one row centred on `centre`."""
+    small = font(TEXT_SIZE)
+    widths = [24 + small.getlength(name) + 20 for name, _ in entries]
+    x, y = centre[0] - sum(widths) / 2, centre[1]
+    for (name, colour), width in zip(entries, widths):
+        draw.line([(x, y), (x + 18, y)], fill=colour, width=3)
+        draw.text((x + 24, y), name, fill=INK, font=small, anchor="lm")
+        x += width
+
+
+def draw_line(draw: ImageDraw.ImageDraw, axes: Axes, xs: list[float], ys: list[float], colour: tuple) -> None:
+    """A curve through the points, each point also a dot: a run of one epoch still shows. A value that is not finite
+    (a validation loss that overflowed) is left out."""
+    points = [axes.at(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
+    if len(points) > 1:
+        draw.line(points, fill=colour, width=2, joint="curve")
+    for x, y in points:
+        draw.ellipse([(x - 2.5, y - 2.5), (x + 2.5, y + 2.5)], fill=colour)
+
+
+def draw_kept(draw: ImageDraw.ImageDraw, axes: Axes, epoch: int) -> None:
+    """A dashed vertical line at the epoch whose weights were kept."""
+    x, _ = axes.at(epoch, axes.y[0])
+    _, top, _, bottom = axes.box
+    for y in range(top, bottom, 8):
+        draw.line([(x, y), (x, min(y + 4, bottom))], fill=CURVE_COLOURS["kept"], width=2)
+
+
+def learning_curves(history: list[dict], kept: int, title: str) -> Image.Image:
+    """A run's epochs (its .csv rows): training and validation loss, training and validation accuracy, and the
+    learning rate, side by side; a dashed line marks the epoch kept (best validation; 0: the starting weights)."""
+    epochs = [row["epoch"] for row in history]
+    x = (min(epochs + [kept]) - 0.5, max(epochs) + 0.5)
+    panel, height, top = 360, 340, 84
+    picture, draw = new_picture(3 * panel, height, title)
+    panels = (("loss", ("train_loss", "val_loss"), False), ("accuracy", ("train_acc", "val_acc"), True),
+              ("learning rate (at the epoch's end)", ("lr",), False))
+    for i, (name, columns, percent) in enumerate(panels):
+        values = [[row[column] for row in history] for column in columns]
+        y = padded_range(sum(values, []), floor=0.0 if columns == ("lr",) else None)
+        axes = Axes((i * panel + 70, top, (i + 1) * panel - 16, height - 46), x, y)
+        draw_axes(draw, axes, name, "epoch", percent)
+        draw_kept(draw, axes, kept)
+        for column, ys in zip(columns, values):
+            draw_line(draw, axes, epochs, ys, CURVE_COLOURS["validation" if column.startswith("val") else "train"])
+    draw_legend(draw, (picture.width // 2, 40), [
+        ("training", CURVE_COLOURS["train"]), ("validation", CURVE_COLOURS["validation"]),
+        (f"kept: epoch {kept}" + (" (the starting weights)" if kept == 0 else "") + ", the best validation accuracy",
+         CURVE_COLOURS["kept"])])
+    return picture
+
+
+def confusion_picture(confusion: list[list[int]], classes: list[str], title: str) -> Image.Image:
+    """The confusion matrix as a grid shaded by each cell's share of its row (its true class), the count written
+    where it fits, class names on both axes; the cells shrink with more classes (100 classes: 9 px) so that the
+    picture stays about 1,000 px square."""
+    counts = np.array(confusion, dtype=np.int64).reshape(len(classes), len(classes))
+    n, names = len(classes), [cli.printable(name) for name in classes]
+    cell = int(np.clip(900 // n, 9, 56))
+    label_font, count_font = font(int(np.clip(cell - 2, 8, TEXT_SIZE))), font(int(np.clip(cell // 3, 8, TEXT_SIZE)))
+    label = int(max(label_font.getlength(name) for name in names)) + 8
+    left, top, side = 30 + label, 40, n * cell
+    picture, draw = new_picture(left + side + 90, top + side + label + 30, title)
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    shade = (255 - shares[..., None] * (255 - SHADE)).astype(np.uint8)
+    picture.paste(Image.fromarray(shade.repeat(cell, 0).repeat(cell, 1)), (left, top))
+    for (row, column), count in np.ndenumerate(counts):
+        if count and count_font.getlength(str(count)) <= cell - 2 and cell >= 14:
+            draw.text((left + (column + 0.5) * cell, top + (row + 0.5) * cell), str(count), font=count_font,
+                      anchor="mm", fill="white" if shares[row, column] > 0.5 else INK)
+    draw.rectangle([(left - 1, top - 1), (left + side, top + side)], outline=INK)
+    columns = Image.new("RGB", (label, side), "white")  # the column names, drawn across, then turned upright
+    for i, name in enumerate(names):
+        draw.text((left - 4, top + (i + 0.5) * cell), name, fill=INK, font=label_font, anchor="rm")
+        ImageDraw.Draw(columns).text((label - 4, (i + 0.5) * cell), name, fill=INK, font=label_font, anchor="rm")
+    picture.paste(columns.rotate(90, expand=True), (left, top + side + 4))
+    draw.text((left + side / 2, top + side + label + 8), "predicted", fill=INK, font=font(TEXT_SIZE), anchor="mt")
+    true = Image.new("RGB", (side, 20), "white")
+    ImageDraw.Draw(true).text((side / 2, 10), "true", fill=INK, font=font(TEXT_SIZE), anchor="mm")
+    picture.paste(true.rotate(90, expand=True), (4, top))
+    draw_shade_scale(draw, picture, (left + side + 16, top), min(side, 200))
+    return picture
+
+
+def draw_shade_scale(draw: ImageDraw.ImageDraw, picture: Image.Image, corner: tuple[int, int], height: int) -> None:
+    """What the shades mean: a bar from 100 % of a row (top) to 0 %."""
+    shares = np.linspace(1, 0, height)[:, None, None]
+    bar = (255 - shares * (255 - SHADE)).astype(np.uint8).repeat(14, 1)
+    picture.paste(Image.fromarray(bar), corner)
+    x, y = corner
+    draw.rectangle([(x - 1, y - 1), (x + 14, y + height)], outline=INK)
+    for text, at in (("100 %", y), ("0 %", y + height)):
+        draw.text((x + 18, at), text, fill=INK, font=font(TEXT_SIZE), anchor="lm")
+    draw.text((x + 18, y + height / 2), "of its row", fill=INK, font=font(TEXT_SIZE), anchor="lm")
+
+
+def tiles(images: torch.Tensor, captions: list[list[tuple[str, str]]]) -> Image.Image:
+    """The images as GRID_TILE px tiles, 8 a row, each with its caption's lines (text, colour) under it."""
+    lines = max(len(caption) for caption in captions)
+    drawn = []
+    for image, caption in zip(images, captions):
+        tile = Image.new("RGB", (GRID_TILE, GRID_TILE + 14 * lines), "black")
+        tile.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((GRID_TILE, GRID_TILE), Image.NEAREST))
+        for i, (text, colour) in enumerate(caption):
+            ImageDraw.Draw(tile).text((2, GRID_TILE + 1 + 14 * i), text, fill=colour, font=font(11))
+        drawn.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1))
+    return Image.fromarray(make_grid(torch.stack(drawn), nrow=8, padding=2).permute(1, 2, 0).numpy())
+
+
+def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[str | None]) -> None:
+    """Tiles of the images with the predicted label under each (green right, red wrong, white unknown)."""
+    captions = [[(guess if label is None or label == guess else f"{guess} ({label})",
+                  "white" if label is None else ("lime" if label == guess else "red"))]
+                for guess, label in zip(predicted, true)]
+    cli.save_picture(tiles(images, captions), Path(path), "--grid")
+
+
+def draw_mistakes(path: str, images: torch.Tensor, mistakes: list[dict], labelled: int) -> None:
+    """The most confident mistakes, each tile titled with the predicted label, its probability and the true label."""
+    captions = [[(f"{m['predicted']} {m['probability']:.0%}", "red"), (f"true: {m['true']}", "white")]
+                for m in mistakes]
+    grid = tiles(images, captions)
+    picture, _ = new_picture(max(grid.width, 420), grid.height + 34,
+                             f"the {len(mistakes)} most confident mistakes of {labelled} labelled images")
+    picture.paste(grid, (0, 34))
+    cli.save_picture(picture, Path(path), "--mistakes")
+
+
+# --------------------------------------------------------------------------- command-line plumbing
 
 # --------------------------------------------------------------------------- prediction
 
@@ -204,8 +485,7 @@ def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Te
     if not is_exported_program(path):
         checkpoint = load_checkpoint(path)
         model = model_from_checkpoint(checkpoint, path).to(device).eval()
-        return functools.partial(logits_of, model, image_size=checkpoint["image_size"],
-                                 flip=checkpoint.get("tta", False)), checkpoint
+        return functools.partial(calibrated_logits, model, checkpoint), checkpoint
     program, about = load_program(path)
     return functools.partial(log_probabilities, move_to_device_pass(program, device).module()), about
 
@@ -230,6 +510,13 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
     return program, about
 
 
+def calibrated_logits(model: nn.Module, checkpoint: dict, images: torch.Tensor) -> torch.Tensor:
+    """The logits divided by the checkpoint's temperature (fitted after training; 1 without): their softmax is
+    predict's probabilities, as an exported program's are."""
+    logits = logits_of(model, images, checkpoint["image_size"], checkpoint.get("tta", False))
+    return logits / float(checkpoint.get("temperature", 1.0))
+
+
 def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """A program's probabilities as logits: softmax gives them back, and the loss is the same (a probability that
     underflowed to 0 as the smallest float, not as -inf: an infinite loss)."""
@@ -242,21 +529,6 @@ def default_checkpoint() -> str:
             return path
     raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; "
                           "train first (invoke all, or python pretrain.py) or pass --checkpoint")
-
-
-def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[str | None]) -> None:
-    """Tiles of the images with the predicted label under each (green right, red wrong, white unknown)."""
-    font = ImageFont.load_default()
-    tiles = []
-    for image, guess, label in zip(images, predicted, true):
-        tile = Image.new("RGB", (GRID_TILE, GRID_TILE + 14), "black")
-        tile.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((GRID_TILE, GRID_TILE), Image.NEAREST))
-        colour = "white" if label is None else ("lime" if label == guess else "red")
-        text = guess if label is None or label == guess else f"{guess} ({label})"
-        ImageDraw.Draw(tile).text((2, GRID_TILE + 1), text, fill=colour, font=font)
-        tiles.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1))
-    grid = make_grid(torch.stack(tiles), nrow=8, padding=2)
-    cli.save_picture(Image.fromarray(grid.permute(1, 2, 0).numpy()), Path(path))
 
 
 def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
@@ -275,37 +547,59 @@ def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[st
     return (torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous() if decoded else None), kept
 
 
-def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], classes: list[str], k: int) -> list[dict]:
-    """Per image: its path, its true class when known, and the k most probable classes."""
+def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], classes: list[str], k: int,
+                min_confidence: float) -> list[dict]:
+    """Per image: its path, its true class when known, the predicted class (UNKNOWN where its probability is below
+    `min_confidence`) and the k most probable classes."""
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
     results = []
     for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
         results.append({"path": cli.shown(path), "true": None if label is None else classes[label],
+                        "predicted": classes[indices[0]] if probabilities[0] >= min_confidence else UNKNOWN,
                         "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
     return results
 
 
-def check_grid_path(grid: str) -> None:
-    """--grid is checked before any prediction, not after: a picture file Pillow can write, in a writable folder."""
-    path = Path(grid)
+def result_line(result: dict) -> str:
+    """An image's line: its path, then label and probability of the k most probable classes, the first label
+    `unknown` when the image is (its probability kept). Names escaped (cli.printable): a tab or newline in one would
+    split the line."""
+    labels = [result["predicted"]] + [t["label"] for t in result["top"][1:]]
+    return result["path"] + "".join(f"\t{cli.printable(label)}\t{t['probability']:.4f}"
+                                    for label, t in zip(labels, result["top"])) + "\n"
+
+
+def check_picture_path(flag: str, picture: str) -> None:
+    """--grid and --mistakes are checked before any prediction, not after: a picture file Pillow can write, in a
+    writable folder."""
+    if picture == "":  # `if args.grid` would draw no picture without a word
+        raise cli.UsageError(f"{flag} is empty; pass a picture file, or leave the flag out for no picture")
+    path = Path(picture)
     if not path.is_dir() and Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
-        raise cli.UsageError(f"--grid {grid}: Pillow cannot write a picture named like this; end it in .png or .jpg")
-    cli.check_writable_file("--grid", path, "predictions.png", "a picture file")
+        raise cli.UsageError(f"{flag} {picture}: Pillow cannot write a picture named like this; end it in .png or .jpg")
+    cli.check_writable_file(flag, path, "predictions.png" if flag == "--grid" else "mistakes.png", "a picture file")
 
 
-def check_grid_not_input(grid: str, found: list[tuple[Path, int | None]]) -> None:
-    """The grid would overwrite an image it is about to show: refused before predicting."""
-    target = Path(grid).resolve()
+def check_picture_not_input(flag: str, picture: str, found: list[tuple[Path, int | None]]) -> None:
+    """The picture would overwrite an image it is about to show: refused before predicting."""
+    target = Path(picture).resolve()
     if any(path.resolve() == target for path, _ in found):
-        raise cli.UsageError(f"--grid {grid}: is one of the images to predict, and writing the grid would overwrite it; "
-                         "choose another path")
+        raise cli.UsageError(f"{flag} {picture}: is one of the images to predict, and writing the picture would "
+                             "overwrite it; choose another path")
+
+
+def picture_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The pictures asked for, {flag: path}, each checked; one file for both would keep only the second."""
+    pictures = {flag: path for flag, path in (("--grid", args.grid), ("--mistakes", args.mistakes)) if path is not None}
+    for flag, path in pictures.items():
+        check_picture_path(flag, path)
+    if len(pictures) == 2 and Path(args.grid).resolve() == Path(args.mistakes).resolve():
+        raise cli.UsageError(f"--mistakes {args.mistakes}: is also --grid; pass two different files")
+    return pictures
 
 
 def predict(args: argparse.Namespace) -> int:
-    if args.grid == "":  # `if args.grid` would draw no grid without a word
-        raise cli.UsageError("--grid is empty; pass a picture file, or leave the flag out for no grid")
-    if args.grid:
-        check_grid_path(args.grid)
+    pictures = picture_flags(args)
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
         raise cli.UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
                          f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
@@ -315,8 +609,11 @@ def predict(args: argparse.Namespace) -> int:
     classes = checkpoint["classes"]
 
     found, errors = find_images(args.paths, classes)
-    if args.grid:
-        check_grid_not_input(args.grid, found)
+    for flag, picture in pictures.items():
+        check_picture_not_input(flag, picture, found)
+    if args.mistakes and found and all(label is None for _, label in found):
+        raise cli.UsageError(f"--mistakes {args.mistakes}: none of the images has a known class, so none is a mistake; "
+                         "pass a folder whose sub-folders are the checkpoint's classes (e.g. data/cifar10/test)")
     if args.limit is not None and args.limit < len(found):
         labels = torch.tensor([-1 if label is None else label for _, label in found]) + 1
         found = [found[i] for i in data.stratified_split(labels, args.limit, seed=0)[0]]
@@ -329,29 +626,58 @@ def predict(args: argparse.Namespace) -> int:
     # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
     report = None
     if done.labels:
-        report = classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes)
+        report = classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes, args.min_confidence)
+    mistakes = [{key: done.results[i][key] for key in ("path", "predicted", "true")} | {"probability": p}
+                for p, i, _ in done.mistakes]
     if args.json:
-        print(json.dumps({"checkpoint": checkpoint_path, "predictions": done.results, "report": report,
-                          "errors": errors}, indent=1))
+        print(json.dumps({"checkpoint": checkpoint_path, "predictions": done.results, "report": report}
+                         | ({"mistakes": mistakes} if args.mistakes else {}) | {"errors": errors}, indent=1))
     elif report is not None:
         print_report(f"{len(done.labels)} labelled images", report, classes)
-    if args.grid:  # also when stdout is closed (`| head`): the picture was asked for as well
-        draw_grid(args.grid, torch.stack(done.tiles), [done.results[i]["top"][0]["label"] for i in done.tiled],
-                  [done.results[i]["true"] for i in done.tiled])
-        print(f"wrote {args.grid} ({len(done.tiles)} images)", file=sys.stderr)
+    draw_predicted_pictures(args, done, mistakes)
     check_results_written()
     return 1 if errors else 0
+
+
+def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistakes: list[dict]) -> None:
+    """--grid and --mistakes, also when stdout is closed (`| head`): the pictures were asked for as well."""
+    if args.grid:
+        draw_grid(args.grid, torch.stack(done.tiles), [done.results[i]["predicted"] for i in done.tiled],
+                  [done.results[i]["true"] for i in done.tiled])
+        print(f"wrote {args.grid} ({len(done.tiles)} images)", file=sys.stderr)
+    if args.mistakes and not mistakes:
+        print(f"predict.py: no mistakes among the {len(done.labels)} labelled images; --mistakes {args.mistakes} is "
+              "not written", file=sys.stderr)
+    elif args.mistakes:
+        draw_mistakes(args.mistakes, torch.stack([image for _, _, image in done.mistakes]), mistakes, len(done.labels))
+        if not args.json:
+            print(f"the {len(mistakes)} most confident mistakes (drawn in {args.mistakes}): path, predicted, "
+                  "probability, true")
+            print("".join(f"{m['path']}\t{cli.printable(m['predicted'])}\t{m['probability']:.4f}\t"
+                          f"{cli.printable(m['true'])}\n" for m in mistakes), end="")
+        print(f"wrote {args.mistakes} ({len(mistakes)} images)", file=sys.stderr)
 
 
 @dataclass
 class Predicted:
     """What a pass over the images keeps: a small result per image, the logits of the labelled ones (for the
-    report), and the few images the --grid picture shows (`tiled`: their results); never all the images."""
+    report), the few images the --grid picture shows (`tiled`: their results), and the --mistakes-count most
+    confident mistakes as (probability, result, image); never all the images."""
     results: list[dict] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     tiles: list[torch.Tensor] = field(default_factory=list)
     tiled: list[int] = field(default_factory=list)
+    mistakes: list[tuple[float, int, torch.Tensor]] = field(default_factory=list)
+
+
+def keep_mistakes(done: Predicted, results: list[dict], images: torch.Tensor, count: int) -> None:
+    """The `count` most probable wrong predictions so far, a batch's `results` (about to be added) included; an
+    unknown one is no claim, so no mistake. Images are copied out of their batch: a view would keep it whole."""
+    first = len(done.results)
+    done.mistakes += [(r["top"][0]["probability"], first + j, images[j].clone()) for j, r in enumerate(results)
+                      if r["true"] is not None and r["predicted"] not in (r["true"], UNKNOWN)]
+    done.mistakes = sorted(done.mistakes, key=lambda mistake: (-mistake[0], mistake[1]))[:count]
 
 
 @torch.no_grad()
@@ -370,7 +696,8 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
         images, kept = read_images(batch, checkpoint["stored_size"], errors)
         if images is not None:
             logits = classify(images.to(device)).cpu()
-            results = top_classes(logits, [batch[i] for i in kept], checkpoint["classes"], args.topk)
+            results = top_classes(logits, [batch[i] for i in kept], checkpoint["classes"], args.topk,
+                                  args.min_confidence)
             labelled = [j for j, i in enumerate(kept) if batch[i][1] is not None]
             done.logits.append(logits[labelled])
             done.labels += [batch[kept[j]][1] for j in labelled]
@@ -378,10 +705,11 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
                 if start + i in grid:
                     done.tiles.append(images[j].clone())  # a view would keep its whole batch
                     done.tiled.append(len(done.results) + j)
+            if args.mistakes:
+                keep_mistakes(done, results, images, args.mistakes_count)
             done.results += results
-            if not args.json:  # names escaped (cli.printable): a tab or newline in one would split its line
-                print("".join(r["path"] + "".join(f"\t{cli.printable(t['label'])}\t{t['probability']:.4f}"
-                                                  for t in r["top"]) + "\n" for r in results), end="", flush=True)
+            if not args.json:
+                print("".join(map(result_line, results)), end="", flush=True)
         if line is not None and line.due(start + len(batch)):
             line.show(start + len(batch))
     if line is not None:
@@ -392,7 +720,7 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
 def check_results_written() -> None:
     """stdout closed early (`| head`) ends predict quietly, as Unix tools do: with 128 + SIGPIPE, as if killed by it.
 
-    Any other failure to write them (a full disk) is one line; they were written whole or not at all (cli.Output).
+    Any other failure to write them (a full disk) is one line; they were written whole or not at all (Output).
     """
     sys.stdout.flush()
     lost = getattr(sys.stdout, "lost", None)
@@ -413,6 +741,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--json", action="store_true", help="print JSON instead of lines")
     add("--grid", default=None, metavar="PATH",
         help=f"also draw up to {GRID_MAX} images with their labels here (default: none)")
+    add("--mistakes", default=None, metavar="PATH",
+        help="also draw the labelled images predicted wrong with the highest probability here (default: none)")
+    add("--mistakes-count", type=cli.positive_int, default=16, metavar="N", help="how many mistakes --mistakes draws")
+    add("--min-confidence", type=cli.probability, default=0.0, metavar="P",
+        help=f"label an image whose top probability is below P as '{UNKNOWN}' (counted wrong)")
     add("--device", default="auto", help=cli.DEVICE_HELP)
     add("--batch-size", type=cli.positive_int, default=256, help="images per forward pass")
     add("--limit", type=cli.positive_int, default=None,

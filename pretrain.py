@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -34,7 +35,8 @@ import cli
 import data
 from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
                    load_tensors)
-from predict import classification_report, compute_logits, print_report
+from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
+                     learning_curves, print_report)
 
 # The resume rule: a resume continues the stopped run with the flags in its checkpoint; only these may be given again
 # with another value, any other that differs is refused (--epochs: a larger one trains further; --device, --stream:
@@ -44,7 +46,8 @@ RESUME_MAY_CHANGE = ("epochs", "device", "stream", "data_dir")
 # The largest --image-size: 4.6 times the reference's 224; stored images are at most 256 px, so more only fills memory.
 MAX_IMAGE_SIZE = 1024
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
-SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json"}
+SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json", "curves": ".png",
+                 "confusion": ".confusion.png"}
 # Endings of --out that its side files replace (pretrain.pt: pretrain.last.pt); any other ending is kept (exp.1:
 # exp.1.last.pt), so that --out exp.1 and --out exp.2 never share a side file.
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
@@ -244,6 +247,9 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
     save_resume_state(run, progress, writer, finished=epoch == run.args.epochs, best=best)
     if run.processes.main:
         write_csv(side_files(run.out)["csv"], progress.history)
+        write_picture(side_files(run.out)["curves"], "learning curves", learning_curves(
+            progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {epoch} of "
+            f"{run.args.epochs} epochs"))
         print_epoch(progress.history, run.args.epochs, improved)
         tell_if_stdout_lost(run)
 
@@ -281,27 +287,40 @@ def tell_if_stdout_lost(run: Run) -> None:
 # --------------------------------------------------------------------------- evaluation and the test, once
 
 
-def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace, title: str | None = None) -> dict:
+def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace) -> dict:
     """Predict's evaluation path on a split; under torchrun every process evaluates all of it (same result)."""
+    return classification_report(split_logits(model, images, args), images.labels, images.classes)
+
+
+def split_logits(model: nn.Module, images: data.ImageSet, args: argparse.Namespace, title: str | None = None
+                 ) -> torch.Tensor:
     with contextlib.closing(images.batches(None, 0, args.batch_size)) as batches:
-        logits = compute_logits(model, (x for x, _ in batches), args.image_size, args.tta, title, len(images))
-    return classification_report(logits, images.labels, images.classes)
+        return compute_logits(model, (x for x, _ in batches), args.image_size, args.tta, title, len(images))
 
 
 def test_once(run: Run, progress: Progress) -> dict:
-    """The best validation epoch's weights on the test split: the only look at it, printed and saved."""
+    """The best validation epoch's weights on the test split: the only look at it, printed and saved. The
+    temperature that calibrates their probabilities is fitted on the validation split (Guo et al. 2017) and kept in
+    the checkpoint: predict.py's probabilities use it."""
     best, files, device = progress.best, side_files(run.out), run.processes.device
     final = load_checkpoint(run.out, map_location=device)
     run.evaluated.load_state_dict(final["model"])
-    test = evaluate(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, title="test")
+    logits = split_logits(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, "test")
+    temperature = fit_temperature(split_logits(run.evaluated, run.val_images, run.args), run.val_images.labels)
+    test = classification_report(logits, run.test_images.labels, run.test_images.classes)
+    test |= calibration_report(logits, run.test_images.labels, temperature)
     print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
           f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
           "weights:")
     print_report("test", test, run.train_images.classes)
     test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": cli.code_version()}
-    save_checkpoint(final | {"test_metrics": test}, run.out)
+    save_checkpoint(final | {"test_metrics": test, "temperature": temperature}, run.out)
     write_text(files["test"], "test report", json.dumps(test, indent=2) + "\n")
-    print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']}, {files['test']}")
+    write_picture(files["confusion"], "confusion matrix picture", confusion_picture(
+        test["confusion_matrix"], run.test_images.classes, f"{run.stage}: {run_name(run.out).name}, the test split "
+        f"({test['accuracy']:.1%} right; shade: share of the true class)"))
+    print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']} and "
+          f"{files['curves']} (each epoch), {files['test']} and {files['confusion']} (the test)")
     return test
 
 
@@ -427,8 +446,8 @@ def check_before_training(args: argparse.Namespace, state: dict | None, processe
         raise cli.UsageError(f"--out {args.out!r}: names no file; pass the best-checkpoint name, e.g. "
                              "checkpoints/run.pt")
     if args.out.endswith(tuple(SIDE_SUFFIXES.values())):
-        raise cli.UsageError(f"--out {args.out}: that name is for a run's resume state/log/report; pass the "
-                             "best-checkpoint name, e.g. checkpoints/run.pt")
+        raise cli.UsageError(f"--out {args.out}: that name is for a run's resume state/log/report/pictures; pass "
+                             "the best-checkpoint name, e.g. checkpoints/run.pt")
     cli.check_writable_file("--out", Path(args.out), "model.pt", make_folder=True)  # the run's lock is taken there
 
 
@@ -670,6 +689,11 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
 def write_text(path: str | os.PathLike, what: str, text: str) -> None:
     """A log or report, atomically as a checkpoint: a reader, or a full disk, never meets half of it."""
     write_run_file(path, what, lambda f: f.write(text.encode()))
+
+
+def write_picture(path: str | os.PathLike, what: str, picture: Image.Image) -> None:
+    """A run's picture (PNG), atomically as a checkpoint."""
+    write_run_file(path, what, lambda f: picture.save(f, format="PNG"))
 
 
 def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:

@@ -151,7 +151,7 @@ ALL_ACTIONS = list({action.dest: action for stage in reversed(STAGES) for action
 
 
 def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
-    """The whole job: download, pretrain, finetune, predict on test images."""
+    """The whole job: download, pretrain, finetune, predict on test images (a grid and the most confident mistakes)."""
     if getattr(c, "remainder", ""):  # each step would pass them on to its script
         raise Exit(f"invoke all: takes no words after --, got {c.remainder!r}; pass flags (invoke --help all)")
     for flag, folder in (("--data-dir", data_dir), ("--out-dir", out_dir)):
@@ -166,7 +166,7 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
                   resume=str(state) if resume and state.is_file() else None,
                   **{name: value for name, value in training.items() if name in dests})
     predict(c, paths=[f"{data_dir}/test"], checkpoint=outs["finetune"], grid=f"{out_dir}/predictions.png",
-            device=training["device"], limit=str(predict_script.GRID_MAX))
+            mistakes=f"{out_dir}/mistakes.png", device=training["device"], limit=str(predict_script.GRID_MAX))
 
 
 ALL_DEFAULTS = {"data_dir": PARSERS["download"].get_default("root"),
@@ -175,7 +175,7 @@ ALL_DEFAULTS = {"data_dir": PARSERS["download"].get_default("root"),
 all_.__signature__ = signature(ALL_ACTIONS, ALL_DEFAULTS)
 all_ = Task(all_, name="all", auto_shortflags=False, help={
     "data_dir": f"where the data set is downloaded and read (default {ALL_DEFAULTS['data_dir']})",
-    "out_dir": f"folder for both stages' checkpoints, logs, reports and the prediction grid "
+    "out_dir": f"folder for both stages' checkpoints, logs, reports, pictures, the prediction grid and mistakes "
                f"(default {ALL_DEFAULTS['out_dir']})",
     "resume": "continue each stage from the resume state it left in --out-dir, where there is one",
 } | {action.dest: help_of(action) for action in PARSERS["download"].flags if action.dest in ALL_DEFAULTS}

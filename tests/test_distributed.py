@@ -59,7 +59,8 @@ def test_two_processes_match_one(data40, two_processes, tmp_path):
         assert one["val_acc"] == two["val_acc"]
         assert abs(float(one["val_loss"]) - float(two["val_loss"])) < VAL_LOSS_TOLERANCE, (one, two)
     files = sorted(p.name for p in out.parent.iterdir())
-    assert files == ["pretrain.csv", "pretrain.last.pt", "pretrain.pt", "pretrain.test.json"]
+    assert files == ["pretrain.confusion.png", "pretrain.csv", "pretrain.last.pt", "pretrain.png", "pretrain.pt",
+                     "pretrain.test.json"]
 
 
 @pytest.mark.slow

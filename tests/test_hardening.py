@@ -141,7 +141,8 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tiny_d
 
 @pytest.mark.parametrize("out, message", [
     ("folder", "is a folder; pass a file in it, e.g. --out {tmp_path}/folder/model.pt"),
-    ("run.csv", "that name is for a run's resume state/log/report; pass the best-checkpoint name"),
+    ("run.csv", "that name is for a run's resume state/log/report/pictures; pass the best-checkpoint name"),
+    ("run.png", "that name is for a run's resume state/log/report/pictures"),
     ("run.test.json", "that name is for a run's resume state/log/report"),
     ("pre.last.pt", "that name is for a run's resume state/log/report"),
 ])
@@ -276,7 +277,7 @@ def test_a_resume_whose_best_checkpoint_is_missing_fails_before_training(relativ
     assert error_line(result) == ("pretrain.py: --resume moved/p.last.pt: its best checkpoint moved/p.pt (epoch 1) is "
                                   "missing; put it back there, or start a new run")
     assert "epoch" not in result.stdout
-    assert sorted(p.name for p in moved.iterdir()) == ["p.csv", "p.last.pt", "p.test.json"]
+    assert sorted(p.name for p in moved.iterdir()) == ["p.confusion.png", "p.csv", "p.last.pt", "p.png", "p.test.json"]
 
 
 @pytest.mark.slow

@@ -24,10 +24,9 @@ from cli import UsageError
 def test_side_files_belong_to_one_out():
     names = {out: [p.name for p in pretrain.side_files(Path(out)).values()]
              for out in ("pretrain.pt", "run.pth", "exp.1", "exp.2")}
-    assert names == {"pretrain.pt": ["pretrain.last.pt", "pretrain.csv", "pretrain.test.json"],
-                     "run.pth": ["run.last.pt", "run.csv", "run.test.json"],
-                     "exp.1": ["exp.1.last.pt", "exp.1.csv", "exp.1.test.json"],
-                     "exp.2": ["exp.2.last.pt", "exp.2.csv", "exp.2.test.json"]}
+    ends = [".last.pt", ".csv", ".test.json", ".png", ".confusion.png"]
+    assert names == {"pretrain.pt": ["pretrain" + end for end in ends], "run.pth": ["run" + end for end in ends],
+                     "exp.1": ["exp.1" + end for end in ends], "exp.2": ["exp.2" + end for end in ends]}
 
 
 def test_outs_that_share_side_files_share_their_lock(tmp_path):
@@ -46,7 +45,8 @@ def test_two_outs_that_differ_after_the_last_dot_keep_their_own_files(tiny_data,
                      "--val-size", "6", "--seed", out[-1], *QUICK)
         assert f"{tmp_path / out}.last.pt (resume state), {tmp_path / out}.csv" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        f"exp.{i}{suffix}" for i in (1, 2) for suffix in ("", ".csv", ".last.pt", ".test.json")]
+        f"exp.{i}{suffix}" for i in (1, 2)
+        for suffix in ("", ".confusion.png", ".csv", ".last.pt", ".png", ".test.json")]
     assert [load_checkpoint(tmp_path / f"exp.{i}.last.pt")["args"]["seed"] for i in (1, 2)] == [1, 2]
 
 

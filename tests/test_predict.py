@@ -50,7 +50,7 @@ def test_predict_gives_the_evaluation_paths_logits(pretrained, tiny_data):
     checkpoint = load_checkpoint(pretrained)
     test = data.load_folder(tiny_data / "test")
     logits = compute_logits(model_from_checkpoint(checkpoint), test.images.split(256), checkpoint["image_size"])
-    expected = torch.softmax(logits, 1)
+    expected = torch.softmax(logits / checkpoint["temperature"], 1)  # fitted after training, on validation
     result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--json",
                  "--topk", "3", "--batch-size", "5")
     output = json.loads(result.stdout)
@@ -121,7 +121,8 @@ def test_an_empty_path_or_grid_is_named_not_taken_for_the_current_folder_or_no_g
     assert result.returncode == 1 and len(result.stdout.splitlines()) == 1  # the one image, not the folder's 54
     assert "predict.py: '': an empty path; pass image files or folders\n" in result.stderr
     result = run("predict.py", image, "--grid", "", "--checkpoint", pretrained, "--device", "cpu", check=False)
-    assert error_line(result) == "predict.py: --grid is empty; pass a picture file, or leave the flag out for no grid"
+    assert error_line(result) == ("predict.py: --grid is empty; pass a picture file, or leave the flag out for no "
+                                  "picture")
 
 
 def test_a_url_is_said_to_be_no_local_file(pretrained, tiny_data):
@@ -207,7 +208,7 @@ def test_device_auto_takes_cuda_then_mps_then_the_cpu_with_a_warning(monkeypatch
 @pytest.mark.parametrize("script", ["predict.py", "pretrain.py"])
 def test_an_output_path_that_is_a_fifo_is_refused_before_any_work(pretrained, tiny_data, tmp_path, script):
     """The write-then-rename would replace the FIFO (as root: a device such as /dev/null) with a regular file."""
-    fifo = tmp_path / "out.png"
+    fifo = tmp_path / ("out.png" if script == "predict.py" else "out.pt")  # a .png --out is a run's picture's name
     os.mkfifo(fifo)
     if script == "predict.py":
         result = run(script, tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--grid", fifo,
@@ -238,7 +239,7 @@ def test_a_grid_naming_an_image_to_predict_is_refused_before_predicting(pretrain
     before = image.read_bytes()
     result = run("predict.py", tmp_path / "test", "--checkpoint", pretrained, "--device", "cpu",
                  "--grid", tmp_path / "test" / "green" / ".." / "red" / "0000.png", check=False)
-    assert error_line(result).endswith("0000.png: is one of the images to predict, and writing the grid would "
+    assert error_line(result).endswith("0000.png: is one of the images to predict, and writing the picture would "
                                        "overwrite it; choose another path")
     assert result.stdout == "" and image.read_bytes() == before
 
@@ -263,7 +264,10 @@ def test_a_class_without_images_has_no_accuracy_rather_than_zero(capsys):
     assert '"blue": null' in json.dumps(report)
     print_report("3 labelled images", report, classes)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1:4] == ["    red  100.00%", "  green   50.00%", "   blue  n/a (no images)"]
+    assert lines[2:6] == ["         red   100.00%     50.00%     66.67%",
+                          "       green    50.00%    100.00%     66.67%",
+                          "        blue       n/a        n/a        n/a",
+                          "  macro mean    75.00%     75.00%     66.67%"]
 
 
 def test_a_confusion_matrix_wider_than_a_terminal_is_printed_as_its_most_confused_pairs(capsys):

@@ -26,7 +26,8 @@ def test_all_runs_the_whole_job(tiny_data, tmp_path):
                     "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     outputs = ("pretrain.pt", "pretrain.csv", "pretrain.test.json", "finetune.pt", "finetune.test.json",
-               "predictions.png")
+               "predictions.png", "pretrain.png", "pretrain.confusion.png", "finetune.png", "finetune.confusion.png",
+               "mistakes.png")
     for name in outputs:
         assert (tmp_path / "ck" / name).is_file(), name
     assert torch.load(tmp_path / "ck" / "finetune.pt", weights_only=True)["stage"] == "finetune"
