@@ -90,26 +90,21 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return within_float32(value, text)
+    return float32_number(text, "a positive number", float(text) > 0)
 
 
 def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
-    return within_float32(value, text)
+    return float32_number(text, "zero or a positive number", float(text) >= 0)
 
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def within_float32(value: float, text: str) -> float:
-    """The optimizer holds --lr and --weight-decay as float32: a larger value is torch's overflow traceback."""
-    if value > FLOAT32_MAX:
-        raise argparse.ArgumentTypeError(f"too large: at most {FLOAT32_MAX:.3g}, got {text}")
+def float32_number(text: str, what: str, fits: bool) -> float:
+    """A finite number that `fits`, within float32: the optimizer holds --lr and --weight-decay so, and a larger
+    value is torch's overflow traceback."""
+    value, largest = float(text), torch.finfo(torch.float32).max
+    if not fits or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    if value > largest:
+        raise argparse.ArgumentTypeError(f"too large: at most {largest:.3g}, got {text}")
     return value
 
 

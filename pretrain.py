@@ -153,9 +153,8 @@ def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
     if progress.perm is None:
         progress.perm = torch.randperm(n, generator=run.augment, device=processes.device)
         progress.sums = sums = new_sums(processes.device)
-    title = f"epoch {progress.epoch + 1}/{args.epochs}"
+    title, stopped = f"epoch {progress.epoch + 1}/{args.epochs}", False
     line = cli.ProgressLine(title, n, done=progress.step * args.batch_size) if processes.main else None
-    stopped = False
     # closed however the loop ends (a stop, an error): a streamed set's reading ahead ends with it
     batches = images.batches(progress.perm, progress.step, args.batch_size, processes.share())
     with contextlib.closing(batches):
@@ -211,8 +210,7 @@ def learning_rate(args: argparse.Namespace, epoch: int, step: int, steps: int) -
 
 
 def new_sums(device: torch.device) -> dict[str, torch.Tensor]:
-    """An epoch's running sums, kept on the device so that no step waits for the host: summed loss, correct
-    predictions, and the first step whose loss was not finite (-1: none yet)."""
+    """An epoch's sums on the device (no step waits for the host); first_bad: the first non-finite loss's step."""
     return {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
             "first_bad": torch.full((), -1.0, device=device)}
 
