@@ -58,8 +58,9 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.
     with Image.open(path) as img:
         shorter_side = min(img.size)
         if max(img.size) > MAX_ASPECT_RATIO * shorter_side:  # its resize to `size` px across could fill the memory
-            raise cli.DataError(f"{cli.shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over {MAX_ASPECT_RATIO} "
-                            "times its shorter: too narrow to take a square from", "crop it, or remove the file")
+            raise cli.DataError(f"{cli.shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over "
+                                f"{MAX_ASPECT_RATIO} times its shorter: too narrow to take a square from",
+                                "crop it, or remove the file")
         if size is not None and img.format == "JPEG":
             img.draft("RGB", (size, size))
         img = ImageOps.exif_transpose(img)
@@ -270,8 +271,8 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     for label, folder in enumerate(classes):
         files = image_files(root / folder, above)
         if not files:
-            raise cli.DataError(f"{name}/{cli.shown(folder)}: class folder has no images ({', '.join(IMAGE_EXTENSIONS)})",
-                            "add images or remove the folder")
+            raise cli.DataError(f"{name}/{cli.shown(folder)}: class folder has no images "
+                                f"({', '.join(IMAGE_EXTENSIONS)})", "add images or remove the folder")
         samples += [(p, label) for p in files]
     if len(classes) == 1:  # training would reach 100 % by always answering the one class
         raise cli.DataError(f"{name}: only one class folder ({cli.shown(classes[0])})",

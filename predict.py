@@ -727,8 +727,8 @@ def check_results_written() -> None:
     if isinstance(lost, BrokenPipeError):
         sys.exit(128 + getattr(signal, "SIGPIPE", 13))  # 13 wherever there is one; Windows has none
     if lost is not None:
-        raise cli.UsageError(f"cannot write the results to stdout ({lost.strerror or lost}); none were kept: free space, "
-                         "or send them elsewhere")
+        raise cli.UsageError(f"cannot write the results to stdout ({lost.strerror or lost}); none were kept: free "
+                             "space, or send them elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
