@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_class_folders, run, training_log
+from conftest import ROOT, default_signals, make_class_folders, run, training_log
 
 pytestmark = pytest.mark.slow  # end to end: real processes and training
 
@@ -29,7 +29,8 @@ def data40(tmp_path_factory):
 def torchrun(*args, nproc=2, **kwargs):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "pretrain.py"), *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=default_signals, **kwargs)
 
 
 def finish(process, timeout=300):

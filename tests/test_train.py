@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import data
-from conftest import QUICK, ROOT, error_line, make_class_folders, run, training_log
+from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run, training_log
 from model import AlexNet
 import cli
 from cli import ProgressLine
@@ -119,7 +119,7 @@ def stop_during(title: str, sig: signal.Signals, args: list) -> str:
     """Start pretrain.py, send `sig` once the pass `title` shows progress (its first tenth: most of the pass is
     still to come, and a later arrival stops at the next epoch's start instead), return the stop's message."""
     process = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     for line in process.stderr:  # progress goes to stderr
         if line.startswith(f"  {title}: "):
             process.send_signal(sig)
