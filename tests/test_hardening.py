@@ -267,7 +267,8 @@ def relative_run(tmp_path_factory):
     make_class_folders(folder / "data")
     run("pretrain.py", "--data-dir", "data", "--out", "ck/p.pt", "--epochs", "1", "--val-size", "6", *QUICK,
         cwd=folder)
-    return folder
+    yield folder
+    shutil.rmtree(folder)  # its checkpoints go with the module, not at the session's end
 
 
 @pytest.mark.slow
