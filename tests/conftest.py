@@ -5,6 +5,7 @@ import http.server
 import importlib
 import io
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -34,6 +35,14 @@ def training_log(out: Path) -> list[dict]:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (training, real processes); `-m 'not slow'` skips them")
+
+
+def default_signals() -> None:
+    """`preexec_fn` of a child that a test signals: SIGINT, SIGTERM and SIGHUP as on a terminal. A suite started in
+    the background (`nohup python -m pytest > log &`) runs with SIGINT and SIGHUP ignored, and an ignored signal
+    stays ignored in every child, through exec: the test would send a signal that nothing receives."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def make_class_folders(root: Path, classes=("red", "green", "blue"), train=16, test=6, size=32, seed=0) -> Path:

@@ -1,6 +1,7 @@
 """torchrun with 2 processes on the CPU (gloo): same results as 1 process, one checkpoint, resume, stop on any rank."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_class_folders, run, training_log
+from conftest import ROOT, default_signals, make_class_folders, run, training_log
 
 pytestmark = pytest.mark.slow  # end to end: real processes and training
 
@@ -29,7 +30,8 @@ def data40(tmp_path_factory):
 def torchrun(*args, nproc=2, **kwargs):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "pretrain.py"), *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=default_signals, **kwargs)
 
 
 def finish(process, timeout=300):
@@ -46,7 +48,8 @@ def two_processes(data40, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "pretrain.pt"
     code, stdout, stderr = finish(torchrun("--data-dir", data40, "--out", out, *FLAGS))
     assert code == 0, stderr
-    return out, stdout
+    yield out, stdout
+    shutil.rmtree(out.parent)  # half a gigabyte of checkpoints: gone with the module, not at the session's end
 
 
 @pytest.mark.slow

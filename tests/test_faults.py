@@ -24,7 +24,8 @@ import cli
 import data
 import download
 import pretrain
-from conftest import QUICK, ROOT, QuietHTTPServer, class_folder_archive, error_line, make_class_folders, md5, run
+from conftest import (QUICK, ROOT, QuietHTTPServer, class_folder_archive, default_signals, error_line,
+                      make_class_folders, md5, run)
 from model import AlexNet, CheckpointError, load_checkpoint
 from pretrain import save_checkpoint
 
@@ -298,12 +299,6 @@ def test_a_doctored_official_tarball_cannot_run_code(tmp_path):
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "c").exists()
 
 
-def interruptible() -> None:
-    """In the child before exec: Ctrl-C as on a terminal. A shell starts background jobs with SIGINT ignored, and an
-    ignored signal stays ignored through exec, so a suite run in the background would otherwise never stop it."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def download_under_way(work: Path, flaky_server) -> subprocess.Popen:
     """`download.py --root WORK/c` from a server that holds the transfer half-way, returned with its
     temporary folder there: whatever the machine's load, the download is under way until the test acts."""
@@ -311,7 +306,7 @@ def download_under_way(work: Path, flaky_server) -> subprocess.Popen:
     handler.hold = threading.Event()
     work.mkdir()
     command = [sys.executable, str(ROOT / "download.py"), "--root", str(work / "c"), "--source", url]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work, preexec_fn=interruptible)
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=work, preexec_fn=default_signals)
     while not any(p.name.startswith(".c.partial-") for p in work.iterdir()):
         assert process.poll() is None, process.communicate()[1]
         time.sleep(0.01)

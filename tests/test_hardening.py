@@ -13,7 +13,7 @@ import torch
 import cli
 import pretrain
 import predict
-from conftest import QUICK, ROOT, error_line, make_class_folders, run
+from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run
 from model import CheckpointError, load_checkpoint
 
 
@@ -114,7 +114,8 @@ def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
     out = tmp_path / "p.pt"
     command = [sys.executable, str(ROOT / "pretrain.py"), "--data-dir", str(data), "--out", str(out), "--epochs",
                "1", "--val-size", "3", *QUICK]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_signals)
     for line in process.stderr:  # progress goes to stderr
         if line.startswith("  test: "):  # the first tenth of the test images is done
             process.send_signal(signal.SIGINT)
@@ -266,7 +267,8 @@ def relative_run(tmp_path_factory):
     make_class_folders(folder / "data")
     run("pretrain.py", "--data-dir", "data", "--out", "ck/p.pt", "--epochs", "1", "--val-size", "6", *QUICK,
         cwd=folder)
-    return folder
+    yield folder
+    shutil.rmtree(folder)  # its checkpoints go with the module, not at the session's end
 
 
 @pytest.mark.slow

@@ -59,7 +59,10 @@ def test_no_step_starts_that_the_time_left_cannot_fit(tmp_path, capsys):
 
 
 def test_a_step_still_running_when_the_time_is_up_gets_sigint_and_keeps_its_log(tmp_path):
-    code = "import time, sys\ntry:\n    print('started', flush=True); time.sleep(60)\nexcept KeyboardInterrupt:\n" \
+    # a step that saves its state on Ctrl-C sets its own handler, as pretrain.py does: a suite started in the
+    # background (`nohup python -m pytest &`) hands SIGINT down ignored
+    code = "import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\ntry:\n" \
+           "    print('started', flush=True); time.sleep(60)\nexcept KeyboardInterrupt:\n" \
            "    print('saved my state'); sys.exit(130)"
     step = headline.Step("sleeper", "sleeper", [sys.executable, "-c", code], 1)
     started = time.monotonic()

@@ -16,7 +16,7 @@ import cli
 import data
 import predict
 import pretrain
-from conftest import QUICK, ROOT, error_line, make_class_folders, run
+from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run
 from model import load_checkpoint
 from cli import UsageError
 
@@ -200,7 +200,7 @@ def test_out_on_a_completely_full_disk_is_one_line_and_leaves_no_lock(tiny_data,
 def stop_with(signals: list[signal.Signals], args: list, gap: float = 0.0) -> subprocess.CompletedProcess:
     """pretrain.py, sent `signals` `gap` seconds apart once its first epoch shows progress."""
     process = subprocess.Popen(script("pretrain.py", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=default_signals)
     for line in process.stderr:
         if line.startswith("  epoch 1/"):
             break
@@ -338,7 +338,8 @@ def test_a_closed_terminal_stops_training_with_its_state_saved(tmp_path):
     out = tmp_path / "ck" / "p.pt"
     terminal, child = pty.openpty()
     process = subprocess.Popen(script("pretrain.py", "--data-dir", data, "--out", out, "--epochs", "2",
-                                      "--val-size", "6", *QUICK), stdout=child, stderr=child)
+                                      "--val-size", "6", *QUICK), stdout=child, stderr=child,
+                               preexec_fn=default_signals)
     os.close(child)
     shown = b""
     while b"  epoch 1/2: " not in shown:

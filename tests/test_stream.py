@@ -15,7 +15,7 @@ from PIL import Image
 
 import cli
 import data
-from conftest import QUICK, ROOT, error_line, make_class_folders, run
+from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run
 from test_train import start, stop_during
 
 
@@ -209,7 +209,8 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, met
     out = tmp_path / "p.pt"
     process = subprocess.Popen([sys.executable, "-c", WITH_START_METHOD, method, str(ROOT / "pretrain.py"),
                                 "--data-dir", str(root), "--out", str(out), *QUICK],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               preexec_fn=default_signals)
     workers = []
     for _ in range(600):
         workers = descendants(process.pid)
