@@ -73,7 +73,7 @@ def test_a_fresh_run_onto_a_finished_run_is_refused_unless_overwrite(tiny_data, 
 WRITER = """
 import sys, time
 sys.path.insert(0, {root!r})
-import data
+import cli
 def write(f):
     f.write(b"x" * 1000)
     time.sleep(0.01)  # the other writer starts meanwhile
