@@ -686,7 +686,8 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
                        ) -> Predicted:
     """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each image's line printed
     as it comes (an unreadable file's error too): a folder of any size predicts in bounded memory. --grid shows up to
-    GRID_MAX images spread evenly over the files."""
+    GRID_MAX images spread evenly over the files. The pass stops at the first failed write of the results, unless a
+    picture (--grid, --mistakes) is wanted."""
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])
@@ -710,6 +711,8 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
             done.results += results
             if not args.json:
                 print("".join(map(result_line, results)), end="", flush=True)
+        if getattr(sys.stdout, "lost", None) and not (args.grid or args.mistakes):  # `| head` has gone: no reader
+            break
         if line is not None and line.due(start + len(batch)):
             line.show(start + len(batch))
     if line is not None:

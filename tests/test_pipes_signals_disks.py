@@ -146,6 +146,17 @@ def test_predict_into_a_closed_pipe_exits_quietly(pretrained, tiny_data, tmp_pat
 
 
 @pytest.mark.slow
+def test_predict_stops_at_the_first_failed_write_into_a_closed_pipe(pretrained, tmp_path):
+    """`predict.py many | head -1`: before, every image was decoded and predicted after head had gone."""
+    for i in range(3):
+        Image.new("RGB", (32, 32), "red").save(tmp_path / f"{i}.png")
+    (tmp_path / "z.png").write_bytes(b"not an image")  # reached only if the pass goes on past the first batch
+    result = closed_pipe_run(script("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu",
+                                    "--batch-size", "1"))
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
+
+
+@pytest.mark.slow
 def test_training_into_a_closed_pipe_goes_on_and_says_so(tiny_data, tmp_path):
     out = tmp_path / "p.pt"
     result = closed_pipe_run(script("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2",
