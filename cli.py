@@ -19,6 +19,7 @@ import errno
 import functools
 import hashlib
 import io
+import json
 import math
 import queue
 import re
@@ -184,6 +185,21 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
 
 
 # --------------------------------------------------------------------------- output
+
+
+def json_text(value, indent: int | None = None) -> str:
+    """JSON any reader takes: a NaN or infinity (a loss that overflowed) as null, not Python's NaN token."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
+
+
+def finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
 
 
 class Output:

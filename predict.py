@@ -630,8 +630,8 @@ def predict(args: argparse.Namespace) -> int:
     mistakes = [{key: done.results[i][key] for key in ("path", "predicted", "true")} | {"probability": p}
                 for p, i, _ in done.mistakes]
     if args.json:
-        print(json.dumps({"checkpoint": checkpoint_path, "predictions": done.results, "report": report}
-                         | ({"mistakes": mistakes} if args.mistakes else {}) | {"errors": errors}, indent=1))
+        print(cli.json_text({"checkpoint": checkpoint_path, "predictions": done.results, "report": report}
+                            | ({"mistakes": mistakes} if args.mistakes else {}) | {"errors": errors}, indent=1))
     elif report is not None:
         print_report(f"{len(done.labels)} labelled images", report, classes)
     draw_predicted_pictures(args, done, mistakes)

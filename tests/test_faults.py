@@ -1,6 +1,8 @@
 """Bad input and faults: each ends in one clear line on stderr and a non-zero exit, or a clean recovery."""
+import argparse
 import http.server
 import io
+import json
 import os
 import pickle
 import signal
@@ -243,6 +245,38 @@ def test_nan_loss_names_epoch_step_and_flag(tiny_data, tmp_path):
     line = error_line(result)
     assert "the training loss became nan at epoch 1, step" in line and "lower --lr (now 1000000.0)" in line
     assert not (tmp_path / "p.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_non_finite_validation_loss_stops_the_run_naming_the_epoch_never_best(tiny_data, tmp_path):
+    """A set smaller than one batch at --lr 1e37: the one step's loss is finite, the weights after it are not.
+    Before: `val_loss nan ... *best`, a test report with loss nan, exit 0, and NaN in .test.json."""
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK,
+                 "--batch-size", "512", "--epochs", "2", "--lr", "1e37", check=False)
+    assert error_line(result) == ("pretrain.py: the validation loss became nan at epoch 1: the weights diverged; "
+                                  "start again with a lower --lr (now 1e+37) and --overwrite")
+    assert "*best" not in result.stdout and os.listdir(tmp_path) == []
+
+
+def test_weight_decay_that_diverges_is_named_with_the_lr():
+    args = argparse.Namespace(lr=0.01, weight_decay=1e6)
+    with pytest.raises(cli.UsageError, match=r"a lower --lr \(now 0.01\) or --weight-decay \(now 1000000.0\)"):
+        pretrain.diverged("the training loss became nan at epoch 1, step 1", args)
+
+
+def test_reports_are_valid_json_whatever_the_numbers():
+    """json.dumps writes NaN and Infinity, tokens no JSON reader takes (a .test.json with `"loss": NaN`)."""
+    text = cli.json_text({"loss": float("nan"), "rows": [float("inf"), 0.5, (1, -float("inf"))], "name": "x"})
+    assert json.loads(text) == {"loss": None, "rows": [None, 0.5, [1, None]], "name": "x"}
+
+
+def test_init_weights_holding_nan_are_refused(tmp_path):
+    weights = AlexNet(num_classes=3).state_dict()
+    weights["classifier.1.weight"][0, 0] = float("nan")
+    torch.save(weights, tmp_path / "w.pth")
+    with pytest.raises(cli.UsageError, match=r"--init .*w\.pth: its weights hold NaN or infinite values "
+                                             r"\(classifier\.1\.weight\)"):
+        pretrain.initial_weights(str(tmp_path / "w.pth"))
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch, capsys):
