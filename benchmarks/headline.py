@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,10 +275,12 @@ def make_folder(flag: str, folder: Path) -> None:
     """The folder, made before any step: a file in the way, or no permission, is one line, not a traceback later."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: a read-only folder that exists passes mkdir
     except OSError as e:  # FileExistsError: a file holds the name; NotADirectoryError: a file on the way to it
         shown = "a file holds this name or a folder on the way to it" if isinstance(
             e, (FileExistsError, NotADirectoryError)) else (e.strerror or str(e))
-        sys.exit(f"headline.py: {flag} {folder}: cannot make this folder ({shown}); choose another {flag}")
+        sys.exit(f"headline.py: {flag} {folder}: cannot make this folder or write in it ({shown}); choose another "
+                 f"{flag}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -109,5 +109,17 @@ def test_a_folder_flag_naming_a_file_is_one_line(tmp_path, flag, capsys):
     argv = ["--rehearse", "--minutes", "0.001"] + [str(a) for pair in folders.items() for a in pair]
     with pytest.raises(SystemExit) as stop:
         headline.main(argv)
-    assert f"{flag} {folders[flag]}: cannot make this folder" in str(stop.value.code)
+    assert f"{flag} {folders[flag]}: cannot make this folder or write in it" in str(stop.value.code)
     assert (tmp_path / "file").read_text() == "in the way" and not (tmp_path / "out" / "results.md").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--work-dir"])
+def test_a_read_only_folder_flag_is_one_line(tmp_path, small_filesystem, flag):
+    """Before: a traceback when the first step's log, or the generated data, was written."""
+    folders = {"--out-dir": tmp_path / "out", "--work-dir": tmp_path / "work"}
+    folders[flag] = small_filesystem(read_only=True)
+    argv = ["--rehearse", "--minutes", "0.001"] + [str(a) for pair in folders.items() for a in pair]
+    with pytest.raises(SystemExit) as stop:
+        headline.main(argv)
+    assert str(stop.value.code) == (f"headline.py: {flag} {folders[flag]}: cannot make this folder or write in it "
+                                    f"(Read-only file system); choose another {flag}")
