@@ -165,6 +165,8 @@ def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, f
 PARSERS = {"download": download_script.build_parser(), "pretrain": pretrain_script.build_parser(),
            "finetune": finetune_script.build_parser(), "predict": predict_script.build_parser(),
            "export": export_script.build_parser()}
+for name, parser in PARSERS.items():
+    parser.prog = f"{name}.py"  # argparse's errors name the script, not invoke
 DEFAULT_DATA = PARSERS["pretrain"].get_default("data_dir")
 
 download = task_of("download.py", PARSERS["download"],
@@ -193,18 +195,36 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     for flag, folder in (("--data-dir", data_dir), ("--out-dir", out_dir)):
         if not folder:  # f"{out_dir}/predictions.png" would be /predictions.png, at the file system's root
             raise Exit(f"invoke all: {flag} is empty; pass a folder (invoke --help all)")
-    download(c, root=data_dir, source=source, md5=md5)
     outs = {stage: str(Path(out_dir) / Path(PARSERS[stage].get_default("out")).name) for stage in STAGES}
-    for stage, run_stage in zip(STAGES, (pretrain, finetune)):
+    steps = {"download": {"root": data_dir, "source": source, "md5": md5}}
+    for stage in STAGES:
         dests = {action.dest for action in PARSERS[stage].flags}
         state = pretrain_script.side_files(Path(outs[stage]))["last"]
-        run_stage(c, data_dir=data_dir, out=outs[stage], checkpoint=outs["pretrain"] if stage == "finetune" else None,
-                  resume=str(state) if resume and state.is_file() else None,
-                  **{name: value for name, value in training.items() if name in dests})
-    predict(c, paths=[f"{data_dir}/test"], checkpoint=outs["finetune"], grid=f"{out_dir}/predictions.png",
-            mistakes=f"{out_dir}/mistakes.png", device=training["device"], limit=str(predict_script.GRID_MAX))
+        steps[stage] = {"data_dir": data_dir, "out": outs[stage],
+                        "checkpoint": outs["pretrain"] if stage == "finetune" else None,
+                        "resume": str(state) if resume and state.is_file() else None,
+                        **{name: value for name, value in training.items() if name in dests}}
+    steps["predict"] = {"paths": [f"{data_dir}/test"], "checkpoint": outs["finetune"],
+                        "grid": f"{out_dir}/predictions.png", "mistakes": f"{out_dir}/mistakes.png",
+                        "device": training["device"],
+                        "limit": str(predict_script.GRID_MAX)}
+    for stage, options in steps.items():
+        check_flags(stage, options)
+    for stage, options in steps.items():
+        TASKS[stage](c, **options)
 
 
+def check_flags(stage: str, options: dict) -> None:
+    """A step's flags parsed by its script's parser before any step runs: a typo (`--mode ful`) ends `invoke all`
+    before the download and pretraining, not when finetune reads it after them."""
+    parser = PARSERS[stage]
+    try:
+        parser.parse_args(script_argv(parser.flags, options, []))
+    except SystemExit as e:  # argparse has said what is wrong, as the script would
+        raise Exit(code=e.code) from None
+
+
+TASKS = {"download": download, "pretrain": pretrain, "finetune": finetune, "predict": predict}
 ALL_DEFAULTS = {"data_dir": PARSERS["download"].get_default("root"),
                 "out_dir": str(Path(PARSERS["pretrain"].get_default("out")).parent),
                 "source": None, "md5": None, "resume": False}

@@ -140,3 +140,12 @@ def test_a_signal_to_invoke_stops_the_script_which_saves_and_invoke_waits_for_it
         process.kill()
         if script_pid is not None and cli.process_is_running(script_pid):  # an orphan: the fault this test finds
             os.kill(script_pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # a real invoke process
+def test_all_parses_every_steps_flags_before_its_first_step(tmp_path):
+    """Before: `invoke all --mode ful` downloaded and pretrained, then finetune refused the flag."""
+    result = invoke("--dry", "all", "--mode", "ful", cwd=tmp_path)
+    assert result.returncode == 2 and "download.py" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == ("finetune.py: error: argument --mode: invalid choice: 'ful' (choose "
+                                              "from 'classifier', 'full', 'head')")
