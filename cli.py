@@ -518,6 +518,13 @@ def special_kind(mode: int) -> str:
     return kinds.get(stat.S_IFMT(mode), "a special file")
 
 
+def check_tilde_expanded(flag: str, path: Path) -> None:
+    """`--grid=~/g.png`, `--root=~/data`: bash expands no ~ after a '=', and the write would make a folder named ~."""
+    if Path(path).parts[:1] == ("~",) and not Path("~").exists():
+        raise UsageError(f"{flag} {path}: starts with a ~ the shell did not expand (it would make a folder named ~ "
+                         f"here); write {flag} {path} with a space after {flag}, or $HOME for ~")
+
+
 def check_writable_file(flag: str, path: Path, example: str, what: str = "a file", make_folder: bool = False) -> None:
     """Fail before the long work, not after it, when `flag`'s file cannot be written. A missing folder is made
     only with `make_folder` (otherwise by the write, so a run that fails first leaves none); the check writes in
@@ -525,9 +532,7 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
 
     `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
     """
-    if path.parts[:1] == ("~",) and not Path("~").exists():  # `--grid=~/g.png`: bash expands no ~ after a '='
-        raise UsageError(f"{flag} {path}: starts with a ~ the shell did not expand (it would make a folder named ~ "
-                         f"here); write {flag} {path} with a space after {flag}, or $HOME for ~")
+    check_tilde_expanded(flag, path)
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file

@@ -617,3 +617,11 @@ def test_a_refused_cache_build_keeps_the_valid_caches_metadata(small_filesystem,
     with pytest.raises(cli.DataError, match="cannot hold the decoded images"):
         data.load_folder(root / "train", size=1024)
     assert sorted(p.name for p in (root / ".cache").iterdir()) == ["train.json", "train.u8"]
+
+
+def test_a_root_with_a_tilde_the_shell_left_unexpanded_makes_no_folder_named_tilde(tiny_data, tmp_path):
+    """`download.py --root=~/x`: before, a folder named ~ was made here."""
+    result = run("download.py", "--root=~/x", "--source", tiny_data, check=False, cwd=tmp_path)
+    assert error_line(result) == ("download.py: --root ~/x: starts with a ~ the shell did not expand (it would make a "
+                                  "folder named ~ here); write --root ~/x with a space after --root, or $HOME for ~")
+    assert os.listdir(tmp_path) == []
