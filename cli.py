@@ -277,14 +277,17 @@ def closed_output() -> Output:
 
 
 def shown(path: str | os.PathLike) -> str:
-    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN,
-    control characters escaped (see printable)."""
-    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
+    """A path as text any stream prints, unambiguously: bytes of a name that are not UTF-8 (made on another system)
+    as \\xNN, control characters and backslashes escaped (see printable)."""
+    return printable(os.fsdecode(path))
 
 
 # Control characters as Python writes them in a string literal: a newline or tab in a name would split a line of
-# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal.
-ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal. Bytes that are
+# not UTF-8 (os.fsdecode's surrogates) as \xNN; and so that no escape reads like a name, a backslash as two where a
+# name can hold one (not on Windows, where it separates names): `new<LF>line` and a file named `new\nline` differ.
+ESCAPES = ({code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+           | {0xDC00 + byte: f"\\x{byte:02x}" for byte in range(128, 256)} | ({92: "\\\\"} if os.sep == "/" else {}))
 
 
 def printable(text: str) -> str:

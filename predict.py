@@ -549,12 +549,13 @@ def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[st
 
 def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], classes: list[str], k: int,
                 min_confidence: float) -> list[dict]:
-    """Per image: its path, its true class when known, the predicted class (UNKNOWN where its probability is below
-    `min_confidence`) and the k most probable classes."""
+    """Per image: its path (the real name, surrogate-escaped where not UTF-8: JSON's \\udcNN gives its bytes back),
+    its true class when known, the predicted class (UNKNOWN where its probability is below `min_confidence`) and the
+    k most probable classes."""
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
     results = []
     for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-        results.append({"path": cli.shown(path), "true": None if label is None else classes[label],
+        results.append({"path": str(path), "true": None if label is None else classes[label],
                         "predicted": classes[indices[0]] if probabilities[0] >= min_confidence else UNKNOWN,
                         "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
     return results
@@ -562,11 +563,11 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
 
 def result_line(result: dict) -> str:
     """An image's line: its path, then label and probability of the k most probable classes, the first label
-    `unknown` when the image is (its probability kept). Names escaped (cli.printable): a tab or newline in one would
-    split the line."""
+    `unknown` when the image is (its probability kept). Names escaped (cli.shown): a tab or newline in one would
+    split the line (the JSON holds the real name)."""
     labels = [result["predicted"]] + [t["label"] for t in result["top"][1:]]
-    return result["path"] + "".join(f"\t{cli.printable(label)}\t{t['probability']:.4f}"
-                                    for label, t in zip(labels, result["top"])) + "\n"
+    return cli.shown(result["path"]) + "".join(f"\t{cli.printable(label)}\t{t['probability']:.4f}"
+                                               for label, t in zip(labels, result["top"])) + "\n"
 
 
 def check_picture_path(flag: str, picture: str) -> None:
@@ -653,7 +654,7 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
         if not args.json:
             print(f"the {len(mistakes)} most confident mistakes (drawn in {args.mistakes}): path, predicted, "
                   "probability, true")
-            print("".join(f"{m['path']}\t{cli.printable(m['predicted'])}\t{m['probability']:.4f}\t"
+            print("".join(f"{cli.shown(m['path'])}\t{cli.printable(m['predicted'])}\t{m['probability']:.4f}\t"
                           f"{cli.printable(m['true'])}\n" for m in mistakes), end="")
         print(f"wrote {args.mistakes} ({len(mistakes)} images)", file=sys.stderr)
 

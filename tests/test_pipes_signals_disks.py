@@ -1,5 +1,6 @@
 """Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
 import errno
+import json
 import os
 import pty
 import signal
@@ -265,6 +266,24 @@ def test_a_tab_or_newline_in_a_file_name_is_escaped_in_predicts_lines(pretrained
     lines = result.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == [f"{folder}/a\\nb.png", f"{folder}/c\\td.png"]
     assert all(len(line.split("\t")) == 3 for line in lines)
+
+
+def test_names_that_escape_alike_stay_apart_in_lines_and_json(pretrained, tmp_path):
+    """A newline and a file named with a backslash and n; a Latin-1 byte and a file named with \\xe9. Before: each
+    pair had the same "path" in --json, and the same line."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = [b"new\nline.png", b"new\\nline.png", b"caf\xe9.png", b"caf\\xe9.png"]
+    for name in names:
+        with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+            Image.new("RGB", (32, 32), "red").save(f, format="PNG")
+    lines = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu").stdout.splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(
+        [f"{folder}/new\\nline.png", f"{folder}/new\\\\nline.png", f"{folder}/caf\\xe9.png",
+         f"{folder}/caf\\\\xe9.png"])
+    report = json.loads(run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu", "--json").stdout)
+    assert sorted(os.fsencode(p["path"]) for p in report["predictions"]) == sorted(
+        os.path.join(os.fsencode(folder), name) for name in names)  # the real names, byte for byte
 
 
 def test_a_newline_in_a_class_name_is_escaped_in_the_report(capsys):
