@@ -59,11 +59,13 @@ def test_a_fresh_run_onto_a_finished_run_is_refused_unless_overwrite(tiny_data, 
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     result = run("pretrain.py", *flags, check=False)
     assert error_line(result) == (
-        f"pretrain.py: --out {out}: {out} and {tmp_path}/p.last.pt exist already, from an earlier run; continue it "
+        f"pretrain.py: --out {out}: {out}, {tmp_path}/p.last.pt, {tmp_path}/p.csv and {tmp_path}/p.test.json exist "
+        "already, from an earlier run; continue it "
         f"with pretrain.py --resume {tmp_path}/p.last.pt (a larger --epochs trains further), choose another --out, or "
         "pass --overwrite to replace it")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and "epoch" not in result.stdout
-    (tmp_path / "p.last.pt").unlink()
+    for name in ("p.last.pt", "p.csv", "p.test.json"):
+        (tmp_path / name).unlink()
     result = run("pretrain.py", *flags, check=False)
     assert error_line(result).endswith(f"{out} exists already, from an earlier run; choose another --out, or pass "
                                        "--overwrite to replace it")
@@ -84,6 +86,17 @@ for i in range(100):  # a second or more: the two overlap whatever their start-u
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["exp.csv", "exp.test.json"])
+def test_a_users_own_file_named_like_a_runs_log_or_report_is_never_replaced(tiny_data, tmp_path, name):
+    """Before: only exp.pt and exp.last.pt were protected; a fresh run replaced the user's exp.csv or exp.test.json."""
+    (tmp_path / name).write_text("mine")
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "exp.pt", "--epochs", "1", *QUICK,
+                 check=False)
+    assert error_line(result) == (f"pretrain.py: --out {tmp_path}/exp.pt: {tmp_path}/{name} exists already, from an "
+                                  "earlier run; choose another --out, or pass --overwrite to replace it")
+    assert (tmp_path / name).read_text() == "mine" and os.listdir(tmp_path) == [name]
+
+
 def test_concurrent_writers_of_one_path_never_remove_each_others_temporary_file(tmp_path):
     """Two predict.py --grid of one picture, two runs building one cache: before, one failed or warned."""
     path = tmp_path / "same.png"
