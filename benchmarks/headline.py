@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,9 +93,14 @@ class Step:
     report: Path | None = None  # the .test.json it writes
 
 
+# A run's checkpoints and reports, in --work-dir: the previous run's are removed first, so that a run is never refused
+# for them ("exists already") and its rows show only what it measured; the data set is kept.
+RUN_FOLDER = "run"
+
+
 def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
     """Every step of the run, in order; the job's download comes before throughput.py, which reads its images."""
-    python, data_dir, ckpt = sys.executable, work / "cifar10", work / "checkpoints"
+    python, data_dir, ckpt = sys.executable, work / "cifar10", work / RUN_FOLDER / "checkpoints"
     device = ["--device", scale.device]
     training = ["--data-dir", str(data_dir), *scale.training, *device]
     epoch_images = scale.epochs * scale.train_images
@@ -122,9 +128,9 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
     ]
     for recipe in scale.recipes:
         steps.append(Step(f"recipe {recipe}", "recipes",
-                          [python, "benchmarks/recipes.py", "--recipe", recipe, "--out-dir", str(work / "recipes"),
+                          [python, "benchmarks/recipes.py", "--recipe", recipe, "--out-dir", str(work / RUN_FOLDER / "recipes"),
                            *training], scale.seconds["training"], epoch_images, "download",
-                          work / "recipes" / f"{recipe}.test.json"))
+                          work / RUN_FOLDER / "recipes" / f"{recipe}.test.json"))
     return steps
 
 
@@ -295,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                  "(nothing is downloaded: the GPU machine has no network)")
     for flag, folder in (("--out-dir", out_dir), ("--work-dir", work)):
         make_folder(flag, folder)
+    shutil.rmtree(work / RUN_FOLDER, ignore_errors=True)
     if args.rehearse:
         args.source = str(generate_data(work / "generated"))
     header = "\n".join(f"- {line}" for line in [
