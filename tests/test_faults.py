@@ -289,6 +289,23 @@ def test_compile_without_a_working_cxx_compiler_trains_eager_with_a_warning(tiny
             "training without it") in result.stderr.splitlines()
 
 
+def test_world_size_outside_torchrun_is_one_line(tiny_data, tmp_path, monkeypatch):
+    """`WORLD_SIZE=1 python pretrain.py`: before, torch's `ValueError: ... RANK expected` traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name in pretrain.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", *QUICK, check=False)
+    assert error_line(result) == ("pretrain.py: WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not, "
+                                  "as outside torchrun: start with torchrun, or unset WORLD_SIZE")
+
+
+def test_too_few_images_without_limit_does_not_blame_limit(tmp_path):
+    data_dir = make_class_folders(tmp_path / "d", train=1, test=1)
+    result = run("pretrain.py", "--data-dir", data_dir, "--out", tmp_path / "p.pt", *QUICK, check=False)
+    assert error_line(result) == (f"pretrain.py: {data_dir}/train: 3 images are too few to hold out the default "
+                                  "validation split of 10 %; pass --val-size or use more images")
+
+
 def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch, capsys):
     def out_of_memory(self, x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
