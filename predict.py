@@ -11,6 +11,7 @@ in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import functools
+import io
 import json
 import logging
 import math
@@ -576,9 +577,19 @@ def check_picture_path(flag: str, picture: str) -> None:
     if picture == "":  # `if args.grid` would draw no picture without a word
         raise cli.UsageError(f"{flag} is empty; pass a picture file, or leave the flag out for no picture")
     path = Path(picture)
-    if not path.is_dir() and Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+    if not path.is_dir() and not can_save_rgb(Image.registered_extensions().get(path.suffix.lower())):
         raise cli.UsageError(f"{flag} {picture}: Pillow cannot write a picture named like this; end it in .png or .jpg")
     cli.check_writable_file(flag, path, "predictions.png" if flag == "--grid" else "mistakes.png", "a picture file")
+
+
+def can_save_rgb(picture_format: str | None) -> bool:
+    """Whether Pillow writes an RGB picture in this format: some it lists as writable take only 1-bit (XBM), palette
+    or other images (MSP, PALM, HDF5), and failed only after every prediction."""
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=picture_format)
+        return True
+    except (KeyError, ValueError, OSError, TypeError):
+        return False
 
 
 def check_picture_not_input(flag: str, picture: str, found: list[tuple[Path, int | None]]) -> None:

@@ -67,6 +67,9 @@ def test_out_in_a_read_only_folder_fails_before_training(tiny_data, small_filesy
 
 @pytest.mark.parametrize("name, message", [
     ("predictions", "Pillow cannot write a picture named like this; end it in .png or .jpg"),
+    # formats Pillow lists as writable that take no RGB picture: before, they failed after every prediction
+    *((f"g.{ending}", "Pillow cannot write a picture named like this; end it in .png or .jpg")
+      for ending in ("xbm", "msp", "palm", "h5")),
     ("folder", "is a folder; pass a picture file in it, e.g. --grid {folder}/predictions.png"),
 ])
 def test_grid_that_is_no_picture_file_fails_before_predicting(pretrained, tiny_data, tmp_path, name, message):
