@@ -663,6 +663,9 @@ class CheckpointWriter:
 # --------------------------------------------------------------------------- the run: its processes and its code
 
 
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets with WORLD_SIZE
+
+
 class Processes:
     """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
 
@@ -676,6 +679,10 @@ class Processes:
         self.main = self.rank == 0
         # under torchrun, with one process too: the NCCL (gloo) and DDP code path, testable on a machine of one GPU
         self.distributed = "WORLD_SIZE" in os.environ
+        missing = [name for name in TORCHRUN_VARIABLES if self.distributed and name not in os.environ]
+        if missing:  # torch's own error is a traceback ("... RANK expected")
+            raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} not, as outside torchrun: start with "
+                             "torchrun, or unset WORLD_SIZE")
         self.device = resolve_device(device_name)
         self.host_group = None  # the default group when that is gloo already
         if self.distributed:

@@ -292,7 +292,7 @@ def test_compile_without_a_working_cxx_compiler_trains_eager_with_a_warning(tiny
 def test_world_size_outside_torchrun_is_one_line(tiny_data, tmp_path, monkeypatch):
     """`WORLD_SIZE=1 python pretrain.py`: before, torch's `ValueError: ... RANK expected` traceback."""
     monkeypatch.setenv("WORLD_SIZE", "1")
-    for name in pretrain.TORCHRUN_VARIABLES:
+    for name in cli.TORCHRUN_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", *QUICK, check=False)
     assert error_line(result) == ("pretrain.py: WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not, "
