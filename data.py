@@ -3,8 +3,8 @@
 A data set is a folder with `train/` and `test/`, each holding one folder per
 class (torchvision ImageFolder conventions: class folders sorted by name,
 hidden files and non-images ignored). Each split is decoded once into a uint8
-tensor N x 3 x S x S, cached in `<data-dir>/.cache/` and rebuilt whenever the
-files change. Augmentation and the evaluation transform run batched on
+tensor N x 3 x S x S, cached in `<data-dir>/.cache/` (or where cache_folder
+says) and rebuilt whenever the files change. Augmentation and the evaluation transform run batched on
 whatever device holds that tensor. download.py gets a data set onto disk.
 
 Sections: images; class folders and the cache; transforms on the device.
