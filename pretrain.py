@@ -447,7 +447,7 @@ def check_before_training(args: argparse.Namespace, state: dict | None, processe
     if not processes.main:
         return
     warn_about_warmup(args)
-    if not Path(args.out).name:
+    if not Path(args.out).name or args.out.endswith(("/", os.sep)):  # Path drops the slash of `runs/`: a file `runs`
         raise cli.UsageError(f"--out {args.out!r}: names no file; pass the best-checkpoint name, e.g. "
                              "checkpoints/run.pt")
     if args.out.endswith(tuple(SIDE_SUFFIXES.values())):

@@ -202,6 +202,15 @@ def test_flags_that_cannot_work_are_one_line(tiny_data, tmp_path, flags, message
     assert message in error_line(result) and not (tmp_path / "p.pt").exists()
 
 
+def test_an_out_ending_in_a_slash_names_no_file(tiny_data, tmp_path):
+    """`--out runs/`: before, a checkpoint file named `runs` was written."""
+    out = f"{tmp_path}/runs/"
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", *QUICK, check=False)
+    assert error_line(result) == (f"pretrain.py: --out {out!r}: names no file; pass the best-checkpoint name, e.g. "
+                                  "checkpoints/run.pt")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.slow
 def test_out_of_host_memory_is_one_line(tiny_data, tmp_path):
     """A real allocation failure: the process's address space is capped below what the step needs."""
