@@ -151,7 +151,11 @@ def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, f
     def body(c, **options):
         extra = getattr(c, "remainder", "").split()  # the words after `--` (invoke 3 keeps them, joined)
         given = {name: value for name, value in options.items() if value not in (None, False, [])}
-        run_script(c, script, script_argv(actions, ({} if extra else fallback) | given, extra))
+        defaults = {} if extra else {dest: value for dest, value in fallback.items() if dest not in given}
+        for dest, value in defaults.items():  # `invoke predict` alone: say what it reads, and that it is a default
+            print(f"invoke {name}: no --{dest.replace('_', '-')} given: {' '.join(map(str, value))} (the default)",
+                  file=sys.stderr)
+        run_script(c, script, script_argv(actions, defaults | given, extra))
 
     body.__signature__ = signature(actions)
     body.__doc__ = doc

@@ -149,3 +149,11 @@ def test_all_parses_every_steps_flags_before_its_first_step(tmp_path):
     assert result.returncode == 2 and "download.py" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1] == ("finetune.py: error: argument --mode: invalid choice: 'ful' (choose "
                                               "from 'classifier', 'full', 'head')")
+
+
+@pytest.mark.slow  # a real invoke process
+def test_predict_without_paths_says_it_reads_the_default_folder(tmp_path):
+    result = invoke("--dry", "predict", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["invoke predict: no --paths given: data/cifar10/test (the default)",
+                                          f"{sys.executable} {ROOT / 'predict.py'} data/cifar10/test"]
