@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,13 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
     A file that cannot be read raises cli.DataError naming it.
     """
     try:
-        img, shorter_side = load_image(path, size)
+        with warnings.catch_warnings(record=True) as caught:  # Pillow's own warning would not name the file
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            img, shorter_side = load_image(path, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise cli.DataError(f"{cli.shown(path)}: cannot read this image ({e}); remove or replace the file") from None
+    for warning in caught:
+        print(f"warning: {cli.shown(path)}: {warning.message}", file=sys.stderr)
     if img.size != (size, size):
         w, h = img.size
         scale = size / min(w, h)

@@ -498,3 +498,13 @@ def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, small_filesy
     line = error_line(run("download.py", "--root", disk / "c", "--source", bomb, check=False))
     assert f"{bomb}: would unpack to 64.0 MiB, more than the " in line and f" MiB free at {disk}; free space" in line
     assert os.listdir(disk) == []
+
+
+def test_a_decompression_bomb_warning_names_the_file(pretrained, tmp_path, monkeypatch):
+    """Before: Pillow's raw DecompressionBombWarning, naming no file."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 40 x 40 image is above it, and below twice it
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "big.png")
+    result = run("predict.py", tmp_path / "big.png", "--checkpoint", pretrained, "--device", "cpu")
+    assert (f"warning: {tmp_path}/big.png: Image size (1600 pixels) exceeds limit of 1000 pixels, could be "
+            "decompression bomb DOS attack.") in result.stderr.splitlines()
+    assert "DecompressionBombWarning" not in result.stderr
