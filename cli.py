@@ -19,6 +19,7 @@ import errno
 import functools
 import hashlib
 import io
+import json
 import math
 import queue
 import re
@@ -186,6 +187,21 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
 # --------------------------------------------------------------------------- output
 
 
+def json_text(value, indent: int | None = None) -> str:
+    """JSON any reader takes: a NaN or infinity (a loss that overflowed) as null, not Python's NaN token."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
+
+
+def finite_or_none(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
 class Output:
     """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event.
 
@@ -261,14 +277,17 @@ def closed_output() -> Output:
 
 
 def shown(path: str | os.PathLike) -> str:
-    """A path as text any stream prints: bytes of a name that are not UTF-8 (made on another system) as \\xNN,
-    control characters escaped (see printable)."""
-    return printable(os.fsencode(path).decode("utf-8", "backslashreplace"))
+    """A path as text any stream prints, unambiguously: bytes of a name that are not UTF-8 (made on another system)
+    as \\xNN, control characters and backslashes escaped (see printable)."""
+    return printable(os.fsdecode(path))
 
 
 # Control characters as Python writes them in a string literal: a newline or tab in a name would split a line of
-# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal.
-ESCAPES = {code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal. Bytes that are
+# not UTF-8 (os.fsdecode's surrogates) as \xNN; and so that no escape reads like a name, a backslash as two where a
+# name can hold one (not on Windows, where it separates names): `new<LF>line` and a file named `new\nline` differ.
+ESCAPES = ({code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+           | {0xDC00 + byte: f"\\x{byte:02x}" for byte in range(128, 256)} | ({92: "\\\\"} if os.sep == "/" else {}))
 
 
 def printable(text: str) -> str:
@@ -502,6 +521,13 @@ def special_kind(mode: int) -> str:
     return kinds.get(stat.S_IFMT(mode), "a special file")
 
 
+def check_tilde_expanded(flag: str, path: Path) -> None:
+    """`--grid=~/g.png`, `--root=~/data`: bash expands no ~ after a '=', and the write would make a folder named ~."""
+    if Path(path).parts[:1] == ("~",) and not Path("~").exists():
+        raise UsageError(f"{flag} {path}: starts with a ~ the shell did not expand (it would make a folder named ~ "
+                         f"here); write {flag} {path} with a space after {flag}, or $HOME for ~")
+
+
 def check_writable_file(flag: str, path: Path, example: str, what: str = "a file", make_folder: bool = False) -> None:
     """Fail before the long work, not after it, when `flag`'s file cannot be written. A missing folder is made
     only with `make_folder` (otherwise by the write, so a run that fails first leaves none); the check writes in
@@ -509,9 +535,7 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
 
     `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
     """
-    if path.parts[:1] == ("~",) and not Path("~").exists():  # `--grid=~/g.png`: bash expands no ~ after a '='
-        raise UsageError(f"{flag} {path}: starts with a ~ the shell did not expand (it would make a folder named ~ "
-                         f"here); write {flag} {path} with a space after {flag}, or $HOME for ~")
+    check_tilde_expanded(flag, path)
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
@@ -639,6 +663,9 @@ class CheckpointWriter:
 # --------------------------------------------------------------------------- the run: its processes and its code
 
 
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets with WORLD_SIZE
+
+
 class Processes:
     """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
 
@@ -652,6 +679,10 @@ class Processes:
         self.main = self.rank == 0
         # under torchrun, with one process too: the NCCL (gloo) and DDP code path, testable on a machine of one GPU
         self.distributed = "WORLD_SIZE" in os.environ
+        missing = [name for name in TORCHRUN_VARIABLES if self.distributed and name not in os.environ]
+        if missing:  # torch's own error is a traceback ("... RANK expected")
+            raise UsageError(f"WORLD_SIZE is set but {', '.join(missing)} not, as outside torchrun: start with "
+                             "torchrun, or unset WORLD_SIZE")
         self.device = resolve_device(device_name)
         self.host_group = None  # the default group when that is gloo already
         if self.distributed:

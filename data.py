@@ -3,14 +3,15 @@
 A data set is a folder with `train/` and `test/`, each holding one folder per
 class (torchvision ImageFolder conventions: class folders sorted by name,
 hidden files and non-images ignored). Each split is decoded once into a uint8
-tensor N x 3 x S x S, cached in `<data-dir>/.cache/` and rebuilt whenever the
-files change. Augmentation and the evaluation transform run batched on
+tensor N x 3 x S x S, cached in `<data-dir>/.cache/` (or where cache_folder
+says) and rebuilt whenever the files change. Augmentation and the evaluation transform run batched on
 whatever device holds that tensor. download.py gets a data set onto disk.
 
 Sections: images; class folders and the cache; transforms on the device.
 """
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -23,6 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,9 +94,13 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
     A file that cannot be read raises cli.DataError naming it.
     """
     try:
-        img, shorter_side = load_image(path, size)
+        with warnings.catch_warnings(record=True) as caught:  # Pillow's own warning would not name the file
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            img, shorter_side = load_image(path, size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise cli.DataError(f"{cli.shown(path)}: cannot read this image ({e}); remove or replace the file") from None
+    for warning in caught:
+        print(f"warning: {cli.shown(path)}: {warning.message}", file=sys.stderr)
     if img.size != (size, size):
         w, h = img.size
         scale = size / min(w, h)
@@ -324,10 +330,13 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     classes, samples = scanned or scan_class_folders(root)
     key = fingerprint(samples, classes, size, root)
     image_file = root.parent / ".cache" / f"{root.name}.u8"
-    metadata = image_file.with_suffix(".json")
-    cached = read_cache(image_file, metadata, key) if cache else None
+    cached = read_cache(image_file, image_file.with_suffix(".json"), key) if cache else None
+    if cache and cached is None and cache_folder(root.parent) != image_file.parent:
+        image_file = cache_folder(root.parent) / image_file.name
+        cached = read_cache(image_file, image_file.with_suffix(".json"), key)
     if cached is not None:
         return cached
+    metadata = image_file.with_suffix(".json")
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     images, published = decode_all([p for p, _ in samples], size, image_file if cache else None)
     if published:  # the metadata makes it trusted
@@ -338,6 +347,32 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
         except OSError as e:
             cache_warning(metadata, e)
     return ImageSet(torch.from_numpy(images), labels, classes, key)
+
+
+@functools.cache  # decided once per data folder, and said once
+def cache_folder(data_folder: Path) -> Path:
+    """Where the image cache of a data folder is written: its .cache/, or where that cannot be written (a read-only
+    data set, a file named .cache) the user's cache folder (XDG_CACHE_HOME, ~/.cache), else the temporary folder,
+    in a folder named after the data folder's real path. One warning line says which."""
+    own = data_folder / ".cache"
+    try:
+        own.mkdir(exist_ok=True)
+        tempfile.TemporaryFile(dir=own).close()  # a real write: permissions alone miss a read-only mount
+        return own
+    except OSError as e:
+        problem = e.strerror or str(e)
+    name = hashlib.sha256(os.fsencode(data_folder.resolve())).hexdigest()[:16]
+    for parent in (os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), tempfile.gettempdir()):
+        folder = Path(parent) / "alexnet-image-cache" / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+            break
+        except OSError:
+            continue
+    print(f"warning: cannot write the image cache in {cli.shown(own)} ({problem}); it goes to {cli.shown(folder)}",
+          file=sys.stderr)
+    return folder
 
 
 def read_cache(image_file: Path, metadata: Path, key: str) -> ImageSet | None:
@@ -365,8 +400,6 @@ def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tupl
     """
     sample = paths[:: max(1, len(paths) // 64)]
     guess = size or most_common_side([decode(p, 1)[1] for p in sample])
-    if target is not None:
-        target.with_suffix(".json").unlink(missing_ok=True)  # the old cache is stale: never paired with new images
     shape = (len(paths), 3, guess, guess)
     tmp, beside = new_image_file(target, shape)
     try:
@@ -378,6 +411,8 @@ def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tupl
         if beside:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+            # the old cache's metadata goes first: never paired with new images; kept until then (a refused build)
+            target.with_suffix(".json").unlink(missing_ok=True)
             os.replace(tmp, target)
             tmp = target
     finally:

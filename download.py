@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_url
 
-from cli import ArgumentParser, DataError, Lock, guard_output, shown, special_kind, stop_signals
+from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, shown,
+                 special_kind, stop_signals)
 from data import URL, WORKERS, scan_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -467,8 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
     previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
     try:
+        check_tilde_expanded("--root", Path(args.root))
         download(args.root, args.source, args.md5)
-    except DataError as e:
+    except (DataError, UsageError) as e:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
         sys.exit(f"download.py: interrupted; nothing was written to {args.root}")

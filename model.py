@@ -169,7 +169,26 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a checkpoint of this project (lacks {', '.join(missing)}); "
                               "pass a checkpoint that its training wrote")
     check_consistent(checkpoint, path)
+    check_finite(checkpoint, path)
     return checkpoint
+
+
+def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
+    """Weights holding a NaN or an infinity (a diverged training's) predict nothing: refused by every loader."""
+    for key in ("model", "ema"):
+        names = non_finite(checkpoint.get(key))
+        if names:
+            raise CheckpointError(f"{path}: its {'EMA ' * (key == 'ema')}weights hold NaN or infinite values "
+                                  f"({few(names)}): the training that wrote them diverged; re-train with a smaller "
+                                  "--lr or pass another file")
+
+
+def non_finite(weights) -> list[str]:
+    """The names of the floating-point tensors in a state dict that hold a NaN or an infinity."""
+    if not isinstance(weights, dict):
+        return []
+    return [name for name, tensor in weights.items() if isinstance(tensor, torch.Tensor)
+            and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 def check_consistent(checkpoint: dict, path: str | os.PathLike) -> None:

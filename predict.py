@@ -11,6 +11,7 @@ in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import functools
+import io
 import json
 import logging
 import math
@@ -549,12 +550,13 @@ def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[st
 
 def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], classes: list[str], k: int,
                 min_confidence: float) -> list[dict]:
-    """Per image: its path, its true class when known, the predicted class (UNKNOWN where its probability is below
-    `min_confidence`) and the k most probable classes."""
+    """Per image: its path (the real name, surrogate-escaped where not UTF-8: JSON's \\udcNN gives its bytes back),
+    its true class when known, the predicted class (UNKNOWN where its probability is below `min_confidence`) and the
+    k most probable classes."""
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
     results = []
     for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-        results.append({"path": cli.shown(path), "true": None if label is None else classes[label],
+        results.append({"path": str(path), "true": None if label is None else classes[label],
                         "predicted": classes[indices[0]] if probabilities[0] >= min_confidence else UNKNOWN,
                         "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
     return results
@@ -562,11 +564,11 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
 
 def result_line(result: dict) -> str:
     """An image's line: its path, then label and probability of the k most probable classes, the first label
-    `unknown` when the image is (its probability kept). Names escaped (cli.printable): a tab or newline in one would
-    split the line."""
+    `unknown` when the image is (its probability kept). Names escaped (cli.shown): a tab or newline in one would
+    split the line (the JSON holds the real name)."""
     labels = [result["predicted"]] + [t["label"] for t in result["top"][1:]]
-    return result["path"] + "".join(f"\t{cli.printable(label)}\t{t['probability']:.4f}"
-                                    for label, t in zip(labels, result["top"])) + "\n"
+    return cli.shown(result["path"]) + "".join(f"\t{cli.printable(label)}\t{t['probability']:.4f}"
+                                               for label, t in zip(labels, result["top"])) + "\n"
 
 
 def check_picture_path(flag: str, picture: str) -> None:
@@ -575,9 +577,19 @@ def check_picture_path(flag: str, picture: str) -> None:
     if picture == "":  # `if args.grid` would draw no picture without a word
         raise cli.UsageError(f"{flag} is empty; pass a picture file, or leave the flag out for no picture")
     path = Path(picture)
-    if not path.is_dir() and Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+    if not path.is_dir() and not can_save_rgb(Image.registered_extensions().get(path.suffix.lower())):
         raise cli.UsageError(f"{flag} {picture}: Pillow cannot write a picture named like this; end it in .png or .jpg")
     cli.check_writable_file(flag, path, "predictions.png" if flag == "--grid" else "mistakes.png", "a picture file")
+
+
+def can_save_rgb(picture_format: str | None) -> bool:
+    """Whether Pillow writes an RGB picture in this format: some it lists as writable take only 1-bit (XBM), palette
+    or other images (MSP, PALM, HDF5), and failed only after every prediction."""
+    try:
+        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=picture_format)
+        return True
+    except (KeyError, ValueError, OSError, TypeError):
+        return False
 
 
 def check_picture_not_input(flag: str, picture: str, found: list[tuple[Path, int | None]]) -> None:
@@ -630,8 +642,8 @@ def predict(args: argparse.Namespace) -> int:
     mistakes = [{key: done.results[i][key] for key in ("path", "predicted", "true")} | {"probability": p}
                 for p, i, _ in done.mistakes]
     if args.json:
-        print(json.dumps({"checkpoint": checkpoint_path, "predictions": done.results, "report": report}
-                         | ({"mistakes": mistakes} if args.mistakes else {}) | {"errors": errors}, indent=1))
+        print(cli.json_text({"checkpoint": checkpoint_path, "predictions": done.results, "report": report}
+                            | ({"mistakes": mistakes} if args.mistakes else {}) | {"errors": errors}, indent=1))
     elif report is not None:
         print_report(f"{len(done.labels)} labelled images", report, classes)
     draw_predicted_pictures(args, done, mistakes)
@@ -653,7 +665,7 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
         if not args.json:
             print(f"the {len(mistakes)} most confident mistakes (drawn in {args.mistakes}): path, predicted, "
                   "probability, true")
-            print("".join(f"{m['path']}\t{cli.printable(m['predicted'])}\t{m['probability']:.4f}\t"
+            print("".join(f"{cli.shown(m['path'])}\t{cli.printable(m['predicted'])}\t{m['probability']:.4f}\t"
                           f"{cli.printable(m['true'])}\n" for m in mistakes), end="")
         print(f"wrote {args.mistakes} ({len(mistakes)} images)", file=sys.stderr)
 
@@ -686,7 +698,8 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
                        ) -> Predicted:
     """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each image's line printed
     as it comes (an unreadable file's error too): a folder of any size predicts in bounded memory. --grid shows up to
-    GRID_MAX images spread evenly over the files."""
+    GRID_MAX images spread evenly over the files. The pass stops at the first failed write of the results, unless a
+    picture (--grid, --mistakes) is wanted."""
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])
@@ -710,6 +723,8 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
             done.results += results
             if not args.json:
                 print("".join(map(result_line, results)), end="", flush=True)
+        if getattr(sys.stdout, "lost", None) and not (args.grid or args.mistakes):  # `| head` has gone: no reader
+            break
         if line is not None and line.due(start + len(batch)):
             line.show(start + len(batch))
     if line is not None:

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import csv
 import io
-import json
 import math
 import os
 import signal
@@ -34,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import cli
 import data
 from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
-                   load_tensors)
+                   load_tensors, non_finite)
 from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
                      learning_curves, print_report)
 
@@ -221,9 +220,15 @@ def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
     loss, correct = processes.reduce(torch.stack([sums["loss"], sums["correct"]])).tolist()
     first_bad = processes.reduce(sums["first_bad"].clone(), largest=True).item()
     if first_bad >= 0:
-        raise cli.UsageError(f"the training loss became {loss} at epoch {progress.epoch + 1}, step "
-                             f"{int(first_bad) + 1}; lower --lr (now {run.args.lr}) and start again")
+        diverged(f"the training loss became {loss} at epoch {progress.epoch + 1}, step {int(first_bad) + 1}", run.args)
     return loss / n, correct / n
+
+
+def diverged(what: str, args: argparse.Namespace) -> None:
+    """A non-finite loss ends the run before its epoch is logged or kept: its weights are of no use."""
+    decay = f" or --weight-decay (now {args.weight_decay})" if args.lr * args.weight_decay >= 1 else ""
+    raise cli.UsageError(f"{what}: the weights diverged; start again with a lower --lr (now {args.lr}){decay} "
+                         "and --overwrite")
 
 
 def end_epoch(run: Run, progress: Progress, started: float, writer: cli.CheckpointWriter) -> None:
@@ -233,6 +238,8 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
     train_seconds = time.perf_counter() - started
     val = evaluate(run.evaluated, run.val_images, run.args)
     epoch = progress.epoch + 1
+    if not math.isfinite(val["loss"]):
+        diverged(f"the validation loss became {val['loss']} at epoch {epoch}", run.args)
     progress.history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                              "val_loss": val["loss"], "val_acc": val["accuracy"],
                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": n / train_seconds,
@@ -313,7 +320,7 @@ def test_once(run: Run, progress: Progress) -> dict:
     print_report("test", test, run.train_images.classes)
     test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": cli.code_version()}
     save_checkpoint(final | {"test_metrics": test, "temperature": temperature}, run.out)
-    write_text(files["test"], "test report", json.dumps(test, indent=2) + "\n")
+    write_text(files["test"], "test report", cli.json_text(test, indent=2) + "\n")
     write_picture(files["confusion"], "confusion matrix picture", confusion_picture(
         test["confusion_matrix"], run.test_images.classes, f"{run.stage}: {run_name(run.out).name}, the test split "
         f"({test['accuracy']:.1%} right; shade: share of the true class)"))
@@ -440,7 +447,7 @@ def check_before_training(args: argparse.Namespace, state: dict | None, processe
     if not processes.main:
         return
     warn_about_warmup(args)
-    if not Path(args.out).name:
+    if not Path(args.out).name or args.out.endswith(("/", os.sep)):  # Path drops the slash of `runs/`: a file `runs`
         raise cli.UsageError(f"--out {args.out!r}: names no file; pass the best-checkpoint name, e.g. "
                              "checkpoints/run.pt")
     if args.out.endswith(tuple(SIDE_SUFFIXES.values())):
@@ -463,13 +470,15 @@ def warn_about_warmup(args: argparse.Namespace) -> None:
 
 
 def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
-    """A fresh run would replace the checkpoint, resume state, log and report of the run already at --out."""
+    """A fresh run would replace the checkpoint, resume state, log and report already at --out: every file it writes
+    is checked, also a user's own that only shares a run's name (exp.csv beside --out exp.pt)."""
     out, last = Path(args.out), side_files(Path(args.out))["last"]
-    found = [str(path) for path in (out, last) if path.exists()]
+    found = [str(path) for path in (out, *side_files(out).values()) if path.exists()]
     if found and not args.overwrite:
         resume = f"continue it with {stage}.py --resume {last} (a larger --epochs trains further), " \
             if last.exists() else ""
-        raise cli.UsageError(f"--out {args.out}: {' and '.join(found)} exist{'s' if len(found) == 1 else ''} "
+        named = ", ".join(found[:-1]) + " and " + found[-1] if len(found) > 1 else found[0]
+        raise cli.UsageError(f"--out {args.out}: {named} exist{'s' if len(found) == 1 else ''} "
                              f"already, from an earlier run; {resume}choose another --out, or pass --overwrite to "
                              "replace it")
 
@@ -495,8 +504,8 @@ def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[da
         train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
         n = args.limit
     if args.val_size is None and n // 10 == 0:
-        raise cli.UsageError(f"{args.data_dir}/train: {n} images (after --limit) are too few to hold out the "
-                             "default validation split of 10 %; pass --val-size or use more images")
+        raise cli.UsageError(f"{args.data_dir}/train: {n} images{' (after --limit)' * bool(args.limit)} are too few "
+                             "to hold out the default validation split of 10 %; pass --val-size or use more images")
     val_size = args.val_size or min(5000, n // 10)
     if not 0 < val_size < n:
         raise cli.UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
@@ -621,7 +630,20 @@ def prepare_model(model: AlexNet, trainable: list[nn.Parameter], args: argparse.
     net = model
     if processes.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return (torch.compile(net) if args.compile else net), optimizer, bf16
+    return (compiled(net) if args.compile else net), optimizer, bf16
+
+
+def compiled(net: nn.Module) -> nn.Module:
+    """torch.compile's inductor builds C++: without a working compiler the first step was a 100-line
+    InvalidCxxCompiler. Checked up front as inductor checks it; the run then trains eager, with a warning."""
+    from torch._inductor import cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        print("warning: --compile: no working C++ compiler for torch.compile (install g++, or name one in CXX); "
+              "training without it", file=sys.stderr)
+        return net
+    return torch.compile(net)
 
 
 def announce(run: Run, progress: Progress, state: dict | None) -> None:
@@ -816,6 +838,10 @@ def initial_weights(source: str) -> dict:
         raise cli.UsageError(f"--init {source}: not a state dict (it holds a {type(weights).__name__}, not names "
                              "mapped to tensors); pass a torchvision AlexNet state dict or a checkpoint of this "
                              "project")
+    diverged_tensors = non_finite(weights)
+    if diverged_tensors:
+        raise cli.UsageError(f"--init {source}: its weights hold NaN or infinite values "
+                             f"({', '.join(diverged_tensors[:3])}); pass weights of a training that did not diverge")
     return weights
 
 

@@ -15,15 +15,19 @@ joins them with spaces: a name holding one needs --paths). The scripts run in th
 (`invoke -r PROJECT` from elsewhere reads and writes there); each command is shown on stderr before it runs.
 """
 import argparse
+import functools
 import importlib.util
 import inspect
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from invoke import Exit, Task, task
 
+import cli
 import download as download_script
 import export as export_script
 import finetune as finetune_script
@@ -82,7 +86,7 @@ def script_argv(actions: list[argparse.Action], options: dict, extra: list[str])
 
 def run_script(c, script: str, argv: list[str]) -> None:
     """The script by its absolute path, in the caller's folder."""
-    run_shown(c, command_line([sys.executable, str(HERE / script), *argv]))
+    run_shown(c, [sys.executable, str(HERE / script), *argv])
 
 
 def command_line(words: list[str]) -> str:
@@ -90,13 +94,45 @@ def command_line(words: list[str]) -> str:
     return subprocess.list2cmdline(words) if sys.platform == "win32" else shlex.join(words)
 
 
-def run_shown(c, command: str) -> None:
-    """The command is shown first on stderr, a diagnostic (invoke's echo prints to stdout, among the results), in
-    invoke's bold only on a terminal; `invoke --dry` shows it only."""
+def run_shown(c, words: list[str], cwd: Path | None = None) -> None:
+    """The command is shown first on stderr, a diagnostic, in invoke's bold only on a terminal; `invoke --dry` shows
+    it only. A step that fails ends invoke with the step's exit status (128 + N when signal N stopped it)."""
+    command = command_line(words)
     print(c.config.run.echo_format.format(command=command) if sys.stderr.isatty() else command, file=sys.stderr,
           flush=True)
     if not c.config.run.dry:
-        c.run(command, echo=False, pty=False)  # shown above: invoke's own echo (--echo, a config) would repeat it
+        status = run_passing_signals(words, cwd)
+        if status:
+            raise Exit(code=status)
+
+
+def run_passing_signals(words: list[str], cwd: Path | None) -> int:
+    """Run the command and wait for it, passing it each stop signal invoke receives; its exit status.
+
+    Not c.run: invoke copied the script's output through threads that died with it (the script's last line lost),
+    exited at Ctrl-C without waiting, ignored `kill -INT`, and left the script orphaned at SIGTERM (`timeout`); and
+    no shell between, which would die at SIGTERM too. The script has invoke's own stdin, stdout and stderr, in a
+    session of its own: a signal reaches it once, from invoke (a Ctrl-C at the terminal, which signals invoke's
+    group, would otherwise reach it twice: stop at once). On Windows a console's Ctrl-C reaches both: invoke waits.
+    """
+    posix = sys.platform != "win32"
+    script = subprocess.Popen(words, cwd=cwd, start_new_session=posix)
+    handler = functools.partial(pass_signal, script.pid) if posix else signal.SIG_IGN
+    previous = {sig: signal.signal(sig, handler) for sig in cli.stop_signals()}
+    try:
+        status = script.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return 128 - status if status < 0 else status  # killed by signal N: -N; as a shell says it, 128 + N
+
+
+def pass_signal(group: int, signum: int, frame) -> None:
+    """To the script's whole process group, as a terminal's Ctrl-C would: the script and its workers."""
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:  # it has just ended: wait() returns
+        pass
 
 
 def signature(actions: list[argparse.Action], own: dict | None = None) -> inspect.Signature:
@@ -115,7 +151,11 @@ def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, f
     def body(c, **options):
         extra = getattr(c, "remainder", "").split()  # the words after `--` (invoke 3 keeps them, joined)
         given = {name: value for name, value in options.items() if value not in (None, False, [])}
-        run_script(c, script, script_argv(actions, ({} if extra else fallback) | given, extra))
+        defaults = {} if extra else {dest: value for dest, value in fallback.items() if dest not in given}
+        for dest, value in defaults.items():  # `invoke predict` alone: say what it reads, and that it is a default
+            print(f"invoke {name}: no --{dest.replace('_', '-')} given: {' '.join(map(str, value))} (the default)",
+                  file=sys.stderr)
+        run_script(c, script, script_argv(actions, defaults | given, extra))
 
     body.__signature__ = signature(actions)
     body.__doc__ = doc
@@ -129,6 +169,8 @@ def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, f
 PARSERS = {"download": download_script.build_parser(), "pretrain": pretrain_script.build_parser(),
            "finetune": finetune_script.build_parser(), "predict": predict_script.build_parser(),
            "export": export_script.build_parser()}
+for name, parser in PARSERS.items():
+    parser.prog = f"{name}.py"  # argparse's errors name the script, not invoke
 DEFAULT_DATA = PARSERS["pretrain"].get_default("data_dir")
 
 download = task_of("download.py", PARSERS["download"],
@@ -157,18 +199,36 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     for flag, folder in (("--data-dir", data_dir), ("--out-dir", out_dir)):
         if not folder:  # f"{out_dir}/predictions.png" would be /predictions.png, at the file system's root
             raise Exit(f"invoke all: {flag} is empty; pass a folder (invoke --help all)")
-    download(c, root=data_dir, source=source, md5=md5)
     outs = {stage: str(Path(out_dir) / Path(PARSERS[stage].get_default("out")).name) for stage in STAGES}
-    for stage, run_stage in zip(STAGES, (pretrain, finetune)):
+    steps = {"download": {"root": data_dir, "source": source, "md5": md5}}
+    for stage in STAGES:
         dests = {action.dest for action in PARSERS[stage].flags}
         state = pretrain_script.side_files(Path(outs[stage]))["last"]
-        run_stage(c, data_dir=data_dir, out=outs[stage], checkpoint=outs["pretrain"] if stage == "finetune" else None,
-                  resume=str(state) if resume and state.is_file() else None,
-                  **{name: value for name, value in training.items() if name in dests})
-    predict(c, paths=[f"{data_dir}/test"], checkpoint=outs["finetune"], grid=f"{out_dir}/predictions.png",
-            mistakes=f"{out_dir}/mistakes.png", device=training["device"], limit=str(predict_script.GRID_MAX))
+        steps[stage] = {"data_dir": data_dir, "out": outs[stage],
+                        "checkpoint": outs["pretrain"] if stage == "finetune" else None,
+                        "resume": str(state) if resume and state.is_file() else None,
+                        **{name: value for name, value in training.items() if name in dests}}
+    steps["predict"] = {"paths": [f"{data_dir}/test"], "checkpoint": outs["finetune"],
+                        "grid": f"{out_dir}/predictions.png", "mistakes": f"{out_dir}/mistakes.png",
+                        "device": training["device"],
+                        "limit": str(predict_script.GRID_MAX)}
+    for stage, options in steps.items():
+        check_flags(stage, options)
+    for stage, options in steps.items():
+        TASKS[stage](c, **options)
 
 
+def check_flags(stage: str, options: dict) -> None:
+    """A step's flags parsed by its script's parser before any step runs: a typo (`--mode ful`) ends `invoke all`
+    before the download and pretraining, not when finetune reads it after them."""
+    parser = PARSERS[stage]
+    try:
+        parser.parse_args(script_argv(parser.flags, options, []))
+    except SystemExit as e:  # argparse has said what is wrong, as the script would
+        raise Exit(code=e.code) from None
+
+
+TASKS = {"download": download, "pretrain": pretrain, "finetune": finetune, "predict": predict}
 ALL_DEFAULTS = {"data_dir": PARSERS["download"].get_default("root"),
                 "out_dir": str(Path(PARSERS["pretrain"].get_default("out")).parent),
                 "source": None, "md5": None, "resume": False}
@@ -190,5 +250,4 @@ headline = task_of("benchmarks/headline.py", load_benchmark("headline").build_pa
 @task
 def test(c):
     """Run the test suite."""
-    with c.cd(HERE):
-        run_shown(c, command_line([sys.executable, "-m", "pytest"]))
+    run_shown(c, [sys.executable, "-m", "pytest"], cwd=HERE)

@@ -21,9 +21,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,9 +93,14 @@ class Step:
     report: Path | None = None  # the .test.json it writes
 
 
+# A run's checkpoints and reports, in --work-dir: the previous run's are removed first, so that a run is never refused
+# for them ("exists already") and its rows show only what it measured; the data set is kept.
+RUN_FOLDER = "run"
+
+
 def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
     """Every step of the run, in order; the job's download comes before throughput.py, which reads its images."""
-    python, data_dir, ckpt = sys.executable, work / "cifar10", work / "checkpoints"
+    python, data_dir, ckpt = sys.executable, work / "cifar10", work / RUN_FOLDER / "checkpoints"
     device = ["--device", scale.device]
     training = ["--data-dir", str(data_dir), *scale.training, *device]
     epoch_images = scale.epochs * scale.train_images
@@ -121,9 +128,9 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
     ]
     for recipe in scale.recipes:
         steps.append(Step(f"recipe {recipe}", "recipes",
-                          [python, "benchmarks/recipes.py", "--recipe", recipe, "--out-dir", str(work / "recipes"),
+                          [python, "benchmarks/recipes.py", "--recipe", recipe, "--out-dir", str(work / RUN_FOLDER / "recipes"),
                            *training], scale.seconds["training"], epoch_images, "download",
-                          work / "recipes" / f"{recipe}.test.json"))
+                          work / RUN_FOLDER / "recipes" / f"{recipe}.test.json"))
     return steps
 
 
@@ -274,10 +281,12 @@ def make_folder(flag: str, folder: Path) -> None:
     """The folder, made before any step: a file in the way, or no permission, is one line, not a traceback later."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # a real write: a read-only folder that exists passes mkdir
     except OSError as e:  # FileExistsError: a file holds the name; NotADirectoryError: a file on the way to it
         shown = "a file holds this name or a folder on the way to it" if isinstance(
             e, (FileExistsError, NotADirectoryError)) else (e.strerror or str(e))
-        sys.exit(f"headline.py: {flag} {folder}: cannot make this folder ({shown}); choose another {flag}")
+        sys.exit(f"headline.py: {flag} {folder}: cannot make this folder or write in it ({shown}); choose another "
+                 f"{flag}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -292,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
                  "(nothing is downloaded: the GPU machine has no network)")
     for flag, folder in (("--out-dir", out_dir), ("--work-dir", work)):
         make_folder(flag, folder)
+    shutil.rmtree(work / RUN_FOLDER, ignore_errors=True)
     if args.rehearse:
         args.source = str(generate_data(work / "generated"))
     header = "\n".join(f"- {line}" for line in [

@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import re
+import subprocess
 import sys
 import tempfile
 import tarfile
@@ -429,7 +430,8 @@ def test_an_interrupted_cache_write_leaves_no_temporary_file(tmp_path, monkeypat
     monkeypatch.setattr(data, "decode", interrupted_decode)
     with pytest.raises(KeyboardInterrupt):
         data.load_folder(root / "train", size=32)
-    assert list((root / ".cache").iterdir()) == [root / ".cache" / "train.u8"]  # the old images, no longer trusted
+    # the old cache, whole: its metadata is removed only when new images replace it
+    assert sorted(p.name for p in (root / ".cache").iterdir()) == ["train.json", "train.u8"]
     monkeypatch.undo()
     assert data.load_folder(root / "train").images.shape == (9, 3, 32, 32)
 
@@ -570,3 +572,56 @@ def test_a_root_named_by_dot_or_dot_dot_is_one_line_not_remove_it(tmp_path, tiny
 def test_a_complete_data_set_named_by_dot_is_still_found(tmp_path, tiny_data):
     run("download.py", "--root", tmp_path / "set", "--source", tiny_data)
     assert "already holds train/ and test/" in run("download.py", "--root", ".", cwd=tmp_path / "set").stdout
+
+
+def user_cache_folders(home: Path) -> list[Path]:
+    return sorted((home / "alexnet-image-cache").iterdir())
+
+
+def test_a_read_only_data_folder_without_a_valid_cache_caches_in_the_users_cache_folder(small_filesystem, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """Before: `OSError: [Errno 30] Read-only file system: '.../.cache/train.json'` traceback."""
+    disk = small_filesystem("4m")
+    root = make_class_folders(disk / "d", train=3, test=1)
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    images = data.load_folder(root / "train")
+    [folder] = user_cache_folders(tmp_path / "home")
+    assert capsys.readouterr().err == (f"warning: cannot write the image cache in {root / '.cache'} (Read-only file "
+                                       f"system); it goes to {folder}\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["train.json", "train.u8"] and images.images.shape[0] == 9
+    monkeypatch.setattr(data, "decode", interrupted_decode)  # the second time, read from that cache
+    assert torch.equal(data.load_folder(root / "train").images, images.images)
+
+
+def test_a_file_named_dot_cache_in_the_data_folder_moves_the_cache_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Before: a NotADirectoryError traceback."""
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+    (root / ".cache").write_text("mine")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    data.load_folder(root / "train")
+    data.load_folder(root / "test")
+    [folder] = user_cache_folders(tmp_path / "home")
+    assert capsys.readouterr().err == (f"warning: cannot write the image cache in {root / '.cache'} (File exists); "
+                                       f"it goes to {folder}\n")  # once for the data folder
+    assert (root / ".cache").read_text() == "mine"
+    assert sorted(p.name for p in folder.iterdir()) == ["test.json", "test.u8", "train.json", "train.u8"]
+
+
+def test_a_refused_cache_build_keeps_the_valid_caches_metadata(small_filesystem, monkeypatch, capsys):
+    """--stored-size 1024 refused for space: before, the valid cache's metadata was deleted first (all re-decoded)."""
+    disk = small_filesystem("1m")
+    root = make_class_folders(disk / "d", train=3, test=1)
+    data.load_folder(root / "train")
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))  # the fallback for the decoded images: as full
+    with pytest.raises(cli.DataError, match="cannot hold the decoded images"):
+        data.load_folder(root / "train", size=1024)
+    assert sorted(p.name for p in (root / ".cache").iterdir()) == ["train.json", "train.u8"]
+
+
+def test_a_root_with_a_tilde_the_shell_left_unexpanded_makes_no_folder_named_tilde(tiny_data, tmp_path):
+    """`download.py --root=~/x`: before, a folder named ~ was made here."""
+    result = run("download.py", "--root=~/x", "--source", tiny_data, check=False, cwd=tmp_path)
+    assert error_line(result) == ("download.py: --root ~/x: starts with a ~ the shell did not expand (it would make a "
+                                  "folder named ~ here); write --root ~/x with a space after --root, or $HOME for ~")
+    assert os.listdir(tmp_path) == []

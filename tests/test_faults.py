@@ -1,6 +1,8 @@
 """Bad input and faults: each ends in one clear line on stderr and a non-zero exit, or a clean recovery."""
+import argparse
 import http.server
 import io
+import json
 import os
 import pickle
 import signal
@@ -246,6 +248,65 @@ def test_nan_loss_names_epoch_step_and_flag(tiny_data, tmp_path):
     assert not (tmp_path / "p.pt").exists()
 
 
+@pytest.mark.slow
+def test_a_non_finite_validation_loss_stops_the_run_naming_the_epoch_never_best(tiny_data, tmp_path):
+    """A set smaller than one batch at --lr 1e37: the one step's loss is finite, the weights after it are not.
+    Before: `val_loss nan ... *best`, a test report with loss nan, exit 0, and NaN in .test.json."""
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK,
+                 "--batch-size", "512", "--epochs", "2", "--lr", "1e37", check=False)
+    assert error_line(result) == ("pretrain.py: the validation loss became nan at epoch 1: the weights diverged; "
+                                  "start again with a lower --lr (now 1e+37) and --overwrite")
+    assert "*best" not in result.stdout and os.listdir(tmp_path) == []
+
+
+def test_weight_decay_that_diverges_is_named_with_the_lr():
+    args = argparse.Namespace(lr=0.01, weight_decay=1e6)
+    with pytest.raises(cli.UsageError, match=r"a lower --lr \(now 0.01\) or --weight-decay \(now 1000000.0\)"):
+        pretrain.diverged("the training loss became nan at epoch 1, step 1", args)
+
+
+def test_reports_are_valid_json_whatever_the_numbers():
+    """json.dumps writes NaN and Infinity, tokens no JSON reader takes (a .test.json with `"loss": NaN`)."""
+    text = cli.json_text({"loss": float("nan"), "rows": [float("inf"), 0.5, (1, -float("inf"))], "name": "x"})
+    assert json.loads(text) == {"loss": None, "rows": [None, 0.5, [1, None]], "name": "x"}
+
+
+def test_init_weights_holding_nan_are_refused(tmp_path):
+    weights = AlexNet(num_classes=3).state_dict()
+    weights["classifier.1.weight"][0, 0] = float("nan")
+    torch.save(weights, tmp_path / "w.pth")
+    with pytest.raises(cli.UsageError, match=r"--init .*w\.pth: its weights hold NaN or infinite values "
+                                             r"\(classifier\.1\.weight\)"):
+        pretrain.initial_weights(str(tmp_path / "w.pth"))
+
+
+def test_compile_without_a_working_cxx_compiler_trains_eager_with_a_warning(tiny_data, tmp_path, monkeypatch):
+    """Before: a 100-line `InductorError: InvalidCxxCompiler` at the first step."""
+    from torch._inductor import config
+    monkeypatch.setattr(config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))  # what CXX=... sets
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK,
+                 "--epochs", "1", "--compile")
+    assert ("warning: --compile: no working C++ compiler for torch.compile (install g++, or name one in CXX); "
+            "training without it") in result.stderr.splitlines()
+
+
+def test_world_size_outside_torchrun_is_one_line(tiny_data, tmp_path, monkeypatch):
+    """`WORLD_SIZE=1 python pretrain.py`: before, torch's `ValueError: ... RANK expected` traceback."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name in cli.TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", *QUICK, check=False)
+    assert error_line(result) == ("pretrain.py: WORLD_SIZE is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT not, "
+                                  "as outside torchrun: start with torchrun, or unset WORLD_SIZE")
+
+
+def test_too_few_images_without_limit_does_not_blame_limit(tmp_path):
+    data_dir = make_class_folders(tmp_path / "d", train=1, test=1)
+    result = run("pretrain.py", "--data-dir", data_dir, "--out", tmp_path / "p.pt", *QUICK, check=False)
+    assert error_line(result) == (f"pretrain.py: {data_dir}/train: 3 images are too few to hold out the default "
+                                  "validation split of 10 %; pass --val-size or use more images")
+
+
 def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch, capsys):
     def out_of_memory(self, x):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -432,3 +493,13 @@ def test_an_archive_larger_than_the_free_space_is_refused(tmp_path, small_filesy
     line = error_line(run("download.py", "--root", disk / "c", "--source", bomb, check=False))
     assert f"{bomb}: would unpack to 64.0 MiB, more than the " in line and f" MiB free at {disk}; free space" in line
     assert os.listdir(disk) == []
+
+
+def test_a_decompression_bomb_warning_names_the_file(pretrained, tmp_path, monkeypatch):
+    """Before: Pillow's raw DecompressionBombWarning, naming no file."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a 40 x 40 image is above it, and below twice it
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "big.png")
+    result = run("predict.py", tmp_path / "big.png", "--checkpoint", pretrained, "--device", "cpu")
+    assert (f"warning: {tmp_path}/big.png: Image size (1600 pixels) exceeds limit of 1000 pixels, could be "
+            "decompression bomb DOS attack.") in result.stderr.splitlines()
+    assert "DecompressionBombWarning" not in result.stderr

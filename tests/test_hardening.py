@@ -67,6 +67,9 @@ def test_out_in_a_read_only_folder_fails_before_training(tiny_data, small_filesy
 
 @pytest.mark.parametrize("name, message", [
     ("predictions", "Pillow cannot write a picture named like this; end it in .png or .jpg"),
+    # formats Pillow lists as writable that take no RGB picture: before, they failed after every prediction
+    *((f"g.{ending}", "Pillow cannot write a picture named like this; end it in .png or .jpg")
+      for ending in ("xbm", "msp", "palm", "h5")),
     ("folder", "is a folder; pass a picture file in it, e.g. --grid {folder}/predictions.png"),
 ])
 def test_grid_that_is_no_picture_file_fails_before_predicting(pretrained, tiny_data, tmp_path, name, message):
@@ -198,6 +201,15 @@ def test_flags_that_cannot_work_are_one_line(tiny_data, tmp_path, flags, message
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
                  *QUICK, *flags, check=False)
     assert message in error_line(result) and not (tmp_path / "p.pt").exists()
+
+
+def test_an_out_ending_in_a_slash_names_no_file(tiny_data, tmp_path):
+    """`--out runs/`: before, a checkpoint file named `runs` was written."""
+    out = f"{tmp_path}/runs/"
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", *QUICK, check=False)
+    assert error_line(result) == (f"pretrain.py: --out {out!r}: names no file; pass the best-checkpoint name, e.g. "
+                                  "checkpoints/run.pt")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow

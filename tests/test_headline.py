@@ -37,7 +37,7 @@ def test_the_rehearsal_runs_every_step_and_tables_every_figure(tmp_path):
         streamed = "--stream" in flags  # a second table: streamed against resident
         assert "training images/s, ours / reference: " in rows[name][1] and rows[name][1].count("x") == 2 + 2 * streamed
         assert ("training images/s, streamed / resident: " in rows[name][1]) == streamed
-    report = json.loads((work / "checkpoints" / "finetune.test.json").read_text())
+    report = json.loads((work / headline.RUN_FOLDER / "checkpoints" / "finetune.test.json").read_text())
     assert f"test accuracy, once, best validation epoch: {report['accuracy']:.2%}" in rows["finetune"][1]
     assert rows["pretrain"][2].startswith("`python pretrain.py --data-dir ")
     assert "cpu exported: batch 1 median / p95 ms, batch images/s: " in rows["latency"][1]
@@ -56,6 +56,20 @@ def test_no_step_starts_that_the_time_left_cannot_fit(tmp_path, capsys):
     assert list(rows) == EVERY_STEP and rows["cuda-tests"][:2] == ["not run", "needs about 20 s, 6 s were left"]
     assert rows["pretrain"][:2] == ["not run", "download did not succeed"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.md"]
+
+
+def test_a_second_run_in_one_work_folder_starts_without_the_previous_runs_checkpoints(tmp_path, capsys):
+    """Before: pretrain refused ("exists already"), finetune and predict were not run, yet the pretrain row showed the
+    previous run's accuracies."""
+    work = tmp_path / "work"
+    steps = {step.name: step for step in headline.plan(headline.parse_args(["--rehearse", "--work-dir", str(work)]),
+                                                       headline.REHEARSAL, work)}
+    for name in ("pretrain", "finetune", "recipe " + headline.REHEARSAL.recipes[0]):
+        steps[name].report.parent.mkdir(parents=True, exist_ok=True)
+        steps[name].report.write_text("{}")  # the previous run's
+    with pytest.raises(SystemExit):
+        headline.main(["--rehearse", "--out-dir", str(tmp_path / "out"), "--work-dir", str(work), "--minutes", "0.001"])
+    assert not (work / headline.RUN_FOLDER).exists() and (work / "generated").is_dir()
 
 
 def test_a_step_still_running_when_the_time_is_up_gets_sigint_and_keeps_its_log(tmp_path):
@@ -112,5 +126,17 @@ def test_a_folder_flag_naming_a_file_is_one_line(tmp_path, flag, capsys):
     argv = ["--rehearse", "--minutes", "0.001"] + [str(a) for pair in folders.items() for a in pair]
     with pytest.raises(SystemExit) as stop:
         headline.main(argv)
-    assert f"{flag} {folders[flag]}: cannot make this folder" in str(stop.value.code)
+    assert f"{flag} {folders[flag]}: cannot make this folder or write in it" in str(stop.value.code)
     assert (tmp_path / "file").read_text() == "in the way" and not (tmp_path / "out" / "results.md").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--work-dir"])
+def test_a_read_only_folder_flag_is_one_line(tmp_path, small_filesystem, flag):
+    """Before: a traceback when the first step's log, or the generated data, was written."""
+    folders = {"--out-dir": tmp_path / "out", "--work-dir": tmp_path / "work"}
+    folders[flag] = small_filesystem(read_only=True)
+    argv = ["--rehearse", "--minutes", "0.001"] + [str(a) for pair in folders.items() for a in pair]
+    with pytest.raises(SystemExit) as stop:
+        headline.main(argv)
+    assert str(stop.value.code) == (f"headline.py: {flag} {folders[flag]}: cannot make this folder or write in it "
+                                    f"(Read-only file system); choose another {flag}")

@@ -1,5 +1,6 @@
 """Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
 import errno
+import json
 import os
 import pty
 import signal
@@ -58,11 +59,13 @@ def test_a_fresh_run_onto_a_finished_run_is_refused_unless_overwrite(tiny_data, 
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     result = run("pretrain.py", *flags, check=False)
     assert error_line(result) == (
-        f"pretrain.py: --out {out}: {out} and {tmp_path}/p.last.pt exist already, from an earlier run; continue it "
+        f"pretrain.py: --out {out}: {out}, {tmp_path}/p.last.pt, {tmp_path}/p.csv, {tmp_path}/p.test.json, "
+        f"{tmp_path}/p.png and {tmp_path}/p.confusion.png exist already, from an earlier run; continue it "
         f"with pretrain.py --resume {tmp_path}/p.last.pt (a larger --epochs trains further), choose another --out, or "
         "pass --overwrite to replace it")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and "epoch" not in result.stdout
-    (tmp_path / "p.last.pt").unlink()
+    for name in ("p.last.pt", "p.csv", "p.test.json", "p.png", "p.confusion.png"):
+        (tmp_path / name).unlink()
     result = run("pretrain.py", *flags, check=False)
     assert error_line(result).endswith(f"{out} exists already, from an earlier run; choose another --out, or pass "
                                        "--overwrite to replace it")
@@ -83,6 +86,17 @@ for i in range(100):  # a second or more: the two overlap whatever their start-u
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["exp.csv", "exp.test.json"])
+def test_a_users_own_file_named_like_a_runs_log_or_report_is_never_replaced(tiny_data, tmp_path, name):
+    """Before: only exp.pt and exp.last.pt were protected; a fresh run replaced the user's exp.csv or exp.test.json."""
+    (tmp_path / name).write_text("mine")
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "exp.pt", "--epochs", "1", *QUICK,
+                 check=False)
+    assert error_line(result) == (f"pretrain.py: --out {tmp_path}/exp.pt: {tmp_path}/{name} exists already, from an "
+                                  "earlier run; choose another --out, or pass --overwrite to replace it")
+    assert (tmp_path / name).read_text() == "mine" and os.listdir(tmp_path) == [name]
+
+
 def test_concurrent_writers_of_one_path_never_remove_each_others_temporary_file(tmp_path):
     """Two predict.py --grid of one picture, two runs building one cache: before, one failed or warned."""
     path = tmp_path / "same.png"
@@ -143,6 +157,17 @@ def test_predict_into_a_closed_pipe_exits_quietly(pretrained, tiny_data, tmp_pat
                                     "--grid", tmp_path / "grid.png"))  # the picture is still drawn
     assert result.returncode == 128 + signal.SIGPIPE and result.stderr == f"wrote {tmp_path}/grid.png (18 images)\n"
     assert Image.open(tmp_path / "grid.png").size[0] > 0
+
+
+@pytest.mark.slow
+def test_predict_stops_at_the_first_failed_write_into_a_closed_pipe(pretrained, tmp_path):
+    """`predict.py many | head -1`: before, every image was decoded and predicted after head had gone."""
+    for i in range(3):
+        Image.new("RGB", (32, 32), "red").save(tmp_path / f"{i}.png")
+    (tmp_path / "z.png").write_bytes(b"not an image")  # reached only if the pass goes on past the first batch
+    result = closed_pipe_run(script("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu",
+                                    "--batch-size", "1"))
+    assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
 
 
 @pytest.mark.slow
@@ -254,6 +279,24 @@ def test_a_tab_or_newline_in_a_file_name_is_escaped_in_predicts_lines(pretrained
     lines = result.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == [f"{folder}/a\\nb.png", f"{folder}/c\\td.png"]
     assert all(len(line.split("\t")) == 3 for line in lines)
+
+
+def test_names_that_escape_alike_stay_apart_in_lines_and_json(pretrained, tmp_path):
+    """A newline and a file named with a backslash and n; a Latin-1 byte and a file named with \\xe9. Before: each
+    pair had the same "path" in --json, and the same line."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    names = [b"new\nline.png", b"new\\nline.png", b"caf\xe9.png", b"caf\\xe9.png"]
+    for name in names:
+        with open(os.path.join(os.fsencode(folder), name), "wb") as f:
+            Image.new("RGB", (32, 32), "red").save(f, format="PNG")
+    lines = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu").stdout.splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == sorted(
+        [f"{folder}/new\\nline.png", f"{folder}/new\\\\nline.png", f"{folder}/caf\\xe9.png",
+         f"{folder}/caf\\\\xe9.png"])
+    report = json.loads(run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu", "--json").stdout)
+    assert sorted(os.fsencode(p["path"]) for p in report["predictions"]) == sorted(
+        os.path.join(os.fsencode(folder), name) for name in names)  # the real names, byte for byte
 
 
 def test_a_newline_in_a_class_name_is_escaped_in_the_report(capsys):

@@ -1,11 +1,15 @@
 import importlib
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import ROOT
+import cli
+from conftest import QUICK, ROOT, make_class_folders
+from model import load_checkpoint
 
 
 def invoke(*args, cwd):
@@ -108,3 +112,48 @@ def test_all_with_an_empty_folder_is_one_line_not_the_file_systems_root(tmp_path
     result = invoke("--dry", "all", flag, "", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr == f"invoke all: {flag} is empty; pass a folder (invoke --help all)\n"
+
+
+@pytest.mark.slow  # real invoke and pretrain processes, real signals
+@pytest.mark.parametrize("to_group, sig", [(True, signal.SIGINT), (False, signal.SIGINT), (False, signal.SIGTERM)])
+def test_a_signal_to_invoke_stops_the_script_which_saves_and_invoke_waits_for_it(tmp_path, to_group, sig):
+    """Ctrl-C at a terminal (SIGINT to invoke's process group), `kill -INT`, `timeout` (SIGTERM to invoke): before,
+    invoke exited at once and the script's line was lost, ignored `kill -INT`, or left the script orphaned."""
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    out = tmp_path / "p.pt"
+    process = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "pretrain", "--data-dir",
+                                str(data), "--out", str(out), "--epochs", "50", "--val-size", "6", *QUICK],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               start_new_session=True)  # a terminal's foreground group of its own
+    script_pid = None
+    try:
+        for line in process.stderr:
+            if line.startswith("  epoch 1/"):
+                break
+        script_pid = int((tmp_path / ".p.lock").read_text())
+        os.killpg(process.pid, sig) if to_group else process.send_signal(sig)
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 128 + sig, stderr
+        assert f"pretrain.py: stopped by {sig.name} at epoch 1, step" in stderr.splitlines()[-1], stderr
+        assert load_checkpoint(tmp_path / "p.last.pt")["step"] > 0 and not cli.process_is_running(script_pid)
+    finally:
+        process.kill()
+        if script_pid is not None and cli.process_is_running(script_pid):  # an orphan: the fault this test finds
+            os.kill(script_pid, signal.SIGKILL)
+
+
+@pytest.mark.slow  # a real invoke process
+def test_all_parses_every_steps_flags_before_its_first_step(tmp_path):
+    """Before: `invoke all --mode ful` downloaded and pretrained, then finetune refused the flag."""
+    result = invoke("--dry", "all", "--mode", "ful", cwd=tmp_path)
+    assert result.returncode == 2 and "download.py" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == ("finetune.py: error: argument --mode: invalid choice: 'ful' (choose "
+                                              "from 'classifier', 'full', 'head')")
+
+
+@pytest.mark.slow  # a real invoke process
+def test_predict_without_paths_says_it_reads_the_default_folder(tmp_path):
+    result = invoke("--dry", "predict", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["invoke predict: no --paths given: data/cifar10/test (the default)",
+                                          f"{sys.executable} {ROOT / 'predict.py'} data/cifar10/test"]
