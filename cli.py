@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from model import CheckpointError
+from model import MIN_IMAGE_SIZE, CheckpointError
 
 try:
     import fcntl
@@ -127,6 +127,26 @@ def random_seed(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {text}")
+    return value
+
+
+# The largest --image-size: 4.6 times the reference's 224; stored images are at most 256 px, so more only fills memory.
+MAX_IMAGE_SIZE = 1024
+
+
+def image_size(text: str) -> int:
+    value = int(text)
+    if value < MIN_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"AlexNet needs images of at least {MIN_IMAGE_SIZE} px, got {text}")
+    if value > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_IMAGE_SIZE} px (the reference used 224), got {text}")
+    return value
+
+
+def stored_size(text: str) -> int:
+    value = int(text)
+    if not 8 <= value <= MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at least 8 and at most {MAX_IMAGE_SIZE} px, got {text}")
     return value
 
 
@@ -747,3 +767,30 @@ def code_version() -> str:
     for script in sorted(here.glob("*.py")):
         digest.update(script.name.encode() + b"\0" + script.read_bytes())
     return f"scripts sha256 {digest.hexdigest()[:12]}"
+
+
+
+def has_bf16_units(device: torch.device) -> bool:
+    """CUDA, or a CPU that computes bf16 natively (AMX tiles, or AVX512-BF16 as on AMD EPYC): there bf16 autocast
+    trains AlexNet at 224 px faster than fp32 (benchmarks/README.md; an AMD EPYC with AVX512-BF16 and no AMX: 66
+    images/s against 37). MPS trains in fp32."""
+    return device.type == "cuda" or (device.type == "cpu" and any(
+        getattr(torch.cpu, name, bool)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")))
+
+
+def channels_last(device: torch.device, bf16: bool) -> bool:
+    """CUDA's code path (NHWC tensors, the fused SGD): on CUDA, and in bf16 on the CPU, where oneDNN is fastest so."""
+    return device.type == "cuda" or bf16
+
+
+def compiled(net: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile's inductor builds C++: without a working compiler the first step was a 100-line
+    InvalidCxxCompiler. Checked up front as inductor checks it; the run then trains eager, with a warning."""
+    from torch._inductor import cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        print("warning: --compile: no working C++ compiler for torch.compile (install g++, or name one in CXX); "
+              "training without it", file=sys.stderr)
+        return net
+    return torch.compile(net)

@@ -129,7 +129,7 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
             entries = list(current.iterdir())
         except OSError as e:
             raise cli.DataError(f"{cli.shown(current)}: cannot read this folder ({e.strerror or e})",
-                            "check its permissions or remove it") from None
+                                "check its permissions or remove it") from None
         files += [p for p in entries if is_image_file(p) and p.is_file()]
         walk += [(p, outer | {real}) for p in entries if p.is_dir()]
     return sorted(files)
@@ -282,7 +282,7 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
         samples += [(p, label) for p in files]
     if len(classes) == 1:  # training would reach 100 % by always answering the one class
         raise cli.DataError(f"{name}: only one class folder ({cli.shown(classes[0])})",
-                        "a classifier needs at least two: add a folder of images for each other class")
+                            "a classifier needs at least two: add a folder of images for each other class")
     return classes, samples
 
 
@@ -299,8 +299,8 @@ def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[lis
     if train != test:
         only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
         raise cli.DataError(f"{name}: train/ and test/ have different class folders "
-                        f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'})",
-                        "make them the same")
+                            f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'})",
+                            "make them the same")
     return scans
 
 
@@ -450,7 +450,7 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
                 cache_warning(target, e)
                 continue
             raise cli.DataError(f"{cli.shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
-                            f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
+                                f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
     raise AssertionError("unreachable")
 
 

@@ -13,8 +13,8 @@ differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000).
 import inspect
 import os
 import pickle
-import zipfile
 import stat
+import zipfile
 
 import torch
 from torch import nn
@@ -141,6 +141,8 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
     """What a file saved with torch.save holds, loaded with weights_only=True: tensors and plain containers, never
     arbitrary code; any failure is one line naming the file."""
     check_checkpoint_file(path)
+    if not zipfile.is_zipfile(path):  # a text file read as a pickle could even be blamed for "running code"
+        raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
     if is_exported_program(path):
         raise CheckpointError(f"{path}: an exported program (export.py), not a checkpoint; pass the checkpoint it "
                               "was exported from")
@@ -180,7 +182,7 @@ def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
         if names:
             raise CheckpointError(f"{path}: its {'EMA ' * (key == 'ema')}weights hold NaN or infinite values "
                                   f"({few(names)}): the training that wrote them diverged; re-train with a smaller "
-                                  "--lr or pass another file")
+                                  "learning rate or pass another file")
 
 
 def non_finite(weights) -> list[str]:
@@ -254,7 +256,7 @@ def misfit(own: dict, given: dict) -> str:
     missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
     shaped = [name for name in own if name in given and getattr(given[name], "shape", None) != own[name].shape]
     parts = [f"{what} {few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
-                                                         ("not of this model's shape", shaped)) if names]
+                                                        ("not of this model's shape", shaped)) if names]
     return ", ".join(parts)
 
 

@@ -406,8 +406,6 @@ def draw_mistakes(path: str, images: torch.Tensor, mistakes: list[dict], labelle
     cli.save_picture(picture, Path(path), "--mistakes")
 
 
-# --------------------------------------------------------------------------- command-line plumbing
-
 # --------------------------------------------------------------------------- prediction
 
 
@@ -460,7 +458,7 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
         folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     except OSError as e:  # an unreadable folder is that path's error line; the other paths are still predicted
         raise cli.DataError(f"{cli.shown(path)}: cannot read this folder ({e.strerror or e})",
-                             "check its permissions") from None
+                            "check its permissions") from None
     labelled = any(p.name in classes for p in folders)
     others = sorted(cli.shown(p.name) for p in folders if p.name not in classes)
     if labelled and others:
@@ -614,7 +612,7 @@ def predict(args: argparse.Namespace) -> int:
     pictures = picture_flags(args)
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
         raise cli.UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
-                         f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
+                             f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
     checkpoint_path = args.checkpoint or default_checkpoint()
     device = cli.resolve_device(args.device)
     classify, checkpoint = load_classifier(checkpoint_path, device)
@@ -625,7 +623,7 @@ def predict(args: argparse.Namespace) -> int:
         check_picture_not_input(flag, picture, found)
     if args.mistakes and found and all(label is None for _, label in found):
         raise cli.UsageError(f"--mistakes {args.mistakes}: none of the images has a known class, so none is a mistake; "
-                         "pass a folder whose sub-folders are the checkpoint's classes (e.g. data/cifar10/test)")
+                             "pass a folder whose sub-folders are the checkpoint's classes (e.g. data/cifar10/test)")
     if args.limit is not None and args.limit < len(found):
         labels = torch.tensor([-1 if label is None else label for _, label in found]) + 1
         found = [found[i] for i in data.stratified_split(labels, args.limit, seed=0)[0]]
@@ -653,7 +651,10 @@ def predict(args: argparse.Namespace) -> int:
 
 def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistakes: list[dict]) -> None:
     """--grid and --mistakes, also when stdout is closed (`| head`): the pictures were asked for as well."""
-    if args.grid:
+    if args.grid and not done.tiles:  # the images picked for it were all unreadable
+        print(f"predict.py: none of the images picked for --grid {args.grid} could be read; it is not written",
+              file=sys.stderr)
+    elif args.grid:
         draw_grid(args.grid, torch.stack(done.tiles), [done.results[i]["predicted"] for i in done.tiled],
                   [done.results[i]["true"] for i in done.tiled])
         print(f"wrote {args.grid} ({len(done.tiles)} images)", file=sys.stderr)

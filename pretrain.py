@@ -32,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import cli
 import data
-from model import (MIN_IMAGE_SIZE, AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
+from model import (AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
                    load_tensors, non_finite)
 from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
                      learning_curves, print_report)
@@ -42,8 +42,6 @@ from predict import (calibration_report, classification_report, compute_logits, 
 # change no result; --data-dir: the same images moved, their fingerprint is compared). Messages and --help use it.
 RESUME_MAY_CHANGE = ("epochs", "device", "stream", "data_dir")
 
-# The largest --image-size: 4.6 times the reference's 224; stored images are at most 256 px, so more only fills memory.
-MAX_IMAGE_SIZE = 1024
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
 SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json", "curves": ".png",
                  "confusion": ".confusion.png"}
@@ -57,17 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     cli.guard_output()
     args, given = parse_flags(parser, argv)
     cli.report_errors("pretrain.py", args.batch_size,
-                      lambda: train(args, given, "pretrain", new_model, every_parameter))
+                      lambda: train(args, given, "pretrain", new_model, lambda args, model: list(model.parameters())))
 
 
 def train(args: argparse.Namespace, given: set[str], stage: str,
           new_model: Callable[[argparse.Namespace, list[str]], AlexNet] | None,
           trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]],
           starting_weights_compete: bool = False) -> dict | None:
-    """Train, keep the best validation epoch, then evaluate the test split once; returns the test report. `given`:
-    the flags on the command line; `new_model(args, classes)`: a fresh run's model (None: only a resume is possible);
-    `trainable(args, model)`: the parameters to train; `starting_weights_compete`: see start_competes. Under torchrun
-    every process runs this; only the first prints and writes."""
+    """Train, keep the best validation epoch, test it once; returns the test report. `given`: the flags on the command
+    line; `new_model(args, classes)`: a fresh run's model (None: resume only); `trainable(args, model)`: what trains;
+    `starting_weights_compete`: see start_competes. Under torchrun every process runs this; the first writes."""
     state = None if args.resume is None else read_resume_state(args, stage)
     if state is not None:
         args = resumed_args(args, given, state)
@@ -112,7 +109,7 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                         run.processes.barrier()
                         run.processes.close()
                         received = signals.received or signal.SIGTERM  # or another process got the signal
-                        stop(run, received, f"by {received.name} at {position(progress)}; resume with: "
+                        stop(run, received, f"by {received.name} at {progress.position}; resume with: "
                                             f"{resume_command(run)}")
             run.processes.close()
             signals.at_once = True  # the trained run is saved: a signal now stops the test at once
@@ -144,7 +141,7 @@ def stopped_at_once(run: Run, progress: Progress, writer: cli.CheckpointWriter, 
 def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
                     writer: cli.CheckpointWriter) -> bool:
     """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved).
-    Loss, correct predictions and the first non-finite step are summed on the device: no step waits for the host."""
+    The sums stay on the device (new_sums): no step waits for the host."""
     args, processes, sums, images = run.args, run.processes, progress.sums, run.train_images
     n = len(images)
     steps = math.ceil(n / args.batch_size)
@@ -182,11 +179,10 @@ def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
 
 def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
     """One SGD step on a global batch of `batch` uint8 images, of which `images` and `labels` are this process's
-    share. Returns the summed loss and the number of correct predictions as device tensors, so the caller decides
-    when to wait for them."""
+    share. Returns the summed loss and the number right as device tensors: the caller decides when to wait."""
     args, world = run.args, run.processes.world
     x = data.train_batch(images, args.image_size, run.augment, run.processes.share(), args.augment, args.cutout, batch)
-    if channels_last(x.device, run.bf16):  # cuDNN's and oneDNN's fastest convolutions take NHWC
+    if cli.channels_last(x.device, run.bf16):  # cuDNN's and oneDNN's fastest convolutions take NHWC
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=run.bf16):
         logits = run.net(x)
@@ -210,8 +206,8 @@ def learning_rate(args: argparse.Namespace, epoch: int, step: int, steps: int) -
 
 def new_sums(device: torch.device) -> dict[str, torch.Tensor]:
     """An epoch's sums on the device (no step waits for the host); first_bad: the first non-finite loss's step."""
-    return {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
-            "first_bad": torch.full((), -1.0, device=device)}
+    return {name: torch.full((), start, device=device) for name, start in (("loss", 0.0), ("correct", 0.0),
+                                                                          ("first_bad", -1.0))}
 
 
 def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
@@ -279,8 +275,7 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
 
 
 def tell_if_stdout_lost(run: Run) -> None:
-    """A closed stdout (`| head`), or a full disk under `> log`, does not stop the training: said once, on stderr.
-    (Results go to stdout: the start line, each epoch's line, the test report; progress and diagnostics to stderr.)"""
+    """A closed stdout (`| head`), or a full disk under `> log`, does not stop the training: said once, on stderr."""
     stdout = sys.stdout
     if getattr(stdout, "lost", None) is None or stdout.lost_told:
         return
@@ -338,8 +333,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
     add("--out", default=f"checkpoints/{stage}.pt",
-        help="best-validation checkpoint; .last.pt, .csv and .test.json are written beside it, named after it "
-             "without a .pt/.pth ending (exp.1: exp.1.last.pt)")
+        help="best-validation checkpoint; .last.pt, .csv, .png, .test.json and .confusion.png are written beside "
+             "it, named after it without a .pt/.pth ending (exp.1: exp.1.last.pt)")
     add("--epochs", type=cli.positive_int, default=40, help="passes over the training images")
     add("--batch-size", type=cli.positive_int, default=256, help="images per step, over all torchrun processes")
     add("--lr", type=cli.positive_float, default=0.01, help="SGD learning rate")
@@ -347,7 +342,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--weight-decay", type=cli.non_negative_float, default=0.0, help="SGD weight decay")
     add("--val-size", type=cli.positive_int, default=None,
         help="validation images held out of train/ (default: 10%%, at most 5000)")
-    add("--image-size", type=image_size, default=224, help="side of the network's input")
+    add("--image-size", type=cli.image_size, default=224, help="side of the network's input")
     add("--device", default="auto", help=cli.DEVICE_HELP)
     add("--seed", type=cli.random_seed, default=0, help="seeds the split, the initialisation and the augmentation")
     add("--limit", type=cli.positive_int, default=None,
@@ -379,26 +374,10 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
         help="stream each split's images to the device batch by batch from the memory-mapped cache, or copy them "
              "there whole (never); auto streams a split larger than half the device's free memory (the host's for "
              "the CPU); the results are the same")
-    add("--stored-size", type=stored_size, default=None,
+    add("--stored-size", type=cli.stored_size, default=None,
         help="side the images are cached at (default: their most common shorter side, at most 256); smaller "
              "keeps a large set's cache small")
     return parser
-
-
-def image_size(text: str) -> int:
-    value = int(text)
-    if value < MIN_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"AlexNet needs images of at least {MIN_IMAGE_SIZE} px, got {text}")
-    if value > MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"at most {MAX_IMAGE_SIZE} px (the reference used 224), got {text}")
-    return value
-
-
-def stored_size(text: str) -> int:
-    value = int(text)
-    if not 8 <= value <= MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at least 8 and at most {MAX_IMAGE_SIZE} px, got {text}")
-    return value
 
 
 def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
@@ -554,19 +533,6 @@ def check_same_data(args: argparse.Namespace, state: dict, train_images: data.Im
                              "started (added, removed or modified files); restore them, or start a new run")
 
 
-def has_bf16_units(device: torch.device) -> bool:
-    """CUDA, or a CPU that computes bf16 natively (AMX tiles, or AVX512-BF16 as on AMD EPYC): there bf16 autocast
-    trains AlexNet at 224 px faster than fp32 (benchmarks/README.md; an AMD EPYC with AVX512-BF16 and no AMX: 66
-    images/s against 37). MPS trains in fp32."""
-    return device.type == "cuda" or (device.type == "cpu" and any(
-        getattr(torch.cpu, name, bool)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")))
-
-
-def channels_last(device: torch.device, bf16: bool) -> bool:
-    """CUDA's code path (NHWC tensors, the fused SGD): on CUDA, and in bf16 on the CPU, where oneDNN is fastest so."""
-    return device.type == "cuda" or bf16
-
-
 @dataclass
 class Run:
     """What a run trains with; set up once (start_run), then handed explicitly to each part of the loop."""
@@ -601,11 +567,10 @@ class Progress:
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
     saved: str | None = None  # where the newest resume state handed to the writer is (see position); None: none yet
 
-
-def position(progress: Progress) -> str:
-    """Where a stopped run is, as its messages say it."""
-    return f"epoch {progress.epoch + 1}, step {progress.step}" if progress.step else \
-        f"the end of epoch {progress.epoch}"
+    @property
+    def position(self) -> str:
+        """Where a stopped run is, as its messages say it."""
+        return f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
 
 
 def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, model: AlexNet,
@@ -622,28 +587,15 @@ def prepare_model(model: AlexNet, trainable: list[nn.Parameter], args: argparse.
                   ) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
     """The network to train (DDP- and compile-wrapped as asked), its optimizer, and whether it trains in bf16."""
     device = processes.device
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and has_bf16_units(device))
-    fast = channels_last(device, bf16)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cli.has_bf16_units(device))
+    fast = cli.channels_last(device, bf16)
     model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 **({"fused": True} if fast else {}))
     net = model
     if processes.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return (compiled(net) if args.compile else net), optimizer, bf16
-
-
-def compiled(net: nn.Module) -> nn.Module:
-    """torch.compile's inductor builds C++: without a working compiler the first step was a 100-line
-    InvalidCxxCompiler. Checked up front as inductor checks it; the run then trains eager, with a warning."""
-    from torch._inductor import cpp_builder, exc
-    try:
-        cpp_builder.get_cpp_compiler()
-    except exc.InvalidCxxCompiler:
-        print("warning: --compile: no working C++ compiler for torch.compile (install g++, or name one in CXX); "
-              "training without it", file=sys.stderr)
-        return net
-    return torch.compile(net)
+    return (cli.compiled(net) if args.compile else net), optimizer, bf16
 
 
 def announce(run: Run, progress: Progress, state: dict | None) -> None:
@@ -656,9 +608,8 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
         if state.get("finished") and progress.epoch >= run.args.epochs:
             print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
                   "evaluating the test split again with its best validation epoch's weights")
-    world, args = run.processes.world, run.args
+    world, args, images = run.processes.world, run.args, run.train_images
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
-    images = run.train_images
     print(f"{run.stage}: {len(images)} training, {len(run.val_images)} validation, {len(run.test_images)} test images, "
           f"{len(images.classes)} classes, stored at {images.stored_size} px, trained at {args.image_size} px, on "
           f"{run.processes.device}"
@@ -762,7 +713,7 @@ def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter
         "best": progress.best, "finished": finished, "data_fingerprint": run.train_images.fingerprint,
         "cwd": os.getcwd()}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
-    progress.saved = position(progress)
+    progress.saved = progress.position
 
 
 def read_resume_state(args: argparse.Namespace, stage: str) -> dict:
@@ -793,7 +744,7 @@ def restore(run: Run, state: dict) -> Progress:
     perm = None if state["perm"] is None else state["perm"].to(device)
     sums = {name: total.to(device) for name, total in own["sums"].items()}
     progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"])
-    progress.saved = position(progress)
+    progress.saved = progress.position
     return progress
 
 
@@ -843,10 +794,6 @@ def initial_weights(source: str) -> dict:
         raise cli.UsageError(f"--init {source}: its weights hold NaN or infinite values "
                              f"({', '.join(diverged_tensors[:3])}); pass weights of a training that did not diverge")
     return weights
-
-
-def every_parameter(args: argparse.Namespace, model: AlexNet) -> list[nn.Parameter]:
-    return list(model.parameters())
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from throughput import describe
 import torch  # noqa: E402  (on the path that throughput set)
 
 import cli  # noqa: E402
-import data  # noqa: E402
 import pretrain  # noqa: E402
 from model import AlexNet  # noqa: E402
 from cli import DEVICE_HELP, positive_int, resolve_device  # noqa: E402

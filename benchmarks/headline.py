@@ -37,7 +37,6 @@ from PIL import Image
 from throughput import ROOT, describe
 
 import cli  # noqa: E402
-import data  # noqa: E402  (on the path that throughput set)
 from cli import positive_float  # noqa: E402
 
 SHARED_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -128,8 +127,9 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
     ]
     for recipe in scale.recipes:
         steps.append(Step(f"recipe {recipe}", "recipes",
-                          [python, "benchmarks/recipes.py", "--recipe", recipe, "--out-dir", str(work / RUN_FOLDER / "recipes"),
-                           *training], scale.seconds["training"], epoch_images, "download",
+                          [python, "benchmarks/recipes.py", "--recipe", recipe, "--out-dir",
+                           str(work / RUN_FOLDER / "recipes"), *training],
+                          scale.seconds["training"], epoch_images, "download",
                           work / RUN_FOLDER / "recipes" / f"{recipe}.test.json"))
     return steps
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from throughput import ROOT, describe
 
 import cli  # noqa: E402
-import data  # noqa: E402  (on the path that throughput set)
 from cli import DEVICE_HELP, UsageError, resolve_device  # noqa: E402
 
 # Candidates for CIFAR-10; the reference recipe is pretrain.py's defaults.

@@ -152,7 +152,7 @@ def main() -> None:
     our_train, our_eval, bf16 = ours(args, processes, train_images.to(device), val_images.to(device))
     if args.stream == "always":  # the same steps with the images streamed from the mapped file, in this run
         streamed_train, streamed_eval, _ = ours(args, processes, train_images.streamed(device),
-                                             val_images.streamed(device))
+                                                val_images.streamed(device))
     ref_train, ref_eval = reference(args, device)
     print(f"{'':10} {'ours':>10} {'reference':>10} {'ratio':>7}   (ours trained in {'bf16' if bf16 else 'fp32'})")
     print(f"{'train':10} {our_train:10.0f} {ref_train:10.0f} {our_train / ref_train:6.1f}x   images/s")

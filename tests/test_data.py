@@ -579,7 +579,7 @@ def user_cache_folders(home: Path) -> list[Path]:
 
 
 def test_a_read_only_data_folder_without_a_valid_cache_caches_in_the_users_cache_folder(small_filesystem, tmp_path,
-                                                                                         monkeypatch, capsys):
+                                                                                        monkeypatch, capsys):
     """Before: `OSError: [Errno 30] Read-only file system: '.../.cache/train.json'` traceback."""
     disk = small_filesystem("4m")
     root = make_class_folders(disk / "d", train=3, test=1)

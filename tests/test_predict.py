@@ -84,6 +84,21 @@ def test_a_grid_in_new_folders_makes_them_only_when_it_is_written(pretrained, ti
     assert Image.open(grid).size[0] > 0
 
 
+def test_a_grid_whose_picked_images_are_all_unreadable_is_one_line_not_a_traceback(pretrained, tiny_data, tmp_path):
+    """The grid's images are picked among the files before they are read: here all of them fail, one other does not."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i in range(65):  # 64 of the 65 are picked
+        (folder / f"{i:02d}.png").write_text("not an image")
+    picked = set(torch.linspace(0, 64, 64).round().long().tolist())
+    shutil.copy(next((tiny_data / "test" / "red").iterdir()), folder / f"{min(set(range(65)) - picked):02d}.png")
+    grid = tmp_path / "grid.png"
+    result = run("predict.py", folder, "--checkpoint", pretrained, "--device", "cpu", "--grid", grid, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and not grid.exists()
+    assert len(result.stdout.splitlines()) == 1
+    assert f"predict.py: none of the images picked for --grid {grid} could be read" in result.stderr
+
+
 @pytest.mark.parametrize("stray", ["beside.png", ".hidden/inside.png"])
 def test_an_image_outside_the_class_folders_is_predicted_unlabelled(pretrained, tiny_data, tmp_path, stray):
     folder = tmp_path / "test"

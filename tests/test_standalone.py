@@ -96,7 +96,7 @@ ALLOWED_IMPORTS = {"model.py": set(), "cli.py": {"model"}, "data.py": {"cli"}, "
                    "predict.py": {"model", "cli", "data"}, "pretrain.py": {"model", "cli", "data", "predict"},
                    "finetune.py": {"model", "cli", "data", "predict", "pretrain"},
                    "export.py": {"model", "cli", "data", "predict"},
-                   "tasks.py": {"download", "pretrain", "finetune", "predict", "export"}}
+                   "tasks.py": {"cli", "download", "pretrain", "finetune", "predict", "export"}}
 
 
 @pytest.mark.parametrize("script", sorted(ALLOWED_IMPORTS))

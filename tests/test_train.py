@@ -94,7 +94,7 @@ def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoint
 
 
 @pytest.mark.parametrize("mode,frozen,changed", [("classifier", "features.0.weight", "classifier.1.weight"),
-                                                  ("full", None, "features.0.weight")])
+                                                 ("full", None, "features.0.weight")])
 @pytest.mark.slow
 def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode, frozen, changed):
     out = tmp_path / "finetune.pt"
@@ -170,8 +170,8 @@ class SavedTogether:
 def test_an_epochs_best_checkpoint_and_resume_state_are_saved_together_best_first(tiny_data, tmp_path, monkeypatch):
     """So that a killed run never leaves a resume state naming a best epoch that --out does not hold yet."""
     import pretrain
-    saves = SavedTogether(pretrain.CheckpointWriter.save_together)
-    monkeypatch.setattr(pretrain.CheckpointWriter, "save_together", saves)
+    saves = SavedTogether(cli.CheckpointWriter.save_together)
+    monkeypatch.setattr(cli.CheckpointWriter, "save_together", saves)
     pretrain.main(["--data-dir", str(tiny_data), "--out", str(tmp_path / "p.pt"), "--epochs", "2", "--val-size", "6",
                    *QUICK])
     assert saves.calls[0] == ["p.pt", "p.last.pt"]  # the first epoch always improves on nothing
