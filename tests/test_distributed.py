@@ -163,7 +163,8 @@ def test_the_stop_flag_and_host_values_never_go_over_nccl(monkeypatch, backend, 
     for name in ("init_process_group", "get_backend", "new_group", "all_reduce", "all_gather_object", "barrier"):
         monkeypatch.setattr(cli.dist, name, getattr(fake, name))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)  # as torchrun sets them
     processes = cli.Processes("cpu")
     processes.device = torch.device("meta")  # stands for the GPU: the flag must not be read back from there
     assert processes.any(False) is True  # the other process got the signal

@@ -303,7 +303,8 @@ def test_a_newline_in_a_class_name_is_escaped_in_the_report(capsys):
     logits, labels = torch.eye(2), torch.tensor([0, 1])
     predict.print_report("t", predict.classification_report(logits, labels, ["a\nb", "c"]), ["a\nb", "c"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 7 and lines[1] == "  a\\nb  100.00%" and lines[5] == "  a\\nb    1     0"
+    assert len(lines) == 9 and lines[2] == "        a\\nb   100.00%    100.00%    100.00%"
+    assert lines[7] == "  a\\nb    1     0"
 
 
 # ---------------------------------------------------------------- flags that do not do what they seem to

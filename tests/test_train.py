@@ -406,8 +406,9 @@ def test_ema_weights_are_kept_and_tta_reaches_predict(tiny_data, tmp_path):
 
     test = data.load_folder(tiny_data / "test")
     model = model_from_checkpoint(load_checkpoint(out))
-    mirrored = torch.softmax(compute_logits(model, test.images.split(256), 64, flip=True), 1)
-    plain = torch.softmax(compute_logits(model, test.images.split(256), 64), 1)
+    temperature = kept["temperature"]  # fitted on validation: predict's probabilities are calibrated with it
+    mirrored = torch.softmax(compute_logits(model, test.images.split(256), 64, flip=True) / temperature, 1)
+    plain = torch.softmax(compute_logits(model, test.images.split(256), 64) / temperature, 1)
     result = run("predict.py", tiny_data / "test", "--checkpoint", out, "--device", "cpu", "--json", "--topk", "3")
     output = json.loads(result.stdout)
     got = torch.tensor([
