@@ -46,8 +46,7 @@ class Deployed(nn.Module):
 
 def deployed(checkpoint: dict, path: str) -> Deployed:
     """The checkpoint's model, eager, with what the program adds around it."""
-    return Deployed(model_from_checkpoint(checkpoint, path), checkpoint["image_size"], checkpoint.get("tta", False),
-                    float(checkpoint.get("temperature", 1.0)))
+    return Deployed(model_from_checkpoint(checkpoint, path), *predict.evaluation_of(checkpoint))
 
 
 def export_program(module: Deployed, stored_size: int, device: torch.device) -> torch.export.ExportedProgram:
@@ -131,7 +130,7 @@ def export(args: argparse.Namespace) -> int:
     record = {"checkpoint": str(args.checkpoint), "checkpoint_code": checkpoint.get("code"), "code": cli.code_version(),
               "torch": torch.__version__, "device": str(device), "input": f"N x 3 x {size} x {size} uint8",
               "output": f"N x {len(checkpoint['classes'])} probabilities", "classes": checkpoint["classes"],
-              "stored_size": size, "image_size": checkpoint["image_size"], "tta": checkpoint.get("tta", False),
+              "stored_size": size, "image_size": reference.image_size, "tta": reference.flip,
               "temperature": reference.temperature, "mean": list(data.MEAN), "std": list(data.STD)}
     started = time.perf_counter()
     program = saved(export_program(reference, size, device), record)

@@ -509,11 +509,17 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
     return program, about
 
 
+def evaluation_of(checkpoint: dict) -> tuple[int, bool, float]:
+    """How a checkpoint's model is evaluated: its input size, whether mirrored images are averaged in (--tta), and
+    the temperature its logits are divided by (fitted after training; 1 without)."""
+    return checkpoint["image_size"], checkpoint.get("tta", False), float(checkpoint.get("temperature", 1.0))
+
+
 def calibrated_logits(model: nn.Module, checkpoint: dict, images: torch.Tensor) -> torch.Tensor:
-    """The logits divided by the checkpoint's temperature (fitted after training; 1 without): their softmax is
-    predict's probabilities, as an exported program's are."""
-    logits = logits_of(model, images, checkpoint["image_size"], checkpoint.get("tta", False))
-    return logits / float(checkpoint.get("temperature", 1.0))
+    """The logits divided by the checkpoint's temperature: their softmax is predict's probabilities, as an exported
+    program's are."""
+    image_size, flip, temperature = evaluation_of(checkpoint)
+    return logits_of(model, images, image_size, flip) / temperature
 
 
 def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
