@@ -83,71 +83,38 @@ class UsageError(Exception):
     """A command-line value that cannot be used; the message names the flag and what to do."""
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    return float32_number(text, "a positive number", float(text) > 0)
-
-
-def non_negative_float(text: str) -> float:
-    return float32_number(text, "zero or a positive number", float(text) >= 0)
-
-
-def float32_number(text: str, what: str, fits: bool) -> float:
-    """A finite number that `fits`, within float32: the optimizer holds --lr and --weight-decay so, and a larger
-    value is torch's overflow traceback."""
-    value, largest = float(text), torch.finfo(torch.float32).max
-    if not fits or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-    if value > largest:
-        raise argparse.ArgumentTypeError(f"too large: at most {largest:.3g}, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a probability from 0 to 1, got {text}")
-    return value
-
-
-def random_seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be an integer from 0 to {2**32 - 1}, got {text}")
-    return value
+def flag_type(name: str, convert: Callable[[str], float], *rules: tuple[Callable[[float], bool], str]):
+    """An argparse type named `name` (argparse's "invalid NAME value" for text `convert` refuses): the converted
+    value, or the message of the first (holds, message) rule it fails."""
+    def check(text: str):
+        value = convert(text)
+        for holds, message in rules:
+            if not holds(value):
+                raise argparse.ArgumentTypeError(f"{message}, got {text}")
+        return value
+    check.__name__ = name
+    return check
 
 
 # The largest --image-size: 4.6 times the reference's 224; stored images are at most 256 px, so more only fills memory.
 MAX_IMAGE_SIZE = 1024
+# The optimizer holds --lr and --weight-decay in float32: a larger value is torch's overflow traceback.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+WITHIN_FLOAT32 = (lambda x: x <= FLOAT32_MAX, f"too large: at most {FLOAT32_MAX:.3g}")
 
-
-def image_size(text: str) -> int:
-    value = int(text)
-    if value < MIN_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"AlexNet needs images of at least {MIN_IMAGE_SIZE} px, got {text}")
-    if value > MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"at most {MAX_IMAGE_SIZE} px (the reference used 224), got {text}")
-    return value
-
-
-def stored_size(text: str) -> int:
-    value = int(text)
-    if not 8 <= value <= MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"must be at least 8 and at most {MAX_IMAGE_SIZE} px, got {text}")
-    return value
+positive_int = flag_type("positive_int", int, (lambda x: x > 0, "must be a positive integer"))
+positive_float = flag_type("positive_float", float, (lambda x: 0 < x < math.inf, "must be a positive number"),
+                           WITHIN_FLOAT32)
+non_negative_float = flag_type("non_negative_float", float,
+                               (lambda x: 0 <= x < math.inf, "must be zero or a positive number"), WITHIN_FLOAT32)
+fraction = flag_type("fraction", float, (lambda x: 0 <= x < 1, "must be at least 0 and below 1"))
+probability = flag_type("probability", float, (lambda x: 0 <= x <= 1, "must be a probability from 0 to 1"))
+random_seed = flag_type("random_seed", int, (lambda x: 0 <= x < 2**32, f"must be an integer from 0 to {2**32 - 1}"))
+image_size = flag_type("image_size", int,
+                       (lambda x: x >= MIN_IMAGE_SIZE, f"AlexNet needs images of at least {MIN_IMAGE_SIZE} px"),
+                       (lambda x: x <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE} px (the reference used 224)"))
+stored_size = flag_type("stored_size", int, (lambda x: 8 <= x <= MAX_IMAGE_SIZE,
+                                             f"must be at least 8 and at most {MAX_IMAGE_SIZE} px"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -227,15 +194,16 @@ class Output:
 
     The first write or flush that fails is kept in `lost`, and the stream's file descriptor then points at
     /dev/null, so that nothing written later fails again (Python's own flush at exit included): the program goes
-    on, and decides what the loss means (see guard_output's callers).
+    on, and decides what the loss means (see guard_output's callers). A stream Python found closed at the start
+    (`>&-`: None) is lost from the start. `whole`: what is written to a regular file is all or nothing, the file cut
+    back to its start on a loss.
     """
 
     def __init__(self, stream, whole: bool = False) -> None:
-        """`whole`: what is written to a regular file is all or nothing, the file cut back to its start on a loss."""
-        self.stream = stream
-        self.lost: OSError | None = None
+        self.stream = stream if stream is not None else open(os.devnull, "w")
+        self.lost: OSError | None = None if stream is not None else OSError(errno.EBADF, os.strerror(errno.EBADF))
         self.lost_told = False  # whether the program has said so
-        self.start = regular_file_offset(stream) if whole else None
+        self.start = regular_file_offset(self.stream) if whole else None
 
     def write(self, text: str) -> int:
         try:
@@ -284,16 +252,9 @@ def regular_file_offset(stream) -> int | None:
 def guard_output(whole: bool = False) -> None:
     """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
     if not isinstance(sys.stdout, Output):
-        sys.stdout = Output(sys.stdout, whole) if sys.stdout is not None else closed_output()
+        sys.stdout = Output(sys.stdout, whole)
     if not isinstance(sys.stderr, Output):
-        sys.stderr = Output(sys.stderr) if sys.stderr is not None else closed_output()
-
-
-def closed_output() -> Output:
-    """For a stream Python found closed at the start (`>&-`): it is None then, and lost from the start."""
-    output = Output(open(os.devnull, "w"))
-    output.lost = OSError(errno.EBADF, os.strerror(errno.EBADF))
-    return output
+        sys.stderr = Output(sys.stderr)
 
 
 def shown(path: str | os.PathLike) -> str:
@@ -487,8 +448,9 @@ class Lock:
                 owner = self.file.read().strip() or "unknown"
                 self.file.close()
                 raise taken(owner) from None
-            if self.locks_path():
-                break
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(self.file.fileno()), os.stat(path)):
+                    break
             # The file was opened just before its holder removed it: locking it excludes no one, since the next
             # process creates and locks a new file at `path`. Lock what is at `path` now.
             self.file.close()
@@ -499,15 +461,6 @@ class Lock:
         except OSError:  # a full disk: no lock file is left behind, the caller words the error
             self.__exit__()
             raise
-
-    def locks_path(self) -> bool:
-        """Whether the file locked is the one `path` names."""
-        try:
-            now = os.stat(self.path)
-        except FileNotFoundError:
-            return False
-        locked = os.fstat(self.file.fileno())
-        return (locked.st_dev, locked.st_ino) == (now.st_dev, now.st_ino)
 
     def __enter__(self) -> "Lock":
         return self
@@ -748,26 +701,21 @@ class Processes:
 
 @functools.cache
 def code_version() -> str:
-    """The code a run used, kept in its checkpoints, log and test report so that a figure traces to its code.
-
-    The git commit of this project's checkout (`-dirty` when tracked files differ from it); outside a checkout of
-    its own (the scripts copied elsewhere), a hash of the scripts beside this file.
-    """
+    """The code a run used, kept in its checkpoints, log and test report so that a figure traces to its code: the
+    git commit of this project's checkout (`-dirty` when tracked files differ from it), else (no git, no commit, or
+    the scripts copied elsewhere) a hash of the scripts beside this file."""
     here = Path(__file__).resolve().parent
-    try:
-        git = subprocess.run(["git", "rev-parse", "--show-toplevel", "--short", "HEAD"], cwd=here, capture_output=True,
-                             text=True)
-        top, head = (git.stdout.split("\n") + [""])[:2]
-        if git.returncode == 0 and Path(top).resolve() == here:
-            clean = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=here, capture_output=True).returncode == 0
-            return f"commit {head}" + ("" if clean else "-dirty")
-    except OSError:  # no git; a checkout without a commit fails above
-        pass
+
+    def git(*command: str) -> str:
+        return subprocess.run(["git", *command], cwd=here, capture_output=True, text=True).stdout.strip()
+    with contextlib.suppress(OSError):  # no git
+        commit = git("describe", "--always", "--dirty", "--exclude=*")
+        if commit and Path(git("rev-parse", "--show-toplevel")).resolve() == here:
+            return f"commit {commit}"
     digest = hashlib.sha256()
     for script in sorted(here.glob("*.py")):
         digest.update(script.name.encode() + b"\0" + script.read_bytes())
     return f"scripts sha256 {digest.hexdigest()[:12]}"
-
 
 
 def has_bf16_units(device: torch.device) -> bool:
