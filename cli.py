@@ -1,16 +1,12 @@
 """What every script shares: one-line errors, flag types, the device, stdout and stderr that may close, progress
 lines, stop signals, files written atomically (also in the background) and the lock that keeps two runs apart, the
 processes torchrun started and the code a run used.
-
-Sections: errors and flags; output; signals and files; checkpoints written in the background; the run: its
-processes and its code.
 """
 import os
 import sys
 
 if sys.version_info < (3, 10):  # before an `X | Y` annotation fails with a traceback
-    sys.exit(f"{os.path.basename(sys.argv[0])}: needs Python 3.10 or newer, this is {sys.version_info[0]}."
-             f"{sys.version_info[1]}")
+    sys.exit(f"{os.path.basename(sys.argv[0])}: needs Python 3.10 or newer, this is %d.%d" % sys.version_info[:2])
 
 import argparse
 import contextlib
@@ -49,9 +45,7 @@ except ImportError:  # Windows: its lock is msvcrt's (see Lock)
 
 class DataError(Exception):
     """Data that cannot be used (a folder, an image, an archive, a download); the message names it and what to do.
-
-    Given apart, `problem` (what is wrong) can be reported again with other advice by a caller that knows better.
-    """
+    `problem` (what is wrong) alone can be reported again with other advice by a caller that knows better."""
 
     def __init__(self, problem: str, fix: str = "") -> None:
         super().__init__(f"{problem}; {fix}" if fix else problem)
@@ -118,8 +112,7 @@ stored_size = flag_type("stored_size", int, (lambda x: 8 <= x <= MAX_IMAGE_SIZE,
 
 
 def resolve_device(name: str) -> torch.device:
-    """--device: `auto` is CUDA when there is one, else Apple's MPS, else the CPU with a warning; cpu, cuda[:N] and
-    mps run here."""
+    """--device: `auto` is CUDA when there is one, else Apple's MPS, else the CPU with a warning."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -148,11 +141,6 @@ def resolve_device(name: str) -> torch.device:
 DEVICE_HELP = "cuda, cuda:N, mps, cpu, or auto: CUDA if available, else MPS (Apple's GPU), else the CPU"
 
 
-def is_out_of_host_memory(error: BaseException) -> bool:
-    """torch's CPU allocator raises a plain RuntimeError when malloc fails; Python raises MemoryError."""
-    return isinstance(error, MemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
-
-
 def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> object:
     """Run a script's work; a user's mistake or an expected fault ends as one line on stderr."""
     try:
@@ -162,8 +150,8 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
     except torch.cuda.OutOfMemoryError:
         sys.exit(f"{program}: out of GPU memory with --batch-size {batch_size}; pass a smaller --batch-size, "
                  f"e.g. {max(1, batch_size // 2)}")
-    except (MemoryError, RuntimeError) as e:
-        if not is_out_of_host_memory(e):
+    except (MemoryError, RuntimeError) as e:  # torch's CPU allocator raises a plain RuntimeError when malloc fails
+        if isinstance(e, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" not in str(e):
             raise
         sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
                  f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
@@ -190,14 +178,10 @@ def finite_or_none(value):
 
 
 class Output:
-    """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event.
-
-    The first write or flush that fails is kept in `lost`, and the stream's file descriptor then points at
-    /dev/null, so that nothing written later fails again (Python's own flush at exit included): the program goes
-    on, and decides what the loss means (see guard_output's callers). A stream Python found closed at the start
-    (`>&-`: None) is lost from the start. `whole`: what is written to a regular file is all or nothing, the file cut
-    back to its start on a loss.
-    """
+    """sys.stdout or sys.stderr, for which a closed pipe, a hang-up (EIO) or a full disk is an ordinary event: the
+    first failed write or flush is kept in `lost` (one closed at the start, `>&-`, is lost from the start) and the
+    descriptor then points at /dev/null, so nothing later fails again (Python's flush at exit included); the caller
+    decides what the loss means. `whole`: a regular file is cut back to where writing started on a loss."""
 
     def __init__(self, stream, whole: bool = False) -> None:
         self.stream = stream if stream is not None else open(os.devnull, "w")
@@ -251,15 +235,12 @@ def regular_file_offset(stream) -> int | None:
 
 def guard_output(whole: bool = False) -> None:
     """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
-    if not isinstance(sys.stdout, Output):
-        sys.stdout = Output(sys.stdout, whole)
-    if not isinstance(sys.stderr, Output):
-        sys.stderr = Output(sys.stderr)
+    sys.stdout = sys.stdout if isinstance(sys.stdout, Output) else Output(sys.stdout, whole)
+    sys.stderr = sys.stderr if isinstance(sys.stderr, Output) else Output(sys.stderr)
 
 
 def shown(path: str | os.PathLike) -> str:
-    """A path as text any stream prints, unambiguously: bytes of a name that are not UTF-8 (made on another system)
-    as \\xNN, control characters and backslashes escaped (see printable)."""
+    """A path as text any stream prints, unambiguously: control characters, backslashes, bytes not UTF-8 escaped."""
     return printable(os.fsdecode(path))
 
 
@@ -284,9 +265,7 @@ def clock(seconds: float) -> str:
 
 class ProgressLine:
     """How far a long pass over images is: on a terminal one line rewritten in place, at most twice a second; in a
-    log file or pipe, a line at each tenth of the images. `due` reads only the clock, so the caller reads the device
-    (a host synchronisation) only when a line is shown.
-    """
+    log file or pipe, a line at each tenth. `due` reads only the clock: the caller reads the device only to show."""
     TERMINAL_INTERVAL = 0.5  # seconds between rewrites of the terminal line
 
     def __init__(self, title: str, total: int, done: int = 0, stream=None) -> None:
@@ -317,8 +296,7 @@ class ProgressLine:
         self.stream.flush()
         self.shown = True
 
-    def close(self) -> None:
-        """On a terminal the line is erased: the pass's summary takes its place."""
+    def close(self) -> None:  # on a terminal the line is erased: the pass's summary takes its place
         if self.terminal and self.shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
@@ -329,24 +307,17 @@ class ProgressLine:
 
 def stop_signals() -> list[signal.Signals]:
     """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
-    dropped; Windows has none), but not SIGHUP where it is ignored (`nohup`): the user asked the run to outlive the
-    terminal."""
+    dropped; Windows has none), but not an ignored SIGHUP (`nohup`: the run is to outlive the terminal)."""
     hangup = getattr(signal, "SIGHUP", None)
     return [signal.SIGINT, signal.SIGTERM] + ([hangup] if hangup and signal.getsignal(hangup) != signal.SIG_IGN else [])
 
 
 class StopSignal:
-    """Turns the first SIGINT/SIGTERM/SIGHUP into a request to save and stop at the next step.
-
-    SIGHUP (the terminal closed, an ssh connection dropped) is a stop like the others, not death mid-write
-    (unless ignored: see stop_signals).
-
-    A second signal, or the first one `at_once`, raises KeyboardInterrupt where the program is.
-    """
+    """Turns the first of stop_signals into a request to save and stop at the next step (`received`); a second
+    signal, or the first one `at_once`, raises KeyboardInterrupt where the program is."""
 
     def __init__(self, at_once: bool = False) -> None:
-        self.received = None
-        self.at_once = at_once
+        self.received, self.at_once = None, at_once
 
     def __enter__(self) -> "StopSignal":
         self.previous = {sig: signal.signal(sig, self.handle) for sig in stop_signals()}
@@ -364,14 +335,10 @@ class StopSignal:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:
-    """`write` fills a temporary file beside `path`, synced to disk, which then replaces `path`: a failure, a signal
-    or a kill mid-write leaves the previous file as it was.
-
-    The temporary file, named with the writer's pid, is removed on failure; one left by a killed writer (its pid
-    gone) is removed by the next write of `path`. Writers of one path at once (two predict.py --grid, two runs
-    building one cache) each write their own, the last rename wins, and none removes another's. A failed write
-    raises its OSError, also where torch.save wrapped it in a RuntimeError (as it does for a full disk).
-    """
+    """`write` fills a temporary file beside `path`, synced, which then replaces `path`: a failure, a signal or a
+    kill mid-write leaves the previous file as it was. The temporary file, named with the writer's pid, is removed on
+    failure, a killed writer's by the next write of `path`; writers of one path at once each write their own, the
+    last rename wins. A failure raises its OSError, also one torch.save wrapped in a RuntimeError (a full disk)."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = None
     try:
@@ -402,18 +369,14 @@ def remove_dead_writers_files(directory: str, name: str) -> None:
 
 
 def process_is_running(pid: int) -> bool:
-    if sys.platform == "win32":  # there os.kill's signal 0 is CTRL_C_EVENT, sent to the whole console
-        return windows_process_is_running(pid)
-    try:
-        os.kill(pid, 0)  # signal 0: only whether there is such a process
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
-    return True
-
-
-def windows_process_is_running(pid: int) -> bool:
+    if sys.platform != "win32":  # where os.kill's signal 0 is CTRL_C_EVENT, sent to the whole console
+        try:
+            os.kill(pid, 0)  # signal 0: only whether there is such a process
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's
+            pass
+        return True
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
     if not handle:
@@ -425,17 +388,13 @@ def windows_process_is_running(pid: int) -> bool:
 
 
 def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    os.umask(mask := os.umask(0))
     return mask
 
 
-class Lock:
+class Lock(contextlib.AbstractContextManager):
     """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
-
-    `taken(pid)` makes the error raised while another process holds it; an OSError is raised when the lock file
-    cannot be written (a full disk).
-    """
+    `taken(pid)` makes the error raised while another process holds it; a full disk raises the OSError."""
 
     def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
         self.path = path
@@ -461,9 +420,6 @@ class Lock:
         except OSError:  # a full disk: no lock file is left behind, the caller words the error
             self.__exit__()
             raise
-
-    def __enter__(self) -> "Lock":
-        return self
 
     def __exit__(self, *exc) -> None:
         try:
@@ -502,29 +458,22 @@ def check_tilde_expanded(flag: str, path: Path) -> None:
 
 
 def check_writable_file(flag: str, path: Path, example: str, what: str = "a file", make_folder: bool = False) -> None:
-    """Fail before the long work, not after it, when `flag`'s file cannot be written. A missing folder is made
-    only with `make_folder` (otherwise by the write, so a run that fails first leaves none); the check writes in
-    the nearest folder that exists.
-
-    `example` is a file name the advice puts in `path` when `path` is a folder; `what` says what `flag` wants.
-    """
+    """Fail before the long work, not after it, when `flag`'s file cannot be written: a real write in the nearest
+    folder that exists; a missing folder is made only with `make_folder` (else by the write, so a run that fails
+    first leaves none). `example`: a file name for the advice when `path` is a folder; `what`: what `flag` wants."""
     check_tilde_expanded(flag, path)
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
         raise UsageError(f"{flag} {path}: is {special_kind(path.stat().st_mode)}, not a regular file, and "
                          f"writing would replace it; pass {what} path, e.g. {flag} {path.parent / example}")
-    for parent in path.parents:  # mkdir's "File exists" would not say which file is in the way
-        if parent.exists() and not parent.is_dir():
-            raise UsageError(f"{flag} {path}: {parent} is a file, not a folder; choose another {flag}")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    folder = next(folder for folder in path.parents if folder.exists())  # the nearest; "." and "/" exist
+    if not folder.is_dir():  # mkdir's "File exists" would not say which file is in the way
+        raise UsageError(f"{flag} {path}: {folder} is a file, not a folder; choose another {flag}")
     try:
         if make_folder:
             path.parent.mkdir(parents=True, exist_ok=True)
-            folder = path.parent
-        tempfile.TemporaryFile(dir=folder).close()  # a real write: permissions alone miss a read-only mount
+        tempfile.TemporaryFile(dir=path.parent if make_folder else folder).close()  # permissions miss a read-only mount
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror or e}); "
                          "choose a writable folder") from None
@@ -546,10 +495,8 @@ def save_picture(picture: Image.Image, path: Path, flag: str) -> None:
 
 def to_cpu(obj, reuse=None):
     """A copy of a checkpoint with every tensor copied to the CPU: training may go on changing the originals.
-
-    `reuse`, an earlier copy of the same kind of checkpoint that nothing needs any more, lends its tensors of the
-    same shape and dtype: copying into memory already touched takes about half the time of fresh memory.
-    """
+    `reuse`, an earlier copy nothing needs any more, lends its tensors of the same shape and dtype (copying into
+    touched memory takes about half the time)."""
     if isinstance(obj, torch.Tensor):
         if isinstance(reuse, torch.Tensor) and (reuse.shape, reuse.dtype) == (obj.shape, obj.dtype):
             return reuse.copy_(obj.detach())
@@ -563,15 +510,13 @@ def to_cpu(obj, reuse=None):
     return obj
 
 
-class CheckpointWriter:
+class CheckpointWriter(contextlib.AbstractContextManager):
     """Writes checkpoints with `write` on a background thread, so training does not wait for the disk.
 
-    `save_together({path: checkpoint, ...})` copies the tensors to the CPU at once (what is written is the state at
-    the call) and returns; the files are written in that order, no other write between them. Only the newest state
-    of a path matters: a save drops the copy of that path not yet being written and copies into its memory (or into
-    the last written copy's: touched memory takes half the time), so at most two copies per path are held however
-    slow the disk. `wait` blocks until every save is on disk; it, and the next save, raise the first error a write
-    met. Leaving the `with` block writes what is left and ends the thread.
+    `save_together({path: checkpoint, ...})` copies to the CPU at once (the state at the call) and returns; the files
+    are written in that order, no other write between them. A save drops its path's copy not yet being written and
+    copies into its memory (or the last written copy's): at most two copies per path, however slow the disk. `wait`
+    blocks until all is on disk; it and the next save raise a write's error. The `with` block's end writes the rest.
     """
 
     def __init__(self, write: Callable[[dict, str], object]) -> None:
@@ -621,11 +566,7 @@ class CheckpointWriter:
         if self.error is not None:
             raise self.error
 
-    def __enter__(self) -> "CheckpointWriter":
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        """Every saved checkpoint is on disk when the block ends, by an error too; a write's error is raised."""
+    def __exit__(self, kind, value, traceback) -> None:  # by an error too, every saved checkpoint reaches the disk
         self.handed.put(None)
         self.thread.join()
         self.spare.clear()
@@ -641,11 +582,9 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # wha
 
 class Processes:
     """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
-
-    `--batch-size` is global: each step, every process takes its share (positions rank, rank + world, ...) of the
-    same global batch. Host values (the stop flag each step, the resume state's pieces, barriers) go over a CPU
-    (gloo) group: over NCCL, reading back a CUDA tensor would make the host wait for everything queued on the GPU.
-    """
+    `--batch-size` is global: each process takes its share (positions rank, rank + world, ...) of each batch. Host
+    values (the stop flag, the resume state's pieces, barriers) go over a gloo group: over NCCL, reading a CUDA
+    tensor back would make the host wait for everything queued on the GPU."""
 
     def __init__(self, device_name: str | None) -> None:
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -719,9 +658,8 @@ def code_version() -> str:
 
 
 def has_bf16_units(device: torch.device) -> bool:
-    """CUDA, or a CPU that computes bf16 natively (AMX tiles, or AVX512-BF16 as on AMD EPYC): there bf16 autocast
-    trains AlexNet at 224 px faster than fp32 (benchmarks/README.md; an AMD EPYC with AVX512-BF16 and no AMX: 66
-    images/s against 37). MPS trains in fp32."""
+    """CUDA, or a CPU that computes bf16 natively (AMX, or AVX512-BF16 as on AMD EPYC): there bf16 trains faster than
+    fp32 (benchmarks/README.md; an EPYC with AVX512-BF16, no AMX: 66 images/s against 37). MPS trains in fp32."""
     return device.type == "cuda" or (device.type == "cpu" and any(
         getattr(torch.cpu, name, bool)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")))
 

@@ -2,16 +2,15 @@
 
     python export.py --checkpoint checkpoints/finetune.pt --out model.pt2
 
-The program (torch.export) holds the weights and predict.py's evaluation path: resize to 256/224 of the crop,
-centre crop, normalisation, the mirror-image average of --tta and the calibrated temperature. It takes a batch of
-N x 3 x S x S uint8 images, any N, S the checkpoint's stored size (an image's shorter side resized to S and its
-centre cropped, as data.decode does), and returns N x classes probabilities. It loads with torch.export.load where
-torch and torchvision (its crop is torchvision's roi_align) are installed; the class names are in its file.
+The program (torch.export) holds the weights and predict.py's evaluation path (resize, centre crop, normalisation,
+--tta's mirror-image average, the calibrated temperature). It takes N x 3 x S x S uint8 images, S the checkpoint's
+stored size (shorter side resized to S, centre cropped, as data.decode does), and returns N x classes
+probabilities; it loads with torch.export.load where torch and torchvision are installed (its crop is roi_align),
+the class names in its file.
 
-Before it is written, the program (as saved and loaded back) and the checkpoint (through predict.py) are run on
-the same images, the checkpoint's test split (or generated ones): the export fails unless their top-1 classes agree
-on every image and their probabilities differ by less than TOLERANCE. The figures are printed and written beside
-the program (model.pt2.json).
+Before it is written, the program (saved and loaded back) and the checkpoint (through predict.py) run on the same
+images, the checkpoint's test split or generated ones: unless their top-1 classes agree on every image and their
+probabilities differ by less than TOLERANCE, nothing is written. The figures go beside it (model.pt2.json).
 """
 import argparse
 import io
@@ -40,8 +39,7 @@ class Deployed(nn.Module):
         self.model, self.image_size, self.flip, self.temperature = model.eval(), image_size, flip, temperature
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        logits = predict.logits_of(self.model, images, self.image_size, self.flip)
-        return torch.softmax(logits / self.temperature, 1)
+        return torch.softmax(predict.logits_of(self.model, images, self.image_size, self.flip) / self.temperature, 1)
 
 
 def deployed(checkpoint: dict, path: str) -> Deployed:
@@ -54,13 +52,6 @@ def export_program(module: Deployed, stored_size: int, device: torch.device) -> 
     example = torch.zeros(2, 3, stored_size, stored_size, dtype=torch.uint8, device=device)
     with torch.no_grad():
         return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-
-
-def saved(program: torch.export.ExportedProgram, record: dict) -> bytes:
-    """The program's file, with `record` in it (predict.PROGRAM_RECORD)."""
-    buffer = io.BytesIO()
-    torch.export.save(program, buffer, extra_files={predict.PROGRAM_RECORD: json.dumps(record)})
-    return buffer.getvalue()
 
 
 def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> tuple[data.ImageSet, str]:
@@ -98,10 +89,10 @@ def agreement(program: nn.Module, reference: nn.Module, images: data.ImageSet, b
 def check_out(out: str) -> Path:
     """--out before the long work: a file in a folder that exists and can be written."""
     path = Path(out)
-    if not path.parent.is_dir() and not any(p.exists() and not p.is_dir() for p in path.parents):
+    cli.check_writable_file("--out", path, "model.pt2", "a program file")
+    if not path.parent.is_dir():
         raise cli.UsageError(f"--out {out}: folder {cli.shown(path.parent)} does not exist; create it or choose "
                              "another --out")
-    cli.check_writable_file("--out", path, "model.pt2", "a program file")
     return path
 
 
@@ -133,7 +124,10 @@ def export(args: argparse.Namespace) -> int:
               "stored_size": size, "image_size": reference.image_size, "tta": reference.flip,
               "temperature": reference.temperature, "mean": list(data.MEAN), "std": list(data.STD)}
     started = time.perf_counter()
-    program = saved(export_program(reference, size, device), record)
+    buffer = io.BytesIO()  # the program's file, its record in it
+    torch.export.save(export_program(reference, size, device), buffer,
+                      extra_files={predict.PROGRAM_RECORD: json.dumps(record)})
+    program = buffer.getvalue()
     seconds = time.perf_counter() - started
     loaded = torch.export.load(io.BytesIO(program)).module()  # checked as it will be loaded
     images, source = check_images(checkpoint, args.data_dir, args.limit)
