@@ -528,12 +528,18 @@ def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return program(images).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
+DEFAULT_RULE = f"the newest of {', '.join(DEFAULT_CHECKPOINTS)} (the first of equals)"
+
+
 def default_checkpoint() -> str:
-    for path in DEFAULT_CHECKPOINTS:
-        if Path(path).is_file():
-            return path
-    raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; "
-                          "train first (invoke all, or python pretrain.py) or pass --checkpoint")
+    """DEFAULT_RULE, said on stderr: a finetune.pt left from before pretrain.pt was trained again is not taken."""
+    found = [path for path in DEFAULT_CHECKPOINTS if Path(path).is_file()]
+    if not found:
+        raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; "
+                              "train first (invoke all, or python pretrain.py) or pass --checkpoint")
+    path = max(found, key=lambda p: Path(p).stat().st_mtime_ns)
+    print(f"predict.py: checkpoint {path} (no --checkpoint given: {DEFAULT_RULE})", file=sys.stderr)
+    return path
 
 
 def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
@@ -617,8 +623,8 @@ def picture_flags(args: argparse.Namespace) -> dict[str, str]:
 def predict(args: argparse.Namespace) -> int:
     pictures = picture_flags(args)
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
-        raise cli.UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
-                             f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
+        raise cli.UsageError(f"--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
+                             f"{DEFAULT_RULE}")
     checkpoint_path = args.checkpoint or default_checkpoint()
     device = cli.resolve_device(args.device)
     classify, checkpoint = load_classifier(checkpoint_path, device)
@@ -758,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
-    add("--checkpoint", default=None, help=f"default: the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
+    add("--checkpoint", default=None, help=f"default: {DEFAULT_RULE}, named on stderr")
     add("--topk", type=cli.positive_int, default=1, help="how many classes to show per image")
     add("--json", action="store_true", help="print JSON instead of lines")
     add("--grid", default=None, metavar="PATH",

@@ -171,6 +171,21 @@ def test_no_checkpoint_says_train_first(tmp_path, tiny_data):
     assert result.returncode == 1 and "train first" in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("newest", ["pretrain.pt", "finetune.pt"])
+def test_without_checkpoint_the_newest_default_is_taken_and_named_on_stderr(pretrained, tiny_data, tmp_path, newest):
+    """Before: finetune.pt was taken even when pretrain.pt had been trained again since, and nothing said which."""
+    image = next((tiny_data / "test" / "red").iterdir())
+    (tmp_path / "checkpoints").mkdir()
+    for age, name in enumerate(sorted(["pretrain.pt", "finetune.pt"], key=lambda name: name == newest)):
+        shutil.copy(pretrained, tmp_path / "checkpoints" / name)
+        os.utime(tmp_path / "checkpoints" / name, (1000 * (age + 1),) * 2)
+    result = run("predict.py", image, "--device", "cpu", cwd=tmp_path)
+    assert result.stderr.splitlines()[0] == (f"predict.py: checkpoint checkpoints/{newest} (no --checkpoint given: the "
+                                             "newest of checkpoints/finetune.pt, checkpoints/pretrain.pt (the first "
+                                             "of equals))")
+    assert result.stdout.startswith(f"{image}\t") and "checkpoint" not in result.stdout
+
+
 def test_missing_path_and_empty_folder(pretrained, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained,
@@ -260,8 +275,8 @@ def test_a_grid_naming_an_image_to_predict_is_refused_before_predicting(pretrain
 
 
 @pytest.mark.parametrize("checkpoint, message", [
-    ("", "--checkpoint is empty; pass a checkpoint file, or leave the flag out to use the first of "
-         "checkpoints/finetune.pt, checkpoints/pretrain.pt that exists"),
+    ("", "--checkpoint is empty; pass a checkpoint file, or leave the flag out to use the newest of "
+         "checkpoints/finetune.pt, checkpoints/pretrain.pt (the first of equals)"),
     ("{tmp_path}", "{tmp_path}: is a folder; pass a checkpoint file, e.g. {tmp_path}/pretrain.pt"),
 ])
 def test_an_empty_or_folder_checkpoint_is_named(tiny_data, tmp_path, checkpoint, message):
