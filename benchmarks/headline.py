@@ -18,6 +18,7 @@ tests/test_cuda.py all skipped. Its figures say only that the command works; tes
 """
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -223,14 +224,14 @@ def run_all(steps: list[Step], scale: Scale, out_dir: Path, header: str, deadlin
     images_per_s = scale.images_per_s
     for step in steps:
         command, left = shown_command(step.command), deadline - time.monotonic()
-        estimate = step.seconds + step.images / images_per_s
+        needs = estimate(step, images_per_s)
         if step.needs is not None and step.needs not in succeeded:
             rows.append((step.name, "not run", f"{step.needs} did not succeed", command))
-        elif estimate > left:
-            rows.append((step.name, "not run", f"needs about {estimate:.0f} s, {max(left, 0):.0f} s were left",
+        elif needs > left:
+            rows.append((step.name, "not run", f"needs about {needs:.0f} s, {max(left, 0):.0f} s were left",
                          command))
         else:
-            print(f"headline.py: {step.name} (about {estimate:.0f} s of {left:.0f} s left) ...", file=sys.stderr,
+            print(f"headline.py: {step.name} (about {needs:.0f} s of {left:.0f} s left) ...", file=sys.stderr,
                   flush=True)
             code, seconds, output = run_step(step, out_dir, left)
             found = figures(step, output)
@@ -289,6 +290,20 @@ def make_folder(flag: str, folder: Path) -> None:
                  f"{flag}")
 
 
+def check_budget(minutes: float, steps: list[Step], scale: Scale) -> None:
+    """--minutes too short for any step that can start first: one line and exit 1, not a run of "not run" rows."""
+    first = min((step for step in steps if step.needs is None), key=lambda step: estimate(step, scale.images_per_s))
+    needs = estimate(first, scale.images_per_s)
+    if needs > minutes * 60:
+        sys.exit(f"headline.py: --minutes {minutes:g}: too short for any step (the shortest, {first.name}, needs "
+                 f"about {needs:.0f} s); pass --minutes {math.ceil(needs / 6) / 10:g} or more")
+
+
+def estimate(step: Step, images_per_s: float) -> float:
+    """The step's seconds: its own, and its training images at `images_per_s`."""
+    return step.seconds + step.images / images_per_s
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     deadline = time.monotonic() + args.minutes * 60
@@ -308,9 +323,11 @@ def main(argv: list[str] | None = None) -> None:
         *describe(torch.device(scale.device)).splitlines(), f"Python {sys.version.split()[0]}, started "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, --minutes {args.minutes:g}",
         *(["rehearsal: toy scale on the CPU; these figures only show that the command works"] * args.rehearse)])
+    steps = plan(args, scale, work)
+    check_budget(args.minutes, steps, scale)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout's TERM stops the step under way cleanly
     try:
-        failed = run_all(plan(args, scale, work), scale, out_dir, header, deadline)
+        failed = run_all(steps, scale, out_dir, header, deadline)
     except KeyboardInterrupt:
         sys.exit(f"headline.py: stopped; what was measured is in {out_dir / 'results.md'}")
     print(f"headline.py: {out_dir / 'results.md'}" + (f"; {failed} step(s) failed, see their logs" if failed else ""))

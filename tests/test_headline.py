@@ -47,15 +47,25 @@ def test_the_rehearsal_runs_every_step_and_tables_every_figure(tmp_path):
     assert (out / "job.log").read_text().count("# exit 0, ") == 4  # download, pretrain, finetune, predict
 
 
-def test_no_step_starts_that_the_time_left_cannot_fit(tmp_path, capsys):
+def test_no_step_starts_that_the_time_left_cannot_fit(tmp_path):
+    work = tmp_path / "work"
+    steps = headline.plan(headline.parse_args(["--rehearse", "--work-dir", str(work)]), headline.REHEARSAL, work)
+    failed = headline.run_all(steps, headline.REHEARSAL, tmp_path, "header", time.monotonic() + 6.4)  # 6 s left
+    rows = table((tmp_path / "results.md").read_text())
+    assert failed == 0 and list(rows) == EVERY_STEP
+    assert rows["cuda-tests"][:2] == ["not run", "needs about 20 s, 6 s were left"]
+    assert rows["pretrain"][:2] == ["not run", "download did not succeed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
+def test_minutes_too_short_for_any_step_is_one_line_and_a_failure(tmp_path, capsys):
+    """Before: `--minutes 0.1` ran nothing, tabled every step as not run, and exited 0."""
     with pytest.raises(SystemExit) as exit:
         headline.main(["--rehearse", "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
-                       "--minutes", "0.1"])  # 6 s: less than any step's estimate
-    assert exit.value.code == 0
-    rows = table((tmp_path / "out" / "results.md").read_text())
-    assert list(rows) == EVERY_STEP and rows["cuda-tests"][:2] == ["not run", "needs about 20 s, 6 s were left"]
-    assert rows["pretrain"][:2] == ["not run", "download did not succeed"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.md"]
+                       "--minutes", "0.1"])
+    assert exit.value.code == ("headline.py: --minutes 0.1: too short for any step (the shortest, download, needs "
+                               "about 10 s); pass --minutes 0.2 or more")
+    assert not (tmp_path / "out" / "results.md").exists()
 
 
 def test_a_second_run_in_one_work_folder_starts_without_the_previous_runs_checkpoints(tmp_path, capsys):
