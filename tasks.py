@@ -135,6 +135,18 @@ def pass_signal(group: int, signum: int, frame) -> None:
         pass
 
 
+def resume_template(name: str) -> str:
+    """For pretrain.resume_advice: invoke's own flags as typed, then `all` with the flags typed (--overwrite, which
+    --resume refuses, left out) and --resume, or a STAGE task with --resume LAST; a str.format template."""
+    typed = ["invoke", *sys.argv[1:]]
+    if name == "all":
+        words, tail = [word for word in typed if word != "--overwrite"], ""
+        words += ["--resume"] * ("--resume" not in words)
+    else:
+        words, tail = typed[:typed.index(name)] if name in typed else ["invoke"], " {stage} --resume {last}"
+    return command_line(words).replace("{", "{{").replace("}", "}}") + tail
+
+
 def signature(actions: list[argparse.Action], own: dict | None = None) -> inspect.Signature:
     """What invoke reads a task's flags from: (c, `own` flags with their defaults, each action's flag), where an
     action's default is False for a switch and None (left to the script) for a value."""
@@ -149,6 +161,7 @@ def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, f
     fallback = fallback or {}
 
     def body(c, **options):
+        os.environ.setdefault(pretrain_script.RESUME_WITH, resume_template(name))  # unless `invoke all` set it
         extra = getattr(c, "remainder", "").split()  # the words after `--` (invoke 3 keeps them, joined)
         given = {name: value for name, value in options.items() if value not in (None, False, [])}
         defaults = {} if extra else {dest: value for dest, value in fallback.items() if dest not in given}
@@ -214,6 +227,7 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
                         "limit": str(predict_script.GRID_MAX)}
     for stage, options in steps.items():
         check_flags(stage, options)
+    os.environ[pretrain_script.RESUME_WITH] = resume_template("all")
     for stage, options in steps.items():
         TASKS[stage](c, **options)
 
