@@ -373,3 +373,28 @@ def test_an_output_under_a_file_names_the_file(pretrained, tiny_data, tmp_path, 
     assert error_line(result) == (f"{script}: {flag} {name}: {tmp_path / 'notes'} is a file, not a folder; "
                                   f"choose another {flag}")
     assert (tmp_path / "notes").read_text() == "mine"
+
+
+@pytest.mark.parametrize("fonts", ["DejaVuSans.ttf", None])
+def test_class_names_are_drawn_with_a_font_that_has_their_letters_or_said_to_be_boxes(tmp_path, monkeypatch, capsys,
+                                                                                      fonts):
+    """Before: Cyrillic, CJK, even accented class names were drawn as boxes in --grid, without a word."""
+    import predict
+    found = list(tmp_path.parent.joinpath("/usr/share/fonts").rglob("DejaVuSans.ttf"))
+    if fonts and not found:
+        pytest.skip("no DejaVuSans.ttf on this machine")
+    (tmp_path / "fonts").mkdir()
+    if fonts:
+        shutil.copy(found[0], tmp_path / "fonts" / fonts)
+    monkeypatch.setattr(predict, "FONT_FOLDERS", (str(tmp_path / "fonts"),))
+    for cached in (predict.wide_fonts, predict.font_for, predict.warn_boxes):
+        cached.cache_clear()
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    predict.draw_grid(str(tmp_path / "grid.png"), images, ["снег", "café"], [None, "café"])
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+    warning = capsys.readouterr().err
+    if fonts:
+        assert warning == "" and predict.font(11, ["снег café"]).path == str(tmp_path / "fonts" / fonts)
+    else:
+        assert warning == ("warning: no font found here draws the letters éгенс of the class names (looked for "
+                           "NotoSansCJK-Regular.ttc and others in the usual font folders): they are drawn as boxes\n")
