@@ -176,6 +176,7 @@ def test_a_second_invoke_all_advises_invoke_all_resume(tiny_data, tmp_path):
 def test_the_advice_to_resume_names_the_invoke_command_typed(monkeypatch):
     import pretrain
     import tasks
+    assert tasks.RESUME_WITH == pretrain.RESUME_WITH
     monkeypatch.setattr(sys, "argv", ["/bin/invoke", "-r", "../p", "all", "--out-dir", "c{k}", "--overwrite"])
     monkeypatch.setenv(pretrain.RESUME_WITH, tasks.resume_template("all"))
     assert pretrain.resume_advice("finetune", "c{k}/finetune.last.pt") == "invoke -r ../p all --out-dir 'c{k}' --resume"
@@ -184,3 +185,15 @@ def test_the_advice_to_resume_names_the_invoke_command_typed(monkeypatch):
     assert pretrain.resume_advice("finetune", "c/f.last.pt") == "invoke -r ../p finetune --resume c/f.last.pt"
     monkeypatch.delenv(pretrain.RESUME_WITH)
     assert pretrain.resume_advice("finetune", "c/f.last.pt") == "python finetune.py --resume c/f.last.pt"
+
+
+@pytest.mark.slow  # real invoke processes
+def test_listing_the_tasks_and_a_tasks_help_do_not_import_torch(tmp_path):
+    """Before: `invoke --list` imported every script, and so torch, to read their flags: 4 s."""
+    code = ("import sys; from invoke.main import program; program.run(sys.argv[1:], exit=False); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    for args in (["--list"], ["--list"], ["--help", "pretrain"]):  # the first may read the scripts' flags afresh
+        result = subprocess.run([sys.executable, "-c", code, "invoke", "--search-root", str(ROOT), *args],
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("no torch\n") and "--lr-schedule" in result.stdout
