@@ -52,7 +52,7 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
     A lock beside ROOT lets one download at a time work there: a temporary folder
     found by the lock's holder was left by a killed download, and is removed.
     """
-    root = Path(root)
+    root, given = Path(root), source
     for path in (root, *root.parents):
         if path.exists() and not path.is_dir():
             raise DataError(f"--root {root}: {'it' if path == root else path} is a file, not a folder",
@@ -71,8 +71,31 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
                     return make_root(root, source, md5, problem)
             finally:
                 remove_partial_folders(root)  # this one's, also when a signal came as mkdtemp returned
-    print(f"{root} already holds train/ and test/; nothing to do")
+    print(f"{root} already holds train/ and test/{kept_source(root, given)}; nothing to do")
     return root
+
+
+# In ROOT, written with the data set and renamed into place with it: the --source it was made from (source_name).
+SOURCE_RECORD = ".source"
+
+
+def source_name(source: str) -> str:
+    """A --source as ROOT's record holds it: a URL as given, a path absolute (the same file named from elsewhere)."""
+    return source if is_url(source) else str(Path(source).resolve())
+
+
+def kept_source(root: Path, given: str | None) -> str:
+    """What the data set in ROOT was made from, said in the "nothing to do" line. Another --source is refused rather
+    than fetched over it: checkpoints, resume states and the cache were made from this set, and a mistyped --source
+    would otherwise delete gigabytes; removing it is one command, and says what is lost."""
+    try:
+        recorded = os.fsdecode((root / SOURCE_RECORD).read_bytes())
+    except OSError:  # made by hand, or by a download.py that kept no record
+        return "" if given is None else f" (its source is not recorded: --source {given} is not used)"
+    if given is not None and source_name(given) != recorded:
+        raise DataError(f"--root {root}: holds the data set made from {recorded}, not from --source {given}",
+                        "remove the folder to download this one into it, or choose another --root")
+    return f" (made from {recorded})"
 
 
 def is_url(source: str) -> bool:
@@ -146,6 +169,7 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
                         "remove it or choose another --root")
     work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
     scans = build_tree(source, md5, work, root)
+    (work / "tree" / SOURCE_RECORD).write_bytes(os.fsencode(source_name(source)))
     if root.exists():
         root.rmdir()  # empty, checked above
     os.replace(work / "tree", root)

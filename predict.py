@@ -11,6 +11,7 @@ in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import functools
+import os
 import io
 import json
 import logging
@@ -207,9 +208,55 @@ SHADE = np.array([8, 48, 107])  # the darkest shade of the confusion matrix: a w
 TITLE_SIZE, TEXT_SIZE = 16, 12  # px
 
 
-def font(size: int) -> ImageFont.FreeTypeFont:
-    """Pillow's own scalable font: no font file to find on the machine."""
+# Fonts with the letters Pillow's own lacks (accents, Cyrillic, CJK), the widest first, looked for once by name in
+# the usual font folders (wide_fonts) when a class name needs one.
+WIDE_FONTS = ("NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "SourceHanSans-Regular.ttc", "wqy-microhei.ttc",
+              "DroidSansFallbackFull.ttf", "Arial Unicode.ttf", "msyh.ttc", "NotoSans-Regular.ttf", "DejaVuSans.ttf")
+FONT_FOLDERS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts", "/Library/Fonts",
+                "/System/Library/Fonts", "C:/Windows/Fonts")
+
+
+def font(size: int, texts: Iterable[str] = ()) -> ImageFont.FreeTypeFont:
+    """Pillow's own scalable font, or where TEXTS (class names) hold letters it draws as boxes, a font of the
+    machine's that has them (font_for)."""
+    return font_for("".join(sorted(set("".join(texts)) - set(" \t\n"))), size)
+
+
+@functools.cache
+def font_for(letters: str, size: int) -> ImageFont.FreeTypeFont:
+    """The first of Pillow's own font and wide_fonts that draws every one of LETTERS; without one, Pillow's own and
+    one warning line."""
+    for path in (None, *wide_fonts()):
+        chosen = ImageFont.load_default(size) if path is None else ImageFont.truetype(path, size)
+        if not lacked(chosen, letters):
+            return chosen
+    warn_boxes(lacked(ImageFont.load_default(size), letters))
     return ImageFont.load_default(size)
+
+
+@functools.cache
+def wide_fonts() -> list[str]:
+    """The WIDE_FONTS found in FONT_FOLDERS, in WIDE_FONTS' order."""
+    found = {}
+    for folder in FONT_FOLDERS:
+        for parent, _, names in os.walk(os.path.expanduser(folder)):
+            found |= {name: os.path.join(parent, name) for name in names if name in WIDE_FONTS and name not in found}
+    return [found[name] for name in WIDE_FONTS if name in found]
+
+
+def lacked(chosen: ImageFont.FreeTypeFont, letters: str) -> str:
+    """The LETTERS the font draws as its box for a missing letter (its drawing of an unassigned code point)."""
+    def drawn(letter: str) -> bytes:
+        picture = Image.new("L", (2 * chosen.size, 2 * chosen.size))
+        ImageDraw.Draw(picture).text((0, 0), letter, font=chosen, fill=255)
+        return picture.tobytes()
+    return "".join(letter for letter in letters if drawn(letter) == drawn("\U0010fffd"))
+
+
+@functools.cache
+def warn_boxes(letters: str) -> None:
+    print(f"warning: no font found here draws the letters {cli.printable(letters)} of the class names (looked for {WIDE_FONTS[0]} "
+          "and others in the usual font folders): they are drawn as boxes", file=sys.stderr)
 
 
 def new_picture(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -337,7 +384,8 @@ def confusion_picture(confusion: list[list[int]], classes: list[str], title: str
     counts = np.array(confusion, dtype=np.int64).reshape(len(classes), len(classes))
     n, names = len(classes), [cli.printable(name) for name in classes]
     cell = int(np.clip(900 // n, 9, 56))
-    label_font, count_font = font(int(np.clip(cell - 2, 8, TEXT_SIZE))), font(int(np.clip(cell // 3, 8, TEXT_SIZE)))
+    label_font, count_font = font(int(np.clip(cell - 2, 8, TEXT_SIZE)), names), font(int(np.clip(cell // 3, 8,
+                                                                                                     TEXT_SIZE)))
     label = int(max(label_font.getlength(name) for name in names)) + 8
     left, top, side = 30 + label, 40, n * cell
     picture, draw = new_picture(left + side + 90, top + side + label + 30, title)
@@ -377,12 +425,12 @@ def draw_shade_scale(draw: ImageDraw.ImageDraw, picture: Image.Image, corner: tu
 def tiles(images: torch.Tensor, captions: list[list[tuple[str, str]]]) -> Image.Image:
     """The images as GRID_TILE px tiles, 8 a row, each with its caption's lines (text, colour) under it."""
     lines = max(len(caption) for caption in captions)
-    drawn = []
+    drawn, caption_font = [], font(11, [text for caption in captions for text, _ in caption])
     for image, caption in zip(images, captions):
         tile = Image.new("RGB", (GRID_TILE, GRID_TILE + 14 * lines), "black")
         tile.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((GRID_TILE, GRID_TILE), Image.NEAREST))
         for i, (text, colour) in enumerate(caption):
-            ImageDraw.Draw(tile).text((2, GRID_TILE + 1 + 14 * i), text, fill=colour, font=font(11))
+            ImageDraw.Draw(tile).text((2, GRID_TILE + 1 + 14 * i), text, fill=colour, font=caption_font)
         drawn.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1))
     return Image.fromarray(make_grid(torch.stack(drawn), nrow=8, padding=2).permute(1, 2, 0).numpy())
 
@@ -528,12 +576,18 @@ def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return program(images).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
+DEFAULT_RULE = f"the newest of {', '.join(DEFAULT_CHECKPOINTS)} (the first of equals)"
+
+
 def default_checkpoint() -> str:
-    for path in DEFAULT_CHECKPOINTS:
-        if Path(path).is_file():
-            return path
-    raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; "
-                          "train first (invoke all, or python pretrain.py) or pass --checkpoint")
+    """DEFAULT_RULE, said on stderr: a finetune.pt left from before pretrain.pt was trained again is not taken."""
+    found = [path for path in DEFAULT_CHECKPOINTS if Path(path).is_file()]
+    if not found:
+        raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; "
+                              "train first (invoke all, or python pretrain.py) or pass --checkpoint")
+    path = max(found, key=lambda p: Path(p).stat().st_mtime_ns)
+    print(f"predict.py: checkpoint {path} (no --checkpoint given: {DEFAULT_RULE})", file=sys.stderr)
+    return path
 
 
 def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
@@ -617,8 +671,8 @@ def picture_flags(args: argparse.Namespace) -> dict[str, str]:
 def predict(args: argparse.Namespace) -> int:
     pictures = picture_flags(args)
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
-        raise cli.UsageError("--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
-                             f"the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
+        raise cli.UsageError(f"--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
+                             f"{DEFAULT_RULE}")
     checkpoint_path = args.checkpoint or default_checkpoint()
     device = cli.resolve_device(args.device)
     classify, checkpoint = load_classifier(checkpoint_path, device)
@@ -758,7 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("paths", nargs="+", metavar="IMAGE_OR_DIR", help="image files and folders of images")
-    add("--checkpoint", default=None, help=f"default: the first of {', '.join(DEFAULT_CHECKPOINTS)} that exists")
+    add("--checkpoint", default=None, help=f"default: {DEFAULT_RULE}, named on stderr")
     add("--topk", type=cli.positive_int, default=1, help="how many classes to show per image")
     add("--json", action="store_true", help="print JSON instead of lines")
     add("--grid", default=None, metavar="PATH",

@@ -454,7 +454,7 @@ def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
     out, last = Path(args.out), side_files(Path(args.out))["last"]
     found = [str(path) for path in (out, *side_files(out).values()) if path.exists()]
     if found and not args.overwrite:
-        resume = f"continue it with {stage}.py --resume {last} (a larger --epochs trains further), " \
+        resume = f"continue it with {resume_advice(stage, last)} (a larger --epochs trains further), " \
             if last.exists() else ""
         named = ", ".join(found[:-1]) + " and " + found[-1] if len(found) > 1 else found[0]
         raise cli.UsageError(f"--out {args.out}: {named} exist{'s' if len(found) == 1 else ''} "
@@ -634,8 +634,18 @@ def side_files(out: Path) -> dict[str, Path]:
 
 def resume_command(run: Run) -> str:
     world = run.processes.world
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
-    return f"{launcher} {run.stage}.py --resume {side_files(run.out)['last']}"
+    return resume_advice(run.stage, side_files(run.out)["last"],
+                         "python" if world == 1 else f"torchrun --nproc_per_node={world}")
+
+
+# Set by tasks.py for the scripts it runs: how to resume, as the user started the run (`invoke all ... --resume`), a
+# str.format template of {stage} and {last}; every advice to resume is built from it (resume_advice).
+RESUME_WITH = "ALEXNET_RESUME_WITH"
+
+
+def resume_advice(stage: str, last: Path | str, launcher: str = "python") -> str:
+    """The command that resumes a STAGE run from its resume state LAST: the script's, or the invoke command's."""
+    return os.environ.get(RESUME_WITH, launcher + " {stage}.py --resume {last}").format(stage=stage, last=last)
 
 
 class OutLock(cli.Lock):
@@ -725,7 +735,7 @@ def read_resume_state(args: argparse.Namespace, stage: str) -> dict:
         raise cli.UsageError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
     if state["stage"] != stage:
         raise cli.UsageError(f"--resume {args.resume}: the state of a {state['stage']} run; resume it with "
-                             f"{state['stage']}.py --resume {args.resume}")
+                             f"{resume_advice(state['stage'], args.resume)}")
     return state
 
 

@@ -9,32 +9,37 @@ r"""invoke tasks: each runs one of the scripts; `invoke --list`, `invoke --help 
     invoke export --checkpoint checkpoints/finetune.pt --out model.pt2
 
 A task's flags are its script's, read from the script's own argparse parser (its build_parser): the same names and
-help, the defaults argparse's, so a flag added to a script is a flag of its task too. A flag left out is left to the
+help, the defaults argparse's, so a flag added to a script is a flag of its task too (kept in
+__pycache__/tasks-flags.json until a .py file changes: listing and --help do not import torch). A flag left out is left to the
 script; a value is passed as written, for the script to check. Words after `--` are passed after the flags (invoke
 joins them with spaces: a name holding one needs --paths). The scripts run in the folder invoke is called from
 (`invoke -r PROJECT` from elsewhere reads and writes there); each command is shown on stderr before it runs.
 """
 import argparse
 import functools
+import hashlib
+import importlib
 import importlib.util
 import inspect
+import json
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 from invoke import Exit, Task, task
 
-import cli
-import download as download_script
-import export as export_script
-import finetune as finetune_script
-import predict as predict_script
-import pretrain as pretrain_script
-
 HERE = Path(__file__).resolve().parent
+# Each task's script. Their flags are read from FLAGS_CACHE while no .py file changed: the scripts import torch
+# (seconds), which `invoke --list` and `invoke --help TASK` do not need.
+SCRIPTS = {"download": "download.py", "pretrain": "pretrain.py", "finetune": "finetune.py", "predict": "predict.py",
+           "export": "export.py", "bench": "benchmarks/throughput.py", "headline": "benchmarks/headline.py"}
+FLAGS_CACHE = HERE / "__pycache__" / "tasks-flags.json"
+RESUME_WITH = "ALEXNET_RESUME_WITH"  # pretrain.RESUME_WITH: how a script tasks.py runs says to resume (resume_template)
 
 
 def load_benchmark(name: str):
@@ -45,6 +50,48 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def script_parsers(names=SCRIPTS) -> dict[str, argparse.ArgumentParser]:
+    """The scripts' own parsers (build_parser) by task name, argparse's errors naming the script; imports torch."""
+    parsers = {}
+    for name in names:
+        script = SCRIPTS[name]
+        stem = Path(script).stem
+        module = load_benchmark(stem) if script.startswith("benchmarks/") else importlib.import_module(stem)
+        parsers[name] = module.build_parser()
+        parsers[name].prog = Path(script).name
+    return parsers
+
+
+def script_flags() -> dict[str, list[SimpleNamespace]]:
+    """Each script's flags as what tasks need of an argparse action (dest, option_strings, nargs, help, choices,
+    default): from FLAGS_CACHE if it was made from these .py files, else from script_parsers, then kept there."""
+    files = sorted([*HERE.glob("*.py"), *HERE.glob("benchmarks/*.py")])
+    key = hashlib.sha256(repr([(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files]).encode()).hexdigest()
+    try:
+        cached = json.loads(FLAGS_CACHE.read_text())
+        flags = cached["flags"] if cached["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged
+        flags = None
+    if flags is None:
+        fields = ("dest", "option_strings", "nargs", "help", "choices", "default")
+        flags = {name: [{field: getattr(action, field) for field in fields} | {
+            "choices": None if action.choices is None else list(map(str, action.choices))} for action in parser.flags]
+                 for name, parser in script_parsers().items()}
+        flags = json.loads(json.dumps(flags, default=str))  # as read back from the cache
+        try:
+            FLAGS_CACHE.parent.mkdir(exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=FLAGS_CACHE.parent, delete=False) as f:
+                json.dump({"key": key, "flags": flags}, f)
+            os.replace(f.name, FLAGS_CACHE)
+        except OSError:  # a read-only project: read from the scripts each time
+            pass
+    return {name: [SimpleNamespace(**action) for action in actions] for name, actions in flags.items()}
+
+
+def default_of(actions: list[SimpleNamespace], dest: str):
+    return next(action.default for action in actions if action.dest == dest)
 
 
 def is_switch(action: argparse.Action) -> bool:
@@ -116,6 +163,7 @@ def run_passing_signals(words: list[str], cwd: Path | None) -> int:
     group, would otherwise reach it twice: stop at once). On Windows a console's Ctrl-C reaches both: invoke waits.
     """
     posix = sys.platform != "win32"
+    import cli  # here: it imports torch, which listing the tasks does not need
     script = subprocess.Popen(words, cwd=cwd, start_new_session=posix)
     handler = functools.partial(pass_signal, script.pid) if posix else signal.SIG_IGN
     previous = {sig: signal.signal(sig, handler) for sig in cli.stop_signals()}
@@ -135,6 +183,18 @@ def pass_signal(group: int, signum: int, frame) -> None:
         pass
 
 
+def resume_template(name: str) -> str:
+    """For pretrain.resume_advice: invoke's own flags as typed, then `all` with the flags typed (--overwrite, which
+    --resume refuses, left out) and --resume, or a STAGE task with --resume LAST; a str.format template."""
+    typed = ["invoke", *sys.argv[1:]]
+    if name == "all":
+        words, tail = [word for word in typed if word != "--overwrite"], ""
+        words += ["--resume"] * ("--resume" not in words)
+    else:
+        words, tail = typed[:typed.index(name)] if name in typed else ["invoke"], " {stage} --resume {last}"
+    return command_line(words).replace("{", "{{").replace("}", "}}") + tail
+
+
 def signature(actions: list[argparse.Action], own: dict | None = None) -> inspect.Signature:
     """What invoke reads a task's flags from: (c, `own` flags with their defaults, each action's flag), where an
     action's default is False for a switch and None (left to the script) for a value."""
@@ -143,12 +203,12 @@ def signature(actions: list[argparse.Action], own: dict | None = None) -> inspec
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in defaults.items()])
 
 
-def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, fallback: dict | None = None) -> Task:
-    """A task that runs `script` with its parser's flags; `fallback` gives values the script has no default for."""
-    actions = parser.flags
-    fallback = fallback or {}
+def task_of(doc: str, name: str, fallback: dict | None = None) -> Task:
+    """A task that runs its script (SCRIPTS) with its flags; `fallback` gives values the script has no default for."""
+    script, actions, fallback = SCRIPTS[name], FLAGS[name], fallback or {}
 
     def body(c, **options):
+        os.environ.setdefault(RESUME_WITH, resume_template(name))  # unless `invoke all` set it
         extra = getattr(c, "remainder", "").split()  # the words after `--` (invoke 3 keeps them, joined)
         given = {name: value for name, value in options.items() if value not in (None, False, [])}
         defaults = {} if extra else {dest: value for dest, value in fallback.items() if dest not in given}
@@ -166,29 +226,20 @@ def task_of(script: str, parser: argparse.ArgumentParser, doc: str, name: str, f
     return Task(body, name=name, help=helps, iterable=[a.dest for a in actions if is_list(a)], auto_shortflags=False)
 
 
-PARSERS = {"download": download_script.build_parser(), "pretrain": pretrain_script.build_parser(),
-           "finetune": finetune_script.build_parser(), "predict": predict_script.build_parser(),
-           "export": export_script.build_parser()}
-for name, parser in PARSERS.items():
-    parser.prog = f"{name}.py"  # argparse's errors name the script, not invoke
-DEFAULT_DATA = PARSERS["pretrain"].get_default("data_dir")
+FLAGS = script_flags()
+DEFAULT_DATA = default_of(FLAGS["pretrain"], "data_dir")
 
-download = task_of("download.py", PARSERS["download"],
-                   "Download CIFAR-10 (or --source) into train/ and test/ class folders.", "download")
-pretrain = task_of("pretrain.py", PARSERS["pretrain"], "Train AlexNet from scratch.", "pretrain")
-finetune = task_of("finetune.py", PARSERS["finetune"],
-                   "Fine-tune a trained model (--mode head: its last layer only).", "finetune")
-predict = task_of("predict.py", PARSERS["predict"], "Classify images and folders of images.", "predict",
-                  fallback={"paths": [f"{DEFAULT_DATA}/test"]})
-export = task_of("export.py", PARSERS["export"],
-                 "Export a checkpoint as a program that runs without this project, checked against it.", "export")
-bench = task_of("benchmarks/throughput.py", load_benchmark("throughput").build_parser(),
-                "Training and evaluation images/s of this pipeline against the reference's.", "bench")
+download = task_of("Download CIFAR-10 (or --source) into train/ and test/ class folders.", "download")
+pretrain = task_of("Train AlexNet from scratch.", "pretrain")
+finetune = task_of("Fine-tune a trained model (--mode head: its last layer only).", "finetune")
+predict = task_of("Classify images and folders of images.", "predict", fallback={"paths": [f"{DEFAULT_DATA}/test"]})
+export = task_of("Export a checkpoint as a program that runs without this project, checked against it.", "export")
+bench = task_of("Training and evaluation images/s of this pipeline against the reference's.", "bench")
 
 STAGES = ("pretrain", "finetune")
 # `all` takes both training scripts' flags but these: it names the stages' files itself.
 ALL_OWN = ("data_dir", "out", "checkpoint", "resume")
-ALL_ACTIONS = list({action.dest: action for stage in reversed(STAGES) for action in PARSERS[stage].flags
+ALL_ACTIONS = list({action.dest: action for stage in reversed(STAGES) for action in FLAGS[stage]
                     if action.dest not in ALL_OWN}.values())
 
 
@@ -199,10 +250,13 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     for flag, folder in (("--data-dir", data_dir), ("--out-dir", out_dir)):
         if not folder:  # f"{out_dir}/predictions.png" would be /predictions.png, at the file system's root
             raise Exit(f"invoke all: {flag} is empty; pass a folder (invoke --help all)")
-    outs = {stage: str(Path(out_dir) / Path(PARSERS[stage].get_default("out")).name) for stage in STAGES}
+    import predict as predict_script  # here, as script_parsers: they import torch
+    import pretrain as pretrain_script
+    parsers = script_parsers(TASKS)
+    outs = {stage: str(Path(out_dir) / Path(parsers[stage].get_default("out")).name) for stage in STAGES}
     steps = {"download": {"root": data_dir, "source": source, "md5": md5}}
     for stage in STAGES:
-        dests = {action.dest for action in PARSERS[stage].flags}
+        dests = {action.dest for action in parsers[stage].flags}
         state = pretrain_script.side_files(Path(outs[stage]))["last"]
         steps[stage] = {"data_dir": data_dir, "out": outs[stage],
                         "checkpoint": outs["pretrain"] if stage == "finetune" else None,
@@ -213,15 +267,15 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
                         "device": training["device"],
                         "limit": str(predict_script.GRID_MAX)}
     for stage, options in steps.items():
-        check_flags(stage, options)
+        check_flags(parsers[stage], options)
+    os.environ[RESUME_WITH] = resume_template("all")
     for stage, options in steps.items():
         TASKS[stage](c, **options)
 
 
-def check_flags(stage: str, options: dict) -> None:
+def check_flags(parser: argparse.ArgumentParser, options: dict) -> None:
     """A step's flags parsed by its script's parser before any step runs: a typo (`--mode ful`) ends `invoke all`
     before the download and pretraining, not when finetune reads it after them."""
-    parser = PARSERS[stage]
     try:
         parser.parse_args(script_argv(parser.flags, options, []))
     except SystemExit as e:  # argparse has said what is wrong, as the script would
@@ -229,8 +283,8 @@ def check_flags(stage: str, options: dict) -> None:
 
 
 TASKS = {"download": download, "pretrain": pretrain, "finetune": finetune, "predict": predict}
-ALL_DEFAULTS = {"data_dir": PARSERS["download"].get_default("root"),
-                "out_dir": str(Path(PARSERS["pretrain"].get_default("out")).parent),
+ALL_DEFAULTS = {"data_dir": default_of(FLAGS["download"], "root"),
+                "out_dir": str(Path(default_of(FLAGS["pretrain"], "out")).parent),
                 "source": None, "md5": None, "resume": False}
 all_.__signature__ = signature(ALL_ACTIONS, ALL_DEFAULTS)
 all_ = Task(all_, name="all", auto_shortflags=False, help={
@@ -238,12 +292,11 @@ all_ = Task(all_, name="all", auto_shortflags=False, help={
     "out_dir": f"folder for both stages' checkpoints, logs, reports, pictures, the prediction grid and mistakes "
                f"(default {ALL_DEFAULTS['out_dir']})",
     "resume": "continue each stage from the resume state it left in --out-dir, where there is one",
-} | {action.dest: help_of(action) for action in PARSERS["download"].flags if action.dest in ALL_DEFAULTS}
+} | {action.dest: help_of(action) for action in FLAGS["download"] if action.dest in ALL_DEFAULTS}
   | {action.dest: help_of(action) for action in ALL_ACTIONS})
 
 
-headline = task_of("benchmarks/headline.py", load_benchmark("headline").build_parser(),
-                   "Every headline figure on a GPU in one command: CUDA tests, throughput, the 40 + 40 job, recipes.",
+headline = task_of("Every headline figure on a GPU in one command: CUDA tests, throughput, the 40 + 40 job, recipes.",
                    "headline")
 
 

@@ -11,13 +11,15 @@ output goes to DIR/LOG.log as it runs, and DIR/results.md, one table of every fi
 commit and each figure's command, is rewritten after each step: a run cut off keeps what it measured. A step starts
 only when its estimate fits in what is left of --minutes (a training step's estimate uses the images/s measured by
 then); one still running when the time is up gets SIGINT (a training run saves its resume state) and its partial
-figures. Data and checkpoints go to --work-dir, so DIR holds at most 8 files.
+figures. SIGINT or SIGTERM to headline.py is passed to the step under way, whose row says it was stopped (with
+what it measured), and it exits 128 + N. Data and checkpoints go to --work-dir, so DIR holds at most 8 files.
 
 --rehearse runs the same steps on the CPU at toy scale: a generated data set of 10 classes, one epoch, a few steps,
 tests/test_cuda.py all skipped. Its figures say only that the command works; tests/test_headline.py runs it.
 """
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -179,8 +181,22 @@ def write_results(out_dir: Path, header: str, rows: list[tuple[str, str, str, st
 # --------------------------------------------------------------------------- running the steps
 
 
-def run_step(step: Step, out_dir: Path, seconds_left: float) -> tuple[int, float, str]:
-    """The step, its output appended to its log; SIGINT to it when the time is up. Exit status, seconds, output."""
+class Stopped(Exception):
+    """headline.py was sent a stop signal: the step under way is sent it too, and its row says so."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+def raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def run_step(step: Step, out_dir: Path, seconds_left: float) -> tuple[int, float, str, signal.Signals | None]:
+    """The step, its output appended to its log; SIGINT to it when the time is up, and the signal that stops
+    headline.py (pretrain.py saves its resume state at either, a Python script dies quietly at SIGTERM). Exit status,
+    seconds, output and that signal."""
     path = out_dir / f"{step.log}.log"
     with open(path, "a") as log:
         log.write(f"$ {shown_command(step.command)[1:-1]}\n")
@@ -190,26 +206,24 @@ def run_step(step: Step, out_dir: Path, seconds_left: float) -> tuple[int, float
         # its own process group: a signal reaches recipes.py's pretrain.py too
         process = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, process_group=0,
                                    env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        interrupted = False
+        stopped = None
         try:
             code = process.wait(timeout=max(seconds_left, 1))
         except subprocess.TimeoutExpired:
-            code = stop(process)
-        except KeyboardInterrupt:  # headline.py itself was stopped: so is the step, which keeps its state
-            code, interrupted = stop(process), True
+            code = stop(process, signal.SIGINT)
+        except Stopped as e:
+            code, stopped = stop(process, e.signal), e.signal
         seconds = time.perf_counter() - started
     with open(path, "a") as log:
         log.write(f"# exit {code}, {seconds:.1f} s\n\n")
-    if interrupted:
-        raise KeyboardInterrupt
     with open(path) as log:
         log.seek(start)
-        return code, seconds, log.read()
+        return code, seconds, log.read(), stopped
 
 
-def stop(process: subprocess.Popen) -> int:
-    """SIGINT (a training run saves its resume state and stops), then SIGKILL if it has not ended in STOP_GRACE_S."""
-    os.killpg(process.pid, signal.SIGINT)
+def stop(process: subprocess.Popen, sig: signal.Signals) -> int:
+    """SIG (a training run saves its resume state and stops), then SIGKILL if it has not ended in STOP_GRACE_S."""
+    os.killpg(process.pid, sig)
     try:
         return process.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
@@ -222,25 +236,28 @@ def run_all(steps: list[Step], scale: Scale, out_dir: Path, header: str, deadlin
     rows, succeeded, failed = [], set(), 0
     images_per_s = scale.images_per_s
     for step in steps:
-        command, left = shown_command(step.command), deadline - time.monotonic()
-        estimate = step.seconds + step.images / images_per_s
+        command, left, stopped = shown_command(step.command), deadline - time.monotonic(), None
+        needs = estimate(step, images_per_s)
         if step.needs is not None and step.needs not in succeeded:
             rows.append((step.name, "not run", f"{step.needs} did not succeed", command))
-        elif estimate > left:
-            rows.append((step.name, "not run", f"needs about {estimate:.0f} s, {max(left, 0):.0f} s were left",
+        elif needs > left:
+            rows.append((step.name, "not run", f"needs about {needs:.0f} s, {max(left, 0):.0f} s were left",
                          command))
         else:
-            print(f"headline.py: {step.name} (about {estimate:.0f} s of {left:.0f} s left) ...", file=sys.stderr,
+            print(f"headline.py: {step.name} (about {needs:.0f} s of {left:.0f} s left) ...", file=sys.stderr,
                   flush=True)
-            code, seconds, output = run_step(step, out_dir, left)
+            code, seconds, output, stopped = run_step(step, out_dir, left)
             found = figures(step, output)
             if step.name == THROUGHPUT_RUNS[0][0] and found:  # training steps' estimates use what it measured
                 images_per_s = max(float(found[0][1].split(" / ")[0]), 1.0)
-            wall = f"{seconds:.1f} s" + (f", exit {code}" if code else "")
+            ended = f", stopped by {stopped.name}" if stopped else f", exit {code}" if code else ""
+            wall = f"{seconds:.1f} s{ended}"
             rows.append((step.name, wall, "; ".join(f"{figure}: {value}" for figure, value in found), command))
             succeeded |= {step.name} if code == 0 else set()
             failed += code != 0
         write_results(out_dir, header, rows)
+        if stopped:
+            raise Stopped(stopped)
     return failed
 
 
@@ -289,6 +306,20 @@ def make_folder(flag: str, folder: Path) -> None:
                  f"{flag}")
 
 
+def check_budget(minutes: float, steps: list[Step], scale: Scale) -> None:
+    """--minutes too short for any step that can start first: one line and exit 1, not a run of "not run" rows."""
+    first = min((step for step in steps if step.needs is None), key=lambda step: estimate(step, scale.images_per_s))
+    needs = estimate(first, scale.images_per_s)
+    if needs > minutes * 60:
+        sys.exit(f"headline.py: --minutes {minutes:g}: too short for any step (the shortest, {first.name}, needs "
+                 f"about {needs:.0f} s); pass --minutes {math.ceil(needs / 6) / 10:g} or more")
+
+
+def estimate(step: Step, images_per_s: float) -> float:
+    """The step's seconds: its own, and its training images at `images_per_s`."""
+    return step.seconds + step.images / images_per_s
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     deadline = time.monotonic() + args.minutes * 60
@@ -308,11 +339,16 @@ def main(argv: list[str] | None = None) -> None:
         *describe(torch.device(scale.device)).splitlines(), f"Python {sys.version.split()[0]}, started "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, --minutes {args.minutes:g}",
         *(["rehearsal: toy scale on the CPU; these figures only show that the command works"] * args.rehearse)])
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a timeout's TERM stops the step under way cleanly
+    steps = plan(args, scale, work)
+    check_budget(args.minutes, steps, scale)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a timeout's TERM: the step under way is stopped cleanly
+        signal.signal(sig, raise_stopped)
     try:
-        failed = run_all(plan(args, scale, work), scale, out_dir, header, deadline)
-    except KeyboardInterrupt:
-        sys.exit(f"headline.py: stopped; what was measured is in {out_dir / 'results.md'}")
+        failed = run_all(steps, scale, out_dir, header, deadline)
+    except Stopped as e:
+        print(f"headline.py: stopped by {e.signal.name}; what was measured is in {out_dir / 'results.md'}",
+              file=sys.stderr)
+        sys.exit(128 + e.signal)
     print(f"headline.py: {out_dir / 'results.md'}" + (f"; {failed} step(s) failed, see their logs" if failed else ""))
     sys.exit(1 if failed else 0)
 

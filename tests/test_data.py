@@ -135,6 +135,20 @@ def test_class_folder_sources(tmp_path, tiny_data, kind):
     assert downloaded == expected
 
 
+def test_a_root_from_another_source_is_refused_and_its_own_source_named(tmp_path, tiny_data):
+    """Before: `--source other` on a root made from another source said "nothing to do" and ignored it."""
+    root, other = tmp_path / "cifar10", make_class_folders(tmp_path / "other", classes=("a", "b"), train=2, test=1)
+    run("download.py", "--root", root, "--source", tiny_data)
+    for source in ([], ["--source", tiny_data], ["--source", os.path.relpath(tiny_data, tmp_path)]):
+        result = run("download.py", "--root", "cifar10", *source, cwd=tmp_path)
+        assert result.stdout == f"cifar10 already holds train/ and test/ (made from {tiny_data}); nothing to do\n"
+    result = run("download.py", "--root", root, "--source", other, check=False)
+    assert error_line(result) == (f"download.py: --root {root}: holds the data set made from {tiny_data}, not from "
+                                  f"--source {other}; remove the folder to download this one into it, or choose "
+                                  "another --root")
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["blue", "green", "red"]
+
+
 def evil_tar(path: Path, kind: str) -> None:
     with tarfile.open(path, "w:gz") as tar:
         name = {"dotdot": "cifar10/../../evil.txt", "absolute": "/tmp/evil-absolute.txt"}.get(kind, "cifar10/link")

@@ -108,7 +108,7 @@ def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrain
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
         "--val-size", "6", *QUICK)
     result = run("pretrain.py", "--resume", out.with_suffix(".last.pt"), check=False)
-    assert "the state of a finetune run; resume it with finetune.py --resume" in error_line(result)
+    assert "the state of a finetune run; resume it with python finetune.py --resume" in error_line(result)
 
 
 @pytest.mark.slow

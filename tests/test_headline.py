@@ -1,5 +1,6 @@
 """benchmarks/headline.py: the rehearsal of the GPU run end to end, the time limit, a step cut off by a real SIGINT."""
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -47,15 +48,25 @@ def test_the_rehearsal_runs_every_step_and_tables_every_figure(tmp_path):
     assert (out / "job.log").read_text().count("# exit 0, ") == 4  # download, pretrain, finetune, predict
 
 
-def test_no_step_starts_that_the_time_left_cannot_fit(tmp_path, capsys):
+def test_no_step_starts_that_the_time_left_cannot_fit(tmp_path):
+    work = tmp_path / "work"
+    steps = headline.plan(headline.parse_args(["--rehearse", "--work-dir", str(work)]), headline.REHEARSAL, work)
+    failed = headline.run_all(steps, headline.REHEARSAL, tmp_path, "header", time.monotonic() + 6.4)  # 6 s left
+    rows = table((tmp_path / "results.md").read_text())
+    assert failed == 0 and list(rows) == EVERY_STEP
+    assert rows["cuda-tests"][:2] == ["not run", "needs about 20 s, 6 s were left"]
+    assert rows["pretrain"][:2] == ["not run", "download did not succeed"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
+def test_minutes_too_short_for_any_step_is_one_line_and_a_failure(tmp_path, capsys):
+    """Before: `--minutes 0.1` ran nothing, tabled every step as not run, and exited 0."""
     with pytest.raises(SystemExit) as exit:
         headline.main(["--rehearse", "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
-                       "--minutes", "0.1"])  # 6 s: less than any step's estimate
-    assert exit.value.code == 0
-    rows = table((tmp_path / "out" / "results.md").read_text())
-    assert list(rows) == EVERY_STEP and rows["cuda-tests"][:2] == ["not run", "needs about 20 s, 6 s were left"]
-    assert rows["pretrain"][:2] == ["not run", "download did not succeed"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.md"]
+                       "--minutes", "0.1"])
+    assert exit.value.code == ("headline.py: --minutes 0.1: too short for any step (the shortest, download, needs "
+                               "about 10 s); pass --minutes 0.2 or more")
+    assert not (tmp_path / "out" / "results.md").exists()
 
 
 def test_a_second_run_in_one_work_folder_starts_without_the_previous_runs_checkpoints(tmp_path, capsys):
@@ -80,8 +91,8 @@ def test_a_step_still_running_when_the_time_is_up_gets_sigint_and_keeps_its_log(
            "    print('saved my state'); sys.exit(130)"
     step = headline.Step("sleeper", "sleeper", [sys.executable, "-c", code], 1)
     started = time.monotonic()
-    status, seconds, output = headline.run_step(step, tmp_path, seconds_left=3)
-    assert status == 130 and seconds < 30 and time.monotonic() - started < 30
+    status, seconds, output, stopped = headline.run_step(step, tmp_path, seconds_left=3)
+    assert status == 130 and stopped is None and seconds < 30 and time.monotonic() - started < 30
     assert output.splitlines()[:2] == ["started", "saved my state"]
     assert (tmp_path / "sleeper.log").read_text().endswith(f"# exit 130, {seconds:.1f} s\n\n")
 
@@ -140,3 +151,30 @@ def test_a_read_only_folder_flag_is_one_line(tmp_path, small_filesystem, flag):
         headline.main(argv)
     assert str(stop.value.code) == (f"headline.py: {flag} {folders[flag]}: cannot make this folder or write in it "
                                     f"(Read-only file system); choose another {flag}")
+
+
+@pytest.mark.slow  # a real headline.py process, a real SIGTERM
+def test_sigterm_stops_the_step_under_way_which_gets_a_row_and_no_traceback(tmp_path):
+    """Before: the interrupted step had no row, its log a KeyboardInterrupt traceback, and headline.py exited 1."""
+    step = ("import sys, time\nprint('measured 42 images/s', flush=True)\ntime.sleep(60)\nprint('never')")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import headline\n"
+            f"headline.plan = lambda *_: [headline.Step('sleeper', 'sleeper', [sys.executable, '-c', {step!r}], 1), "
+            "headline.Step('after', 'after', [sys.executable, '-c', 'pass'], 1)]\n"
+            f"headline.main(['--rehearse', '--out-dir', {str(tmp_path / 'out')!r}, '--work-dir', "
+            f"{str(tmp_path / 'work')!r}])")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=tmp_path)
+    try:
+        log = tmp_path / "out" / "sleeper.log"
+        while not log.exists() or "\nmeasured 42 images/s\n" not in log.read_text():  # its output, not its command
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM and stderr.endswith(
+        f"headline.py: stopped by SIGTERM; what was measured is in {tmp_path / 'out' / 'results.md'}\n"), stderr
+    rows = table((tmp_path / "out" / "results.md").read_text())
+    assert list(rows) == ["sleeper"] and rows["sleeper"][0].endswith(" s, stopped by SIGTERM")
+    log = (tmp_path / "out" / "sleeper.log").read_text()
+    assert "Traceback" not in stderr + log and "\nnever" not in log and log.endswith(" s\n\n")

@@ -171,6 +171,21 @@ def test_no_checkpoint_says_train_first(tmp_path, tiny_data):
     assert result.returncode == 1 and "train first" in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("newest", ["pretrain.pt", "finetune.pt"])
+def test_without_checkpoint_the_newest_default_is_taken_and_named_on_stderr(pretrained, tiny_data, tmp_path, newest):
+    """Before: finetune.pt was taken even when pretrain.pt had been trained again since, and nothing said which."""
+    image = next((tiny_data / "test" / "red").iterdir())
+    (tmp_path / "checkpoints").mkdir()
+    for age, name in enumerate(sorted(["pretrain.pt", "finetune.pt"], key=lambda name: name == newest)):
+        shutil.copy(pretrained, tmp_path / "checkpoints" / name)
+        os.utime(tmp_path / "checkpoints" / name, (1000 * (age + 1),) * 2)
+    result = run("predict.py", image, "--device", "cpu", cwd=tmp_path)
+    assert result.stderr.splitlines()[0] == (f"predict.py: checkpoint checkpoints/{newest} (no --checkpoint given: the "
+                                             "newest of checkpoints/finetune.pt, checkpoints/pretrain.pt (the first "
+                                             "of equals))")
+    assert result.stdout.startswith(f"{image}\t") and "checkpoint" not in result.stdout
+
+
 def test_missing_path_and_empty_folder(pretrained, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained,
@@ -260,8 +275,8 @@ def test_a_grid_naming_an_image_to_predict_is_refused_before_predicting(pretrain
 
 
 @pytest.mark.parametrize("checkpoint, message", [
-    ("", "--checkpoint is empty; pass a checkpoint file, or leave the flag out to use the first of "
-         "checkpoints/finetune.pt, checkpoints/pretrain.pt that exists"),
+    ("", "--checkpoint is empty; pass a checkpoint file, or leave the flag out to use the newest of "
+         "checkpoints/finetune.pt, checkpoints/pretrain.pt (the first of equals)"),
     ("{tmp_path}", "{tmp_path}: is a folder; pass a checkpoint file, e.g. {tmp_path}/pretrain.pt"),
 ])
 def test_an_empty_or_folder_checkpoint_is_named(tiny_data, tmp_path, checkpoint, message):
@@ -358,3 +373,28 @@ def test_an_output_under_a_file_names_the_file(pretrained, tiny_data, tmp_path, 
     assert error_line(result) == (f"{script}: {flag} {name}: {tmp_path / 'notes'} is a file, not a folder; "
                                   f"choose another {flag}")
     assert (tmp_path / "notes").read_text() == "mine"
+
+
+@pytest.mark.parametrize("fonts", ["DejaVuSans.ttf", None])
+def test_class_names_are_drawn_with_a_font_that_has_their_letters_or_said_to_be_boxes(tmp_path, monkeypatch, capsys,
+                                                                                      fonts):
+    """Before: Cyrillic, CJK, even accented class names were drawn as boxes in --grid, without a word."""
+    import predict
+    found = list(tmp_path.parent.joinpath("/usr/share/fonts").rglob("DejaVuSans.ttf"))
+    if fonts and not found:
+        pytest.skip("no DejaVuSans.ttf on this machine")
+    (tmp_path / "fonts").mkdir()
+    if fonts:
+        shutil.copy(found[0], tmp_path / "fonts" / fonts)
+    monkeypatch.setattr(predict, "FONT_FOLDERS", (str(tmp_path / "fonts"),))
+    for cached in (predict.wide_fonts, predict.font_for, predict.warn_boxes):
+        cached.cache_clear()
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    predict.draw_grid(str(tmp_path / "grid.png"), images, ["снег", "café"], [None, "café"])
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+    warning = capsys.readouterr().err
+    if fonts:
+        assert warning == "" and predict.font(11, ["снег café"]).path == str(tmp_path / "fonts" / fonts)
+    else:
+        assert warning == ("warning: no font found here draws the letters éгенс of the class names (looked for "
+                           "NotoSansCJK-Regular.ttc and others in the usual font folders): they are drawn as boxes\n")

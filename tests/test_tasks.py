@@ -157,3 +157,43 @@ def test_predict_without_paths_says_it_reads_the_default_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["invoke predict: no --paths given: data/cifar10/test (the default)",
                                           f"{sys.executable} {ROOT / 'predict.py'} data/cifar10/test"]
+
+
+@pytest.mark.slow  # real invoke and pretrain processes
+def test_a_second_invoke_all_advises_invoke_all_resume(tiny_data, tmp_path):
+    """Before: `invoke all` run again, its checkpoints there, advised `pretrain.py --resume ...`, not the command
+    the user typed."""
+    (tmp_path / "ck").mkdir()
+    for name in ("pretrain.pt", "pretrain.last.pt"):
+        (tmp_path / "ck" / name).write_bytes(b"")
+    result = invoke("all", "--source", tiny_data, "--data-dir", "data", "--out-dir", "ck", "--epochs", "1",
+                    "--device", "cpu", cwd=tmp_path)
+    typed = f"invoke --search-root {ROOT} all --source {tiny_data} --data-dir data --out-dir ck --epochs 1 --device cpu"
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"continue it with {typed} --resume (a larger --epochs trains further)" in result.stderr.splitlines()[-1]
+
+
+def test_the_advice_to_resume_names_the_invoke_command_typed(monkeypatch):
+    import pretrain
+    import tasks
+    assert tasks.RESUME_WITH == pretrain.RESUME_WITH
+    monkeypatch.setattr(sys, "argv", ["/bin/invoke", "-r", "../p", "all", "--out-dir", "c{k}", "--overwrite"])
+    monkeypatch.setenv(pretrain.RESUME_WITH, tasks.resume_template("all"))
+    assert pretrain.resume_advice("finetune", "c{k}/finetune.last.pt") == "invoke -r ../p all --out-dir 'c{k}' --resume"
+    monkeypatch.setattr(sys, "argv", ["/bin/invoke", "-r", "../p", "pretrain", "--epochs", "3"])
+    monkeypatch.setenv(pretrain.RESUME_WITH, tasks.resume_template("pretrain"))
+    assert pretrain.resume_advice("finetune", "c/f.last.pt") == "invoke -r ../p finetune --resume c/f.last.pt"
+    monkeypatch.delenv(pretrain.RESUME_WITH)
+    assert pretrain.resume_advice("finetune", "c/f.last.pt") == "python finetune.py --resume c/f.last.pt"
+
+
+@pytest.mark.slow  # real invoke processes
+def test_listing_the_tasks_and_a_tasks_help_do_not_import_torch(tmp_path):
+    """Before: `invoke --list` imported every script, and so torch, to read their flags: 4 s."""
+    code = ("import sys; from invoke.main import program; program.run(sys.argv[1:], exit=False); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    for args in (["--list"], ["--list"], ["--help", "pretrain"]):  # the first may read the scripts' flags afresh
+        result = subprocess.run([sys.executable, "-c", code, "invoke", "--search-root", str(ROOT), *args],
+                                capture_output=True, text=True, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("no torch\n") and "--lr-schedule" in result.stdout
