@@ -6,8 +6,9 @@
 
 --mode head trains only the last layer (classifier[6]); classifier trains all
 Linear layers; full trains everything. The data set may have any classes: the
-head is new unless they are the checkpoint's classes. The starting weights are
-validated as epoch 0 and kept if no epoch beats them.
+head is new unless they are the checkpoint's classes. With the checkpoint's head the
+starting weights are validated as epoch 0 and kept if no epoch beats them; a new
+head's are random and never kept.
 """
 import argparse
 import functools
@@ -43,16 +44,18 @@ def flag_value_text(value) -> str:
     return "default" if value is None else str(value)
 
 
-def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) -> AlexNet:
-    """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head)."""
+def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) -> tuple[AlexNet, bool]:
+    """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head). Only then do
+    the starting weights compete as epoch 0: a new head is random, no model of these classes."""
     model = model_from_checkpoint(checkpoint, args.checkpoint)
-    if args.new_head or checkpoint["classes"] != classes:
+    new_head = args.new_head or checkpoint["classes"] != classes
+    if new_head:
         model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(classes))
     else:
         print(f"{args.checkpoint} has this data set's classes: the head starts from its weights "
               "(--new-head: a fresh one)")
     warn_if_validation_was_trained_on(args, checkpoint.get("args", {}))
-    return model
+    return model, not new_head
 
 
 def trainable(args: argparse.Namespace, model: AlexNet) -> list[nn.Parameter]:
@@ -93,7 +96,7 @@ def finetune(args: argparse.Namespace, given: set[str]) -> dict | None:
             print(f"--image-size {args.image_size}: the size {args.checkpoint} was trained at (pass --image-size to "
                   "choose another)")
         start_from = functools.partial(new_model, checkpoint=checkpoint)
-    return train(args, given, "finetune", start_from, trainable, starting_weights_compete=True)
+    return train(args, given, "finetune", start_from, trainable)
 
 
 if __name__ == "__main__":

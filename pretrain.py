@@ -59,12 +59,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args: argparse.Namespace, given: set[str], stage: str,
-          new_model: Callable[[argparse.Namespace, list[str]], AlexNet] | None,
-          trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]],
-          starting_weights_compete: bool = False) -> dict | None:
-    """Train, keep the best validation epoch, test it once; returns the test report. `given`: the flags on the command
-    line; `new_model(args, classes)`: a fresh run's model (None: resume only); `trainable(args, model)`: what trains;
-    `starting_weights_compete`: see start_competes. Under torchrun every process runs this; the first writes."""
+          new_model: Callable[[argparse.Namespace, list[str]], tuple[AlexNet, bool]] | None,
+          trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]]) -> dict | None:
+    """Train, keep the best validation epoch, test it once; returns the test report. `given`: the command line's flags;
+    `new_model(args, classes)`: a fresh run's model and whether its starting weights compete as epoch 0 (None:
+    resume only); `trainable(args, model)`: what trains. Under torchrun all processes run this; the first writes."""
     state = None if args.resume is None else read_resume_state(args, stage)
     if state is not None:
         args = resumed_args(args, given, state)
@@ -76,14 +75,14 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)
         if state is None:
-            model = new_model(args, train_images.classes)
+            model, starting_weights_compete = new_model(args, train_images.classes)
         else:
             check_same_data(args, state, train_images)
-            model = AlexNet(**state["model_args"])
+            model, starting_weights_compete = AlexNet(**state["model_args"]), False
         run = start_run(args, stage, processes, model, trainable(args, model), train_images, val_images, test_images)
         progress = Progress(new_sums(processes.device)) if state is None else restore(run, state)
         announce(run, progress, state)
-        return fit(run, progress, starting_weights_compete and state is None)
+        return fit(run, progress, starting_weights_compete)
 
 
 # --------------------------------------------------------------------------- the epoch loop
@@ -256,7 +255,7 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
 
 
 def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -> None:
-    """Fine-tuning: the starting weights are validated as epoch 0 and kept if no epoch beats them."""
+    """Fine-tuning with the checkpoint's head: its weights are validated as epoch 0 and kept if no epoch beats them."""
     val = evaluate(run.evaluated, run.val_images, run.args)
     progress.best = {"val_acc": val["accuracy"], "epoch": 0}
     if run.processes.main:
@@ -760,14 +759,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def new_model(args: argparse.Namespace, classes: list[str]) -> AlexNet:
-    """A fresh AlexNet, or one started from --init's tensors where names and shapes match."""
+def new_model(args: argparse.Namespace, classes: list[str]) -> tuple[AlexNet, bool]:
+    """A fresh AlexNet, or one started from --init's tensors where names and shapes match; its head is new, so its
+    starting weights never compete as epoch 0."""
     model = AlexNet(num_classes=len(classes))
     if args.init is not None:
         loaded, skipped = load_matching(model, initial_weights(args.init))
         print(f"--init {args.init}: loaded {len(loaded)} tensors; kept fresh (name or shape differs): "
               f"{', '.join(skipped) or 'none'}")
-    return model
+    return model, False
 
 
 def initial_weights(source: str) -> dict:

@@ -86,6 +86,8 @@ def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoint
                  "--val-size", "6", *QUICK, "--lr", "1e-30", "--new-head", "--seed", "1")
     assert "the head starts from" not in result.stdout
     assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
+    # a new head is random: it never competes as epoch 0, even when epoch 1 only ties it (before: epoch 0 was kept)
+    assert "(the starting weights)" not in result.stdout and torch.load(out, weights_only=True)["epoch"] == 1
     tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)
     source = torch.load(pretrained, weights_only=True)
     # not trained: new
