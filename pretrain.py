@@ -71,7 +71,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     check_before_training(args, state, processes)
     with OutLock(Path(args.out)) if processes.main else contextlib.nullcontext():
         if state is None and processes.main:
-            check_no_run_there(args, stage)
+            check_no_run_there(args)
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)
         if state is None:
@@ -108,8 +108,8 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                         run.processes.barrier()
                         run.processes.close()
                         received = signals.received or signal.SIGTERM  # or another process got the signal
-                        stop(run, received, f"by {received.name} at {progress.position}; resume with: "
-                                            f"{resume_command(run)}")
+                        command = resume_command(run.stage, run.processes.world, side_files(run.out)["last"])
+                        stop(run, received, f"by {received.name} at {progress.position}; resume with: {command}")
             run.processes.close()
             signals.at_once = True  # the trained run is saved: a signal now stops the test at once
             return test_once(run, progress) if run.processes.main else None
@@ -128,13 +128,12 @@ def stop(run: Run, received: signal.Signals, where: str) -> None:
 def stopped_at_once(run: Run, progress: Progress, writer: cli.CheckpointWriter, received: signal.Signals,
                     testing: bool) -> str:
     """What a signal that stops at once leaves: the run saved (during the test), else the newest resume state."""
+    command = resume_command(run.stage, run.processes.world, side_files(run.out)["last"])
     if testing:
-        return f"by {received.name} during the test evaluation; the trained run is saved, get its test report with: " \
-               f"{resume_command(run)}"
+        return f"by {received.name} during the test evaluation; the trained run is saved; its test report: {command}"
     if progress.saved is None or writer.error is not None:
         return f"at once by a second {received.name}; no resume state was saved"
-    return f"at once by a second {received.name}; the resume state at {progress.saved} is saved: resume with: " \
-           f"{resume_command(run)}"
+    return f"at once by a second {received.name}; the resume state at {progress.saved} is saved: resume with: {command}"
 
 
 def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
@@ -220,7 +219,8 @@ def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
 
 
 def diverged(what: str, args: argparse.Namespace) -> None:
-    """A non-finite loss ends the run before its epoch is logged or kept: its weights are of no use."""
+    """A diverged run ends before its epoch is logged or kept. Diverged: a loss not finite, or a validation loss over
+    100 x ln(classes), a uniform guess's (where training starts): logits hundreds apart; learning stays a few x it."""
     decay = f" or --weight-decay (now {args.weight_decay})" if args.lr * args.weight_decay >= 1 else ""
     raise cli.UsageError(f"{what}: the weights diverged; start again with a lower --lr (now {args.lr}){decay} "
                          "and --overwrite")
@@ -233,8 +233,8 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
     train_seconds = time.perf_counter() - started
     val = evaluate(run.evaluated, run.val_images, run.args)
     epoch = progress.epoch + 1
-    if not math.isfinite(val["loss"]):
-        diverged(f"the validation loss became {val['loss']} at epoch {epoch}", run.args)
+    if not val["loss"] < 100 * math.log(len(run.val_images.classes)):  # see diverged; NaN too compares False
+        diverged(f"the validation loss became {val['loss']:.4g} at epoch {epoch}", run.args)
     progress.history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                              "val_loss": val["loss"], "val_acc": val["accuracy"],
                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": n / train_seconds,
@@ -447,18 +447,20 @@ def warn_about_warmup(args: argparse.Namespace) -> None:
           "--warmup-epochs below --epochs", file=sys.stderr)
 
 
-def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
+def check_no_run_there(args: argparse.Namespace) -> None:
     """A fresh run would replace the checkpoint, resume state, log and report already at --out: every file it writes
     is checked, also a user's own that only shares a run's name (exp.csv beside --out exp.pt)."""
     out, last = Path(args.out), side_files(Path(args.out))["last"]
     found = [str(path) for path in (out, *side_files(out).values()) if path.exists()]
     if found and not args.overwrite:
-        resume = f"continue it with {stage}.py --resume {last} (a larger --epochs trains further), " \
-            if last.exists() else ""
+        resume = ""  # the advised resume works as printed: the state's own script and processes; none for no state
+        with contextlib.suppress(CheckpointError, KeyError):
+            state = load_checkpoint(last)
+            resume = f"continue it with {resume_command(state['stage'], len(state['rng']['processes']), last)} (a " \
+                "larger --epochs trains further), "
         named = ", ".join(found[:-1]) + " and " + found[-1] if len(found) > 1 else found[0]
-        raise cli.UsageError(f"--out {args.out}: {named} exist{'s' if len(found) == 1 else ''} "
-                             f"already, from an earlier run; {resume}choose another --out, or pass --overwrite to "
-                             "replace it")
+        raise cli.UsageError(f"--out {args.out}: {named} exist{'s' * (len(found) == 1)} already, from an earlier run; "
+                             f"{resume}choose another --out, or pass --overwrite to replace it")
 
 
 # --------------------------------------------------------------------------- setting up a run: data and model
@@ -631,10 +633,8 @@ def side_files(out: Path) -> dict[str, Path]:
     return {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_SUFFIXES.items()}
 
 
-def resume_command(run: Run) -> str:
-    world = run.processes.world
-    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
-    return f"{launcher} {run.stage}.py --resume {side_files(run.out)['last']}"
+def resume_command(stage: str, world: int, last: str | os.PathLike) -> str:
+    return f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} {stage}.py --resume {last}"
 
 
 class OutLock(cli.Lock):
@@ -724,7 +724,7 @@ def read_resume_state(args: argparse.Namespace, stage: str) -> dict:
         raise cli.UsageError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
     if state["stage"] != stage:
         raise cli.UsageError(f"--resume {args.resume}: the state of a {state['stage']} run; resume it with "
-                             f"{state['stage']}.py --resume {args.resume}")
+                             f"{resume_command(state['stage'], len(state['rng']['processes']), args.resume)}")
     return state
 
 
