@@ -124,7 +124,7 @@ def take_preprocessing(args: argparse.Namespace, given: set[str], checkpoint: di
     size; its own data folder keeps its run's flag, so the same image cache)."""
     source = checkpoint.get("args", {})
     stored = source.get("stored_size") if same_data_folder(args, source) else checkpoint["stored_size"]
-    for name, value, what in (("image_size", checkpoint["image_size"], "trained at"),
+    for name, value, what in (("image_size", checkpoint["image_size"], "was trained at"),
                               ("stored_size", stored, "stored its training images at")):
         if name not in given and getattr(args, name) != value:
             setattr(args, name, value)  # its features were learnt at that size, not at the default
