@@ -6,19 +6,24 @@
 
 --mode head trains only the last layer (classifier[6]); classifier trains all
 Linear layers; full trains everything. The data set may have any classes: the
-head is new unless they are the checkpoint's classes. The starting weights are
-validated as epoch 0 and kept if no epoch beats them.
+head is new unless they are the checkpoint's classes. With the checkpoint's head the
+starting weights are validated as epoch 0 and kept if no epoch beats them; a new
+head's are random and never kept.
 """
 import argparse
+import contextlib
 import functools
+import hashlib
+import os
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from cli import UsageError, guard_output, report_errors
 from model import AlexNet, load_checkpoint, model_from_checkpoint
-from pretrain import make_parser, parse_flags, train
+from pretrain import make_parser, parse_flags, side_files, train
 
 TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "full": ("",)}
 # Flags that choose the validation split; the checkpoint's run trained on what its own split left.
@@ -27,7 +32,7 @@ SPLIT_FLAGS = ("seed", "val_size", "limit")
 
 def warn_if_validation_was_trained_on(args: argparse.Namespace, source: dict) -> None:
     """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
-    if "data_dir" not in source or Path(source["data_dir"]).resolve() != Path(args.data_dir).resolve():
+    if not same_data_folder(args, source):
         return
     differing = [f"--{name.replace('_', '-')} {flag_value_text(getattr(args, name))} "
                  f"(the checkpoint's run: {flag_value_text(source.get(name))})"
@@ -38,21 +43,28 @@ def warn_if_validation_was_trained_on(args: argparse.Namespace, source: dict) ->
               "unaffected. Use the checkpoint's values to avoid it", file=sys.stderr)
 
 
+def same_data_folder(args: argparse.Namespace, source: dict) -> bool:
+    """Whether --data-dir is the folder the checkpoint's run (its flags: `source`) trained on."""
+    return "data_dir" in source and Path(source["data_dir"]).resolve() == Path(args.data_dir).resolve()
+
+
 def flag_value_text(value) -> str:
     """A flag's value as the warning shows it: None is the flag left at its default."""
     return "default" if value is None else str(value)
 
 
-def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) -> AlexNet:
-    """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head)."""
+def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) -> tuple[AlexNet, bool]:
+    """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head). Only then do
+    the starting weights compete as epoch 0: a new head is random, no model of these classes."""
     model = model_from_checkpoint(checkpoint, args.checkpoint)
-    if args.new_head or checkpoint["classes"] != classes:
+    new_head = args.new_head or checkpoint["classes"] != classes
+    if new_head:
         model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(classes))
     else:
         print(f"{args.checkpoint} has this data set's classes: the head starts from its weights "
               "(--new-head: a fresh one)")
     warn_if_validation_was_trained_on(args, checkpoint.get("args", {}))
-    return model
+    return model, not new_head
 
 
 def trainable(args: argparse.Namespace, model: AlexNet) -> list[nn.Parameter]:
@@ -82,18 +94,67 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def finetune(args: argparse.Namespace, given: set[str]) -> dict | None:
-    if args.resume is None and Path(args.out).resolve() == Path(args.checkpoint).resolve():
-        raise UsageError(f"--out {args.out}: is the --checkpoint fine-tuning starts from and would overwrite it; "
-                         "choose another --out")
     start_from = None  # a resume's model comes from its resume state
     if args.resume is None:
+        check_checkpoint_is_no_run_file(args)
         checkpoint = load_checkpoint(args.checkpoint)
-        if "image_size" not in given and args.image_size != checkpoint["image_size"]:
-            args.image_size = checkpoint["image_size"]  # its features were learnt at that size, not at the default
-            print(f"--image-size {args.image_size}: the size {args.checkpoint} was trained at (pass --image-size to "
-                  "choose another)")
+        take_preprocessing(args, given, checkpoint)
+        args.started_from = weights_fingerprint(checkpoint)  # kept in the run's args, through every resume
         start_from = functools.partial(new_model, checkpoint=checkpoint)
-    return train(args, given, "finetune", start_from, trainable, starting_weights_compete=True)
+    else:
+        warn_if_started_from_older_weights(args)
+    return train(args, given, "finetune", start_from, trainable)
+
+
+def check_checkpoint_is_no_run_file(args: argparse.Namespace) -> None:
+    """No file the run writes (--out and its side files) may be the --checkpoint it starts from, by any name (a
+    symlink, another spelling): --overwrite would replace the run's own source."""
+    out = Path(args.out)
+    for path in (out, *side_files(out).values()):
+        with contextlib.suppress(OSError):  # a file that is not there is not the checkpoint
+            if os.path.samefile(path, args.checkpoint):
+                raise UsageError(f"--out {args.out}: the run would write {path}, which is --checkpoint "
+                                 f"{args.checkpoint}, the weights fine-tuning starts from (--overwrite never replaces "
+                                 "them); choose another --out")
+
+
+def take_preprocessing(args: argparse.Namespace, given: set[str], checkpoint: dict) -> None:
+    """The checkpoint's preprocessing unless the flags are given, as torchvision's references keep the one a model
+    was trained with: --image-size, and --stored-size (another data folder's images are stored at the checkpoint's
+    size; its own data folder keeps its run's flag, so the same image cache)."""
+    source = checkpoint.get("args", {})
+    stored = source.get("stored_size") if same_data_folder(args, source) else checkpoint["stored_size"]
+    for name, value, what in (("image_size", checkpoint["image_size"], "was trained at"),
+                              ("stored_size", stored, "stored its training images at")):
+        if name not in given and getattr(args, name) != value:
+            setattr(args, name, value)  # its features were learnt at that size, not at the default
+            flag = f"--{name.replace('_', '-')}"
+            print(f"{flag} {value}: the size {args.checkpoint} {what} (pass {flag} to choose another)")
+
+
+def weights_fingerprint(checkpoint: dict) -> dict:
+    """What a fine-tuning started from: the checkpoint's epoch and a hash of its weights (its later test report or
+    temperature change the file, not the weights)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(checkpoint["model"].items()):
+        digest.update(name.encode() + tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {"epoch": checkpoint.get("epoch"), "sha256": digest.hexdigest()}
+
+
+def warn_if_started_from_older_weights(args: argparse.Namespace) -> None:
+    """A resume continues the weights it started from; a --checkpoint trained further since (`invoke all --resume`
+    after pretrain trained on) is said in one line, and how to fine-tune the newer weights instead."""
+    # Any failure (an unreadable state, a state from before "started_from", a checkpoint gone): no warning; the
+    # resume itself says what is wrong with its state. mmap: the weights of the state are not read.
+    with contextlib.suppress(Exception):
+        state = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)
+        stored = state["args"]
+        now = weights_fingerprint(load_checkpoint(os.path.join(state["cwd"], stored["checkpoint"])))
+        if stored["started_from"]["sha256"] != now["sha256"]:
+            print(f"finetune.py: warning: --checkpoint {stored['checkpoint']} changed since this fine-tuning started "
+                  f"from it (its epoch {stored['started_from']['epoch']} then, epoch {now['epoch']} now): the resume "
+                  "continues from the older weights; to fine-tune the newer ones, start again with --overwrite "
+                  "instead of --resume", file=sys.stderr)
 
 
 if __name__ == "__main__":

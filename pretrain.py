@@ -59,12 +59,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args: argparse.Namespace, given: set[str], stage: str,
-          new_model: Callable[[argparse.Namespace, list[str]], AlexNet] | None,
-          trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]],
-          starting_weights_compete: bool = False) -> dict | None:
-    """Train, keep the best validation epoch, test it once; returns the test report. `given`: the flags on the command
-    line; `new_model(args, classes)`: a fresh run's model (None: resume only); `trainable(args, model)`: what trains;
-    `starting_weights_compete`: see start_competes. Under torchrun every process runs this; the first writes."""
+          new_model: Callable[[argparse.Namespace, list[str]], tuple[AlexNet, bool]] | None,
+          trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]]) -> dict | None:
+    """Train, keep the best validation epoch, test it once; returns the test report. `given`: the command line's flags;
+    `new_model(args, classes)`: a fresh run's model and whether its starting weights compete as epoch 0 (None:
+    resume only); `trainable(args, model)`: what trains. Under torchrun all processes run this; the first writes."""
     state = None if args.resume is None else read_resume_state(args, stage)
     if state is not None:
         args = resumed_args(args, given, state)
@@ -72,18 +71,18 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     check_before_training(args, state, processes)
     with OutLock(Path(args.out)) if processes.main else contextlib.nullcontext():
         if state is None and processes.main:
-            check_no_run_there(args, stage)
+            check_no_run_there(args)
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)
         if state is None:
-            model = new_model(args, train_images.classes)
+            model, starting_weights_compete = new_model(args, train_images.classes)
         else:
             check_same_data(args, state, train_images)
-            model = AlexNet(**state["model_args"])
+            model, starting_weights_compete = AlexNet(**state["model_args"]), False
         run = start_run(args, stage, processes, model, trainable(args, model), train_images, val_images, test_images)
         progress = Progress(new_sums(processes.device)) if state is None else restore(run, state)
         announce(run, progress, state)
-        return fit(run, progress, starting_weights_compete and state is None)
+        return fit(run, progress, starting_weights_compete)
 
 
 # --------------------------------------------------------------------------- the epoch loop
@@ -109,8 +108,8 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                         run.processes.barrier()
                         run.processes.close()
                         received = signals.received or signal.SIGTERM  # or another process got the signal
-                        stop(run, received, f"by {received.name} at {progress.position}; resume with: "
-                                            f"{resume_command(run)}")
+                        command = resume_advice(run.stage, side_files(run.out)["last"], run.processes.world)
+                        stop(run, received, f"by {received.name} at {progress.position}; resume with: {command}")
             run.processes.close()
             signals.at_once = True  # the trained run is saved: a signal now stops the test at once
             return test_once(run, progress) if run.processes.main else None
@@ -129,13 +128,12 @@ def stop(run: Run, received: signal.Signals, where: str) -> None:
 def stopped_at_once(run: Run, progress: Progress, writer: cli.CheckpointWriter, received: signal.Signals,
                     testing: bool) -> str:
     """What a signal that stops at once leaves: the run saved (during the test), else the newest resume state."""
+    command = resume_advice(run.stage, side_files(run.out)["last"], run.processes.world)
     if testing:
-        return f"by {received.name} during the test evaluation; the trained run is saved, get its test report with: " \
-               f"{resume_command(run)}"
+        return f"by {received.name} during the test evaluation; the trained run is saved; its test report: {command}"
     if progress.saved is None or writer.error is not None:
         return f"at once by a second {received.name}; no resume state was saved"
-    return f"at once by a second {received.name}; the resume state at {progress.saved} is saved: resume with: " \
-           f"{resume_command(run)}"
+    return f"at once by a second {received.name}; the resume state at {progress.saved} is saved: resume with: {command}"
 
 
 def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
@@ -221,7 +219,8 @@ def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
 
 
 def diverged(what: str, args: argparse.Namespace) -> None:
-    """A non-finite loss ends the run before its epoch is logged or kept: its weights are of no use."""
+    """A diverged run ends before its epoch is logged or kept. Diverged: a loss not finite, or a validation loss over
+    100 x ln(classes), a uniform guess's (where training starts): logits hundreds apart; learning stays a few x it."""
     decay = f" or --weight-decay (now {args.weight_decay})" if args.lr * args.weight_decay >= 1 else ""
     raise cli.UsageError(f"{what}: the weights diverged; start again with a lower --lr (now {args.lr}){decay} "
                          "and --overwrite")
@@ -234,8 +233,8 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
     train_seconds = time.perf_counter() - started
     val = evaluate(run.evaluated, run.val_images, run.args)
     epoch = progress.epoch + 1
-    if not math.isfinite(val["loss"]):
-        diverged(f"the validation loss became {val['loss']} at epoch {epoch}", run.args)
+    if not val["loss"] < 100 * math.log(len(run.val_images.classes)):  # see diverged; NaN too compares False
+        diverged(f"the validation loss became {val['loss']:.4g} at epoch {epoch}", run.args)
     progress.history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
                              "val_loss": val["loss"], "val_acc": val["accuracy"],
                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": n / train_seconds,
@@ -256,7 +255,7 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
 
 
 def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -> None:
-    """Fine-tuning: the starting weights are validated as epoch 0 and kept if no epoch beats them."""
+    """Fine-tuning with the checkpoint's head: its weights are validated as epoch 0 and kept if no epoch beats them."""
     val = evaluate(run.evaluated, run.val_images, run.args)
     progress.best = {"val_acc": val["accuracy"], "epoch": 0}
     if run.processes.main:
@@ -448,18 +447,20 @@ def warn_about_warmup(args: argparse.Namespace) -> None:
           "--warmup-epochs below --epochs", file=sys.stderr)
 
 
-def check_no_run_there(args: argparse.Namespace, stage: str) -> None:
+def check_no_run_there(args: argparse.Namespace) -> None:
     """A fresh run would replace the checkpoint, resume state, log and report already at --out: every file it writes
     is checked, also a user's own that only shares a run's name (exp.csv beside --out exp.pt)."""
     out, last = Path(args.out), side_files(Path(args.out))["last"]
     found = [str(path) for path in (out, *side_files(out).values()) if path.exists()]
     if found and not args.overwrite:
-        resume = f"continue it with {resume_advice(stage, last)} (a larger --epochs trains further), " \
-            if last.exists() else ""
+        resume = ""  # the advised resume works as printed: the state's own script and processes; none for no state
+        with contextlib.suppress(CheckpointError, KeyError):
+            state = load_checkpoint(last)
+            resume = f"continue it with {resume_advice(state['stage'], last, len(state['rng']['processes']))} (a " \
+                "larger --epochs trains further), "
         named = ", ".join(found[:-1]) + " and " + found[-1] if len(found) > 1 else found[0]
-        raise cli.UsageError(f"--out {args.out}: {named} exist{'s' if len(found) == 1 else ''} "
-                             f"already, from an earlier run; {resume}choose another --out, or pass --overwrite to "
-                             "replace it")
+        raise cli.UsageError(f"--out {args.out}: {named} exist{'s' * (len(found) == 1)} already, from an earlier run; "
+                             f"{resume}choose another --out, or pass --overwrite to replace it")
 
 
 # --------------------------------------------------------------------------- setting up a run: data and model
@@ -632,19 +633,15 @@ def side_files(out: Path) -> dict[str, Path]:
     return {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_SUFFIXES.items()}
 
 
-def resume_command(run: Run) -> str:
-    world = run.processes.world
-    return resume_advice(run.stage, side_files(run.out)["last"],
-                         "python" if world == 1 else f"torchrun --nproc_per_node={world}")
-
-
 # Set by tasks.py for the scripts it runs: how to resume, as the user started the run (`invoke all ... --resume`), a
 # str.format template of {stage} and {last}; every advice to resume is built from it (resume_advice).
 RESUME_WITH = "ALEXNET_RESUME_WITH"
 
 
-def resume_advice(stage: str, last: Path | str, launcher: str = "python") -> str:
-    """The command that resumes a STAGE run from its resume state LAST: the script's, or the invoke command's."""
+def resume_advice(stage: str, last: str | os.PathLike, world: int = 1) -> str:
+    """The command that resumes a STAGE run of WORLD processes from its resume state LAST: the script's (torchrun's
+    for several processes), or the invoke command the user typed."""
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     return os.environ.get(RESUME_WITH, launcher + " {stage}.py --resume {last}").format(stage=stage, last=last)
 
 
@@ -735,7 +732,7 @@ def read_resume_state(args: argparse.Namespace, stage: str) -> dict:
         raise cli.UsageError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
     if state["stage"] != stage:
         raise cli.UsageError(f"--resume {args.resume}: the state of a {state['stage']} run; resume it with "
-                             f"{resume_advice(state['stage'], args.resume)}")
+                             f"{resume_advice(state['stage'], args.resume, len(state['rng']['processes']))}")
     return state
 
 
@@ -770,14 +767,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def new_model(args: argparse.Namespace, classes: list[str]) -> AlexNet:
-    """A fresh AlexNet, or one started from --init's tensors where names and shapes match."""
+def new_model(args: argparse.Namespace, classes: list[str]) -> tuple[AlexNet, bool]:
+    """A fresh AlexNet, or one started from --init's tensors where names and shapes match; its head is new, so its
+    starting weights never compete as epoch 0."""
     model = AlexNet(num_classes=len(classes))
     if args.init is not None:
         loaded, skipped = load_matching(model, initial_weights(args.init))
         print(f"--init {args.init}: loaded {len(loaded)} tensors; kept fresh (name or shape differs): "
               f"{', '.join(skipped) or 'none'}")
-    return model
+    return model, False
 
 
 def initial_weights(source: str) -> dict:

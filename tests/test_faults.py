@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import struct
@@ -256,6 +257,18 @@ def test_a_non_finite_validation_loss_stops_the_run_naming_the_epoch_never_best(
                  "--batch-size", "512", "--epochs", "2", "--lr", "1e37", check=False)
     assert error_line(result) == ("pretrain.py: the validation loss became nan at epoch 1: the weights diverged; "
                                   "start again with a lower --lr (now 1e+37) and --overwrite")
+    assert "*best" not in result.stdout and os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_a_finite_but_huge_validation_loss_stops_the_run_as_diverged(tiny_data, tmp_path):
+    """--lr 1e6, one step: a finite validation loss of 1e30 or so was kept as best. Over 100 x ln(classes), a
+    uniform guess's loss, the run stops as a non-finite loss does; the suite's normal runs never come near it."""
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK,
+                 "--batch-size", "512", "--epochs", "2", "--lr", "1e6", check=False)
+    line = error_line(result)
+    assert re.fullmatch(r"pretrain\.py: the validation loss became [0-9.]+e\+\d+ at epoch 1: the weights diverged; "
+                        r"start again with a lower --lr \(now 1000000\.0\) and --overwrite", line), line
     assert "*best" not in result.stdout and os.listdir(tmp_path) == []
 
 

@@ -2,6 +2,7 @@
 import io
 import os
 import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -172,8 +173,56 @@ def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_
     before = pretrained.read_bytes()
     result = run("finetune.py", "--checkpoint", pretrained, "--out", pretrained, "--data-dir", tiny_data,
                  "--epochs", "1", *QUICK, check=False)
-    assert "is the --checkpoint fine-tuning starts from and would overwrite it" in error_line(result)
+    assert f"which is --checkpoint {pretrained}, the weights fine-tuning starts from" in error_line(result)
     assert pretrained.read_bytes() == before
+
+
+@pytest.mark.parametrize("checkpoint, out", [("pre.last.pt", "pre.pt"), ("link.pt", "pre.pt"),
+                                             ("pre.pt", "sub/../pre.pt")])
+def test_finetune_never_overwrites_its_checkpoint_under_another_name(pretrained, tiny_data, tmp_path, checkpoint, out):
+    """Before: --checkpoint X.last.pt --out X.pt --overwrite replaced its own source (its resume state)."""
+    shutil.copy(pretrained, tmp_path / "pre.pt")
+    shutil.copy(pretrained.with_suffix(".last.pt"), tmp_path / "pre.last.pt")
+    (tmp_path / "link.pt").symlink_to("pre.pt")
+    (tmp_path / "sub").mkdir()
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    result = run("finetune.py", "--checkpoint", tmp_path / checkpoint, "--out", tmp_path / out, "--overwrite",
+                 "--data-dir", tiny_data, "--epochs", "1", "--val-size", "6", *QUICK, check=False)
+    assert f"which is --checkpoint {tmp_path / checkpoint}, the weights fine-tuning starts from" in error_line(result)
+    after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    assert after == before and "epoch" not in result.stdout
+
+
+@pytest.mark.slow
+def test_the_resume_a_refusal_advises_runs_as_printed(pretrained, tiny_data, tmp_path):
+    """A finetune onto a pretrain run's --out advised `finetune.py --resume pretrain.last.pt`, which was refused."""
+    for path in (pretrained, pretrained.with_suffix(".last.pt")):
+        shutil.copy(path, tmp_path / path.name)
+    result = run("finetune.py", "--checkpoint", pretrained, "--out", tmp_path / "pretrain.pt", "--data-dir", tiny_data,
+                 *QUICK, check=False)
+    advised = re.search(r"continue it with python (\S+) (--resume \S+) \(", error_line(result))
+    assert advised.group(1) == "pretrain.py"
+    resumed = run(advised.group(1), *advised.group(2).split())
+    assert "already finished 2 epochs" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_a_finetune_resume_says_when_its_checkpoint_was_trained_on_since(pretrained, tiny_data, tmp_path):
+    """`invoke all --resume --epochs 4` after pretrain trained on resumed finetune on the older weights, silently."""
+    source, out = tmp_path / "pre.pt", tmp_path / "f.pt"
+    shutil.copy(pretrained, source)
+    run("finetune.py", "--checkpoint", source, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
+        "--val-size", "6", *QUICK)
+    same = run("finetune.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2")
+    assert "warning" not in same.stderr
+    newer = torch.load(source, weights_only=True)
+    newer["model"]["features.0.weight"] += 0.01  # trained on: other weights at another epoch
+    newer["epoch"] = 4
+    torch.save(newer, source)
+    result = run("finetune.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "3")
+    assert (f"finetune.py: warning: --checkpoint {source} changed since this fine-tuning started from it (its epoch "
+            f"{torch.load(pretrained, weights_only=True)['epoch']} then, epoch 4 now): the resume continues from the "
+            "older weights") in result.stderr
 
 
 @pytest.mark.parametrize("flags, message", [

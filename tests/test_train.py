@@ -49,10 +49,13 @@ def test_finetune_to_other_classes_changes_only_the_head(pretrained, tmp_path):
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", other, "--out", out, "--epochs", "1",
                  "--val-size", "4", *QUICK)
     assert "4,100 trainable parameters" in result.stdout  # 1024 x 4 + 4: the new head alone
+    # the preprocessing the checkpoint was trained with, not this folder's 40 px (before: taken without a word)
+    assert f"--stored-size 32: the size {pretrained} stored its training images at" in result.stdout
+    assert "(the starting weights)" not in result.stdout  # a new head never competes as epoch 0
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
     assert tuned["model_args"]["num_classes"] == 4
     assert tuned["classes"] == ["w", "x", "y", "z"]
-    assert tuned["stored_size"] == 40
+    assert tuned["stored_size"] == 32
     for name, tensor in tuned["model"].items():
         if not name.startswith("classifier.6."):
             assert torch.equal(tensor, source["model"][name]), name
@@ -70,6 +73,7 @@ def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
                  "--val-size", "6", *QUICK, "--lr", "1e-30")
     assert "the head starts from its weights" in result.stdout and "optimistic" not in result.stderr
+    assert "--stored-size" not in result.stdout  # its own data folder: the run's flag, the same image cache
     assert "epoch   0/1  (the starting weights)" in result.stdout
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
     assert tuned["epoch"] == 0
@@ -86,6 +90,8 @@ def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoint
                  "--val-size", "6", *QUICK, "--lr", "1e-30", "--new-head", "--seed", "1")
     assert "the head starts from" not in result.stdout
     assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
+    # a new head is random: it never competes as epoch 0, even when epoch 1 only ties it (before: epoch 0 was kept)
+    assert "(the starting weights)" not in result.stdout and torch.load(out, weights_only=True)["epoch"] == 1
     tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)
     source = torch.load(pretrained, weights_only=True)
     # not trained: new
