@@ -11,6 +11,7 @@ validated as epoch 0 and kept if no epoch beats them.
 """
 import argparse
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -25,9 +26,13 @@ TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "fu
 SPLIT_FLAGS = ("seed", "val_size", "limit")
 
 
-def warn_if_validation_was_trained_on(args: argparse.Namespace, source: dict) -> None:
-    """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
-    if "data_dir" not in source or Path(source["data_dir"]).resolve() != Path(args.data_dir).resolve():
+def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict) -> None:
+    """Same data, another split: some validation images trained the checkpoint, so validation flatters it. The data
+    folders are compared by their real paths, the checkpoint's relative one in the folder its run started in (this
+    one, for a checkpoint from before that was kept): relative, absolute and linked names of a folder all warn."""
+    source = checkpoint.get("args", {})
+    if "data_dir" not in source or (os.path.realpath(os.path.join(checkpoint.get("cwd", ""), source["data_dir"]))
+                                    != os.path.realpath(args.data_dir)):
         return
     differing = [f"--{name.replace('_', '-')} {flag_value_text(getattr(args, name))} "
                  f"(the checkpoint's run: {flag_value_text(source.get(name))})"
@@ -51,7 +56,7 @@ def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) ->
     else:
         print(f"{args.checkpoint} has this data set's classes: the head starts from its weights "
               "(--new-head: a fresh one)")
-    warn_if_validation_was_trained_on(args, checkpoint.get("args", {}))
+    warn_if_validation_was_trained_on(args, checkpoint)
     return model
 
 
