@@ -317,11 +317,9 @@ def spelled(name: str) -> str:
 
 def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None, root: Path) -> tuple[str, str]:
     """Of the files under `root` (names relative to it: the same folder named relatively or absolutely, or moved,
-    has the same fingerprint), their sizes and modification times: what a resumed run compares. And the cache's key,
-    which adds each file's identity, inode and ctime: a file replaced by another of the same size and mtime (which
-    any program can set) has another inode or a later ctime (which none can set), so the cache never goes stale; a
-    chmod or a copy also rebuilds it. On Windows st_ino may be 0 and st_ctime is the creation time: the key sees
-    less there, and changes no more often."""
+    has the same fingerprint), sizes and mtimes: what a resume compares. And the cache's key, adding each file's inode
+    and ctime: a file replaced by one of the same size and mtime (any program sets an mtime; none a ctime) changes it,
+    as a chmod or copy does. On Windows (st_ino may be 0, st_ctime is the creation time) it sees less, never more."""
     files = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
     identities = hashlib.sha256()
     for path, label in samples:
@@ -368,24 +366,19 @@ def cache_folder(data_folder: Path) -> Path:
     """Where the image cache of a data folder is written: its .cache/, or where that cannot be written (a read-only
     data set, a file named .cache) the user's cache folder (XDG_CACHE_HOME, ~/.cache), else the temporary folder,
     in a folder named after the data folder's real path. One warning line says which."""
-    own = data_folder / ".cache"
-    try:
-        own.mkdir(exist_ok=True)
-        tempfile.TemporaryFile(dir=own).close()  # a real write: permissions alone miss a read-only mount
-        return own
-    except OSError as e:
-        problem = e.strerror or str(e)
+    own, problem = data_folder / ".cache", None
     name = hashlib.sha256(os.fsencode(data_folder.resolve())).hexdigest()[:16]
-    for parent in (os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), tempfile.gettempdir()):
-        folder = Path(parent) / "alexnet-image-cache" / name
+    users = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    for folder in (own, *(Path(parent) / "alexnet-image-cache" / name for parent in (users, tempfile.gettempdir()))):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
+            tempfile.TemporaryFile(dir=folder).close()  # a real write: permissions alone miss a read-only mount
             break
-        except OSError:
-            continue
-    print(f"warning: cannot write the image cache in {cli.shown(own)} ({problem}); it goes to {cli.shown(folder)}",
-          file=sys.stderr)
+        except OSError as e:
+            problem = problem or e.strerror or str(e)
+    if folder != own:
+        print(f"warning: cannot write the image cache in {cli.shown(own)} ({problem}); it goes to {cli.shown(folder)}",
+              file=sys.stderr)
     return folder
 
 
@@ -397,11 +390,10 @@ def read_cache(image_file: Path, key: str) -> np.memmap | None:
         shape = tuple(record["shape"])
         if record.get("version") != CACHE_VERSION or record.get("key") != key or len(shape) != 4:
             return None
-        # never mapped past its end
-        images = np.memmap(image_file, np.uint8, "c", shape=shape) if image_file.stat().st_size == math.prod(shape) \
-            else None
-        if images is not None and checksum(images) == record["checksum"]:
-            return images
+        if image_file.stat().st_size == math.prod(shape):  # never mapped past its end
+            images = np.memmap(image_file, np.uint8, "c", shape=shape)
+            if checksum(images) == record["checksum"]:
+                return images
     except (OSError, ValueError, KeyError, TypeError):  # missing or damaged metadata: rebuilt, never trusted
         return None
     print(f"warning: {cli.shown(image_file)}: the image cache is damaged (not the length or the pixels it was built "
