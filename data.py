@@ -44,7 +44,7 @@ STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centre-crops
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
 MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its shorter one
-CACHE_VERSION = 2
+CACHE_VERSION = 1  # in the fingerprint a resumed run compares: raised, no run from before resumes
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # "//" may have become "/" in a Path; one letter is a drive (C:/)
 # the CPUs this process may use (macOS and Windows have no affinity: all of them)
 WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
