@@ -24,8 +24,9 @@ import signal
 import sys
 import tempfile
 import threading
+import unicodedata
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,7 +44,7 @@ STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centre-crops
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
 MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its shorter one
-CACHE_VERSION = 1
+CACHE_VERSION = 1  # in the fingerprint a resumed run compares: raised, no run from before resumes
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # "//" may have become "/" in a Path; one letter is a drive (C:/)
 # the CPUs this process may use (macOS and Windows have no affinity: all of them)
 WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -297,22 +298,37 @@ def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[lis
     scans = {split: scan_class_folders(data_dir / split, f"{name}/{split}") for split in ("train", "test")}
     train, test = scans["train"][0], scans["test"][0]
     if train != test:
-        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        only_train, only_test = (", ".join(map(spelled, sorted(set(one) - set(other)))) or "none"
+                                 for one, other in ((train, test), (test, train)))
         raise cli.DataError(f"{name}: train/ and test/ have different class folders "
-                            f"(only in train: {only_train or 'none'}, only in test: {only_test or 'none'})",
-                            "make them the same")
+                            f"(only in train: {only_train}; only in test: {only_test})", "make them the same")
     return scans
 
 
-def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None, root: Path) -> str:
+def alike(name: str) -> str:
+    """A class name compared loosely: case and Unicode normalisation ignored (macOS spells names decomposed)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
+
+
+def spelled(name: str) -> str:
+    """A class name as messages show it; with its code points when not in NFC, so that names printed alike differ."""
+    return cli.shown(name) if unicodedata.is_normalized("NFC", name) else f"{cli.shown(name)} (not NFC: {ascii(name)})"
+
+
+def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None, root: Path) -> tuple[str, str]:
     """Of the files under `root` (names relative to it: the same folder named relatively or absolutely, or moved,
-    has the same fingerprint), their sizes and modification times."""
-    digest = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
+    has the same fingerprint), sizes and mtimes: what a resume compares. And the cache's key, adding each file's inode
+    and ctime: a file replaced by one of the same size and mtime (any program sets an mtime; none a ctime) changes it,
+    as a chmod or copy does. On Windows (st_ino may be 0, st_ctime is the creation time) it sees less, never more."""
+    files = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
+    identities = hashlib.sha256()
     for path, label in samples:
         info = path.stat()
         # the name as bytes: a name that is not UTF-8 cannot be encoded as text
-        digest.update(os.fsencode(path.relative_to(root)) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+        files.update(os.fsencode(path.relative_to(root)) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        identities.update(f"{info.st_ino}\0{info.st_ctime_ns}\n".encode())
+    identities.update(files.hexdigest().encode())
+    return files.hexdigest(), identities.hexdigest()
 
 
 def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True,
@@ -320,33 +336,29 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     """A class-folder split as a memory-mapped uint8 file N x 3 x S x S, through a cache beside it.
 
     Images are stored at `size` (default: the most common shorter side, at most 256). The cache is two files in
-    `<root>/../.cache/`: `<name>.u8` (the images, in the layout training reads) and `<name>.json` (fingerprint,
-    labels, classes, shape); it is used only while the file list, sizes and modification times are exactly those it
-    was built from and the image file is exactly as long as the shape says. Without `cache`, or where it cannot be
-    written, the images go to a temporary file that is gone when the set is. Never loaded whole.
-    `scanned` is scan_class_folders(root) when the caller has it already.
+    `<root>/../.cache/`: `<name>.u8` (the images, in the layout training reads) and `<name>.json` (the key of the
+    files it was built from, see fingerprint; shape; the pixels' checksum); it is used only while both still hold.
+    Without `cache`, or where it cannot be written, the images go to a temporary file that is gone when the set is.
+    Never loaded whole. `scanned` is scan_class_folders(root) when the caller has it already.
     """
     root = Path(root)
     classes, samples = scanned or scan_class_folders(root)
-    key = fingerprint(samples, classes, size, root)
-    image_file = root.parent / ".cache" / f"{root.name}.u8"
-    cached = read_cache(image_file, image_file.with_suffix(".json"), key) if cache else None
-    if cache and cached is None and cache_folder(root.parent) != image_file.parent:
-        image_file = cache_folder(root.parent) / image_file.name
-        cached = read_cache(image_file, image_file.with_suffix(".json"), key)
-    if cached is not None:
-        return cached
-    metadata = image_file.with_suffix(".json")
+    files, key = fingerprint(samples, classes, size, root)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    images, published = decode_all([p for p, _ in samples], size, image_file if cache else None)
-    if published:  # the metadata makes it trusted
-        record = {"version": CACHE_VERSION, "fingerprint": key, "shape": list(images.shape),
-                  "labels": labels.tolist(), "classes": classes}
-        try:
-            cli.write_atomically(metadata, lambda f: f.write(json.dumps(record).encode()))
-        except OSError as e:
-            cache_warning(metadata, e)
-    return ImageSet(torch.from_numpy(images), labels, classes, key)
+    image_file = root.parent / ".cache" / f"{root.name}.u8"
+    images = read_cache(image_file, key) if cache else None
+    if cache and images is None and cache_folder(root.parent) != image_file.parent:
+        image_file = cache_folder(root.parent) / image_file.name
+        images = read_cache(image_file, key)
+    if images is None:
+        images, published = decode_all([p for p, _ in samples], size, image_file if cache else None)
+        if published:  # the metadata makes it trusted
+            record = {"version": CACHE_VERSION, "key": key, "shape": list(images.shape), "checksum": checksum(images)}
+            try:
+                cli.write_atomically(image_file.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
+            except OSError as e:
+                cache_warning(image_file.with_suffix(".json"), e)
+    return ImageSet(torch.from_numpy(images), labels, classes, files)
 
 
 @functools.cache  # decided once per data folder, and said once
@@ -354,41 +366,52 @@ def cache_folder(data_folder: Path) -> Path:
     """Where the image cache of a data folder is written: its .cache/, or where that cannot be written (a read-only
     data set, a file named .cache) the user's cache folder (XDG_CACHE_HOME, ~/.cache), else the temporary folder,
     in a folder named after the data folder's real path. One warning line says which."""
-    own = data_folder / ".cache"
-    try:
-        own.mkdir(exist_ok=True)
-        tempfile.TemporaryFile(dir=own).close()  # a real write: permissions alone miss a read-only mount
-        return own
-    except OSError as e:
-        problem = e.strerror or str(e)
+    own, problem = data_folder / ".cache", None
     name = hashlib.sha256(os.fsencode(data_folder.resolve())).hexdigest()[:16]
-    for parent in (os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), tempfile.gettempdir()):
-        folder = Path(parent) / "alexnet-image-cache" / name
+    users = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    for folder in (own, *(Path(parent) / "alexnet-image-cache" / name for parent in (users, tempfile.gettempdir()))):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=folder).close()
+            tempfile.TemporaryFile(dir=folder).close()  # a real write: permissions alone miss a read-only mount
             break
-        except OSError:
-            continue
-    print(f"warning: cannot write the image cache in {cli.shown(own)} ({problem}); it goes to {cli.shown(folder)}",
-          file=sys.stderr)
+        except OSError as e:
+            problem = problem or e.strerror or str(e)
+    if folder != own:
+        print(f"warning: cannot write the image cache in {cli.shown(own)} ({problem}); it goes to {cli.shown(folder)}",
+              file=sys.stderr)
     return folder
 
 
-def read_cache(image_file: Path, metadata: Path, key: str) -> ImageSet | None:
-    """The cached split, mapped, if its metadata has this fingerprint and its image file the length it says."""
+def read_cache(image_file: Path, key: str) -> np.memmap | None:
+    """The cached images, mapped, if their metadata has this key; a file of another length or checksum than the
+    metadata's is damaged: a warning, and rebuilt like a stale one."""
     try:
-        record = json.loads(metadata.read_bytes())
+        record = json.loads(image_file.with_suffix(".json").read_bytes())
         shape = tuple(record["shape"])
-        if record.get("version") != CACHE_VERSION or record.get("fingerprint") != key or len(shape) != 4:
+        if record.get("version") != CACHE_VERSION or record.get("key") != key or len(shape) != 4:
             return None
-        if image_file.stat().st_size != math.prod(shape) or len(record["labels"]) != shape[0]:
-            return None  # truncated or changed underneath: never mapped past its end
-        images = np.memmap(image_file, np.uint8, "c", shape=shape)
-        return ImageSet(torch.from_numpy(images), torch.tensor(record["labels"], dtype=torch.int64),
-                        record["classes"], key)
-    except (OSError, ValueError, KeyError, TypeError):  # missing or damaged: rebuilt, never trusted
+        if image_file.stat().st_size == math.prod(shape):  # never mapped past its end
+            images = np.memmap(image_file, np.uint8, "c", shape=shape)
+            if checksum(images) == record["checksum"]:
+                return images
+    except (OSError, ValueError, KeyError, TypeError):  # missing or damaged metadata: rebuilt, never trusted
         return None
+    print(f"warning: {cli.shown(image_file)}: the image cache is damaged (not the length or the pixels it was built "
+          "with); decoding the images again", file=sys.stderr)
+    return None
+
+
+CHECKSUM_CHUNK = 2**24  # bytes of a cache hashed at a time
+
+
+def checksum(images: np.ndarray) -> str:
+    """The sha256 of the sha256s of the images' chunks: hashlib lets go of the GIL, so the chunks hash on all the CPUs;
+    a mapped cache is read a chunk at a time, never held whole."""
+    flat = memoryview(images.reshape(-1))
+    with ThreadPoolExecutor(WORKERS) as pool:
+        chunks = pool.map(lambda start: hashlib.sha256(flat[start:start + CHECKSUM_CHUNK]).digest(),
+                          range(0, len(flat), CHECKSUM_CHUNK))
+        return hashlib.sha256(b"".join(chunks)).hexdigest()
 
 
 def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tuple[np.memmap, bool]:

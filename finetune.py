@@ -30,9 +30,10 @@ TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "fu
 SPLIT_FLAGS = ("seed", "val_size", "limit")
 
 
-def warn_if_validation_was_trained_on(args: argparse.Namespace, source: dict) -> None:
+def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict) -> None:
     """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
-    if not same_data_folder(args, source):
+    source = checkpoint.get("args", {})
+    if not same_data_folder(args, checkpoint):
         return
     differing = [f"--{name.replace('_', '-')} {flag_value_text(getattr(args, name))} "
                  f"(the checkpoint's run: {flag_value_text(source.get(name))})"
@@ -43,9 +44,13 @@ def warn_if_validation_was_trained_on(args: argparse.Namespace, source: dict) ->
               "unaffected. Use the checkpoint's values to avoid it", file=sys.stderr)
 
 
-def same_data_folder(args: argparse.Namespace, source: dict) -> bool:
-    """Whether --data-dir is the folder the checkpoint's run (its flags: `source`) trained on."""
-    return "data_dir" in source and Path(source["data_dir"]).resolve() == Path(args.data_dir).resolve()
+def same_data_folder(args: argparse.Namespace, checkpoint: dict) -> bool:
+    """Whether --data-dir is the folder the checkpoint's run trained on, by real path: its relative --data-dir taken in
+    the folder its run started in (this one, for a checkpoint from before that was kept), so that relative, absolute
+    and linked names of a folder are one folder."""
+    source = checkpoint.get("args", {})
+    return "data_dir" in source and (os.path.realpath(os.path.join(checkpoint.get("cwd", ""), source["data_dir"]))
+                                     == os.path.realpath(args.data_dir))
 
 
 def flag_value_text(value) -> str:
@@ -63,7 +68,7 @@ def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) ->
     else:
         print(f"{args.checkpoint} has this data set's classes: the head starts from its weights "
               "(--new-head: a fresh one)")
-    warn_if_validation_was_trained_on(args, checkpoint.get("args", {}))
+    warn_if_validation_was_trained_on(args, checkpoint)
     return model, not new_head
 
 
@@ -123,7 +128,7 @@ def take_preprocessing(args: argparse.Namespace, given: set[str], checkpoint: di
     was trained with: --image-size, and --stored-size (another data folder's images are stored at the checkpoint's
     size; its own data folder keeps its run's flag, so the same image cache)."""
     source = checkpoint.get("args", {})
-    stored = source.get("stored_size") if same_data_folder(args, source) else checkpoint["stored_size"]
+    stored = source.get("stored_size") if same_data_folder(args, checkpoint) else checkpoint["stored_size"]
     for name, value, what in (("image_size", checkpoint["image_size"], "was trained at"),
                               ("stored_size", stored, "stored its training images at")):
         if name not in given and getattr(args, name) != value:

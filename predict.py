@@ -501,14 +501,23 @@ def once_each(found: list[tuple[Path, int | None]]) -> list[tuple[Path, int | No
 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
-    classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says."""
+    classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says (another one for
+    those named as a class but for case or Unicode normalisation)."""
     try:
         folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     except OSError as e:  # an unreadable folder is that path's error line; the other paths are still predicted
         raise cli.DataError(f"{cli.shown(path)}: cannot read this folder ({e.strerror or e})",
                             "check its permissions") from None
     labelled = any(p.name in classes for p in folders)
-    others = sorted(cli.shown(p.name) for p in folders if p.name not in classes)
+    loosely = {data.alike(name): name for name in classes}  # ImageFolder's names are exact: only a note for these
+    unnamed = sorted(p.name for p in folders if p.name not in classes)
+    near = [(name, loosely[data.alike(name)]) for name in unnamed if data.alike(name) in loosely]
+    others = [cli.shown(name) for name in unnamed if data.alike(name) not in loosely]
+    if near:
+        print(f"predict.py: note: {cli.shown(path)}: {len(near)} sub-folder(s) named as a class of the checkpoint but "
+              f"for case or Unicode normalisation (such as {data.spelled(near[0][0])} for {data.spelled(near[0][1])}): "
+              "their images are predicted unlabelled; rename them to the classes' names for the accuracy",
+              file=sys.stderr)
     if labelled and others:
         print(f"predict.py: note: {cli.shown(path)}: {len(others)} sub-folder(s) named like no class of the "
               f"checkpoint ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}): their images are "

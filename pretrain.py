@@ -694,11 +694,11 @@ def write_csv(path: Path, history: list[dict]) -> None:
 
 
 def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict:
-    """model.checkpoint_dict, with what describes the run that made it."""
+    """model.checkpoint_dict, with what describes the run that made it (cwd: what a relative --data-dir is in)."""
     images = run.train_images
     return checkpoint_dict(model, images.classes, run.args.image_size, images.stored_size, tta=run.args.tta,
                            mean=list(data.MEAN), std=list(data.STD), stage=run.stage, epoch=epoch, metrics=metrics,
-                           args=dict(vars(run.args)), code=cli.code_version())
+                           args=dict(vars(run.args)), cwd=os.getcwd(), code=cli.code_version())
 
 
 def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter, finished: bool = False,
@@ -717,8 +717,7 @@ def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished, "data_fingerprint": run.train_images.fingerprint,
-        "cwd": os.getcwd()}
+        "best": progress.best, "finished": finished, "data_fingerprint": run.train_images.fingerprint}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
     progress.saved = progress.position
 

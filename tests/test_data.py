@@ -269,6 +269,46 @@ def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch
     assert len(data.load_folder(root / "train").labels) == len(first.labels) + 1
 
 
+@pytest.mark.parametrize("how", ["renamed over it", "written into it"])
+def test_an_image_replaced_by_one_of_the_same_size_and_mtime_rebuilds_the_cache(tmp_path, how):
+    """Before: the key saw only names, sizes and mtimes, and the replaced image's old pixels were used."""
+    for name, colour in (("a", "red"), ("b", "blue")):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), colour).save(tmp_path / "train" / name / "0.bmp")  # a BMP's size is its shape's
+    image, replacement = tmp_path / "train" / "a" / "0.bmp", tmp_path / "black.bmp"
+    assert data.load_folder(tmp_path / "train").images[0].sum() > 0
+    before = image.stat()
+    Image.new("RGB", (8, 8), "black").save(replacement)
+    if how == "renamed over it":
+        os.replace(replacement, image)
+    while image.stat().st_ctime_ns == before.st_ctime_ns:  # in a later tick of the file system's clock, as in life
+        image.write_bytes(replacement.read_bytes())
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert image.stat().st_size == before.st_size and image.stat().st_mtime_ns == before.st_mtime_ns
+    assert data.load_folder(tmp_path / "train").images[0].sum() == 0
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "one byte changed", "truncated"])
+def test_a_damaged_cache_is_rebuilt_with_one_warning(tmp_path, capsys, damage):
+    """Before: a zeroed train.u8 (or one byte changed) of the right length was used silently."""
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+    pixels = data.load_folder(root / "train").images.clone()
+    cache = root / ".cache" / "train.u8"
+    with open(cache, "r+b") as f:  # in place, as a disk or a stray program damages it
+        if damage == "zeroed":
+            f.write(bytes(len(pixels.flatten())))
+        elif damage == "one byte changed":
+            f.seek(100)
+            f.write(bytes([255 - pixels.flatten()[100].item()]))
+        else:
+            f.truncate(1000)
+    capsys.readouterr()
+    assert torch.equal(data.load_folder(root / "train").images, pixels)
+    assert capsys.readouterr().err == (f"warning: {cache}: the image cache is damaged (not the length or the pixels "
+                                       "it was built with); decoding the images again\n")
+    assert torch.equal(data.load_folder(root / "train").images, pixels) and capsys.readouterr().err == ""
+
+
 def test_stratified_split_is_seeded_disjoint_and_proportional():
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
     picked, rest = data.stratified_split(labels, 10, seed=3)

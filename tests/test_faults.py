@@ -96,8 +96,17 @@ def test_train_and_test_with_different_classes(tmp_path):
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "test" / "red").rename(root / "test" / "crimson")
     result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
-    expected = "train/ and test/ have different class folders (only in train: ['red'], only in test: ['crimson'])"
+    expected = "train/ and test/ have different class folders (only in train: red; only in test: crimson)"
     assert expected in error_line(result)
+
+
+def test_a_class_spelled_in_nfc_and_nfd_is_reported_so_that_the_names_differ(tmp_path):
+    """Before: "only in train: ['café'], only in test: ['café']", two names printed alike."""
+    root = make_class_folders(tmp_path / "d", classes=("caf\u00e9", "tea"), train=2, test=1)
+    (root / "test" / "caf\u00e9").rename(root / "test" / "cafe\u0301")  # as macOS spells it
+    result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
+    assert ("train/ and test/ have different class folders (only in train: caf\u00e9; only in test: cafe\u0301 "
+            "(not NFC: 'cafe\\u0301')); make them the same") in error_line(result)
 
 
 def test_missing_test_folder(tmp_path):

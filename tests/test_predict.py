@@ -130,6 +130,28 @@ def test_an_extra_sub_folder_leaves_the_class_folders_labelled_and_says_so(pretr
                                   f"predicted unlabelled; pass {tiny_data / 'test'} for the test split's accuracy\n")
 
 
+def test_class_folders_named_but_for_case_or_unicode_normalisation_are_unlabelled_with_a_note(
+        pretrained, tiny_data, tmp_path):
+    """Before: predicted unlabelled without a word. Names stay exact, as ImageFolder's: a note says what to do."""
+    checkpoint = torch.load(pretrained, weights_only=True)
+    checkpoint["classes"] = ["blue", "caf\u00e9", "red"]
+    torch.save(checkpoint, tmp_path / "c.pt")
+    for folder, names in (("cased", ("BLUE", "Red")), ("decomposed", ("cafe\u0301", "red"))):
+        for name in names:
+            shutil.copytree(tiny_data / "test" / name.lower().replace("cafe\u0301", "green"), tmp_path / folder / name)
+    result = run("predict.py", tmp_path / "cased", "--checkpoint", tmp_path / "c.pt", "--device", "cpu", "--json")
+    assert all(p["true"] is None for p in json.loads(result.stdout)["predictions"])
+    assert result.stderr == (f"predict.py: note: {tmp_path / 'cased'}: 2 sub-folder(s) named as a class of the "
+                             "checkpoint but for case or Unicode normalisation (such as BLUE for blue): their images "
+                             "are predicted unlabelled; rename them to the classes' names for the accuracy\n")
+    result = run("predict.py", tmp_path / "decomposed", "--checkpoint", tmp_path / "c.pt", "--device", "cpu", "--json")
+    assert json.loads(result.stdout)["report"]["images"] == 6  # red's, the only class folder named exactly
+    assert result.stderr == (f"predict.py: note: {tmp_path / 'decomposed'}: 1 sub-folder(s) named as a class of the "
+                             "checkpoint but for case or Unicode normalisation (such as cafe\u0301 (not NFC: "
+                             "'cafe\\u0301') for caf\u00e9): their images are predicted unlabelled; rename them to the "
+                             "classes' names for the accuracy\n")
+
+
 def test_an_empty_path_or_grid_is_named_not_taken_for_the_current_folder_or_no_grid(pretrained, tiny_data):
     image = tiny_data / "test" / "red" / "0000.png"
     result = run("predict.py", "", image, "--checkpoint", pretrained, "--device", "cpu", check=False, cwd=tiny_data)

@@ -99,6 +99,20 @@ def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoint
     assert torch.equal(tuned["model"]["classifier.4.weight"], source["model"]["classifier.4.weight"])
 
 
+@pytest.mark.slow
+def test_the_overlap_warning_knows_the_data_folder_by_any_name(tmp_path):
+    """Before: a run on --data-dir data in its folder, fine-tuned from another folder with the same data folder named
+    absolutely, gave no warning: the checkpoint's relative name was taken in finetune's folder."""
+    make_class_folders(tmp_path / "run" / "data", train=4, test=1)
+    run("pretrain.py", "--data-dir", "data", "--out", "p.pt", "--epochs", "1", "--val-size", "3", *QUICK,
+        cwd=tmp_path / "run")
+    (tmp_path / "linked").symlink_to(tmp_path / "run" / "data")
+    for data_dir in (tmp_path / "run" / "data", "linked"):
+        result = run("finetune.py", "--checkpoint", tmp_path / "run" / "p.pt", "--data-dir", data_dir, "--out",
+                     "f.pt", "--overwrite", "--epochs", "1", "--val-size", "3", "--seed", "1", *QUICK, cwd=tmp_path)
+        assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
+
+
 @pytest.mark.parametrize("mode,frozen,changed", [("classifier", "features.0.weight", "classifier.1.weight"),
                                                  ("full", None, "features.0.weight")])
 @pytest.mark.slow
