@@ -9,7 +9,6 @@ outside ROOT, devices, FIFOs and zip bombs are refused.
 """
 import argparse
 import errno
-import functools
 import io
 import lzma
 import os
@@ -314,61 +313,44 @@ def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False
             for split in ("train", "test"):
                 if move:
                     shutil.move(found / split, tree / split)
-                else:
-                    copy_following_links(found / split, tree / split, source)
+                else:  # a linked image or class folder is copied as what it points to (a copied link could break)
+                    for path in source_files(found / split, source):
+                        copy_file(path, tree / split / path.relative_to(found / split), source)
             return
     raise DataError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
                     "lay it out as train/<class>/<image> and test/<class>/<image>")
-
-
-def copy_following_links(folder: Path, target: Path, source: str) -> None:
-    """Copy a folder; a linked image or class folder is copied as what it points to (a copied link could break).
-
-    A link that leads back to a folder above it is refused first: the copy would follow it round and round,
-    40 levels deep, and fail with kilobytes of messages.
-    """
-    refuse_link_loops(folder, source, [])
-    try:
-        shutil.copytree(folder, target, copy_function=functools.partial(copy_file, source=source))
-    except shutil.Error as e:  # a folder that could not be made, one (folder, copy, why) each: the first says enough
-        name, _, why = e.args[0][0]
-        raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})",
-                        "free space or choose another --root") from None
-    except OSError as e:  # the copy's first folder could not be made
-        raise DataError(f"--source {source}: cannot copy {shown(folder)} ({e.strerror or e})",
-                        "free space or choose another --root") from None
 
 
 # A write that failed for these is the fault of where it writes (--root), not of what it copies or unpacks.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def copy_file(src: str, dst: str, source: str) -> str:
-    """copytree's copy_function: the first file that fails ends the copy, as a DataError naming it.
-
-    copytree would note the error and copy on: for hours, file after file, on a full disk.
-    """
+def copy_file(src: Path, dst: Path, source: str) -> None:
+    """Copy a file of a --source folder, or make a folder; the first that fails ends the copy (not hours of copying
+    on a full disk), as a DataError naming it."""
     try:
-        return shutil.copy2(src, dst)
+        if src.is_dir():
+            dst.mkdir()
+        else:
+            shutil.copy2(src, dst)
     except OSError as e:
-        at_root = e.errno in WRITE_ERRNOS or e.filename == dst  # dst could not be made
+        at_root = e.errno in WRITE_ERRNOS or names_a_file_in(e, dst.parent)
         raise DataError(f"--source {source}: cannot copy {shown(src)} ({e.strerror or e})",
                         "free space or choose another --root" if at_root else "fix or remove it") from None
 
 
-def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, int], Path]]) -> None:
-    """Walk `folder` as copytree will, following links, refusing what it would fail on or never finish.
-
-    That is a link loop (`above` holds the (device, inode) of each folder above), a link that cannot be followed,
-    and what is neither a file nor a folder: copytree reads a device (say a link to /dev/zero) forever.
-    """
+def source_files(folder: Path, source: str, above: tuple[tuple[tuple[int, int], Path], ...] = ()) -> list[Path]:
+    """`folder` and the folders and files under it, each folder before what it holds, following links; refused are
+    what the copy would fail on or never finish: a link loop (`above` holds the (device, inode) of each folder
+    above), a link that cannot be followed, and what is neither a file nor a folder (a link to /dev/zero reads
+    forever)."""
     info = folder.stat()
-    above = above + [((info.st_dev, info.st_ino), folder)]
+    above, found = (*above, ((info.st_dev, info.st_ino), folder)), [folder]
     with os.scandir(folder) as entries:  # closed also when a loop is refused
         entries = list(entries)
     for entry in entries:
         try:
-            target = entry.stat()  # following links, as copytree does
+            target = entry.stat()  # following links
         except OSError as e:  # a link to itself, to a link back to it, or to nothing (or a file gone meanwhile)
             what = "is a link that cannot be followed" if entry.is_symlink() else "cannot be read"
             raise DataError(f"--source {source}: {shown(entry.path)} {what} ({e.strerror})",
@@ -378,11 +360,14 @@ def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, in
             if back:
                 raise DataError(f"--source {source}: {shown(entry.path)} is a link back to {shown(back[0])}, "
                                 "a loop", "remove it")
-            refuse_link_loops(Path(entry.path), source, above)
+            found += source_files(Path(entry.path), source, above)
         elif not stat.S_ISREG(target.st_mode):
             through = " (through a link)" if entry.is_symlink() else ""
             raise DataError(f"--source {source}: {shown(entry.path)} is {special_kind(target.st_mode)}{through}, "
                             "not a regular file or folder", "remove it")
+        else:
+            found.append(Path(entry.path))
+    return found
 
 
 class CifarUnpickler(pickle.Unpickler):
