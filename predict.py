@@ -20,7 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -56,24 +56,17 @@ def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size
     With `flip` (--tta) the logits are the mean over the crop and its mirror image.
     With a `title` it shows its progress over `total` images (see cli.ProgressLine).
     """
-    return torch.cat(list(logits_of_batches(model, batches, image_size, flip, title, total)))
-
-
-@torch.no_grad()
-def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
-                      title: str | None = None, total: int = 0) -> Iterator[torch.Tensor]:
-    """compute_logits, one batch's logits at a time, for a caller that uses each as it comes."""
     model.eval()
     line = None if title is None else cli.ProgressLine(title, total)
-    done = 0
+    logits, done = [], 0
     for images in batches:
-        logits = logits_of(model, images, image_size, flip)
+        logits.append(logits_of(model, images, image_size, flip))
         done += len(images)
         if line is not None and line.due(done):
             line.show(done)
-        yield logits
     if line is not None:
         line.close()
+    return torch.cat(logits)
 
 
 def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: bool = False) -> torch.Tensor:
