@@ -161,18 +161,15 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     logits, labels = logits.detach().float().cpu(), labels.cpu()
     log_temperature = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_temperature], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-    optimizer.step(functools.partial(scaled_nll, log_temperature, logits, labels, optimizer))
+
+    def scaled_nll() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_temperature.exp(), labels)
+        loss.backward()
+        return loss
+    optimizer.step(scaled_nll)
     temperature = log_temperature.exp().item()
     return min(max(temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1]) if math.isfinite(temperature) else 1.0
-
-
-def scaled_nll(log_temperature: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-               optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """LBFGS's objective: the mean negative log-likelihood at temperature exp(log_temperature), with its gradient."""
-    optimizer.zero_grad()
-    loss = F.cross_entropy(logits / log_temperature.exp(), labels)
-    loss.backward()
-    return loss
 
 
 def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
