@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_url
 
-from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, shown,
+from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, handling, shown,
                  special_kind, stop_signals)
 from data import URL, WORKERS, scan_dataset
 
@@ -475,17 +475,14 @@ def main(argv: list[str] | None = None) -> None:
     guard_output()  # a closed stdout (`| head`) loses the closing line, not the data set
     args = build_parser().parse_args(argv)
     # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
-    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
     try:
-        check_tilde_expanded("--root", Path(args.root))
-        download(args.root, args.source, args.md5)
+        with handling([sig for sig in stop_signals() if sig != signal.SIGINT], interrupt):
+            check_tilde_expanded("--root", Path(args.root))
+            download(args.root, args.source, args.md5)
     except (DataError, UsageError) as e:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
         sys.exit(f"download.py: interrupted; nothing was written to {args.root}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def interrupt(signum, frame) -> None:

@@ -166,12 +166,8 @@ def run_passing_signals(words: list[str], cwd: Path | None) -> int:
     import cli  # here: it imports torch, which listing the tasks does not need
     script = subprocess.Popen(words, cwd=cwd, start_new_session=posix)
     handler = functools.partial(pass_signal, script.pid) if posix else signal.SIG_IGN
-    previous = {sig: signal.signal(sig, handler) for sig in cli.stop_signals()}
-    try:
+    with cli.handling(cli.stop_signals(), handler):
         status = script.wait()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
     return 128 - status if status < 0 else status  # killed by signal N: -N; as a shell says it, 128 + N
 
 
