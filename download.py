@@ -1,11 +1,6 @@
 """Get a data set onto disk: the official CIFAR-10 (md5-checked), an archive or a folder of class folders.
 
     python download.py [--root data/cifar10] [--source URL|PATH] [--md5 HEX]
-
-The stage before pretrain.py: it makes ROOT/train/<class>/ and ROOT/test/<class>/,
-which data.py decodes and caches. The official tarball's pickles are read with
-an unpickler that allows only numpy arrays; archive members that would land
-outside ROOT, devices, FIFOs and zip bombs are refused.
 """
 import argparse
 import errno
@@ -44,13 +39,9 @@ MAX_UNPACKED_BYTES = 16 * 2**30
 
 
 def download(root: str | os.PathLike, source: str | None = None, md5: str | None = None) -> Path:
-    """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source.
-
-    Everything happens in a temporary folder beside ROOT, which is renamed into
-    place only once complete, so a failure or an interruption leaves nothing behind.
-    A lock beside ROOT lets one download at a time work there: a temporary folder
-    found by the lock's holder was left by a killed download, and is removed.
-    """
+    """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source, in a temporary
+    folder beside ROOT renamed into place once complete (a failure leaves nothing). A lock beside ROOT lets one
+    download at a time work there: a temporary folder its holder finds was left by a killed download, and goes."""
     root, given = Path(root), source
     for path in (root, *root.parents):
         if path.exists() and not path.is_dir():
@@ -209,10 +200,7 @@ def fetch(url: str, work: Path) -> Path:
 
 
 def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
-    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree.
-
-    `source` names the archive in messages: the --source the user gave.
-    """
+    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree."""
     tree = work / "tree"
     damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
     try:
@@ -259,11 +247,8 @@ def size_text(size: int) -> str:
 
 
 def check_unpacked_size(source: str, size: int, work: Path) -> None:
-    """Refuse an archive whose members declare more bytes than the limit or the free space where it unpacks.
-
-    The declared sizes bound what unpacking writes: tarfile and zipfile stop a
-    member there (and zipfile then fails its checksum).
-    """
+    """Refuse an archive whose members declare more bytes than the limit or the free space where it unpacks. The
+    declared sizes bound what unpacking writes: tarfile and zipfile stop a member there (zipfile then fails its CRC)."""
     if size > MAX_UNPACKED_BYTES:
         raise DataError(f"{source}: would unpack to {size_text(size)}, more than the {size_text(MAX_UNPACKED_BYTES)} "
                         "this script unpacks (a zip bomb?)", "if it is a data set, unpack it yourself and pass "
@@ -301,10 +286,7 @@ def check_members(source: str, members: list[tuple[str, str | None, str | None]]
 
 
 def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:
-    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`.
-
-    `source` names the --source in messages.
-    """
+    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
     one_down = sorted(p for p in folder.glob("*") if p.is_dir())
     two_down = sorted(p for p in folder.glob("*/*") if p.is_dir())
     for found in [folder] + one_down + two_down:
@@ -382,10 +364,8 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
-    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class.
-
-    Class names and labels are checked before anything is written: they become paths.
-    """
+    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class. Class names
+    and labels are checked before anything is written: they become paths."""
     classes = cifar_classes(read_cifar_batch(tar, "batches.meta", source), source)
     splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     with ThreadPoolExecutor(WORKERS) as pool:

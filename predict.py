@@ -2,12 +2,6 @@
 
     python predict.py img.png photos/ --topk 3
     python predict.py data/cifar10/test --limit 64 --grid predictions.png
-
-Each image is brought to the resolution the model's training images were
-stored at, then given the evaluation transform, exactly as in evaluation.
-A folder whose sub-folders are the checkpoint's classes is treated as labelled:
-accuracy, per-class accuracy and the confusion matrix are printed too (images
-in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import functools
@@ -50,12 +44,8 @@ TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is kept within these
 @torch.no_grad()
 def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
                    title: str | None = None, total: int = 0) -> torch.Tensor:
-    """Centre crop on the device, batch by batch (uint8 images, see data.ImageSet.batches), in fp32; training's
-    validation and test use it too.
-
-    With `flip` (--tta) the logits are the mean over the crop and its mirror image.
-    With a `title` it shows its progress over `total` images (see cli.ProgressLine).
-    """
+    """The fp32 logits of uint8 batches (data.ImageSet.batches) through logits_of, as training's validation and test
+    take them; with a `title`, its progress over `total` images is shown (cli.ProgressLine)."""
     model.eval()
     line = None if title is None else cli.ProgressLine(title, total)
     logits, done = [], 0
@@ -244,8 +234,8 @@ def lacked(chosen: ImageFont.FreeTypeFont, letters: str) -> str:
 
 @functools.cache
 def warn_boxes(letters: str) -> None:
-    print(f"warning: no font found here draws the letters {cli.printable(letters)} of the class names (looked for {WIDE_FONTS[0]} "
-          "and others in the usual font folders): they are drawn as boxes", file=sys.stderr)
+    print(f"warning: no font found here draws the letters {cli.printable(letters)} of the class names (looked for "
+          f"{WIDE_FONTS[0]} and others in the usual font folders): they are drawn as boxes", file=sys.stderr)
 
 
 def new_picture(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -745,9 +735,7 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
 
 def check_results_written() -> None:
     """stdout closed early (`| head`) ends predict quietly, as Unix tools do: with 128 + SIGPIPE, as if killed by it.
-
-    Any other failure to write them (a full disk) is one line; they were written whole or not at all (Output).
-    """
+    Any other failure to write them (a full disk) is one line; they were written whole or not at all (Output)."""
     sys.stdout.flush()
     lost = getattr(sys.stdout, "lost", None)
     if isinstance(lost, BrokenPipeError):
