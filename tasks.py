@@ -16,8 +16,8 @@ joins them with spaces: a name holding one needs --paths). The scripts run in th
 (`invoke -r PROJECT` from elsewhere reads and writes there); each command is shown on stderr before it runs.
 """
 import argparse
+import contextlib
 import functools
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -27,7 +27,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,7 +67,7 @@ def script_flags() -> dict[str, list[SimpleNamespace]]:
     """Each script's flags as what tasks need of an argparse action (dest, option_strings, nargs, help, choices,
     default): from FLAGS_CACHE if it was made from these .py files, else from script_parsers, then kept there."""
     files = sorted([*HERE.glob("*.py"), *HERE.glob("benchmarks/*.py")])
-    key = hashlib.sha256(repr([(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files]).encode()).hexdigest()
+    key = [[str(p), p.stat().st_mtime_ns, p.stat().st_size] for p in files]
     try:
         cached = json.loads(FLAGS_CACHE.read_text())
         flags = cached["flags"] if cached["key"] == key else None
@@ -80,13 +79,9 @@ def script_flags() -> dict[str, list[SimpleNamespace]]:
             "choices": None if action.choices is None else list(map(str, action.choices))} for action in parser.flags]
                  for name, parser in script_parsers().items()}
         flags = json.loads(json.dumps(flags, default=str))  # as read back from the cache
-        try:
+        with contextlib.suppress(OSError):  # a read-only project: read from the scripts each time
             FLAGS_CACHE.parent.mkdir(exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=FLAGS_CACHE.parent, delete=False) as f:
-                json.dump({"key": key, "flags": flags}, f)
-            os.replace(f.name, FLAGS_CACHE)
-        except OSError:  # a read-only project: read from the scripts each time
-            pass
+            FLAGS_CACHE.write_text(json.dumps({"key": key, "flags": flags}))  # half of it, being written, reads as none
     return {name: [SimpleNamespace(**action) for action in actions] for name, actions in flags.items()}
 
 
