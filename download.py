@@ -40,8 +40,8 @@ MAX_UNPACKED_BYTES = 16 * 2**30
 
 def download(root: str | os.PathLike, source: str | None = None, md5: str | None = None) -> Path:
     """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source, in a temporary
-    folder beside ROOT renamed into place once complete (a failure leaves nothing). A lock beside ROOT lets one
-    download at a time work there: a temporary folder its holder finds was left by a killed download, and goes."""
+    folder beside ROOT renamed into place once complete (a failure or an interruption leaves nothing). A lock beside
+    ROOT lets one download at a time work there: a temporary folder its holder finds, a killed download's, goes."""
     root, given = Path(root), source
     for path in (root, *root.parents):
         if path.exists() and not path.is_dir():
