@@ -313,8 +313,8 @@ def stop_signals() -> list[signal.Signals]:
 
 
 def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.ExitStack:
-    """`handler` for each of `signals` from now, until the `with` block this is entered by ends: then the handlers
-    there were before."""
+    """`handler` installed for each of `signals` at once; the handlers there were before are put back when the
+    `with` block this is entered by ends."""
     restore = contextlib.ExitStack()
     for sig in signals:
         restore.callback(signal.signal, sig, signal.signal(sig, handler))
