@@ -312,15 +312,25 @@ def stop_signals() -> list[signal.Signals]:
     return [signal.SIGINT, signal.SIGTERM] + ([hangup] if hangup and signal.getsignal(hangup) != signal.SIG_IGN else [])
 
 
-class StopSignal:
+def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.ExitStack:
+    """`handler` installed for each of `signals` at once; the handlers there were before are put back when the
+    `with` block this is entered by ends."""
+    restore = contextlib.ExitStack()
+    for sig in signals:
+        restore.callback(signal.signal, sig, signal.signal(sig, handler))
+    return restore
+
+
+class StopSignal(contextlib.ExitStack):
     """Turns the first of stop_signals into a request to save and stop at the next step (`received`); a second
     signal, or the first one `at_once`, raises KeyboardInterrupt where the program is."""
 
     def __init__(self, at_once: bool = False) -> None:
+        super().__init__()
         self.received, self.at_once = None, at_once
 
     def __enter__(self) -> "StopSignal":
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in stop_signals()}
+        self.enter_context(handling(stop_signals(), self.handle))
         return self
 
     def handle(self, signum, frame) -> None:
@@ -328,10 +338,6 @@ class StopSignal:
         self.received = self.received or signal.Signals(signum)
         if second or self.at_once:
             raise KeyboardInterrupt
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:

@@ -1,15 +1,9 @@
 """Get a data set onto disk: the official CIFAR-10 (md5-checked), an archive or a folder of class folders.
 
     python download.py [--root data/cifar10] [--source URL|PATH] [--md5 HEX]
-
-The stage before pretrain.py: it makes ROOT/train/<class>/ and ROOT/test/<class>/,
-which data.py decodes and caches. The official tarball's pickles are read with
-an unpickler that allows only numpy arrays; archive members that would land
-outside ROOT, devices, FIFOs and zip bombs are refused.
 """
 import argparse
 import errno
-import functools
 import io
 import lzma
 import os
@@ -32,7 +26,7 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets.utils import check_integrity, download_url
 
-from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, shown,
+from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, handling, shown,
                  special_kind, stop_signals)
 from data import URL, WORKERS, scan_dataset
 
@@ -45,13 +39,9 @@ MAX_UNPACKED_BYTES = 16 * 2**30
 
 
 def download(root: str | os.PathLike, source: str | None = None, md5: str | None = None) -> Path:
-    """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source.
-
-    Everything happens in a temporary folder beside ROOT, which is renamed into
-    place only once complete, so a failure or an interruption leaves nothing behind.
-    A lock beside ROOT lets one download at a time work there: a temporary folder
-    found by the lock's holder was left by a killed download, and is removed.
-    """
+    """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source, in a temporary
+    folder beside ROOT renamed into place once complete (a failure or an interruption leaves nothing). A lock beside
+    ROOT lets one download at a time work there: a temporary folder its holder finds, a killed download's, goes."""
     root, given = Path(root), source
     for path in (root, *root.parents):
         if path.exists() and not path.is_dir():
@@ -210,10 +200,7 @@ def fetch(url: str, work: Path) -> Path:
 
 
 def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
-    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree.
-
-    `source` names the archive in messages: the --source the user gave.
-    """
+    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree."""
     tree = work / "tree"
     damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
     try:
@@ -260,11 +247,8 @@ def size_text(size: int) -> str:
 
 
 def check_unpacked_size(source: str, size: int, work: Path) -> None:
-    """Refuse an archive whose members declare more bytes than the limit or the free space where it unpacks.
-
-    The declared sizes bound what unpacking writes: tarfile and zipfile stop a
-    member there (and zipfile then fails its checksum).
-    """
+    """Refuse an archive whose members declare more bytes than the limit or the free space where it unpacks. The
+    declared sizes bound what unpacking writes: tarfile and zipfile stop a member there (zipfile then fails its CRC)."""
     if size > MAX_UNPACKED_BYTES:
         raise DataError(f"{source}: would unpack to {size_text(size)}, more than the {size_text(MAX_UNPACKED_BYTES)} "
                         "this script unpacks (a zip bomb?)", "if it is a data set, unpack it yourself and pass "
@@ -302,10 +286,7 @@ def check_members(source: str, members: list[tuple[str, str | None, str | None]]
 
 
 def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:
-    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`.
-
-    `source` names the --source in messages.
-    """
+    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
     one_down = sorted(p for p in folder.glob("*") if p.is_dir())
     two_down = sorted(p for p in folder.glob("*/*") if p.is_dir())
     for found in [folder] + one_down + two_down:
@@ -314,61 +295,44 @@ def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False
             for split in ("train", "test"):
                 if move:
                     shutil.move(found / split, tree / split)
-                else:
-                    copy_following_links(found / split, tree / split, source)
+                else:  # a linked image or class folder is copied as what it points to (a copied link could break)
+                    for path in source_files(found / split, source):
+                        copy_file(path, tree / split / path.relative_to(found / split), source)
             return
     raise DataError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
                     "lay it out as train/<class>/<image> and test/<class>/<image>")
-
-
-def copy_following_links(folder: Path, target: Path, source: str) -> None:
-    """Copy a folder; a linked image or class folder is copied as what it points to (a copied link could break).
-
-    A link that leads back to a folder above it is refused first: the copy would follow it round and round,
-    40 levels deep, and fail with kilobytes of messages.
-    """
-    refuse_link_loops(folder, source, [])
-    try:
-        shutil.copytree(folder, target, copy_function=functools.partial(copy_file, source=source))
-    except shutil.Error as e:  # a folder that could not be made, one (folder, copy, why) each: the first says enough
-        name, _, why = e.args[0][0]
-        raise DataError(f"--source {source}: cannot copy {shown(name)} ({why})",
-                        "free space or choose another --root") from None
-    except OSError as e:  # the copy's first folder could not be made
-        raise DataError(f"--source {source}: cannot copy {shown(folder)} ({e.strerror or e})",
-                        "free space or choose another --root") from None
 
 
 # A write that failed for these is the fault of where it writes (--root), not of what it copies or unpacks.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def copy_file(src: str, dst: str, source: str) -> str:
-    """copytree's copy_function: the first file that fails ends the copy, as a DataError naming it.
-
-    copytree would note the error and copy on: for hours, file after file, on a full disk.
-    """
+def copy_file(src: Path, dst: Path, source: str) -> None:
+    """Copy a file of a --source folder, or make a folder; the first that fails ends the copy (not hours of copying
+    on a full disk), as a DataError naming it."""
     try:
-        return shutil.copy2(src, dst)
+        if src.is_dir():
+            dst.mkdir()
+        else:
+            shutil.copy2(src, dst)
     except OSError as e:
-        at_root = e.errno in WRITE_ERRNOS or e.filename == dst  # dst could not be made
+        at_root = e.errno in WRITE_ERRNOS or names_a_file_in(e, dst.parent)
         raise DataError(f"--source {source}: cannot copy {shown(src)} ({e.strerror or e})",
                         "free space or choose another --root" if at_root else "fix or remove it") from None
 
 
-def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, int], Path]]) -> None:
-    """Walk `folder` as copytree will, following links, refusing what it would fail on or never finish.
-
-    That is a link loop (`above` holds the (device, inode) of each folder above), a link that cannot be followed,
-    and what is neither a file nor a folder: copytree reads a device (say a link to /dev/zero) forever.
-    """
+def source_files(folder: Path, source: str, above: tuple[tuple[tuple[int, int], Path], ...] = ()) -> list[Path]:
+    """`folder` and the folders and files under it, each folder before what it holds, following links; refused are
+    what the copy would fail on or never finish: a link loop (`above` holds the (device, inode) of each folder
+    above), a link that cannot be followed, and what is neither a file nor a folder (a link to /dev/zero reads
+    forever)."""
     info = folder.stat()
-    above = above + [((info.st_dev, info.st_ino), folder)]
+    above, found = (*above, ((info.st_dev, info.st_ino), folder)), [folder]
     with os.scandir(folder) as entries:  # closed also when a loop is refused
         entries = list(entries)
     for entry in entries:
         try:
-            target = entry.stat()  # following links, as copytree does
+            target = entry.stat()  # following links
         except OSError as e:  # a link to itself, to a link back to it, or to nothing (or a file gone meanwhile)
             what = "is a link that cannot be followed" if entry.is_symlink() else "cannot be read"
             raise DataError(f"--source {source}: {shown(entry.path)} {what} ({e.strerror})",
@@ -378,11 +342,14 @@ def refuse_link_loops(folder: Path, source: str, above: list[tuple[tuple[int, in
             if back:
                 raise DataError(f"--source {source}: {shown(entry.path)} is a link back to {shown(back[0])}, "
                                 "a loop", "remove it")
-            refuse_link_loops(Path(entry.path), source, above)
+            found += source_files(Path(entry.path), source, above)
         elif not stat.S_ISREG(target.st_mode):
             through = " (through a link)" if entry.is_symlink() else ""
             raise DataError(f"--source {source}: {shown(entry.path)} is {special_kind(target.st_mode)}{through}, "
                             "not a regular file or folder", "remove it")
+        else:
+            found.append(Path(entry.path))
+    return found
 
 
 class CifarUnpickler(pickle.Unpickler):
@@ -397,10 +364,8 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
-    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class.
-
-    Class names and labels are checked before anything is written: they become paths.
-    """
+    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class. Class names
+    and labels are checked before anything is written: they become paths."""
     classes = cifar_classes(read_cifar_batch(tar, "batches.meta", source), source)
     splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -490,17 +455,14 @@ def main(argv: list[str] | None = None) -> None:
     guard_output()  # a closed stdout (`| head`) loses the closing line, not the data set
     args = build_parser().parse_args(argv)
     # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
-    previous = {sig: signal.signal(sig, interrupt) for sig in stop_signals() if sig != signal.SIGINT}
     try:
-        check_tilde_expanded("--root", Path(args.root))
-        download(args.root, args.source, args.md5)
+        with handling([sig for sig in stop_signals() if sig != signal.SIGINT], interrupt):
+            check_tilde_expanded("--root", Path(args.root))
+            download(args.root, args.source, args.md5)
     except (DataError, UsageError) as e:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
         sys.exit(f"download.py: interrupted; nothing was written to {args.root}")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def interrupt(signum, frame) -> None:

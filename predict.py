@@ -2,12 +2,6 @@
 
     python predict.py img.png photos/ --topk 3
     python predict.py data/cifar10/test --limit 64 --grid predictions.png
-
-Each image is brought to the resolution the model's training images were
-stored at, then given the evaluation transform, exactly as in evaluation.
-A folder whose sub-folders are the checkpoint's classes is treated as labelled:
-accuracy, per-class accuracy and the confusion matrix are printed too (images
-in its other sub-folders are predicted unlabelled, and a line says so).
 """
 import argparse
 import functools
@@ -20,7 +14,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -50,30 +44,19 @@ TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is kept within these
 @torch.no_grad()
 def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
                    title: str | None = None, total: int = 0) -> torch.Tensor:
-    """Centre crop on the device, batch by batch (uint8 images, see data.ImageSet.batches), in fp32; training's
-    validation and test use it too.
-
-    With `flip` (--tta) the logits are the mean over the crop and its mirror image.
-    With a `title` it shows its progress over `total` images (see cli.ProgressLine).
-    """
-    return torch.cat(list(logits_of_batches(model, batches, image_size, flip, title, total)))
-
-
-@torch.no_grad()
-def logits_of_batches(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
-                      title: str | None = None, total: int = 0) -> Iterator[torch.Tensor]:
-    """compute_logits, one batch's logits at a time, for a caller that uses each as it comes."""
+    """The fp32 logits of uint8 batches (data.ImageSet.batches) through logits_of, as training's validation and test
+    take them; with a `title`, its progress over `total` images is shown (cli.ProgressLine)."""
     model.eval()
     line = None if title is None else cli.ProgressLine(title, total)
-    done = 0
+    logits, done = [], 0
     for images in batches:
-        logits = logits_of(model, images, image_size, flip)
+        logits.append(logits_of(model, images, image_size, flip))
         done += len(images)
         if line is not None and line.due(done):
             line.show(done)
-        yield logits
     if line is not None:
         line.close()
+    return torch.cat(logits)
 
 
 def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: bool = False) -> torch.Tensor:
@@ -168,18 +151,15 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     logits, labels = logits.detach().float().cpu(), labels.cpu()
     log_temperature = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_temperature], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-    optimizer.step(functools.partial(scaled_nll, log_temperature, logits, labels, optimizer))
+
+    def scaled_nll() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_temperature.exp(), labels)
+        loss.backward()
+        return loss
+    optimizer.step(scaled_nll)
     temperature = log_temperature.exp().item()
     return min(max(temperature, TEMPERATURE_RANGE[0]), TEMPERATURE_RANGE[1]) if math.isfinite(temperature) else 1.0
-
-
-def scaled_nll(log_temperature: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-               optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """LBFGS's objective: the mean negative log-likelihood at temperature exp(log_temperature), with its gradient."""
-    optimizer.zero_grad()
-    loss = F.cross_entropy(logits / log_temperature.exp(), labels)
-    loss.backward()
-    return loss
 
 
 def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
@@ -199,8 +179,7 @@ def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 
 
 # --------------------------------------------------------------------------- pictures
-# Drawn with Pillow and numpy only, from one set of helpers: Pillow's own font at a few sizes, a picture with its
-# title (new_picture), and a plot's axes (Axes, draw_axes).
+# Drawn with Pillow and numpy only: Pillow's own font at a few sizes, a picture with its title (new_picture).
 
 INK, FAINT = (40, 40, 40), (222, 222, 222)
 CURVE_COLOURS = {"train": (31, 119, 180), "validation": (230, 110, 0), "kept": (0, 150, 60)}
@@ -255,8 +234,8 @@ def lacked(chosen: ImageFont.FreeTypeFont, letters: str) -> str:
 
 @functools.cache
 def warn_boxes(letters: str) -> None:
-    print(f"warning: no font found here draws the letters {cli.printable(letters)} of the class names (looked for {WIDE_FONTS[0]} "
-          "and others in the usual font folders): they are drawn as boxes", file=sys.stderr)
+    print(f"warning: no font found here draws the letters {cli.printable(letters)} of the class names (looked for "
+          f"{WIDE_FONTS[0]} and others in the usual font folders): they are drawn as boxes", file=sys.stderr)
 
 
 def new_picture(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
@@ -267,113 +246,74 @@ def new_picture(width: int, height: int, title: str) -> tuple[Image.Image, Image
     return picture, draw
 
 
-@dataclass
-class Axes:
-    """A plot's box on the picture (left, top, right, bottom in px) and the ranges of x and y it shows."""
-    box: tuple[int, int, int, int]
-    x: tuple[float, float]
-    y: tuple[float, float]
-
-    def at(self, x: float, y: float) -> tuple[float, float]:
-        left, top, right, bottom = self.box
-        return (left + (x - self.x[0]) / (self.x[1] - self.x[0]) * (right - left),
-                bottom - (y - self.y[0]) / (self.y[1] - self.y[0]) * (bottom - top))
-
-
-def padded_range(values: list[float], floor: float | None = None) -> tuple[float, float]:
-    """The finite values' range with a margin (a line on the box's edge is hard to see), not below `floor`; one value
-    gets a range around it."""
-    finite = [value for value in values if math.isfinite(value)] or [0.0]
-    low, high = min(finite), max(finite)
-    margin = (high - low) * 0.08 or abs(high) * 0.1 or 1.0
-    return low - margin if floor is None else max(low - margin, floor), high + margin
-
-
-def ticks(low: float, high: float, most: int, least_step: float = 0.0) -> tuple[np.ndarray, float]:
+def ticks(low: float, high: float, most: int, percent: bool = False, least_step: float = 0.0) -> list[tuple]:
     """Round values within [low, high], at most `most` of them, a step of 1, 2, 2.5 or 5 times a power of ten (at
-    least `least_step`); and the step."""
+    least `least_step`), each with its text: as many decimals as the step needs (a percentage: of the value x 100)."""
     step = 10 ** math.floor(math.log10((high - low) / most))
     step = max(next(step * m for m in (1, 2, 2.5, 5, 10) if (high - low) / (step * m) <= most), least_step)
-    return np.arange(math.ceil(low / step) * step, high + step * 1e-6, step), step
-
-
-def tick_text(value: float, step: float, percent: bool) -> str:
-    """A tick's number with as many decimals as its step needs (a percentage: of the value times 100)."""
     scale = 100 if percent else 1
     power = math.floor(math.log10(step * scale) + 1e-9)
     decimals = max(0, -power + (round(step * scale / 10 ** power, 6) == 2.5))  # a step of 0.25 needs two
-    return f"{value * scale:.{decimals}f}" + (" %" if percent else "")
+    return [(value, f"{value * scale:.{decimals}f}" + (" %" if percent else ""))
+            for value in np.arange(math.ceil(low / step) * step, high + step * 1e-6, step)]
 
 
-def draw_axes(draw: ImageDraw.ImageDraw, axes: Axes, title: str, x_label: str, percent: bool) -> None:
-    """The box, faint grid lines at round values of y and whole values of x (about ten at most), their numbers, the
-    x axis's label under them and the plot's title over the box."""
-    left, top, right, bottom = axes.box
+def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, percent: bool, epochs: list[int],
+         series: dict[str, list[float]], kept: int) -> None:
+    """One panel of learning_curves in `box` (left, top, right, bottom px): faint grid lines at round values (about
+    six) and whole epochs (about ten) with their numbers, a dashed line at the epoch kept, and a curve per column of
+    `series` with a dot at each value (a run of one epoch still shows); a value that is not finite (a validation loss
+    that overflowed) is left out. The values' range has a margin: a line on the box's edge is hard to see."""
+    left, top, right, bottom = box
+    finite = [y for ys in series.values() for y in ys if math.isfinite(y)] or [0.0]
+    margin = (max(finite) - min(finite)) * 0.08 or abs(max(finite)) * 0.1 or 1.0
+    x_range = (min(epochs + [kept]) - 0.5, max(epochs) + 0.5)
+    y_range = (max(min(finite) - margin, 0.0 if "lr" in series else -math.inf), max(finite) + margin)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_range[0]) / (x_range[1] - x_range[0]) * (right - left),
+                bottom - (y - y_range[0]) / (y_range[1] - y_range[0]) * (bottom - top))
     small = font(TEXT_SIZE)
-    values, step = ticks(*axes.y, 6)
-    for y in values:
-        _, at = axes.at(axes.x[0], y)
-        draw.line([(left, at), (right, at)], fill=FAINT)
-        draw.text((left - 4, at), tick_text(y, step, percent), fill=INK, font=small, anchor="rm")
-    for x in ticks(*axes.x, 10, least_step=1)[0]:
-        at, _ = axes.at(x, axes.y[0])
-        draw.line([(at, top), (at, bottom)], fill=FAINT)
-        draw.text((at, bottom + 4), f"{x:.0f}", fill=INK, font=small, anchor="mt")
-    draw.rectangle(axes.box, outline=INK)
-    draw.text(((left + right) / 2, bottom + 20), x_label, fill=INK, font=small, anchor="mt")
+    for y, text in ticks(*y_range, 6, percent):
+        draw.line([(left, at(0, y)[1]), (right, at(0, y)[1])], fill=FAINT)
+        draw.text((left - 4, at(0, y)[1]), text, fill=INK, font=small, anchor="rm")
+    for x, text in ticks(*x_range, 10, least_step=1):
+        draw.line([(at(x, 0)[0], top), (at(x, 0)[0], bottom)], fill=FAINT)
+        draw.text((at(x, 0)[0], bottom + 4), text, fill=INK, font=small, anchor="mt")
+    draw.rectangle(box, outline=INK)
+    draw.text(((left + right) / 2, bottom + 20), "epoch", fill=INK, font=small, anchor="mt")
     draw.text(((left + right) / 2, top - 6), title, fill=INK, font=font(TEXT_SIZE + 2), anchor="md")
-
-
-def draw_legend(draw: ImageDraw.ImageDraw, centre: tuple[int, int], entries: list[tuple[str, tuple]]) -> None:
-    """A line of colour and its name per entry, in one row centred on `centre`."""
-    small = font(TEXT_SIZE)
-    widths = [24 + small.getlength(name) + 20 for name, _ in entries]
-    x, y = centre[0] - sum(widths) / 2, centre[1]
-    for (name, colour), width in zip(entries, widths):
-        draw.line([(x, y), (x + 18, y)], fill=colour, width=3)
-        draw.text((x + 24, y), name, fill=INK, font=small, anchor="lm")
-        x += width
-
-
-def draw_line(draw: ImageDraw.ImageDraw, axes: Axes, xs: list[float], ys: list[float], colour: tuple) -> None:
-    """A curve through the points, each point also a dot: a run of one epoch still shows. A value that is not finite
-    (a validation loss that overflowed) is left out."""
-    points = [axes.at(x, y) for x, y in zip(xs, ys) if math.isfinite(y)]
-    if len(points) > 1:
-        draw.line(points, fill=colour, width=2, joint="curve")
-    for x, y in points:
-        draw.ellipse([(x - 2.5, y - 2.5), (x + 2.5, y + 2.5)], fill=colour)
-
-
-def draw_kept(draw: ImageDraw.ImageDraw, axes: Axes, epoch: int) -> None:
-    """A dashed vertical line at the epoch whose weights were kept."""
-    x, _ = axes.at(epoch, axes.y[0])
-    _, top, _, bottom = axes.box
     for y in range(top, bottom, 8):
-        draw.line([(x, y), (x, min(y + 4, bottom))], fill=CURVE_COLOURS["kept"], width=2)
+        draw.line([(at(kept, 0)[0], y), (at(kept, 0)[0], min(y + 4, bottom))], fill=CURVE_COLOURS["kept"], width=2)
+    for column, ys in series.items():
+        colour = CURVE_COLOURS["validation" if column.startswith("val") else "train"]
+        points = [at(x, y) for x, y in zip(epochs, ys) if math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2, joint="curve")
+        for x, y in points:
+            draw.ellipse([(x - 2.5, y - 2.5), (x + 2.5, y + 2.5)], fill=colour)
 
 
 def learning_curves(history: list[dict], kept: int, title: str) -> Image.Image:
     """A run's epochs (its .csv rows): training and validation loss, training and validation accuracy, and the
-    learning rate, side by side; a dashed line marks the epoch kept (best validation; 0: the starting weights)."""
-    epochs = [row["epoch"] for row in history]
-    x = (min(epochs + [kept]) - 0.5, max(epochs) + 0.5)
-    panel, height, top = 360, 340, 84
+    learning rate, side by side, under a legend; a dashed line marks the epoch kept (best validation; 0: the starting
+    weights)."""
+    panel, height, small = 360, 340, font(TEXT_SIZE)
     picture, draw = new_picture(3 * panel, height, title)
     panels = (("loss", ("train_loss", "val_loss"), False), ("accuracy", ("train_acc", "val_acc"), True),
               ("learning rate (at the epoch's end)", ("lr",), False))
     for i, (name, columns, percent) in enumerate(panels):
-        values = [[row[column] for row in history] for column in columns]
-        y = padded_range(sum(values, []), floor=0.0 if columns == ("lr",) else None)
-        axes = Axes((i * panel + 70, top, (i + 1) * panel - 16, height - 46), x, y)
-        draw_axes(draw, axes, name, "epoch", percent)
-        draw_kept(draw, axes, kept)
-        for column, ys in zip(columns, values):
-            draw_line(draw, axes, epochs, ys, CURVE_COLOURS["validation" if column.startswith("val") else "train"])
-    draw_legend(draw, (picture.width // 2, 40), [
-        ("training", CURVE_COLOURS["train"]), ("validation", CURVE_COLOURS["validation"]),
-        (f"kept: epoch {kept}" + (" (the starting weights)" if kept == 0 else "") + ", the best validation accuracy",
-         CURVE_COLOURS["kept"])])
+        plot(draw, (i * panel + 70, 84, (i + 1) * panel - 16, height - 46), name, percent,
+             [row["epoch"] for row in history], {column: [row[column] for row in history] for column in columns}, kept)
+    legend = [("training", CURVE_COLOURS["train"]), ("validation", CURVE_COLOURS["validation"]),
+              (f"kept: epoch {kept}" + (" (the starting weights)" if kept == 0 else "") +
+               ", the best validation accuracy", CURVE_COLOURS["kept"])]
+    widths = [24 + small.getlength(name) + 20 for name, _ in legend]
+    x = (picture.width - sum(widths)) / 2
+    for (name, colour), width in zip(legend, widths):
+        draw.line([(x, 40), (x + 18, 40)], fill=colour, width=3)
+        draw.text((x + 24, 40), name, fill=INK, font=small, anchor="lm")
+        x += width
     return picture
 
 
@@ -804,9 +744,7 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
 
 def check_results_written() -> None:
     """stdout closed early (`| head`) ends predict quietly, as Unix tools do: with 128 + SIGPIPE, as if killed by it.
-
-    Any other failure to write them (a full disk) is one line; they were written whole or not at all (Output).
-    """
+    Any other failure to write them (a full disk) is one line; they were written whole or not at all (Output)."""
     sys.stdout.flush()
     lost = getattr(sys.stdout, "lost", None)
     if isinstance(lost, BrokenPipeError):

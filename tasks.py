@@ -9,15 +9,14 @@ r"""invoke tasks: each runs one of the scripts; `invoke --list`, `invoke --help 
     invoke export --checkpoint checkpoints/finetune.pt --out model.pt2
 
 A task's flags are its script's, read from the script's own argparse parser (its build_parser): the same names and
-help, the defaults argparse's, so a flag added to a script is a flag of its task too (kept in
-__pycache__/tasks-flags.json until a .py file changes: listing and --help do not import torch). A flag left out is left to the
+help, the defaults argparse's, so a flag added to a script is a flag of its task too. A flag left out is left to the
 script; a value is passed as written, for the script to check. Words after `--` are passed after the flags (invoke
 joins them with spaces: a name holding one needs --paths). The scripts run in the folder invoke is called from
 (`invoke -r PROJECT` from elsewhere reads and writes there); each command is shown on stderr before it runs.
 """
 import argparse
+import contextlib
 import functools
-import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -27,7 +26,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -68,7 +66,7 @@ def script_flags() -> dict[str, list[SimpleNamespace]]:
     """Each script's flags as what tasks need of an argparse action (dest, option_strings, nargs, help, choices,
     default): from FLAGS_CACHE if it was made from these .py files, else from script_parsers, then kept there."""
     files = sorted([*HERE.glob("*.py"), *HERE.glob("benchmarks/*.py")])
-    key = hashlib.sha256(repr([(str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in files]).encode()).hexdigest()
+    key = [[str(p), p.stat().st_mtime_ns, p.stat().st_size] for p in files]
     try:
         cached = json.loads(FLAGS_CACHE.read_text())
         flags = cached["flags"] if cached["key"] == key else None
@@ -80,13 +78,9 @@ def script_flags() -> dict[str, list[SimpleNamespace]]:
             "choices": None if action.choices is None else list(map(str, action.choices))} for action in parser.flags]
                  for name, parser in script_parsers().items()}
         flags = json.loads(json.dumps(flags, default=str))  # as read back from the cache
-        try:
+        with contextlib.suppress(OSError):  # a read-only project: read from the scripts each time
             FLAGS_CACHE.parent.mkdir(exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=FLAGS_CACHE.parent, delete=False) as f:
-                json.dump({"key": key, "flags": flags}, f)
-            os.replace(f.name, FLAGS_CACHE)
-        except OSError:  # a read-only project: read from the scripts each time
-            pass
+            FLAGS_CACHE.write_text(json.dumps({"key": key, "flags": flags}))  # half of it, being written, reads as none
     return {name: [SimpleNamespace(**action) for action in actions] for name, actions in flags.items()}
 
 
@@ -166,12 +160,8 @@ def run_passing_signals(words: list[str], cwd: Path | None) -> int:
     import cli  # here: it imports torch, which listing the tasks does not need
     script = subprocess.Popen(words, cwd=cwd, start_new_session=posix)
     handler = functools.partial(pass_signal, script.pid) if posix else signal.SIG_IGN
-    previous = {sig: signal.signal(sig, handler) for sig in cli.stop_signals()}
-    try:
+    with cli.handling(cli.stop_signals(), handler):
         status = script.wait()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
     return 128 - status if status < 0 else status  # killed by signal N: -N; as a shell says it, 128 + N
 
 

@@ -534,12 +534,12 @@ def test_a_device_or_fifo_in_a_source_folder_is_refused_before_copying(tmp_path,
     if kind == "a FIFO":
         os.mkfifo(odd)
     else:
-        odd.symlink_to("/dev/zero")  # copytree would read it forever
+        odd.symlink_to("/dev/zero")  # a copy would read it forever
     expected = ("is a character device (through a link)" if kind != "a FIFO" else "is a FIFO") + \
         ", not a regular file or folder; remove it"
     # the walk first, called alone: a copy that began would never end
     with pytest.raises(cli.DataError, match=f"--source {source}: {odd} {re.escape(expected)}"):
-        download.refuse_link_loops(source, str(source), [])
+        download.source_files(source, str(source))
     result = run("download.py", "--root", tmp_path / "c", "--source", source, check=False)
     assert error_line(result) == f"download.py: --source {source}: {odd} {expected}"
     assert [p.name for p in tmp_path.iterdir()] == ["source"]

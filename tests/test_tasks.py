@@ -197,3 +197,16 @@ def test_listing_the_tasks_and_a_tasks_help_do_not_import_torch(tmp_path):
                                 capture_output=True, text=True, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("no torch\n") and "--lr-schedule" in result.stdout
+
+
+def test_a_half_written_or_outdated_flags_cache_is_read_from_the_scripts_again(tmp_path, monkeypatch):
+    """The cache is written in place, not renamed into it: a reader meeting it half-written reads the scripts."""
+    import tasks
+    monkeypatch.setattr(tasks, "FLAGS_CACHE", tmp_path / "flags.json")
+    fresh = tasks.script_flags()
+    whole = tasks.FLAGS_CACHE.read_text()
+    outdated = whole.replace('"--lr"', '"--outdated"').replace('"key": [[', '"key": [[0, ')
+    for cached in (whole[:len(whole) // 2], outdated):
+        tasks.FLAGS_CACHE.write_text(cached)
+        assert tasks.script_flags() == fresh and tasks.FLAGS_CACHE.read_text() == whole
+    assert "--lr" in [flag for action in fresh["pretrain"] for flag in action.option_strings]
