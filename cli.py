@@ -150,6 +150,18 @@ def stored_size(text: str) -> int:
     return value
 
 
+def hidden_widths(text: str) -> tuple[int, int]:
+    """--hidden: two positive integers, `4096,1024`."""
+    try:
+        widths = tuple(map(int, text.split(",")))
+    except ValueError:
+        widths = ()
+    if len(widths) != 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"must be two positive integers with a comma between, e.g. 4096,1024, "
+                                         f"got {text}")
+    return widths
+
+
 def resolve_device(name: str) -> torch.device:
     """--device: `auto` is CUDA when there is one, else Apple's MPS, else the CPU with a warning; cpu, cuda[:N] and
     mps run here."""

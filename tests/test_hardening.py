@@ -13,7 +13,7 @@ import torch
 import cli
 import pretrain
 import predict
-from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run
+from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run
 from model import CheckpointError, load_checkpoint
 
 
@@ -43,7 +43,7 @@ def test_a_full_disk_keeps_the_previous_log_and_test_report(small_filesystem):
 
 @pytest.mark.slow
 def test_training_onto_a_full_disk_is_one_line(tiny_data, small_filesystem):
-    out = small_filesystem("64m") / "p.pt"  # a checkpoint is 178 MB
+    out = small_filesystem("4m") / "p.pt"  # a checkpoint is 12 MB (QUICK's widths)
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
                  check=False)
     assert "p.pt: cannot write the checkpoint (No space left on device)" in error_line(result)
@@ -106,7 +106,7 @@ def test_a_checkpoint_whose_classes_do_not_fit_its_head_is_refused(pretrained, t
 def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrained, tiny_data, tmp_path):
     out = tmp_path / "f.pt"
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-        "--val-size", "6", *QUICK)
+        "--val-size", "6", *QUICK_NO_HIDDEN)
     result = run("pretrain.py", "--resume", out.with_suffix(".last.pt"), check=False)
     assert "the state of a finetune run; resume it with finetune.py --resume" in error_line(result)
 
@@ -163,7 +163,7 @@ def test_finetune_onto_another_runs_resume_state_leaves_it_alone(pretrained, tin
     state = tmp_path / "pre.last.pt"
     state.write_bytes(b"pre's resume state")
     result = run("finetune.py", "--checkpoint", pretrained, "--out", state, "--data-dir", tiny_data,
-                 "--epochs", "1", *QUICK, check=False)
+                 "--epochs", "1", *QUICK_NO_HIDDEN, check=False)
     assert f"--out {state}: that name is for a run's resume state/log/report" in error_line(result)
     assert state.read_bytes() == b"pre's resume state" and "epoch" not in result.stdout
 
@@ -171,7 +171,7 @@ def test_finetune_onto_another_runs_resume_state_leaves_it_alone(pretrained, tin
 def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_path):
     before = pretrained.read_bytes()
     result = run("finetune.py", "--checkpoint", pretrained, "--out", pretrained, "--data-dir", tiny_data,
-                 "--epochs", "1", *QUICK, check=False)
+                 "--epochs", "1", *QUICK_NO_HIDDEN, check=False)
     assert "is the --checkpoint fine-tuning starts from and would overwrite it" in error_line(result)
     assert pretrained.read_bytes() == before
 

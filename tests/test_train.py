@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import data
-from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run, training_log
+from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run, training_log
 from model import AlexNet
 import cli
 from cli import ProgressLine
@@ -22,7 +22,7 @@ from pretrain import print_epoch
 
 def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
     checkpoint = torch.load(pretrained, weights_only=True)
-    assert checkpoint["model_args"] == {"num_classes": 3, "dropout": 0.5}
+    assert checkpoint["model_args"] == {"num_classes": 3, "dropout": 0.5, "hidden": (64, 32)}  # QUICK's --hidden
     assert checkpoint["classes"] == ["blue", "green", "red"]
     assert (checkpoint["image_size"], checkpoint["stored_size"], checkpoint["stage"]) == (64, 32, "pretrain")
     assert checkpoint["args"]["lr"] == 0.02 and checkpoint["mean"] == [0.485, 0.456, 0.406]
@@ -47,10 +47,10 @@ def test_finetune_to_other_classes_changes_only_the_head(pretrained, tmp_path):
     other = make_class_folders(tmp_path / "other", classes=("w", "x", "y", "z"), train=8, test=3, size=40)
     out = tmp_path / "finetune.pt"
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", other, "--out", out, "--epochs", "1",
-                 "--val-size", "4", *QUICK)
-    assert "4,100 trainable parameters" in result.stdout  # 1024 x 4 + 4: the new head alone
+                 "--val-size", "4", *QUICK_NO_HIDDEN)
+    assert "132 trainable parameters" in result.stdout  # 32 x 4 + 4: the new head alone
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
-    assert tuned["model_args"]["num_classes"] == 4
+    assert tuned["model_args"] == {"num_classes": 4, "dropout": 0.5, "hidden": (64, 32)}  # the checkpoint's widths
     assert tuned["classes"] == ["w", "x", "y", "z"]
     assert tuned["stored_size"] == 40
     for name, tensor in tuned["model"].items():
@@ -68,7 +68,7 @@ def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates
     out = tmp_path / "finetune.pt"
     # an lr too small to change any weight: no epoch can beat the starting weights, which must then be kept
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-                 "--val-size", "6", *QUICK, "--lr", "1e-30")
+                 "--val-size", "6", *QUICK_NO_HIDDEN, "--lr", "1e-30")
     assert "the head starts from its weights" in result.stdout and "optimistic" not in result.stderr
     assert "epoch   0/1  (the starting weights)" in result.stdout
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
@@ -83,7 +83,7 @@ def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoint
         pretrained, tiny_data, tmp_path):
     out = tmp_path / "finetune.pt"
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-                 "--val-size", "6", *QUICK, "--lr", "1e-30", "--new-head", "--seed", "1")
+                 "--val-size", "6", *QUICK_NO_HIDDEN, "--lr", "1e-30", "--new-head", "--seed", "1")
     assert "the head starts from" not in result.stdout
     assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
     tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)
@@ -99,7 +99,7 @@ def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoint
 def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode, frozen, changed):
     out = tmp_path / "finetune.pt"
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-        "--val-size", "6", "--mode", mode, *QUICK)
+        "--val-size", "6", "--mode", mode, *QUICK_NO_HIDDEN)
     # the last epoch's weights, which trained whatever the validation score
     tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)["model"]
     source = torch.load(pretrained, weights_only=True)["model"]
@@ -208,7 +208,7 @@ def test_init_from_a_torchvision_state_dict(tiny_data, tmp_path):
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
-                 "--val-size", "6", "--init", weights, *QUICK)
+                 "--val-size", "6", "--init", weights, *QUICK_NO_HIDDEN)  # the reference's widths
     expected = ("loaded 12 tensors; kept fresh (name or shape differs): "
                 "classifier.4.bias, classifier.4.weight, classifier.6.bias")
     assert expected in result.stdout
@@ -267,6 +267,8 @@ def test_an_init_file_that_cannot_be_loaded_is_one_line_without_unsafe_advice(ti
     (["--ema", "1"], "--ema: must be at least 0 and below 1"),
     (["--cutout", "1"], "--cutout: must be at least 0 and below 1"),
     (["--epochs", "two"], "--epochs: invalid positive_int value"),
+    (["--hidden", "64"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, got 64"),
+    (["--hidden", "64,0"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, got 64,0"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message):
     result = run("pretrain.py", *flags, check=False)
@@ -422,10 +424,10 @@ def test_ema_weights_are_kept_and_tta_reaches_predict(tiny_data, tmp_path):
 def test_finetune_resumes_with_its_mode(pretrained, tiny_data, tmp_path):
     out = tmp_path / "finetune.pt"
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-        "--val-size", "6", *QUICK)
+        "--val-size", "6", *QUICK_NO_HIDDEN)
     resumed = run("finetune.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2")
     assert "resuming finetune" in resumed.stdout
-    assert "3,075 trainable parameters" in resumed.stdout  # still the head only
+    assert "99 trainable parameters" in resumed.stdout  # still the head only (32 x 3 + 3)
     tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)
     source = torch.load(pretrained, weights_only=True)
     assert tuned["epoch"] == 2
