@@ -33,12 +33,12 @@ def test_hidden_widths_change_only_the_classifiers_sizes():
 
 @pytest.mark.parametrize("size", [63, 96, 224])
 def test_output_shape(size):
-    assert AlexNet(num_classes=7)(torch.randn(2, 3, size, size)).shape == (2, 7)
+    assert AlexNet(num_classes=7, hidden=(64, 32))(torch.randn(2, 3, size, size)).shape == (2, 7)
 
 
 def test_smallest_input_that_fails():
     with pytest.raises(RuntimeError):
-        AlexNet()(torch.randn(1, 3, 62, 62))
+        AlexNet(hidden=(64, 32))(torch.randn(1, 3, 62, 62))
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod."])
@@ -126,7 +126,7 @@ def test_model_args_alexnet_cannot_take_are_refused_naming_the_file(tmp_path, mo
 
 
 def test_weights_of_other_names_are_a_short_line_that_says_what_to_do():
-    renamed = {f"net.{name}": tensor for name, tensor in AlexNet(num_classes=3).state_dict().items()}  # 16 tensors
+    renamed = {f"net.{name}": tensor for name, tensor in AlexNet(num_classes=3, hidden=(8, 4)).state_dict().items()}
     with pytest.raises(CheckpointError) as error:
         model_from_checkpoint({"model": renamed, "model_args": {"num_classes": 3}}, "x.pt")
     message = str(error.value)

@@ -294,7 +294,7 @@ def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     native = amx or avx512_bf16
     args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cpu"])
-    model = AlexNet(num_classes=3)
+    model = AlexNet(num_classes=3, hidden=(64, 32))
     _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, cli.Processes("cpu"))
     assert bf16 is native and optimizer.defaults["fused"] is (True if native else None)
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) is native
@@ -311,7 +311,7 @@ def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32
 def test_a_bf16_step_on_the_cpu_convolves_nhwc_in_bf16_and_updates_fp32_weights():
     import pretrain
     args = pretrain.make_parser("", "pretrain").parse_args(["--precision", "bf16", "--image-size", "64"])
-    model = AlexNet(num_classes=3)
+    model = AlexNet(num_classes=3, hidden=(64, 32))
     images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3
     run_ = pretrain.start_run(args, "pretrain", cli.Processes("cpu"), model, list(model.parameters()),
                               data.ImageSet(images, labels, ["a", "b", "c"]))
@@ -375,7 +375,7 @@ def test_recipe_flag_changes_the_training_loss(flag):
     losses = []
     for value in (0.0, 0.5):
         torch.manual_seed(0)
-        model = AlexNet(num_classes=3)
+        model = AlexNet(num_classes=3, hidden=(64, 32))
         args = make_parser("", "pretrain").parse_args(["--image-size", "63", "--precision", "fp32",
                                                        f"--{flag.replace('_', '-')}", str(value)])
         run_ = start_run(args, "pretrain", Processes("cpu"), model, list(model.parameters()),
