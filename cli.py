@@ -111,6 +111,18 @@ stored_size = flag_type("stored_size", int, (lambda x: 8 <= x <= MAX_IMAGE_SIZE,
                                              f"must be at least 8 and at most {MAX_IMAGE_SIZE} px"))
 
 
+def hidden_widths(text: str) -> tuple[int, int]:
+    """--hidden: two positive integers, `4096,1024`."""
+    try:
+        widths = tuple(map(int, text.split(",")))
+    except ValueError:
+        widths = ()
+    if len(widths) != 2 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"must be two positive integers with a comma between, e.g. 4096,1024, "
+                                         f"got {text}")
+    return widths
+
+
 def resolve_device(name: str) -> torch.device:
     """--device: `auto` is CUDA when there is one, else Apple's MPS, else the CPU with a warning."""
     if name == "auto":

@@ -32,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import cli
 import data
-from model import (AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
+from model import (REFERENCE_HIDDEN, AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
                    load_tensors, non_finite)
 from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
                      learning_curves, print_report)
@@ -763,13 +763,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", default=None, metavar="PATH|imagenet",
                         help="start from a torchvision AlexNet state dict, tensors matched by name and shape "
                              "(default: from scratch)")
+    parser.add_argument("--hidden", type=cli.hidden_widths, default=",".join(map(str, REFERENCE_HIDDEN)),
+                        metavar="WIDTH,WIDTH", help="the classifier's two hidden widths; smaller ones than the "
+                        "reference's train faster on a CPU or a small set")
     return parser
 
 
 def new_model(args: argparse.Namespace, classes: list[str]) -> tuple[AlexNet, bool]:
     """A fresh AlexNet, or one started from --init's tensors where names and shapes match; its head is new, so its
     starting weights never compete as epoch 0."""
-    model = AlexNet(num_classes=len(classes))
+    model = AlexNet(num_classes=len(classes), hidden=args.hidden)
     if args.init is not None:
         loaded, skipped = load_matching(model, initial_weights(args.init))
         print(f"--init {args.init}: loaded {len(loaded)} tensors; kept fresh (name or shape differs): "

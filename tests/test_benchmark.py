@@ -29,7 +29,7 @@ def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_p
     command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"),
                "--recipe", "slow=--lr 0.01", "--recipe", "bad=--lr -1",
                "--out-dir", str(tmp_path), "--data-dir", str(tiny_data), "--epochs", "2", "--val-size", "6",
-               "--image-size", "64", "--batch-size", "8", "--device", "cpu"]
+               "--image-size", "64", "--batch-size", "8", "--device", "cpu", "--hidden", "64,32"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1, result.stderr  # one recipe failed
     lines = result.stdout.splitlines()

@@ -15,11 +15,12 @@ from conftest import ROOT, default_signals, make_class_folders, run, training_lo
 
 pytestmark = pytest.mark.slow  # end to end: real processes and training
 
-# DDP changes only the dropout masks (each process draws its own); with these settings the validation loss of
-# 2 processes stays within 0.0015 of 1 process over 3 epochs (measured), against ~0.03 moved by training.
-VAL_LOSS_TOLERANCE = 0.005
+# DDP changes only the dropout masks (each process draws its own); with these settings (a classifier 64 and 32 wide)
+# the validation loss of 2 processes stays within 0.001 of 1 process over 3 epochs (measured), against ~0.01 moved by
+# training.
+VAL_LOSS_TOLERANCE = 0.003
 FLAGS = ["--epochs", "3", "--val-size", "12", "--image-size", "64", "--batch-size", "16", "--lr", "0.01",
-         "--device", "cpu"]
+         "--device", "cpu", "--hidden", "64,32"]
 
 
 @pytest.fixture(scope="module")

@@ -27,8 +27,8 @@ import cli
 import data
 import download
 import pretrain
-from conftest import (QUICK, ROOT, QuietHTTPServer, class_folder_archive, default_signals, error_line,
-                      make_class_folders, md5, run)
+from conftest import (QUICK, QUICK_NO_HIDDEN, ROOT, QuietHTTPServer, class_folder_archive, default_signals,
+                      error_line, make_class_folders, md5, run)
 from model import AlexNet, CheckpointError, load_checkpoint
 from pretrain import save_checkpoint
 
@@ -160,9 +160,9 @@ def test_predict_prints_file_names_that_are_not_utf8(pretrained, tiny_data, tmp_
 # ---------------------------------------------------------------- checkpoints
 
 def test_finetune_from_a_file_that_is_not_our_checkpoint(tmp_path, tiny_data):
-    torch.save(AlexNet().state_dict(), tmp_path / "plain.pt")
+    torch.save(AlexNet(hidden=(8, 4)).state_dict(), tmp_path / "plain.pt")
     result = run("finetune.py", "--data-dir", tiny_data, "--checkpoint", tmp_path / "plain.pt",
-                 "--out", tmp_path / "f.pt", *QUICK, check=False)
+                 "--out", tmp_path / "f.pt", *QUICK_NO_HIDDEN, check=False)
     assert "plain.pt: not a checkpoint of this project" in error_line(result)
 
 
@@ -294,7 +294,7 @@ def test_reports_are_valid_json_whatever_the_numbers():
 
 
 def test_init_weights_holding_nan_are_refused(tmp_path):
-    weights = AlexNet(num_classes=3).state_dict()
+    weights = AlexNet(num_classes=3, hidden=(8, 4)).state_dict()
     weights["classifier.1.weight"][0, 0] = float("nan")
     torch.save(weights, tmp_path / "w.pth")
     with pytest.raises(cli.UsageError, match=r"--init .*w\.pth: its weights hold NaN or infinite values "

@@ -14,7 +14,7 @@ import torch
 import cli
 import pretrain
 import predict
-from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run
+from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run
 from model import CheckpointError, load_checkpoint
 
 
@@ -44,7 +44,7 @@ def test_a_full_disk_keeps_the_previous_log_and_test_report(small_filesystem):
 
 @pytest.mark.slow
 def test_training_onto_a_full_disk_is_one_line(tiny_data, small_filesystem):
-    out = small_filesystem("64m") / "p.pt"  # a checkpoint is 178 MB
+    out = small_filesystem("4m") / "p.pt"  # a checkpoint is 12 MB (QUICK's widths)
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
                  check=False)
     assert "p.pt: cannot write the checkpoint (No space left on device)" in error_line(result)
@@ -107,7 +107,7 @@ def test_a_checkpoint_whose_classes_do_not_fit_its_head_is_refused(pretrained, t
 def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrained, tiny_data, tmp_path):
     out = tmp_path / "f.pt"
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-        "--val-size", "6", *QUICK)
+        "--val-size", "6", *QUICK_NO_HIDDEN)
     result = run("pretrain.py", "--resume", out.with_suffix(".last.pt"), check=False)
     assert "the state of a finetune run; resume it with python finetune.py --resume" in error_line(result)
 
@@ -164,7 +164,7 @@ def test_finetune_onto_another_runs_resume_state_leaves_it_alone(pretrained, tin
     state = tmp_path / "pre.last.pt"
     state.write_bytes(b"pre's resume state")
     result = run("finetune.py", "--checkpoint", pretrained, "--out", state, "--data-dir", tiny_data,
-                 "--epochs", "1", *QUICK, check=False)
+                 "--epochs", "1", *QUICK_NO_HIDDEN, check=False)
     assert f"--out {state}: that name is for a run's resume state/log/report" in error_line(result)
     assert state.read_bytes() == b"pre's resume state" and "epoch" not in result.stdout
 
@@ -172,7 +172,7 @@ def test_finetune_onto_another_runs_resume_state_leaves_it_alone(pretrained, tin
 def test_finetune_onto_its_own_checkpoint_is_refused(pretrained, tiny_data, tmp_path):
     before = pretrained.read_bytes()
     result = run("finetune.py", "--checkpoint", pretrained, "--out", pretrained, "--data-dir", tiny_data,
-                 "--epochs", "1", *QUICK, check=False)
+                 "--epochs", "1", *QUICK_NO_HIDDEN, check=False)
     assert f"which is --checkpoint {pretrained}, the weights fine-tuning starts from" in error_line(result)
     assert pretrained.read_bytes() == before
 
@@ -187,7 +187,7 @@ def test_finetune_never_overwrites_its_checkpoint_under_another_name(pretrained,
     (tmp_path / "sub").mkdir()
     before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
     result = run("finetune.py", "--checkpoint", tmp_path / checkpoint, "--out", tmp_path / out, "--overwrite",
-                 "--data-dir", tiny_data, "--epochs", "1", "--val-size", "6", *QUICK, check=False)
+                 "--data-dir", tiny_data, "--epochs", "1", "--val-size", "6", *QUICK_NO_HIDDEN, check=False)
     assert f"which is --checkpoint {tmp_path / checkpoint}, the weights fine-tuning starts from" in error_line(result)
     after = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
     assert after == before and "epoch" not in result.stdout
@@ -199,7 +199,7 @@ def test_the_resume_a_refusal_advises_runs_as_printed(pretrained, tiny_data, tmp
     for path in (pretrained, pretrained.with_suffix(".last.pt")):
         shutil.copy(path, tmp_path / path.name)
     result = run("finetune.py", "--checkpoint", pretrained, "--out", tmp_path / "pretrain.pt", "--data-dir", tiny_data,
-                 *QUICK, check=False)
+                 *QUICK_NO_HIDDEN, check=False)
     advised = re.search(r"continue it with python (\S+) (--resume \S+) \(", error_line(result))
     assert advised.group(1) == "pretrain.py"
     resumed = run(advised.group(1), *advised.group(2).split())
@@ -212,7 +212,7 @@ def test_a_finetune_resume_says_when_its_checkpoint_was_trained_on_since(pretrai
     source, out = tmp_path / "pre.pt", tmp_path / "f.pt"
     shutil.copy(pretrained, source)
     run("finetune.py", "--checkpoint", source, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-        "--val-size", "6", *QUICK)
+        "--val-size", "6", *QUICK_NO_HIDDEN)
     same = run("finetune.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2")
     assert "warning" not in same.stderr
     newer = torch.load(source, weights_only=True)

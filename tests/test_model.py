@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from model import AlexNet, CheckpointError, load_checkpoint, load_matching, model_from_checkpoint
+from model import AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching, model_from_checkpoint
 from pretrain import save_checkpoint
 
 
@@ -23,14 +23,22 @@ def test_layers_and_parameter_count_match_the_reference():
     assert [m.p for m in model.classifier if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
 
 
+def test_hidden_widths_change_only_the_classifiers_sizes():
+    model, reference = AlexNet(num_classes=3, hidden=(64, 32)), AlexNet(num_classes=3)
+    linears = [m for m in model.classifier if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(9216, 64), (64, 32), (32, 3)]
+    assert list(model.state_dict()) == list(reference.state_dict())
+    assert model(torch.randn(2, 3, 63, 63)).shape == (2, 3)
+
+
 @pytest.mark.parametrize("size", [63, 96, 224])
 def test_output_shape(size):
-    assert AlexNet(num_classes=7)(torch.randn(2, 3, size, size)).shape == (2, 7)
+    assert AlexNet(num_classes=7, hidden=(64, 32))(torch.randn(2, 3, size, size)).shape == (2, 7)
 
 
 def test_smallest_input_that_fails():
     with pytest.raises(RuntimeError):
-        AlexNet()(torch.randn(1, 3, 62, 62))
+        AlexNet(hidden=(64, 32))(torch.randn(1, 3, 62, 62))
 
 
 @pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod."])
@@ -45,12 +53,12 @@ def test_torchvision_state_dict_loads_by_name(prefix):
 
 
 def test_checkpoint_roundtrip_loads_weights_only(tmp_path):
-    model = AlexNet(num_classes=3)
+    model = AlexNet(num_classes=3, hidden=(8, 4))
     path = tmp_path / "c.pt"
-    save_checkpoint({"model": model.state_dict(), "model_args": {"num_classes": 3, "dropout": 0.5},
-                     "classes": ["a", "b", "c"], "image_size": 64, "stored_size": 32}, path)
+    save_checkpoint(checkpoint_dict(model, ["a", "b", "c"], 64, 32), path)
     torch.load(path, weights_only=True)
     rebuilt = model_from_checkpoint(load_checkpoint(path))
+    assert rebuilt.classifier[4].out_features == 4
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
     assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
 
@@ -88,18 +96,23 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
 
 
 def test_checkpoint_of_another_class_count_is_a_clear_error(tmp_path):
-    checkpoint = {"model": AlexNet(num_classes=5).state_dict(), "model_args": {"num_classes": 10, "dropout": 0.5}}
+    checkpoint = {"model": AlexNet(num_classes=5, hidden=(8, 4)).state_dict(),
+                  "model_args": {"num_classes": 10, "dropout": 0.5, "hidden": (8, 4)}}
     with pytest.raises(CheckpointError, match=r"do not fit AlexNet.*classifier\.6"):
         model_from_checkpoint(checkpoint, "x.pt")
 
 
 @pytest.mark.parametrize("model_args, problem", [
-    ({"num_classes": 3, "foo": 1}, "hold 'foo', not arguments of AlexNet (num_classes, dropout)"),
+    ({"num_classes": 3, "foo": 1}, "hold 'foo', not arguments of AlexNet (num_classes, dropout, hidden)"),
     ({"num_classes": 0}, "do not say how many classes the head has"),
     ({"num_classes": 3.0}, "do not say how many classes the head has"),
     ({"num_classes": 3, "dropout": 1.0}, "hold a dropout that is not a probability in [0, 1)"),
     ({"num_classes": 3, "dropout": "0.5"}, "hold a dropout that is not a probability in [0, 1)"),
     ({"num_classes": 3, "dropout": True}, "hold a dropout that is not a probability in [0, 1)"),
+    ({"num_classes": 3, "hidden": (64,)}, "hold hidden widths that are not two integers >= 1"),
+    ({"num_classes": 3, "hidden": (64, 0)}, "hold hidden widths that are not two integers >= 1"),
+    ({"num_classes": 3, "hidden": "64,32"}, "hold hidden widths that are not two integers >= 1"),
+    ({"num_classes": 3, "hidden": (64.0, 32)}, "hold hidden widths that are not two integers >= 1"),
     ([3], "are not a dict of AlexNet's arguments"),
 ])
 def test_model_args_alexnet_cannot_take_are_refused_naming_the_file(tmp_path, model_args, problem):
@@ -113,7 +126,7 @@ def test_model_args_alexnet_cannot_take_are_refused_naming_the_file(tmp_path, mo
 
 
 def test_weights_of_other_names_are_a_short_line_that_says_what_to_do():
-    renamed = {f"net.{name}": tensor for name, tensor in AlexNet(num_classes=3).state_dict().items()}  # 16 tensors
+    renamed = {f"net.{name}": tensor for name, tensor in AlexNet(num_classes=3, hidden=(8, 4)).state_dict().items()}
     with pytest.raises(CheckpointError) as error:
         model_from_checkpoint({"model": renamed, "model_args": {"num_classes": 3}}, "x.pt")
     message = str(error.value)
@@ -129,7 +142,7 @@ def test_a_checkpoint_whose_model_is_no_state_dict_is_refused():
 
 def test_a_file_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "weights.pt"
-    torch.save(AlexNet().state_dict(), path)
+    torch.save(AlexNet(hidden=(8, 4)).state_dict(), path)
     with pytest.raises(CheckpointError, match="not a checkpoint of this project"):
         load_checkpoint(path)
     (tmp_path / "truncated.pt").write_bytes(path.read_bytes()[:1000])
@@ -334,12 +347,12 @@ def test_to_cpu_reuses_only_tensors_of_the_same_shape_and_dtype():
 @pytest.mark.parametrize("key", ["model", "ema"])
 def test_a_checkpoint_with_non_finite_weights_is_refused_by_the_loader(tmp_path, key):
     """Before: predict printed `c0 nan` for every image, accuracy 33.33%, loss nan, exit 0."""
-    weights = AlexNet(num_classes=3).state_dict()
+    weights = AlexNet(num_classes=3, hidden=(8, 4)).state_dict()
     weights["classifier.6.bias"][1] = float("nan")
     weights["features.0.weight"][0, 0, 0, 0] = float("inf")
-    healthy = AlexNet(num_classes=3).state_dict()
-    checkpoint = {"model": healthy, "ema": None, "model_args": {"num_classes": 3}, "classes": ["a", "b", "c"],
-                  "image_size": 64, "stored_size": 64} | {key: weights}
+    healthy = AlexNet(num_classes=3, hidden=(8, 4)).state_dict()
+    checkpoint = {"model": healthy, "ema": None, "model_args": {"num_classes": 3, "hidden": (8, 4)},
+                  "classes": ["a", "b", "c"], "image_size": 64, "stored_size": 64} | {key: weights}
     save_checkpoint(checkpoint, tmp_path / "x.pt")
     kind = "EMA weights" if key == "ema" else "weights"
     with pytest.raises(CheckpointError, match=rf"x\.pt: its {kind} hold NaN or infinite values \(features\.0\.weight, "

@@ -1,6 +1,7 @@
 """Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
 import errno
 import json
+import multiprocessing
 import os
 import pty
 import signal
@@ -73,16 +74,14 @@ def test_a_fresh_run_onto_a_finished_run_is_refused_unless_overwrite(tiny_data, 
     assert "epoch   1/1" in again.stdout and (tmp_path / "p.last.pt").exists()
 
 
-WRITER = """
-import sys, time
-sys.path.insert(0, {root!r})
-import cli
-def write(f):
-    f.write(b"x" * 1000)
-    time.sleep(0.01)  # the other writer starts meanwhile
-for i in range(100):  # a second or more: the two overlap whatever their start-up times
-    cli.write_atomically({path!r}, write)
-"""
+def write_often(path: Path) -> None:
+    """A writer process: a second of atomic writes of one path, each slow enough for the other's to overlap it."""
+    def write(f):
+        f.write(b"x" * 1000)
+        time.sleep(0.01)
+
+    for _ in range(100):
+        cli.write_atomically(path, write)
 
 
 @pytest.mark.slow
@@ -100,11 +99,13 @@ def test_a_users_own_file_named_like_a_runs_log_or_report_is_never_replaced(tiny
 def test_concurrent_writers_of_one_path_never_remove_each_others_temporary_file(tmp_path):
     """Two predict.py --grid of one picture, two runs building one cache: before, one failed or warned."""
     path = tmp_path / "same.png"
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), path=str(path))],
-                                stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    # forked: two processes (each its own pid in its temporary files' names) without a new Python importing torch
+    writers = [multiprocessing.get_context("fork").Process(target=write_often, args=(path,)) for _ in range(2)]
     for writer in writers:
-        _, stderr = writer.communicate(timeout=120)
-        assert writer.returncode == 0, stderr
+        writer.start()
+    for writer in writers:
+        writer.join(timeout=120)
+        assert writer.exitcode == 0  # an exception's traceback is on stderr
     assert os.listdir(tmp_path) == ["same.png"]
 
 

@@ -17,7 +17,7 @@ import torch
 
 import cli
 import data
-from conftest import ROOT, make_class_folders
+from conftest import QUICK, ROOT, make_class_folders
 
 
 def locking(fd, mode, nbytes):
@@ -70,7 +70,7 @@ def test_download_pretrain_and_predict_run_without_what_linux_alone_has(tmp_path
 
     script("download.py", "--source", source, "--root", "data")
     started = script("pretrain.py", "--data-dir", "data", "--out", "ck/p.pt", "--epochs", "1", "--limit", "48",
-                     "--val-size", "6", "--image-size", "64", "--batch-size", "16", "--device", "cpu")
+                     "--val-size", "6", *QUICK)
     assert "pretrain: 42 training, 6 validation, 6 test images" in started
     assert (tmp_path / "data" / ".cache" / "train.json").is_file()
     lines = script("predict.py", "data/test/red", "--checkpoint", "ck/p.pt", "--device", "cpu").splitlines()

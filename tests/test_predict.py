@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import QUICK, error_line, run
+from conftest import QUICK, QUICK_NO_HIDDEN, error_line, run
 from model import load_checkpoint, model_from_checkpoint
 from cli import UsageError, resolve_device
 from predict import classification_report, compute_logits, print_report
@@ -374,7 +374,7 @@ def test_a_tilde_the_shell_left_unexpanded_makes_no_folder_named_tilde(pretraine
     name = "~/grid.png" if flag == "--grid" else "~/model.pt"
     args = {"predict.py": [tiny_data / "test", "--checkpoint", pretrained],
             "pretrain.py": ["--data-dir", tiny_data, *QUICK],
-            "finetune.py": ["--data-dir", tiny_data, "--checkpoint", pretrained, *QUICK]}[script]
+            "finetune.py": ["--data-dir", tiny_data, "--checkpoint", pretrained, *QUICK_NO_HIDDEN]}[script]
     result = run(script, *args, f"{flag}={name}", check=False, cwd=tmp_path)  # bash leaves `--grid=~/...` as is
     assert error_line(result) == (f"{script}: {flag} {name}: starts with a ~ the shell did not expand (it would make "
                                   f"a folder named ~ here); write {flag} {name} with a space after {flag}, or $HOME "

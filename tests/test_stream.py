@@ -2,6 +2,7 @@
 trusted past what was written, and decoding processes end with the run that started them."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,12 +123,19 @@ def test_limit_keeps_every_class_or_names_limit(tmp_path):
     assert (torch.bincount(labels[data.stratified_split(labels, advised - 1, 0)[0]], minlength=3) < 2).any()
 
 
+@pytest.fixture(scope="module")
+def resident(tiny_data, tmp_path_factory) -> Path:
+    """A two-epoch run with its images on the device whole: what a streamed run must end as."""
+    out = tmp_path_factory.mktemp("resident") / "pretrain.pt"
+    run("pretrain.py", *start(out, 2, tiny_data), "--stream", "never")
+    yield out
+    shutil.rmtree(out.parent)  # its checkpoints go with the module, not at the session's end
+
+
 @pytest.mark.slow
-def test_streamed_and_resident_training_end_with_bit_identical_weights(tiny_data, tmp_path):
-    outs = {}
-    for stream in ("never", "always"):
-        outs[stream] = tmp_path / stream / "pretrain.pt"
-        run("pretrain.py", *start(outs[stream], 2, tiny_data), "--stream", stream)
+def test_streamed_and_resident_training_end_with_bit_identical_weights(resident, tiny_data, tmp_path):
+    outs = {"never": resident, "always": tmp_path / "always" / "pretrain.pt"}
+    run("pretrain.py", *start(outs["always"], 2, tiny_data), "--stream", "always")
     for suffix in (".pt", ".last.pt"):
         a = torch.load(outs["never"].with_suffix(suffix), weights_only=True)["model"]
         b = torch.load(outs["always"].with_suffix(suffix), weights_only=True)["model"]
@@ -137,9 +145,8 @@ def test_streamed_and_resident_training_end_with_bit_identical_weights(tiny_data
 
 
 @pytest.mark.slow
-def test_a_streamed_run_stopped_and_resumed_ends_as_a_resident_one(tiny_data, tmp_path):
-    whole = tmp_path / "whole" / "pretrain.pt"
-    run("pretrain.py", *start(whole, 2, tiny_data), "--stream", "never")
+def test_a_streamed_run_stopped_and_resumed_ends_as_a_resident_one(resident, tiny_data, tmp_path):
+    whole = resident
     parts = tmp_path / "parts" / "pretrain.pt"
     stop_during("epoch 1/2", signal.SIGTERM, [*start(parts, 2, tiny_data), "--stream", "always"])
     run("pretrain.py", "--resume", parts.with_suffix(".last.pt"), "--stream", "always")

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import data
-from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run, training_log
+from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run, training_log
 from model import AlexNet
 import cli
 from cli import ProgressLine
@@ -22,7 +22,7 @@ from pretrain import print_epoch
 
 def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
     checkpoint = torch.load(pretrained, weights_only=True)
-    assert checkpoint["model_args"] == {"num_classes": 3, "dropout": 0.5}
+    assert checkpoint["model_args"] == {"num_classes": 3, "dropout": 0.5, "hidden": (64, 32)}  # QUICK's --hidden
     assert checkpoint["classes"] == ["blue", "green", "red"]
     assert (checkpoint["image_size"], checkpoint["stored_size"], checkpoint["stage"]) == (64, 32, "pretrain")
     assert checkpoint["args"]["lr"] == 0.02 and checkpoint["mean"] == [0.485, 0.456, 0.406]
@@ -47,13 +47,13 @@ def test_finetune_to_other_classes_changes_only_the_head(pretrained, tmp_path):
     other = make_class_folders(tmp_path / "other", classes=("w", "x", "y", "z"), train=8, test=3, size=40)
     out = tmp_path / "finetune.pt"
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", other, "--out", out, "--epochs", "1",
-                 "--val-size", "4", *QUICK)
-    assert "4,100 trainable parameters" in result.stdout  # 1024 x 4 + 4: the new head alone
+                 "--val-size", "4", *QUICK_NO_HIDDEN)
+    assert "132 trainable parameters" in result.stdout  # 32 x 4 + 4: the new head alone
     # the preprocessing the checkpoint was trained with, not this folder's 40 px (before: taken without a word)
     assert f"--stored-size 32: the size {pretrained} stored its training images at" in result.stdout
     assert "(the starting weights)" not in result.stdout  # a new head never competes as epoch 0
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
-    assert tuned["model_args"]["num_classes"] == 4
+    assert tuned["model_args"] == {"num_classes": 4, "dropout": 0.5, "hidden": (64, 32)}  # the checkpoint's widths
     assert tuned["classes"] == ["w", "x", "y", "z"]
     assert tuned["stored_size"] == 32
     for name, tensor in tuned["model"].items():
@@ -71,7 +71,7 @@ def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates
     out = tmp_path / "finetune.pt"
     # an lr too small to change any weight: no epoch can beat the starting weights, which must then be kept
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-                 "--val-size", "6", *QUICK, "--lr", "1e-30")
+                 "--val-size", "6", *QUICK_NO_HIDDEN, "--lr", "1e-30")
     assert "the head starts from its weights" in result.stdout and "optimistic" not in result.stderr
     assert "--stored-size" not in result.stdout  # its own data folder: the run's flag, the same image cache
     assert "epoch   0/1  (the starting weights)" in result.stdout
@@ -87,7 +87,7 @@ def test_finetune_new_head_and_a_warning_when_validation_overlaps_the_checkpoint
         pretrained, tiny_data, tmp_path):
     out = tmp_path / "finetune.pt"
     result = run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-                 "--val-size", "6", *QUICK, "--lr", "1e-30", "--new-head", "--seed", "1")
+                 "--val-size", "6", *QUICK_NO_HIDDEN, "--lr", "1e-30", "--new-head", "--seed", "1")
     assert "the head starts from" not in result.stdout
     assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
     # a new head is random: it never competes as epoch 0, even when epoch 1 only ties it (before: epoch 0 was kept)
@@ -109,7 +109,7 @@ def test_the_overlap_warning_knows_the_data_folder_by_any_name(tmp_path):
     (tmp_path / "linked").symlink_to(tmp_path / "run" / "data")
     for data_dir in (tmp_path / "run" / "data", "linked"):
         result = run("finetune.py", "--checkpoint", tmp_path / "run" / "p.pt", "--data-dir", data_dir, "--out",
-                     "f.pt", "--overwrite", "--epochs", "1", "--val-size", "3", "--seed", "1", *QUICK, cwd=tmp_path)
+                     "f.pt", "--overwrite", "--epochs", "1", "--val-size", "3", "--seed", "1", *QUICK_NO_HIDDEN, cwd=tmp_path)
         assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
 
 
@@ -119,7 +119,7 @@ def test_the_overlap_warning_knows_the_data_folder_by_any_name(tmp_path):
 def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode, frozen, changed):
     out = tmp_path / "finetune.pt"
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-        "--val-size", "6", "--mode", mode, *QUICK)
+        "--val-size", "6", "--mode", mode, *QUICK_NO_HIDDEN)
     # the last epoch's weights, which trained whatever the validation score
     tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)["model"]
     source = torch.load(pretrained, weights_only=True)["model"]
@@ -228,7 +228,7 @@ def test_init_from_a_torchvision_state_dict(tiny_data, tmp_path):
     weights = tmp_path / "alexnet.pth"
     torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
-                 "--val-size", "6", "--init", weights, *QUICK)
+                 "--val-size", "6", "--init", weights, *QUICK_NO_HIDDEN)  # the reference's widths
     expected = ("loaded 12 tensors; kept fresh (name or shape differs): "
                 "classifier.4.bias, classifier.4.weight, classifier.6.bias")
     assert expected in result.stdout
@@ -287,6 +287,8 @@ def test_an_init_file_that_cannot_be_loaded_is_one_line_without_unsafe_advice(ti
     (["--ema", "1"], "--ema: must be at least 0 and below 1"),
     (["--cutout", "1"], "--cutout: must be at least 0 and below 1"),
     (["--epochs", "two"], "--epochs: invalid positive_int value"),
+    (["--hidden", "64"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, got 64"),
+    (["--hidden", "64,0"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, got 64,0"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message):
     result = run("pretrain.py", *flags, check=False)
@@ -312,7 +314,7 @@ def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     native = amx or avx512_bf16
     args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cpu"])
-    model = AlexNet(num_classes=3)
+    model = AlexNet(num_classes=3, hidden=(64, 32))
     _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, cli.Processes("cpu"))
     assert bf16 is native and optimizer.defaults["fused"] is (True if native else None)
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) is native
@@ -329,7 +331,7 @@ def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32
 def test_a_bf16_step_on_the_cpu_convolves_nhwc_in_bf16_and_updates_fp32_weights():
     import pretrain
     args = pretrain.make_parser("", "pretrain").parse_args(["--precision", "bf16", "--image-size", "64"])
-    model = AlexNet(num_classes=3)
+    model = AlexNet(num_classes=3, hidden=(64, 32))
     images, labels = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8) % 3
     run_ = pretrain.start_run(args, "pretrain", cli.Processes("cpu"), model, list(model.parameters()),
                               data.ImageSet(images, labels, ["a", "b", "c"]))
@@ -393,7 +395,7 @@ def test_recipe_flag_changes_the_training_loss(flag):
     losses = []
     for value in (0.0, 0.5):
         torch.manual_seed(0)
-        model = AlexNet(num_classes=3)
+        model = AlexNet(num_classes=3, hidden=(64, 32))
         args = make_parser("", "pretrain").parse_args(["--image-size", "63", "--precision", "fp32",
                                                        f"--{flag.replace('_', '-')}", str(value)])
         run_ = start_run(args, "pretrain", Processes("cpu"), model, list(model.parameters()),
@@ -442,10 +444,10 @@ def test_ema_weights_are_kept_and_tta_reaches_predict(tiny_data, tmp_path):
 def test_finetune_resumes_with_its_mode(pretrained, tiny_data, tmp_path):
     out = tmp_path / "finetune.pt"
     run("finetune.py", "--checkpoint", pretrained, "--data-dir", tiny_data, "--out", out, "--epochs", "1",
-        "--val-size", "6", *QUICK)
+        "--val-size", "6", *QUICK_NO_HIDDEN)
     resumed = run("finetune.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2")
     assert "resuming finetune" in resumed.stdout
-    assert "3,075 trainable parameters" in resumed.stdout  # still the head only
+    assert "99 trainable parameters" in resumed.stdout  # still the head only (32 x 3 + 3)
     tuned = torch.load(out.with_suffix(".last.pt"), weights_only=True)
     source = torch.load(pretrained, weights_only=True)
     assert tuned["epoch"] == 2
