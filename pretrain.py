@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -247,9 +246,9 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
     save_resume_state(run, progress, writer, finished=epoch == run.args.epochs, best=best)
     if run.processes.main:
         write_csv(side_files(run.out)["csv"], progress.history)
-        write_picture(side_files(run.out)["curves"], "learning curves", learning_curves(
+        write_run_file(side_files(run.out)["curves"], "learning curves", lambda f: learning_curves(
             progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {epoch} of "
-            f"{run.args.epochs} epochs"))
+            f"{run.args.epochs} epochs").save(f, format="PNG"))
         print_epoch(progress.history, run.args.epochs, improved)
         tell_if_stdout_lost(run)
 
@@ -276,11 +275,10 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
 def tell_if_stdout_lost(run: Run) -> None:
     """A closed stdout (`| head`), or a full disk under `> log`, does not stop the training: said once, on stderr."""
     stdout = sys.stdout
-    if getattr(stdout, "lost", None) is None or stdout.lost_told:
-        return
-    stdout.lost_told = True
-    print(f"{run.stage}.py: cannot write to stdout any more ({stdout.lost.strerror or stdout.lost}); training goes "
-          f"on, each epoch is logged in {side_files(run.out)['csv']}", file=sys.stderr)
+    if getattr(stdout, "lost", None) is not None and not stdout.lost_told:
+        stdout.lost_told = True
+        print(f"{run.stage}.py: cannot write to stdout any more ({stdout.lost.strerror or stdout.lost}); training "
+              f"goes on, each epoch is logged in {side_files(run.out)['csv']}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- evaluation and the test, once
@@ -314,10 +312,10 @@ def test_once(run: Run, progress: Progress) -> dict:
     print_report("test", test, run.train_images.classes)
     test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": cli.code_version()}
     save_checkpoint(final | {"test_metrics": test, "temperature": temperature}, run.out)
-    write_text(files["test"], "test report", cli.json_text(test, indent=2) + "\n")
-    write_picture(files["confusion"], "confusion matrix picture", confusion_picture(
+    write_run_file(files["test"], "test report", lambda f: f.write((cli.json_text(test, indent=2) + "\n").encode()))
+    write_run_file(files["confusion"], "confusion matrix picture", lambda f: confusion_picture(
         test["confusion_matrix"], run.test_images.classes, f"{run.stage}: {run_name(run.out).name}, the test split "
-        f"({test['accuracy']:.1%} right; shade: share of the true class)"))
+        f"({test['accuracy']:.1%} right; shade: share of the true class)").save(f, format="PNG"))
     print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']} and "
           f"{files['curves']} (each epoch), {files['test']} and {files['confusion']} (the test)")
     return test
@@ -664,18 +662,9 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
     write_run_file(path, "checkpoint", lambda f: torch.save(checkpoint, f))
 
 
-def write_text(path: str | os.PathLike, what: str, text: str) -> None:
-    """A log or report, atomically as a checkpoint: a reader, or a full disk, never meets half of it."""
-    write_run_file(path, what, lambda f: f.write(text.encode()))
-
-
-def write_picture(path: str | os.PathLike, what: str, picture: Image.Image) -> None:
-    """A run's picture (PNG), atomically as a checkpoint."""
-    write_run_file(path, what, lambda f: picture.save(f, format="PNG"))
-
-
 def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:
-    """cli.write_atomically; a failure to write (a full disk, a read-only folder) is one line naming `what`."""
+    """A checkpoint, log, report or picture, by cli.write_atomically: a crash, a reader or a full disk never meets half
+    of it; a failure to write (a full disk, a read-only folder) is one line naming `what`."""
     try:
         cli.write_atomically(path, write)
     except OSError as e:
@@ -690,7 +679,7 @@ def write_csv(path: Path, history: list[dict]) -> None:
     writer = csv.DictWriter(text, fieldnames=list(history[0]))
     writer.writeheader()
     writer.writerows(history)
-    write_text(path, "training log", text.getvalue())
+    write_run_file(path, "training log", lambda f: f.write(text.getvalue().encode()))
 
 
 def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict:

@@ -205,9 +205,10 @@ def test_a_validation_loss_that_is_not_finite_is_left_out_of_the_curves():
 
 def test_a_run_picture_onto_a_full_disk_is_one_line_and_keeps_the_previous_one(small_filesystem):
     path = small_filesystem("1m") / "run.png"
-    pretrain.write_picture(path, "learning curves", predict.learning_curves(history(2), 2, "t"))
+    curves = predict.learning_curves(history(2), 2, "t")
+    pretrain.write_run_file(path, "learning curves", lambda f: curves.save(f, format="PNG"))
     before = path.read_bytes()
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1000, 3), dtype=np.uint8))  # 3 MB
     with pytest.raises(CheckpointError, match="run.png: cannot write the learning curves \\(No space left on dev"):
-        pretrain.write_picture(path, "learning curves", noise)
+        pretrain.write_run_file(path, "learning curves", lambda f: noise.save(f, format="PNG"))
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["run.png"]
