@@ -1,5 +1,6 @@
 import importlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -185,6 +186,8 @@ def test_the_advice_to_resume_names_the_invoke_command_typed(monkeypatch):
     assert pretrain.resume_advice("finetune", "c/f.last.pt") == "invoke -r ../p finetune --resume c/f.last.pt"
     monkeypatch.delenv(pretrain.RESUME_WITH)
     assert pretrain.resume_advice("finetune", "c/f.last.pt") == "python finetune.py --resume c/f.last.pt"
+    odd = "o d/it's \"x\".last.pt"  # before: printed bare, which a shell splits at the space and the quotes
+    assert shlex.split(pretrain.resume_advice("pretrain", odd)) == ["python", "pretrain.py", "--resume", odd]
 
 
 @pytest.mark.slow  # real invoke processes
