@@ -27,7 +27,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -80,11 +79,9 @@ def script_flags() -> dict[str, list[SimpleNamespace]]:
             "choices": None if action.choices is None else list(map(str, action.choices))} for action in parser.flags]
                  for name, parser in script_parsers().items()}
         flags = json.loads(json.dumps(flags, default=str))  # as read back from the cache
-        try:
-            FLAGS_CACHE.parent.mkdir(exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=FLAGS_CACHE.parent, delete=False) as f:
-                json.dump({"key": key, "flags": flags}, f)
-            os.replace(f.name, FLAGS_CACHE)
+        import cli  # here, as the scripts were: it imports torch
+        try:  # its temporary file removed on failure: a full disk, a folder in the way
+            cli.write_atomically(FLAGS_CACHE, lambda f: f.write(json.dumps({"key": key, "flags": flags}).encode()))
         except OSError:  # a read-only project: read from the scripts each time
             pass
     return {name: [SimpleNamespace(**action) for action in actions] for name, actions in flags.items()}

@@ -200,3 +200,15 @@ def test_listing_the_tasks_and_a_tasks_help_do_not_import_torch(tmp_path):
                                 capture_output=True, text=True, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("no torch\n") and "--lr-schedule" in result.stdout
+
+
+@pytest.mark.parametrize("fault", ["full disk", "folder in the way"])
+def test_the_flags_cache_failing_to_write_leaves_no_temporary_file(tmp_path, small_filesystem, monkeypatch, fault):
+    """Before: each invoke on a full disk, or with a folder named as the cache, left a temporary file beside it."""
+    import tasks
+    folder = small_filesystem("12k") if fault == "full disk" else tmp_path / "pycache"
+    monkeypatch.setattr(tasks, "FLAGS_CACHE", folder / "tasks-flags.json")
+    if fault == "folder in the way":
+        tasks.FLAGS_CACHE.mkdir(parents=True)
+    assert "--lr-schedule" in [flag for action in tasks.script_flags()["pretrain"] for flag in action.option_strings]
+    assert [p.name for p in folder.iterdir()] == (["tasks-flags.json"] if fault != "full disk" else [])
