@@ -658,11 +658,11 @@ def test_a_damaged_cache_in_a_read_only_data_folder_is_said_damaged_only_while_d
         f.write(bytes(100))
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
-    for run in ("first", "second"):  # each a new process: where the cache goes is decided afresh
+    for attempt in ("first", "second"):  # each a new process: where the cache goes is decided afresh
         data.cache_folder.cache_clear()
         capsys.readouterr()
         assert torch.equal(data.load_folder(root / "train").images, pixels)
-        assert ("the image cache is damaged" in capsys.readouterr().err) == (run == "first")
+        assert ("the image cache is damaged" in capsys.readouterr().err) == (attempt == "first")
         monkeypatch.setattr(data, "decode", interrupted_decode)  # the second time, read from the user's cache
 
 
