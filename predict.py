@@ -224,14 +224,18 @@ def font(size: int, texts: Iterable[str] = ()) -> ImageFont.FreeTypeFont:
 
 @functools.cache
 def font_for(letters: str, size: int) -> ImageFont.FreeTypeFont:
-    """The first of Pillow's own font and wide_fonts that draws every one of LETTERS; without one, Pillow's own and
-    one warning line."""
+    """The first of Pillow's own font and wide_fonts that draws every one of LETTERS; without one, the first that
+    lacks the fewest (DejaVu's Hebrew drawn beside an emoji none has), and one warning line naming those."""
+    best, missing = None, letters
     for path in (None, *wide_fonts()):
         chosen = ImageFont.load_default(size) if path is None else ImageFont.truetype(path, size)
-        if not lacked(chosen, letters):
-            return chosen
-    warn_boxes(lacked(ImageFont.load_default(size), letters))
-    return ImageFont.load_default(size)
+        lacks = lacked(chosen, letters)
+        if best is None or len(lacks) < len(missing):
+            best, missing = chosen, lacks
+        if not missing:
+            return best
+    warn_boxes(missing)
+    return best
 
 
 @functools.cache
@@ -255,8 +259,8 @@ def lacked(chosen: ImageFont.FreeTypeFont, letters: str) -> str:
 
 @functools.cache
 def warn_boxes(letters: str) -> None:
-    print(f"warning: no font found here draws the letters {cli.printable(letters)} of the class names (looked for {WIDE_FONTS[0]} "
-          "and others in the usual font folders): they are drawn as boxes", file=sys.stderr)
+    print(f"warning: no font found here draws the letters {cli.printable(letters)} of the class names (looked for "
+          f"{WIDE_FONTS[0]} and others in the usual font folders): they are drawn as boxes", file=sys.stderr)
 
 
 def new_picture(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
