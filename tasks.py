@@ -10,8 +10,8 @@ r"""invoke tasks: each runs one of the scripts; `invoke --list`, `invoke --help 
 
 A task's flags are its script's, read from the script's own argparse parser (its build_parser): the same names and
 help, the defaults argparse's, so a flag added to a script is a flag of its task too (kept in
-__pycache__/tasks-flags.json until a .py file changes: listing and --help do not import torch). A flag left out is left to the
-script; a value is passed as written, for the script to check. Words after `--` are passed after the flags (invoke
+__pycache__/tasks-flags.json until a .py file changes: listing and --help do not import torch). A flag left out is
+left to the script; a value is passed as written, for the script to check. Words after `--` are passed after the flags (invoke
 joins them with spaces: a name holding one needs --paths). The scripts run in the folder invoke is called from
 (`invoke -r PROJECT` from elsewhere reads and writes there); each command is shown on stderr before it runs.
 """
