@@ -1,6 +1,7 @@
 import importlib
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,12 +162,12 @@ def test_predict_without_paths_says_it_reads_the_default_folder(tmp_path):
 
 
 @pytest.mark.slow  # real invoke and pretrain processes
-def test_a_second_invoke_all_advises_invoke_all_resume(tiny_data, tmp_path):
+def test_a_second_invoke_all_advises_invoke_all_resume(tiny_data, pretrained, tmp_path):
     """Before: `invoke all` run again, its checkpoints there, advised `pretrain.py --resume ...`, not the command
     the user typed."""
     (tmp_path / "ck").mkdir()
-    for name in ("pretrain.pt", "pretrain.last.pt"):
-        (tmp_path / "ck" / name).write_bytes(b"")
+    for name in ("pretrain.pt", "pretrain.last.pt"):  # a real resume state: a file holding none gets no advice
+        shutil.copy(pretrained.parent / name, tmp_path / "ck" / name)
     result = invoke("all", "--source", tiny_data, "--data-dir", "data", "--out-dir", "ck", "--epochs", "1",
                     "--device", "cpu", cwd=tmp_path)
     typed = f"invoke --search-root {ROOT} all --source {tiny_data} --data-dir data --out-dir ck --epochs 1 --device cpu"
