@@ -346,11 +346,15 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     files, key = fingerprint(samples, classes, size, root)
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     image_file = root.parent / ".cache" / f"{root.name}.u8"
-    images = read_cache(image_file, key) if cache else None
+    damaged: list[Path] = []
+    images = read_cache(image_file, key, damaged) if cache else None
     if cache and images is None and cache_folder(root.parent) != image_file.parent:
         image_file = cache_folder(root.parent) / image_file.name
-        images = read_cache(image_file, key)
+        images = read_cache(image_file, key, damaged)
     if images is None:
+        for path in damaged:  # said only when decoded: a read-only folder's damaged cache, its copy valid, is not
+            print(f"warning: {cli.shown(path)}: the image cache is damaged (not the length or the pixels it was "
+                  "built with); decoding the images again", file=sys.stderr)
         images, published = decode_all([p for p, _ in samples], size, image_file if cache else None)
         if published:  # the metadata makes it trusted
             record = {"version": CACHE_VERSION, "key": key, "shape": list(images.shape), "checksum": checksum(images)}
@@ -382,9 +386,9 @@ def cache_folder(data_folder: Path) -> Path:
     return folder
 
 
-def read_cache(image_file: Path, key: str) -> np.memmap | None:
+def read_cache(image_file: Path, key: str, damaged: list[Path]) -> np.memmap | None:
     """The cached images, mapped, if their metadata has this key; a file of another length or checksum than the
-    metadata's is damaged: a warning, and rebuilt like a stale one."""
+    metadata's is damaged: added to `damaged`, and rebuilt like a stale one."""
     try:
         record = json.loads(image_file.with_suffix(".json").read_bytes())
         shape = tuple(record["shape"])
@@ -396,8 +400,7 @@ def read_cache(image_file: Path, key: str) -> np.memmap | None:
                 return images
     except (OSError, ValueError, KeyError, TypeError):  # missing or damaged metadata: rebuilt, never trusted
         return None
-    print(f"warning: {cli.shown(image_file)}: the image cache is damaged (not the length or the pixels it was built "
-          "with); decoding the images again", file=sys.stderr)
+    damaged.append(image_file)
     return None
 
 

@@ -203,14 +203,18 @@ def font(size: int, texts: Iterable[str] = ()) -> ImageFont.FreeTypeFont:
 
 @functools.cache
 def font_for(letters: str, size: int) -> ImageFont.FreeTypeFont:
-    """The first of Pillow's own font and wide_fonts that draws every one of LETTERS; without one, Pillow's own and
-    one warning line."""
+    """The first of Pillow's own font and wide_fonts that draws every one of LETTERS; without one, the first that
+    lacks the fewest (DejaVu's Hebrew drawn beside an emoji none has), and one warning line naming those."""
+    best, missing = None, letters
     for path in (None, *wide_fonts()):
         chosen = ImageFont.load_default(size) if path is None else ImageFont.truetype(path, size)
-        if not lacked(chosen, letters):
-            return chosen
-    warn_boxes(lacked(ImageFont.load_default(size), letters))
-    return ImageFont.load_default(size)
+        lacks = lacked(chosen, letters)
+        if best is None or len(lacks) < len(missing):
+            best, missing = chosen, lacks
+        if not missing:
+            return best
+    warn_boxes(missing)
+    return best
 
 
 @functools.cache

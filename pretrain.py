@@ -16,7 +16,9 @@ import csv
 import io
 import math
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -638,8 +640,10 @@ RESUME_WITH = "ALEXNET_RESUME_WITH"
 
 def resume_advice(stage: str, last: str | os.PathLike, world: int = 1) -> str:
     """The command that resumes a STAGE run of WORLD processes from its resume state LAST: the script's (torchrun's
-    for several processes), or the invoke command the user typed."""
+    for several processes), or the invoke command the user typed; LAST quoted as that shell reads it (tasks.py's
+    command_line), so that a path with spaces or quotes is copied and run as printed."""
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
+    last = subprocess.list2cmdline([os.fspath(last)]) if sys.platform == "win32" else shlex.quote(os.fspath(last))
     return os.environ.get(RESUME_WITH, launcher + " {stage}.py --resume {last}").format(stage=stage, last=last)
 
 

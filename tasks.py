@@ -78,9 +78,9 @@ def script_flags() -> dict[str, list[SimpleNamespace]]:
             "choices": None if action.choices is None else list(map(str, action.choices))} for action in parser.flags]
                  for name, parser in script_parsers().items()}
         flags = json.loads(json.dumps(flags, default=str))  # as read back from the cache
-        with contextlib.suppress(OSError):  # a read-only project: read from the scripts each time
-            FLAGS_CACHE.parent.mkdir(exist_ok=True)
-            FLAGS_CACHE.write_text(json.dumps({"key": key, "flags": flags}))  # half of it, being written, reads as none
+        import cli  # here, as the scripts were: it imports torch
+        with contextlib.suppress(OSError):  # a read-only project, a full disk: read from the scripts each time
+            cli.write_atomically(FLAGS_CACHE, lambda f: f.write(json.dumps({"key": key, "flags": flags}).encode()))
     return {name: [SimpleNamespace(**action) for action in actions] for name, actions in flags.items()}
 
 

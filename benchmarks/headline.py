@@ -190,6 +190,10 @@ class Stopped(Exception):
 
 
 def raise_stopped(signum: int, frame) -> None:
+    """Once: a second signal (Ctrl-C pressed again) is ignored while the step stops, within STOP_GRACE_S, so that
+    its row and its log's last line are still written."""
+    for sig in cli.stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
     raise Stopped(signum)
 
 
@@ -341,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         *(["rehearsal: toy scale on the CPU; these figures only show that the command works"] * args.rehearse)])
     steps = plan(args, scale, work)
     check_budget(args.minutes, steps, scale)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, a timeout's TERM: the step under way is stopped cleanly
+    for sig in cli.stop_signals():  # Ctrl-C, a timeout's TERM, a closed terminal: the step under way stops cleanly
         signal.signal(sig, raise_stopped)
     try:
         failed = run_all(steps, scale, out_dir, header, deadline)

@@ -648,6 +648,24 @@ def test_a_read_only_data_folder_without_a_valid_cache_caches_in_the_users_cache
     assert torch.equal(data.load_folder(root / "train").images, images.images)
 
 
+def test_a_damaged_cache_in_a_read_only_data_folder_is_said_damaged_only_while_decoded(small_filesystem, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """Before: every later run warned "damaged; decoding the images again", and read the user's cache."""
+    disk = small_filesystem("4m")
+    root = make_class_folders(disk / "d", train=3, test=1)
+    pixels = data.load_folder(root / "train").images.clone()
+    with open(root / ".cache" / "train.u8", "r+b") as f:
+        f.write(bytes(100))
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+    for attempt in ("first", "second"):  # each a new process: where the cache goes is decided afresh
+        data.cache_folder.cache_clear()
+        capsys.readouterr()
+        assert torch.equal(data.load_folder(root / "train").images, pixels)
+        assert ("the image cache is damaged" in capsys.readouterr().err) == (attempt == "first")
+        monkeypatch.setattr(data, "decode", interrupted_decode)  # the second time, read from the user's cache
+
+
 def test_a_file_named_dot_cache_in_the_data_folder_moves_the_cache_with_a_warning(tmp_path, monkeypatch, capsys):
     """Before: a NotADirectoryError traceback."""
     root = make_class_folders(tmp_path / "d", train=3, test=1)

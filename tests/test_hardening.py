@@ -13,7 +13,6 @@ import torch
 
 import cli
 import pretrain
-import predict
 from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run
 from model import CheckpointError, load_checkpoint
 

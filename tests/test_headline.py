@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, default_signals
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import headline  # noqa: E402
@@ -153,28 +153,36 @@ def test_a_read_only_folder_flag_is_one_line(tmp_path, small_filesystem, flag):
                                     f"(Read-only file system); choose another {flag}")
 
 
-@pytest.mark.slow  # a real headline.py process, a real SIGTERM
-def test_sigterm_stops_the_step_under_way_which_gets_a_row_and_no_traceback(tmp_path):
-    """Before: the interrupted step had no row, its log a KeyboardInterrupt traceback, and headline.py exited 1."""
-    step = ("import sys, time\nprint('measured 42 images/s', flush=True)\ntime.sleep(60)\nprint('never')")
+@pytest.mark.slow  # a real headline.py process, real signals
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGINT, signal.SIGINT], [signal.SIGHUP]],
+                         ids=["sigterm", "ctrl-c-twice", "sighup"])
+def test_a_stop_signal_stops_the_step_under_way_which_gets_a_row_and_no_traceback(tmp_path, signals):
+    """Before: the interrupted step had no row, its log a KeyboardInterrupt traceback, and headline.py exited 1; a
+    second Ctrl-C while the step was stopping lost its row too, and SIGHUP left the step running, orphaned."""
+    step = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "print('measured 42 images/s', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            "    time.sleep(1); sys.exit(130)  # saving its state\nprint('never')")
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import headline\n"
             f"headline.plan = lambda *_: [headline.Step('sleeper', 'sleeper', [sys.executable, '-c', {step!r}], 1), "
             "headline.Step('after', 'after', [sys.executable, '-c', 'pass'], 1)]\n"
             f"headline.main(['--rehearse', '--out-dir', {str(tmp_path / 'out')!r}, '--work-dir', "
             f"{str(tmp_path / 'work')!r}])")
     process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=tmp_path)
+                               cwd=tmp_path, preexec_fn=default_signals)
     try:
         log = tmp_path / "out" / "sleeper.log"
         while not log.exists() or "\nmeasured 42 images/s\n" not in log.read_text():  # its output, not its command
             time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
+        for sig in signals:
+            process.send_signal(sig)
+            time.sleep(0.3)
         stdout, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 128 + signal.SIGTERM and stderr.endswith(
-        f"headline.py: stopped by SIGTERM; what was measured is in {tmp_path / 'out' / 'results.md'}\n"), stderr
+    name = signals[0].name
+    assert process.returncode == 128 + signals[0] and stderr.endswith(
+        f"headline.py: stopped by {name}; what was measured is in {tmp_path / 'out' / 'results.md'}\n"), stderr
     rows = table((tmp_path / "out" / "results.md").read_text())
-    assert list(rows) == ["sleeper"] and rows["sleeper"][0].endswith(" s, stopped by SIGTERM")
+    assert list(rows) == ["sleeper"] and rows["sleeper"][0].endswith(f" s, stopped by {name}")
     log = (tmp_path / "out" / "sleeper.log").read_text()
     assert "Traceback" not in stderr + log and "\nnever" not in log and log.endswith(" s\n\n")

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 import cli
-import data
 import predict
 import pretrain
 from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run

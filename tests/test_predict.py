@@ -420,3 +420,17 @@ def test_class_names_are_drawn_with_a_font_that_has_their_letters_or_said_to_be_
     else:
         assert warning == ("warning: no font found here draws the letters éгенс of the class names (looked for "
                            "NotoSansCJK-Regular.ttc and others in the usual font folders): they are drawn as boxes\n")
+
+
+def test_without_a_font_for_every_letter_the_one_lacking_fewest_draws_the_names(tmp_path, monkeypatch, capsys):
+    """Before: Pillow's own font, the Hebrew that DejaVu Sans has drawn as boxes beside the CJK letter none had."""
+    import predict
+    found = list(tmp_path.joinpath("/usr/share/fonts").rglob("DejaVuSans.ttf"))
+    if not found:
+        pytest.skip("no DejaVuSans.ttf on this machine")
+    monkeypatch.setattr(predict, "FONT_FOLDERS", (str(found[0].parent),))
+    monkeypatch.setattr(predict, "WIDE_FONTS", ("DejaVuSans.ttf",))
+    for cached in (predict.wide_fonts, predict.font_for, predict.warn_boxes):
+        cached.cache_clear()
+    assert predict.font(11, ["שלום", "猫"]).path == str(found[0])
+    assert "draws the letters 猫 of the class names" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 import importlib
 import os
-import signal
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -186,6 +187,8 @@ def test_the_advice_to_resume_names_the_invoke_command_typed(monkeypatch):
     assert pretrain.resume_advice("finetune", "c/f.last.pt") == "invoke -r ../p finetune --resume c/f.last.pt"
     monkeypatch.delenv(pretrain.RESUME_WITH)
     assert pretrain.resume_advice("finetune", "c/f.last.pt") == "python finetune.py --resume c/f.last.pt"
+    odd = "o d/it's \"x\".last.pt"  # before: printed bare, which a shell splits at the space and the quotes
+    assert shlex.split(pretrain.resume_advice("pretrain", odd)) == ["python", "pretrain.py", "--resume", odd]
 
 
 @pytest.mark.slow  # real invoke processes
@@ -201,7 +204,7 @@ def test_listing_the_tasks_and_a_tasks_help_do_not_import_torch(tmp_path):
 
 
 def test_a_half_written_or_outdated_flags_cache_is_read_from_the_scripts_again(tmp_path, monkeypatch):
-    """The cache is written in place, not renamed into it: a reader meeting it half-written reads the scripts."""
+    """A damaged cache (a hand edit, another tool) or one made from other scripts is read from the scripts again."""
     import tasks
     monkeypatch.setattr(tasks, "FLAGS_CACHE", tmp_path / "flags.json")
     fresh = tasks.script_flags()
@@ -211,3 +214,15 @@ def test_a_half_written_or_outdated_flags_cache_is_read_from_the_scripts_again(t
         tasks.FLAGS_CACHE.write_text(cached)
         assert tasks.script_flags() == fresh and tasks.FLAGS_CACHE.read_text() == whole
     assert "--lr" in [flag for action in fresh["pretrain"] for flag in action.option_strings]
+
+
+@pytest.mark.parametrize("fault", ["full disk", "folder in the way"])
+def test_the_flags_cache_failing_to_write_leaves_no_temporary_file(tmp_path, small_filesystem, monkeypatch, fault):
+    """Before: each invoke on a full disk, or with a folder named as the cache, left a temporary file beside it."""
+    import tasks
+    folder = small_filesystem("12k") if fault == "full disk" else tmp_path / "pycache"
+    monkeypatch.setattr(tasks, "FLAGS_CACHE", folder / "tasks-flags.json")
+    if fault == "folder in the way":
+        tasks.FLAGS_CACHE.mkdir(parents=True)
+    assert "--lr-schedule" in [flag for action in tasks.script_flags()["pretrain"] for flag in action.option_strings]
+    assert [p.name for p in folder.iterdir()] == (["tasks-flags.json"] if fault != "full disk" else [])
