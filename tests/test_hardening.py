@@ -30,13 +30,13 @@ def test_a_full_disk_keeps_the_previous_log_and_test_report(small_filesystem):
     disk = small_filesystem("1m")
     log, report = disk / "p.csv", disk / "p.test.json"
     pretrain.write_csv(log, [{"epoch": 1, "val_acc": 0.5}])
-    pretrain.write_text(report, "test report", '{"accuracy": 0.5}\n')
+    pretrain.write_run_file(report, "test report", lambda f: f.write(b'{"accuracy": 0.5}\n'))
     before = log.read_text()
     with pytest.raises(CheckpointError, match="p.csv: cannot write the training log \\(No space left on device\\); "
                                               "the previous one is untouched: free disk space"):
         pretrain.write_csv(log, [{"epoch": i, "note": "x" * 1000} for i in range(2000)])  # 2 MB
     with pytest.raises(CheckpointError, match="p.test.json: cannot write the test report \\(No space left"):
-        pretrain.write_text(report, "test report", "x" * 2_000_000)
+        pretrain.write_run_file(report, "test report", lambda f: f.write(b"x" * 2_000_000))
     assert log.read_text() == before and report.read_text() == '{"accuracy": 0.5}\n'
     assert sorted(os.listdir(disk)) == ["p.csv", "p.test.json"]  # no temporary file left
 
