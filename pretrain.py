@@ -633,15 +633,12 @@ def side_files(out: Path) -> dict[str, Path]:
     return {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_SUFFIXES.items()}
 
 
-# Set by tasks.py for the scripts it runs: how to resume, as the user started the run (`invoke all ... --resume`), a
-# str.format template of {stage} and {last}; every advice to resume is built from it (resume_advice).
-RESUME_WITH = "ALEXNET_RESUME_WITH"
+RESUME_WITH = "ALEXNET_RESUME_WITH"  # set by tasks.py: the command the user typed, a template of {stage} and {last}
 
 
 def resume_advice(stage: str, last: str | os.PathLike, world: int = 1) -> str:
-    """The command that resumes a STAGE run of WORLD processes from its resume state LAST: the script's (torchrun's
-    for several processes), or the invoke command the user typed; LAST quoted as that shell reads it (tasks.py's
-    command_line), so that a path with spaces or quotes is copied and run as printed."""
+    """The command that resumes a STAGE run of WORLD processes from its resume state LAST, as RESUME_WITH or the script
+    (torchrun for several processes) with LAST quoted for the shell: copied, it runs as printed."""
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     last = subprocess.list2cmdline([os.fspath(last)]) if sys.platform == "win32" else shlex.quote(os.fspath(last))
     return os.environ.get(RESUME_WITH, launcher + " {stage}.py --resume {last}").format(stage=stage, last=last)
