@@ -15,7 +15,8 @@ figures. SIGINT or SIGTERM to headline.py is passed to the step under way, whose
 what it measured), and it exits 128 + N. Data and checkpoints go to --work-dir, so DIR holds at most 8 files.
 
 --rehearse runs the same steps on the CPU at toy scale: a generated data set of 10 classes, one epoch, a few steps,
-tests/test_cuda.py all skipped. Its figures say only that the command works; tests/test_headline.py runs it.
+a classifier 64 and 32 wide, tests/test_cuda.py all skipped. Its figures say only that the command works;
+tests/test_headline.py runs it.
 """
 import argparse
 import json
@@ -64,6 +65,7 @@ class Scale:
     device: str
     throughput: list[str]
     training: list[str]
+    pretraining: list[str]  # pretrain.py's alone, for the job's pretrain stage and the recipes
     recipes: list[str]
     latency: list[str]  # benchmarks/latency.py's flags
     train_images: int  # training images of one epoch (45,000 of CIFAR-10's 50,000; the rest validate)
@@ -72,12 +74,13 @@ class Scale:
     seconds: dict[str, float]
 
 
-GPU = Scale("cuda", ["--image-size", "224", "--batch-size", "256"], [], RECIPE_ORDER, [], 45_000, 40, 10_000.0,
+GPU = Scale("cuda", ["--image-size", "224", "--batch-size", "256"], [], [], RECIPE_ORDER, [], 45_000, 40, 10_000.0,
             {"cuda-tests": 180, "throughput": 90, "compile": 180, "download": 60, "training": 60, "predict": 30,
              "latency": 120})
 REHEARSAL = Scale("cpu", ["--image-size", "64", "--batch-size", "8", "--steps", "2", "--reference-steps", "2",
                           "--warmup", "1"],
-                  ["--epochs", "1", "--image-size", "64", "--batch-size", "16"], RECIPE_ORDER[:1],
+                  ["--epochs", "1", "--image-size", "64", "--batch-size", "16"], ["--hidden", "64,32"],
+                  RECIPE_ORDER[:1],
                   ["--runs", "3", "--batch-runs", "1", "--warmup", "1", "--batch-size", "4"], 108, 1, 100.0,
                   {"cuda-tests": 20, "throughput": 20, "compile": 60, "download": 10, "training": 15, "predict": 10,
                    "latency": 30})
@@ -116,7 +119,8 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
         steps.append(Step(name, name, [python, "benchmarks/throughput.py", "--data-dir", str(data_dir),
                                        *scale.throughput, *flags, *device], seconds, needs="download"))
     steps += [
-        Step("pretrain", "job", [python, "pretrain.py", *training, "--out", str(ckpt / "pretrain.pt")],
+        Step("pretrain", "job", [python, "pretrain.py", *training, *scale.pretraining,
+                                 "--out", str(ckpt / "pretrain.pt")],
              scale.seconds["training"], epoch_images, "download", ckpt / "pretrain.test.json"),
         Step("finetune", "job", [python, "finetune.py", *training, "--out", str(ckpt / "finetune.pt"),
                                  "--checkpoint", str(ckpt / "pretrain.pt")],
@@ -130,7 +134,7 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
     for recipe in scale.recipes:
         steps.append(Step(f"recipe {recipe}", "recipes",
                           [python, "benchmarks/recipes.py", "--recipe", recipe, "--out-dir",
-                           str(work / RUN_FOLDER / "recipes"), *training],
+                           str(work / RUN_FOLDER / "recipes"), *training, *scale.pretraining],
                           scale.seconds["training"], epoch_images, "download",
                           work / RUN_FOLDER / "recipes" / f"{recipe}.test.json"))
     return steps

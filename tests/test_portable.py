@@ -4,6 +4,7 @@ import errno
 import fcntl
 import inspect
 import io
+import json
 import multiprocessing
 import os
 import signal
@@ -53,27 +54,36 @@ SHIMS = {
 }
 
 
-@pytest.mark.slow  # three scripts in new interpreters
+# The scripts one after another in one interpreter, each run as Python runs a script file (its folder first on the
+# path, __main__, its argv), its stdout after a line naming it: the shim is what is tested, not a new Python each.
+RUN_SCRIPTS = textwrap.dedent("""
+    import json, os, runpy, sys
+    for argv in json.loads(sys.argv[1]):
+        print("=== " + os.path.basename(argv[0]), flush=True)
+        sys.argv, sys.path[0] = argv, os.path.dirname(argv[0])
+        runpy.run_path(argv[0], run_name="__main__")
+    """)
+
+
+@pytest.mark.slow  # three scripts in a new interpreter
 @pytest.mark.parametrize("system", SHIMS)
 def test_download_pretrain_and_predict_run_without_what_linux_alone_has(tmp_path, system):
     shim = tmp_path / "shim"
     shim.mkdir()
     (shim / "sitecustomize.py").write_text(SHIMS[system])
     source = make_class_folders(tmp_path / "source", train=100, test=2, size=8)  # 300: two decoding processes
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(shim), "HOME": str(tmp_path)}
-
-    def script(*args):
-        result = subprocess.run([sys.executable, str(ROOT / args[0]), *map(str, args[1:])], cwd=tmp_path, env=env,
-                                capture_output=True, text=True)
-        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
-        return result.stdout
-
-    script("download.py", "--source", source, "--root", "data")
-    started = script("pretrain.py", "--data-dir", "data", "--out", "ck/p.pt", "--epochs", "1", "--limit", "48",
-                     "--val-size", "6", *QUICK)
-    assert "pretrain: 42 training, 6 validation, 6 test images" in started
+    scripts = [["download.py", "--source", source, "--root", "data"],
+               ["pretrain.py", "--data-dir", "data", "--out", "ck/p.pt", "--epochs", "1", "--limit", "48",
+                "--val-size", "6", *QUICK],
+               ["predict.py", "data/test/red", "--checkpoint", "ck/p.pt", "--device", "cpu"]]
+    argvs = json.dumps([[str(ROOT / name), *map(str, args)] for name, *args in scripts])
+    result = subprocess.run([sys.executable, "-c", RUN_SCRIPTS, argvs], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(shim), "HOME": str(tmp_path)})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    _, downloaded, started, predicted = result.stdout.split("=== ")
+    assert downloaded.startswith("download.py\n") and "pretrain: 42 training, 6 validation, 6 test images" in started
     assert (tmp_path / "data" / ".cache" / "train.json").is_file()
-    lines = script("predict.py", "data/test/red", "--checkpoint", "ck/p.pt", "--device", "cpu").splitlines()
+    lines = predicted.splitlines()[1:]
     assert [line.split("\t")[0] for line in lines[:2]] == ["data/test/red/0000.png", "data/test/red/0001.png"]
 
 

@@ -6,6 +6,9 @@ import signal
 import subprocess
 import sys
 
+from unittest import mock
+
+from invoke.main import program
 import pytest
 import torch
 
@@ -19,9 +22,28 @@ def invoke(*args, cwd):
                           capture_output=True, text=True, cwd=cwd)
 
 
-@pytest.mark.slow  # a real invoke process
-def test_tasks_are_listed(tmp_path):
-    listing = invoke("--list", cwd=tmp_path).stdout
+@pytest.fixture
+def invoke_here(capfd, monkeypatch):
+    """invoke(...) in this process: invoke's Program reads tasks.py here, with the argv, folder and environment of
+    `python -m invoke` and put back after; the steps' scripts are still processes, their output read at fds 1 and 2.
+    A new invoke costs seconds of importing torch (`invoke all` reads the scripts' parsers) and tests nothing more."""
+    def run_invoke(*args, cwd):
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["invoke", "--search-root", str(ROOT), *map(str, args)])
+        monkeypatch.delitem(sys.modules, "tasks", raising=False)  # invoke loads tasks.py afresh under that name
+        capfd.readouterr()
+        with mock.patch.dict(os.environ):
+            try:
+                program.run(sys.argv)
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        return subprocess.CompletedProcess(sys.argv, code or 0, *capfd.readouterr())
+    return run_invoke
+
+
+def test_tasks_are_listed(tmp_path, invoke_here):
+    listing = invoke_here("--list", cwd=tmp_path).stdout
     for name in ("download", "pretrain", "finetune", "predict", "export", "all", "bench", "headline", "test"):
         assert f"\n  {name} " in listing
 
@@ -29,7 +51,8 @@ def test_tasks_are_listed(tmp_path):
 @pytest.mark.slow  # a real invoke process
 def test_all_runs_the_whole_job(tiny_data, tmp_path):
     result = invoke("all", "--source", tiny_data, "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "ck",
-                    "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--device", "cpu", cwd=tmp_path)
+                    "--epochs", "1", "--image-size", "64", "--batch-size", "8", "--hidden", "64,32", "--device", "cpu",
+                    cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     outputs = ("pretrain.pt", "pretrain.csv", "pretrain.test.json", "finetune.pt", "finetune.test.json",
                "predictions.png", "pretrain.png", "pretrain.confusion.png", "finetune.png", "finetune.confusion.png",
@@ -40,17 +63,16 @@ def test_all_runs_the_whole_job(tiny_data, tmp_path):
     assert "18 labelled images: accuracy" in result.stdout
 
 
-@pytest.mark.slow  # a real invoke process
-def test_all_stops_at_the_first_failing_step(tmp_path):
-    result = invoke("all", "--source", tmp_path / "missing", "--data-dir", tmp_path / "data",
+@pytest.mark.slow  # a real script process
+def test_all_stops_at_the_first_failing_step(tmp_path, invoke_here):
+    result = invoke_here("all", "--source", tmp_path / "missing", "--data-dir", tmp_path / "data",
                     "--out-dir", tmp_path / "ck", cwd=tmp_path)
     assert result.returncode != 0 and "no such file or folder" in result.stderr
     assert "pretrain.py" not in result.stdout + result.stderr and not (tmp_path / "ck").exists()
 
 
-@pytest.mark.slow  # a real invoke process
-def test_finetune_task_passes_its_flags(tmp_path):
-    result = invoke("--dry", "finetune", "--new-head", "--mode", "full", "--out", "ck/f.pt", "--ema", "0.9",
+def test_finetune_task_passes_its_flags(tmp_path, invoke_here):
+    result = invoke_here("--dry", "finetune", "--new-head", "--mode", "full", "--out", "ck/f.pt", "--ema", "0.9",
                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"{ROOT / 'finetune.py'} --out ck/f.pt --ema 0.9 --mode full --new-head\n" in result.stderr
@@ -70,27 +92,27 @@ def test_every_script_flag_is_a_task_flag(name):
         assert dests - {"data-dir", "out", "checkpoint"} <= all_flags
 
 
-@pytest.mark.slow  # a real invoke process
-def test_a_value_invokes_parser_would_refuse_reaches_the_script(tmp_path):
-    result = invoke("predict", "--limit", "", "--paths", tmp_path, cwd=tmp_path)
+@pytest.mark.slow  # a real script process
+def test_a_value_invokes_parser_would_refuse_reaches_the_script(tmp_path, invoke_here):
+    result = invoke_here("predict", "--limit", "", "--paths", tmp_path, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "argument --limit: invalid positive_int value: ''" in result.stderr
 
 
-@pytest.mark.slow  # a real invoke process
-def test_relative_paths_are_the_callers_and_the_command_shown_is_plain_text_on_stderr(tiny_data, tmp_path):
-    result = invoke("download", "--source", tiny_data, "--root", "here", cwd=tmp_path)
+@pytest.mark.slow  # a real script process
+def test_relative_paths_are_the_callers_and_the_command_shown_is_plain_text_on_stderr(tiny_data, tmp_path,
+                                                                                      invoke_here):
+    result = invoke_here("download", "--source", tiny_data, "--root", "here", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "here" / "train" / "red").is_dir() and not (ROOT / "here").exists()
     assert result.stderr.startswith(f"{sys.executable} {ROOT / 'download.py'} --root here --source {tiny_data}\n")
     assert "download.py" not in result.stdout and "\x1b" not in result.stderr
 
 
-@pytest.mark.slow  # a real invoke process
-def test_all_resume_continues_each_stage_that_left_a_resume_state(tmp_path):
+def test_all_resume_continues_each_stage_that_left_a_resume_state(tmp_path, invoke_here):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "pretrain.last.pt").write_bytes(b"")
-    result = invoke("--dry", "all", "--resume", "--out-dir", "ck", "--epochs", "5", cwd=tmp_path)
+    result = invoke_here("--dry", "all", "--resume", "--out-dir", "ck", "--epochs", "5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     pretrain, finetune = result.stderr.splitlines()[1:3]
     assert pretrain.endswith("pretrain.py --data-dir data/cifar10 --out ck/pretrain.pt --epochs 5 "
@@ -98,20 +120,18 @@ def test_all_resume_continues_each_stage_that_left_a_resume_state(tmp_path):
     assert "--resume" not in finetune
 
 
-@pytest.mark.slow  # a real invoke process
-def test_words_after_a_double_dash_reach_the_script_and_replace_the_default_paths(tmp_path):
-    result = invoke("--dry", "predict", "--topk", "3", "--", "a.png", "it's.png", cwd=tmp_path)
+def test_words_after_a_double_dash_reach_the_script_and_replace_the_default_paths(tmp_path, invoke_here):
+    result = invoke_here("--dry", "predict", "--topk", "3", "--", "a.png", "it's.png", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr == f"{sys.executable} {ROOT / 'predict.py'} --topk 3 a.png 'it'\"'\"'s.png'\n"
-    result = invoke("--dry", "all", "--", "a.png", cwd=tmp_path)
+    result = invoke_here("--dry", "all", "--", "a.png", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr == ("invoke all: takes no words after --, got 'a.png'; pass flags "
                                                         "(invoke --help all)\n")
 
 
-@pytest.mark.slow  # a real invoke process
 @pytest.mark.parametrize("flag", ["--out-dir", "--data-dir"])
-def test_all_with_an_empty_folder_is_one_line_not_the_file_systems_root(tmp_path, flag):
-    result = invoke("--dry", "all", flag, "", cwd=tmp_path)
+def test_all_with_an_empty_folder_is_one_line_not_the_file_systems_root(tmp_path, flag, invoke_here):
+    result = invoke_here("--dry", "all", flag, "", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr == f"invoke all: {flag} is empty; pass a folder (invoke --help all)\n"
 
@@ -144,31 +164,29 @@ def test_a_signal_to_invoke_stops_the_script_which_saves_and_invoke_waits_for_it
             os.kill(script_pid, signal.SIGKILL)
 
 
-@pytest.mark.slow  # a real invoke process
-def test_all_parses_every_steps_flags_before_its_first_step(tmp_path):
+def test_all_parses_every_steps_flags_before_its_first_step(tmp_path, invoke_here):
     """Before: `invoke all --mode ful` downloaded and pretrained, then finetune refused the flag."""
-    result = invoke("--dry", "all", "--mode", "ful", cwd=tmp_path)
+    result = invoke_here("--dry", "all", "--mode", "ful", cwd=tmp_path)
     assert result.returncode == 2 and "download.py" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1] == ("finetune.py: error: argument --mode: invalid choice: 'ful' (choose "
                                               "from 'classifier', 'full', 'head')")
 
 
-@pytest.mark.slow  # a real invoke process
-def test_predict_without_paths_says_it_reads_the_default_folder(tmp_path):
-    result = invoke("--dry", "predict", cwd=tmp_path)
+def test_predict_without_paths_says_it_reads_the_default_folder(tmp_path, invoke_here):
+    result = invoke_here("--dry", "predict", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["invoke predict: no --paths given: data/cifar10/test (the default)",
                                           f"{sys.executable} {ROOT / 'predict.py'} data/cifar10/test"]
 
 
-@pytest.mark.slow  # real invoke and pretrain processes
-def test_a_second_invoke_all_advises_invoke_all_resume(pretrained, tiny_data, tmp_path):
+@pytest.mark.slow  # real download and pretrain processes
+def test_a_second_invoke_all_advises_invoke_all_resume(pretrained, tiny_data, tmp_path, invoke_here):
     """Before: `invoke all` run again, its checkpoints there, advised `pretrain.py --resume ...`, not the command
     the user typed."""
     (tmp_path / "ck").mkdir()
     for path in (pretrained, pretrained.with_suffix(".last.pt")):
         shutil.copy(path, tmp_path / "ck" / path.name)
-    result = invoke("all", "--source", tiny_data, "--data-dir", "data", "--out-dir", "ck", "--epochs", "1",
+    result = invoke_here("all", "--source", tiny_data, "--data-dir", "data", "--out-dir", "ck", "--epochs", "1",
                     "--device", "cpu", cwd=tmp_path)
     typed = f"invoke --search-root {ROOT} all --source {tiny_data} --data-dir data --out-dir ck --epochs 1 --device cpu"
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
