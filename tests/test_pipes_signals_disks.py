@@ -61,8 +61,8 @@ def test_a_fresh_run_onto_a_finished_run_is_refused_unless_overwrite(tiny_data, 
     assert error_line(result) == (
         f"pretrain.py: --out {out}: {out}, {tmp_path}/p.last.pt, {tmp_path}/p.csv, {tmp_path}/p.test.json, "
         f"{tmp_path}/p.png and {tmp_path}/p.confusion.png exist already, from an earlier run; continue it "
-        f"with python pretrain.py --resume {tmp_path}/p.last.pt (a larger --epochs trains further), choose another --out, or "
-        "pass --overwrite to replace it")
+        f"with python pretrain.py --resume {tmp_path}/p.last.pt (a larger --epochs trains further), choose another "
+        "--out, or pass --overwrite to replace it")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before and "epoch" not in result.stdout
     for name in ("p.last.pt", "p.csv", "p.test.json", "p.png", "p.confusion.png"):
         (tmp_path / name).unlink()

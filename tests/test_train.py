@@ -109,7 +109,8 @@ def test_the_overlap_warning_knows_the_data_folder_by_any_name(tmp_path):
     (tmp_path / "linked").symlink_to(tmp_path / "run" / "data")
     for data_dir in (tmp_path / "run" / "data", "linked"):
         result = run("finetune.py", "--checkpoint", tmp_path / "run" / "p.pt", "--data-dir", data_dir, "--out",
-                     "f.pt", "--overwrite", "--epochs", "1", "--val-size", "3", "--seed", "1", *QUICK_NO_HIDDEN, cwd=tmp_path)
+                     "f.pt", "--overwrite", "--epochs", "1", "--val-size", "3", "--seed", "1", *QUICK_NO_HIDDEN,
+                     cwd=tmp_path)
         assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
 
 
