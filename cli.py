@@ -351,6 +351,15 @@ class StopSignal(contextlib.ExitStack):
         if second or self.at_once:
             raise KeyboardInterrupt
 
+    def __exit__(self, *exc) -> bool:
+        """The handlers before are put back; but a program stopping for a signal ignores further ones: a second
+        Ctrl-C after the state is saved would only cut its exit short (killed by SIGINT, not 128 + N)."""
+        restored = super().__exit__(*exc)
+        if self.received is not None:
+            for sig in stop_signals():
+                signal.signal(sig, signal.SIG_IGN)
+        return restored
+
 
 def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:
     """`write` fills a temporary file beside `path`, synced, which then replaces `path`: a failure, a signal or a

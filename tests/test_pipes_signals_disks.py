@@ -17,7 +17,7 @@ from PIL import Image
 import cli
 import predict
 import pretrain
-from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run
+from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run
 from model import load_checkpoint
 from cli import UsageError
 
@@ -381,8 +381,9 @@ def test_a_closed_terminal_stops_training_with_its_state_saved(tmp_path):
     data = make_class_folders(tmp_path / "data", train=40, size=8)
     out = tmp_path / "ck" / "p.pt"
     terminal, child = pty.openpty()
+    # the reference's widths: an epoch long enough for a progress line on a terminal (at most two a second)
     process = subprocess.Popen(script("pretrain.py", "--data-dir", data, "--out", out, "--epochs", "2",
-                                      "--val-size", "6", *QUICK), stdout=child, stderr=child,
+                                      "--val-size", "6", *QUICK_NO_HIDDEN), stdout=child, stderr=child,
                                preexec_fn=default_signals)
     os.close(child)
     shown = b""
