@@ -29,10 +29,12 @@ def data40(tmp_path_factory):
 
 
 def torchrun(*args, nproc=2, **kwargs):
+    """TMPDIR: the folder above --data-dir, the test's: torchrun leaves a torchelastic_* folder in the temporary one."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "pretrain.py"), *map(str, args)]
+    scratch = Path(args[args.index("--data-dir") + 1]).parent
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            preexec_fn=default_signals, **kwargs)
+                            preexec_fn=default_signals, env=os.environ | {"TMPDIR": str(scratch)}, **kwargs)
 
 
 def finish(process, timeout=300):

@@ -217,7 +217,8 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, met
     process = subprocess.Popen([sys.executable, "-c", WITH_START_METHOD, method, str(ROOT / "pretrain.py"),
                                 "--data-dir", str(root), "--out", str(out), *QUICK],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               preexec_fn=default_signals)
+                               preexec_fn=default_signals, env=os.environ | {"TMPDIR": str(tmp_path)})
+    # TMPDIR: a process killed by SIGKILL cannot remove its temporary files (the forkserver's pymp-* folder)
     workers = []
     for _ in range(600):
         workers = descendants(process.pid)
