@@ -233,7 +233,8 @@ def lacked(chosen: ImageFont.FreeTypeFont, letters: str) -> str:
         picture = Image.new("L", (2 * chosen.size, 2 * chosen.size))
         ImageDraw.Draw(picture).text((0, 0), letter, font=chosen, fill=255)
         return picture.tobytes()
-    return "".join(letter for letter in letters if drawn(letter) == drawn("\U0010fffd"))
+    box = drawn("\U0010fffd")
+    return "".join(letter for letter in letters if drawn(letter) == box)
 
 
 @functools.cache
