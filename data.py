@@ -327,7 +327,7 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
         # the name as bytes: a name that is not UTF-8 cannot be encoded as text
         files.update(os.fsencode(path.relative_to(root)) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
         identities.update(f"{info.st_ino}\0{info.st_ctime_ns}\n".encode())
-    identities.update(files.hexdigest().encode())
+    identities.update(files.hexdigest().encode())  # the key changes whenever the fingerprint does
     return files.hexdigest(), identities.hexdigest()
 
 
@@ -348,8 +348,9 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     image_file = root.parent / ".cache" / f"{root.name}.u8"
     damaged: list[Path] = []
     images = read_cache(image_file, key, damaged) if cache else None
-    if cache and images is None and cache_folder(root.parent) != image_file.parent:
-        image_file = cache_folder(root.parent) / image_file.name
+    elsewhere = cache_folder(root.parent) if cache and images is None else image_file.parent
+    if elsewhere != image_file.parent:
+        image_file = elsewhere / image_file.name
         images = read_cache(image_file, key, damaged)
     if images is None:
         for path in damaged:  # said only when decoded: a read-only folder's damaged cache, its copy valid, is not

@@ -155,7 +155,8 @@ def warn_if_started_from_older_weights(args: argparse.Namespace) -> None:
     with contextlib.suppress(Exception):
         state = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)
         stored = state["args"]
-        now = weights_fingerprint(load_checkpoint(os.path.join(state["cwd"], stored["checkpoint"])))
+        now = weights_fingerprint(torch.load(os.path.join(state["cwd"], stored["checkpoint"]), map_location="cpu",
+                                             weights_only=True, mmap=True))
         if stored["started_from"]["sha256"] != now["sha256"]:
             print(f"finetune.py: warning: --checkpoint {stored['checkpoint']} changed since this fine-tuning started "
                   f"from it (its epoch {stored['started_from']['epoch']} then, epoch {now['epoch']} now): the resume "

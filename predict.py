@@ -455,9 +455,13 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
                             "check its permissions") from None
     labelled = any(p.name in classes for p in folders)
     loosely = {data.alike(name): name for name in classes}  # ImageFolder's names are exact: only a note for these
-    unnamed = sorted(p.name for p in folders if p.name not in classes)
-    near = [(name, loosely[data.alike(name)]) for name in unnamed if data.alike(name) in loosely]
-    others = [cli.shown(name) for name in unnamed if data.alike(name) not in loosely]
+    near, others = [], []
+    for name in sorted(p.name for p in folders if p.name not in classes):
+        match = loosely.get(data.alike(name))
+        if match is not None:
+            near.append((name, match))
+        else:
+            others.append(cli.shown(name))
     if near:
         print(f"predict.py: note: {cli.shown(path)}: {len(near)} sub-folder(s) named as a class of the checkpoint but "
               f"for case or Unicode normalisation (such as {data.spelled(near[0][0])} for {data.spelled(near[0][1])}): "

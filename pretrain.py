@@ -450,12 +450,12 @@ def warn_about_warmup(args: argparse.Namespace) -> None:
 def check_no_run_there(args: argparse.Namespace) -> None:
     """A fresh run would replace the checkpoint, resume state, log and report already at --out: every file it writes
     is checked, also a user's own that only shares a run's name (exp.csv beside --out exp.pt)."""
-    out, last = Path(args.out), side_files(Path(args.out))["last"]
-    found = [str(path) for path in (out, *side_files(out).values()) if path.exists()]
+    out, files = Path(args.out), side_files(Path(args.out))
+    found = [str(path) for path in (out, *files.values()) if path.exists()]
     if found and not args.overwrite:
-        resume = ""  # the advised resume works as printed: the state's own script and processes; none for no state
-        with contextlib.suppress(CheckpointError, KeyError):
-            state = load_checkpoint(last)
+        resume, last = "", files["last"]  # advice that works as printed: the state's script and processes; or none
+        with contextlib.suppress(Exception):  # no resume state there (mapped: its weights are not read)
+            state = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
             resume = f"continue it with {resume_advice(state['stage'], last, len(state['rng']['processes']))} (a " \
                 "larger --epochs trains further), "
         named = ", ".join(found[:-1]) + " and " + found[-1] if len(found) > 1 else found[0]

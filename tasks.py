@@ -73,7 +73,7 @@ def script_flags() -> dict[str, list[SimpleNamespace]]:
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged
         flags = None
     if flags is None:
-        fields = ("dest", "option_strings", "nargs", "help", "choices", "default")
+        fields = ("dest", "option_strings", "nargs", "help", "default")
         flags = {name: [{field: getattr(action, field) for field in fields} | {
             "choices": None if action.choices is None else list(map(str, action.choices))} for action in parser.flags]
                  for name, parser in script_parsers().items()}
