@@ -34,7 +34,6 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.ops import roi_align
 
 import cli
 
@@ -692,13 +691,33 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear crop-and-resize of box (x1, y1, x2, y2) of each image to size x size.
 
-    roi_align with aligned=True samples at the same points as torchvision's
-    bilinear resize of the crop (identical inside; at the crop's outermost
-    half-pixel it reads the neighbouring pixels instead of repeating the edge),
-    and averages several samples per output pixel when shrinking.
+    torchvision's roi_align (aligned=True, adaptive sampling) as two matrix products, rows then columns: torch alone,
+    and a second less to start than importing torchvision. It samples at the same points as torchvision's bilinear
+    resize of the crop (identical inside; at the crop's outermost half-pixel it reads the neighbouring pixels instead
+    of repeating the edge), and averages several samples per output pixel when shrinking.
     """
-    index = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype).unsqueeze(1)
-    return roi_align(images.float(), torch.cat([index, boxes], 1), size, 1.0, -1, True)
+    rows = sampling_weights(boxes[:, 1], boxes[:, 3], images.shape[-2], size)
+    columns = sampling_weights(boxes[:, 0], boxes[:, 2], images.shape[-1], size)
+    return rows.unsqueeze(1) @ images.float() @ columns.transpose(1, 2).unsqueeze(1)
+
+
+def sampling_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: int) -> torch.Tensor:
+    """N x size x length: each output pixel's weights over the input pixels along one axis, as roi_align's.
+
+    Output pixel i of a box averages ceil(box side / size) bilinear samples spread evenly over its share of the box;
+    a sample more than a pixel outside the image counts as 0. At most ceil(length / size) samples (a box is at most
+    the image's side): a shape known without reading the boxes, so no wait for the device.
+    """
+    start, end = start.view(-1, 1, 1) - 0.5, end.view(-1, 1, 1) - 0.5
+    step = (end - start) / size
+    count = torch.ceil(step).clamp(min=1)
+    sample = torch.arange(-(-length // size), device=start.device)
+    # in roi_align's order of operations: a sample on the image's far edge is in or out as there
+    at = start + torch.arange(size, device=start.device).view(1, -1, 1) * step + (sample + 0.5) * step / count
+    weight = ((at >= -1) & (at <= length) & (sample < count)) / count  # N x size x samples
+    # bilinear: weight 1 - distance to the two nearest pixels; a sample beyond an edge pixel reads that pixel
+    distance = (at.clamp(0, length - 1).unsqueeze(-1) - torch.arange(length, device=start.device)).abs()
+    return (weight.unsqueeze(-1) * (1 - distance).clamp(min=0)).sum(2)
 
 
 def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: torch.device,

@@ -5,8 +5,7 @@
 The program (torch.export) holds the weights and predict.py's evaluation path (resize, centre crop, normalisation,
 --tta's mirror-image average, the calibrated temperature). It takes N x 3 x S x S uint8 images, S the checkpoint's
 stored size (shorter side resized to S, centre cropped, as data.decode does), and returns N x classes
-probabilities; it loads with torch.export.load where torch and torchvision are installed (its crop is roi_align),
-the class names in its file.
+probabilities; it loads with torch.export.load where torch is installed, the class names in its file.
 
 Before it is written, the program (saved and loaded back) and the checkpoint (through predict.py) run on the same
 images, the checkpoint's test split or generated ones: unless their top-1 classes agree on every image and their

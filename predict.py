@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 from torch.export.passes import move_to_device_pass
-from torchvision.utils import make_grid
 
 import cli
 import data
@@ -368,16 +367,16 @@ def draw_shade_scale(draw: ImageDraw.ImageDraw, picture: Image.Image, corner: tu
 
 
 def tiles(images: torch.Tensor, captions: list[list[tuple[str, str]]]) -> Image.Image:
-    """The images as GRID_TILE px tiles, 8 a row, each with its caption's lines (text, colour) under it."""
-    lines = max(len(caption) for caption in captions)
-    drawn, caption_font = [], font(11, [text for caption in captions for text, _ in caption])
-    for image, caption in zip(images, captions):
-        tile = Image.new("RGB", (GRID_TILE, GRID_TILE + 14 * lines), "black")
+    """The images as GRID_TILE px tiles, 8 a row 2 px apart, each with its caption's lines (text, colour) under it."""
+    height, caption_font = GRID_TILE + 14 * max(map(len, captions)), font(11, [t for c in captions for t, _ in c])
+    grid = Image.new("RGB", (2 + min(8, len(images)) * (GRID_TILE + 2), 2 + -(-len(images) // 8) * (height + 2)))
+    for n, (image, caption) in enumerate(zip(images, captions)):
+        tile = Image.new("RGB", (GRID_TILE, height), "black")
         tile.paste(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((GRID_TILE, GRID_TILE), Image.NEAREST))
         for i, (text, colour) in enumerate(caption):
             ImageDraw.Draw(tile).text((2, GRID_TILE + 1 + 14 * i), text, fill=colour, font=caption_font)
-        drawn.append(torch.from_numpy(np.array(tile)).permute(2, 0, 1))
-    return Image.fromarray(make_grid(torch.stack(drawn), nrow=8, padding=2).permute(1, 2, 0).numpy())
+        grid.paste(tile, (2 + n % 8 * (GRID_TILE + 2), 2 + n // 8 * (height + 2)))
+    return grid
 
 
 def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[str | None]) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2 as T
+from torchvision.ops import roi_align
 from PIL import Image
 
 import cli
@@ -378,6 +379,19 @@ def test_cutout_sets_one_clipped_square_per_image_to_the_mean_colour():
     # a centre anywhere in the image: ~27.75 px covered per side on average, ~770 of 1,024 px
     assert 700 < hole.sum((1, 2)).float().mean() < 840
     assert torch.equal(torch.where(hole[:, None], plain, batch), plain)  # the same crop and flip draws, then the hole
+
+
+def test_crop_resize_is_roi_align_shrinking_enlarging_and_beyond_the_edges():
+    """torchvision's roi_align (aligned, adaptive sampling), which the crop was: the same samples and weights."""
+    for side, size in ((32, 64), (32, 224), (40, 8), (256, 224), (33, 224)):
+        images = torch.randint(0, 256, (16, 3, side, side), dtype=torch.uint8)
+        generator = torch.Generator().manual_seed(side)
+        for boxes in (data.random_resized_boxes(16, side, generator, torch.device("cpu")),
+                      data.random_shift_boxes(16, side, generator, torch.device("cpu")),  # partly outside
+                      torch.tensor([[0.3, 1.7, side - 0.1, side]] * 16)):
+            expected = roi_align(images.float(), torch.cat([torch.arange(16.0)[:, None], boxes], 1), size, 1.0, -1,
+                                 True)
+            assert torch.allclose(data.crop_resize(images, boxes, size), expected, atol=1e-3), (side, size)
 
 
 def test_crop_resize_equals_torchvision_inside_the_crop():
