@@ -74,18 +74,15 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     """Accuracy, loss, per-class accuracy (= recall), precision and F1 with their macro means, and the confusion
     matrix, as plain numbers. An image whose top probability is below `min_confidence` is `unknown`: in no column
     of the matrix, and counted wrong."""
-    labels = labels.to(logits.device)
+    labels, n = labels.to(logits.device), len(classes)
     probabilities, predicted = torch.softmax(logits, 1).max(1)
     known = (probabilities >= min_confidence).cpu()
-    confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
-    confusion.index_put_((labels.cpu()[known], predicted.cpu()[known]), torch.ones(int(known.sum()), dtype=torch.int64),
-                         accumulate=True)
-    counts, claimed, right = torch.bincount(labels.cpu(), minlength=len(classes)), confusion.sum(0), confusion.diag()
-    # None (JSON null) where a share has nothing to divide: 0 would read as "all of them wrong".
-    recall = [right[i].item() / counts[i].item() if counts[i] else None for i in range(len(classes))]
-    precision = [right[i].item() / claimed[i].item() if claimed[i] else None for i in range(len(classes))]
-    f1 = [2 * right[i].item() / (counts[i] + claimed[i]).item() if counts[i] + claimed[i] else None
-          for i in range(len(classes))]  # 2 TP / (2 TP + FP + FN): 0, not undefined, for a class never predicted
+    confusion = torch.bincount(labels.cpu()[known] * n + predicted.cpu()[known], minlength=n * n).view(n, n)
+    counts, claimed, right = torch.bincount(labels.cpu(), minlength=n), confusion.sum(0), confusion.diag()
+    # None (JSON null) where a share has nothing to divide: 0 would read as "all of them wrong". F1 = 2 TP / (2 TP +
+    # FP + FN): 0, not undefined, for a class never predicted.
+    recall, precision, f1 = ([top / bottom if bottom else None for top, bottom in zip(tops.tolist(), bottoms.tolist())]
+                             for tops, bottoms in ((right, counts), (right, claimed), (2 * right, counts + claimed)))
     report = {
         "images": len(labels),
         "loss": F.cross_entropy(logits, labels).item(),
@@ -115,33 +112,24 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
     table = max(width, len(rows[-1][0]))
     print(f"  {'class':>{table}}  accuracy  precision        F1  (accuracy of a class: its recall)")
     for name, *shares in rows:
-        print(f"  {name:>{table}}  " + "   ".join(share(value, 8) for value in shares))
+        print(f"  {name:>{table}}  " + "   ".join(f"{'n/a':>8}" if value is None else f"{value:8.2%}"
+                                                for value in shares))  # n/a: nothing to divide
     if "temperature" in report:
         print(f"calibration: temperature {report['temperature']:.3f} (fitted on the validation split); expected "
               f"calibration error ({ECE_BINS} bins) {report['ece']:.2%}, with the temperature "
               f"{report['ece_calibrated']:.2%}")
-    if width + 2 + 6 * len(classes) > MATRIX_WIDTH:
-        print_most_confused(report["confusion_matrix"], classes)
+    if width + 2 + 6 * len(classes) > MATRIX_WIDTH:  # wider than a terminal: the pairs most often mistaken instead
+        pairs = sorted((-count, true, predicted) for true, row in enumerate(report["confusion_matrix"])
+                       for predicted, count in enumerate(row) if true != predicted and count)
+        print(f"most confused pairs ({min(10, len(pairs))} of {len(pairs)}; the full matrix is in the JSON report: "
+              "predict.py --json, a training run's .test.json):")
+        for count, true, predicted in pairs[:10]:
+            print(f"  {classes[true]} taken for {classes[predicted]}: {-count}")
         return
     print("confusion matrix (rows: true, columns: predicted):")
     print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
     for name, row in zip(classes, report["confusion_matrix"]):
         print(f"  {name:>{width}}" + " ".join(f"{count:5d}" for count in row))
-
-
-def share(value: float | None, width: int) -> str:
-    """A share as a percentage in `width` characters, or n/a where it has nothing to divide."""
-    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.2%}"
-
-
-def print_most_confused(confusion: list[list[int]], classes: list[str], shown: int = 10) -> None:
-    """Instead of a matrix wider than a terminal: the pairs of classes most often mistaken, the true one first."""
-    pairs = sorted((-count, true, predicted) for true, row in enumerate(confusion)
-                   for predicted, count in enumerate(row) if true != predicted and count)
-    print(f"most confused pairs ({min(shown, len(pairs))} of {len(pairs)}; the full matrix is in the JSON report: "
-          "predict.py --json, a training run's .test.json):")
-    for count, true, predicted in pairs[:shown]:
-        print(f"  {classes[true]} taken for {classes[predicted]}: {-count}")
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -326,11 +314,11 @@ def confusion_picture(confusion: list[list[int]], classes: list[str], title: str
     """The confusion matrix as a grid shaded by each cell's share of its row (its true class), the count written
     where it fits, class names on both axes; the cells shrink with more classes (100 classes: 9 px) so that the
     picture stays about 1,000 px square."""
-    counts = np.array(confusion, dtype=np.int64).reshape(len(classes), len(classes))
     n, names = len(classes), [cli.printable(name) for name in classes]
+    counts = np.array(confusion, dtype=np.int64).reshape(n, n)
     cell = int(np.clip(900 // n, 9, 56))
-    label_font, count_font = font(int(np.clip(cell - 2, 8, TEXT_SIZE)), names), font(int(np.clip(cell // 3, 8,
-                                                                                                     TEXT_SIZE)))
+    label_font, small = font(int(np.clip(cell - 2, 8, TEXT_SIZE)), names), font(TEXT_SIZE)
+    count_font = font(int(np.clip(cell // 3, 8, TEXT_SIZE)))
     label = int(max(label_font.getlength(name) for name in names)) + 8
     left, top, side = 30 + label, 40, n * cell
     picture, draw = new_picture(left + side + 90, top + side + label + 30, title)
@@ -347,24 +335,17 @@ def confusion_picture(confusion: list[list[int]], classes: list[str], title: str
         draw.text((left - 4, top + (i + 0.5) * cell), name, fill=INK, font=label_font, anchor="rm")
         ImageDraw.Draw(columns).text((label - 4, (i + 0.5) * cell), name, fill=INK, font=label_font, anchor="rm")
     picture.paste(columns.rotate(90, expand=True), (left, top + side + 4))
-    draw.text((left + side / 2, top + side + label + 8), "predicted", fill=INK, font=font(TEXT_SIZE), anchor="mt")
+    draw.text((left + side / 2, top + side + label + 8), "predicted", fill=INK, font=small, anchor="mt")
     true = Image.new("RGB", (side, 20), "white")
-    ImageDraw.Draw(true).text((side / 2, 10), "true", fill=INK, font=font(TEXT_SIZE), anchor="mm")
+    ImageDraw.Draw(true).text((side / 2, 10), "true", fill=INK, font=small, anchor="mm")
     picture.paste(true.rotate(90, expand=True), (4, top))
-    draw_shade_scale(draw, picture, (left + side + 16, top), min(side, 200))
+    x, height = left + side + 16, min(side, 200)  # what the shades mean: a bar from 100 % of a row (top) to 0 %
+    bar = (255 - np.linspace(1, 0, height)[:, None, None] * (255 - SHADE)).astype(np.uint8).repeat(14, 1)
+    picture.paste(Image.fromarray(bar), (x, top))
+    draw.rectangle([(x - 1, top - 1), (x + 14, top + height)], outline=INK)
+    for text, y in (("100 %", top), ("of its row", top + height / 2), ("0 %", top + height)):
+        draw.text((x + 18, y), text, fill=INK, font=small, anchor="lm")
     return picture
-
-
-def draw_shade_scale(draw: ImageDraw.ImageDraw, picture: Image.Image, corner: tuple[int, int], height: int) -> None:
-    """What the shades mean: a bar from 100 % of a row (top) to 0 %."""
-    shares = np.linspace(1, 0, height)[:, None, None]
-    bar = (255 - shares * (255 - SHADE)).astype(np.uint8).repeat(14, 1)
-    picture.paste(Image.fromarray(bar), corner)
-    x, y = corner
-    draw.rectangle([(x - 1, y - 1), (x + 14, y + height)], outline=INK)
-    for text, at in (("100 %", y), ("0 %", y + height)):
-        draw.text((x + 18, at), text, fill=INK, font=font(TEXT_SIZE), anchor="lm")
-    draw.text((x + 18, y + height / 2), "of its row", fill=INK, font=font(TEXT_SIZE), anchor="lm")
 
 
 def tiles(images: torch.Tensor, captions: list[list[tuple[str, str]]]) -> Image.Image:
@@ -388,19 +369,7 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
     cli.save_picture(tiles(images, captions), Path(path), "--grid")
 
 
-def draw_mistakes(path: str, images: torch.Tensor, mistakes: list[dict], labelled: int) -> None:
-    """The most confident mistakes, each tile titled with the predicted label, its probability and the true label."""
-    captions = [[(f"{m['predicted']} {m['probability']:.0%}", "red"), (f"true: {m['true']}", "white")]
-                for m in mistakes]
-    grid = tiles(images, captions)
-    picture, _ = new_picture(max(grid.width, 420), grid.height + 34,
-                             f"the {len(mistakes)} most confident mistakes of {labelled} labelled images")
-    picture.paste(grid, (0, 34))
-    cli.save_picture(picture, Path(path), "--mistakes")
-
-
 # --------------------------------------------------------------------------- prediction
-
 
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
     """Files to predict with their true class index when known (see folder_images), and one error line per bad path."""
@@ -455,13 +424,9 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
                             "check its permissions") from None
     labelled = any(p.name in classes for p in folders)
     loosely = {data.alike(name): name for name in classes}  # ImageFolder's names are exact: only a note for these
-    near, others = [], []
-    for name in sorted(p.name for p in folders if p.name not in classes):
-        match = loosely.get(data.alike(name))
-        if match is not None:
-            near.append((name, match))
-        else:
-            others.append(cli.shown(name))
+    matches = {name: loosely.get(data.alike(name)) for name in sorted(p.name for p in folders if p.name not in classes)}
+    near = [(name, match) for name, match in matches.items() if match is not None]
+    others = [cli.shown(name) for name, match in matches.items() if match is None]
     if near:
         print(f"predict.py: note: {cli.shown(path)}: {len(near)} sub-folder(s) named as a class of the checkpoint but "
               f"for case or Unicode normalisation (such as {data.spelled(near[0][0])} for {data.spelled(near[0][1])}): "
@@ -570,12 +535,10 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
     its true class when known, the predicted class (UNKNOWN where its probability is below `min_confidence`) and the
     k most probable classes."""
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
-    results = []
-    for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-        results.append({"path": str(path), "true": None if label is None else classes[label],
-                        "predicted": classes[indices[0]] if probabilities[0] >= min_confidence else UNKNOWN,
-                        "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
-    return results
+    return [{"path": str(path), "true": None if label is None else classes[label],
+             "predicted": classes[indices[0]] if probabilities[0] >= min_confidence else UNKNOWN,
+             "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]}
+            for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist())]
 
 
 def result_line(result: dict) -> str:
@@ -593,27 +556,13 @@ def check_picture_path(flag: str, picture: str) -> None:
     if picture == "":  # `if args.grid` would draw no picture without a word
         raise cli.UsageError(f"{flag} is empty; pass a picture file, or leave the flag out for no picture")
     path = Path(picture)
-    if not path.is_dir() and not can_save_rgb(Image.registered_extensions().get(path.suffix.lower())):
-        raise cli.UsageError(f"{flag} {picture}: Pillow cannot write a picture named like this; end it in .png or .jpg")
-    cli.check_writable_file(flag, path, "predictions.png" if flag == "--grid" else "mistakes.png", "a picture file")
-
-
-def can_save_rgb(picture_format: str | None) -> bool:
-    """Whether Pillow writes an RGB picture in this format: some it lists as writable take only 1-bit (XBM), palette
-    or other images (MSP, PALM, HDF5), and failed only after every prediction."""
-    try:
-        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=picture_format)
-        return True
+    try:  # in RGB: some formats Pillow lists as writable take only 1-bit (XBM), palette or others (MSP, PALM, HDF5)
+        if not path.is_dir():
+            Image.new("RGB", (1, 1)).save(io.BytesIO(), format=Image.registered_extensions().get(path.suffix.lower()))
     except (KeyError, ValueError, OSError, TypeError):
-        return False
-
-
-def check_picture_not_input(flag: str, picture: str, found: list[tuple[Path, int | None]]) -> None:
-    """The picture would overwrite an image it is about to show: refused before predicting."""
-    target = Path(picture).resolve()
-    if any(path.resolve() == target for path, _ in found):
-        raise cli.UsageError(f"{flag} {picture}: is one of the images to predict, and writing the picture would "
-                             "overwrite it; choose another path")
+        raise cli.UsageError(f"{flag} {picture}: Pillow cannot write a picture named like this; end it in .png or .jpg"
+                             ) from None
+    cli.check_writable_file(flag, path, "predictions.png" if flag == "--grid" else "mistakes.png", "a picture file")
 
 
 def picture_flags(args: argparse.Namespace) -> dict[str, str]:
@@ -637,8 +586,10 @@ def predict(args: argparse.Namespace) -> int:
     classes = checkpoint["classes"]
 
     found, errors = find_images(args.paths, classes)
-    for flag, picture in pictures.items():
-        check_picture_not_input(flag, picture, found)
+    for flag, picture in pictures.items():  # writing it would overwrite an image it is about to show
+        if any(path.resolve() == Path(picture).resolve() for path, _ in found):
+            raise cli.UsageError(f"{flag} {picture}: is one of the images to predict, and writing the picture would "
+                                 "overwrite it; choose another path")
     if args.mistakes and found and all(label is None for _, label in found):
         raise cli.UsageError(f"--mistakes {args.mistakes}: none of the images has a known class, so none is a mistake; "
                              "pass a folder whose sub-folders are the checkpoint's classes (e.g. data/cifar10/test)")
@@ -673,14 +624,20 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
         print(f"predict.py: none of the images picked for --grid {args.grid} could be read; it is not written",
               file=sys.stderr)
     elif args.grid:
-        draw_grid(args.grid, torch.stack(done.tiles), [done.results[i]["predicted"] for i in done.tiled],
-                  [done.results[i]["true"] for i in done.tiled])
+        draw_grid(args.grid, torch.stack([image for _, image in done.tiles]),
+                  *([done.results[i][key] for i, _ in done.tiles] for key in ("predicted", "true")))
         print(f"wrote {args.grid} ({len(done.tiles)} images)", file=sys.stderr)
     if args.mistakes and not mistakes:
         print(f"predict.py: no mistakes among the {len(done.labels)} labelled images; --mistakes {args.mistakes} is "
               "not written", file=sys.stderr)
-    elif args.mistakes:
-        draw_mistakes(args.mistakes, torch.stack([image for _, _, image in done.mistakes]), mistakes, len(done.labels))
+    elif args.mistakes:  # each tile titled with the predicted label, its probability and the true label
+        grid = tiles(torch.stack([image for _, _, image in done.mistakes]),
+                     [[(f"{m['predicted']} {m['probability']:.0%}", "red"), (f"true: {m['true']}", "white")]
+                      for m in mistakes])
+        picture, _ = new_picture(max(grid.width, 420), grid.height + 34,
+                                 f"the {len(mistakes)} most confident mistakes of {len(done.labels)} labelled images")
+        picture.paste(grid, (0, 34))
+        cli.save_picture(picture, Path(args.mistakes), "--mistakes")
         if not args.json:
             print(f"the {len(mistakes)} most confident mistakes (drawn in {args.mistakes}): path, predicted, "
                   "probability, true")
@@ -692,23 +649,13 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
 @dataclass
 class Predicted:
     """What a pass over the images keeps: a small result per image, the logits of the labelled ones (for the
-    report), the few images the --grid picture shows (`tiled`: their results), and the --mistakes-count most
-    confident mistakes as (probability, result, image); never all the images."""
+    report), the few images the --grid picture shows as (result, image), and the --mistakes-count most confident
+    mistakes as (probability, result, image); never all the images."""
     results: list[dict] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
-    tiles: list[torch.Tensor] = field(default_factory=list)
-    tiled: list[int] = field(default_factory=list)
+    tiles: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     mistakes: list[tuple[float, int, torch.Tensor]] = field(default_factory=list)
-
-
-def keep_mistakes(done: Predicted, results: list[dict], images: torch.Tensor, count: int) -> None:
-    """The `count` most probable wrong predictions so far, a batch's `results` (about to be added) included; an
-    unknown one is no claim, so no mistake. Images are copied out of their batch: a view would keep it whole."""
-    first = len(done.results)
-    done.mistakes += [(r["top"][0]["probability"], first + j, images[j].clone()) for j, r in enumerate(results)
-                      if r["true"] is not None and r["predicted"] not in (r["true"], UNKNOWN)]
-    done.mistakes = sorted(done.mistakes, key=lambda mistake: (-mistake[0], mistake[1]))[:count]
 
 
 @torch.no_grad()
@@ -733,12 +680,13 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
             labelled = [j for j, i in enumerate(kept) if batch[i][1] is not None]
             done.logits.append(logits[labelled])
             done.labels += [batch[kept[j]][1] for j in labelled]
-            for j, i in enumerate(kept):
-                if start + i in grid:
-                    done.tiles.append(images[j].clone())  # a view would keep its whole batch
-                    done.tiled.append(len(done.results) + j)
-            if args.mistakes:
-                keep_mistakes(done, results, images, args.mistakes_count)
+            # Images are copied out of their batch: a view would keep it whole.
+            done.tiles += [(len(done.results) + j, images[j].clone()) for j, i in enumerate(kept) if start + i in grid]
+            if args.mistakes:  # the most probable wrong predictions so far; an unknown one is no claim, so no mistake
+                done.mistakes += [(r["top"][0]["probability"], len(done.results) + j, images[j].clone())
+                                  for j, r in enumerate(results)
+                                  if r["true"] is not None and r["predicted"] not in (r["true"], UNKNOWN)]
+                done.mistakes = sorted(done.mistakes, key=lambda m: (-m[0], m[1]))[:args.mistakes_count]
             done.results += results
             if not args.json:
                 print("".join(map(result_line, results)), end="", flush=True)
