@@ -83,14 +83,9 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     # FP + FN): 0, not undefined, for a class never predicted.
     recall, precision, f1 = ([top / bottom if bottom else None for top, bottom in zip(tops.tolist(), bottoms.tolist())]
                              for tops, bottoms in ((right, counts), (right, claimed), (2 * right, counts + claimed)))
-    report = {
-        "images": len(labels),
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (right.sum() / len(labels)).item(),
-        "per_class_accuracy": dict(zip(classes, recall)),
-        "per_class_precision": dict(zip(classes, precision)),
-        "per_class_f1": dict(zip(classes, f1)),
-    }
+    report = {"images": len(labels), "loss": F.cross_entropy(logits, labels).item(),
+              "accuracy": (right.sum() / len(labels)).item(), "per_class_accuracy": dict(zip(classes, recall)),
+              "per_class_precision": dict(zip(classes, precision)), "per_class_f1": dict(zip(classes, f1))}
     # Macro means over the classes with images; a class never predicted counts as precision 0 (scikit-learn's way).
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
         present = [value or 0.0 for value, count in zip(values, counts) if count]
@@ -184,8 +179,7 @@ FONT_FOLDERS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fo
 
 
 def font(size: int, texts: Iterable[str] = ()) -> ImageFont.FreeTypeFont:
-    """Pillow's own scalable font, or where TEXTS (class names) hold letters it draws as boxes, a font of the
-    machine's that has them (font_for)."""
+    """Pillow's own scalable font, or a font of the machine's with the letters of TEXTS (class names) it lacks."""
     return font_for("".join(sorted(set("".join(texts)) - set(" \t\n"))), size)
 
 
@@ -253,10 +247,9 @@ def ticks(low: float, high: float, most: int, percent: bool = False, least_step:
 
 def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, percent: bool, epochs: list[int],
          series: dict[str, list[float]], kept: int) -> None:
-    """One panel of learning_curves in `box` (left, top, right, bottom px): faint grid lines at round values (about
-    six) and whole epochs (about ten) with their numbers, a dashed line at the epoch kept, and a curve per column of
-    `series` with a dot at each value (a run of one epoch still shows); a value that is not finite (a validation loss
-    that overflowed) is left out. The values' range has a margin: a line on the box's edge is hard to see."""
+    """One panel of learning_curves in `box` (left, top, right, bottom px): a curve per column of `series` with a
+    dot at each value (one epoch still shows), a value that is not finite (an overflowed loss) left out. The values'
+    range has a margin: a line on the box's edge is hard to see."""
     left, top, right, bottom = box
     finite = [y for ys in series.values() for y in ys if math.isfinite(y)] or [0.0]
     margin = (max(finite) - min(finite)) * 0.08 or abs(max(finite)) * 0.1 or 1.0
@@ -288,9 +281,8 @@ def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, 
 
 
 def learning_curves(history: list[dict], kept: int, title: str) -> Image.Image:
-    """A run's epochs (its .csv rows): training and validation loss, training and validation accuracy, and the
-    learning rate, side by side, under a legend; a dashed line marks the epoch kept (best validation; 0: the starting
-    weights)."""
+    """A run's epochs (its .csv rows): loss, accuracy and learning rate side by side, under a legend; a dashed line
+    marks the epoch kept (best validation; 0: the starting weights)."""
     panel, height, small = 360, 340, font(TEXT_SIZE)
     picture, draw = new_picture(3 * panel, height, title)
     panels = (("loss", ("train_loss", "val_loss"), False), ("accuracy", ("train_acc", "val_acc"), True),
@@ -298,22 +290,19 @@ def learning_curves(history: list[dict], kept: int, title: str) -> Image.Image:
     for i, (name, columns, percent) in enumerate(panels):
         plot(draw, (i * panel + 70, 84, (i + 1) * panel - 16, height - 46), name, percent,
              [row["epoch"] for row in history], {column: [row[column] for row in history] for column in columns}, kept)
-    legend = [("training", CURVE_COLOURS["train"]), ("validation", CURVE_COLOURS["validation"]),
-              (f"kept: epoch {kept}" + (" (the starting weights)" if kept == 0 else "") +
-               ", the best validation accuracy", CURVE_COLOURS["kept"])]
-    widths = [24 + small.getlength(name) + 20 for name, _ in legend]
-    x = (picture.width - sum(widths)) / 2
-    for (name, colour), width in zip(legend, widths):
+    legend = ("training", "validation", f"kept: epoch {kept}" + (" (the starting weights)" if kept == 0 else "") +
+              ", the best validation accuracy")  # in CURVE_COLOURS' order
+    x = (picture.width - sum(24 + small.getlength(name) + 20 for name in legend)) / 2
+    for name, colour in zip(legend, CURVE_COLOURS.values()):
         draw.line([(x, 40), (x + 18, 40)], fill=colour, width=3)
         draw.text((x + 24, 40), name, fill=INK, font=small, anchor="lm")
-        x += width
+        x += 24 + small.getlength(name) + 20
     return picture
 
 
 def confusion_picture(confusion: list[list[int]], classes: list[str], title: str) -> Image.Image:
-    """The confusion matrix as a grid shaded by each cell's share of its row (its true class), the count written
-    where it fits, class names on both axes; the cells shrink with more classes (100 classes: 9 px) so that the
-    picture stays about 1,000 px square."""
+    """The confusion matrix shaded by each cell's share of its row (its true class), counts where they fit; the cells
+    shrink with more classes (100 classes: 9 px) so that the picture stays about 1,000 px square."""
     n, names = len(classes), [cli.printable(name) for name in classes]
     counts = np.array(confusion, dtype=np.int64).reshape(n, n)
     cell = int(np.clip(900 // n, 9, 56))
@@ -372,7 +361,8 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
 # --------------------------------------------------------------------------- prediction
 
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
-    """Files to predict with their true class index when known (see folder_images), and one error line per bad path."""
+    """Files to predict, each once, with their true class index when known (see folder_images), and one error line
+    per bad path."""
     found, errors = [], []
     for name in paths:
         path = Path(name)
@@ -396,12 +386,8 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{cli.shown(path)}: no such file or folder; check the path")
-    return once_each(found), errors
-
-
-def once_each(found: list[tuple[Path, int | None]]) -> list[tuple[Path, int | None]]:
-    """Each image once, however often the paths name it (`d/test d/test`, a folder and a file in it): twice would
-    count it twice in the accuracy. Its first name is kept, with a label when any of its names gives one."""
+    # Each image once, however often the paths name it (`d/test d/test`, a folder and a file in it): twice would
+    # count it twice in the accuracy. Its first name is kept, with a label when any of its names gives one.
     kept: dict[Path, tuple[Path, int | None]] = {}
     for path, label in found:
         key = path.resolve()
@@ -410,7 +396,7 @@ def once_each(found: list[tuple[Path, int | None]]) -> list[tuple[Path, int | No
     if len(kept) < len(found):
         print(f"predict.py: note: {len(found) - len(kept)} image(s) named more than once by the paths given: each is "
               "predicted once", file=sys.stderr)
-    return list(kept.values())
+    return list(kept.values()), errors
 
 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
@@ -439,13 +425,9 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
     elif not labelled and any((path / "test" / name).is_dir() for name in classes):
         print(f"predict.py: note: {cli.shown(path)} is a data folder (train/, test/): its images are predicted "
               f"unlabelled; pass {cli.shown(path / 'test')} for the test split's accuracy", file=sys.stderr)
-    return [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in data.image_files(path)]
-
-
-def class_of(relative: Path, classes: list[str]) -> int | None:
-    """The class folder an image lies in; one beside the class folders, or in a hidden folder, has none."""
-    first = relative.parts[0]
-    return classes.index(first) if len(relative.parts) > 1 and first in classes else None
+    index = {name: i for i, name in enumerate(classes)} if labelled else {}
+    # The class folder an image lies in; one beside the class folders, or in a hidden folder, has none.
+    return [(p, index.get(p.relative_to(path).parts[0]) if p.parent != path else None) for p in data.image_files(path)]
 
 
 def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
@@ -470,25 +452,21 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
     torch_log = logging.getLogger("torch.export")  # it logs a traceback before it raises: the line below says it
     torch_log.disabled = True
     try:
-        program = torch.export.load(path, extra_files=record)
-        about = json.loads(record[PROGRAM_RECORD])
+        return torch.export.load(path, extra_files=record), json.loads(record[PROGRAM_RECORD])
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
         raise CheckpointError(f"{path}: an exported program that cannot be loaded (damaged, or without "
                               f"{PROGRAM_RECORD}: not written by export.py); export it again") from None
     finally:
         torch_log.disabled = False
-    return program, about
 
 
 def evaluation_of(checkpoint: dict) -> tuple[int, bool, float]:
-    """How a checkpoint's model is evaluated: its input size, whether mirrored images are averaged in (--tta), and
-    the temperature its logits are divided by (fitted after training; 1 without)."""
+    """A checkpoint's input size, whether mirrored images are averaged in (--tta), and its temperature (1: none)."""
     return checkpoint["image_size"], checkpoint.get("tta", False), float(checkpoint.get("temperature", 1.0))
 
 
 def calibrated_logits(model: nn.Module, checkpoint: dict, images: torch.Tensor) -> torch.Tensor:
-    """The logits divided by the checkpoint's temperature: their softmax is predict's probabilities, as an exported
-    program's are."""
+    """The logits over the checkpoint's temperature: their softmax is predict's probabilities, as a program's are."""
     image_size, flip, temperature = evaluation_of(checkpoint)
     return logits_of(model, images, image_size, flip) / temperature
 
@@ -532,8 +510,7 @@ def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[st
 def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], classes: list[str], k: int,
                 min_confidence: float) -> list[dict]:
     """Per image: its path (the real name, surrogate-escaped where not UTF-8: JSON's \\udcNN gives its bytes back),
-    its true class when known, the predicted class (UNKNOWN where its probability is below `min_confidence`) and the
-    k most probable classes."""
+    its true class, the predicted one (UNKNOWN below `min_confidence`) and the k most probable."""
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
     return [{"path": str(path), "true": None if label is None else classes[label],
              "predicted": classes[indices[0]] if probabilities[0] >= min_confidence else UNKNOWN,
@@ -542,9 +519,8 @@ def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], class
 
 
 def result_line(result: dict) -> str:
-    """An image's line: its path, then label and probability of the k most probable classes, the first label
-    `unknown` when the image is (its probability kept). Names escaped (cli.shown): a tab or newline in one would
-    split the line (the JSON holds the real name)."""
+    """An image's line: its path, then the k most probable labels (the first `unknown` when the image is) with their
+    probabilities. Names escaped (cli.shown): a tab or newline would split the line (the JSON holds the real name)."""
     labels = [result["predicted"]] + [t["label"] for t in result["top"][1:]]
     return cli.shown(result["path"]) + "".join(f"\t{cli.printable(label)}\t{t['probability']:.4f}"
                                                for label, t in zip(labels, result["top"])) + "\n"
@@ -565,18 +541,12 @@ def check_picture_path(flag: str, picture: str) -> None:
     cli.check_writable_file(flag, path, "predictions.png" if flag == "--grid" else "mistakes.png", "a picture file")
 
 
-def picture_flags(args: argparse.Namespace) -> dict[str, str]:
-    """The pictures asked for, {flag: path}, each checked; one file for both would keep only the second."""
-    pictures = {flag: path for flag, path in (("--grid", args.grid), ("--mistakes", args.mistakes)) if path is not None}
-    for flag, path in pictures.items():
-        check_picture_path(flag, path)
-    if len(pictures) == 2 and Path(args.grid).resolve() == Path(args.mistakes).resolve():
-        raise cli.UsageError(f"--mistakes {args.mistakes}: is also --grid; pass two different files")
-    return pictures
-
-
 def predict(args: argparse.Namespace) -> int:
-    pictures = picture_flags(args)
+    pictures = {flag: path for flag, path in (("--grid", args.grid), ("--mistakes", args.mistakes)) if path is not None}
+    for flag, picture in pictures.items():
+        check_picture_path(flag, picture)
+    if len(pictures) == 2 and Path(args.grid).resolve() == Path(args.mistakes).resolve():  # it would keep the second
+        raise cli.UsageError(f"--mistakes {args.mistakes}: is also --grid; pass two different files")
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
         raise cli.UsageError(f"--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
                              f"{DEFAULT_RULE}")
@@ -603,9 +573,8 @@ def predict(args: argparse.Namespace) -> int:
         print("predict.py: no image could be read; pass image files or folders of images", file=sys.stderr)
         return 1
     # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
-    report = None
-    if done.labels:
-        report = classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes, args.min_confidence)
+    report = (classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes, args.min_confidence)
+              if done.labels else None)
     mistakes = [{key: done.results[i][key] for key in ("path", "predicted", "true")} | {"probability": p}
                 for p, i, _ in done.mistakes]
     if args.json:
@@ -648,9 +617,8 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
 
 @dataclass
 class Predicted:
-    """What a pass over the images keeps: a small result per image, the logits of the labelled ones (for the
-    report), the few images the --grid picture shows as (result, image), and the --mistakes-count most confident
-    mistakes as (probability, result, image); never all the images."""
+    """A pass's result per image, the labelled ones' logits, the --grid images as (result, image), and the most
+    confident mistakes as (probability, result, image); never all the images."""
     results: list[dict] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
