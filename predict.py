@@ -372,13 +372,9 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             found.append((path, None))
         elif path.is_dir():
             try:
-                images = folder_images(path, classes)
-            except cli.DataError as e:
+                found += folder_images(path, classes)
+            except cli.DataError as e:  # an unreadable or empty folder: that path's line, the others still predicted
                 errors.append(str(e))
-                continue
-            if not images:
-                errors.append(f"{cli.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
-            found += images
         elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
             kind = cli.special_kind(path.stat().st_mode)
             errors.append(f"{cli.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
@@ -402,10 +398,10 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
     classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says (another one for
-    those named as a class but for case or Unicode normalisation)."""
+    those named as a class but for case or Unicode normalisation). None, or an unreadable folder: a DataError."""
     try:
         folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    except OSError as e:  # an unreadable folder is that path's error line; the other paths are still predicted
+    except OSError as e:
         raise cli.DataError(f"{cli.shown(path)}: cannot read this folder ({e.strerror or e})",
                             "check its permissions") from None
     labelled = any(p.name in classes for p in folders)
@@ -427,7 +423,10 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
               f"unlabelled; pass {cli.shown(path / 'test')} for the test split's accuracy", file=sys.stderr)
     index = {name: i for i, name in enumerate(classes)} if labelled else {}
     # The class folder an image lies in; one beside the class folders, or in a hidden folder, has none.
-    return [(p, index.get(p.relative_to(path).parts[0]) if p.parent != path else None) for p in data.image_files(path)]
+    found = [(p, index.get(p.relative_to(path).parts[0]) if p.parent != path else None) for p in data.image_files(path)]
+    if not found:
+        raise cli.DataError(f"{cli.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
+    return found
 
 
 def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
