@@ -629,10 +629,9 @@ class Predicted:
 def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: list[tuple[Path, int | None]],
                        checkpoint: dict, args: argparse.Namespace, device: torch.device, errors: list[str]
                        ) -> Predicted:
-    """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each image's line printed
-    as it comes (an unreadable file's error too): a folder of any size predicts in bounded memory. --grid shows up to
-    GRID_MAX images spread evenly over the files. The pass stops at the first failed write of the results, unless a
-    picture (--grid, --mistakes) is wanted."""
+    """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each line printed as it
+    comes: a folder of any size predicts in bounded memory. --grid shows up to GRID_MAX images spread evenly over the
+    files. The pass stops at the first failed write of the results, unless a picture is wanted."""
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])
