@@ -73,26 +73,18 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     """Accuracy, loss, per-class accuracy (= recall), precision and F1 with their macro means, and the confusion
     matrix, as plain numbers. An image whose top probability is below `min_confidence` is `unknown`: in no column
     of the matrix, and counted wrong."""
-    labels = labels.to(logits.device)
+    labels, n = labels.to(logits.device), len(classes)
     probabilities, predicted = torch.softmax(logits, 1).max(1)
     known = (probabilities >= min_confidence).cpu()
-    confusion = torch.zeros(len(classes), len(classes), dtype=torch.int64)
-    confusion.index_put_((labels.cpu()[known], predicted.cpu()[known]), torch.ones(int(known.sum()), dtype=torch.int64),
-                         accumulate=True)
-    counts, claimed, right = torch.bincount(labels.cpu(), minlength=len(classes)), confusion.sum(0), confusion.diag()
-    # None (JSON null) where a share has nothing to divide: 0 would read as "all of them wrong".
-    recall = [right[i].item() / counts[i].item() if counts[i] else None for i in range(len(classes))]
-    precision = [right[i].item() / claimed[i].item() if claimed[i] else None for i in range(len(classes))]
-    f1 = [2 * right[i].item() / (counts[i] + claimed[i]).item() if counts[i] + claimed[i] else None
-          for i in range(len(classes))]  # 2 TP / (2 TP + FP + FN): 0, not undefined, for a class never predicted
-    report = {
-        "images": len(labels),
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (right.sum() / len(labels)).item(),
-        "per_class_accuracy": dict(zip(classes, recall)),
-        "per_class_precision": dict(zip(classes, precision)),
-        "per_class_f1": dict(zip(classes, f1)),
-    }
+    confusion = torch.bincount(labels.cpu()[known] * n + predicted.cpu()[known], minlength=n * n).view(n, n)
+    counts, claimed, right = torch.bincount(labels.cpu(), minlength=n), confusion.sum(0), confusion.diag()
+    # None (JSON null) where a share has nothing to divide: 0 would read as "all of them wrong". F1 = 2 TP / (2 TP +
+    # FP + FN): 0, not undefined, for a class never predicted.
+    recall, precision, f1 = ([top / bottom if bottom else None for top, bottom in zip(tops.tolist(), bottoms.tolist())]
+                             for tops, bottoms in ((right, counts), (right, claimed), (2 * right, counts + claimed)))
+    report = {"images": len(labels), "loss": F.cross_entropy(logits, labels).item(),
+              "accuracy": (right.sum() / len(labels)).item(), "per_class_accuracy": dict(zip(classes, recall)),
+              "per_class_precision": dict(zip(classes, precision)), "per_class_f1": dict(zip(classes, f1))}
     # Macro means over the classes with images; a class never predicted counts as precision 0 (scikit-learn's way).
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
         present = [value or 0.0 for value, count in zip(values, counts) if count]
@@ -114,33 +106,24 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
     table = max(width, len(rows[-1][0]))
     print(f"  {'class':>{table}}  accuracy  precision        F1  (accuracy of a class: its recall)")
     for name, *shares in rows:
-        print(f"  {name:>{table}}  " + "   ".join(share(value, 8) for value in shares))
+        print(f"  {name:>{table}}  " + "   ".join(f"{'n/a':>8}" if value is None else f"{value:8.2%}"
+                                                for value in shares))  # n/a: nothing to divide
     if "temperature" in report:
         print(f"calibration: temperature {report['temperature']:.3f} (fitted on the validation split); expected "
               f"calibration error ({ECE_BINS} bins) {report['ece']:.2%}, with the temperature "
               f"{report['ece_calibrated']:.2%}")
-    if width + 2 + 6 * len(classes) > MATRIX_WIDTH:
-        print_most_confused(report["confusion_matrix"], classes)
+    if width + 2 + 6 * len(classes) > MATRIX_WIDTH:  # wider than a terminal: the pairs most often mistaken instead
+        pairs = sorted((-count, true, predicted) for true, row in enumerate(report["confusion_matrix"])
+                       for predicted, count in enumerate(row) if true != predicted and count)
+        print(f"most confused pairs ({min(10, len(pairs))} of {len(pairs)}; the full matrix is in the JSON report: "
+              "predict.py --json, a training run's .test.json):")
+        for count, true, predicted in pairs[:10]:
+            print(f"  {classes[true]} taken for {classes[predicted]}: {-count}")
         return
     print("confusion matrix (rows: true, columns: predicted):")
     print(" " * (width + 2) + " ".join(f"{name[:5]:>5}" for name in classes))
     for name, row in zip(classes, report["confusion_matrix"]):
         print(f"  {name:>{width}}" + " ".join(f"{count:5d}" for count in row))
-
-
-def share(value: float | None, width: int) -> str:
-    """A share as a percentage in `width` characters, or n/a where it has nothing to divide."""
-    return f"{'n/a':>{width}}" if value is None else f"{value:{width}.2%}"
-
-
-def print_most_confused(confusion: list[list[int]], classes: list[str], shown: int = 10) -> None:
-    """Instead of a matrix wider than a terminal: the pairs of classes most often mistaken, the true one first."""
-    pairs = sorted((-count, true, predicted) for true, row in enumerate(confusion)
-                   for predicted, count in enumerate(row) if true != predicted and count)
-    print(f"most confused pairs ({min(shown, len(pairs))} of {len(pairs)}; the full matrix is in the JSON report: "
-          "predict.py --json, a training run's .test.json):")
-    for count, true, predicted in pairs[:shown]:
-        print(f"  {classes[true]} taken for {classes[predicted]}: {-count}")
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -195,8 +178,7 @@ FONT_FOLDERS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fo
 
 
 def font(size: int, texts: Iterable[str] = ()) -> ImageFont.FreeTypeFont:
-    """Pillow's own scalable font, or where TEXTS (class names) hold letters it draws as boxes, a font of the
-    machine's that has them (font_for)."""
+    """Pillow's own scalable font, or a font of the machine's with the letters of TEXTS (class names) it lacks."""
     return font_for("".join(sorted(set("".join(texts)) - set(" \t\n"))), size)
 
 
@@ -264,10 +246,9 @@ def ticks(low: float, high: float, most: int, percent: bool = False, least_step:
 
 def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, percent: bool, epochs: list[int],
          series: dict[str, list[float]], kept: int) -> None:
-    """One panel of learning_curves in `box` (left, top, right, bottom px): faint grid lines at round values (about
-    six) and whole epochs (about ten) with their numbers, a dashed line at the epoch kept, and a curve per column of
-    `series` with a dot at each value (a run of one epoch still shows); a value that is not finite (a validation loss
-    that overflowed) is left out. The values' range has a margin: a line on the box's edge is hard to see."""
+    """One panel of learning_curves in `box` (left, top, right, bottom px): a curve per column of `series` with a
+    dot at each value (one epoch still shows), a value that is not finite (an overflowed loss) left out. The values'
+    range has a margin: a line on the box's edge is hard to see."""
     left, top, right, bottom = box
     finite = [y for ys in series.values() for y in ys if math.isfinite(y)] or [0.0]
     margin = (max(finite) - min(finite)) * 0.08 or abs(max(finite)) * 0.1 or 1.0
@@ -299,9 +280,8 @@ def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, 
 
 
 def learning_curves(history: list[dict], kept: int, title: str) -> Image.Image:
-    """A run's epochs (its .csv rows): training and validation loss, training and validation accuracy, and the
-    learning rate, side by side, under a legend; a dashed line marks the epoch kept (best validation; 0: the starting
-    weights)."""
+    """A run's epochs (its .csv rows): loss, accuracy and learning rate side by side, under a legend; a dashed line
+    marks the epoch kept (best validation; 0: the starting weights)."""
     panel, height, small = 360, 340, font(TEXT_SIZE)
     picture, draw = new_picture(3 * panel, height, title)
     panels = (("loss", ("train_loss", "val_loss"), False), ("accuracy", ("train_acc", "val_acc"), True),
@@ -309,27 +289,24 @@ def learning_curves(history: list[dict], kept: int, title: str) -> Image.Image:
     for i, (name, columns, percent) in enumerate(panels):
         plot(draw, (i * panel + 70, 84, (i + 1) * panel - 16, height - 46), name, percent,
              [row["epoch"] for row in history], {column: [row[column] for row in history] for column in columns}, kept)
-    legend = [("training", CURVE_COLOURS["train"]), ("validation", CURVE_COLOURS["validation"]),
-              (f"kept: epoch {kept}" + (" (the starting weights)" if kept == 0 else "") +
-               ", the best validation accuracy", CURVE_COLOURS["kept"])]
-    widths = [24 + small.getlength(name) + 20 for name, _ in legend]
-    x = (picture.width - sum(widths)) / 2
-    for (name, colour), width in zip(legend, widths):
+    legend = ("training", "validation", f"kept: epoch {kept}" + (" (the starting weights)" if kept == 0 else "") +
+              ", the best validation accuracy")  # in CURVE_COLOURS' order
+    x = (picture.width - sum(24 + small.getlength(name) + 20 for name in legend)) / 2
+    for name, colour in zip(legend, CURVE_COLOURS.values()):
         draw.line([(x, 40), (x + 18, 40)], fill=colour, width=3)
         draw.text((x + 24, 40), name, fill=INK, font=small, anchor="lm")
-        x += width
+        x += 24 + small.getlength(name) + 20
     return picture
 
 
 def confusion_picture(confusion: list[list[int]], classes: list[str], title: str) -> Image.Image:
-    """The confusion matrix as a grid shaded by each cell's share of its row (its true class), the count written
-    where it fits, class names on both axes; the cells shrink with more classes (100 classes: 9 px) so that the
-    picture stays about 1,000 px square."""
-    counts = np.array(confusion, dtype=np.int64).reshape(len(classes), len(classes))
+    """The confusion matrix shaded by each cell's share of its row (its true class), counts where they fit; the cells
+    shrink with more classes (100 classes: 9 px) so that the picture stays about 1,000 px square."""
     n, names = len(classes), [cli.printable(name) for name in classes]
+    counts = np.array(confusion, dtype=np.int64).reshape(n, n)
     cell = int(np.clip(900 // n, 9, 56))
-    label_font, count_font = font(int(np.clip(cell - 2, 8, TEXT_SIZE)), names), font(int(np.clip(cell // 3, 8,
-                                                                                                     TEXT_SIZE)))
+    label_font, small = font(int(np.clip(cell - 2, 8, TEXT_SIZE)), names), font(TEXT_SIZE)
+    count_font = font(int(np.clip(cell // 3, 8, TEXT_SIZE)))
     label = int(max(label_font.getlength(name) for name in names)) + 8
     left, top, side = 30 + label, 40, n * cell
     picture, draw = new_picture(left + side + 90, top + side + label + 30, title)
@@ -346,24 +323,17 @@ def confusion_picture(confusion: list[list[int]], classes: list[str], title: str
         draw.text((left - 4, top + (i + 0.5) * cell), name, fill=INK, font=label_font, anchor="rm")
         ImageDraw.Draw(columns).text((label - 4, (i + 0.5) * cell), name, fill=INK, font=label_font, anchor="rm")
     picture.paste(columns.rotate(90, expand=True), (left, top + side + 4))
-    draw.text((left + side / 2, top + side + label + 8), "predicted", fill=INK, font=font(TEXT_SIZE), anchor="mt")
+    draw.text((left + side / 2, top + side + label + 8), "predicted", fill=INK, font=small, anchor="mt")
     true = Image.new("RGB", (side, 20), "white")
-    ImageDraw.Draw(true).text((side / 2, 10), "true", fill=INK, font=font(TEXT_SIZE), anchor="mm")
+    ImageDraw.Draw(true).text((side / 2, 10), "true", fill=INK, font=small, anchor="mm")
     picture.paste(true.rotate(90, expand=True), (4, top))
-    draw_shade_scale(draw, picture, (left + side + 16, top), min(side, 200))
+    x, height = left + side + 16, min(side, 200)  # what the shades mean: a bar from 100 % of a row (top) to 0 %
+    bar = (255 - np.linspace(1, 0, height)[:, None, None] * (255 - SHADE)).astype(np.uint8).repeat(14, 1)
+    picture.paste(Image.fromarray(bar), (x, top))
+    draw.rectangle([(x - 1, top - 1), (x + 14, top + height)], outline=INK)
+    for text, y in (("100 %", top), ("of its row", top + height / 2), ("0 %", top + height)):
+        draw.text((x + 18, y), text, fill=INK, font=small, anchor="lm")
     return picture
-
-
-def draw_shade_scale(draw: ImageDraw.ImageDraw, picture: Image.Image, corner: tuple[int, int], height: int) -> None:
-    """What the shades mean: a bar from 100 % of a row (top) to 0 %."""
-    shares = np.linspace(1, 0, height)[:, None, None]
-    bar = (255 - shares * (255 - SHADE)).astype(np.uint8).repeat(14, 1)
-    picture.paste(Image.fromarray(bar), corner)
-    x, y = corner
-    draw.rectangle([(x - 1, y - 1), (x + 14, y + height)], outline=INK)
-    for text, at in (("100 %", y), ("0 %", y + height)):
-        draw.text((x + 18, at), text, fill=INK, font=font(TEXT_SIZE), anchor="lm")
-    draw.text((x + 18, y + height / 2), "of its row", fill=INK, font=font(TEXT_SIZE), anchor="lm")
 
 
 def tiles(images: torch.Tensor, captions: list[list[tuple[str, str]]]) -> Image.Image:
@@ -387,22 +357,11 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
     cli.save_picture(tiles(images, captions), Path(path), "--grid")
 
 
-def draw_mistakes(path: str, images: torch.Tensor, mistakes: list[dict], labelled: int) -> None:
-    """The most confident mistakes, each tile titled with the predicted label, its probability and the true label."""
-    captions = [[(f"{m['predicted']} {m['probability']:.0%}", "red"), (f"true: {m['true']}", "white")]
-                for m in mistakes]
-    grid = tiles(images, captions)
-    picture, _ = new_picture(max(grid.width, 420), grid.height + 34,
-                             f"the {len(mistakes)} most confident mistakes of {labelled} labelled images")
-    picture.paste(grid, (0, 34))
-    cli.save_picture(picture, Path(path), "--mistakes")
-
-
 # --------------------------------------------------------------------------- prediction
 
-
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
-    """Files to predict with their true class index when known (see folder_images), and one error line per bad path."""
+    """Files to predict, each once, with their true class index when known (see folder_images), and one error line
+    per bad path."""
     found, errors = [], []
     for name in paths:
         path = Path(name)
@@ -412,13 +371,9 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             found.append((path, None))
         elif path.is_dir():
             try:
-                images = folder_images(path, classes)
-            except cli.DataError as e:
+                found += folder_images(path, classes)
+            except cli.DataError as e:  # an unreadable or empty folder: that path's line, the others still predicted
                 errors.append(str(e))
-                continue
-            if not images:
-                errors.append(f"{cli.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
-            found += images
         elif path.exists():  # a device, FIFO or socket: reading it would never end, or wait for a writer
             kind = cli.special_kind(path.stat().st_mode)
             errors.append(f"{cli.shown(path)}: {kind}, not an image file or a folder; pass image files or folders")
@@ -426,12 +381,8 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{cli.shown(path)}: no such file or folder; check the path")
-    return once_each(found), errors
-
-
-def once_each(found: list[tuple[Path, int | None]]) -> list[tuple[Path, int | None]]:
-    """Each image once, however often the paths name it (`d/test d/test`, a folder and a file in it): twice would
-    count it twice in the accuracy. Its first name is kept, with a label when any of its names gives one."""
+    # Each image once, however often the paths name it (`d/test d/test`, a folder and a file in it): twice would
+    # count it twice in the accuracy. Its first name is kept, with a label when any of its names gives one.
     kept: dict[Path, tuple[Path, int | None]] = {}
     for path, label in found:
         key = path.resolve()
@@ -440,27 +391,23 @@ def once_each(found: list[tuple[Path, int | None]]) -> list[tuple[Path, int | No
     if len(kept) < len(found):
         print(f"predict.py: note: {len(found) - len(kept)} image(s) named more than once by the paths given: each is "
               "predicted once", file=sys.stderr)
-    return list(kept.values())
+    return list(kept.values()), errors
 
 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
     classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says (another one for
-    those named as a class but for case or Unicode normalisation)."""
+    those named as a class but for case or Unicode normalisation). None, or an unreadable folder: a DataError."""
     try:
         folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    except OSError as e:  # an unreadable folder is that path's error line; the other paths are still predicted
+    except OSError as e:
         raise cli.DataError(f"{cli.shown(path)}: cannot read this folder ({e.strerror or e})",
                             "check its permissions") from None
     labelled = any(p.name in classes for p in folders)
     loosely = {data.alike(name): name for name in classes}  # ImageFolder's names are exact: only a note for these
-    near, others = [], []
-    for name in sorted(p.name for p in folders if p.name not in classes):
-        match = loosely.get(data.alike(name))
-        if match is not None:
-            near.append((name, match))
-        else:
-            others.append(cli.shown(name))
+    matches = {name: loosely.get(data.alike(name)) for name in sorted(p.name for p in folders if p.name not in classes)}
+    near = [(name, match) for name, match in matches.items() if match is not None]
+    others = [cli.shown(name) for name, match in matches.items() if match is None]
     if near:
         print(f"predict.py: note: {cli.shown(path)}: {len(near)} sub-folder(s) named as a class of the checkpoint but "
               f"for case or Unicode normalisation (such as {data.spelled(near[0][0])} for {data.spelled(near[0][1])}): "
@@ -473,13 +420,12 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
     elif not labelled and any((path / "test" / name).is_dir() for name in classes):
         print(f"predict.py: note: {cli.shown(path)} is a data folder (train/, test/): its images are predicted "
               f"unlabelled; pass {cli.shown(path / 'test')} for the test split's accuracy", file=sys.stderr)
-    return [(p, class_of(p.relative_to(path), classes) if labelled else None) for p in data.image_files(path)]
-
-
-def class_of(relative: Path, classes: list[str]) -> int | None:
-    """The class folder an image lies in; one beside the class folders, or in a hidden folder, has none."""
-    first = relative.parts[0]
-    return classes.index(first) if len(relative.parts) > 1 and first in classes else None
+    index = {name: i for i, name in enumerate(classes)} if labelled else {}
+    # The class folder an image lies in; one beside the class folders, or in a hidden folder, has none.
+    found = [(p, index.get(p.relative_to(path).parts[0]) if p.parent != path else None) for p in data.image_files(path)]
+    if not found:
+        raise cli.DataError(f"{cli.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
+    return found
 
 
 def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
@@ -504,25 +450,21 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
     torch_log = logging.getLogger("torch.export")  # it logs a traceback before it raises: the line below says it
     torch_log.disabled = True
     try:
-        program = torch.export.load(path, extra_files=record)
-        about = json.loads(record[PROGRAM_RECORD])
+        return torch.export.load(path, extra_files=record), json.loads(record[PROGRAM_RECORD])
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
         raise CheckpointError(f"{path}: an exported program that cannot be loaded (damaged, or without "
                               f"{PROGRAM_RECORD}: not written by export.py); export it again") from None
     finally:
         torch_log.disabled = False
-    return program, about
 
 
 def evaluation_of(checkpoint: dict) -> tuple[int, bool, float]:
-    """How a checkpoint's model is evaluated: its input size, whether mirrored images are averaged in (--tta), and
-    the temperature its logits are divided by (fitted after training; 1 without)."""
+    """A checkpoint's input size, whether mirrored images are averaged in (--tta), and its temperature (1: none)."""
     return checkpoint["image_size"], checkpoint.get("tta", False), float(checkpoint.get("temperature", 1.0))
 
 
 def calibrated_logits(model: nn.Module, checkpoint: dict, images: torch.Tensor) -> torch.Tensor:
-    """The logits divided by the checkpoint's temperature: their softmax is predict's probabilities, as an exported
-    program's are."""
+    """The logits over the checkpoint's temperature: their softmax is predict's probabilities, as a program's are."""
     image_size, flip, temperature = evaluation_of(checkpoint)
     return logits_of(model, images, image_size, flip) / temperature
 
@@ -566,21 +508,17 @@ def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[st
 def top_classes(logits: torch.Tensor, kept: list[tuple[Path, int | None]], classes: list[str], k: int,
                 min_confidence: float) -> list[dict]:
     """Per image: its path (the real name, surrogate-escaped where not UTF-8: JSON's \\udcNN gives its bytes back),
-    its true class when known, the predicted class (UNKNOWN where its probability is below `min_confidence`) and the
-    k most probable classes."""
+    its true class, the predicted one (UNKNOWN below `min_confidence`) and the k most probable."""
     top = torch.softmax(logits, 1).topk(min(k, len(classes)), dim=1)
-    results = []
-    for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
-        results.append({"path": str(path), "true": None if label is None else classes[label],
-                        "predicted": classes[indices[0]] if probabilities[0] >= min_confidence else UNKNOWN,
-                        "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]})
-    return results
+    return [{"path": str(path), "true": None if label is None else classes[label],
+             "predicted": classes[indices[0]] if probabilities[0] >= min_confidence else UNKNOWN,
+             "top": [{"label": classes[i], "probability": p} for p, i in zip(probabilities, indices)]}
+            for (path, label), probabilities, indices in zip(kept, top.values.tolist(), top.indices.tolist())]
 
 
 def result_line(result: dict) -> str:
-    """An image's line: its path, then label and probability of the k most probable classes, the first label
-    `unknown` when the image is (its probability kept). Names escaped (cli.shown): a tab or newline in one would
-    split the line (the JSON holds the real name)."""
+    """An image's line: its path, then the k most probable labels (the first `unknown` when the image is) with their
+    probabilities. Names escaped (cli.shown): a tab or newline would split the line (the JSON holds the real name)."""
     labels = [result["predicted"]] + [t["label"] for t in result["top"][1:]]
     return cli.shown(result["path"]) + "".join(f"\t{cli.printable(label)}\t{t['probability']:.4f}"
                                                for label, t in zip(labels, result["top"])) + "\n"
@@ -592,41 +530,21 @@ def check_picture_path(flag: str, picture: str) -> None:
     if picture == "":  # `if args.grid` would draw no picture without a word
         raise cli.UsageError(f"{flag} is empty; pass a picture file, or leave the flag out for no picture")
     path = Path(picture)
-    if not path.is_dir() and not can_save_rgb(Image.registered_extensions().get(path.suffix.lower())):
-        raise cli.UsageError(f"{flag} {picture}: Pillow cannot write a picture named like this; end it in .png or .jpg")
+    try:  # in RGB: some formats Pillow lists as writable take only 1-bit (XBM), palette or others (MSP, PALM, HDF5)
+        if not path.is_dir():
+            Image.new("RGB", (1, 1)).save(io.BytesIO(), format=Image.registered_extensions().get(path.suffix.lower()))
+    except (KeyError, ValueError, OSError, TypeError):
+        raise cli.UsageError(f"{flag} {picture}: Pillow cannot write a picture named like this; end it in .png or .jpg"
+                             ) from None
     cli.check_writable_file(flag, path, "predictions.png" if flag == "--grid" else "mistakes.png", "a picture file")
 
 
-def can_save_rgb(picture_format: str | None) -> bool:
-    """Whether Pillow writes an RGB picture in this format: some it lists as writable take only 1-bit (XBM), palette
-    or other images (MSP, PALM, HDF5), and failed only after every prediction."""
-    try:
-        Image.new("RGB", (1, 1)).save(io.BytesIO(), format=picture_format)
-        return True
-    except (KeyError, ValueError, OSError, TypeError):
-        return False
-
-
-def check_picture_not_input(flag: str, picture: str, found: list[tuple[Path, int | None]]) -> None:
-    """The picture would overwrite an image it is about to show: refused before predicting."""
-    target = Path(picture).resolve()
-    if any(path.resolve() == target for path, _ in found):
-        raise cli.UsageError(f"{flag} {picture}: is one of the images to predict, and writing the picture would "
-                             "overwrite it; choose another path")
-
-
-def picture_flags(args: argparse.Namespace) -> dict[str, str]:
-    """The pictures asked for, {flag: path}, each checked; one file for both would keep only the second."""
-    pictures = {flag: path for flag, path in (("--grid", args.grid), ("--mistakes", args.mistakes)) if path is not None}
-    for flag, path in pictures.items():
-        check_picture_path(flag, path)
-    if len(pictures) == 2 and Path(args.grid).resolve() == Path(args.mistakes).resolve():
-        raise cli.UsageError(f"--mistakes {args.mistakes}: is also --grid; pass two different files")
-    return pictures
-
-
 def predict(args: argparse.Namespace) -> int:
-    pictures = picture_flags(args)
+    pictures = {flag: path for flag, path in (("--grid", args.grid), ("--mistakes", args.mistakes)) if path is not None}
+    for flag, picture in pictures.items():
+        check_picture_path(flag, picture)
+    if len(pictures) == 2 and Path(args.grid).resolve() == Path(args.mistakes).resolve():  # it would keep the second
+        raise cli.UsageError(f"--mistakes {args.mistakes}: is also --grid; pass two different files")
     if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
         raise cli.UsageError(f"--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
                              f"{DEFAULT_RULE}")
@@ -636,8 +554,10 @@ def predict(args: argparse.Namespace) -> int:
     classes = checkpoint["classes"]
 
     found, errors = find_images(args.paths, classes)
-    for flag, picture in pictures.items():
-        check_picture_not_input(flag, picture, found)
+    for flag, picture in pictures.items():  # writing it would overwrite an image it is about to show
+        if any(path.resolve() == Path(picture).resolve() for path, _ in found):
+            raise cli.UsageError(f"{flag} {picture}: is one of the images to predict, and writing the picture would "
+                                 "overwrite it; choose another path")
     if args.mistakes and found and all(label is None for _, label in found):
         raise cli.UsageError(f"--mistakes {args.mistakes}: none of the images has a known class, so none is a mistake; "
                              "pass a folder whose sub-folders are the checkpoint's classes (e.g. data/cifar10/test)")
@@ -651,9 +571,8 @@ def predict(args: argparse.Namespace) -> int:
         print("predict.py: no image could be read; pass image files or folders of images", file=sys.stderr)
         return 1
     # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
-    report = None
-    if done.labels:
-        report = classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes, args.min_confidence)
+    report = (classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes, args.min_confidence)
+              if done.labels else None)
     mistakes = [{key: done.results[i][key] for key in ("path", "predicted", "true")} | {"probability": p}
                 for p, i, _ in done.mistakes]
     if args.json:
@@ -672,14 +591,20 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
         print(f"predict.py: none of the images picked for --grid {args.grid} could be read; it is not written",
               file=sys.stderr)
     elif args.grid:
-        draw_grid(args.grid, torch.stack(done.tiles), [done.results[i]["predicted"] for i in done.tiled],
-                  [done.results[i]["true"] for i in done.tiled])
+        draw_grid(args.grid, torch.stack([image for _, image in done.tiles]),
+                  *([done.results[i][key] for i, _ in done.tiles] for key in ("predicted", "true")))
         print(f"wrote {args.grid} ({len(done.tiles)} images)", file=sys.stderr)
     if args.mistakes and not mistakes:
         print(f"predict.py: no mistakes among the {len(done.labels)} labelled images; --mistakes {args.mistakes} is "
               "not written", file=sys.stderr)
-    elif args.mistakes:
-        draw_mistakes(args.mistakes, torch.stack([image for _, _, image in done.mistakes]), mistakes, len(done.labels))
+    elif args.mistakes:  # each tile titled with the predicted label, its probability and the true label
+        grid = tiles(torch.stack([image for _, _, image in done.mistakes]),
+                     [[(f"{m['predicted']} {m['probability']:.0%}", "red"), (f"true: {m['true']}", "white")]
+                      for m in mistakes])
+        picture, _ = new_picture(max(grid.width, 420), grid.height + 34,
+                                 f"the {len(mistakes)} most confident mistakes of {len(done.labels)} labelled images")
+        picture.paste(grid, (0, 34))
+        cli.save_picture(picture, Path(args.mistakes), "--mistakes")
         if not args.json:
             print(f"the {len(mistakes)} most confident mistakes (drawn in {args.mistakes}): path, predicted, "
                   "probability, true")
@@ -690,34 +615,22 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
 
 @dataclass
 class Predicted:
-    """What a pass over the images keeps: a small result per image, the logits of the labelled ones (for the
-    report), the few images the --grid picture shows (`tiled`: their results), and the --mistakes-count most
+    """A pass's result per image, the labelled ones' logits, the --grid images as (result, image), and the most
     confident mistakes as (probability, result, image); never all the images."""
     results: list[dict] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
-    tiles: list[torch.Tensor] = field(default_factory=list)
-    tiled: list[int] = field(default_factory=list)
+    tiles: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     mistakes: list[tuple[float, int, torch.Tensor]] = field(default_factory=list)
-
-
-def keep_mistakes(done: Predicted, results: list[dict], images: torch.Tensor, count: int) -> None:
-    """The `count` most probable wrong predictions so far, a batch's `results` (about to be added) included; an
-    unknown one is no claim, so no mistake. Images are copied out of their batch: a view would keep it whole."""
-    first = len(done.results)
-    done.mistakes += [(r["top"][0]["probability"], first + j, images[j].clone()) for j, r in enumerate(results)
-                      if r["true"] is not None and r["predicted"] not in (r["true"], UNKNOWN)]
-    done.mistakes = sorted(done.mistakes, key=lambda mistake: (-mistake[0], mistake[1]))[:count]
 
 
 @torch.no_grad()
 def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: list[tuple[Path, int | None]],
                        checkpoint: dict, args: argparse.Namespace, device: torch.device, errors: list[str]
                        ) -> Predicted:
-    """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each image's line printed
-    as it comes (an unreadable file's error too): a folder of any size predicts in bounded memory. --grid shows up to
-    GRID_MAX images spread evenly over the files. The pass stops at the first failed write of the results, unless a
-    picture (--grid, --mistakes) is wanted."""
+    """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each line printed as it
+    comes: a folder of any size predicts in bounded memory. --grid shows up to GRID_MAX images spread evenly over the
+    files. The pass stops at the first failed write of the results, unless a picture is wanted."""
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])
@@ -732,12 +645,13 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
             labelled = [j for j, i in enumerate(kept) if batch[i][1] is not None]
             done.logits.append(logits[labelled])
             done.labels += [batch[kept[j]][1] for j in labelled]
-            for j, i in enumerate(kept):
-                if start + i in grid:
-                    done.tiles.append(images[j].clone())  # a view would keep its whole batch
-                    done.tiled.append(len(done.results) + j)
-            if args.mistakes:
-                keep_mistakes(done, results, images, args.mistakes_count)
+            # Images are copied out of their batch: a view would keep it whole.
+            done.tiles += [(len(done.results) + j, images[j].clone()) for j, i in enumerate(kept) if start + i in grid]
+            if args.mistakes:  # the most probable wrong predictions so far; an unknown one is no claim, so no mistake
+                done.mistakes += [(r["top"][0]["probability"], len(done.results) + j, images[j].clone())
+                                  for j, r in enumerate(results)
+                                  if r["true"] is not None and r["predicted"] not in (r["true"], UNKNOWN)]
+                done.mistakes = sorted(done.mistakes, key=lambda m: (-m[0], m[1]))[:args.mistakes_count]
             done.results += results
             if not args.json:
                 print("".join(map(result_line, results)), end="", flush=True)
