@@ -1,13 +1,8 @@
-"""Class-folder data sets: images -> class folders -> a uint8 cache -> batches on the device.
+"""Class-folder data sets: images -> class folders -> a uint8 cache -> batches -> transforms on the device.
 
-A data set is a folder with `train/` and `test/`, each holding one folder per
-class (torchvision ImageFolder conventions: class folders sorted by name,
-hidden files and non-images ignored). Each split is decoded once into a uint8
-tensor N x 3 x S x S, cached in `<data-dir>/.cache/` (or where cache_folder
-says) and rebuilt whenever the files change. Augmentation and the evaluation transform run batched on
-whatever device holds that tensor. download.py gets a data set onto disk.
-
-Sections: images; class folders and the cache; transforms on the device.
+A data set is a folder with `train/` and `test/`, each holding one folder per class (torchvision ImageFolder
+conventions: class folders sorted by name, hidden files and non-images ignored). Each split is decoded once into a
+uint8 file N x 3 x S x S, cached (see load_folder) and rebuilt whenever the files change. download.py gets one.
 """
 import collections
 import contextlib
@@ -18,7 +13,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import queue
 import re
 import signal
 import sys
@@ -48,33 +42,13 @@ CACHE_VERSION = 1  # in the fingerprint a resumed run compares: raised, no run f
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # "//" may have become "/" in a Path; one letter is a drive (C:/)
 # the CPUs this process may use (macOS and Windows have no affinity: all of them)
 WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+CHUNK = 2**24  # bytes of a cache hashed, or written as zeros where there is no posix_fallocate, at a time
+DECODE_CHUNK = 256  # images per task of a decoding process: its share of the file is written, then synced
+WATCH_INTERVAL = 0.2  # seconds between a decoding process's looks at its parent
+PREFETCH = 2  # streamed batches gathered ahead of the one in use
 
 
 # --------------------------------------------------------------------------- images
-
-def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.Image, int]:
-    """Any image Pillow reads, as RGB, upright (EXIF), transparency over white.
-
-    Returns the image and its original shorter side. `size` lets a JPEG decode
-    at a reduced scale that is still at least size x size.
-    """
-    with Image.open(path) as img:
-        shorter_side = min(img.size)
-        if max(img.size) > MAX_ASPECT_RATIO * shorter_side:  # its resize to `size` px across could fill the memory
-            raise cli.DataError(f"{cli.shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over "
-                                f"{MAX_ASPECT_RATIO} times its shorter: too narrow to take a square from",
-                                "crop it, or remove the file")
-        if size is not None and img.format == "JPEG":
-            img.draft("RGB", (size, size))
-        img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale, do not clip
-        img = Image.fromarray(grey_to_8_bits(np.asarray(img, dtype=np.float64), img.mode), "L")
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB"), shorter_side
-    return img.convert("RGB"), shorter_side
-
 
 def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
     """16-bit and 32-bit integer grey by 65535 / 255; 32-bit float by its range: 0 ... 1 (the usual one), else as
@@ -88,16 +62,27 @@ def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 
 def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
-    """An image as a size x size x 3 uint8 array (shorter side to size, centre crop), and its shorter side.
-
-    The cache builder and predict.py both use this, so a single image is
-    prepared exactly like the images a model was trained and evaluated on.
-    A file that cannot be read raises cli.DataError naming it.
-    """
+    """Any image Pillow reads as a size x size x 3 uint8 RGB array: upright (EXIF), transparency over white, shorter
+    side to `size` (a JPEG decoded at a reduced scale still that large), centre-cropped; and its original shorter side.
+    The cache and predict.py both use it, so that an image is prepared as those a model learnt from were. A file
+    that cannot be read raises cli.DataError naming it."""
     try:
         with warnings.catch_warnings(record=True) as caught:  # Pillow's own warning would not name the file
             warnings.simplefilter("always", Image.DecompressionBombWarning)
-            img, shorter_side = load_image(path, size)
+            with Image.open(path) as img:
+                shorter_side = min(img.size)
+                if max(img.size) > MAX_ASPECT_RATIO * shorter_side:  # resized to `size` across, it could fill memory
+                    raise cli.DataError(f"{cli.shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over "
+                                        f"{MAX_ASPECT_RATIO} times its shorter: too narrow to take a square from",
+                                        "crop it, or remove the file")
+                if img.format == "JPEG":
+                    img.draft("RGB", (size, size))
+                img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale, do not clip
+                img = Image.fromarray(grey_to_8_bits(np.asarray(img, dtype=np.float64), img.mode), "L")
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+            img = img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise cli.DataError(f"{cli.shown(path)}: cannot read this image ({e}); remove or replace the file") from None
     for warning in caught:
@@ -110,10 +95,6 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return np.array(img, dtype=np.uint8), shorter_side
-
-
-def is_image_file(path: Path) -> bool:
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path]:
@@ -131,7 +112,8 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
         except OSError as e:
             raise cli.DataError(f"{cli.shown(current)}: cannot read this folder ({e.strerror or e})",
                                 "check its permissions or remove it") from None
-        files += [p for p in entries if is_image_file(p) and p.is_file()]
+        files += [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and p.is_file()]
         walk += [(p, outer | {real}) for p in entries if p.is_dir()]
     return sorted(files)
 
@@ -204,58 +186,43 @@ class ImageSet:
         return images, labels.pin_memory() if pin else labels
 
 
-PREFETCH = 2  # streamed batches gathered ahead of the one in use
-
-
 def prefetched(gather: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], steps: list[torch.Tensor],
                device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """gather(step, pin) for each step on a background thread, copied to `device` on a side stream (CUDA), so that
-    reading the file and the copy overlap the steps in use; the consumer waits only for its own batch's copy."""
+    """gather(step, pin) for each step on a background thread, PREFETCH steps ahead, copied to `device` on a side
+    stream (CUDA), so that reading the file and the copy overlap the steps in use; the consumer waits only for its own
+    batch's copy. Stopped early, the steps not begun are cancelled and the one being gathered is waited for."""
     cuda = device.type == "cuda"
-    ready: queue.Queue = queue.Queue(PREFETCH)
-    stop = threading.Event()
-    thread = threading.Thread(target=gather_ahead, args=(gather, steps, device, ready, stop), daemon=True,
-                              name="batch-prefetch")
-    thread.start()
-    try:
-        for _ in steps:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            images, labels, copied = item
-            if cuda:
-                torch.cuda.current_stream(device).wait_event(copied)
-                images.record_stream(torch.cuda.current_stream(device))
-                labels.record_stream(torch.cuda.current_stream(device))
-            yield images, labels
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a put waiting for room
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.05)
-        thread.join()
-
-
-def gather_ahead(gather, steps: list[torch.Tensor], device: torch.device, ready: queue.Queue,
-                 stop: threading.Event) -> None:
-    cuda = device.type == "cuda"
-    if cuda and device.index is not None:  # this thread's own current device: else pinning and copies open GPU 0
-        torch.cuda.set_device(device)
     stream = torch.cuda.Stream(device) if cuda else None
-    try:
-        for picked in steps:
-            if stop.is_set():
-                return
-            images, labels = gather(picked, cuda)
-            copied = None
-            if cuda:
-                with torch.cuda.stream(stream):
-                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(stream)
-            ready.put((images, labels, copied))
-    except BaseException as e:  # handed to the consumer, which raises it where the batch was wanted
-        ready.put(e)
+    # the thread's own current device: else pinning and copies open GPU 0
+    set_device = torch.cuda.set_device if cuda and device.index is not None else None
+    with ThreadPoolExecutor(1, "batch-prefetch", set_device, (device,)) as thread:
+        ahead = [thread.submit(copied, gather, picked, device, stream) for picked in steps[:PREFETCH]]
+        try:
+            for later in range(PREFETCH, len(steps) + PREFETCH):
+                if later < len(steps):
+                    ahead.append(thread.submit(copied, gather, steps[later], device, stream))
+                images, labels, done = ahead.pop(0).result()  # raises what the gathering raised
+                if cuda:
+                    torch.cuda.current_stream(device).wait_event(done)
+                    images.record_stream(torch.cuda.current_stream(device))
+                    labels.record_stream(torch.cuda.current_stream(device))
+                yield images, labels
+        finally:
+            for future in ahead:
+                future.cancel()
+
+
+def copied(gather: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], picked: torch.Tensor,
+           device: torch.device, stream: "torch.cuda.Stream | None") -> tuple[torch.Tensor, torch.Tensor, object]:
+    """gather(picked), on CUDA pinned and copied to `device` on `stream`, with the event its copy records there."""
+    images, labels = gather(picked, stream is not None)
+    if stream is None:
+        return images, labels, None
+    with torch.cuda.stream(stream):
+        done = torch.cuda.Event()
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        done.record(stream)
+    return images, labels, done
 
 
 class NoDataFolder(cli.DataError):
@@ -405,16 +372,13 @@ def read_cache(image_file: Path, key: str, damaged: list[Path]) -> np.memmap | N
     return None
 
 
-CHECKSUM_CHUNK = 2**24  # bytes of a cache hashed at a time
-
-
 def checksum(images: np.ndarray) -> str:
     """The sha256 of the sha256s of the images' chunks: hashlib lets go of the GIL, so the chunks hash on all the CPUs;
     a mapped cache is read a chunk at a time, never held whole."""
     flat = memoryview(images.reshape(-1))
     with ThreadPoolExecutor(WORKERS) as pool:
-        chunks = pool.map(lambda start: hashlib.sha256(flat[start:start + CHECKSUM_CHUNK]).digest(),
-                          range(0, len(flat), CHECKSUM_CHUNK))
+        chunks = pool.map(lambda start: hashlib.sha256(flat[start:start + CHUNK]).digest(),
+                          range(0, len(flat), CHUNK))
         return hashlib.sha256(b"".join(chunks)).hexdigest()
 
 
@@ -481,9 +445,6 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
     raise AssertionError("unreachable")
 
 
-ALLOCATION_STEP = 2**24  # bytes of zeros written at a time where there is no posix_fallocate
-
-
 def allocate(fd: int, size: int) -> None:
     """The file's `size` bytes given disk space now: posix_fallocate where there is one (Linux), else written as
     zeros (a file only made longer has none yet, and a full disk would be a SIGBUS in a process writing it)."""
@@ -491,9 +452,9 @@ def allocate(fd: int, size: int) -> None:
         if size:  # EINVAL for 0
             os.posix_fallocate(fd, 0, size)
         return
-    zeros = memoryview(bytes(min(size, ALLOCATION_STEP)))
+    zeros = memoryview(bytes(min(size, CHUNK)))
     with open(fd, "wb", closefd=False) as f:
-        for start in range(0, size, ALLOCATION_STEP):
+        for start in range(0, size, CHUNK):
             f.write(zeros[:size - start])
 
 
@@ -501,9 +462,6 @@ def cache_warning(path: Path, error: OSError) -> None:
     """A read-only or full data folder still trains, only slower to start."""
     print(f"warning: cannot write the image cache {path} ({error.strerror or error}); decoding every run",
           file=sys.stderr)
-
-
-DECODE_CHUNK = 256  # images per task of a decoding process: its share of the file is written, then synced
 
 
 def decode_into(path: Path, paths: list[Path], shape: tuple[int, ...]) -> list[int]:
@@ -535,9 +493,6 @@ def decode_rows(path: Path, shape: tuple[int, ...], start: int, paths: list[Path
         sides.append(side)
     images.flush()  # written back now: the pages can be dropped, the memory held stays bounded
     return sides
-
-
-WATCH_INTERVAL = 0.2  # seconds between a decoding process's looks at its parent
 
 
 def die_with_parent() -> None:
