@@ -23,7 +23,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -163,66 +163,55 @@ class ImageSet:
     def batches(self, order: torch.Tensor | None, start: int, batch_size: int, share: slice = slice(None)
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) on `device` of steps `start`, `start` + 1, ... of `order` (positions in this set; None:
-        in turn), each step `batch_size` positions of which this process gathers only its `share`.
-
-        Resident sets index the device copy; streamed ones are gathered from the mapped file by a background thread
-        into (on CUDA, pinned) memory and copied without blocking, `PREFETCH` steps ahead: the same rows either way.
-        """
+        in turn), each step `batch_size` positions of which this process gathers only its `share`. Resident sets
+        index the device copy, streamed ones are gathered ahead (see prefetched): the same rows either way."""
         resident = self.device is None  # streamed also on the CPU: the same thread and gathering as on CUDA
         positions = torch.arange(len(self)) if order is None else order if resident else order.cpu()
         steps = [positions[i:i + batch_size][share] for i in range(start * batch_size, len(positions), batch_size)]
         if not resident:
-            yield from prefetched(self.gather, steps, self.device)
+            yield from self.prefetched(steps)
             return
         rows = None if self.rows is None else self.rows.to(positions.device)  # once, not each step
         for picked in steps:
             yield self.images[picked if rows is None else rows[picked]], self.labels[picked]
 
-    def gather(self, picked: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = picked if self.rows is None else self.rows[picked]
-        images = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-        torch.index_select(self.images, 0, rows, out=images)
-        labels = self.labels[picked]
-        return images, labels.pin_memory() if pin else labels
-
-
-def prefetched(gather: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], steps: list[torch.Tensor],
-               device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """gather(step, pin) for each step on a background thread, PREFETCH steps ahead, copied to `device` on a side
-    stream (CUDA), so that reading the file and the copy overlap the steps in use; the consumer waits only for its own
-    batch's copy. Stopped early, the steps not begun are cancelled and the one being gathered is waited for."""
-    cuda = device.type == "cuda"
-    stream = torch.cuda.Stream(device) if cuda else None
-    # the thread's own current device: else pinning and copies open GPU 0
-    set_device = torch.cuda.set_device if cuda and device.index is not None else None
-    with ThreadPoolExecutor(1, "batch-prefetch", set_device, (device,)) as thread:
-        ahead = [thread.submit(copied, gather, picked, device, stream) for picked in steps[:PREFETCH]]
+    def prefetched(self, steps: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each step gathered from the mapped file by a background thread, PREFETCH steps ahead, and on CUDA copied
+        to `device` on a side stream, so that reading and copying overlap the steps in use; the consumer waits only
+        for its own batch's copy. Stopped early, the steps not begun are cancelled, the one begun waited for."""
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        # the thread's own current device: else pinning and copies open GPU 0
+        set_device = torch.cuda.set_device if cuda and self.device.index is not None else None
+        thread = ThreadPoolExecutor(1, "batch-prefetch", set_device, (self.device,))
         try:
+            ahead = [thread.submit(self.gather, picked, stream) for picked in steps[:PREFETCH]]
             for later in range(PREFETCH, len(steps) + PREFETCH):
                 if later < len(steps):
-                    ahead.append(thread.submit(copied, gather, steps[later], device, stream))
-                images, labels, done = ahead.pop(0).result()  # raises what the gathering raised
+                    ahead.append(thread.submit(self.gather, steps[later], stream))
+                images, labels, copied = ahead.pop(0).result()  # raises what the gathering raised
                 if cuda:
-                    torch.cuda.current_stream(device).wait_event(done)
-                    images.record_stream(torch.cuda.current_stream(device))
-                    labels.record_stream(torch.cuda.current_stream(device))
+                    torch.cuda.current_stream(self.device).wait_event(copied)
+                    images.record_stream(torch.cuda.current_stream(self.device))
+                    labels.record_stream(torch.cuda.current_stream(self.device))
                 yield images, labels
         finally:
-            for future in ahead:
-                future.cancel()
+            thread.shutdown(wait=True, cancel_futures=True)
 
-
-def copied(gather: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], picked: torch.Tensor,
-           device: torch.device, stream: "torch.cuda.Stream | None") -> tuple[torch.Tensor, torch.Tensor, object]:
-    """gather(picked), on CUDA pinned and copied to `device` on `stream`, with the event its copy records there."""
-    images, labels = gather(picked, stream is not None)
-    if stream is None:
-        return images, labels, None
-    with torch.cuda.stream(stream):
-        done = torch.cuda.Event()
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        done.record(stream)
-    return images, labels, done
+    def gather(self, picked: torch.Tensor, stream: "torch.cuda.Stream | None"
+               ) -> tuple[torch.Tensor, torch.Tensor, "torch.cuda.Event | None"]:
+        """Positions `picked` of this set; with a CUDA `stream`, pinned and copied on it, with the event it records."""
+        rows = picked if self.rows is None else self.rows[picked]
+        images = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=stream is not None)
+        torch.index_select(self.images, 0, rows, out=images)
+        if stream is None:
+            return images, self.labels[picked], None
+        with torch.cuda.stream(stream):
+            labels = self.labels[picked].pin_memory().to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
+        return images, labels, copied
 
 
 class NoDataFolder(cli.DataError):
@@ -230,10 +219,8 @@ class NoDataFolder(cli.DataError):
 
 
 def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
-    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped.
-
-    `name` is what messages call `root` (default: its path).
-    """
+    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped. `name` is what
+    messages call `root` (default: its path)."""
     name = name or cli.shown(root)
     if not root.is_dir():
         raise NoDataFolder(f"{name}: no such folder", "expected a folder of class folders")
@@ -300,14 +287,11 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
 
 def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True,
                 scanned: tuple[list[str], list[tuple[Path, int]]] | None = None) -> ImageSet:
-    """A class-folder split as a memory-mapped uint8 file N x 3 x S x S, through a cache beside it.
-
-    Images are stored at `size` (default: the most common shorter side, at most 256). The cache is two files in
-    `<root>/../.cache/`: `<name>.u8` (the images, in the layout training reads) and `<name>.json` (the key of the
-    files it was built from, see fingerprint; shape; the pixels' checksum); it is used only while both still hold.
-    Without `cache`, or where it cannot be written, the images go to a temporary file that is gone when the set is.
-    Never loaded whole. `scanned` is scan_class_folders(root) when the caller has it already.
-    """
+    """A class-folder split as a memory-mapped (never loaded whole) uint8 file N x 3 x S x S at `size` (default: the
+    most common shorter side, at most 256), cached as two files in `<root>/../.cache/` (or see cache_folder):
+    `<name>.u8` (the images) and `<name>.json` (the key of the files it was built from, see fingerprint; shape; the
+    pixels' checksum), used only while both hold. Without `cache` the images go to a temporary file gone with the set.
+    `scanned` is scan_class_folders(root) when the caller has it already."""
     root = Path(root)
     classes, samples = scanned or scan_class_folders(root)
     files, key = fingerprint(samples, classes, size, root)
@@ -383,14 +367,10 @@ def checksum(images: np.ndarray) -> str:
 
 
 def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tuple[np.memmap, bool]:
-    """Decode every image at `size`, or at the most common shorter side (at most 256) when None, straight into a
-    memory-mapped file: `target` (published by a rename once complete, then True), else an unlinked temporary file.
-
-    Opens each file once: the size is guessed from a sample, and only if the full count disagrees are the images
-    decoded again. Memory stays bounded whatever the number of images: each process writes its rows to the file.
-    """
-    sample = paths[:: max(1, len(paths) // 64)]
-    guess = size or most_common_side([decode(p, 1)[1] for p in sample])
+    """Every image decoded at `size` (None: the most common shorter side, guessed from a sample and decoded again
+    only if the full count disagrees) into a memory-mapped file: `target` (published by a rename once complete,
+    then True), else an unlinked temporary file. Memory stays bounded: each process writes its rows to the file."""
+    guess = size or most_common_side([decode(p, 1)[1] for p in paths[:: max(1, len(paths) // 64)]])
     shape = (len(paths), 3, guess, guess)
     tmp, beside = new_image_file(target, shape)
     try:
@@ -413,36 +393,29 @@ def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tupl
 
 
 def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, bool]:
-    """An empty file of the images' size beside `target` (then True), or in the temporary folder when it cannot be
-    written there: allocated up front, so that a full disk is this OSError, not a SIGBUS in a process writing the
-    mapping.
-
-    Named as cli.write_atomically names its files: one left by a killed build is removed by the next one (concurrent
-    ones are spared).
-    """
-    for folder in ([] if target is None else [target.parent]) + [Path(tempfile.gettempdir())]:
-        name = target.name if target is not None else "images.u8"
+    """An empty file of the images' size beside `target` (then True), else in the temporary folder, given its disk
+    space up front (see allocate). Named as cli.write_atomically names its files: one left by a killed build is
+    removed by the next one (concurrent ones are spared)."""
+    name = "images.u8" if target is None else target.name
+    for beside, folder in ([] if target is None else [(True, target.parent)]) + [(False, Path(tempfile.gettempdir()))]:
         path = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
             cli.remove_dead_writers_files(str(folder), name)
             fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
-            path = Path(path)
             try:
                 os.chmod(path, 0o666 & ~cli.current_umask())  # mkstemp makes 0600; give the usual permissions
                 allocate(fd, math.prod(shape))
             finally:
                 os.close(fd)
-            return path, target is not None and folder == target.parent
+            return Path(path), beside
         except OSError as e:
             if path is not None:
-                path.unlink(missing_ok=True)
-            if target is not None and folder == target.parent:
-                cache_warning(target, e)
-                continue
-            raise cli.DataError(f"{cli.shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
-                                f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
-    raise AssertionError("unreachable")
+                Path(path).unlink(missing_ok=True)
+            if not beside:
+                raise cli.DataError(f"{cli.shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
+                                    f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
+            cache_warning(target, e)
 
 
 def allocate(fd: int, size: int) -> None:
@@ -465,27 +438,22 @@ def cache_warning(path: Path, error: OSError) -> None:
 
 
 def decode_into(path: Path, paths: list[Path], shape: tuple[int, ...]) -> list[int]:
-    """Decode `paths` into rows of the uint8 file `path` of `shape`; returns each image's shorter side.
-
-    Decoding is Python-bound: processes, each writing its rows to the file and returning only the sides. They end
-    with this process (see die_with_parent), even when it is killed.
-    """
+    """`paths` decoded into rows of the uint8 file `path` of `shape`; returns each image's shorter side. Decoding is
+    Python-bound: processes, each writing its rows to the file; they end with this one (see die_with_parent)."""
     starts = range(0, len(paths), DECODE_CHUNK)
+    tasks = (functools.partial(decode_rows, path, shape), starts, [paths[i:i + DECODE_CHUNK] for i in starts])
     if len(starts) <= 1 or WORKERS <= 1:
-        return [side for start in starts for side in decode_rows(path, shape, start, paths[start:start + DECODE_CHUNK])]
+        return [side for sides in map(*tasks) for side in sides]
     pool = ProcessPoolExecutor(WORKERS, initializer=die_with_parent)
     try:
-        chunks = pool.map(decode_rows, [path] * len(starts), [shape] * len(starts), starts,
-                          [paths[start:start + DECODE_CHUNK] for start in starts])
-        return [side for sides in chunks for side in sides]
+        return [side for sides in pool.map(*tasks) for side in sides]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def decode_rows(path: Path, shape: tuple[int, ...], start: int, paths: list[Path]) -> list[int]:
     """Rows `start`, `start` + 1, ... of the file: only they are mapped here."""
-    row_bytes = math.prod(shape[1:])
-    images = np.memmap(path, np.uint8, "r+", offset=start * row_bytes, shape=(len(paths), *shape[1:]))
+    images = np.memmap(path, np.uint8, "r+", offset=start * math.prod(shape[1:]), shape=(len(paths), *shape[1:]))
     sides = []
     for row, image_path in enumerate(paths):
         pixels, side = decode(image_path, shape[-1])
@@ -496,12 +464,10 @@ def decode_rows(path: Path, shape: tuple[int, ...], start: int, paths: list[Path
 
 
 def die_with_parent() -> None:
-    """A decoding process's start: it ends when the process that started the pool ends (even by SIGKILL or the
-    out-of-memory killer), rather than being left blocked, holding memory and the --out lock's file; Ctrl-C is the
-    parent's to handle. Works under every start method (fork, forkserver, spawn) and system: a thread watches
-    multiprocessing's sentinel for the parent (Windows, spawn) and whether this process was handed to another
-    parent (POSIX: under fork, siblings hold the sentinel's pipe open; under forkserver the parent is the server).
-    """
+    """A decoding process's start: it ends when the pool's process ends (even by SIGKILL), not left holding memory
+    and the --out lock's file; Ctrl-C is the parent's. Under every start method and system: a thread watches the
+    parent's sentinel (Windows, spawn) and whether this process was handed to another parent (POSIX: under fork,
+    siblings hold the sentinel's pipe open; under forkserver the parent is the server)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is None or not parent.is_alive():
@@ -529,11 +495,8 @@ def load_dataset(data_dir: str | os.PathLike, stored_size: int | None = None) ->
 
 
 def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick `count` indices with the class proportions of `labels`; return (picked, rest).
-
-    Per class, floor(count * share) plus one for the largest remainders; the
-    choice within a class is a seeded permutation, so it is the same every run.
-    """
+    """`count` indices with the class proportions of `labels` (see stratified_quota), and the rest; the choice
+    within a class is a seeded permutation, the same every run."""
     generator = torch.Generator().manual_seed(seed)
     labels = labels.cpu()
     per_class = torch.bincount(labels)
@@ -548,7 +511,8 @@ def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch
 
 
 def stratified_quota(per_class: torch.Tensor, count: int) -> torch.Tensor:
-    """How many of `count` picks each class gets in stratified_split, from the class sizes."""
+    """How many of `count` picks each class gets in stratified_split: floor(count * share), plus one for the
+    largest remainders."""
     exact = count * per_class.double() / int(per_class.sum())
     quota = exact.floor().long()
     remainders = (exact - quota).argsort(descending=True, stable=True)
@@ -639,42 +603,32 @@ def linux_available_memory() -> int | None:
 # --------------------------------------------------------------------------- transforms on the device
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = (torch.tensor(values, device=images.device).view(1, 3, 1, 1) * 255 for values in (MEAN, STD))
     return (images - mean) / std
 
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear crop-and-resize of box (x1, y1, x2, y2) of each image to size x size.
-
-    roi_align with aligned=True samples at the same points as torchvision's
-    bilinear resize of the crop (identical inside; at the crop's outermost
-    half-pixel it reads the neighbouring pixels instead of repeating the edge),
-    and averages several samples per output pixel when shrinking.
-    """
+    """Bilinear crop-and-resize of box (x1, y1, x2, y2) of each image to size x size: roi_align (aligned) samples at
+    torchvision's points for a bilinear resize of the crop (at its outermost half-pixel it reads the neighbouring
+    pixels instead of repeating the edge), and averages several samples per output pixel when shrinking."""
     index = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype).unsqueeze(1)
     return roi_align(images.float(), torch.cat([index, boxes], 1), size, 1.0, -1, True)
 
 
 def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: torch.device,
                          scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params for a batch of side x side images.
-
-    Each image tries `attempts` (area, aspect) draws and keeps the first that
-    fits; if none fits it falls back to the whole (square) image, as torchvision does.
-    """
+    """torchvision's RandomResizedCrop.get_params for a batch of side x side images: each tries `attempts` (area,
+    aspect) draws and keeps the first that fits, else the whole image."""
     def uniform(low, high):
         return low + (high - low) * torch.rand(n, attempts, generator=generator, device=device)
 
     area = side * side * uniform(*scale)
     aspect = torch.exp(uniform(np.log(ratio[0]), np.log(ratio[1])))
-    w = torch.sqrt(area * aspect).round()
-    h = torch.sqrt(area / aspect).round()
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= side) & (h > 0) & (h <= side)
     first = fits.long().argmax(1, keepdim=True)
     found = fits.any(1)
-    w = torch.where(found, w.gather(1, first).squeeze(1), torch.full_like(found, side, dtype=w.dtype))
-    h = torch.where(found, h.gather(1, first).squeeze(1), torch.full_like(found, side, dtype=h.dtype))
+    w, h = (torch.where(found, drawn.gather(1, first).squeeze(1), float(side)) for drawn in (w, h))
     u = torch.rand(n, 2, generator=generator, device=device)
     top = (u[:, 0] * (side - h + 1)).floor()
     left = (u[:, 1] * (side - w + 1)).floor()
@@ -694,14 +648,10 @@ AUGMENTATIONS = {"rrc": random_resized_boxes, "crop": random_shift_boxes}
 
 def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, part: slice = slice(None),
                 augmentation: str = "rrc", cutout: float = 0.0, batch: int | None = None) -> torch.Tensor:
-    """A crop (see AUGMENTATIONS) resized to size, a horizontal flip, normalisation, then cutout: on images' device.
-
-    Cutout (DeVries & Taylor, 2017) sets a square of side `cutout` x size, centred
-    anywhere in the image and clipped at its edges, to the mean colour (0 after
-    normalisation). `images` are `part` of a global batch of `batch` images (default: all of it): the random draws
-    are made for the whole batch and `part` of them used, so processes that share a global batch augment it as one
-    process would.
-    """
+    """A crop (see AUGMENTATIONS) resized to size, a horizontal flip, normalisation, then cutout (DeVries & Taylor,
+    2017: a square of side `cutout` x size centred anywhere, clipped at the edges, set to the mean colour, 0 after
+    normalisation), on images' device. `images` are `part` of a global batch of `batch` (default: all of it): the
+    draws are made for the whole batch, so processes that share one augment it as one process would."""
     n = batch or len(images)
     boxes = AUGMENTATIONS[augmentation](n, images.shape[-1], generator, images.device)[part]
     flip = (torch.rand(n, generator=generator, device=images.device) < 0.5)[part]
