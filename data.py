@@ -10,8 +10,7 @@ import functools
 import hashlib
 import json
 import math
-import multiprocessing
-import multiprocessing.connection
+import multiprocessing.connection  # binds multiprocessing too
 import os
 import re
 import signal
@@ -62,9 +61,8 @@ def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 
 def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
-    """Any image Pillow reads as a size x size x 3 uint8 RGB array: upright (EXIF), transparency over white, shorter
-    side to `size` (a JPEG decoded at a reduced scale still that large), centre-cropped; and its original shorter side.
-    The cache and predict.py both use it, so that an image is prepared as those a model learnt from were. A file
+    """Any image Pillow reads as a size x size x 3 uint8 RGB array (upright by EXIF, transparency over white, shorter
+    side to `size`, centre-cropped) and its original shorter side: the cache's and predict.py's images alike. A file
     that cannot be read raises cli.DataError naming it."""
     try:
         with warnings.catch_warnings(record=True) as caught:  # Pillow's own warning would not name the file
@@ -88,9 +86,8 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
     for warning in caught:
         print(f"warning: {cli.shown(path)}: {warning.message}", file=sys.stderr)
     if img.size != (size, size):
-        w, h = img.size
-        scale = size / min(w, h)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        scale = size / min(img.size)
+        w, h = (max(size, round(side * scale)) for side in img.size)
         img = img.resize((w, h), Image.BILINEAR)  # Pillow antialiases when shrinking
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
@@ -123,10 +120,7 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
 @dataclass
 class ImageSet:
     """Images N x 3 x S x S uint8 (a memory-mapped cache, or a copy on the device), the labels, and which rows of
-    them this set is: a validation split or --limit is a list of rows into the mapped file, not a copy.
-
-    `device` is where `batches` delivers: the images' own device (resident), or another one they stream to.
-    """
+    them this set is (a validation split or --limit: a list of rows into the mapped file, not a copy)."""
     images: torch.Tensor  # N x 3 x S x S uint8
     labels: torch.Tensor  # int64, one per row of `rows` (or of `images`)
     classes: list[str]
@@ -209,9 +203,7 @@ class ImageSet:
         with torch.cuda.stream(stream):
             labels = self.labels[picked].pin_memory().to(self.device, non_blocking=True)
             images = images.to(self.device, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(stream)
-        return images, labels, copied
+        return images, labels, stream.record_event()
 
 
 class NoDataFolder(cli.DataError):
@@ -274,8 +266,7 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
     has the same fingerprint), sizes and mtimes: what a resume compares. And the cache's key, adding each file's inode
     and ctime: a file replaced by one of the same size and mtime (any program sets an mtime; none a ctime) changes it,
     as a chmod or copy does. On Windows (st_ino may be 0, st_ctime is the creation time) it sees less, never more."""
-    files = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
-    identities = hashlib.sha256()
+    files, identities = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode()), hashlib.sha256()
     for path, label in samples:
         info = path.stat()
         # the name as bytes: a name that is not UTF-8 cannot be encoded as text
@@ -295,7 +286,6 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     root = Path(root)
     classes, samples = scanned or scan_class_folders(root)
     files, key = fingerprint(samples, classes, size, root)
-    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     image_file = root.parent / ".cache" / f"{root.name}.u8"
     damaged: list[Path] = []
     images = read_cache(image_file, key, damaged) if cache else None
@@ -314,7 +304,7 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
                 cli.write_atomically(image_file.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
             except OSError as e:
                 cache_warning(image_file.with_suffix(".json"), e)
-    return ImageSet(torch.from_numpy(images), labels, classes, files)
+    return ImageSet(torch.from_numpy(images), torch.tensor([label for _, label in samples]), classes, files)
 
 
 @functools.cache  # decided once per data folder, and said once
@@ -361,8 +351,7 @@ def checksum(images: np.ndarray) -> str:
     a mapped cache is read a chunk at a time, never held whole."""
     flat = memoryview(images.reshape(-1))
     with ThreadPoolExecutor(WORKERS) as pool:
-        chunks = pool.map(lambda start: hashlib.sha256(flat[start:start + CHUNK]).digest(),
-                          range(0, len(flat), CHUNK))
+        chunks = pool.map(lambda start: hashlib.sha256(flat[start:start + CHUNK]).digest(), range(0, len(flat), CHUNK))
         return hashlib.sha256(b"".join(chunks)).hexdigest()
 
 
@@ -421,18 +410,15 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
 def allocate(fd: int, size: int) -> None:
     """The file's `size` bytes given disk space now: posix_fallocate where there is one (Linux), else written as
     zeros (a file only made longer has none yet, and a full disk would be a SIGBUS in a process writing it)."""
-    if hasattr(os, "posix_fallocate"):
-        if size:  # EINVAL for 0
-            os.posix_fallocate(fd, 0, size)
-        return
+    if hasattr(os, "posix_fallocate") and size:  # EINVAL for 0 (for which nothing is written either)
+        return os.posix_fallocate(fd, 0, size)
     zeros = memoryview(bytes(min(size, CHUNK)))
     with open(fd, "wb", closefd=False) as f:
         for start in range(0, size, CHUNK):
             f.write(zeros[:size - start])
 
 
-def cache_warning(path: Path, error: OSError) -> None:
-    """A read-only or full data folder still trains, only slower to start."""
+def cache_warning(path: Path, error: OSError) -> None:  # a read-only or full data folder still trains, slower to start
     print(f"warning: cannot write the image cache {path} ({error.strerror or error}); decoding every run",
           file=sys.stderr)
 
@@ -497,16 +483,13 @@ def load_dataset(data_dir: str | os.PathLike, stored_size: int | None = None) ->
 def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` indices with the class proportions of `labels` (see stratified_quota), and the rest; the choice
     within a class is a seeded permutation, the same every run."""
-    generator = torch.Generator().manual_seed(seed)
-    labels = labels.cpu()
-    per_class = torch.bincount(labels)
-    quota = stratified_quota(per_class, count)
+    generator, labels = torch.Generator().manual_seed(seed), labels.cpu()
     picked, rest = [], []
-    for cls in range(len(per_class)):
+    for cls, share in enumerate(stratified_quota(torch.bincount(labels), count).tolist()):
         members = (labels == cls).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        picked.append(members[: quota[cls]])
-        rest.append(members[quota[cls]:])
+        picked.append(members[:share])
+        rest.append(members[share:])
     return torch.cat(picked).sort().values, torch.cat(rest).sort().values
 
 
@@ -546,10 +529,8 @@ class Loader:
         self.drop_last, self.augmentation, self.cutout = drop_last, augmentation, cutout
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
-    def __len__(self) -> int:
-        """Batches in all `epochs`."""
-        rounding = math.floor if self.drop_last else math.ceil
-        return self.epochs * rounding(len(self.images) / self.batch_size)
+    def __len__(self) -> int:  # batches in all `epochs`
+        return self.epochs * (math.floor if self.drop_last else math.ceil)(len(self.images) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
@@ -569,8 +550,7 @@ def free_memory(device: torch.device) -> int:
     cannot be read either (Windows), none: a set then streams, with the same results (and on the CPU about as fast)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    free = linux_available_memory()
-    if free is not None:
+    if (free := linux_available_memory()) is not None:
         return free
     with contextlib.suppress(ValueError, OSError, AttributeError):  # macOS counts no available pages
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
@@ -580,10 +560,8 @@ def free_memory(device: torch.device) -> int:
 def linux_available_memory() -> int | None:
     """/proc/meminfo's MemAvailable, and the cgroup's limit less its use; None where there are neither."""
     free = []
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        meminfo = Path("/proc/meminfo").read_text()
-        free.append(int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable:")).split()[1])
-                    * 1024)
+    with contextlib.suppress(OSError, TypeError):  # TypeError: no such line
+        free.append(int(re.search(r"^MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M)[1]) * 1024)
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
@@ -619,15 +597,12 @@ def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: 
                          scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
     """torchvision's RandomResizedCrop.get_params for a batch of side x side images: each tries `attempts` (area,
     aspect) draws and keeps the first that fits, else the whole image."""
-    def uniform(low, high):
-        return low + (high - low) * torch.rand(n, attempts, generator=generator, device=device)
-
-    area = side * side * uniform(*scale)
-    aspect = torch.exp(uniform(np.log(ratio[0]), np.log(ratio[1])))
+    area, log_aspect = (low + (high - low) * torch.rand(n, attempts, generator=generator, device=device)
+                        for low, high in (scale, (np.log(ratio[0]), np.log(ratio[1]))))
+    area, aspect = side * side * area, torch.exp(log_aspect)
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= side) & (h > 0) & (h <= side)
-    first = fits.long().argmax(1, keepdim=True)
-    found = fits.any(1)
+    first, found = fits.long().argmax(1, keepdim=True), fits.any(1)
     w, h = (torch.where(found, drawn.gather(1, first).squeeze(1), float(side)) for drawn in (w, h))
     u = torch.rand(n, 2, generator=generator, device=device)
     top = (u[:, 0] * (side - h + 1)).floor()
