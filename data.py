@@ -1,13 +1,8 @@
-"""Class-folder data sets: images -> class folders -> a uint8 cache -> batches on the device.
+"""Class-folder data sets: images -> class folders -> a uint8 cache -> batches -> transforms on the device.
 
-A data set is a folder with `train/` and `test/`, each holding one folder per
-class (torchvision ImageFolder conventions: class folders sorted by name,
-hidden files and non-images ignored). Each split is decoded once into a uint8
-tensor N x 3 x S x S, cached in `<data-dir>/.cache/` (or where cache_folder
-says) and rebuilt whenever the files change. Augmentation and the evaluation transform run batched on
-whatever device holds that tensor. download.py gets a data set onto disk.
-
-Sections: images; class folders and the cache; transforms on the device.
+A data set is a folder with `train/` and `test/`, each holding one folder per class (torchvision ImageFolder
+conventions: class folders sorted by name, hidden files and non-images ignored). Each split is decoded once into a
+uint8 file N x 3 x S x S, cached (see load_folder) and rebuilt whenever the files change. download.py gets one.
 """
 import collections
 import contextlib
@@ -15,10 +10,8 @@ import functools
 import hashlib
 import json
 import math
-import multiprocessing
-import multiprocessing.connection
+import multiprocessing.connection  # binds multiprocessing too
 import os
-import queue
 import re
 import signal
 import sys
@@ -29,7 +22,7 @@ import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -47,33 +40,13 @@ CACHE_VERSION = 1  # in the fingerprint a resumed run compares: raised, no run f
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # "//" may have become "/" in a Path; one letter is a drive (C:/)
 # the CPUs this process may use (macOS and Windows have no affinity: all of them)
 WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+CHUNK = 2**24  # bytes of a cache hashed, or written as zeros where there is no posix_fallocate, at a time
+DECODE_CHUNK = 256  # images per task of a decoding process: its share of the file is written, then synced
+WATCH_INTERVAL = 0.2  # seconds between a decoding process's looks at its parent
+PREFETCH = 2  # streamed batches gathered ahead of the one in use
 
 
 # --------------------------------------------------------------------------- images
-
-def load_image(path: str | os.PathLike, size: int | None = None) -> tuple[Image.Image, int]:
-    """Any image Pillow reads, as RGB, upright (EXIF), transparency over white.
-
-    Returns the image and its original shorter side. `size` lets a JPEG decode
-    at a reduced scale that is still at least size x size.
-    """
-    with Image.open(path) as img:
-        shorter_side = min(img.size)
-        if max(img.size) > MAX_ASPECT_RATIO * shorter_side:  # its resize to `size` px across could fill the memory
-            raise cli.DataError(f"{cli.shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over "
-                                f"{MAX_ASPECT_RATIO} times its shorter: too narrow to take a square from",
-                                "crop it, or remove the file")
-        if size is not None and img.format == "JPEG":
-            img.draft("RGB", (size, size))
-        img = ImageOps.exif_transpose(img)
-    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale, do not clip
-        img = Image.fromarray(grey_to_8_bits(np.asarray(img, dtype=np.float64), img.mode), "L")
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB"), shorter_side
-    return img.convert("RGB"), shorter_side
-
 
 def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
     """16-bit and 32-bit integer grey by 65535 / 255; 32-bit float by its range: 0 ... 1 (the usual one), else as
@@ -87,32 +60,37 @@ def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 
 def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
-    """An image as a size x size x 3 uint8 array (shorter side to size, centre crop), and its shorter side.
-
-    The cache builder and predict.py both use this, so a single image is
-    prepared exactly like the images a model was trained and evaluated on.
-    A file that cannot be read raises cli.DataError naming it.
-    """
+    """Any image Pillow reads as a size x size x 3 uint8 RGB array (upright by EXIF, transparency over white, shorter
+    side to `size`, centre-cropped) and its original shorter side: the cache's and predict.py's images alike. A file
+    that cannot be read raises cli.DataError naming it."""
     try:
         with warnings.catch_warnings(record=True) as caught:  # Pillow's own warning would not name the file
             warnings.simplefilter("always", Image.DecompressionBombWarning)
-            img, shorter_side = load_image(path, size)
+            with Image.open(path) as img:
+                shorter_side = min(img.size)
+                if max(img.size) > MAX_ASPECT_RATIO * shorter_side:  # resized to `size` across, it could fill memory
+                    raise cli.DataError(f"{cli.shown(path)}: {img.size[0]} x {img.size[1]} px, its longer side over "
+                                        f"{MAX_ASPECT_RATIO} times its shorter: too narrow to take a square from",
+                                        "crop it, or remove the file")
+                if img.format == "JPEG":
+                    img.draft("RGB", (size, size))
+                img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: scale, do not clip
+                img = Image.fromarray(grey_to_8_bits(np.asarray(img, dtype=np.float64), img.mode), "L")
+            if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+                img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
+            img = img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise cli.DataError(f"{cli.shown(path)}: cannot read this image ({e}); remove or replace the file") from None
     for warning in caught:
         print(f"warning: {cli.shown(path)}: {warning.message}", file=sys.stderr)
     if img.size != (size, size):
-        w, h = img.size
-        scale = size / min(w, h)
-        w, h = max(size, round(w * scale)), max(size, round(h * scale))
+        scale = size / min(img.size)
+        w, h = (max(size, round(side * scale)) for side in img.size)
         img = img.resize((w, h), Image.BILINEAR)  # Pillow antialiases when shrinking
         left, top = (w - size) // 2, (h - size) // 2
         img = img.crop((left, top, left + size, top + size))
     return np.array(img, dtype=np.uint8), shorter_side
-
-
-def is_image_file(path: Path) -> bool:
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path]:
@@ -130,7 +108,8 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
         except OSError as e:
             raise cli.DataError(f"{cli.shown(current)}: cannot read this folder ({e.strerror or e})",
                                 "check its permissions or remove it") from None
-        files += [p for p in entries if is_image_file(p) and p.is_file()]
+        files += [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and p.is_file()]
         walk += [(p, outer | {real}) for p in entries if p.is_dir()]
     return sorted(files)
 
@@ -140,10 +119,7 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
 @dataclass
 class ImageSet:
     """Images N x 3 x S x S uint8 (a memory-mapped cache, or a copy on the device), the labels, and which rows of
-    them this set is: a validation split or --limit is a list of rows into the mapped file, not a copy.
-
-    `device` is where `batches` delivers: the images' own device (resident), or another one they stream to.
-    """
+    them this set is (a validation split or --limit: a list of rows into the mapped file, not a copy)."""
     images: torch.Tensor  # N x 3 x S x S uint8
     labels: torch.Tensor  # int64, one per row of `rows` (or of `images`)
     classes: list[str]
@@ -180,81 +156,53 @@ class ImageSet:
     def batches(self, order: torch.Tensor | None, start: int, batch_size: int, share: slice = slice(None)
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(images, labels) on `device` of steps `start`, `start` + 1, ... of `order` (positions in this set; None:
-        in turn), each step `batch_size` positions of which this process gathers only its `share`.
-
-        Resident sets index the device copy; streamed ones are gathered from the mapped file by a background thread
-        into (on CUDA, pinned) memory and copied without blocking, `PREFETCH` steps ahead: the same rows either way.
-        """
+        in turn), each step `batch_size` positions of which this process gathers only its `share`. Resident sets
+        index the device copy, streamed ones are gathered ahead (see prefetched): the same rows either way."""
         resident = self.device is None  # streamed also on the CPU: the same thread and gathering as on CUDA
         positions = torch.arange(len(self)) if order is None else order if resident else order.cpu()
         steps = [positions[i:i + batch_size][share] for i in range(start * batch_size, len(positions), batch_size)]
         if not resident:
-            yield from prefetched(self.gather, steps, self.device)
+            yield from self.prefetched(steps)
             return
         rows = None if self.rows is None else self.rows.to(positions.device)  # once, not each step
         for picked in steps:
             yield self.images[picked if rows is None else rows[picked]], self.labels[picked]
 
-    def gather(self, picked: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefetched(self, steps: list[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Each step gathered from the mapped file by a background thread, PREFETCH steps ahead, and on CUDA copied
+        to `device` on a side stream, so that reading and copying overlap the steps in use; the consumer waits only
+        for its own batch's copy. Stopped early, the steps not begun are cancelled, the one begun waited for."""
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        # the thread's own current device: else pinning and copies open GPU 0
+        set_device = torch.cuda.set_device if cuda and self.device.index is not None else None
+        thread = ThreadPoolExecutor(1, "batch-prefetch", set_device, (self.device,))
+        try:
+            ahead = [thread.submit(self.gather, picked, stream) for picked in steps[:PREFETCH]]
+            for later in range(PREFETCH, len(steps) + PREFETCH):
+                if later < len(steps):
+                    ahead.append(thread.submit(self.gather, steps[later], stream))
+                images, labels, copied = ahead.pop(0).result()  # raises what the gathering raised
+                if cuda:
+                    torch.cuda.current_stream(self.device).wait_event(copied)
+                    images.record_stream(torch.cuda.current_stream(self.device))
+                    labels.record_stream(torch.cuda.current_stream(self.device))
+                yield images, labels
+        finally:
+            thread.shutdown(wait=True, cancel_futures=True)
+
+    def gather(self, picked: torch.Tensor, stream: "torch.cuda.Stream | None"
+               ) -> tuple[torch.Tensor, torch.Tensor, "torch.cuda.Event | None"]:
+        """Positions `picked` of this set; with a CUDA `stream`, pinned and copied on it, with the event it records."""
         rows = picked if self.rows is None else self.rows[picked]
-        images = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        images = torch.empty((len(rows), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=stream is not None)
         torch.index_select(self.images, 0, rows, out=images)
-        labels = self.labels[picked]
-        return images, labels.pin_memory() if pin else labels
-
-
-PREFETCH = 2  # streamed batches gathered ahead of the one in use
-
-
-def prefetched(gather: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]], steps: list[torch.Tensor],
-               device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """gather(step, pin) for each step on a background thread, copied to `device` on a side stream (CUDA), so that
-    reading the file and the copy overlap the steps in use; the consumer waits only for its own batch's copy."""
-    cuda = device.type == "cuda"
-    ready: queue.Queue = queue.Queue(PREFETCH)
-    stop = threading.Event()
-    thread = threading.Thread(target=gather_ahead, args=(gather, steps, device, ready, stop), daemon=True,
-                              name="batch-prefetch")
-    thread.start()
-    try:
-        for _ in steps:
-            item = ready.get()
-            if isinstance(item, BaseException):
-                raise item
-            images, labels, copied = item
-            if cuda:
-                torch.cuda.current_stream(device).wait_event(copied)
-                images.record_stream(torch.cuda.current_stream(device))
-                labels.record_stream(torch.cuda.current_stream(device))
-            yield images, labels
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a put waiting for room
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.05)
-        thread.join()
-
-
-def gather_ahead(gather, steps: list[torch.Tensor], device: torch.device, ready: queue.Queue,
-                 stop: threading.Event) -> None:
-    cuda = device.type == "cuda"
-    if cuda and device.index is not None:  # this thread's own current device: else pinning and copies open GPU 0
-        torch.cuda.set_device(device)
-    stream = torch.cuda.Stream(device) if cuda else None
-    try:
-        for picked in steps:
-            if stop.is_set():
-                return
-            images, labels = gather(picked, cuda)
-            copied = None
-            if cuda:
-                with torch.cuda.stream(stream):
-                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(stream)
-            ready.put((images, labels, copied))
-    except BaseException as e:  # handed to the consumer, which raises it where the batch was wanted
-        ready.put(e)
+        if stream is None:
+            return images, self.labels[picked], None
+        with torch.cuda.stream(stream):
+            labels = self.labels[picked].pin_memory().to(self.device, non_blocking=True)
+            images = images.to(self.device, non_blocking=True)
+        return images, labels, stream.record_event()
 
 
 class NoDataFolder(cli.DataError):
@@ -262,10 +210,8 @@ class NoDataFolder(cli.DataError):
 
 
 def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
-    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped.
-
-    `name` is what messages call `root` (default: its path).
-    """
+    """ImageFolder's layout: one folder per class, sorted; hidden and non-image files skipped. `name` is what
+    messages call `root` (default: its path)."""
     name = name or cli.shown(root)
     if not root.is_dir():
         raise NoDataFolder(f"{name}: no such folder", "expected a folder of class folders")
@@ -319,8 +265,7 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
     has the same fingerprint), sizes and mtimes: what a resume compares. And the cache's key, adding each file's inode
     and ctime: a file replaced by one of the same size and mtime (any program sets an mtime; none a ctime) changes it,
     as a chmod or copy does. On Windows (st_ino may be 0, st_ctime is the creation time) it sees less, never more."""
-    files = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
-    identities = hashlib.sha256()
+    files, identities = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode()), hashlib.sha256()
     for path, label in samples:
         info = path.stat()
         # the name as bytes: a name that is not UTF-8 cannot be encoded as text
@@ -332,18 +277,14 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
 
 def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True,
                 scanned: tuple[list[str], list[tuple[Path, int]]] | None = None) -> ImageSet:
-    """A class-folder split as a memory-mapped uint8 file N x 3 x S x S, through a cache beside it.
-
-    Images are stored at `size` (default: the most common shorter side, at most 256). The cache is two files in
-    `<root>/../.cache/`: `<name>.u8` (the images, in the layout training reads) and `<name>.json` (the key of the
-    files it was built from, see fingerprint; shape; the pixels' checksum); it is used only while both still hold.
-    Without `cache`, or where it cannot be written, the images go to a temporary file that is gone when the set is.
-    Never loaded whole. `scanned` is scan_class_folders(root) when the caller has it already.
-    """
+    """A class-folder split as a memory-mapped (never loaded whole) uint8 file N x 3 x S x S at `size` (default: the
+    most common shorter side, at most 256), cached as two files in `<root>/../.cache/` (or see cache_folder):
+    `<name>.u8` (the images) and `<name>.json` (the key of the files it was built from, see fingerprint; shape; the
+    pixels' checksum), used only while both hold. Without `cache` the images go to a temporary file gone with the set.
+    `scanned` is scan_class_folders(root) when the caller has it already."""
     root = Path(root)
     classes, samples = scanned or scan_class_folders(root)
     files, key = fingerprint(samples, classes, size, root)
-    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     image_file = root.parent / ".cache" / f"{root.name}.u8"
     damaged: list[Path] = []
     images = read_cache(image_file, key, damaged) if cache else None
@@ -362,7 +303,7 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
                 cli.write_atomically(image_file.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
             except OSError as e:
                 cache_warning(image_file.with_suffix(".json"), e)
-    return ImageSet(torch.from_numpy(images), labels, classes, files)
+    return ImageSet(torch.from_numpy(images), torch.tensor([label for _, label in samples]), classes, files)
 
 
 @functools.cache  # decided once per data folder, and said once
@@ -404,28 +345,20 @@ def read_cache(image_file: Path, key: str, damaged: list[Path]) -> np.memmap | N
     return None
 
 
-CHECKSUM_CHUNK = 2**24  # bytes of a cache hashed at a time
-
-
 def checksum(images: np.ndarray) -> str:
     """The sha256 of the sha256s of the images' chunks: hashlib lets go of the GIL, so the chunks hash on all the CPUs;
     a mapped cache is read a chunk at a time, never held whole."""
     flat = memoryview(images.reshape(-1))
     with ThreadPoolExecutor(WORKERS) as pool:
-        chunks = pool.map(lambda start: hashlib.sha256(flat[start:start + CHECKSUM_CHUNK]).digest(),
-                          range(0, len(flat), CHECKSUM_CHUNK))
+        chunks = pool.map(lambda start: hashlib.sha256(flat[start:start + CHUNK]).digest(), range(0, len(flat), CHUNK))
         return hashlib.sha256(b"".join(chunks)).hexdigest()
 
 
 def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tuple[np.memmap, bool]:
-    """Decode every image at `size`, or at the most common shorter side (at most 256) when None, straight into a
-    memory-mapped file: `target` (published by a rename once complete, then True), else an unlinked temporary file.
-
-    Opens each file once: the size is guessed from a sample, and only if the full count disagrees are the images
-    decoded again. Memory stays bounded whatever the number of images: each process writes its rows to the file.
-    """
-    sample = paths[:: max(1, len(paths) // 64)]
-    guess = size or most_common_side([decode(p, 1)[1] for p in sample])
+    """Every image decoded at `size` (None: the most common shorter side, guessed from a sample and decoded again
+    only if the full count disagrees) into a memory-mapped file: `target` (published by a rename once complete,
+    then True), else an unlinked temporary file. Memory stays bounded: each process writes its rows to the file."""
+    guess = size or most_common_side([decode(p, 1)[1] for p in paths[:: max(1, len(paths) // 64)]])
     shape = (len(paths), 3, guess, guess)
     tmp, beside = new_image_file(target, shape)
     try:
@@ -448,85 +381,64 @@ def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tupl
 
 
 def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, bool]:
-    """An empty file of the images' size beside `target` (then True), or in the temporary folder when it cannot be
-    written there: allocated up front, so that a full disk is this OSError, not a SIGBUS in a process writing the
-    mapping.
-
-    Named as cli.write_atomically names its files: one left by a killed build is removed by the next one (concurrent
-    ones are spared).
-    """
-    for folder in ([] if target is None else [target.parent]) + [Path(tempfile.gettempdir())]:
-        name = target.name if target is not None else "images.u8"
+    """An empty file of the images' size beside `target` (then True), else in the temporary folder, given its disk
+    space up front (see allocate). Named as cli.write_atomically names its files: one left by a killed build is
+    removed by the next one (concurrent ones are spared)."""
+    name = "images.u8" if target is None else target.name
+    for beside, folder in ([] if target is None else [(True, target.parent)]) + [(False, Path(tempfile.gettempdir()))]:
         path = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
             cli.remove_dead_writers_files(str(folder), name)
             fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
-            path = Path(path)
             try:
                 os.chmod(path, 0o666 & ~cli.current_umask())  # mkstemp makes 0600; give the usual permissions
                 allocate(fd, math.prod(shape))
             finally:
                 os.close(fd)
-            return path, target is not None and folder == target.parent
+            return Path(path), beside
         except OSError as e:
             if path is not None:
-                path.unlink(missing_ok=True)
-            if target is not None and folder == target.parent:
-                cache_warning(target, e)
-                continue
-            raise cli.DataError(f"{cli.shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
-                                f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
-    raise AssertionError("unreachable")
-
-
-ALLOCATION_STEP = 2**24  # bytes of zeros written at a time where there is no posix_fallocate
+                Path(path).unlink(missing_ok=True)
+            if not beside:
+                raise cli.DataError(f"{cli.shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
+                                    f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
+            cache_warning(target, e)
 
 
 def allocate(fd: int, size: int) -> None:
     """The file's `size` bytes given disk space now: posix_fallocate where there is one (Linux), else written as
     zeros (a file only made longer has none yet, and a full disk would be a SIGBUS in a process writing it)."""
-    if hasattr(os, "posix_fallocate"):
-        if size:  # EINVAL for 0
-            os.posix_fallocate(fd, 0, size)
-        return
-    zeros = memoryview(bytes(min(size, ALLOCATION_STEP)))
+    if hasattr(os, "posix_fallocate") and size:  # EINVAL for 0 (for which nothing is written either)
+        return os.posix_fallocate(fd, 0, size)
+    zeros = memoryview(bytes(min(size, CHUNK)))
     with open(fd, "wb", closefd=False) as f:
-        for start in range(0, size, ALLOCATION_STEP):
+        for start in range(0, size, CHUNK):
             f.write(zeros[:size - start])
 
 
-def cache_warning(path: Path, error: OSError) -> None:
-    """A read-only or full data folder still trains, only slower to start."""
+def cache_warning(path: Path, error: OSError) -> None:  # a read-only or full data folder still trains, slower to start
     print(f"warning: cannot write the image cache {path} ({error.strerror or error}); decoding every run",
           file=sys.stderr)
 
 
-DECODE_CHUNK = 256  # images per task of a decoding process: its share of the file is written, then synced
-
-
 def decode_into(path: Path, paths: list[Path], shape: tuple[int, ...]) -> list[int]:
-    """Decode `paths` into rows of the uint8 file `path` of `shape`; returns each image's shorter side.
-
-    Decoding is Python-bound: processes, each writing its rows to the file and returning only the sides. They end
-    with this process (see die_with_parent), even when it is killed.
-    """
+    """`paths` decoded into rows of the uint8 file `path` of `shape`; returns each image's shorter side. Decoding is
+    Python-bound: processes, each writing its rows to the file; they end with this one (see die_with_parent)."""
     starts = range(0, len(paths), DECODE_CHUNK)
+    tasks = (functools.partial(decode_rows, path, shape), starts, [paths[i:i + DECODE_CHUNK] for i in starts])
     if len(starts) <= 1 or WORKERS <= 1:
-        return [side for start in starts for side in decode_rows(path, shape, start, paths[start:start + DECODE_CHUNK])]
+        return [side for sides in map(*tasks) for side in sides]
     pool = ProcessPoolExecutor(WORKERS, initializer=die_with_parent)
     try:
-        chunks = pool.map(decode_rows, [path] * len(starts), [shape] * len(starts), starts,
-                          [paths[start:start + DECODE_CHUNK] for start in starts])
-        return [side for sides in chunks for side in sides]
+        return [side for sides in pool.map(*tasks) for side in sides]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def decode_rows(path: Path, shape: tuple[int, ...], start: int, paths: list[Path]) -> list[int]:
     """Rows `start`, `start` + 1, ... of the file: only they are mapped here."""
-    row_bytes = math.prod(shape[1:])
-    images = np.memmap(path, np.uint8, "r+", offset=start * row_bytes, shape=(len(paths), *shape[1:]))
+    images = np.memmap(path, np.uint8, "r+", offset=start * math.prod(shape[1:]), shape=(len(paths), *shape[1:]))
     sides = []
     for row, image_path in enumerate(paths):
         pixels, side = decode(image_path, shape[-1])
@@ -536,16 +448,11 @@ def decode_rows(path: Path, shape: tuple[int, ...], start: int, paths: list[Path
     return sides
 
 
-WATCH_INTERVAL = 0.2  # seconds between a decoding process's looks at its parent
-
-
 def die_with_parent() -> None:
-    """A decoding process's start: it ends when the process that started the pool ends (even by SIGKILL or the
-    out-of-memory killer), rather than being left blocked, holding memory and the --out lock's file; Ctrl-C is the
-    parent's to handle. Works under every start method (fork, forkserver, spawn) and system: a thread watches
-    multiprocessing's sentinel for the parent (Windows, spawn) and whether this process was handed to another
-    parent (POSIX: under fork, siblings hold the sentinel's pipe open; under forkserver the parent is the server).
-    """
+    """A decoding process's start: it ends when the pool's process ends (even by SIGKILL), not left holding memory
+    and the --out lock's file; Ctrl-C is the parent's. Under every start method and system: a thread watches the
+    parent's sentinel (Windows, spawn) and whether this process was handed to another parent (POSIX: under fork,
+    siblings hold the sentinel's pipe open; under forkserver the parent is the server)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is None or not parent.is_alive():
@@ -573,26 +480,21 @@ def load_dataset(data_dir: str | os.PathLike, stored_size: int | None = None) ->
 
 
 def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick `count` indices with the class proportions of `labels`; return (picked, rest).
-
-    Per class, floor(count * share) plus one for the largest remainders; the
-    choice within a class is a seeded permutation, so it is the same every run.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    labels = labels.cpu()
-    per_class = torch.bincount(labels)
-    quota = stratified_quota(per_class, count)
+    """`count` indices with the class proportions of `labels` (see stratified_quota), and the rest; the choice
+    within a class is a seeded permutation, the same every run."""
+    generator, labels = torch.Generator().manual_seed(seed), labels.cpu()
     picked, rest = [], []
-    for cls in range(len(per_class)):
+    for cls, share in enumerate(stratified_quota(torch.bincount(labels), count).tolist()):
         members = (labels == cls).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
-        picked.append(members[: quota[cls]])
-        rest.append(members[quota[cls]:])
+        picked.append(members[:share])
+        rest.append(members[share:])
     return torch.cat(picked).sort().values, torch.cat(rest).sort().values
 
 
 def stratified_quota(per_class: torch.Tensor, count: int) -> torch.Tensor:
-    """How many of `count` picks each class gets in stratified_split, from the class sizes."""
+    """How many of `count` picks each class gets in stratified_split: floor(count * share), plus one for the
+    largest remainders."""
     exact = count * per_class.double() / int(per_class.sum())
     quota = exact.floor().long()
     remainders = (exact - quota).argsort(descending=True, stable=True)
@@ -626,10 +528,8 @@ class Loader:
         self.drop_last, self.augmentation, self.cutout = drop_last, augmentation, cutout
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
-    def __len__(self) -> int:
-        """Batches in all `epochs`."""
-        rounding = math.floor if self.drop_last else math.ceil
-        return self.epochs * rounding(len(self.images) / self.batch_size)
+    def __len__(self) -> int:  # batches in all `epochs`
+        return self.epochs * (math.floor if self.drop_last else math.ceil)(len(self.images) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
@@ -649,8 +549,7 @@ def free_memory(device: torch.device) -> int:
     cannot be read either (Windows), none: a set then streams, with the same results (and on the CPU about as fast)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    free = linux_available_memory()
-    if free is not None:
+    if (free := linux_available_memory()) is not None:
         return free
     with contextlib.suppress(ValueError, OSError, AttributeError):  # macOS counts no available pages
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
@@ -660,10 +559,8 @@ def free_memory(device: torch.device) -> int:
 def linux_available_memory() -> int | None:
     """/proc/meminfo's MemAvailable, and the cgroup's limit less its use; None where there are neither."""
     free = []
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        meminfo = Path("/proc/meminfo").read_text()
-        free.append(int(next(line for line in meminfo.splitlines() if line.startswith("MemAvailable:")).split()[1])
-                    * 1024)
+    with contextlib.suppress(OSError, TypeError):  # TypeError: no such line
+        free.append(int(re.search(r"^MemAvailable:\s*(\d+)", Path("/proc/meminfo").read_text(), re.M)[1]) * 1024)
     with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
@@ -683,31 +580,23 @@ def linux_available_memory() -> int | None:
 # --------------------------------------------------------------------------- transforms on the device
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
+    mean, std = (torch.tensor(values, device=images.device).view(1, 3, 1, 1) * 255 for values in (MEAN, STD))
     return (images - mean) / std
 
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear crop-and-resize of box (x1, y1, x2, y2) of each image to size x size.
-
-    torchvision's roi_align (aligned=True, adaptive sampling) as two matrix products, rows then columns: torch alone,
-    and a second less to start than importing torchvision. It samples at the same points as torchvision's bilinear
-    resize of the crop (identical inside; at the crop's outermost half-pixel it reads the neighbouring pixels instead
-    of repeating the edge), and averages several samples per output pixel when shrinking.
-    """
-    rows = sampling_weights(boxes[:, 1], boxes[:, 3], images.shape[-2], size)
-    columns = sampling_weights(boxes[:, 0], boxes[:, 2], images.shape[-1], size)
+    """Bilinear crop-and-resize of box (x1, y1, x2, y2) of each image to size x size: torchvision's roi_align (aligned,
+    adaptive sampling) as two matrix products, in torch alone (importing torchvision costs a second at each start).
+    It samples at torchvision's points for a bilinear resize of the crop (at its outermost half-pixel it reads the
+    neighbouring pixels instead of repeating the edge), and averages several samples per output pixel when shrinking."""
+    rows, columns = (sampling_weights(boxes[:, i], boxes[:, i + 2], images.shape[-1 - i], size) for i in (1, 0))
     return rows.unsqueeze(1) @ images.float() @ columns.transpose(1, 2).unsqueeze(1)
 
 
 def sampling_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: int) -> torch.Tensor:
-    """N x size x length: each output pixel's weights over the input pixels along one axis, as roi_align's.
-
-    Output pixel i of a box averages ceil(box side / size) bilinear samples spread evenly over its share of the box;
-    a sample more than a pixel outside the image counts as 0. At most ceil(length / size) samples (a box is at most
-    the image's side): a shape known without reading the boxes, so no wait for the device.
-    """
+    """N x size x length: output pixel i averages ceil(box side / size) bilinear samples spread over its share of the
+    box, a sample over a pixel outside the image counting 0. At most ceil(length / size) samples (a box is at most the
+    image's side): a shape known without reading the boxes, so no wait for the device."""
     start, end = start.view(-1, 1, 1) - 0.5, end.view(-1, 1, 1) - 0.5
     step = (end - start) / size
     count = torch.ceil(step).clamp(min=1)
@@ -722,23 +611,15 @@ def sampling_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: 
 
 def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: torch.device,
                          scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params for a batch of side x side images.
-
-    Each image tries `attempts` (area, aspect) draws and keeps the first that
-    fits; if none fits it falls back to the whole (square) image, as torchvision does.
-    """
-    def uniform(low, high):
-        return low + (high - low) * torch.rand(n, attempts, generator=generator, device=device)
-
-    area = side * side * uniform(*scale)
-    aspect = torch.exp(uniform(np.log(ratio[0]), np.log(ratio[1])))
-    w = torch.sqrt(area * aspect).round()
-    h = torch.sqrt(area / aspect).round()
+    """torchvision's RandomResizedCrop.get_params for a batch of side x side images: each tries `attempts` (area,
+    aspect) draws and keeps the first that fits, else the whole image."""
+    area, log_aspect = (low + (high - low) * torch.rand(n, attempts, generator=generator, device=device)
+                        for low, high in (scale, (np.log(ratio[0]), np.log(ratio[1]))))
+    area, aspect = side * side * area, torch.exp(log_aspect)
+    w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= side) & (h > 0) & (h <= side)
-    first = fits.long().argmax(1, keepdim=True)
-    found = fits.any(1)
-    w = torch.where(found, w.gather(1, first).squeeze(1), torch.full_like(found, side, dtype=w.dtype))
-    h = torch.where(found, h.gather(1, first).squeeze(1), torch.full_like(found, side, dtype=h.dtype))
+    first, found = fits.long().argmax(1, keepdim=True), fits.any(1)
+    w, h = (torch.where(found, drawn.gather(1, first).squeeze(1), float(side)) for drawn in (w, h))
     u = torch.rand(n, 2, generator=generator, device=device)
     top = (u[:, 0] * (side - h + 1)).floor()
     left = (u[:, 1] * (side - w + 1)).floor()
@@ -758,14 +639,10 @@ AUGMENTATIONS = {"rrc": random_resized_boxes, "crop": random_shift_boxes}
 
 def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, part: slice = slice(None),
                 augmentation: str = "rrc", cutout: float = 0.0, batch: int | None = None) -> torch.Tensor:
-    """A crop (see AUGMENTATIONS) resized to size, a horizontal flip, normalisation, then cutout: on images' device.
-
-    Cutout (DeVries & Taylor, 2017) sets a square of side `cutout` x size, centred
-    anywhere in the image and clipped at its edges, to the mean colour (0 after
-    normalisation). `images` are `part` of a global batch of `batch` images (default: all of it): the random draws
-    are made for the whole batch and `part` of them used, so processes that share a global batch augment it as one
-    process would.
-    """
+    """A crop (see AUGMENTATIONS) resized to size, a horizontal flip, normalisation, then cutout (DeVries & Taylor,
+    2017: a square of side `cutout` x size centred anywhere, clipped at the edges, set to the mean colour, 0 after
+    normalisation), on images' device. `images` are `part` of a global batch of `batch` (default: all of it): the
+    draws are made for the whole batch, so processes that share one augment it as one process would."""
     n = batch or len(images)
     boxes = AUGMENTATIONS[augmentation](n, images.shape[-1], generator, images.device)[part]
     flip = (torch.rand(n, generator=generator, device=images.device) < 0.5)[part]

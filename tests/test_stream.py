@@ -41,7 +41,7 @@ def test_a_streamed_batch_stopped_early_ends_its_reading_thread(tmp_path):
     batches = images.streamed(torch.device("cpu")).batches(None, 0, 4)
     next(batches)
     batches.close()
-    assert not any(thread.name == "batch-prefetch" for thread in __import__("threading").enumerate())
+    assert not any(thread.name.startswith("batch-prefetch") for thread in __import__("threading").enumerate())
 
 
 def test_auto_streams_a_set_larger_than_half_the_free_memory(tmp_path, monkeypatch):
