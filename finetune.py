@@ -75,15 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="checkpoints/pretrain.pt", help="the trained model to start from")
     parser.add_argument("--mode", choices=sorted(TRAINED_PARTS), default="head", help="which layers to train")
     parser.add_argument("--new-head", action="store_true",
-                        help="a freshly initialised head even when the data set has the checkpoint's classes "
-                             "(the reference)")
+                        help="a fresh head even when the data set has the checkpoint's classes (the reference)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
     guard_output()
-    args, given = parse_flags(parser, argv)
+    args, given = parse_flags(build_parser(), argv)
     report_errors("finetune.py", args.batch_size, lambda: finetune(args, given))
 
 
@@ -101,8 +99,7 @@ def finetune(args: argparse.Namespace, given: set[str]) -> dict | None:
 def check_checkpoint_is_no_run_file(args: argparse.Namespace) -> None:
     """No file the run writes (--out and its side files) may be the --checkpoint it starts from, by any name (a
     symlink, another spelling): --overwrite would replace the run's own source."""
-    out = Path(args.out)
-    for path in (out, *side_files(out).values()):
+    for path in (Path(args.out), *side_files(Path(args.out)).values()):
         with contextlib.suppress(OSError):  # a file that is not there is not the checkpoint
             if os.path.samefile(path, args.checkpoint):
                 raise UsageError(f"--out {args.out}: the run would write {path}, which is --checkpoint "
@@ -114,8 +111,7 @@ def take_preprocessing(args: argparse.Namespace, given: set[str], checkpoint: di
     """The checkpoint's preprocessing unless the flags are given, as torchvision's references keep the one a model
     was trained with: --image-size, and --stored-size (another data folder's images are stored at the checkpoint's
     size; its own data folder keeps its run's flag, so the same image cache)."""
-    source = checkpoint.get("args", {})
-    stored = source.get("stored_size") if same_data_folder(args, checkpoint) else checkpoint["stored_size"]
+    stored = checkpoint["args"].get("stored_size") if same_data_folder(args, checkpoint) else checkpoint["stored_size"]
     for name, value, what in (("image_size", checkpoint["image_size"], "was trained at"),
                               ("stored_size", stored, "stored its training images at")):
         if name not in given and getattr(args, name) != value:

@@ -50,9 +50,8 @@ SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json", "curve
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
     cli.guard_output()
-    args, given = parse_flags(parser, argv)
+    args, given = parse_flags(build_parser(), argv)
     cli.report_errors("pretrain.py", args.batch_size,
                       lambda: train(args, given, "pretrain", new_model, lambda args, model: list(model.parameters())))
 
@@ -132,8 +131,7 @@ def stop(run: Run, received: signal.Signals, where: str) -> None:
     sys.exit(128 + received)
 
 
-def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
-                    writer: cli.CheckpointWriter) -> bool:
+def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, writer: cli.CheckpointWriter) -> bool:
     """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved)."""
     args, processes, sums, images = run.args, run.processes, progress.sums, run.train_images
     n = len(images)
@@ -238,7 +236,11 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
             progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {epoch} of "
             f"{run.args.epochs} epochs").save(f, format="PNG"))
         print_epoch(progress.history, run.args.epochs, improved)
-        tell_if_stdout_lost(run)
+        stdout = sys.stdout  # closed (`| head`), or a full disk under `> log`: the training goes on, said once
+        if getattr(stdout, "lost", None) is not None and not stdout.lost_told:
+            stdout.lost_told = True
+            print(f"{run.stage}.py: cannot write to stdout any more ({stdout.lost.strerror or stdout.lost}); training "
+                  f"goes on, each epoch is logged in {side_files(run.out)['csv']}", file=sys.stderr)
 
 
 def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -> None:
@@ -258,15 +260,6 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
     print(f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:6.2%}  "
           f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:6.2%}  {row['images_per_s']:7.0f} img/s  "
           f"{row['epoch_s']:6.1f} s  eta {cli.clock(remaining)}" + ("  *best" if improved else ""), flush=True)
-
-
-def tell_if_stdout_lost(run: Run) -> None:
-    """A closed stdout (`| head`), or a full disk under `> log`, does not stop the training: said once, on stderr."""
-    stdout = sys.stdout
-    if getattr(stdout, "lost", None) is not None and not stdout.lost_told:
-        stdout.lost_told = True
-        print(f"{run.stage}.py: cannot write to stdout any more ({stdout.lost.strerror or stdout.lost}); training "
-              f"goes on, each epoch is logged in {side_files(run.out)['csv']}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- evaluation and the test, once
@@ -346,8 +339,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
         help="per step, after --warmup-epochs of linear warm-up")
     add("--warmup-epochs", type=cli.non_negative_float, default=0.0, help="linear warm-up of the learning rate")
     add("--ema", type=cli.fraction, default=0.0, metavar="DECAY",
-        help="evaluate and keep an exponential moving average of the weights, updated every step (e.g. 0.999); "
-             "0: off")
+        help="evaluate and keep an exponential moving average of the weights, updated each step (e.g. 0.999); 0: off")
     add("--tta", action="store_true",
         help="evaluate (validation, test, and later predict.py) on each image and its mirror, averaging logits")
     add("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -531,8 +523,7 @@ class Run:
     test_images: data.ImageSet | None = None  # mapped, placed for the test alone
 
     @property
-    def evaluated(self) -> nn.Module:
-        """The weights that are validated, kept and tested: the EMA's when there is one."""
+    def evaluated(self) -> nn.Module:  # the weights that are validated, kept and tested: the EMA's when there is one
         return self.model if self.ema is None else self.ema.module
 
 
@@ -548,8 +539,7 @@ class Progress:
     saved: str | None = None  # where the newest resume state handed to the writer is (see position); None: none yet
 
     @property
-    def position(self) -> str:
-        """Where a stopped run is, as its messages say it."""
+    def position(self) -> str:  # where a stopped run is, as its messages say it
         return f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
 
 
@@ -587,12 +577,12 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
         if state.get("finished") and progress.epoch >= run.args.epochs:
             print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
                   "evaluating the test split again with its best validation epoch's weights")
-    world, args, images = run.processes.world, run.args, run.train_images
+    args, images = run.args, run.train_images
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print(f"{run.stage}: {len(images)} training, {len(run.val_images)} validation, {len(run.test_images)} test images, "
           f"{len(images.classes)} classes, stored at {images.stored_size} px, trained at {args.image_size} px, on "
           f"{run.processes.device}"
-          + (f" x {world} processes ({dist.get_backend()})" if run.processes.distributed else "")
+          + (f" x {run.processes.world} processes ({dist.get_backend()})" if run.processes.distributed else "")
           + f", {'bf16 autocast, channels_last, fused SGD' if run.bf16 else 'fp32'} (--precision {args.precision})"
           + f"{', compiled' if args.compile else ''}, {trainable:,} trainable parameters")
 
@@ -753,8 +743,7 @@ def initial_weights(source: str) -> dict:
         raise cli.UsageError(f"--init {source}: not a state dict (it holds a {type(weights).__name__}, not names "
                              "mapped to tensors); pass a torchvision AlexNet state dict or a checkpoint of this "
                              "project")
-    diverged_tensors = non_finite(weights)
-    if diverged_tensors:
+    if diverged_tensors := non_finite(weights):
         raise cli.UsageError(f"--init {source}: its weights hold NaN or infinite values "
                              f"({', '.join(diverged_tensors[:3])}); pass weights of a training that did not diverge")
     return weights
