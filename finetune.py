@@ -4,8 +4,7 @@
     python finetune.py --new-head             # the reference: all frozen, a fresh head
     python finetune.py --data-dir my_photos --mode full --checkpoint checkpoints/pretrain.pt
 
---mode head trains the last layer (classifier[6]), classifier all Linear layers, full everything. The data set may
-have any classes: the head is new unless they are the checkpoint's (see new_model).
+The data set may have any classes: the head is new unless they are the checkpoint's (see new_model).
 """
 import argparse
 import contextlib
@@ -73,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     """finetune.py's flags, also the `invoke finetune` task's."""
     parser = make_parser(__doc__.split("\n\n")[0], "finetune")
     parser.add_argument("--checkpoint", default="checkpoints/pretrain.pt", help="the trained model to start from")
-    parser.add_argument("--mode", choices=sorted(TRAINED_PARTS), default="head", help="which layers to train")
+    parser.add_argument("--mode", choices=sorted(TRAINED_PARTS), default="head",
+                        help="head: the last layer (classifier[6]); classifier: the Linear layers; full: all layers")
     parser.add_argument("--new-head", action="store_true",
                         help="a fresh head even when the data set has the checkpoint's classes (the reference)")
     return parser

@@ -603,9 +603,8 @@ class OutLock(cli.Lock):
     def __init__(self, out: Path) -> None:
         path = out.parent / f".{run_name(out).name}.lock"
         try:
-            super().__init__(path, lambda owner: cli.UsageError(
-                f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end or choose another "
-                "--out"))
+            super().__init__(path, lambda owner: cli.UsageError(f"--out {out}: another run (pid {owner}) is writing "
+                                                                "it; wait for that run to end or choose another --out"))
         except OSError as e:
             raise cli.UsageError(f"--out {out}: cannot write its lock file {path} ({e.strerror or e}); free disk "
                                  "space, or choose another --out") from None
