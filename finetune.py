@@ -4,11 +4,7 @@
     python finetune.py --new-head             # the reference: all frozen, a fresh head
     python finetune.py --data-dir my_photos --mode full --checkpoint checkpoints/pretrain.pt
 
---mode head trains only the last layer (classifier[6]); classifier trains all
-Linear layers; full trains everything. The data set may have any classes: the
-head is new unless they are the checkpoint's classes. With the checkpoint's head the
-starting weights are validated as epoch 0 and kept if no epoch beats them; a new
-head's are random and never kept.
+The data set may have any classes: the head is new unless they are the checkpoint's (see new_model).
 """
 import argparse
 import contextlib
@@ -32,12 +28,11 @@ SPLIT_FLAGS = ("seed", "val_size", "limit")
 
 def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict) -> None:
     """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
-    source = checkpoint.get("args", {})
     if not same_data_folder(args, checkpoint):
         return
-    differing = [f"--{name.replace('_', '-')} {flag_value_text(getattr(args, name))} "
-                 f"(the checkpoint's run: {flag_value_text(source.get(name))})"
-                 for name in SPLIT_FLAGS if source.get(name) != getattr(args, name)]
+    values = [(name, getattr(args, name), checkpoint["args"].get(name)) for name in SPLIT_FLAGS]
+    differing = [f"--{name.replace('_', '-')} {'default' if now is None else now} (the checkpoint's run: "
+                 f"{'default' if then is None else then})" for name, now, then in values if now != then]
     if differing:
         print(f"finetune.py: warning: {', '.join(differing)}: this validation split holds images {args.checkpoint} "
               "trained on, so validation accuracy is optimistic and may pick the wrong epoch; the test split is "
@@ -45,17 +40,11 @@ def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict
 
 
 def same_data_folder(args: argparse.Namespace, checkpoint: dict) -> bool:
-    """Whether --data-dir is the folder the checkpoint's run trained on, by real path: its relative --data-dir taken in
-    the folder its run started in (this one, for a checkpoint from before that was kept), so that relative, absolute
-    and linked names of a folder are one folder."""
+    """Whether --data-dir is the folder the checkpoint's run trained on, by real path (relative, absolute and linked
+    names are one folder); its relative --data-dir is in the folder its run started in (old checkpoints: this one)."""
     source = checkpoint.get("args", {})
     return "data_dir" in source and (os.path.realpath(os.path.join(checkpoint.get("cwd", ""), source["data_dir"]))
                                      == os.path.realpath(args.data_dir))
-
-
-def flag_value_text(value) -> str:
-    """A flag's value as the warning shows it: None is the flag left at its default."""
-    return "default" if value is None else str(value)
 
 
 def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) -> tuple[AlexNet, bool]:
@@ -74,9 +63,8 @@ def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) ->
 
 def trainable(args: argparse.Namespace, model: AlexNet) -> list[nn.Parameter]:
     """--mode's layers train, the others are frozen."""
-    prefixes = TRAINED_PARTS[args.mode]
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.startswith(prefixes))
+        parameter.requires_grad_(name.startswith(TRAINED_PARTS[args.mode]))
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -84,38 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
     """finetune.py's flags, also the `invoke finetune` task's."""
     parser = make_parser(__doc__.split("\n\n")[0], "finetune")
     parser.add_argument("--checkpoint", default="checkpoints/pretrain.pt", help="the trained model to start from")
-    parser.add_argument("--mode", choices=sorted(TRAINED_PARTS), default="head", help="which layers to train")
+    parser.add_argument("--mode", choices=sorted(TRAINED_PARTS), default="head",
+                        help="head: the last layer (classifier[6]); classifier: the Linear layers; full: all layers")
     parser.add_argument("--new-head", action="store_true",
-                        help="a freshly initialised head even when the data set has the checkpoint's classes "
-                             "(the reference)")
+                        help="a fresh head even when the data set has the checkpoint's classes (the reference)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
     guard_output()
-    args, given = parse_flags(parser, argv)
+    args, given = parse_flags(build_parser(), argv)
     report_errors("finetune.py", args.batch_size, lambda: finetune(args, given))
 
 
 def finetune(args: argparse.Namespace, given: set[str]) -> dict | None:
-    start_from = None  # a resume's model comes from its resume state
-    if args.resume is None:
-        check_checkpoint_is_no_run_file(args)
-        checkpoint = load_checkpoint(args.checkpoint)
-        take_preprocessing(args, given, checkpoint)
-        args.started_from = weights_fingerprint(checkpoint)  # kept in the run's args, through every resume
-        start_from = functools.partial(new_model, checkpoint=checkpoint)
-    else:
+    if args.resume is not None:  # its model comes from its resume state
         warn_if_started_from_older_weights(args)
-    return train(args, given, "finetune", start_from, trainable)
+        return train(args, given, "finetune", None, trainable)
+    check_checkpoint_is_no_run_file(args)
+    checkpoint = load_checkpoint(args.checkpoint)
+    take_preprocessing(args, given, checkpoint)
+    args.started_from = weights_fingerprint(checkpoint)  # kept in the run's args, through every resume
+    return train(args, given, "finetune", functools.partial(new_model, checkpoint=checkpoint), trainable)
 
 
 def check_checkpoint_is_no_run_file(args: argparse.Namespace) -> None:
     """No file the run writes (--out and its side files) may be the --checkpoint it starts from, by any name (a
     symlink, another spelling): --overwrite would replace the run's own source."""
-    out = Path(args.out)
-    for path in (out, *side_files(out).values()):
+    for path in (Path(args.out), *side_files(Path(args.out)).values()):
         with contextlib.suppress(OSError):  # a file that is not there is not the checkpoint
             if os.path.samefile(path, args.checkpoint):
                 raise UsageError(f"--out {args.out}: the run would write {path}, which is --checkpoint "
@@ -127,8 +111,7 @@ def take_preprocessing(args: argparse.Namespace, given: set[str], checkpoint: di
     """The checkpoint's preprocessing unless the flags are given, as torchvision's references keep the one a model
     was trained with: --image-size, and --stored-size (another data folder's images are stored at the checkpoint's
     size; its own data folder keeps its run's flag, so the same image cache)."""
-    source = checkpoint.get("args", {})
-    stored = source.get("stored_size") if same_data_folder(args, checkpoint) else checkpoint["stored_size"]
+    stored = checkpoint["args"].get("stored_size") if same_data_folder(args, checkpoint) else checkpoint["stored_size"]
     for name, value, what in (("image_size", checkpoint["image_size"], "was trained at"),
                               ("stored_size", stored, "stored its training images at")):
         if name not in given and getattr(args, name) != value:
@@ -150,10 +133,8 @@ def weights_fingerprint(checkpoint: dict) -> dict:
 def warn_if_started_from_older_weights(args: argparse.Namespace) -> None:
     """A resume continues the weights it started from; a --checkpoint trained further since (`invoke all --resume`
     after pretrain trained on) is said in one line, and how to fine-tune the newer weights instead."""
-    # Any failure (an unreadable state, a state from before "started_from", a checkpoint gone): no warning; the
-    # resume itself says what is wrong with its state. mmap: the weights of the state are not read.
-    with contextlib.suppress(Exception):
-        state = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)
+    with contextlib.suppress(Exception):  # no warning: the resume itself says what is wrong with its state
+        state = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)  # mmap: no weights read
         stored = state["args"]
         now = weights_fingerprint(torch.load(os.path.join(state["cwd"], stored["checkpoint"]), map_location="cpu",
                                              weights_only=True, mmap=True))

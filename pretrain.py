@@ -6,7 +6,7 @@
 The training images are split into train and validation (stratified, seeded); the best epoch on validation is kept
 as --out, and the test split is evaluated once, at the end, with those weights. finetune.py runs the same loop.
 Read top to bottom as torchvision's references/classification/train.py: main and train; the epoch loop, one epoch,
-one step; evaluation and the test; setting up a run; its files and checkpoints.
+one step; evaluation and the test; setting up a run: flags, data, model; its files and checkpoints; pretrain.py's own.
 """
 from __future__ import annotations
 
@@ -40,21 +40,18 @@ from predict import (calibration_report, classification_report, compute_logits, 
 
 # The resume rule: a resume continues the stopped run with the flags in its checkpoint; only these may be given again
 # with another value, any other that differs is refused (--epochs: a larger one trains further; --device, --stream:
-# change no result; --data-dir: the same images moved, their fingerprint is compared). Messages and --help use it.
+# change no result; --data-dir: the same images moved, their fingerprint is compared). Messages and --help name them.
 RESUME_MAY_CHANGE = ("epochs", "device", "stream", "data_dir")
+MAY_CHANGE_FLAGS = "--epochs, --device, --stream and --data-dir"
 
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
 SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json", "curves": ".png",
                  "confusion": ".confusion.png"}
-# Endings of --out that its side files replace (pretrain.pt: pretrain.last.pt); any other ending is kept (exp.1:
-# exp.1.last.pt), so that --out exp.1 and --out exp.2 never share a side file.
-CHECKPOINT_SUFFIXES = (".pt", ".pth")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
     cli.guard_output()
-    args, given = parse_flags(parser, argv)
+    args, given = parse_flags(build_parser(), argv)
     cli.report_errors("pretrain.py", args.batch_size,
                       lambda: train(args, given, "pretrain", new_model, lambda args, model: list(model.parameters())))
 
@@ -65,9 +62,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     """Train, keep the best validation epoch, test it once; returns the test report. `given`: the command line's flags;
     `new_model(args, classes)`: a fresh run's model and whether its starting weights compete as epoch 0 (None:
     resume only); `trainable(args, model)`: what trains. Under torchrun all processes run this; the first writes."""
-    state = None if args.resume is None else read_resume_state(args, stage)
-    if state is not None:
-        args = resumed_args(args, given, state)
+    state, args = (None, args) if args.resume is None else read_resume_state(args, given, stage)
     processes = cli.Processes(args.device)
     check_before_training(args, state, processes)
     with OutLock(Path(args.out)) if processes.main else contextlib.nullcontext():
@@ -77,8 +72,10 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         torch.manual_seed(args.seed)
         if state is None:
             model, starting_weights_compete = new_model(args, train_images.classes)
-        else:
-            check_same_data(args, state, train_images)
+        else:  # the saved order and sums index the training images as they were
+            if state.get("data_fingerprint", train_images.fingerprint) != train_images.fingerprint:
+                raise cli.UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the "
+                                     "run started (added, removed or modified files); restore them, or start a new run")
             model, starting_weights_compete = AlexNet(**state["model_args"]), False
         run = start_run(args, stage, processes, model, trainable(args, model), train_images, val_images, test_images)
         progress = Progress(new_sums(processes.device)) if state is None else restore(run, state)
@@ -86,13 +83,11 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         return fit(run, progress, starting_weights_compete)
 
 
-# --------------------------------------------------------------------------- the epoch loop
-
-
 def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | None:
     """The epoch loop, then the test: train, validate, keep the best, write the resume state; a signal stops the
-    loop at the next step with the resume state saved, or the test at once (see stop)."""
+    loop at the next step with the resume state saved, a second one (or one during the test) at once (see stop)."""
     writer = cli.CheckpointWriter(save_checkpoint)
+    command = resume_advice(run.stage, side_files(run.out)["last"], run.processes.world)
     with cli.StopSignal() as signals:
         try:
             with writer:
@@ -109,14 +104,21 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                         run.processes.barrier()
                         run.processes.close()
                         received = signals.received or signal.SIGTERM  # or another process got the signal
-                        command = resume_advice(run.stage, side_files(run.out)["last"], run.processes.world)
                         stop(run, received, f"by {received.name} at {progress.position}; resume with: {command}")
             run.processes.close()
             signals.at_once = True  # the trained run is saved: a signal now stops the test at once
             return test_once(run, progress) if run.processes.main else None
         except KeyboardInterrupt:  # a second signal, or one during the test
             received = signals.received or signal.SIGINT
-            stop(run, received, stopped_at_once(run, progress, writer, received, signals.at_once))
+            if signals.at_once:
+                where = (f"by {received.name} during the test evaluation; the trained run is saved; its test report: "
+                         f"{command}")
+            elif progress.saved is None or writer.error is not None:
+                where = f"at once by a second {received.name}; no resume state was saved"
+            else:
+                where = (f"at once by a second {received.name}; the resume state at {progress.saved} is saved: "
+                         f"resume with: {command}")
+            stop(run, received, where)
 
 
 def stop(run: Run, received: signal.Signals, where: str) -> None:
@@ -126,21 +128,8 @@ def stop(run: Run, received: signal.Signals, where: str) -> None:
     sys.exit(128 + received)
 
 
-def stopped_at_once(run: Run, progress: Progress, writer: cli.CheckpointWriter, received: signal.Signals,
-                    testing: bool) -> str:
-    """What a signal that stops at once leaves: the run saved (during the test), else the newest resume state."""
-    command = resume_advice(run.stage, side_files(run.out)["last"], run.processes.world)
-    if testing:
-        return f"by {received.name} during the test evaluation; the trained run is saved; its test report: {command}"
-    if progress.saved is None or writer.error is not None:
-        return f"at once by a second {received.name}; no resume state was saved"
-    return f"at once by a second {received.name}; the resume state at {progress.saved} is saved: resume with: {command}"
-
-
-def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
-                    writer: cli.CheckpointWriter) -> bool:
-    """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved).
-    The sums stay on the device (new_sums): no step waits for the host."""
+def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, writer: cli.CheckpointWriter) -> bool:
+    """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved)."""
     args, processes, sums, images = run.args, run.processes, progress.sums, run.train_images
     n = len(images)
     steps = math.ceil(n / args.batch_size)
@@ -148,8 +137,8 @@ def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal,
     if progress.perm is None:
         progress.perm = torch.randperm(n, generator=run.augment, device=processes.device)
         progress.sums = sums = new_sums(processes.device)
-    title, stopped = f"epoch {progress.epoch + 1}/{args.epochs}", False
-    line = cli.ProgressLine(title, n, done=progress.step * args.batch_size) if processes.main else None
+    stopped, done = False, progress.step * args.batch_size
+    line = cli.ProgressLine(f"epoch {progress.epoch + 1}/{args.epochs}", n, done=done) if processes.main else None
     # closed however the loop ends (a stop, an error): a streamed set's reading ahead ends with it
     batches = images.batches(progress.perm, progress.step, args.batch_size, processes.share())
     with contextlib.closing(batches):
@@ -205,18 +194,8 @@ def learning_rate(args: argparse.Namespace, epoch: int, step: int, steps: int) -
 
 def new_sums(device: torch.device) -> dict[str, torch.Tensor]:
     """An epoch's sums on the device (no step waits for the host); first_bad: the first non-finite loss's step."""
-    return {name: torch.full((), start, device=device) for name, start in (("loss", 0.0), ("correct", 0.0),
-                                                                          ("first_bad", -1.0))}
-
-
-def epoch_totals(run: Run, progress: Progress, n: int) -> tuple[float, float]:
-    """Mean training loss and accuracy of the epoch: the epoch's one wait for the device."""
-    processes, sums = run.processes, progress.sums
-    loss, correct = processes.reduce(torch.stack([sums["loss"], sums["correct"]])).tolist()
-    first_bad = processes.reduce(sums["first_bad"].clone(), largest=True).item()
-    if first_bad >= 0:
-        diverged(f"the training loss became {loss} at epoch {progress.epoch + 1}, step {int(first_bad) + 1}", run.args)
-    return loss / n, correct / n
+    return {"loss": torch.zeros((), device=device), "correct": torch.zeros((), device=device),
+            "first_bad": torch.full((), -1.0, device=device)}
 
 
 def diverged(what: str, args: argparse.Namespace) -> None:
@@ -229,14 +208,16 @@ def diverged(what: str, args: argparse.Namespace) -> None:
 
 def end_epoch(run: Run, progress: Progress, started: float, writer: cli.CheckpointWriter) -> None:
     """Validate, log, keep the weights if validation improved, and write the resume state."""
-    n = len(run.train_images)
-    train_loss, train_acc = epoch_totals(run, progress, n)
+    n, sums, epoch = len(run.train_images), progress.sums, progress.epoch + 1
+    loss, correct = run.processes.reduce(torch.stack([sums["loss"], sums["correct"]])).tolist()  # the one wait
+    first_bad = run.processes.reduce(sums["first_bad"].clone(), largest=True).item()
+    if first_bad >= 0:
+        diverged(f"the training loss became {loss} at epoch {epoch}, step {int(first_bad) + 1}", run.args)
     train_seconds = time.perf_counter() - started
     val = evaluate(run.evaluated, run.val_images, run.args)
-    epoch = progress.epoch + 1
     if not val["loss"] < 100 * math.log(len(run.val_images.classes)):  # see diverged; NaN too compares False
         diverged(f"the validation loss became {val['loss']:.4g} at epoch {epoch}", run.args)
-    progress.history.append({"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+    progress.history.append({"epoch": epoch, "train_loss": loss / n, "train_acc": correct / n,
                              "val_loss": val["loss"], "val_acc": val["accuracy"],
                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": n / train_seconds,
                              "epoch_s": time.perf_counter() - started})
@@ -252,7 +233,11 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
             progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {epoch} of "
             f"{run.args.epochs} epochs").save(f, format="PNG"))
         print_epoch(progress.history, run.args.epochs, improved)
-        tell_if_stdout_lost(run)
+        stdout = sys.stdout  # closed (`| head`), or a full disk under `> log`: the training goes on, said once
+        if getattr(stdout, "lost", None) is not None and not stdout.lost_told:
+            stdout.lost_told = True
+            print(f"{run.stage}.py: cannot write to stdout any more ({stdout.lost.strerror or stdout.lost}); training "
+                  f"goes on, each epoch is logged in {side_files(run.out)['csv']}", file=sys.stderr)
 
 
 def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -> None:
@@ -272,18 +257,6 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
     print(f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:6.2%}  "
           f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:6.2%}  {row['images_per_s']:7.0f} img/s  "
           f"{row['epoch_s']:6.1f} s  eta {cli.clock(remaining)}" + ("  *best" if improved else ""), flush=True)
-
-
-def tell_if_stdout_lost(run: Run) -> None:
-    """A closed stdout (`| head`), or a full disk under `> log`, does not stop the training: said once, on stderr."""
-    stdout = sys.stdout
-    if getattr(stdout, "lost", None) is not None and not stdout.lost_told:
-        stdout.lost_told = True
-        print(f"{run.stage}.py: cannot write to stdout any more ({stdout.lost.strerror or stdout.lost}); training "
-              f"goes on, each epoch is logged in {side_files(run.out)['csv']}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------- evaluation and the test, once
 
 
 def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace) -> dict:
@@ -323,9 +296,6 @@ def test_once(run: Run, progress: Progress) -> dict:
     return test
 
 
-# --------------------------------------------------------------------------- setting up a run: flags
-
-
 def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The flags pretrain.py and finetune.py share, with the same names and meanings."""
     parser = cli.ArgumentParser(description)
@@ -347,8 +317,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--limit", type=cli.positive_int, default=None,
         help="use only this many images of train/ (stratified), validation included: quick runs (default: all)")
     add("--resume", default=None, metavar="PATH",
-        help=f"continue the run that left this .last.pt, with its flags (only {flag_names(RESUME_MAY_CHANGE)} may "
-             "change)")
+        help=f"continue the run that left this .last.pt, with its flags (only {MAY_CHANGE_FLAGS} may change)")
     add("--overwrite", action="store_true",
         help="start afresh onto an --out that holds a run already, replacing its checkpoint, resume state, log and "
              "report (without it such a run is refused)")
@@ -361,8 +330,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
         help="per step, after --warmup-epochs of linear warm-up")
     add("--warmup-epochs", type=cli.non_negative_float, default=0.0, help="linear warm-up of the learning rate")
     add("--ema", type=cli.fraction, default=0.0, metavar="DECAY",
-        help="evaluate and keep an exponential moving average of the weights, updated every step (e.g. 0.999); "
-             "0: off")
+        help="evaluate and keep an exponential moving average of the weights, updated each step (e.g. 0.999); 0: off")
     add("--tta", action="store_true",
         help="evaluate (validation, test, and later predict.py) on each image and its mirror, averaging logits")
     add("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -388,38 +356,40 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> tupl
     return args, {name for name, value in vars(marked).items() if value is not unset}
 
 
-def flag_names(names) -> str:
-    *others, last = [f"--{name.replace('_', '-')}" for name in names]
-    return f"{', '.join(others)} and {last}" if others else last
-
-
-def resumed_args(args: argparse.Namespace, given: set[str], state: dict) -> argparse.Namespace:
-    """The run's flags from its resume state, in the run's folder; a changed flag is refused rather than ignored.
-    --out is beside its resume state, even in a moved folder; the run's relative --data-dir is relative to the folder
-    the run started in (one given with the resume, to this one)."""
+def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> tuple[dict, argparse.Namespace]:
+    """The resume state, and the run's flags from it, in the run's folder; a changed flag is refused rather than
+    ignored. --out is beside its resume state, even in a moved folder; the run's relative --data-dir is relative to the
+    folder the run started in (one given with the resume, to this one)."""
+    if args.overwrite:
+        raise cli.UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume "
+                             "continues one; pass one of them")
+    state = load_checkpoint(args.resume)
+    if "optimizer" not in state:
+        raise cli.UsageError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
+    if state["stage"] != stage:
+        raise cli.UsageError(f"--resume {args.resume}: the state of a {state['stage']} run; resume it with "
+                             f"{resume_advice(state['stage'], args.resume, len(state['rng']['processes']))}")
     stored = state["args"]
     changed = [f"--{name.replace('_', '-')} {getattr(args, name)} (the run used {stored.get(name)})"
                for name in sorted(given - {"resume", *RESUME_MAY_CHANGE}) if getattr(args, name) != stored.get(name)]
     if changed:
         raise cli.UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
-                             f"flags (only {flag_names(RESUME_MAY_CHANGE)} may change): drop these flags or start a "
-                             "new run")
+                             f"flags (only {MAY_CHANGE_FLAGS} may change): drop these flags or start a new run")
     args = argparse.Namespace(**(vars(args) | stored | {name: getattr(args, name) for name in given | {"resume"}}))
     started = state.get("cwd", os.getcwd())  # a state from before "cwd" was kept: this folder
-    if "data_dir" not in given and not Path(args.data_dir).is_absolute() and Path(started) != Path.cwd():
+    if "data_dir" not in given and Path(started) != Path.cwd():  # (an absolute --data-dir is kept by join)
         args.data_dir = os.path.join(started, args.data_dir)
     args.out = str(Path(args.resume).parent / Path(args.out).name)
     if state["best"]["val_acc"] >= 0 and not Path(args.out).exists():  # -1: no epoch validated yet
         raise cli.UsageError(f"--resume {args.resume}: its best checkpoint {args.out} (epoch "
                              f"{state['best']['epoch']}) is missing; put it back there, or start a new run")
-    return args
+    return state, args
 
 
 def check_before_training(args: argparse.Namespace, state: dict | None, processes: cli.Processes) -> None:
     """Before any image is read: a resume in another number of processes, an --out that cannot be written; a warm-up
     that does not fit the run is warned about."""
-    if state is not None and len(state["rng"]["processes"]) != processes.world:
-        world = len(state["rng"]["processes"])
+    if state is not None and (world := len(state["rng"]["processes"])) != processes.world:
         raise cli.UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
                              f"resume it with torchrun --nproc_per_node={world}")
     if not processes.main:
@@ -463,9 +433,6 @@ def check_no_run_there(args: argparse.Namespace) -> None:
                              f"{resume}choose another --out, or pass --overwrite to replace it")
 
 
-# --------------------------------------------------------------------------- setting up a run: data and model
-
-
 def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[data.ImageSet, ...]:
     """Train and validation images placed for the device (see data.place), the test split mapped; the first process
     builds the cache, the others read it. --limit and the split are lists of rows of the cache, not copies."""
@@ -492,9 +459,8 @@ def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[da
                              f"{n}; pass a smaller --val-size or more data")
     val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
     check_every_class_trains(val_size, train_images.labels, train_index)
-    device = processes.device
-    return (data.place(train_images.subset(train_index), device, args.stream),
-            data.place(train_images.subset(val_index), device, args.stream), test_images)
+    return (data.place(train_images.subset(train_index), processes.device, args.stream),
+            data.place(train_images.subset(val_index), processes.device, args.stream), test_images)
 
 
 def check_limit(args: argparse.Namespace, labels: torch.Tensor, classes: list[str]) -> None:
@@ -527,13 +493,6 @@ def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: t
     raise cli.UsageError(f"--val-size {val_size}: leaves a class with no training image; {advice}")
 
 
-def check_same_data(args: argparse.Namespace, state: dict, train_images: data.ImageSet) -> None:
-    """The saved order and sums index the training images as they were: a changed folder cannot continue."""
-    if state.get("data_fingerprint", train_images.fingerprint) != train_images.fingerprint:
-        raise cli.UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the run "
-                             "started (added, removed or modified files); restore them, or start a new run")
-
-
 @dataclass
 class Run:
     """What a run trains with; set up once (start_run), then handed explicitly to each part of the loop."""
@@ -552,8 +511,7 @@ class Run:
     test_images: data.ImageSet | None = None  # mapped, placed for the test alone
 
     @property
-    def evaluated(self) -> nn.Module:
-        """The weights that are validated, kept and tested: the EMA's when there is one."""
+    def evaluated(self) -> nn.Module:  # the weights that are validated, kept and tested: the EMA's when there is one
         return self.model if self.ema is None else self.ema.module
 
 
@@ -569,8 +527,7 @@ class Progress:
     saved: str | None = None  # where the newest resume state handed to the writer is (see position); None: none yet
 
     @property
-    def position(self) -> str:
-        """Where a stopped run is, as its messages say it."""
+    def position(self) -> str:  # where a stopped run is, as its messages say it
         return f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
 
 
@@ -593,9 +550,8 @@ def prepare_model(model: AlexNet, trainable: list[nn.Parameter], args: argparse.
     model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 **({"fused": True} if fast else {}))
-    net = model
-    if processes.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+           if processes.distributed else model)
     return (cli.compiled(net) if args.compile else net), optimizer, bf16
 
 
@@ -605,27 +561,24 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
         return
     if state is not None:
         print(f"resuming {run.stage} from {run.args.resume}: epoch {progress.epoch + 1}, step {progress.step}; flags "
-              f"from the checkpoint, {flag_names(RESUME_MAY_CHANGE)} from the command line when given")
+              f"from the checkpoint, {MAY_CHANGE_FLAGS} from the command line when given")
         if state.get("finished") and progress.epoch >= run.args.epochs:
             print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
                   "evaluating the test split again with its best validation epoch's weights")
-    world, args, images = run.processes.world, run.args, run.train_images
+    args, images = run.args, run.train_images
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print(f"{run.stage}: {len(images)} training, {len(run.val_images)} validation, {len(run.test_images)} test images, "
           f"{len(images.classes)} classes, stored at {images.stored_size} px, trained at {args.image_size} px, on "
           f"{run.processes.device}"
-          + (f" x {world} processes ({dist.get_backend()})" if run.processes.distributed else "")
+          + (f" x {run.processes.world} processes ({dist.get_backend()})" if run.processes.distributed else "")
           + f", {'bf16 autocast, channels_last, fused SGD' if run.bf16 else 'fp32'} (--precision {args.precision})"
           + f"{', compiled' if args.compile else ''}, {trainable:,} trainable parameters")
 
 
-# --------------------------------------------------------------------------- run files and checkpoints
-
-
 def run_name(out: Path) -> Path:
-    """What --out's side files and lock are named after: --out without a checkpoint ending (CHECKPOINT_SUFFIXES);
-    two --out of one run name (run.pt, run.pth, run) share them, and so their lock: one runs at a time."""
-    return out.with_suffix("") if out.suffix in CHECKPOINT_SUFFIXES else out
+    """What --out's side files and lock are named after: --out without a .pt/.pth ending (any other is kept: exp.1,
+    exp.1.last.pt; exp.2 has its own); run.pt, run.pth and run share them, and so their lock: one runs at a time."""
+    return out.with_suffix("") if out.suffix in (".pt", ".pth") else out
 
 
 def side_files(out: Path) -> dict[str, Path]:
@@ -650,16 +603,14 @@ class OutLock(cli.Lock):
     def __init__(self, out: Path) -> None:
         path = out.parent / f".{run_name(out).name}.lock"
         try:
-            super().__init__(path, lambda owner: cli.UsageError(
-                f"--out {out}: another run (pid {owner}) is writing it; wait for that run to end or choose another "
-                "--out"))
+            super().__init__(path, lambda owner: cli.UsageError(f"--out {out}: another run (pid {owner}) is writing "
+                                                                "it; wait for that run to end or choose another --out"))
         except OSError as e:
             raise cli.UsageError(f"--out {out}: cannot write its lock file {path} ({e.strerror or e}); free disk "
                                  "space, or choose another --out") from None
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Written atomically (cli.write_atomically): a crash or SIGKILL mid-write leaves the previous file intact."""
     write_run_file(path, "checkpoint", lambda f: torch.save(checkpoint, f))
 
 
@@ -712,19 +663,6 @@ def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter
     progress.saved = progress.position
 
 
-def read_resume_state(args: argparse.Namespace, stage: str) -> dict:
-    if args.overwrite:
-        raise cli.UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume "
-                             "continues one; pass one of them")
-    state = load_checkpoint(args.resume)
-    if "optimizer" not in state:
-        raise cli.UsageError(f"--resume {args.resume}: holds no training state; pass the .last.pt file beside --out")
-    if state["stage"] != stage:
-        raise cli.UsageError(f"--resume {args.resume}: the state of a {state['stage']} run; resume it with "
-                             f"{resume_advice(state['stage'], args.resume, len(state['rng']['processes']))}")
-    return state
-
-
 def restore(run: Run, state: dict) -> Progress:
     """Everything a resume brings back, in one place: weights, optimizer, EMA, every RNG, where the run was."""
     device = run.processes.device
@@ -742,9 +680,6 @@ def restore(run: Run, state: dict) -> Progress:
     progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"])
     progress.saved = progress.position
     return progress
-
-
-# --------------------------------------------------------------------------- pretrain.py's own
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -789,8 +724,7 @@ def initial_weights(source: str) -> dict:
         raise cli.UsageError(f"--init {source}: not a state dict (it holds a {type(weights).__name__}, not names "
                              "mapped to tensors); pass a torchvision AlexNet state dict or a checkpoint of this "
                              "project")
-    diverged_tensors = non_finite(weights)
-    if diverged_tensors:
+    if diverged_tensors := non_finite(weights):
         raise cli.UsageError(f"--init {source}: its weights hold NaN or infinite values "
                              f"({', '.join(diverged_tensors[:3])}); pass weights of a training that did not diverge")
     return weights
