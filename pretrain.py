@@ -6,7 +6,7 @@
 The training images are split into train and validation (stratified, seeded); the best epoch on validation is kept
 as --out, and the test split is evaluated once, at the end, with those weights. finetune.py runs the same loop.
 Read top to bottom as torchvision's references/classification/train.py: main and train; the epoch loop, one epoch,
-one step; evaluation and the test; setting up a run: flags, data, model; its files and checkpoints; pretrain.py's own.
+one step; evaluation and the test; setting up a run; its files and checkpoints.
 """
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         progress = Progress(new_sums(processes.device)) if state is None else restore(run, state)
         announce(run, progress, state)
         return fit(run, progress, starting_weights_compete)
+
+
+# --------------------------------------------------------------------------- the epoch loop
 
 
 def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | None:
@@ -259,6 +262,9 @@ def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
           f"{row['epoch_s']:6.1f} s  eta {cli.clock(remaining)}" + ("  *best" if improved else ""), flush=True)
 
 
+# --------------------------------------------------------------------------- evaluation and the test, once
+
+
 def evaluate(model: nn.Module, images: data.ImageSet, args: argparse.Namespace) -> dict:
     """Predict's evaluation path on a split; under torchrun every process evaluates all of it (same result)."""
     return classification_report(split_logits(model, images, args), images.labels, images.classes)
@@ -294,6 +300,9 @@ def test_once(run: Run, progress: Progress) -> dict:
     print(f"saved {run.out} (best validation epoch), {files['last']} (resume state), {files['csv']} and "
           f"{files['curves']} (each epoch), {files['test']} and {files['confusion']} (the test)")
     return test
+
+
+# --------------------------------------------------------------------------- setting up a run: flags
 
 
 def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
@@ -431,6 +440,9 @@ def check_no_run_there(args: argparse.Namespace) -> None:
         named = ", ".join(found[:-1]) + " and " + found[-1] if len(found) > 1 else found[0]
         raise cli.UsageError(f"--out {args.out}: {named} exist{'s' * (len(found) == 1)} already, from an earlier run; "
                              f"{resume}choose another --out, or pass --overwrite to replace it")
+
+
+# --------------------------------------------------------------------------- setting up a run: data and model
 
 
 def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[data.ImageSet, ...]:
@@ -575,6 +587,9 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
           + f"{', compiled' if args.compile else ''}, {trainable:,} trainable parameters")
 
 
+# --------------------------------------------------------------------------- run files and checkpoints
+
+
 def run_name(out: Path) -> Path:
     """What --out's side files and lock are named after: --out without a .pt/.pth ending (any other is kept: exp.1,
     exp.1.last.pt; exp.2 has its own); run.pt, run.pth and run share them, and so their lock: one runs at a time."""
@@ -680,6 +695,9 @@ def restore(run: Run, state: dict) -> Progress:
     progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"])
     progress.saved = progress.position
     return progress
+
+
+# --------------------------------------------------------------------------- pretrain.py's own
 
 
 def build_parser() -> argparse.ArgumentParser:
