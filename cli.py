@@ -125,25 +125,21 @@ def hidden_widths(text: str) -> tuple[int, int]:
 
 def resolve_device(name: str) -> torch.device:
     """--device: `auto` is CUDA when there is one, else Apple's MPS, else the CPU with a warning."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        print("warning: neither CUDA nor MPS is available, running on the CPU (slow); pass --device cpu to silence "
-              "this", file=sys.stderr)
-        return torch.device("cpu")
+        if not (available["cuda"] or available["mps"]):
+            print("warning: neither CUDA nor MPS is available, running on the CPU (slow); pass --device cpu to "
+                  "silence this", file=sys.stderr)
+        return torch.device(next(kind for kind, there in available.items() if there))
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device name; use auto, cuda, cuda:N, mps or cpu") from None
-    if device.type not in ("cpu", "cuda", "mps") or (device.type != "cuda" and device.index not in (None, 0)):
+    if device.type not in available or (device.type != "cuda" and device.index not in (None, 0)):
         raise UsageError(f"--device {name}: not supported by these scripts; use auto, cuda, cuda:N, mps or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS (Apple's GPU) is not available on this machine; use --device auto "
-                         "or cpu")
+    if not available[device.type]:
+        what = "CUDA" if device.type == "cuda" else "MPS (Apple's GPU)"
+        raise UsageError(f"--device {name}: {what} is not available on this machine; use --device auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0; pass one of them")
@@ -175,18 +171,10 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
 
 
 def json_text(value, indent: int | None = None) -> str:
-    """JSON any reader takes: a NaN or infinity (a loss that overflowed) as null, not Python's NaN token."""
-    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
-
-
-def finite_or_none(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(item) for item in value]
-    return value
+    """JSON any reader takes: a NaN or infinity (a loss that overflowed) as null, not Python's NaN token (json.dumps
+    writes NaN, Infinity and -Infinity, which reading back turns into None)."""
+    finite = json.loads(json.dumps(value), parse_constant=lambda token: None)
+    return json.dumps(finite, indent=indent, allow_nan=False)
 
 
 class Output:
@@ -419,6 +407,9 @@ def current_umask() -> int:
     return mask
 
 
+LOCKED_BYTE = 2**20  # msvcrt locks bytes, which no other process may then read: one far past the holder's pid
+
+
 class Lock(contextlib.AbstractContextManager):
     """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
     `taken(pid)` makes the error raised while another process holds it; a full disk raises the OSError."""
@@ -427,8 +418,12 @@ class Lock(contextlib.AbstractContextManager):
         self.path = path
         while True:
             self.file = open(path, "a+")
-            try:
-                lock_exclusively(self.file)
+            try:  # flock, or on Windows msvcrt's lock of one byte: either is freed however this process ends
+                if fcntl is not None:
+                    fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    os.lseek(self.file.fileno(), LOCKED_BYTE, os.SEEK_SET)
+                    msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
             except (BlockingIOError, PermissionError):  # msvcrt's way of saying so is EACCES
                 self.file.seek(0)
                 owner = self.file.read().strip() or "unknown"
@@ -456,18 +451,6 @@ class Lock(contextlib.AbstractContextManager):
             with contextlib.suppress(PermissionError):
                 self.path.unlink(missing_ok=True)
         self.file.close()
-
-
-LOCKED_BYTE = 2**20  # msvcrt locks bytes, which no other process may then read: one far past the holder's pid
-
-
-def lock_exclusively(file) -> None:
-    """flock, or on Windows msvcrt's lock of one byte; either is freed when this process ends, however it ends."""
-    if fcntl is not None:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    os.lseek(file.fileno(), LOCKED_BYTE, os.SEEK_SET)
-    msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
 
 
 def special_kind(mode: int) -> str:
