@@ -276,9 +276,7 @@ def check_members(source: str, members: list[tuple[str, str | None, str | None]]
         if special is not None:
             raise DataError(f"{source}: member {name!r} is {special}, not a regular file or folder; refusing to unpack "
                             "it", MEMBER_ADVICE)
-        for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
-            if path is None:
-                continue
+        for path in [name] + ([] if link is None else [os.path.join(os.path.dirname(name), link)]):
             normal = os.path.normpath(path.replace("\\", "/"))
             if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
                 raise DataError(f"{source}: member {name!r} points outside the archive; refusing to unpack it",
@@ -287,9 +285,7 @@ def check_members(source: str, members: list[tuple[str, str | None, str | None]]
 
 def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:
     """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
-    one_down = sorted(p for p in folder.glob("*") if p.is_dir())
-    two_down = sorted(p for p in folder.glob("*/*") if p.is_dir())
-    for found in [folder] + one_down + two_down:
+    for found in [folder] + [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir()]:
         if (found / "train").is_dir() and (found / "test").is_dir():
             tree.mkdir()
             for split in ("train", "test"):
@@ -441,7 +437,6 @@ def path_text(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """download.py's flags, also the `invoke download` task's."""
-    # allow_abbrev=False: an abbreviated flag is an error, not taken for another flag (as in the other scripts)
     parser = ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--root", type=path_text, default="data/cifar10", help="folder to create, holding train/ and test/")
@@ -456,17 +451,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
     try:
-        with handling([sig for sig in stop_signals() if sig != signal.SIGINT], interrupt):
+        with handling([sig for sig in stop_signals() if sig != signal.SIGINT], signal.default_int_handler):
             check_tilde_expanded("--root", Path(args.root))
             download(args.root, args.source, args.md5)
     except (DataError, UsageError) as e:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
         sys.exit(f"download.py: interrupted; nothing was written to {args.root}")
-
-
-def interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
