@@ -93,28 +93,23 @@ def is_url(source: str) -> bool:
 
 
 def checked_source(source: str | None, md5: str | None) -> tuple[str, str | None]:
-    """The official tarball and its md5 by default; an md5 in lower case, as check_integrity computes it."""
+    """The official tarball and its md5 by default; an md5 in lower case, as check_integrity computes it. A --source
+    naming nothing on disk that is a URL of a scheme not fetched (file:, s3:) is said to be one, not "no such file"."""
     if source is None:
         return CIFAR10_URL, CIFAR10_MD5
-    if not is_url(source):
-        if not Path(source).exists():
-            raise DataError(*missing_source(source))
-        if md5 is not None and Path(source).is_dir():
-            raise DataError(f"--md5 {md5}: --source {source} is a folder, which has no checksum",
-                            "drop --md5, or pass an archive")
-    return source, None if md5 is None else md5.lower()
-
-
-def missing_source(source: str) -> tuple[str, str]:
-    """What is wrong with a --source that names nothing on disk, and what to do: a URL of a scheme that is not
-    fetched (file:, s3:) is said to be one, not "no such file"."""
     parts = urllib.parse.urlparse(source)
-    if parts.scheme == "file":
-        return f"--source {source}: a file: URL", f"pass the path itself: --source {urllib.parse.unquote(parts.path)}"
-    if URL.match(source):
-        return (f"--source {source}: a URL download.py does not fetch ({parts.scheme}:)",
-                "pass an http, https or ftp URL, or download it first and pass the archive or folder")
-    return f"--source {source}: no such file or folder", "pass a URL, an archive or a folder"
+    if not is_url(source) and not Path(source).exists():
+        if parts.scheme == "file":
+            raise DataError(f"--source {source}: a file: URL",
+                            f"pass the path itself: --source {urllib.parse.unquote(parts.path)}")
+        if URL.match(source):
+            raise DataError(f"--source {source}: a URL download.py does not fetch ({parts.scheme}:)",
+                            "pass an http, https or ftp URL, or download it first and pass the archive or folder")
+        raise DataError(f"--source {source}: no such file or folder", "pass a URL, an archive or a folder")
+    if md5 is not None and not is_url(source) and Path(source).is_dir():
+        raise DataError(f"--md5 {md5}: --source {source} is a folder, which has no checksum",
+                        "drop --md5, or pass an archive")
+    return source, None if md5 is None else md5.lower()
 
 
 def dataset_problem(root: Path) -> str | None:
