@@ -112,7 +112,6 @@ stored_size = flag_type("stored_size", int, (lambda x: 8 <= x <= MAX_IMAGE_SIZE,
 
 
 def hidden_widths(text: str) -> tuple[int, int]:
-    """--hidden: two positive integers, `4096,1024`."""
     try:
         widths = tuple(map(int, text.split(",")))
     except ValueError:
@@ -187,7 +186,12 @@ class Output:
         self.stream = stream if stream is not None else open(os.devnull, "w")
         self.lost: OSError | None = None if stream is not None else OSError(errno.EBADF, os.strerror(errno.EBADF))
         self.lost_told = False  # whether the program has said so
-        self.start = regular_file_offset(self.stream) if whole else None
+        self.start = None  # where writing starts in a regular file (`> file` or `>> file`), when `whole`
+        with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's StringIO)
+            fd = self.stream.fileno()
+            if whole and stat.S_ISREG(os.fstat(fd).st_mode):
+                appends = fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND  # Windows: cmd's >> seeks
+                self.start = os.fstat(fd).st_size if appends else os.lseek(fd, 0, os.SEEK_CUR)
 
     def write(self, text: str) -> int:
         try:
@@ -204,33 +208,19 @@ class Output:
 
     def lose(self, error: OSError) -> None:
         self.lost = self.lost or error
-        try:
+        with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's StringIO)
             if self.start is not None:  # back to the start too: `2>&1` shares the offset, no hole before stderr's
                 os.ftruncate(self.stream.fileno(), self.start)
                 os.lseek(self.stream.fileno(), self.start, os.SEEK_SET)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())
             os.close(devnull)
-        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's StringIO)
-            pass
 
     def isatty(self) -> bool:
         return self.lost is None and self.stream.isatty()
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
-
-
-def regular_file_offset(stream) -> int | None:
-    """Where writing to `stream` starts when it is a regular file (`> file` or `>> file`), else None."""
-    try:
-        fd = stream.fileno()
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        appends = fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND  # Windows: cmd's >> seeks
-        return os.fstat(fd).st_size if appends else os.lseek(fd, 0, os.SEEK_CUR)
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return None
 
 
 def guard_output(whole: bool = False) -> None:
@@ -321,16 +311,14 @@ def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.Exi
     return restore
 
 
-class StopSignal(contextlib.ExitStack):
+class StopSignal(contextlib.AbstractContextManager):
     """Turns the first of stop_signals into a request to save and stop at the next step (`received`); a second
-    signal, or the first one `at_once`, raises KeyboardInterrupt where the program is."""
-
-    def __init__(self, at_once: bool = False) -> None:
-        super().__init__()
-        self.received, self.at_once = None, at_once
+    signal, or the first one once `at_once` is set, raises KeyboardInterrupt where the program is."""
+    received: signal.Signals | None = None
+    at_once = False
 
     def __enter__(self) -> "StopSignal":
-        self.enter_context(handling(stop_signals(), self.handle))
+        self.restore = handling(stop_signals(), self.handle)
         return self
 
     def handle(self, signum, frame) -> None:
@@ -339,14 +327,13 @@ class StopSignal(contextlib.ExitStack):
         if second or self.at_once:
             raise KeyboardInterrupt
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         """The handlers before are put back; but a program stopping for a signal ignores further ones: a second
         Ctrl-C after the state is saved would only cut its exit short (killed by SIGINT, not 128 + N)."""
-        restored = super().__exit__(*exc)
+        self.restore.close()
         if self.received is not None:
             for sig in stop_signals():
                 signal.signal(sig, signal.SIG_IGN)
-        return restored
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:
@@ -453,8 +440,7 @@ class Lock(contextlib.AbstractContextManager):
         self.file.close()
 
 
-def special_kind(mode: int) -> str:
-    """What a file that is no regular file, folder or link is, from its st_mode."""
+def special_kind(mode: int) -> str:  # of a file that is no regular file, folder or link
     kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
              stat.S_IFSOCK: "a socket"}
     return kinds.get(stat.S_IFMT(mode), "a special file")
@@ -618,8 +604,7 @@ class Processes:
     def share(self) -> slice:
         return slice(self.rank, None, self.world)
 
-    def reduce(self, tensor: torch.Tensor, largest: bool = False) -> torch.Tensor:
-        """The sum over the processes, or with `largest` the largest value."""
+    def reduce(self, tensor: torch.Tensor, largest: bool = False) -> torch.Tensor:  # the sum, or the largest value
         if self.world > 1:
             dist.all_reduce(tensor, dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM)
         return tensor
