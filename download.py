@@ -195,7 +195,8 @@ def fetch(url: str, work: Path) -> Path:
 
 
 def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
-    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree."""
+    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree. A damaged
+    compressed stream raises an OSError without errno, a full --root one with it (or naming a file in WORK)."""
     tree = work / "tree"
     damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
     try:
@@ -219,17 +220,12 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
         else:
             raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
-    except damaged as e:
-        raise unpack_error(e, work, root, source) from None
+    except damaged as e:  # the archive's fault, or --root's where a write failed for want of room or permission
+        if isinstance(e, OSError) and (e.errno in WRITE_ERRNOS or names_a_file_in(e, work)):
+            raise DataError(f"--root {root}: cannot write ({e.strerror or e})",
+                            "free space or choose another --root") from None
+        raise DataError(f"{source}: damaged or incomplete archive ({e})", "download it again") from None
     copy_class_folders(work / "extract", tree, source, move=True)
-
-
-def unpack_error(e: Exception, work: Path, root: Path, source: str) -> DataError:
-    """What went wrong unpacking into WORK: the archive (a damaged compressed stream is an OSError without errno), or
-    --root when a write failed for want of room or permission."""
-    if isinstance(e, OSError) and (e.errno in WRITE_ERRNOS or names_a_file_in(e, work)):
-        return DataError(f"--root {root}: cannot write ({e.strerror or e})", "free space or choose another --root")
-    return DataError(f"{source}: damaged or incomplete archive ({e})", "download it again")
 
 
 def names_a_file_in(e: OSError, folder: Path) -> bool:
@@ -377,7 +373,6 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
 
 
 def read_cifar_batch(tar: tarfile.TarFile, name: str, source: str) -> object:
-    """One pickle of the official tarball, unpickled by CifarUnpickler."""
     try:
         return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
     except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:

@@ -211,8 +211,7 @@ def model_args_problem(model_args) -> str | None:
     return None
 
 
-def is_number(value, types) -> bool:
-    """bool is an int to Python, never a class count or a probability here."""
+def is_number(value, types) -> bool:  # bool is an int to Python, never a class count or a probability here
     return isinstance(value, types) and not isinstance(value, bool)
 
 

@@ -54,11 +54,10 @@ def script_parsers(names=SCRIPTS) -> dict[str, argparse.ArgumentParser]:
     """The scripts' own parsers (build_parser) by task name, argparse's errors naming the script; imports torch."""
     parsers = {}
     for name in names:
-        script = SCRIPTS[name]
-        stem = Path(script).stem
-        module = load_benchmark(stem) if script.startswith("benchmarks/") else importlib.import_module(stem)
+        stem = Path(SCRIPTS[name]).stem
+        module = load_benchmark(stem) if SCRIPTS[name].startswith("benchmarks/") else importlib.import_module(stem)
         parsers[name] = module.build_parser()
-        parsers[name].prog = Path(script).name
+        parsers[name].prog = f"{stem}.py"
     return parsers
 
 
