@@ -112,7 +112,6 @@ stored_size = flag_type("stored_size", int, (lambda x: 8 <= x <= MAX_IMAGE_SIZE,
 
 
 def hidden_widths(text: str) -> tuple[int, int]:
-    """--hidden: two positive integers, `4096,1024`."""
     try:
         widths = tuple(map(int, text.split(",")))
     except ValueError:
@@ -125,25 +124,21 @@ def hidden_widths(text: str) -> tuple[int, int]:
 
 def resolve_device(name: str) -> torch.device:
     """--device: `auto` is CUDA when there is one, else Apple's MPS, else the CPU with a warning."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        print("warning: neither CUDA nor MPS is available, running on the CPU (slow); pass --device cpu to silence "
-              "this", file=sys.stderr)
-        return torch.device("cpu")
+        if not (available["cuda"] or available["mps"]):
+            print("warning: neither CUDA nor MPS is available, running on the CPU (slow); pass --device cpu to "
+                  "silence this", file=sys.stderr)
+        return torch.device(next(kind for kind, there in available.items() if there))
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device name; use auto, cuda, cuda:N, mps or cpu") from None
-    if device.type not in ("cpu", "cuda", "mps") or (device.type != "cuda" and device.index not in (None, 0)):
+    if device.type not in available or (device.type != "cuda" and device.index not in (None, 0)):
         raise UsageError(f"--device {name}: not supported by these scripts; use auto, cuda, cuda:N, mps or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device auto or cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS (Apple's GPU) is not available on this machine; use --device auto "
-                         "or cpu")
+    if not available[device.type]:
+        what = "CUDA" if device.type == "cuda" else "MPS (Apple's GPU)"
+        raise UsageError(f"--device {name}: {what} is not available on this machine; use --device auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0; pass one of them")
@@ -175,18 +170,10 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
 
 
 def json_text(value, indent: int | None = None) -> str:
-    """JSON any reader takes: a NaN or infinity (a loss that overflowed) as null, not Python's NaN token."""
-    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False)
-
-
-def finite_or_none(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(item) for item in value]
-    return value
+    """JSON any reader takes: a NaN or infinity (a loss that overflowed) as null, not Python's NaN token (json.dumps
+    writes NaN, Infinity and -Infinity, which reading back turns into None)."""
+    finite = json.loads(json.dumps(value), parse_constant=lambda token: None)
+    return json.dumps(finite, indent=indent, allow_nan=False)
 
 
 class Output:
@@ -199,7 +186,12 @@ class Output:
         self.stream = stream if stream is not None else open(os.devnull, "w")
         self.lost: OSError | None = None if stream is not None else OSError(errno.EBADF, os.strerror(errno.EBADF))
         self.lost_told = False  # whether the program has said so
-        self.start = regular_file_offset(self.stream) if whole else None
+        self.start = None  # where writing starts in a regular file (`> file` or `>> file`), when `whole`
+        with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's StringIO)
+            fd = self.stream.fileno()
+            if whole and stat.S_ISREG(os.fstat(fd).st_mode):
+                appends = fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND  # Windows: cmd's >> seeks
+                self.start = os.fstat(fd).st_size if appends else os.lseek(fd, 0, os.SEEK_CUR)
 
     def write(self, text: str) -> int:
         try:
@@ -216,33 +208,19 @@ class Output:
 
     def lose(self, error: OSError) -> None:
         self.lost = self.lost or error
-        try:
+        with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's StringIO)
             if self.start is not None:  # back to the start too: `2>&1` shares the offset, no hole before stderr's
                 os.ftruncate(self.stream.fileno(), self.start)
                 os.lseek(self.stream.fileno(), self.start, os.SEEK_SET)
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self.stream.fileno())
             os.close(devnull)
-        except (OSError, ValueError, io.UnsupportedOperation):  # no file descriptor (a test's StringIO)
-            pass
 
     def isatty(self) -> bool:
         return self.lost is None and self.stream.isatty()
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
-
-
-def regular_file_offset(stream) -> int | None:
-    """Where writing to `stream` starts when it is a regular file (`> file` or `>> file`), else None."""
-    try:
-        fd = stream.fileno()
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        appends = fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND  # Windows: cmd's >> seeks
-        return os.fstat(fd).st_size if appends else os.lseek(fd, 0, os.SEEK_CUR)
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return None
 
 
 def guard_output(whole: bool = False) -> None:
@@ -333,16 +311,14 @@ def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.Exi
     return restore
 
 
-class StopSignal(contextlib.ExitStack):
+class StopSignal(contextlib.AbstractContextManager):
     """Turns the first of stop_signals into a request to save and stop at the next step (`received`); a second
-    signal, or the first one `at_once`, raises KeyboardInterrupt where the program is."""
-
-    def __init__(self, at_once: bool = False) -> None:
-        super().__init__()
-        self.received, self.at_once = None, at_once
+    signal, or the first one once `at_once` is set, raises KeyboardInterrupt where the program is."""
+    received: signal.Signals | None = None
+    at_once = False
 
     def __enter__(self) -> "StopSignal":
-        self.enter_context(handling(stop_signals(), self.handle))
+        self.restore = handling(stop_signals(), self.handle)
         return self
 
     def handle(self, signum, frame) -> None:
@@ -351,14 +327,13 @@ class StopSignal(contextlib.ExitStack):
         if second or self.at_once:
             raise KeyboardInterrupt
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         """The handlers before are put back; but a program stopping for a signal ignores further ones: a second
         Ctrl-C after the state is saved would only cut its exit short (killed by SIGINT, not 128 + N)."""
-        restored = super().__exit__(*exc)
+        self.restore.close()
         if self.received is not None:
             for sig in stop_signals():
                 signal.signal(sig, signal.SIG_IGN)
-        return restored
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:
@@ -419,6 +394,9 @@ def current_umask() -> int:
     return mask
 
 
+LOCKED_BYTE = 2**20  # msvcrt locks bytes, which no other process may then read: one far past the holder's pid
+
+
 class Lock(contextlib.AbstractContextManager):
     """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
     `taken(pid)` makes the error raised while another process holds it; a full disk raises the OSError."""
@@ -427,8 +405,12 @@ class Lock(contextlib.AbstractContextManager):
         self.path = path
         while True:
             self.file = open(path, "a+")
-            try:
-                lock_exclusively(self.file)
+            try:  # flock, or on Windows msvcrt's lock of one byte: either is freed however this process ends
+                if fcntl is not None:
+                    fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                else:
+                    os.lseek(self.file.fileno(), LOCKED_BYTE, os.SEEK_SET)
+                    msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
             except (BlockingIOError, PermissionError):  # msvcrt's way of saying so is EACCES
                 self.file.seek(0)
                 owner = self.file.read().strip() or "unknown"
@@ -458,20 +440,7 @@ class Lock(contextlib.AbstractContextManager):
         self.file.close()
 
 
-LOCKED_BYTE = 2**20  # msvcrt locks bytes, which no other process may then read: one far past the holder's pid
-
-
-def lock_exclusively(file) -> None:
-    """flock, or on Windows msvcrt's lock of one byte; either is freed when this process ends, however it ends."""
-    if fcntl is not None:
-        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    os.lseek(file.fileno(), LOCKED_BYTE, os.SEEK_SET)
-    msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
-
-
-def special_kind(mode: int) -> str:
-    """What a file that is no regular file, folder or link is, from its st_mode."""
+def special_kind(mode: int) -> str:  # of a file that is no regular file, folder or link
     kinds = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
              stat.S_IFSOCK: "a socket"}
     return kinds.get(stat.S_IFMT(mode), "a special file")
@@ -635,8 +604,7 @@ class Processes:
     def share(self) -> slice:
         return slice(self.rank, None, self.world)
 
-    def reduce(self, tensor: torch.Tensor, largest: bool = False) -> torch.Tensor:
-        """The sum over the processes, or with `largest` the largest value."""
+    def reduce(self, tensor: torch.Tensor, largest: bool = False) -> torch.Tensor:  # the sum, or the largest value
         if self.world > 1:
             dist.all_reduce(tensor, dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM)
         return tensor

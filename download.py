@@ -93,28 +93,23 @@ def is_url(source: str) -> bool:
 
 
 def checked_source(source: str | None, md5: str | None) -> tuple[str, str | None]:
-    """The official tarball and its md5 by default; an md5 in lower case, as hexdigest gives it."""
+    """The official tarball and its md5 by default; an md5 in lower case, as hexdigest gives it. A --source
+    naming nothing on disk that is a URL of a scheme not fetched (file:, s3:) is said to be one, not "no such file"."""
     if source is None:
         return CIFAR10_URL, CIFAR10_MD5
-    if not is_url(source):
-        if not Path(source).exists():
-            raise DataError(*missing_source(source))
-        if md5 is not None and Path(source).is_dir():
-            raise DataError(f"--md5 {md5}: --source {source} is a folder, which has no checksum",
-                            "drop --md5, or pass an archive")
-    return source, None if md5 is None else md5.lower()
-
-
-def missing_source(source: str) -> tuple[str, str]:
-    """What is wrong with a --source that names nothing on disk, and what to do: a URL of a scheme that is not
-    fetched (file:, s3:) is said to be one, not "no such file"."""
     parts = urllib.parse.urlparse(source)
-    if parts.scheme == "file":
-        return f"--source {source}: a file: URL", f"pass the path itself: --source {urllib.parse.unquote(parts.path)}"
-    if URL.match(source):
-        return (f"--source {source}: a URL download.py does not fetch ({parts.scheme}:)",
-                "pass an http, https or ftp URL, or download it first and pass the archive or folder")
-    return f"--source {source}: no such file or folder", "pass a URL, an archive or a folder"
+    if not is_url(source) and not Path(source).exists():
+        if parts.scheme == "file":
+            raise DataError(f"--source {source}: a file: URL",
+                            f"pass the path itself: --source {urllib.parse.unquote(parts.path)}")
+        if URL.match(source):
+            raise DataError(f"--source {source}: a URL download.py does not fetch ({parts.scheme}:)",
+                            "pass an http, https or ftp URL, or download it first and pass the archive or folder")
+        raise DataError(f"--source {source}: no such file or folder", "pass a URL, an archive or a folder")
+    if md5 is not None and not is_url(source) and Path(source).is_dir():
+        raise DataError(f"--md5 {md5}: --source {source} is a folder, which has no checksum",
+                        "drop --md5, or pass an archive")
+    return source, None if md5 is None else md5.lower()
 
 
 def dataset_problem(root: Path) -> str | None:
@@ -209,7 +204,8 @@ def fetch(url: str, work: Path) -> Path:
 
 
 def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
-    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree."""
+    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree. A damaged
+    compressed stream raises an OSError without errno, a full --root one with it (or naming a file in WORK)."""
     tree = work / "tree"
     damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
     try:
@@ -233,17 +229,12 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
         else:
             raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
-    except damaged as e:
-        raise unpack_error(e, work, root, source) from None
+    except damaged as e:  # the archive's fault, or --root's where a write failed for want of room or permission
+        if isinstance(e, OSError) and (e.errno in WRITE_ERRNOS or names_a_file_in(e, work)):
+            raise DataError(f"--root {root}: cannot write ({e.strerror or e})",
+                            "free space or choose another --root") from None
+        raise DataError(f"{source}: damaged or incomplete archive ({e})", "download it again") from None
     copy_class_folders(work / "extract", tree, source, move=True)
-
-
-def unpack_error(e: Exception, work: Path, root: Path, source: str) -> DataError:
-    """What went wrong unpacking into WORK: the archive (a damaged compressed stream is an OSError without errno), or
-    --root when a write failed for want of room or permission."""
-    if isinstance(e, OSError) and (e.errno in WRITE_ERRNOS or names_a_file_in(e, work)):
-        return DataError(f"--root {root}: cannot write ({e.strerror or e})", "free space or choose another --root")
-    return DataError(f"{source}: damaged or incomplete archive ({e})", "download it again")
 
 
 def names_a_file_in(e: OSError, folder: Path) -> bool:
@@ -285,9 +276,7 @@ def check_members(source: str, members: list[tuple[str, str | None, str | None]]
         if special is not None:
             raise DataError(f"{source}: member {name!r} is {special}, not a regular file or folder; refusing to unpack "
                             "it", MEMBER_ADVICE)
-        for path in (name, None if link is None else os.path.join(os.path.dirname(name), link)):
-            if path is None:
-                continue
+        for path in [name] + ([] if link is None else [os.path.join(os.path.dirname(name), link)]):
             normal = os.path.normpath(path.replace("\\", "/"))
             if os.path.isabs(path) or path.startswith(("/", "\\")) or normal == ".." or normal.startswith("../"):
                 raise DataError(f"{source}: member {name!r} points outside the archive; refusing to unpack it",
@@ -296,9 +285,7 @@ def check_members(source: str, members: list[tuple[str, str | None, str | None]]
 
 def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:
     """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
-    one_down = sorted(p for p in folder.glob("*") if p.is_dir())
-    two_down = sorted(p for p in folder.glob("*/*") if p.is_dir())
-    for found in [folder] + one_down + two_down:
+    for found in [folder] + [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir()]:
         if (found / "train").is_dir() and (found / "test").is_dir():
             tree.mkdir()
             for split in ("train", "test"):
@@ -395,7 +382,6 @@ def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
 
 
 def read_cifar_batch(tar: tarfile.TarFile, name: str, source: str) -> object:
-    """One pickle of the official tarball, unpickled by CifarUnpickler."""
     try:
         return CifarUnpickler(io.BytesIO(tar.extractfile(f"{CIFAR10_DIR}/{name}").read()), encoding="latin1").load()
     except (KeyError, AttributeError, pickle.UnpicklingError, EOFError, ValueError) as e:
@@ -450,7 +436,6 @@ def path_text(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """download.py's flags, also the `invoke download` task's."""
-    # allow_abbrev=False: an abbreviated flag is an error, not taken for another flag (as in the other scripts)
     parser = ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--root", type=path_text, default="data/cifar10", help="folder to create, holding train/ and test/")
@@ -465,17 +450,13 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
     try:
-        with handling([sig for sig in stop_signals() if sig != signal.SIGINT], interrupt):
+        with handling([sig for sig in stop_signals() if sig != signal.SIGINT], signal.default_int_handler):
             check_tilde_expanded("--root", Path(args.root))
             download(args.root, args.source, args.md5)
     except (DataError, UsageError) as e:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
         sys.exit(f"download.py: interrupted; nothing was written to {args.root}")
-
-
-def interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -85,16 +85,6 @@ def agreement(program: nn.Module, reference: nn.Module, images: data.ImageSet, b
             "tolerance": TOLERANCE}
 
 
-def check_out(out: str) -> Path:
-    """--out before the long work: a file in a folder that exists and can be written."""
-    path = Path(out)
-    cli.check_writable_file("--out", path, "model.pt2", "a program file")
-    if not path.parent.is_dir():
-        raise cli.UsageError(f"--out {out}: folder {cli.shown(path.parent)} does not exist; create it or choose "
-                             "another --out")
-    return path
-
-
 def write_program(path: Path, program: bytes, record: dict) -> None:
     """The program, then its record beside it, each written whole or not at all (cli.write_atomically)."""
     beside = Path(f"{path}.json")
@@ -112,7 +102,11 @@ def write_program(path: Path, program: bytes, record: dict) -> None:
 
 
 def export(args: argparse.Namespace) -> int:
-    out = check_out(args.out)
+    out = Path(args.out)  # checked before the long work: a file in a folder that exists and can be written
+    cli.check_writable_file("--out", out, "model.pt2", "a program file")
+    if not out.parent.is_dir():
+        raise cli.UsageError(f"--out {args.out}: folder {cli.shown(out.parent)} does not exist; create it or choose "
+                             "another --out")
     device = cli.resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     reference = deployed(checkpoint, args.checkpoint).to(device)

@@ -14,6 +14,7 @@ sets its two hidden widths: smaller ones train faster on a CPU or a small set.
 import inspect
 import os
 import pickle
+import re
 import stat
 import zipfile
 
@@ -28,44 +29,29 @@ REFERENCE_HIDDEN = (4096, 1024)
 class AlexNet(nn.Module):
     def __init__(self, num_classes: int = 10, dropout: float = 0.5, hidden: tuple[int, int] = REFERENCE_HIDDEN) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 64, kernel_size=11, stride=4, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(64, 192, kernel_size=5, padding=2),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
-            nn.Conv2d(192, 384, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(384, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(256, 256, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2),
+        self.features = nn.Sequential(  # a line a layer: convolution (kernel size, stride, padding), its pooling
+            nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2),
         )
         self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
         self.classifier = nn.Sequential(
-            nn.Dropout(p=dropout),
-            nn.Linear(256 * 6 * 6, hidden[0]),
-            nn.ReLU(inplace=True),
-            nn.Dropout(p=dropout),
-            nn.Linear(hidden[0], hidden[1]),
-            nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout), nn.Linear(256 * 6 * 6, hidden[0]), nn.ReLU(inplace=True),
+            nn.Dropout(p=dropout), nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True),
             nn.Linear(hidden[1], num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x)
-        x = self.avgpool(x)
-        x = torch.flatten(x, 1)
-        return self.classifier(x)
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
 # The smallest input for which every pooling layer still has a 3x3 window.
 MIN_IMAGE_SIZE = 63
 
-# Wrappers add these to parameter names: DataParallel/DDP and torch.compile.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# What wrappers add to parameter names: DataParallel/DDP and torch.compile.
+WRAPPER_PREFIXES = re.compile(r"(module\.|_orig_mod\.)*")
 
 
 # What every checkpoint carries: weights, what rebuilds the model, and how its inputs were made (checkpoint_dict
@@ -120,21 +106,13 @@ def is_exported_program(path: str | os.PathLike) -> bool:
 
 def unwrap_state_dict(state_dict: dict) -> dict:
     """Strip the `module.` / `_orig_mod.` prefixes that wrappers add."""
-    unwrapped = {}
-    for name, tensor in state_dict.items():
-        while name.startswith(WRAPPER_PREFIXES):
-            name = name.split(".", 1)[1]
-        unwrapped[name] = tensor
-    return unwrapped
+    return {name[WRAPPER_PREFIXES.match(name).end():]: tensor for name, tensor in state_dict.items()}
 
 
 def load_matching(model: nn.Module, state_dict: dict) -> tuple[list[str], list[str]]:
-    """Load every tensor whose name and shape match; return (loaded, skipped) names.
-
-    Made for torchvision's AlexNet state dicts (e.g. its ImageNet weights): the
-    convolutions and classifier[1] match, the differently sized classifier
-    layers are skipped and keep their fresh initialisation.
-    """
+    """Load every tensor whose name and shape match; return (loaded, skipped) names. Made for torchvision's AlexNet
+    state dicts (its ImageNet weights): the convolutions and classifier[1] match, the other classifier layers are
+    skipped and keep their fresh initialisation."""
     own = model.state_dict()
     state_dict = unwrap_state_dict(state_dict)
     matching = {n: t for n, t in state_dict.items() if n in own and own[n].shape == t.shape}
@@ -153,26 +131,19 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
         raise CheckpointError(f"{path}: an exported program (export.py), not a checkpoint; pass the checkpoint it "
                               "was exported from")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL " not in str(e):  # torch's only sign of a blocked class or function; else damage
-            raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
-        # A pickled object other than tensors and plain data: loading it could run code, so it is never loaded.
-        raise CheckpointError(f"{path}: not a loadable checkpoint: it holds objects other than tensors and plain "
-                              "data, refused because loading them could run code; pass a checkpoint that "
-                              "this project's training wrote") from None
-    except Exception:  # torch raises many types for damage (KeyError for text); its text may advise weights_only=False
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # many types for damage (KeyError for text); torch's text may advise weights_only=False
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL " in str(e):  # torch's only sign of a blocked class
+            raise CheckpointError(f"{path}: not a loadable checkpoint: it holds objects other than tensors and plain "
+                                  "data, refused because loading them could run code; pass a checkpoint that "
+                                  "this project's training wrote") from None
         raise CheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
-    return checkpoint
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """One of our checkpoints (see load_tensors), its pieces checked against each other."""
     checkpoint = load_tensors(path, map_location)
-    if not isinstance(checkpoint, dict):
-        missing = CHECKPOINT_KEYS
-    else:
-        missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (lacks {', '.join(missing)}); "
                               "pass a checkpoint that its training wrote")
@@ -240,8 +211,7 @@ def model_args_problem(model_args) -> str | None:
     return None
 
 
-def is_number(value, types) -> bool:
-    """bool is an int to Python, never a class count or a probability here."""
+def is_number(value, types) -> bool:  # bool is an int to Python, never a class count or a probability here
     return isinstance(value, types) and not isinstance(value, bool)
 
 
@@ -265,9 +235,8 @@ def misfit(own: dict, given: dict) -> str:
     """Which tensor names are missing, unexpected or shaped otherwise, a few of each: a full list runs to pages."""
     missing, unexpected = sorted(set(own) - set(given)), sorted(set(given) - set(own))
     shaped = [name for name in own if name in given and getattr(given[name], "shape", None) != own[name].shape]
-    parts = [f"{what} {few(names)}" for what, names in (("missing", missing), ("unexpected", unexpected),
-                                                        ("not of this model's shape", shaped)) if names]
-    return ", ".join(parts)
+    return ", ".join(f"{what} {few(names)}" for what, names in (
+        ("missing", missing), ("unexpected", unexpected), ("not of this model's shape", shaped)) if names)
 
 
 def few(names: list[str], at_most: int = 3) -> str:

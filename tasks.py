@@ -54,11 +54,10 @@ def script_parsers(names=SCRIPTS) -> dict[str, argparse.ArgumentParser]:
     """The scripts' own parsers (build_parser) by task name, argparse's errors naming the script; imports torch."""
     parsers = {}
     for name in names:
-        script = SCRIPTS[name]
-        stem = Path(script).stem
-        module = load_benchmark(stem) if script.startswith("benchmarks/") else importlib.import_module(stem)
+        stem = Path(SCRIPTS[name]).stem
+        module = load_benchmark(stem) if SCRIPTS[name].startswith("benchmarks/") else importlib.import_module(stem)
         parsers[name] = module.build_parser()
-        parsers[name].prog = Path(script).name
+        parsers[name].prog = f"{stem}.py"
     return parsers
 
 
@@ -125,11 +124,6 @@ def script_argv(actions: list[argparse.Action], options: dict, extra: list[str])
     return argv + extra + ["--"] * any(str(p).startswith("-") for p in positional) + [str(p) for p in positional]
 
 
-def run_script(c, script: str, argv: list[str]) -> None:
-    """The script by its absolute path, in the caller's folder."""
-    run_shown(c, [sys.executable, str(HERE / script), *argv])
-
-
 def command_line(words: list[str]) -> str:
     """As the shell invoke runs reads it: cmd.exe on Windows (to which single quotes are letters), else sh."""
     return subprocess.list2cmdline(words) if sys.platform == "win32" else shlex.join(words)
@@ -167,10 +161,8 @@ def run_passing_signals(words: list[str], cwd: Path | None) -> int:
 
 def pass_signal(group: int, signum: int, frame) -> None:
     """To the script's whole process group, as a terminal's Ctrl-C would: the script and its workers."""
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it has just ended: wait() returns
         os.killpg(group, signum)
-    except ProcessLookupError:  # it has just ended: wait() returns
-        pass
 
 
 def resume_template(name: str) -> str:
@@ -205,7 +197,7 @@ def task_of(doc: str, name: str, fallback: dict | None = None) -> Task:
         for dest, value in defaults.items():  # `invoke predict` alone: say what it reads, and that it is a default
             print(f"invoke {name}: no --{dest.replace('_', '-')} given: {' '.join(map(str, value))} (the default)",
                   file=sys.stderr)
-        run_script(c, script, script_argv(actions, defaults | given, extra))
+        run_shown(c, [sys.executable, str(HERE / script), *script_argv(actions, defaults | given, extra)])
 
     body.__signature__ = signature(actions)
     body.__doc__ = doc
@@ -254,22 +246,15 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
                         **{name: value for name, value in training.items() if name in dests}}
     steps["predict"] = {"paths": [f"{data_dir}/test"], "checkpoint": outs["finetune"],
                         "grid": f"{out_dir}/predictions.png", "mistakes": f"{out_dir}/mistakes.png",
-                        "device": training["device"],
-                        "limit": str(predict_script.GRID_MAX)}
-    for stage, options in steps.items():
-        check_flags(parsers[stage], options)
+                        "device": training["device"], "limit": str(predict_script.GRID_MAX)}
+    for stage, options in steps.items():  # a typo (`--mode ful`) ends `invoke all` before the download, not after it
+        try:
+            parsers[stage].parse_args(script_argv(parsers[stage].flags, options, []))
+        except SystemExit as e:  # argparse has said what is wrong, as the script would
+            raise Exit(code=e.code) from None
     os.environ[RESUME_WITH] = resume_template("all")
     for stage, options in steps.items():
         TASKS[stage](c, **options)
-
-
-def check_flags(parser: argparse.ArgumentParser, options: dict) -> None:
-    """A step's flags parsed by its script's parser before any step runs: a typo (`--mode ful`) ends `invoke all`
-    before the download and pretraining, not when finetune reads it after them."""
-    try:
-        parser.parse_args(script_argv(parser.flags, options, []))
-    except SystemExit as e:  # argparse has said what is wrong, as the script would
-        raise Exit(code=e.code) from None
 
 
 TASKS = {"download": download, "pretrain": pretrain, "finetune": finetune, "predict": predict}
