@@ -124,8 +124,8 @@ def test_without_fcntl_the_lock_is_msvcrts_and_keeps_another_process_out_until_i
 
 
 def test_free_memory_without_proc_is_half_the_host_memory_so_a_large_set_streams(monkeypatch):
-    monkeypatch.setattr(data, "linux_available_memory", lambda: None)  # macOS: no /proc, no count of free pages
-    half = data.free_memory(torch.device("cpu"))
+    monkeypatch.setattr(cli, "linux_available_memory", lambda: None)  # macOS: no /proc, no count of free pages
+    half = cli.free_memory(torch.device("cpu"))
     assert 0 < half < 2**50
     images = data.ImageSet(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), ["a"])
     monkeypatch.setattr(data.ImageSet, "nbytes", half + 1)
@@ -133,9 +133,9 @@ def test_free_memory_without_proc_is_half_the_host_memory_so_a_large_set_streams
 
 
 def test_free_memory_where_nothing_tells_it_is_none_so_every_set_streams(monkeypatch):
-    monkeypatch.setattr(data, "linux_available_memory", lambda: None)
+    monkeypatch.setattr(cli, "linux_available_memory", lambda: None)
     monkeypatch.delattr(os, "sysconf")  # Windows
-    assert data.free_memory(torch.device("cpu")) == 0
+    assert cli.free_memory(torch.device("cpu")) == 0
 
 
 def test_a_process_on_windows_is_looked_up_not_sent_signal_0(monkeypatch):

@@ -47,13 +47,13 @@ def test_a_streamed_batch_stopped_early_ends_its_reading_thread(tmp_path):
 def test_auto_streams_a_set_larger_than_half_the_free_memory(tmp_path, monkeypatch):
     images = data.load_folder(make_class_folders(tmp_path / "d", train=4, test=1) / "train")  # 12 x 3 KB
     cpu = torch.device("cpu")
-    monkeypatch.setattr(data, "free_memory", lambda device: 2 * images.nbytes)
+    monkeypatch.setattr(cli, "free_memory", lambda device: 2 * images.nbytes)
     placed = data.place(images, cpu, "auto")
     assert placed.device is None and placed.images.data_ptr() != images.images.data_ptr()  # a resident copy
-    monkeypatch.setattr(data, "free_memory", lambda device: 2 * images.nbytes - 1)
+    monkeypatch.setattr(cli, "free_memory", lambda device: 2 * images.nbytes - 1)
     assert data.place(images, cpu, "auto").device == cpu  # streamed from the mapping
     assert data.place(images, cpu, "never").device is None and data.place(images, cpu, "always").device == cpu
-    assert data.free_memory(cpu) > 0
+    assert cli.free_memory(cpu) > 0
 
 
 def test_a_relative_data_folder_is_cached_too(tmp_path, monkeypatch):
