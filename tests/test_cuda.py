@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import cli
-from conftest import ROOT, error_line, make_class_folders, run
+from conftest import ROOT, error_line, make_class_folders, run, start, stop_during
 from model import AlexNet
-from test_train import start, stop_during
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -16,8 +16,7 @@ from PIL import Image
 
 import cli
 import data
-from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run
-from test_train import start, stop_during
+from conftest import QUICK, ROOT, default_signals, error_line, make_class_folders, run, start, stop_during
 
 
 def test_streamed_batches_are_the_resident_ones_and_subsets_are_rows_not_copies(tmp_path):

@@ -5,15 +5,13 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torchvision
 
 import data
-from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run, training_log
+from conftest import QUICK, QUICK_NO_HIDDEN, error_line, make_class_folders, run, start, stop_during, training_log
 from model import AlexNet
 import cli
 from cli import ProgressLine
@@ -127,27 +125,6 @@ def test_finetune_modes_train_their_layers(pretrained, tiny_data, tmp_path, mode
     assert not torch.equal(tuned[changed], source[changed])
     if frozen:
         assert torch.equal(tuned[frozen], source[frozen])
-
-
-def start(out, epochs, data_dir, *extra) -> list[str]:
-    """A run with many small steps; --ema and --cutout so that resuming must restore the average and every
-    random draw."""
-    return ["--data-dir", data_dir, "--out", out, "--epochs", str(epochs), "--val-size", "6", *QUICK,
-            "--batch-size", "8", "--ema", "0.9", "--cutout", "0.25", *extra]
-
-
-def stop_during(title: str, sig: signal.Signals, args: list) -> str:
-    """Start pretrain.py, send `sig` once the pass `title` shows progress (its first tenth: most of the pass is
-    still to come, and a later arrival stops at the next epoch's start instead), return the stop's message."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
-    for line in process.stderr:  # progress goes to stderr
-        if line.startswith(f"  {title}: "):
-            process.send_signal(sig)
-            break
-    _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 128 + sig, stderr
-    return stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.slow
