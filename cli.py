@@ -222,8 +222,8 @@ class Output:
         self.lost_told = False  # whether the program has said so
         self.start = None  # where writing starts in a regular file (`> file` or `>> file`), when `whole`
         with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's StringIO)
-            fd = self.stream.fileno()
-            if whole and stat.S_ISREG(os.fstat(fd).st_mode):
+            fd = self.stream.fileno() if whole else None  # not asked otherwise: an IDE's console may have no fileno
+            if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
                 appends = fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND  # Windows: cmd's >> seeks
                 self.start = os.fstat(fd).st_size if appends else os.lseek(fd, 0, os.SEEK_CUR)
 
