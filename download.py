@@ -185,7 +185,7 @@ def build_tree(source: str, md5: str | None, work: Path,
 
 
 def file_md5(path: Path) -> str:
-    md5 = hashlib.md5()
+    md5 = hashlib.md5(usedforsecurity=False)  # a checksum, no security: FIPS mode refuses md5 otherwise
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(2**20), b""):
             md5.update(chunk)
