@@ -124,19 +124,21 @@ def hidden_widths(text: str) -> tuple[int, int]:
 
 def resolve_device(name: str) -> torch.device:
     """--device: `auto` is CUDA when there is one, else Apple's MPS, else the CPU with a warning."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    # each asked only when needed: asking for CUDA starts its driver, and a broken one warns (not for --device cpu)
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available, "cpu": lambda: True}
     if name == "auto":
-        if not (available["cuda"] or available["mps"]):
+        kind = next(kind for kind, there in available.items() if there())
+        if kind == "cpu":
             print("warning: neither CUDA nor MPS is available, running on the CPU (slow); pass --device cpu to "
                   "silence this", file=sys.stderr)
-        return torch.device(next(kind for kind, there in available.items() if there))
+        return torch.device(kind)
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"--device {name}: not a device name; use auto, cuda, cuda:N, mps or cpu") from None
     if device.type not in available or (device.type != "cuda" and device.index not in (None, 0)):
         raise UsageError(f"--device {name}: not supported by these scripts; use auto, cuda, cuda:N, mps or cpu")
-    if not available[device.type]:
+    if not available[device.type]():
         what = "CUDA" if device.type == "cuda" else "MPS (Apple's GPU)"
         raise UsageError(f"--device {name}: {what} is not available on this machine; use --device auto or cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -222,8 +224,8 @@ class Output:
         self.lost_told = False  # whether the program has said so
         self.start = None  # where writing starts in a regular file (`> file` or `>> file`), when `whole`
         with contextlib.suppress(OSError, ValueError):  # no file descriptor (a test's StringIO)
-            fd = self.stream.fileno()
-            if whole and stat.S_ISREG(os.fstat(fd).st_mode):
+            fd = self.stream.fileno() if whole else None  # not asked otherwise: an IDE's console may have no fileno
+            if fd is not None and stat.S_ISREG(os.fstat(fd).st_mode):
                 appends = fcntl is not None and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND  # Windows: cmd's >> seeks
                 self.start = os.fstat(fd).st_size if appends else os.lseek(fd, 0, os.SEEK_CUR)
 

@@ -5,6 +5,7 @@
 """
 import argparse
 import functools
+import importlib
 import os
 import io
 import json
@@ -450,7 +451,12 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
     torch_log = logging.getLogger("torch.export")  # it logs a traceback before it raises: the line below says it
     torch_log.disabled = True
     try:
-        return torch.export.load(path, extra_files=record), json.loads(record[PROGRAM_RECORD])
+        try:
+            program = torch.export.load(path, extra_files=record)
+        except Exception:  # noqa: BLE001 - one exported before the crop was torch's own: torchvision's roi_align
+            importlib.import_module("torchvision")  # registers it (a second, so only then); else the line below
+            program = torch.export.load(path, extra_files=record)
+        return program, json.loads(record[PROGRAM_RECORD])
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
         raise CheckpointError(f"{path}: an exported program that cannot be loaded (damaged, or without "
                               f"{PROGRAM_RECORD}: not written by export.py); export it again") from None

@@ -136,6 +136,25 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
     assert "an exported program (export.py), not a checkpoint" in error_line(result)
 
 
+@pytest.mark.slow  # a new interpreter: this one has torchvision imported
+def test_a_program_exported_with_torchvisions_crop_still_predicts(varied, tiny_data, tmp_path, monkeypatch):
+    """Programs exported before the crop was torch's own call torchvision's roi_align, which is registered only by
+    importing torchvision: predict.py, which no longer imports it, does so for them."""
+    from torchvision.ops import roi_align
+
+    def torchvision_crop(images, boxes, size):  # the crop as it was
+        index = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype).unsqueeze(1)
+        return roi_align(images.float(), torch.cat([index, boxes], 1), size, 1.0, -1, True)
+
+    monkeypatch.setattr(data, "crop_resize", torchvision_crop)
+    run("export.py", "--checkpoint", varied, "--out", tmp_path / "old.pt2", "--limit", "8")
+    assert b"torchvision" in (tmp_path / "old.pt2").read_bytes()
+    result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "old.pt2", "--device", "cpu",
+                 "--json", process=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["predictions"]) == len(list((tiny_data / "test").rglob("*.png")))
+
+
 def test_a_damaged_program_given_to_predict_is_one_line(tiny_data, tmp_path):
     with zipfile.ZipFile(tmp_path / "m.pt2", "w") as archive:  # a program's marker, and nothing a program needs
         archive.writestr("m/archive_format", "pt2")

@@ -455,6 +455,35 @@ def test_md5_in_either_case_is_checked(tmp_path, tiny_data):
     run("download.py", "--root", tmp_path / "c", "--source", archive, "--md5", md5(archive).upper())
 
 
+def test_the_md5_is_checked_where_fips_mode_refuses_md5_for_security(tmp_path, tiny_data, monkeypatch):
+    """Under FIPS (RHEL's, for one) OpenSSL refuses md5 unless told it is no security use; a checksum is none."""
+    import hashlib
+    plain_md5 = hashlib.md5
+
+    def fips_md5(*args, usedforsecurity=True):
+        if usedforsecurity:
+            raise ValueError("[digital envelope routines] unsupported")
+        return plain_md5(*args, usedforsecurity=False)
+
+    archive = tmp_path / "a.tar.gz"
+    class_folder_archive(archive, tiny_data)
+    right = md5(archive)
+    monkeypatch.setattr(hashlib, "md5", fips_md5)
+    run("download.py", "--root", tmp_path / "c", "--source", archive, "--md5", right)
+
+
+@pytest.mark.parametrize("kind", ["a character device", "a FIFO"])
+def test_an_md5_against_a_source_that_is_no_regular_file_is_a_mismatch_not_an_endless_read(tmp_path, kind):
+    """/dev/zero never ends, a FIFO without a writer blocks its open: neither is read for a checksum."""
+    source = Path("/dev/zero")
+    if kind == "a FIFO":
+        os.mkfifo(source := tmp_path / "pipe.tar")
+    result = run("download.py", "--root", tmp_path / "c", "--source", source, "--md5", "0" * 32, check=False,
+                 timeout=60)
+    assert result.returncode == 1 and "checksum mismatch" in error_line(result)
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.mark.parametrize("value, message", [
     ("c58f30108f718f92721af3b95e74349", "--md5: must be 32 hexadecimal digits (an md5 checksum)"),
     ("z" * 32, "--md5: must be 32 hexadecimal digits (an md5 checksum)"),

@@ -183,6 +183,24 @@ def test_a_closed_stdout_without_sigpipe_ends_predict_quietly_too(monkeypatch):
     assert exit.value.code == 128 + 13
 
 
+def test_a_stream_without_a_file_descriptor_is_guarded_where_nothing_asks_where_writing_starts(monkeypatch):
+    """An IDE's console or a logger's proxy writes but has no fileno(): only a `whole` stdout asks for it."""
+    class Console:
+        def __init__(self):
+            self.text = ""
+
+        def write(self, text):
+            self.text += text
+            return len(text)
+
+    console = Console()
+    monkeypatch.setattr(sys, "stdout", console)
+    monkeypatch.setattr(sys, "stderr", console)
+    cli.guard_output()
+    print("epoch 1")
+    assert isinstance(sys.stdout, cli.Output) and console.text == "epoch 1\n"
+
+
 def test_a_drive_letter_is_a_path_not_a_url():
     assert not data.URL.match("C:/data/cifar10") and data.URL.match("s3:/bucket/x")
 

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import stat
+import warnings
 
 import numpy as np
 import pytest
@@ -247,6 +248,19 @@ def test_a_device_the_machine_has_is_used(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert resolve_device("cuda:1") == torch.device("cuda", 1) and resolve_device("cpu:0") == torch.device("cpu")
     assert resolve_device("mps:0") == torch.device("mps")
+
+
+def test_device_cpu_asks_nothing_of_cuda(monkeypatch, capsys):
+    """Asking starts CUDA's driver (time), and a broken one warns on stderr: --device cpu is there to avoid both."""
+    def broken_driver():
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old")
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_available", broken_driver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_device("cpu") == torch.device("cpu")
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("cuda, mps, chosen", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
