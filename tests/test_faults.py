@@ -472,6 +472,7 @@ def test_the_md5_is_checked_where_fips_mode_refuses_md5_for_security(tmp_path, t
     run("download.py", "--root", tmp_path / "c", "--source", archive, "--md5", right)
 
 
+@pytest.mark.slow  # a process, which the timeout ends if the read never does
 @pytest.mark.parametrize("kind", ["a character device", "a FIFO"])
 def test_an_md5_against_a_source_that_is_no_regular_file_is_a_mismatch_not_an_endless_read(tmp_path, kind):
     """/dev/zero never ends, a FIFO without a writer blocks its open: neither is read for a checksum."""
