@@ -561,7 +561,8 @@ def predict(args: argparse.Namespace) -> int:
 
     found, errors = find_images(args.paths, classes)
     for flag, picture in pictures.items():  # writing it would overwrite an image it is about to show
-        if any(path.resolve() == Path(picture).resolve() for path, _ in found):
+        target = Path(picture).resolve()
+        if any(path.resolve() == target for path, _ in found):
             raise cli.UsageError(f"{flag} {picture}: is one of the images to predict, and writing the picture would "
                                  "overwrite it; choose another path")
     if args.mistakes and found and all(label is None for _, label in found):

@@ -42,7 +42,8 @@ from predict import (calibration_report, classification_report, compute_logits, 
 # with another value, any other that differs is refused (--epochs: a larger one trains further; --device, --stream:
 # change no result; --data-dir: the same images moved, their fingerprint is compared). Messages and --help name them.
 RESUME_MAY_CHANGE = ("epochs", "device", "stream", "data_dir")
-MAY_CHANGE_FLAGS = "--epochs, --device, --stream and --data-dir"
+MAY_CHANGE_FLAGS = " and ".join(", ".join(f"--{name.replace('_', '-')}" for name in names)  # "--epochs, ... and --x"
+                                for names in (RESUME_MAY_CHANGE[:-1], RESUME_MAY_CHANGE[-1:]))
 
 # What a run writes beside --out (see side_files); an --out with one of these endings would overwrite another run's.
 SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json", "curves": ".png",
