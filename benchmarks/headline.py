@@ -109,8 +109,9 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
     training = ["--data-dir", str(data_dir), *scale.training, *device]
     epoch_images = scale.epochs * scale.train_images
     steps = [
-        Step("cuda-tests", "cuda-tests", [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
-                                          "tests/test_cuda.py"], scale.seconds["cuda-tests"]),
+        Step("cuda-tests", "cuda-tests", [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o",
+                                          "addopts=", "tests/test_cuda.py"],  # one process: no pytest-xdist there
+             scale.seconds["cuda-tests"]),
         Step("download", "job", [python, "download.py", "--root", str(data_dir), "--source", str(args.source)],
              scale.seconds["download"]),
     ]
