@@ -1,5 +1,6 @@
 import contextlib
 import csv
+import getpass
 import hashlib
 import http.server
 import importlib
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import traceback
 import warnings
 import zipfile
@@ -46,6 +48,18 @@ def training_log(out: Path) -> list[dict]:
 
 def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (training, real processes); `-m 'not slow'` skips them")
+
+
+# Importing torchvision makes torch.compile's default cache folder, empty (the tests' compiles use the run's folder:
+# temporary_folder): a run that found none leaves none.
+INDUCTOR_DEFAULT = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
+INDUCTOR_DEFAULT_EXISTED = INDUCTOR_DEFAULT.exists()
+
+
+def pytest_unconfigure(config) -> None:
+    if not INDUCTOR_DEFAULT_EXISTED:
+        with contextlib.suppress(OSError):  # not empty, or gone already (another pytest-xdist worker's)
+            INDUCTOR_DEFAULT.rmdir()
 
 
 def default_signals() -> None:
@@ -171,6 +185,19 @@ def class_folder_archive(path: Path, tiny: Path, prefix: str = "cifar10/") -> No
                 tar.add(p, prefix + str(p.relative_to(tiny)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_folder(tmp_path_factory):
+    """What the scripts keep in the temporary folder (torch.compile's cache and headers, 150 MB) goes in the run's,
+    which a passing run removes, not beside it: TMPDIR for the processes tests start, tempfile's for this one, and
+    inductor's own variable (importing torch's modules sets it to the default)."""
+    folder = tmp_path_factory.mktemp("tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(folder))
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder / "torchinductor"))
+        patch.setattr(tempfile, "tempdir", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_class_folders(tmp_path_factory.mktemp("tiny") / "data")
@@ -191,11 +218,14 @@ class SmallFilesystems:
         self.parent = parent
         self.mounted: list[Path] = []
 
-    def __call__(self, size: str = "64m", read_only: bool = False) -> Path:
+    def __call__(self, size: str = "64m", read_only: bool = False, fallback: Path | None = None) -> Path:
+        """A new tmpfs folder; where none can be mounted, `fallback`, or the test is skipped."""
         folder = self.parent / f"fs{len(self.mounted)}"
         folder.mkdir()
         options = f"size={size}" + (",ro" if read_only else "")
         result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if result.returncode != 0 and fallback is not None:
+            return fallback
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
         self.mounted.append(folder)
