@@ -18,13 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # pytest.ini starts a pytest-xdist worker per core: each worker, and every script it starts, computes on its share
 # of the cores (torch's default, a thread per core in every process, made two workers on 2 cores slower than one).
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = str(max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    THREADS = max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)  # where torch was imported before the variable was set (by a plugin, a sitecustomize)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
