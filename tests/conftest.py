@@ -27,7 +27,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     THREADS = max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
-    torch.set_num_threads(THREADS)  # where torch was imported before the variable was set (by a plugin, a sitecustomize)
+    torch.set_num_threads(THREADS)  # where torch came before the variable (imported by a plugin, a sitecustomize)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
