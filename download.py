@@ -97,7 +97,11 @@ def checked_source(source: str | None, md5: str | None) -> tuple[str, str | None
     naming nothing on disk that is a URL of a scheme not fetched (file:, s3:) is said to be one, not "no such file"."""
     if source is None:
         return CIFAR10_URL, CIFAR10_MD5
-    parts = urllib.parse.urlparse(source)
+    try:
+        parts = urllib.parse.urlparse(source)
+    except ValueError as e:  # "http://[x/a.tgz": a bracket opened in the host and not closed
+        raise DataError(f"--source {source}: not a valid URL ({e})",
+                        "correct it, or pass an archive or a folder") from None
     if not is_url(source) and not Path(source).exists():
         if parts.scheme == "file":
             raise DataError(f"--source {source}: a file: URL",

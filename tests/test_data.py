@@ -625,6 +625,13 @@ def test_a_source_url_that_is_not_fetched_is_named_as_a_url(tmp_path, tiny_data)
     assert not list(tmp_path.glob(".root.*partial*"))
 
 
+def test_a_malformed_url_is_one_line(tmp_path):
+    result = run("download.py", "--root", tmp_path / "root", "--source", "http://[x/a.tgz", check=False)
+    assert error_line(result) == ("download.py: --source http://[x/a.tgz: not a valid URL (Invalid IPv6 URL); "
+                                  "correct it, or pass an archive or a folder")  # before: a ValueError's traceback
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("root", [".", "..", "./"])
 def test_a_root_named_by_dot_or_dot_dot_is_one_line_not_remove_it(tmp_path, tiny_data, root):
     here = tmp_path / "empty" / "here"
