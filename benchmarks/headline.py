@@ -212,9 +212,10 @@ def run_step(step: Step, out_dir: Path, seconds_left: float) -> tuple[int, float
         log.flush()
         start = log.tell()
         started = time.perf_counter()
-        # its own process group: a signal reaches recipes.py's pretrain.py too
-        process = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, process_group=0,
-                                   env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        # its own process group (a session: process_group= needs Python 3.11): a signal reaches recipes.py's
+        # pretrain.py too
+        process = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         stopped = None
         try:
             code = process.wait(timeout=max(seconds_left, 1))
