@@ -1,6 +1,5 @@
 import contextlib
 import csv
-import getpass
 import hashlib
 import http.server
 import importlib
@@ -53,16 +52,23 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (training, real processes); `-m 'not slow'` skips them")
 
 
-# Importing torchvision makes torch.compile's default cache folder, empty (the tests' compiles use the run's folder:
-# temporary_folder): a run that found none leaves none.
-INDUCTOR_DEFAULT = Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}"
-INDUCTOR_DEFAULT_EXISTED = INDUCTOR_DEFAULT.exists()
+# Importing torchvision makes torch.compile's default cache folder (torchinductor_<user>), empty: the tests' compiles
+# use the run's folder (temporary_folder). A run leaves none that it did not find.
+TEMPORARY = Path(tempfile.gettempdir())
+INDUCTOR_FOLDERS_FOUND = set(TEMPORARY.glob("torchinductor_*"))
 
 
 def pytest_unconfigure(config) -> None:
-    if not INDUCTOR_DEFAULT_EXISTED:
+    for folder in set(TEMPORARY.glob("torchinductor_*")) - INDUCTOR_FOLDERS_FOUND:
         with contextlib.suppress(OSError):  # not empty, or gone already (another pytest-xdist worker's)
-            INDUCTOR_DEFAULT.rmdir()
+            folder.rmdir()
+
+
+def bare_environment(**variables: str) -> dict[str, str]:
+    """A child's environment without the user's (PATH, and what is given), but with where the run keeps temporary
+    files and how many threads a process takes (temporary_folder, the worker's share of the cores)."""
+    kept = ("TMPDIR", "TORCHINDUCTOR_CACHE_DIR", "OMP_NUM_THREADS")
+    return {"PATH": "/usr/bin:/bin", **{name: os.environ[name] for name in kept if name in os.environ}, **variables}
 
 
 def default_signals() -> None:

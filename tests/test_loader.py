@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import data
-from conftest import ROOT, make_class_folders
+from conftest import ROOT, bare_environment, make_class_folders
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,6 @@ def test_readme_example_trains_with_model_cli_and_data_alone(tmp_path):
         shutil.copy(ROOT / name, tmp_path)
     make_class_folders(tmp_path / "data" / "cifar10", train=8, test=2, size=16)
     result = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                            env=bare_environment(HOME=str(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"test accuracy: \d+\.\d%\n", result.stdout)

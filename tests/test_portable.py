@@ -18,7 +18,7 @@ import torch
 
 import cli
 import data
-from conftest import QUICK, ROOT, make_class_folders
+from conftest import QUICK, ROOT, bare_environment, make_class_folders
 
 
 def locking(fd, mode, nbytes):
@@ -78,7 +78,7 @@ def test_download_pretrain_and_predict_run_without_what_linux_alone_has(tmp_path
                ["predict.py", "data/test/red", "--checkpoint", "ck/p.pt", "--device", "cpu"]]
     argvs = json.dumps([[str(ROOT / name), *map(str, args)] for name, *args in scripts])
     result = subprocess.run([sys.executable, "-c", RUN_SCRIPTS, argvs], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(shim), "HOME": str(tmp_path)})
+                            env=bare_environment(PYTHONPATH=str(shim), HOME=str(tmp_path)))
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     _, downloaded, started, predicted = result.stdout.split("=== ")
     assert downloaded.startswith("download.py\n") and "pretrain: 42 training, 6 validation, 6 test images" in started

@@ -31,7 +31,7 @@ def test_brief_training_on_real_images_beats_chance(tmp_path, small_filesystem):
     small = images / "small"
     first_images(root / "train", small / "train", 200)
     first_images(root / "test", small / "test", 100)
-    shutil.rmtree(root)  # the other 57,000 images: not kept on the disk while training
+    shutil.rmtree(root)  # the other 57,000 images: not kept on the disk (or in memory) while training
     out = tmp_path / "pretrain.pt"
     run("pretrain.py", "--data-dir", small, "--out", out, "--image-size", "64", "--val-size", "200", "--epochs", "2",
         "--augment", "crop", "--lr", "0.03", "--batch-size", "32", "--device", "cpu")
