@@ -494,6 +494,12 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
     folder that exists; a missing folder is made only with `make_folder` (else by the write, so a run that fails
     first leaves none). `example`: a file name for the advice when `path` is a folder; `what`: what `flag` wants."""
     check_tilde_expanded(flag, path)
+    try:  # a name too long, a link loop, a folder above that cannot be searched: one line here (pathlib's
+        path.stat()  # exists() and is_dir() raise them before Python 3.14, and say False from it)
+    except (FileNotFoundError, NotADirectoryError):  # to be made; a file on the way is named below
+        pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot reach it ({e.strerror or e}); choose another {flag}") from None
     if path.is_dir():
         raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
     if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file

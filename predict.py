@@ -537,7 +537,7 @@ def check_picture_path(flag: str, picture: str) -> None:
         raise cli.UsageError(f"{flag} is empty; pass a picture file, or leave the flag out for no picture")
     path = Path(picture)
     try:  # in RGB: some formats Pillow lists as writable take only 1-bit (XBM), palette or others (MSP, PALM, HDF5)
-        if not path.is_dir():
+        if not os.path.isdir(path):  # False where the path cannot be reached: check_writable_file says why
             Image.new("RGB", (1, 1)).save(io.BytesIO(), format=Image.registered_extensions().get(path.suffix.lower()))
     except (KeyError, ValueError, OSError, TypeError):
         raise cli.UsageError(f"{flag} {picture}: Pillow cannot write a picture named like this; end it in .png or .jpg"
