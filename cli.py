@@ -494,16 +494,16 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
     folder that exists; a missing folder is made only with `make_folder` (else by the write, so a run that fails
     first leaves none). `example`: a file name for the advice when `path` is a folder; `what`: what `flag` wants."""
     check_tilde_expanded(flag, path)
-    try:  # a name too long, a link loop, a folder above that cannot be searched: one line here (pathlib's
-        path.stat()  # exists() and is_dir() raise them before Python 3.14, and say False from it)
+    try:  # one stat: a name too long, a link loop, a folder above that cannot be searched are one line here
+        mode = path.stat().st_mode
     except (FileNotFoundError, NotADirectoryError):  # to be made; a file on the way is named below
-        pass
+        mode = None
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot reach it ({e.strerror or e}); choose another {flag}") from None
-    if path.is_dir():
+    if mode is not None and stat.S_ISDIR(mode):
         raise UsageError(f"{flag} {path}: is a folder; pass {what} in it, e.g. {flag} {path / example}")
-    if path.exists() and not path.is_file():  # the write-then-rename would replace a device node or FIFO with a file
-        raise UsageError(f"{flag} {path}: is {special_kind(path.stat().st_mode)}, not a regular file, and "
+    if mode is not None and not stat.S_ISREG(mode):  # the write-then-rename would replace a device node or FIFO
+        raise UsageError(f"{flag} {path}: is {special_kind(mode)}, not a regular file, and "
                          f"writing would replace it; pass {what} path, e.g. {flag} {path.parent / example}")
     folder = next(folder for folder in path.parents if folder.exists())  # the nearest; "." and "/" exist
     if not folder.is_dir():  # mkdir's "File exists" would not say which file is in the way
