@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import functools
 import importlib
-import importlib.util
 import inspect
 import json
 import os
@@ -40,24 +39,16 @@ FLAGS_CACHE = HERE / "__pycache__" / "tasks-flags.json"
 RESUME_WITH = "ALEXNET_RESUME_WITH"  # pretrain.RESUME_WITH: how a script tasks.py runs says to resume (resume_template)
 
 
-def load_benchmark(name: str):
-    """benchmarks/NAME.py, for its parser (a script, not a module: its folder goes on the path, as when it runs)."""
-    if str(HERE / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(HERE / "benchmarks"))
-    spec = importlib.util.spec_from_file_location(name, HERE / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def script_parsers(names=SCRIPTS) -> dict[str, argparse.ArgumentParser]:
-    """The scripts' own parsers (build_parser) by task name, argparse's errors naming the script; imports torch."""
+    """The scripts' own parsers (build_parser) by task name, argparse's errors naming the script; imports torch. A
+    script's folder goes on the path, as when it runs (a benchmark's is benchmarks/)."""
     parsers = {}
     for name in names:
-        stem = Path(SCRIPTS[name]).stem
-        module = load_benchmark(stem) if SCRIPTS[name].startswith("benchmarks/") else importlib.import_module(stem)
-        parsers[name] = module.build_parser()
-        parsers[name].prog = f"{stem}.py"
+        script = HERE / SCRIPTS[name]
+        if str(script.parent) not in sys.path:
+            sys.path.insert(0, str(script.parent))
+        parsers[name] = importlib.import_module(script.stem).build_parser()
+        parsers[name].prog = script.name
     return parsers
 
 
