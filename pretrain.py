@@ -4,9 +4,8 @@
     python pretrain.py --resume checkpoints/pretrain.last.pt   # continue a stopped run
 
 The training images are split into train and validation (stratified, seeded); the best epoch on validation is kept
-as --out, and the test split is evaluated once, at the end, with those weights. finetune.py runs the same loop.
-Read top to bottom as torchvision's references/classification/train.py: main and train; the epoch loop, one epoch,
-one step; evaluation and the test; setting up a run; its files and checkpoints.
+as --out, and the test split is evaluated once, at the end, with those weights. finetune.py runs the same loop,
+laid out top to bottom as torchvision's references/classification/train.py (see the section lines).
 """
 from __future__ import annotations
 
@@ -458,11 +457,10 @@ def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[da
                             "(python download.py [--source URL|ARCHIVE] --root FOLDER makes one)") from None
     if processes.main:
         processes.barrier()
-    n = len(train_images)
     if args.limit is not None:
         check_limit(args, train_images.labels, train_images.classes)
         train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
-        n = args.limit
+    n = len(train_images)
     if args.val_size is None and n // 10 == 0:
         raise cli.UsageError(f"{args.data_dir}/train: {n} images{' (after --limit)' * bool(args.limit)} are too few "
                              "to hold out the default validation split of 10 %; pass --val-size or use more images")
@@ -486,8 +484,7 @@ def check_limit(args: argparse.Namespace, labels: torch.Tensor, classes: list[st
         raise cli.UsageError(f"--limit {args.limit}: too few for {len(classes)} classes, each needs one training "
                              f"and one validation image; pass --limit {2 * len(classes)} or more")
     needed = per_class.clamp(max=2)
-    short = (data.stratified_quota(per_class, args.limit) < needed).nonzero().flatten().tolist()
-    if short:
+    if short := (data.stratified_quota(per_class, args.limit) < needed).nonzero().flatten().tolist():
         enough = next(count for count in range(args.limit, n + 1)
                       if (data.stratified_quota(per_class, count) >= needed).all())
         raise cli.UsageError(f"--limit {args.limit}: a stratified sample this small leaves class "
@@ -669,8 +666,7 @@ def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter
     every = run.processes.gather(own)
     if not run.processes.main:
         return
-    metrics = progress.history[-1] if progress.history else {}
-    state = checkpoint_of(run, run.model, progress.epoch, metrics) | {
+    state = checkpoint_of(run, run.model, progress.epoch, progress.history[-1] if progress.history else {}) | {
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
