@@ -51,8 +51,7 @@ def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) ->
     """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head). Only then do
     the starting weights compete as epoch 0: a new head is random, no model of these classes."""
     model = model_from_checkpoint(checkpoint, args.checkpoint)
-    new_head = args.new_head or checkpoint["classes"] != classes
-    if new_head:
+    if new_head := args.new_head or checkpoint["classes"] != classes:
         model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(classes))
     else:
         print(f"{args.checkpoint} has this data set's classes: the head starts from its weights "
