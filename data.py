@@ -288,9 +288,8 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     image_file = root.parent / ".cache" / f"{root.name}.u8"
     damaged: list[Path] = []
     images = read_cache(image_file, key, damaged) if cache else None
-    elsewhere = cache_folder(root.parent) if cache and images is None else image_file.parent
-    if elsewhere != image_file.parent:
-        image_file = elsewhere / image_file.name
+    if cache and images is None and cache_folder(root.parent) != image_file.parent:
+        image_file = cache_folder(root.parent) / image_file.name
         images = read_cache(image_file, key, damaged)
     if images is None:
         for path in damaged:  # said only when decoded: a read-only folder's damaged cache, its copy valid, is not
@@ -625,8 +624,7 @@ def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, par
 
 def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize to 256/224 of `size`, centre-crop `size`, normalise: one crop box per image."""
-    side = images.shape[-1]
     resized = int(size * EVAL_RESIZE)
-    offset = int(round((resized - size) / 2.0))
+    offset = round((resized - size) / 2)
     box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32, device=images.device)
-    return normalize(crop_resize(images, (box * side / resized).expand(images.shape[0], 4), size))
+    return normalize(crop_resize(images, (box * images.shape[-1] / resized).expand(images.shape[0], 4), size))
