@@ -1,8 +1,7 @@
 """Class-folder data sets: images -> class folders -> a uint8 cache -> batches -> transforms on the device.
 
-A data set is a folder with `train/` and `test/`, each holding one folder per class (torchvision ImageFolder
-conventions: class folders sorted by name, hidden files and non-images ignored). Each split is decoded once into a
-uint8 file N x 3 x S x S, cached (see load_folder) and rebuilt whenever the files change. download.py gets one.
+A data set is a folder with `train/` and `test/`, each holding one folder per class as ImageFolder reads them
+(download.py gets one); each split is decoded once into a uint8 file N x 3 x S x S, cached (see load_folder).
 """
 import collections
 import contextlib
@@ -118,9 +117,8 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
 
 @dataclass
 class ImageSet:
-    """Images N x 3 x S x S uint8 (a memory-mapped cache, or a copy on the device), the labels, and which rows of
-    them this set is (a validation split or --limit: a list of rows into the mapped file, not a copy)."""
-    images: torch.Tensor  # N x 3 x S x S uint8
+    """A split's images and labels, or some rows of them (a validation split or --limit: rows, not a copy)."""
+    images: torch.Tensor  # N x 3 x S x S uint8: a memory-mapped cache, or a copy on the device
     labels: torch.Tensor  # int64, one per row of `rows` (or of `images`)
     classes: list[str]
     fingerprint: str = ""  # of the files decoded (names, sizes, times), kept by a subset: they are its source
@@ -288,9 +286,8 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     image_file = root.parent / ".cache" / f"{root.name}.u8"
     damaged: list[Path] = []
     images = read_cache(image_file, key, damaged) if cache else None
-    elsewhere = cache_folder(root.parent) if cache and images is None else image_file.parent
-    if elsewhere != image_file.parent:
-        image_file = elsewhere / image_file.name
+    if cache and images is None and cache_folder(root.parent) != image_file.parent:
+        image_file = cache_folder(root.parent) / image_file.name
         images = read_cache(image_file, key, damaged)
     if images is None:
         for path in damaged:  # said only when decoded: a read-only folder's damaged cache, its copy valid, is not
@@ -493,8 +490,7 @@ def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch
 
 
 def stratified_quota(per_class: torch.Tensor, count: int) -> torch.Tensor:
-    """How many of `count` picks each class gets in stratified_split: floor(count * share), plus one for the
-    largest remainders."""
+    """Each class's picks of `count`: floor(count * share), plus one for the largest remainders (stratified_split)."""
     exact = count * per_class.double() / int(per_class.sum())
     quota = exact.floor().long()
     remainders = (exact - quota).argsort(descending=True, stable=True)
@@ -552,9 +548,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Bilinear crop-and-resize of box (x1, y1, x2, y2) of each image to size x size: torchvision's roi_align (aligned,
-    adaptive sampling) as two matrix products, in torch alone (importing torchvision costs a second at each start).
-    It samples at torchvision's points for a bilinear resize of the crop (at its outermost half-pixel it reads the
-    neighbouring pixels instead of repeating the edge), and averages several samples per output pixel when shrinking."""
+    adaptive sampling) as two matrix products, in torch alone (importing torchvision costs a second at each start);
+    at its outermost half-pixel a crop reads the neighbouring pixels, not a repeated edge (see sampling_weights)."""
     rows, columns = (sampling_weights(boxes[:, i], boxes[:, i + 2], images.shape[-1 - i], size) for i in (1, 0))
     return rows.unsqueeze(1) @ images.float() @ columns.transpose(1, 2).unsqueeze(1)
 
@@ -625,8 +620,7 @@ def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, par
 
 def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize to 256/224 of `size`, centre-crop `size`, normalise: one crop box per image."""
-    side = images.shape[-1]
     resized = int(size * EVAL_RESIZE)
-    offset = int(round((resized - size) / 2.0))
+    offset = round((resized - size) / 2)
     box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32, device=images.device)
-    return normalize(crop_resize(images, (box * side / resized).expand(images.shape[0], 4), size))
+    return normalize(crop_resize(images, (box * images.shape[-1] / resized).expand(images.shape[0], 4), size))

@@ -211,7 +211,6 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
     """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree. A damaged
     compressed stream raises an OSError without errno, a full --root one with it (or naming a file in WORK)."""
     tree = work / "tree"
-    damaged = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError)
     try:
         if tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tar:
@@ -233,7 +232,7 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
         else:
             raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
-    except damaged as e:  # the archive's fault, or --root's where a write failed for want of room or permission
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
         if isinstance(e, OSError) and (e.errno in WRITE_ERRNOS or names_a_file_in(e, work)):
             raise DataError(f"--root {root}: cannot write ({e.strerror or e})",
                             "free space or choose another --root") from None
@@ -322,10 +321,9 @@ def copy_file(src: Path, dst: Path, source: str) -> None:
 
 
 def source_files(folder: Path, source: str, above: tuple[tuple[tuple[int, int], Path], ...] = ()) -> list[Path]:
-    """`folder` and the folders and files under it, each folder before what it holds, following links; refused are
-    what the copy would fail on or never finish: a link loop (`above` holds the (device, inode) of each folder
-    above), a link that cannot be followed, and what is neither a file nor a folder (a link to /dev/zero reads
-    forever)."""
+    """`folder` and the folders and files under it, each folder first, links followed; refused: what the copy would
+    fail on or never end (a link loop: `above` holds each folder above by (device, inode); a link that cannot be
+    followed; what is neither a file nor a folder: a link to /dev/zero reads forever)."""
     info = folder.stat()
     above, found = (*above, ((info.st_dev, info.st_ino), folder)), [folder]
     with os.scandir(folder) as entries:  # closed also when a loop is refused
