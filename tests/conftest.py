@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import importlib
 import io
+import math
 import os
 import signal
 import subprocess
@@ -20,11 +21,30 @@ import pytest
 import torch
 from PIL import Image
 
+
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its affinity, within a CPU quota as a container's --cpus sets (cgroup v2's
+    cpu.max, v1's cfs quota), which xdist's `-n auto` and torch do not read (2 CPUs' worth on a 64-core host: 64)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError):  # "QUOTA PERIOD", or "max PERIOD": no quota
+        quota, period = (cgroup / "cpu.max").read_text().split()
+        cores = min(cores, math.ceil(int(quota) / int(period)))
+    with contextlib.suppress(OSError, ValueError):  # a quota of -1: none
+        quota, period = (int((cgroup / "cpu" / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        cores = min(cores, math.ceil(quota / period)) if quota > 0 else cores
+    return max(1, cores)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: without it (the GPU machines), none
+def pytest_xdist_auto_num_workers(config) -> int | None:
+    """pytest.ini's `-n auto`: a worker per usable core (None: PYTEST_XDIST_AUTO_NUM_WORKERS, which xdist reads)."""
+    return None if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS") else usable_cores()
+
+
 # pytest.ini starts a pytest-xdist worker per core: each worker, and every script it starts, computes on its share
 # of the cores (torch's default, a thread per core in every process, made two workers on 2 cores slower than one).
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    THREADS = max(1, CORES // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    THREADS = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)  # where torch came before the variable (imported by a plugin, a sitecustomize)
 

@@ -2,6 +2,7 @@
 away what those systems lack; and the code's other paths for them, with the system calls faked."""
 import errno
 import fcntl
+import functools
 import inspect
 import io
 import json
@@ -18,6 +19,7 @@ import torch
 
 import cli
 import data
+import conftest
 from conftest import QUICK, ROOT, bare_environment, make_class_folders
 
 
@@ -211,3 +213,19 @@ def test_task_commands_are_quoted_for_the_shell_invoke_runs(monkeypatch):
     assert tasks.command_line(words) == "'/p y/python' 'it'\"'\"'s.png'"
     monkeypatch.setattr(sys, "platform", "win32")  # cmd.exe: single quotes are letters
     assert tasks.command_line(words) == "\"/p y/python\" it's.png"
+
+
+@pytest.mark.parametrize("files, cores", [({"cpu.max": "150000 100000"}, 2), ({"cpu.max": "max 100000"}, 64),
+                                          ({"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}, 1),
+                                          ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, 64)],
+                         ids=["cgroup v2", "v2, no quota", "cgroup v1", "v1, no quota"])
+def test_the_suite_starts_a_worker_per_core_a_containers_cpu_quota_allows(tmp_path, monkeypatch, files, cores):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)  # a 64-core host
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    monkeypatch.setattr(conftest, "usable_cores", functools.partial(conftest.usable_cores, cgroup=tmp_path))
+    monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
+    assert conftest.pytest_xdist_auto_num_workers(None) == cores
+    monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")  # a count the user gives: xdist reads it itself
+    assert conftest.pytest_xdist_auto_num_workers(None) is None
