@@ -134,28 +134,23 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """One of our checkpoints (see load_tensors), its pieces checked against each other."""
+    """One of our checkpoints (see load_tensors), its pieces checked against each other (one class name per output of
+    the head, sizes the model can take), its weights finite: a diverged training's predict nothing."""
     checkpoint = load_tensors(path, map_location)
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (lacks {', '.join(missing)}); "
                               "pass a checkpoint that its training wrote")
-    # The pieces must fit each other: one class name per output of the head, sizes the model can take.
     problem = model_args_problem(checkpoint["model_args"]) or names_and_sizes_problem(checkpoint)
     if problem is not None:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {problem}; re-train or pass another file")
-    check_finite(checkpoint, path)
-    return checkpoint
-
-
-def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Weights holding a NaN or an infinity (a diverged training's) predict nothing: refused by every loader."""
     for key in ("model", "ema"):
         names = non_finite(checkpoint.get(key))
         if names:
             raise CheckpointError(f"{path}: its {'EMA ' * (key == 'ema')}weights hold NaN or infinite values "
                                   f"({few(names)}): the training that wrote them diverged; re-train with a smaller "
                                   "learning rate or pass another file")
+    return checkpoint
 
 
 def non_finite(weights) -> list[str]:
