@@ -45,20 +45,16 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-# The smallest input for which every pooling layer still has a 3x3 window.
-MIN_IMAGE_SIZE = 63
-
-# What wrappers add to parameter names: DataParallel/DDP and torch.compile.
-WRAPPER_PREFIXES = re.compile(r"(module\.|_orig_mod\.)*")
+MIN_IMAGE_SIZE = 63  # the smallest input for which every pooling layer still has a 3x3 window
+WRAPPER_PREFIXES = re.compile(r"(module\.|_orig_mod\.)*")  # what DataParallel/DDP and torch.compile add to names
 
 
 # What every checkpoint carries: weights, what rebuilds the model, how its inputs were made (load_checkpoint checks).
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "image_size", "stored_size")
 
 
-def checkpoint_dict(model: "AlexNet", classes: list[str], image_size: int, stored_size: int, **described) -> dict:
-    """A checkpoint: CHECKPOINT_KEYS, then what `described` adds about the run; plain types only, so that
-    weights_only loading reads it."""
+def checkpoint_dict(model: AlexNet, classes: list[str], image_size: int, stored_size: int, **described) -> dict:
+    """CHECKPOINT_KEYS, then what `described` adds about the run; plain types only: weights_only loading reads them."""
     return {"model": unwrap_state_dict(model.state_dict()),
             "model_args": {"num_classes": len(classes), "dropout": model.classifier[0].p,
                            "hidden": (model.classifier[1].out_features, model.classifier[4].out_features)},
