@@ -26,8 +26,7 @@ from torch.export.passes import move_to_device_pass
 
 import cli
 import data
-from model import (CheckpointError, check_checkpoint_file, is_exported_program, load_checkpoint,
-                   model_from_checkpoint)
+from model import CheckpointError, check_checkpoint_file, is_exported_program, load_checkpoint, model_from_checkpoint
 
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
