@@ -64,8 +64,7 @@ def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> t
             test = test.subset(data.stratified_split(test.labels, limit, seed=0)[0])
         return test, f"the test split of {cli.shown(folder)}"
     count = min(limit or GENERATED_IMAGES, GENERATED_IMAGES)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=generator)
+    images = torch.randint(256, (count, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return (data.ImageSet(images, torch.zeros(count, dtype=torch.int64), checkpoint["classes"]),
             "generated images (no test split found; pass --data-dir for real ones)")
 
@@ -73,8 +72,7 @@ def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> t
 @torch.no_grad()
 def agreement(program: nn.Module, reference: nn.Module, images: data.ImageSet, batch_size: int,
               device: torch.device) -> dict:
-    """Both run on the same images, batch by batch: the share of images whose top-1 class is the same, and the
-    largest difference of a probability."""
+    """Both run batch by batch: the share of images whose top-1 class they agree on, the largest probability gap."""
     same, largest = 0, 0.0
     for batch, _ in images.batches(None, 0, batch_size):
         batch = batch.to(device)

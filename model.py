@@ -6,10 +6,9 @@ Imports only torch, so this file can be copied into another project on its own:
     model = model_from_checkpoint(checkpoint)      # AlexNet with the trained weights
     classes = checkpoint["classes"]
 
-The layer names match torchvision's `models/alexnet.py` (features / avgpool /
-classifier), so torchvision state dicts load by name; only the classifier
-differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000). `hidden`
-sets its two hidden widths: smaller ones train faster on a CPU or a small set.
+The layer names match torchvision's `models/alexnet.py` (features / avgpool / classifier), so torchvision state dicts
+load by name; only the classifier differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000). `hidden` sets
+its two hidden widths: smaller ones train faster on a CPU or a small set.
 """
 import inspect
 import os
@@ -22,8 +21,7 @@ import torch
 from torch import nn
 
 
-# The classifier's two hidden widths in the reference.
-REFERENCE_HIDDEN = (4096, 1024)
+REFERENCE_HIDDEN = (4096, 1024)  # the classifier's two hidden widths in the reference
 
 
 class AlexNet(nn.Module):
@@ -47,29 +45,23 @@ class AlexNet(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-# The smallest input for which every pooling layer still has a 3x3 window.
-MIN_IMAGE_SIZE = 63
-
-# What wrappers add to parameter names: DataParallel/DDP and torch.compile.
-WRAPPER_PREFIXES = re.compile(r"(module\.|_orig_mod\.)*")
+MIN_IMAGE_SIZE = 63  # the smallest input for which every pooling layer still has a 3x3 window
+WRAPPER_PREFIXES = re.compile(r"(module\.|_orig_mod\.)*")  # what DataParallel/DDP and torch.compile add to names
 
 
-# What every checkpoint carries: weights, what rebuilds the model, and how its inputs were made (checkpoint_dict
-# writes them, load_checkpoint checks them).
+# What every checkpoint carries: weights, what rebuilds the model, how its inputs were made (load_checkpoint checks).
 CHECKPOINT_KEYS = ("model", "model_args", "classes", "image_size", "stored_size")
 
 
-def checkpoint_dict(model: "AlexNet", classes: list[str], image_size: int, stored_size: int, **described) -> dict:
-    """A checkpoint: CHECKPOINT_KEYS, then what `described` adds about the run; plain types only, so that
-    weights_only loading reads it."""
+def checkpoint_dict(model: AlexNet, classes: list[str], image_size: int, stored_size: int, **described) -> dict:
+    """CHECKPOINT_KEYS, then what `described` adds about the run; plain types only: weights_only loading reads them."""
     return {"model": unwrap_state_dict(model.state_dict()),
             "model_args": {"num_classes": len(classes), "dropout": model.classifier[0].p,
                            "hidden": (model.classifier[1].out_features, model.classifier[4].out_features)},
             "classes": list(classes), "image_size": image_size, "stored_size": stored_size} | described
 
 
-# The keyword arguments AlexNet takes: a checkpoint's model_args may hold only these.
-ALEXNET_ARGS = tuple(name for name in inspect.signature(AlexNet).parameters)
+ALEXNET_ARGS = tuple(inspect.signature(AlexNet).parameters)  # all a checkpoint's model_args may hold
 
 
 class CheckpointError(Exception):
@@ -95,8 +87,7 @@ def check_checkpoint_file(path: str | os.PathLike) -> None:
 
 
 def is_exported_program(path: str | os.PathLike) -> bool:
-    """A torch.export archive (torch.export.save; export.py writes them), told by the marker file it holds. `path`
-    is a regular file (check_checkpoint_file)."""
+    """A torch.export archive (export.py's), told by its marker file; `path` is a regular file, checked first."""
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.endswith("/archive_format") for name in archive.namelist())
@@ -110,15 +101,13 @@ def unwrap_state_dict(state_dict: dict) -> dict:
 
 
 def load_matching(model: nn.Module, state_dict: dict) -> tuple[list[str], list[str]]:
-    """Load every tensor whose name and shape match; return (loaded, skipped) names. Made for torchvision's AlexNet
-    state dicts (its ImageNet weights): the convolutions and classifier[1] match, the other classifier layers are
-    skipped and keep their fresh initialisation."""
+    """Load every tensor whose name and shape match; return (loaded, skipped) names. For torchvision's ImageNet
+    weights: the convolutions and classifier[1] match, the other layers keep their fresh initialisation."""
     own = model.state_dict()
     state_dict = unwrap_state_dict(state_dict)
     matching = {n: t for n, t in state_dict.items() if n in own and own[n].shape == t.shape}
-    skipped = sorted(set(state_dict) - set(matching))
     model.load_state_dict(matching, strict=False)
-    return sorted(matching), skipped
+    return sorted(matching), sorted(set(state_dict) - set(matching))
 
 
 def load_tensors(path: str | os.PathLike, map_location="cpu"):
@@ -141,25 +130,23 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """One of our checkpoints (see load_tensors), its pieces checked against each other."""
+    """One of our checkpoints (see load_tensors), its pieces checked against each other (one class name per output of
+    the head, sizes the model can take), its weights finite: a diverged training's predict nothing."""
     checkpoint = load_tensors(path, map_location)
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (lacks {', '.join(missing)}); "
                               "pass a checkpoint that its training wrote")
-    check_consistent(checkpoint, path)
-    check_finite(checkpoint, path)
-    return checkpoint
-
-
-def check_finite(checkpoint: dict, path: str | os.PathLike) -> None:
-    """Weights holding a NaN or an infinity (a diverged training's) predict nothing: refused by every loader."""
+    problem = model_args_problem(checkpoint["model_args"]) or names_and_sizes_problem(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"{path}: inconsistent checkpoint: {problem}; re-train or pass another file")
     for key in ("model", "ema"):
         names = non_finite(checkpoint.get(key))
         if names:
             raise CheckpointError(f"{path}: its {'EMA ' * (key == 'ema')}weights hold NaN or infinite values "
                                   f"({few(names)}): the training that wrote them diverged; re-train with a smaller "
                                   "learning rate or pass another file")
+    return checkpoint
 
 
 def non_finite(weights) -> list[str]:
@@ -168,13 +155,6 @@ def non_finite(weights) -> list[str]:
         return []
     return [name for name, tensor in weights.items() if isinstance(tensor, torch.Tensor)
             and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-
-
-def check_consistent(checkpoint: dict, path: str | os.PathLike) -> None:
-    """The pieces must fit each other: one class name per output of the head, sizes the model can take."""
-    problem = model_args_problem(checkpoint["model_args"]) or names_and_sizes_problem(checkpoint)
-    if problem is not None:
-        raise CheckpointError(f"{path}: inconsistent checkpoint: {problem}; re-train or pass another file")
 
 
 def names_and_sizes_problem(checkpoint: dict) -> str | None:

@@ -26,8 +26,7 @@ from torch.export.passes import move_to_device_pass
 
 import cli
 import data
-from model import (CheckpointError, check_checkpoint_file, is_exported_program, load_checkpoint,
-                   model_from_checkpoint)
+from model import CheckpointError, check_checkpoint_file, is_exported_program, load_checkpoint, model_from_checkpoint
 
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
@@ -44,8 +43,7 @@ TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is kept within these
 @torch.no_grad()
 def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
                    title: str | None = None, total: int = 0) -> torch.Tensor:
-    """The fp32 logits of uint8 batches (data.ImageSet.batches) through logits_of, as training's validation and test
-    take them; with a `title`, its progress over `total` images is shown (cli.ProgressLine)."""
+    """The fp32 logits of uint8 batches (data.ImageSet.batches) through logits_of; a `title` shows its progress."""
     model.eval()
     line = None if title is None else cli.ProgressLine(title, total)
     logits, done = [], 0
@@ -60,8 +58,7 @@ def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size
 
 
 def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: bool = False) -> torch.Tensor:
-    """One batch of uint8 images through the evaluation transform and the model (in eval mode), fp32 logits; also
-    the body of export.py's program."""
+    """uint8 images through the evaluation transform and the model (in eval mode): fp32 logits; export.py's too."""
     x = data.eval_batch(images, image_size)
     logits = model(x).float()
     if flip:
@@ -128,9 +125,8 @@ def print_report(title: str, report: dict, classes: list[str]) -> None:
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The one temperature T for softmax(logits / T) that minimises the negative log-likelihood of `labels` (Guo et
-    al. 2017, "On Calibration of Modern Neural Networks"): LBFGS on log T, so T stays positive. Within
-    TEMPERATURE_RANGE: on a split the model gets all right the likelihood grows without end as T shrinks."""
+    """The T of softmax(logits / T) that minimises the NLL of `labels` (Guo et al. 2017): LBFGS on log T, so T > 0.
+    Within TEMPERATURE_RANGE: on a split the model gets all right the likelihood grows without end as T shrinks."""
     logits, labels = logits.detach().float().cpu(), labels.cpu()
     log_temperature = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_temperature], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
@@ -247,9 +243,8 @@ def ticks(low: float, high: float, most: int, percent: bool = False, least_step:
 
 def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, percent: bool, epochs: list[int],
          series: dict[str, list[float]], kept: int) -> None:
-    """One panel of learning_curves in `box` (left, top, right, bottom px): a curve per column of `series` with a
-    dot at each value (one epoch still shows), a value that is not finite (an overflowed loss) left out. The values'
-    range has a margin: a line on the box's edge is hard to see."""
+    """One panel of learning_curves in `box` (px): a curve per column of `series`, a dot at each value (one epoch
+    still shows), none at a value not finite (an overflowed loss); a margin: a line on the box's edge is hard to see."""
     left, top, right, bottom = box
     finite = [y for ys in series.values() for y in ys if math.isfinite(y)] or [0.0]
     margin = (max(finite) - min(finite)) * 0.08 or abs(max(finite)) * 0.1 or 1.0
@@ -531,8 +526,7 @@ def result_line(result: dict) -> str:
 
 
 def check_picture_path(flag: str, picture: str) -> None:
-    """--grid and --mistakes are checked before any prediction, not after: a picture file Pillow can write, in a
-    writable folder."""
+    """--grid or --mistakes, before any prediction: a picture file Pillow can write, in a writable folder."""
     if picture == "":  # `if args.grid` would draw no picture without a word
         raise cli.UsageError(f"{flag} is empty; pass a picture file, or leave the flag out for no picture")
     path = Path(picture)
