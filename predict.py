@@ -43,7 +43,8 @@ TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is kept within these
 @torch.no_grad()
 def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
                    title: str | None = None, total: int = 0) -> torch.Tensor:
-    """The fp32 logits of uint8 batches (data.ImageSet.batches) through logits_of; a `title` shows its progress."""
+    """The fp32 logits of uint8 batches (data.ImageSet.batches) through logits_of, as training's validation and test
+    take them; with a `title`, its progress over `total` images is shown (cli.ProgressLine)."""
     model.eval()
     line = None if title is None else cli.ProgressLine(title, total)
     logits, done = [], 0
@@ -58,7 +59,8 @@ def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size
 
 
 def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: bool = False) -> torch.Tensor:
-    """uint8 images through the evaluation transform and the model (in eval mode): fp32 logits; export.py's too."""
+    """One batch of uint8 images through the evaluation transform and the model (in eval mode), fp32 logits; also
+    the body of export.py's program."""
     x = data.eval_batch(images, image_size)
     logits = model(x).float()
     if flip:
