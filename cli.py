@@ -32,6 +32,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+if torch.__version__ < (2, 8):  # export.py's programs, and predict.py's loading of them, need torch.export of 2.8
+    sys.exit(f"{os.path.basename(sys.argv[0])}: needs torch 2.8 or newer, this is {torch.__version__}; upgrade it "
+             "(pip install --upgrade torch torchvision)")
+
 from model import MIN_IMAGE_SIZE, CheckpointError
 
 try:

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import nn
-from torch.export.passes import move_to_device_pass
 
 import cli
 import data
@@ -434,6 +433,7 @@ def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Te
         checkpoint = load_checkpoint(path)
         model = model_from_checkpoint(checkpoint, path).to(device).eval()
         return functools.partial(calibrated_logits, model, checkpoint), checkpoint
+    from torch.export.passes import move_to_device_pass  # here: an older torch has none, and cli.py says so first
     program, about = load_program(path)
     return functools.partial(log_probabilities, move_to_device_pass(program, device).module()), about
 

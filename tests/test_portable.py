@@ -101,6 +101,25 @@ def test_an_older_python_is_told_in_one_line_before_anything_fails(monkeypatch):
         assert ours[0] == "cli", script
 
 
+# torch 2.7, as far as the scripts meet it: an older version, and no torch.export.passes (imported as None: an
+# ImportError); run as Python runs a script file.
+OLDER_TORCH = textwrap.dedent("""
+    import os, runpy, sys, torch
+    torch.__version__ = torch.torch_version.TorchVersion("2.7.1+cu126")
+    sys.modules["torch.export.passes"] = None
+    sys.argv, sys.path[0] = sys.argv[1:], os.path.dirname(sys.argv[1])
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    """)
+
+
+@pytest.mark.slow  # a new interpreter, for a torch that imports differently
+def test_an_older_torch_is_told_in_one_line_not_an_import_error(tmp_path):
+    result = subprocess.run([sys.executable, "-c", OLDER_TORCH, str(ROOT / "predict.py"), "cat.png"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (1, "predict.py: needs torch 2.8 or newer, this is 2.7.1+cu126; "
+                                                     "upgrade it (pip install --upgrade torch torchvision)\n")
+
+
 def hold_lock(path, ready, done) -> None:
     with cli.Lock(path, RuntimeError):
         ready.set()
