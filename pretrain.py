@@ -97,8 +97,8 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                 if starting_weights_compete:
                     start_competes(run, progress, writer)
                 while progress.epoch < run.args.epochs:
-                    started = time.perf_counter()
-                    finished = train_one_epoch(run, progress, signals, writer)
+                    started = time.perf_counter() - progress.seconds  # a resumed epoch's seconds before its stop
+                    finished = train_one_epoch(run, progress, signals, writer, started)
                     if finished:
                         end_epoch(run, progress, started, writer)
                     if not finished or (run.processes.any(signals.received is not None)
@@ -131,8 +131,10 @@ def stop(run: Run, received: signal.Signals, where: str) -> None:
     sys.exit(128 + received)
 
 
-def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, writer: cli.CheckpointWriter) -> bool:
-    """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved)."""
+def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, writer: cli.CheckpointWriter,
+                    started: float) -> bool:
+    """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved, with
+    the epoch's seconds since `started`)."""
     args, processes, sums, images = run.args, run.processes, progress.sums, run.train_images
     n = len(images)
     steps = math.ceil(n / args.batch_size)
@@ -159,7 +161,7 @@ def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, write
             if line is not None and line.due(done):  # the loss so far: this process's share, scaled to all
                 line.show(done, f", loss {sums['loss'].item() * processes.world / done:.4f}")
             if processes.any(signals.received is not None) and step + 1 < steps:
-                progress.step, stopped = step + 1, True
+                progress.step, progress.seconds, stopped = step + 1, time.perf_counter() - started, True
                 break
     if line is not None:
         line.close()  # also on a stop: the stop's message starts a line of its own
@@ -228,7 +230,7 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
     if improved:
         progress.best = {"val_acc": val["accuracy"], "epoch": epoch}
     best = checkpoint_of(run, run.evaluated, epoch, progress.history[-1]) if improved else None
-    progress.epoch, progress.step, progress.perm = epoch, 0, None
+    progress.epoch, progress.step, progress.perm, progress.seconds = epoch, 0, None, 0.0
     save_resume_state(run, progress, writer, finished=epoch == run.args.epochs, best=best)
     if run.processes.main:
         write_csv(side_files(run.out)["csv"], progress.history)
@@ -535,6 +537,7 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
     saved: str | None = None  # where the newest resume state handed to the writer is (see position); None: none yet
+    seconds: float = 0.0  # the training seconds of the epoch under way before a stop (a resume carries them)
 
     @property
     def position(self) -> str:  # where a stopped run is, as its messages say it
@@ -670,7 +673,8 @@ def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished, "data_fingerprint": run.train_images.fingerprint}
+        "best": progress.best, "finished": finished, "data_fingerprint": run.train_images.fingerprint,
+        "seconds": progress.seconds}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
     progress.saved = progress.position
 
@@ -689,7 +693,8 @@ def restore(run: Run, state: dict) -> Progress:
     run.augment.set_state(state["rng"]["augment"])
     perm = None if state["perm"] is None else state["perm"].to(device)
     sums = {name: total.to(device) for name, total in own["sums"].items()}
-    progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"])
+    progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"],
+                        seconds=state.get("seconds", 0.0))  # a state from before "seconds" was kept: 0
     progress.saved = progress.position
     return progress
 

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import signal
+import types
 
 import pytest
 import torch
@@ -174,6 +175,25 @@ def test_an_epochs_best_checkpoint_and_resume_state_are_saved_together_best_firs
                    *QUICK])
     assert saves.calls[0] == ["p.pt", "p.last.pt"]  # the first epoch always improves on nothing
     assert saves.calls[1] in (["p.pt", "p.last.pt"], ["p.last.pt"]) and len(saves.calls) == 2
+
+
+@pytest.mark.slow
+def test_a_resumed_epochs_speed_and_seconds_count_its_steps_before_the_stop(tiny_data, tmp_path, monkeypatch):
+    import pretrain
+    clock, train_step = types.SimpleNamespace(now=0.0), pretrain.train_step
+
+    def timed_step(*args):  # pretrain.py's clock: a second a training step, no time elsewhere
+        clock.now += 1
+        return train_step(*args)
+    monkeypatch.setattr(pretrain, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(pretrain, "train_step", timed_step)
+    monkeypatch.setattr(cli.Processes, "any", lambda self, flag: clock.now == 2)  # a stop after the second step
+    with pytest.raises(SystemExit):
+        pretrain.main(list(map(str, start(tmp_path / "p.pt", 1, tiny_data))))
+    monkeypatch.setattr(cli.Processes, "any", lambda self, flag: False)
+    pretrain.main(["--resume", str(tmp_path / "p.last.pt")])
+    row = training_log(tmp_path / "p.pt")[0]  # 42 training images, batches of 8: 6 steps, 6 seconds
+    assert (float(row["images_per_s"]), float(row["epoch_s"])) == (42 / 6, 6.0)
 
 
 @pytest.mark.slow
