@@ -14,6 +14,7 @@ probabilities differ by less than TOLERANCE, nothing is written. The figures go 
 import argparse
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,8 @@ def export_program(module: Deployed, stored_size: int, device: torch.device) -> 
 def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> tuple[data.ImageSet, str]:
     """The images both are run on, and what they are: the test split of --data-dir (default: the checkpoint's data
     folder, where it still holds one), else GENERATED_IMAGES seeded noise images."""
-    folder = data_dir or checkpoint.get("args", {}).get("data_dir")
+    recorded = checkpoint.get("args", {}).get("data_dir")  # relative to the folder the training ran in (cwd)
+    folder = data_dir or (recorded and os.path.join(checkpoint.get("cwd", ""), recorded))
     size = checkpoint["stored_size"]
     if data_dir is not None or (folder and (Path(folder) / "test").is_dir()):
         test = data.load_folder(Path(folder) / "test", size=size)

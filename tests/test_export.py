@@ -93,6 +93,15 @@ def test_predict_with_the_program_gives_the_checkpoints_output(program, varied, 
     assert from_program["report"]["accuracy"] == from_checkpoint["report"]["accuracy"]
 
 
+def test_the_checkpoints_relative_data_folder_is_found_from_another_folder(varied, tiny_data, tmp_path):
+    checkpoint = torch.load(varied, weights_only=True)
+    checkpoint["args"]["data_dir"], checkpoint["cwd"] = tiny_data.name, str(tiny_data.parent)  # as `--data-dir data`
+    torch.save(checkpoint, tmp_path / "relative.pt")
+    result = run("export.py", "--checkpoint", tmp_path / "relative.pt", "--out", tmp_path / "r.pt2", "--limit", "4",
+                 cwd=tmp_path)
+    assert f"on 4 images (the test split of {tiny_data})" in result.stdout
+
+
 def test_the_program_divides_by_the_checkpoints_temperature(varied, tmp_path):
     checkpoint = torch.load(varied, weights_only=True) | {"temperature": 3.0}
     torch.save(checkpoint, tmp_path / "warm.pt")
