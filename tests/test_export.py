@@ -93,6 +93,14 @@ def test_predict_with_the_program_gives_the_checkpoints_output(program, varied, 
     assert from_program["report"]["accuracy"] == from_checkpoint["report"]["accuracy"]
 
 
+def test_what_the_scripts_write_by_default_is_never_committed():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    written = ["model.pt2", "model.pt2.json", "checkpoints/pretrain.pt", "data/cifar10/test/cat/1.png", "r.pt"]
+    ignored = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True, text=True).stdout
+    assert ignored.split() == written
+
+
 def test_the_checkpoints_relative_data_folder_is_found_from_another_folder(varied, tiny_data, tmp_path):
     checkpoint = torch.load(varied, weights_only=True)
     checkpoint["args"]["data_dir"], checkpoint["cwd"] = tiny_data.name, str(tiny_data.parent)  # as `--data-dir data`
