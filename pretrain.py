@@ -310,7 +310,7 @@ def test_once(run: Run, progress: Progress) -> dict:
 def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     """The flags pretrain.py and finetune.py share, with the same names and meanings."""
     parser = cli.ArgumentParser(description)
-    add = parser.add_argument
+    add, fine = parser.add_argument, stage == "finetune"  # fine-tuning's sizes: its checkpoint's (take_preprocessing)
     add("--data-dir", default="data/cifar10", help="folder with train/<class>/ and test/<class>/")
     add("--out", default=f"checkpoints/{stage}.pt",
         help="best-validation checkpoint; .last.pt, .csv, .png, .test.json and .confusion.png are written beside "
@@ -322,7 +322,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--weight-decay", type=cli.non_negative_float, default=0.0, help="SGD weight decay")
     add("--val-size", type=cli.positive_int, default=None,
         help="validation images held out of train/ (default: 10%%, at most 5000)")
-    add("--image-size", type=cli.image_size, default=224, help="side of the network's input")
+    add("--image-size", type=cli.image_size, default=None if fine else 224,
+        help="side of the network's input" + " (default: the checkpoint's)" * fine)
     add("--device", default="auto", help=cli.DEVICE_HELP)
     add("--seed", type=cli.random_seed, default=0, help="seeds the split, the initialisation and the augmentation")
     add("--limit", type=cli.positive_int, default=None,
@@ -353,8 +354,8 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
              "there whole (never); auto streams a split larger than half the device's free memory (the host's for "
              "the CPU); the results are the same")
     add("--stored-size", type=cli.stored_size, default=None,
-        help="side the images are cached at (default: their most common shorter side, at most 256); smaller "
-             "keeps a large set's cache small")
+        help="side the images are cached at (default: " + ("the checkpoint's" if fine else "their most common shorter "
+             "side, at most 256") + "); smaller keeps a large set's cache small")
     return parser
 
 

@@ -409,6 +409,9 @@ def test_help_shows_every_default(script):
     assert "(default: None)" not in " ".join(text.split())
     if script.endswith("train.py") or script == "finetune.py":
         assert "passes over the training images (default: 40)" in text and "SGD momentum (default: 0.9)" in text
+    if script == "finetune.py":  # the checkpoint's sizes, as a run says them (not pretrain's 224 and its cache's)
+        assert "side of the network's input (default: the checkpoint's)" in " ".join(text.split())
+        assert "side the images are cached at (default: the checkpoint's)" in " ".join(text.split())
 
 
 @pytest.mark.slow
