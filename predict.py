@@ -84,9 +84,9 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     report = {"images": len(labels), "loss": F.cross_entropy(logits, labels).item(),
               "accuracy": (right.sum() / len(labels)).item(), "per_class_accuracy": dict(zip(classes, recall)),
               "per_class_precision": dict(zip(classes, precision)), "per_class_f1": dict(zip(classes, f1))}
-    # Macro means over the classes with images; a class never predicted counts as precision 0 (scikit-learn's way).
+    # Macro means over the classes with images or predictions (scikit-learn's labels), a share of nothing counted 0.
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
-        present = [value or 0.0 for value, count in zip(values, counts) if count]
+        present = [value or 0.0 for value, count, claims in zip(values, counts, claimed) if count or claims]
         report[f"macro_{name}"] = sum(present) / len(present)
     if min_confidence > 0:
         report["unknown"] = int((~known).sum())

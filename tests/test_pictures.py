@@ -93,6 +93,11 @@ def test_precision_recall_and_f1_with_their_macro_means():
     assert report["per_class_f1"] == pytest.approx({"a": 2 / 3, "b": 2 / 3, "c": 2 / 3, "d": 0.0})
     assert report["macro_precision"] == pytest.approx(2 / 4)  # d counts 0
     assert report["macro_recall"] == pytest.approx(2.5 / 4) and report["macro_f1"] == pytest.approx(2 / 4)
+    # c predicted once, for a b, and no image of c: in the means, with 0 (scikit-learn's labels: true or predicted)
+    report = predict.classification_report(logits[[0, 3, 1]], torch.tensor([0, 1, 1]), ["a", "b", "c", "d"])
+    assert report["per_class_precision"] == {"a": 1.0, "b": 1.0, "c": 0.0, "d": None}
+    assert report["macro_precision"] == pytest.approx(2 / 3) and report["macro_recall"] == pytest.approx(1.5 / 3)
+    assert report["macro_f1"] == pytest.approx((1 + 2 / 3) / 3)
 
 
 def test_a_run_draws_its_curves_and_its_confusion_matrix_and_keeps_a_temperature(pretrained):
