@@ -574,8 +574,8 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
     if not run.processes.main:
         return
     if state is not None:
-        print(f"resuming {run.stage} from {run.args.resume}: epoch {progress.epoch + 1}, step {progress.step}; flags "
-              f"from the checkpoint, {MAY_CHANGE_FLAGS} from the command line when given")
+        print(f"resuming {run.stage} from {run.args.resume} at {progress.position}; flags from the checkpoint, "
+              f"{MAY_CHANGE_FLAGS} from the command line when given")
         if state.get("finished") and progress.epoch >= run.args.epochs:
             print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
                   "evaluating the test split again with its best validation epoch's weights")

@@ -202,6 +202,7 @@ def test_resume_takes_the_runs_flags_and_extends_epochs(tiny_data, tmp_path):
     run("pretrain.py", *start(out, 1, tiny_data, "--lr", "0.03"))
     last = out.with_suffix(".last.pt")
     finished = run("pretrain.py", "--resume", last)  # nothing to train: the test report again
+    assert f"resuming pretrain from {last} at the end of epoch 1;" in finished.stdout  # not "epoch 2", none there
     assert "already finished 1 epochs (pass a larger --epochs to train further)" in finished.stdout
     assert "test: accuracy" in finished.stdout
     changed = run("pretrain.py", "--resume", last, "--epochs", "2", "--lr", "0.5", "--seed", "3", check=False)
