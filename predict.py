@@ -478,14 +478,15 @@ def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return program(images).clamp_min(torch.finfo(torch.float32).tiny).log()
 
 
-DEFAULT_RULE = f"the newest of {', '.join(DEFAULT_CHECKPOINTS)} (the first of equals)"
+DEFAULT_RULE = f"the newer of {' and '.join(DEFAULT_CHECKPOINTS)} (the first if both are as new)"
 
 
 def default_checkpoint() -> str:
     """DEFAULT_RULE, said on stderr: a finetune.pt left from before pretrain.pt was trained again is not taken."""
     found = [path for path in DEFAULT_CHECKPOINTS if Path(path).is_file()]
     if not found:
-        raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists; "
+        raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists in "
+                              f"{cli.shown(Path.cwd())}; "
                               "train first (invoke all, or python pretrain.py) or pass --checkpoint")
     path = max(found, key=lambda p: Path(p).stat().st_mtime_ns)
     print(f"predict.py: checkpoint {path} (no --checkpoint given: {DEFAULT_RULE})", file=sys.stderr)

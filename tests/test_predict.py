@@ -192,6 +192,7 @@ def test_topk_lines(pretrained, tiny_data):
 def test_no_checkpoint_says_train_first(tmp_path, tiny_data):
     result = run("predict.py", tiny_data / "test", cwd=tmp_path, check=False)
     assert result.returncode == 1 and "train first" in result.stderr and result.stderr.count("\n") == 1
+    assert f"checkpoints/pretrain.pt exists in {tmp_path}; " in result.stderr  # the folder its paths are in
 
 
 @pytest.mark.parametrize("newest", ["pretrain.pt", "finetune.pt"])
@@ -204,8 +205,8 @@ def test_without_checkpoint_the_newest_default_is_taken_and_named_on_stderr(pret
         os.utime(tmp_path / "checkpoints" / name, (1000 * (age + 1),) * 2)
     result = run("predict.py", image, "--device", "cpu", cwd=tmp_path)
     assert result.stderr.splitlines()[0] == (f"predict.py: checkpoint checkpoints/{newest} (no --checkpoint given: the "
-                                             "newest of checkpoints/finetune.pt, checkpoints/pretrain.pt (the first "
-                                             "of equals))")
+                                             "newer of checkpoints/finetune.pt and checkpoints/pretrain.pt (the first "
+                                             "if both are as new))")
     assert result.stdout.startswith(f"{image}\t") and "checkpoint" not in result.stdout
 
 
@@ -311,8 +312,8 @@ def test_a_grid_naming_an_image_to_predict_is_refused_before_predicting(pretrain
 
 
 @pytest.mark.parametrize("checkpoint, message", [
-    ("", "--checkpoint is empty; pass a checkpoint file, or leave the flag out to use the newest of "
-         "checkpoints/finetune.pt, checkpoints/pretrain.pt (the first of equals)"),
+    ("", "--checkpoint is empty; pass a checkpoint file, or leave the flag out to use the newer of "
+         "checkpoints/finetune.pt and checkpoints/pretrain.pt (the first if both are as new)"),
     ("{tmp_path}", "{tmp_path}: is a folder; pass a checkpoint file, e.g. {tmp_path}/pretrain.pt"),
 ])
 def test_an_empty_or_folder_checkpoint_is_named(tiny_data, tmp_path, checkpoint, message):
