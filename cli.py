@@ -202,8 +202,9 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
             raise
         sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
                  f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
-        sys.exit(f"{program}: interrupted; nothing more was saved")
+    except KeyboardInterrupt:  # Ctrl-C (SIGINT) where no StopSignal turns it into a saved stop
+        print(f"{program}: interrupted; nothing more was saved", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)  # stopped by a signal: 128 + N, not a failure's 1
 
 
 # --------------------------------------------------------------------------- output

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, handling, shown,
-                 special_kind, stop_signals)
+from cli import (ArgumentParser, DataError, Lock, StopSignal, UsageError, check_tilde_expanded, guard_output, shown,
+                 special_kind)
 from data import URL, WORKERS, scan_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -451,14 +451,17 @@ def main(argv: list[str] | None = None) -> None:
     guard_output()  # a closed stdout (`| head`) loses the closing line, not the data set
     args = build_parser().parse_args(argv)
     # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
+    signals = StopSignal()
+    signals.at_once = True
     try:
-        with handling([sig for sig in stop_signals() if sig != signal.SIGINT], signal.default_int_handler):
+        with signals:
             check_tilde_expanded("--root", Path(args.root))
             download(args.root, args.source, args.md5)
     except (DataError, UsageError) as e:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
-        sys.exit(f"download.py: interrupted; nothing was written to {args.root}")
+        print(f"download.py: interrupted; nothing was written to {args.root}", file=sys.stderr)
+        sys.exit(128 + (signals.received or signal.SIGINT))
 
 
 if __name__ == "__main__":

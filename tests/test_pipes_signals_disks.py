@@ -171,6 +171,21 @@ def test_predict_stops_at_the_first_failed_write_into_a_closed_pipe(pretrained, 
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_predict_with_one_line_and_128_plus_sigint(pretrained, tmp_path):
+    """Before: exit 1, a failure's status, which a shell loop over files (`for f in ...; do predict.py`) goes on from."""
+    for i in range(200):
+        Image.new("RGB", (32, 32), "red").save(tmp_path / f"{i:03d}.png")
+    process = subprocess.Popen(script("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu",
+                                      "--batch-size", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=default_signals)
+    process.stdout.readline()  # the first image's line: the pass is under way
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == "predict.py: interrupted; nothing more was saved"
+
+
+@pytest.mark.slow
 def test_training_into_a_closed_pipe_goes_on_and_says_so(tiny_data, tmp_path):
     out = tmp_path / "p.pt"
     result = closed_pipe_run(script("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2",
