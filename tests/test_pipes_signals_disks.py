@@ -172,7 +172,7 @@ def test_predict_stops_at_the_first_failed_write_into_a_closed_pipe(pretrained, 
 
 @pytest.mark.slow
 def test_ctrl_c_stops_predict_with_one_line_and_128_plus_sigint(pretrained, tmp_path):
-    """Before: exit 1, a failure's status, which a shell loop over files (`for f in ...; do predict.py`) goes on from."""
+    """Before: exit 1, a failure's status: whoever ran it could not tell an interrupt from an error."""
     for i in range(200):
         Image.new("RGB", (32, 32), "red").save(tmp_path / f"{i:03d}.png")
     process = subprocess.Popen(script("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu",
