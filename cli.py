@@ -32,9 +32,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-if torch.__version__ < (2, 8):  # export.py's programs, and predict.py's loading of them, need torch.export of 2.8
-    sys.exit(f"{os.path.basename(sys.argv[0])}: needs torch 2.8 or newer, this is {torch.__version__}; upgrade it "
-             "(pip install --upgrade torch torchvision)")
+# export.py's programs, and predict.py's loading of them, need torch.export of 2.8 (its pre-releases and builds too)
+if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 8):
+    sys.exit(f"{os.path.basename(sys.argv[0])}: needs torch 2.8 or newer, this is {torch.__version__}; upgrade torch "
+             "and torchvision as requirements.txt says")
 
 from model import MIN_IMAGE_SIZE, CheckpointError
 
@@ -338,9 +339,10 @@ class ProgressLine:
 
 def stop_signals() -> list[signal.Signals]:
     """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
-    dropped; Windows has none), but not an ignored SIGHUP (`nohup`: the run is to outlive the terminal)."""
-    hangup = getattr(signal, "SIGHUP", None)
-    return [signal.SIGINT, signal.SIGTERM] + ([hangup] if hangup and signal.getsignal(hangup) != signal.SIG_IGN else [])
+    dropped; Windows has none), but not one ignored when it started: `nohup` ignores SIGHUP, a shell script's
+    background job SIGINT (the run is to outlive the terminal, or its script's Ctrl-C)."""
+    signals = [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)]
+    return [sig for sig in signals if sig is not None and signal.getsignal(sig) != signal.SIG_IGN]
 
 
 def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.ExitStack:

@@ -14,7 +14,6 @@ probabilities differ by less than TOLERANCE, nothing is written. The figures go 
 import argparse
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch import nn
 import cli
 import data
 import predict
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from model import CheckpointError, load_checkpoint, model_from_checkpoint, recorded_path
 
 TOLERANCE = 1e-4  # the largest probability difference allowed between the program and the checkpoint, in fp32
 GENERATED_IMAGES = 64  # checked when there is no test split
@@ -57,10 +56,11 @@ def export_program(module: Deployed, stored_size: int, device: torch.device) -> 
 def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> tuple[data.ImageSet, str]:
     """The images both are run on, and what they are: the test split of --data-dir (default: the checkpoint's data
     folder, where it still holds one), else GENERATED_IMAGES seeded noise images."""
-    recorded = checkpoint.get("args", {}).get("data_dir")  # relative to the folder the training ran in (cwd)
-    folder = data_dir or (recorded and os.path.join(checkpoint.get("cwd", ""), recorded))
+    recorded = checkpoint.get("args", {}).get("data_dir")
+    candidates = (recorded_path(checkpoint, recorded), recorded) if recorded else ()  # else here: a copied checkpoint
+    folder = data_dir or next((path for path in candidates if (Path(path) / "test").is_dir()), None)
     size = checkpoint["stored_size"]
-    if data_dir is not None or (folder and (Path(folder) / "test").is_dir()):
+    if folder is not None:
         test = data.load_folder(Path(folder) / "test", size=size)
         if limit is not None and limit < len(test):
             test = test.subset(data.stratified_split(test.labels, limit, seed=0)[0])

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cli import UsageError, guard_output, report_errors
-from model import AlexNet, load_checkpoint, model_from_checkpoint
+from model import AlexNet, load_checkpoint, model_from_checkpoint, recorded_path
 from pretrain import make_parser, parse_flags, side_files, train
 
 TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "full": ("",)}
@@ -43,7 +43,7 @@ def same_data_folder(args: argparse.Namespace, checkpoint: dict) -> bool:
     """Whether --data-dir is the folder the checkpoint's run trained on, by real path (relative, absolute and linked
     names are one folder); its relative --data-dir is in the folder its run started in (old checkpoints: this one)."""
     source = checkpoint.get("args", {})
-    return "data_dir" in source and (os.path.realpath(os.path.join(checkpoint.get("cwd", ""), source["data_dir"]))
+    return "data_dir" in source and (os.path.realpath(recorded_path(checkpoint, source["data_dir"]))
                                      == os.path.realpath(args.data_dir))
 
 
@@ -135,7 +135,7 @@ def warn_if_started_from_older_weights(args: argparse.Namespace) -> None:
     with contextlib.suppress(Exception):  # no warning: the resume itself says what is wrong with its state
         state = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)  # mmap: no weights read
         stored = state["args"]
-        now = weights_fingerprint(torch.load(os.path.join(state["cwd"], stored["checkpoint"]), map_location="cpu",
+        now = weights_fingerprint(torch.load(recorded_path(state, stored["checkpoint"]), map_location="cpu",
                                              weights_only=True, mmap=True))
         if stored["started_from"]["sha256"] != now["sha256"]:
             print(f"finetune.py: warning: --checkpoint {stored['checkpoint']} changed since this fine-tuning started "

@@ -149,6 +149,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     return checkpoint
 
 
+def recorded_path(checkpoint: dict, path: str) -> str:
+    """A path its run was given (its data folder, the checkpoint it started from) as that run meant it: a relative
+    one is in the folder the run started in, kept as `cwd` (a checkpoint from before it was kept: this folder)."""
+    return os.path.join(checkpoint.get("cwd", ""), path)
+
+
 def non_finite(weights) -> list[str]:
     """The names of the floating-point tensors in a state dict that hold a NaN or an infinity."""
     if not isinstance(weights, dict):

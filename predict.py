@@ -84,7 +84,8 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     report = {"images": len(labels), "loss": F.cross_entropy(logits, labels).item(),
               "accuracy": (right.sum() / len(labels)).item(), "per_class_accuracy": dict(zip(classes, recall)),
               "per_class_precision": dict(zip(classes, precision)), "per_class_f1": dict(zip(classes, f1))}
-    # Macro means over the classes with images or predictions (scikit-learn's labels), a share of nothing counted 0.
+    # Macro means over the classes with images or predictions (scikit-learn's labels, unknowns no class): a share of
+    # nothing counts 0.
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
         present = [value or 0.0 for value, count, claims in zip(values, counts, claimed) if count or claims]
         report[f"macro_{name}"] = sum(present) / len(present)
@@ -485,9 +486,8 @@ def default_checkpoint() -> str:
     """DEFAULT_RULE, said on stderr: a finetune.pt left from before pretrain.pt was trained again is not taken."""
     found = [path for path in DEFAULT_CHECKPOINTS if Path(path).is_file()]
     if not found:
-        raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists in "
-                              f"{cli.shown(Path.cwd())}; "
-                              "train first (invoke all, or python pretrain.py) or pass --checkpoint")
+        raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists under the "
+                              "current folder; train first (invoke all, or python pretrain.py) or pass --checkpoint")
     path = max(found, key=lambda p: Path(p).stat().st_mtime_ns)
     print(f"predict.py: checkpoint {path} (no --checkpoint given: {DEFAULT_RULE})", file=sys.stderr)
     return path

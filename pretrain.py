@@ -4,8 +4,8 @@
     python pretrain.py --resume checkpoints/pretrain.last.pt   # continue a stopped run
 
 The training images are split into train and validation (stratified, seeded); the best epoch on validation is kept
-as --out, and the test split is evaluated once, at the end, with those weights. finetune.py runs the same loop,
-laid out top to bottom as torchvision's references/classification/train.py (see the section lines).
+as --out, and the test split is evaluated once, at the end, with those weights. finetune.py runs the same loop.
+This file reads top to bottom as torchvision's references/classification/train.py does (see the section lines).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import cli
 import data
 from model import (REFERENCE_HIDDEN, AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
-                   load_tensors, non_finite)
+                   load_tensors, non_finite, recorded_path)
 from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
                      learning_curves, print_report)
 
@@ -388,9 +388,8 @@ def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> 
         raise cli.UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
                              f"flags (only {MAY_CHANGE_FLAGS} may change): drop these flags or start a new run")
     args = argparse.Namespace(**(vars(args) | stored | {name: getattr(args, name) for name in given | {"resume"}}))
-    started = state.get("cwd", os.getcwd())  # a state from before "cwd" was kept: this folder
-    if "data_dir" not in given and Path(started) != Path.cwd():  # (an absolute --data-dir is kept by join)
-        args.data_dir = os.path.join(started, args.data_dir)
+    if "data_dir" not in given and Path(state.get("cwd", os.getcwd())) != Path.cwd():
+        args.data_dir = recorded_path(state, args.data_dir)
     args.out = str(Path(args.resume).parent / Path(args.out).name)
     if state["best"]["val_acc"] >= 0 and not Path(args.out).exists():  # -1: no epoch validated yet
         raise cli.UsageError(f"--resume {args.resume}: its best checkpoint {args.out} (epoch "

@@ -96,18 +96,22 @@ def test_predict_with_the_program_gives_the_checkpoints_output(program, varied, 
 def test_what_the_scripts_write_by_default_is_never_committed():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    written = ["model.pt2", "model.pt2.json", "checkpoints/pretrain.pt", "data/cifar10/test/cat/1.png", "r.pt"]
+    written = ["model.pt2", "model.pt2.json", "checkpoints/pretrain.pt", "data/cifar10/test/cat/1.png", "runs/a.pt"]
     ignored = subprocess.run(["git", "check-ignore", *written], cwd=ROOT, capture_output=True, text=True).stdout
     assert ignored.split() == written
 
 
-def test_the_checkpoints_relative_data_folder_is_found_from_another_folder(varied, tiny_data, tmp_path):
+@pytest.mark.parametrize("trained_in", ["here", "another machine"])
+def test_the_checkpoints_relative_data_folder_is_found_from_another_folder(varied, tiny_data, tmp_path, trained_in):
+    """In the folder its training ran in, as a resume finds it; one copied from elsewhere, in the same layout here."""
     checkpoint = torch.load(varied, weights_only=True)
-    checkpoint["args"]["data_dir"], checkpoint["cwd"] = tiny_data.name, str(tiny_data.parent)  # as `--data-dir data`
+    elsewhere = trained_in == "another machine"
+    checkpoint["args"]["data_dir"] = tiny_data.name  # as `--data-dir data`, run in the folder above it or elsewhere
+    checkpoint["cwd"] = "/home/gpu/project" if elsewhere else str(tiny_data.parent)
     torch.save(checkpoint, tmp_path / "relative.pt")
     result = run("export.py", "--checkpoint", tmp_path / "relative.pt", "--out", tmp_path / "r.pt2", "--limit", "4",
-                 cwd=tmp_path)
-    assert f"on 4 images (the test split of {tiny_data})" in result.stdout
+                 cwd=tiny_data.parent if elsewhere else tmp_path)
+    assert f"on 4 images (the test split of {tiny_data.name if elsewhere else tiny_data})" in result.stdout
 
 
 def test_the_program_divides_by_the_checkpoints_temperature(varied, tmp_path):

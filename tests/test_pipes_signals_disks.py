@@ -173,8 +173,8 @@ def test_predict_stops_at_the_first_failed_write_into_a_closed_pipe(pretrained, 
 @pytest.mark.slow
 def test_ctrl_c_stops_predict_with_one_line_and_128_plus_sigint(pretrained, tmp_path):
     """Before: exit 1, a failure's status: whoever ran it could not tell an interrupt from an error."""
-    for i in range(200):
-        Image.new("RGB", (32, 32), "red").save(tmp_path / f"{i:03d}.png")
+    for i in range(1000):  # a pass of seconds, a batch each: it is under way when the signal comes
+        Image.new("RGB", (32, 32), "red").save(tmp_path / f"{i:04d}.png")
     process = subprocess.Popen(script("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu",
                                       "--batch-size", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=default_signals)
@@ -354,16 +354,18 @@ def test_finetune_takes_the_checkpoints_image_size_unless_given(pretrained, tiny
 
 
 @pytest.mark.slow
-def test_under_nohup_a_sighup_does_not_stop_the_run(tmp_path):
-    """nohup ignores SIGHUP so that the run outlives the terminal: the stop on SIGHUP must not undo that."""
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "a script's background job"])
+def test_a_signal_ignored_at_the_start_does_not_stop_the_run(tmp_path, sig):
+    """nohup ignores SIGHUP so that the run outlives the terminal, a shell script starts its background jobs with
+    SIGINT ignored so that they outlive its Ctrl-C: the stop on these signals must not undo that."""
     data = make_class_folders(tmp_path / "data", train=40, size=8)
     command = script("pretrain.py", "--data-dir", data, "--out", tmp_path / "p.pt", "--epochs", "1", "--val-size",
                      "6", *QUICK)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+                               preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
     for line in process.stderr:
         if line.startswith("  epoch 1/"):
-            process.send_signal(signal.SIGHUP)
+            process.send_signal(sig)
             break
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr

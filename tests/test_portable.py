@@ -117,7 +117,13 @@ def test_an_older_torch_is_told_in_one_line_not_an_import_error(tmp_path):
     result = subprocess.run([sys.executable, "-c", OLDER_TORCH, str(ROOT / "predict.py"), "cat.png"], cwd=tmp_path,
                             capture_output=True, text=True)
     assert (result.returncode, result.stderr) == (1, "predict.py: needs torch 2.8 or newer, this is 2.7.1+cu126; "
-                                                     "upgrade it (pip install --upgrade torch torchvision)\n")
+                                                     "upgrade torch and torchvision as requirements.txt says\n")
+
+
+@pytest.mark.parametrize("version", ["2.8.0a0+5228986c39.nv25.06", "2.8.0rc1", "2.10.0", "2.11.0+cu130"])
+def test_a_torch_of_2_8_or_newer_is_taken_a_pre_release_or_build_of_it_too(monkeypatch, version):
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion(version))
+    exec(compile((ROOT / "cli.py").read_text(), "cli.py", "exec"), {"__name__": "cli"})  # no SystemExit
 
 
 def hold_lock(path, ready, done) -> None:
