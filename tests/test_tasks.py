@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cli
-from conftest import QUICK, ROOT, make_class_folders
+from conftest import QUICK, ROOT, default_signals, make_class_folders
 from model import load_checkpoint
 
 
@@ -145,7 +145,7 @@ def test_a_signal_to_invoke_stops_the_script_which_saves_and_invoke_waits_for_it
     process = subprocess.Popen([sys.executable, "-m", "invoke", "--search-root", str(ROOT), "pretrain", "--data-dir",
                                 str(data), "--out", str(out), "--epochs", "50", "--val-size", "6", *QUICK],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                               start_new_session=True)  # a terminal's foreground group of its own
+                               start_new_session=True, preexec_fn=default_signals)  # a terminal's foreground group
     script_pid = None
     try:
         for line in process.stderr:
