@@ -302,12 +302,13 @@ def test_init_weights_holding_nan_are_refused(tmp_path):
         pretrain.initial_weights(str(tmp_path / "w.pth"))
 
 
-def test_compile_without_a_working_cxx_compiler_trains_eager_with_a_warning(tiny_data, tmp_path, monkeypatch):
+def test_compile_without_a_working_cxx_compiler_trains_eager_with_a_warning(tiny_data, tmp_path):
     """Before: a 100-line `InductorError: InvalidCxxCompiler` at the first step."""
     from torch._inductor import config
-    monkeypatch.setattr(config.cpp, "cxx", (str(tmp_path / "no-such-g++"),))  # what CXX=... sets
-    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK,
-                 "--epochs", "1", "--compile")
+    # what CXX=... sets; config.patch, as monkeypatch's undo deleted the setting on torch 2.8 (where cpp is a class)
+    with config.patch({"cpp.cxx": (str(tmp_path / "no-such-g++"),)}):
+        result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--val-size", "6", *QUICK,
+                     "--epochs", "1", "--compile")
     assert ("warning: --compile: no working C++ compiler for torch.compile (install g++, or name one in CXX); "
             "training without it") in result.stderr.splitlines()
 
