@@ -44,6 +44,9 @@ def test_drop_last_shuffle_and_evaluation_batches(train_folder):
         assert torch.equal(y, images.labels[start:start + 8])
 
 
+SPAWN = "import multiprocessing\nmultiprocessing.set_start_method('spawn', force=True)\n"  # macOS's and Windows'
+
+
 def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
 
@@ -54,10 +57,15 @@ def test_readme_example_is_short():
 
 @pytest.mark.slow  # a new interpreter is what is tested
 def test_readme_example_trains_with_model_cli_and_data_alone(tmp_path):
+    """As a script file on macOS or Windows (spawn: each decoding process imports the script again; unguarded, the
+    first one started another process while it was being imported: BrokenProcessPool)."""
     for name in ("model.py", "cli.py", "data.py"):
         shutil.copy(ROOT / name, tmp_path)
-    make_class_folders(tmp_path / "data" / "cifar10", train=8, test=2, size=16)
-    result = subprocess.run([sys.executable, "-c", readme_example()], cwd=tmp_path, capture_output=True, text=True,
-                            env=bare_environment(HOME=str(tmp_path)))
+    (tmp_path / "train.py").write_text(readme_example())
+    (tmp_path / "shim").mkdir()
+    (tmp_path / "shim" / "sitecustomize.py").write_text(SPAWN)
+    make_class_folders(tmp_path / "data" / "cifar10", train=100, test=2, size=16)  # 300: a pool of processes decodes
+    result = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True,
+                            env=bare_environment(HOME=str(tmp_path), PYTHONPATH=str(tmp_path / "shim")))
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(r"test accuracy: \d+\.\d%\n", result.stdout)
