@@ -607,10 +607,13 @@ RESUME_WITH = "ALEXNET_RESUME_WITH"  # set by tasks.py: the command the user typ
 
 def resume_advice(stage: str, last: str | os.PathLike, world: int = 1) -> str:
     """The command that resumes a STAGE run of WORLD processes from its resume state LAST, as RESUME_WITH or the script
-    (torchrun for several processes) with LAST quoted for the shell: copied, it runs as printed."""
+    (torchrun for several processes) named as the running one was (`python main/pretrain.py`: main/STAGE.py), quoted
+    for the shell: copied, it runs as printed."""
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
-    last = subprocess.list2cmdline([os.fspath(last)]) if sys.platform == "win32" else shlex.quote(os.fspath(last))
-    return os.environ.get(RESUME_WITH, launcher + " {stage}.py --resume {last}").format(stage=stage, last=last)
+    ran = sys.argv[0] if os.path.basename(sys.argv[0]) in ("pretrain.py", "finetune.py") else ""
+    quoted = subprocess.list2cmdline if sys.platform == "win32" else shlex.join
+    return os.environ.get(RESUME_WITH, launcher + " {script} --resume {last}").format(
+        stage=stage, script=quoted([os.path.join(os.path.dirname(ran), f"{stage}.py")]), last=quoted([os.fspath(last)]))
 
 
 class OutLock(cli.Lock):

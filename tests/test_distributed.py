@@ -116,7 +116,7 @@ def test_sigterm_to_one_rank_stops_both_and_resume_under_torchrun_is_exact(data4
     code, _, stderr = finish(process)
     assert code != 0
     assert re.search(r"stopped by SIGTERM at epoch 2, step [1-6];", stderr), stderr
-    assert "resume with: torchrun --nproc_per_node=2 pretrain.py" in stderr
+    assert f"resume with: torchrun --nproc_per_node=2 {ROOT / 'pretrain.py'} --resume" in stderr  # as it was named
     code, stdout, stderr = finish(torchrun("--data-dir", data40, "--out", out, *FLAGS,
                                            "--resume", out.with_suffix(".last.pt")))
     assert code == 0, stderr

@@ -204,6 +204,9 @@ def test_the_advice_to_resume_names_the_invoke_command_typed(monkeypatch):
     assert pretrain.resume_advice("finetune", "c/f.last.pt") == "invoke -r ../p finetune --resume c/f.last.pt"
     monkeypatch.delenv(pretrain.RESUME_WITH)
     assert pretrain.resume_advice("finetune", "c/f.last.pt") == "python finetune.py --resume c/f.last.pt"
+    monkeypatch.setattr(sys, "argv", ["main/pre train/pretrain.py"])  # run from elsewhere: the script as named there
+    assert pretrain.resume_advice("finetune", "c/f.pt") == "python 'main/pre train/finetune.py' --resume c/f.pt"
+    monkeypatch.setattr(sys, "argv", ["/bin/invoke", "-r", "../p", "pretrain", "--epochs", "3"])
     odd = "o d/it's \"x\".last.pt"  # before: printed bare, which a shell splits at the space and the quotes
     assert shlex.split(pretrain.resume_advice("pretrain", odd)) == ["python", "pretrain.py", "--resume", odd]
 
