@@ -29,7 +29,7 @@ from torchvision import datasets, transforms  # noqa: E402
 import data  # noqa: E402
 from model import AlexNet  # noqa: E402
 from predict import compute_logits  # noqa: E402
-from cli import Processes, code_version, positive_int  # noqa: E402
+from cli import Processes, code_version, positive_int, report_errors  # noqa: E402
 from pretrain import make_parser, start_run, train_step  # noqa: E402
 
 
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    report_errors("throughput.py", args.batch_size, lambda: measure(args))  # no data, no CUDA: one line
+
+
+def measure(args: argparse.Namespace) -> None:
     processes = Processes(args.device)
     device = processes.device
     print(describe(device))

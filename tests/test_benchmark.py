@@ -25,6 +25,16 @@ def test_benchmark_prints_device_commit_and_both_pipelines(tiny_data):
     assert lines[-3].split() == ["streamed", "resident", "ratio"]
 
 
+@pytest.mark.slow  # a new interpreter: the script as `invoke bench` runs it
+def test_benchmark_without_data_is_one_line(tmp_path):
+    """Before: a traceback ending in data.NoDataFolder (or, with --device cuda and none there, in cli.UsageError)."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data-dir", tmp_path / "no",
+                             "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path)
+    assert (result.returncode, result.stderr.splitlines()[-1]) == (1, f"throughput.py: {tmp_path}/no/train: no such "
+                                                                      "folder; expected a folder of class folders")
+    assert "Traceback" not in result.stderr
+
+
 def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"),
                "--recipe", "slow=--lr 0.01", "--recipe", "bad=--lr -1",
