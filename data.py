@@ -216,6 +216,9 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise cli.DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
+    if classes == ["test", "train"]:  # a whole data folder: two "classes", each image labelled by its split
+        raise cli.DataError(f"{name}: a data folder (train/ and test/), not one split's class folders",
+                            f"pass {name}/train or {name}/test")
     samples = []
     above = frozenset([root.resolve(), *root.resolve().parents])  # a class folder linked to one: a loop
     for label, folder in enumerate(classes):

@@ -47,6 +47,14 @@ def test_drop_last_shuffle_and_evaluation_batches(train_folder):
 SPAWN = "import multiprocessing\nmultiprocessing.set_start_method('spawn', force=True)\n"  # macOS's and Windows'
 
 
+def test_a_data_folder_given_as_a_split_is_one_line_not_two_classes(train_folder):
+    """Before: train/ and test/ taken as two classes, each image labelled by its split, and a cache beside it."""
+    with pytest.raises(data.cli.DataError, match=f"^{train_folder.parent}: a data folder \\(train/ and test/\\), not "
+                       f"one split's class folders; pass {train_folder.parent}/train or {train_folder.parent}/test$"):
+        data.Loader(train_folder.parent, batch_size=8, size=64)
+    assert not (train_folder.parent.parent / ".cache" / f"{train_folder.parent.name}.u8").exists()
+
+
 def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[1]
 
