@@ -60,7 +60,7 @@ def run(name: str, flags: str, common: list[str], out_dir: Path) -> tuple[bool, 
                *shlex.split(flags)]
     started = time.perf_counter()
     with open(out_dir / f"{name}.log", "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)  # here: its paths are the user's
     wall = time.perf_counter() - started
     if result.returncode != 0:
         last = (out_dir / f"{name}.log").read_text().strip().splitlines()[-1:] or ["no output"]

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -36,21 +37,23 @@ def test_benchmark_without_data_is_one_line(tmp_path):
 
 
 def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_path):
+    """Run from another folder than the project's, with paths relative to it (before: read from the project's)."""
     command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"),
-               "--recipe", "slow=--lr 0.01", "--recipe", "bad=--lr -1",
-               "--out-dir", str(tmp_path), "--data-dir", str(tiny_data), "--epochs", "2", "--val-size", "6",
+               "--recipe", "slow=--lr 0.01", "--recipe", "bad=--lr -1", "--out-dir", "out",
+               "--data-dir", os.path.relpath(tiny_data, tmp_path), "--epochs", "2", "--val-size", "6",
                "--image-size", "64", "--batch-size", "8", "--device", "cpu", "--hidden", "64,32"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    out = tmp_path / "out"
     assert result.returncode == 1, result.stderr  # one recipe failed
     lines = result.stdout.splitlines()
     assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "recipes.py" in lines[2]
     assert "--epochs 2" in lines[3] and "--device cpu" in lines[3]
-    report = json.loads((tmp_path / "slow.test.json").read_text())
+    report = json.loads((out / "slow.test.json").read_text())
     slow = next(line for line in lines if line.startswith("| slow |")).split(" | ")
     assert slow[1:3] == ["`--lr 0.01`", "2"] and slow[4] == f"{report['val_acc']:.2%} (epoch {report['epoch']})"
     assert slow[5] == f"{report['accuracy']:.2%} |"
     # the recipe's flags reached the run
-    assert torch.load(tmp_path / "slow.pt", weights_only=True)["args"]["lr"] == 0.01
+    assert torch.load(out / "slow.pt", weights_only=True)["args"]["lr"] == 0.01
     bad = next(line for line in lines if line.startswith("| bad |"))
     assert "failed (exit 2)" in bad and "--lr: must be a positive number" in bad
     unknown = subprocess.run([*command[:2], "--recipe", "nope"], capture_output=True, text=True, cwd=ROOT)
