@@ -518,6 +518,11 @@ class Loader:
     def __init__(self, source: str | os.PathLike | ImageSet, batch_size: int, size: int, device: str = "cpu",
                  train: bool = True, epochs: int = 1, shuffle: bool | None = None, drop_last: bool = False,
                  augmentation: str = "rrc", cutout: float = 0.0, seed: int = 0) -> None:
+        for name, value, least in (("batch_size", batch_size, 1), ("size", size, 1), ("epochs", epochs, 0)):
+            if value < least:  # checked here, not at the first batch (or never: a negative batch size gave none)
+                raise ValueError(f"Loader: {name} must be at least {least}, got {value}")
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"Loader: augmentation {augmentation!r} is none of {', '.join(sorted(AUGMENTATIONS))}")
         images = source if isinstance(source, ImageSet) else load_folder(source)
         self.device = torch.device(device)
         self.images = place(images, self.device, "auto")

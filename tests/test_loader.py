@@ -47,6 +47,18 @@ def test_drop_last_shuffle_and_evaluation_batches(train_folder):
 SPAWN = "import multiprocessing\nmultiprocessing.set_start_method('spawn', force=True)\n"  # macOS's and Windows'
 
 
+@pytest.mark.parametrize("argument, message", [
+    ({"batch_size": 0}, "batch_size must be at least 1, got 0"),
+    ({"batch_size": -1}, "batch_size must be at least 1, got -1"),
+    ({"epochs": -1}, "epochs must be at least 0, got -1"),
+    ({"size": 0}, "size must be at least 1, got 0"),
+    ({"augmentation": "bogus"}, "augmentation 'bogus' is none of crop, rrc")])
+def test_arguments_that_cannot_work_are_refused_when_the_loader_is_made(train_folder, argument, message):
+    """Before: a ZeroDivisionError or KeyError at the first batch, or (a negative batch size) no batch at all."""
+    with pytest.raises(ValueError, match=f"^Loader: {message}$"):
+        data.Loader(train_folder, **({"batch_size": 8, "size": 64} | argument))
+
+
 def test_a_data_folder_given_as_a_split_is_one_line_not_two_classes(train_folder):
     """Before: train/ and test/ taken as two classes, each image labelled by its split, and a cache beside it."""
     with pytest.raises(data.cli.DataError, match=f"^{train_folder.parent}: a data folder \\(train/ and test/\\), not "
