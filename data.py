@@ -289,8 +289,8 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
     image_file = root.parent / ".cache" / f"{root.name}.u8"
     damaged: list[Path] = []
     images = read_cache(image_file, key, damaged) if cache else None
-    if cache and images is None and cache_folder(root.parent) != image_file.parent:
-        image_file = cache_folder(root.parent) / image_file.name
+    if cache and images is None and (elsewhere := cache_folder(root.parent)) != image_file.parent:
+        image_file = elsewhere / image_file.name
         images = read_cache(image_file, key, damaged)
     if images is None:
         for path in damaged:  # said only when decoded: a read-only folder's damaged cache, its copy valid, is not

@@ -72,8 +72,9 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (training, real processes); `-m 'not slow'` skips them")
 
 
-# Importing torchvision makes torch.compile's default cache folder (torchinductor_<user>), empty: the tests' compiles
-# use the run's folder (temporary_folder). A run leaves none that it did not find.
+# Importing torchvision, or torch._dynamo (which making a torch optimizer imports), makes torch.compile's default cache
+# folder (torchinductor_<user>), empty: the tests' compiles use the run's folder (temporary_folder). A run leaves none
+# that it did not find.
 TEMPORARY = Path(tempfile.gettempdir())
 INDUCTOR_FOLDERS_FOUND = set(TEMPORARY.glob("torchinductor_*"))
 
