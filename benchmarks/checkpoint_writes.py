@@ -13,7 +13,6 @@ memory.
 """
 import resource
 import statistics
-import sys
 import tempfile
 import time
 
@@ -57,6 +56,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--out-dir", default=None, help="where the two files go (default: a temporary folder)")
     args = parser.parse_args()
+    try:
+        folder = tempfile.TemporaryDirectory(dir=args.out_dir)
+    except OSError as e:
+        parser.error(f"--out-dir {args.out_dir}: cannot make a folder in it ({e.strerror or e}); pass a writable "
+                     "folder")
+    with folder:
+        cli.report_errors("checkpoint_writes.py", 1, lambda: measure(args, folder.name))  # --device cuda, none here
+
+
+def measure(args, folder: str) -> None:
     device = resolve_device(args.device)
     print(describe(device))
     model, optimizer = trained_model(device, args.classes)
@@ -64,7 +73,7 @@ def main() -> None:
     print(f"best checkpoint {megabytes:.0f} MB, resume state {2 * megabytes:.0f} MB, every epoch")
     writes = CountedWrites()
     blocked = []
-    with tempfile.TemporaryDirectory(dir=args.out_dir) as folder, cli.CheckpointWriter(writes) as writer:
+    with cli.CheckpointWriter(writes) as writer:
         for epoch in range(args.epochs):
             with torch.no_grad():  # a training step changes the tensors in place
                 for group in optimizer.state.values():
@@ -88,4 +97,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

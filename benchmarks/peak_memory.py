@@ -87,6 +87,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="side of --make-set's images")
     parser.add_argument("command", nargs="*", help="the command to measure, after --")
     args = parser.parse_args()
+    if args.make_set is None and not args.command:  # Popen([]) is an IndexError
+        parser.error("pass --make-set DIR, or the command to measure after --")
+    if args.make_set is None and not Path("/proc/self/status").is_file():
+        parser.error("measures from Linux's /proc, which this system has not")
     if args.make_set is not None:
         make_set(args.make_set, args.images, args.size, args.test)
     else:

@@ -30,7 +30,10 @@ import data  # noqa: E402
 from model import AlexNet  # noqa: E402
 from predict import compute_logits  # noqa: E402
 from cli import Processes, code_version, positive_int, report_errors  # noqa: E402
-from pretrain import make_parser, start_run, train_step  # noqa: E402
+from pretrain import make_parser, parse_flags, start_run, train_step  # noqa: E402
+
+# pretrain.py's flags that say what a run trains or writes: a benchmark times --steps steps and writes nothing
+RUN_ONLY_FLAGS = ("out", "epochs", "val_size", "limit", "resume", "overwrite")
 
 
 def describe(device: torch.device) -> str:
@@ -134,8 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, given = parse_flags(parser, argv)
+    for name in sorted(given.intersection(RUN_ONLY_FLAGS)):  # taken and ignored, the figures would seem to obey them
+        parser.error(f"--{name.replace('_', '-')}: a training run's flag; throughput.py times --steps steps of "
+                     "--batch-size images and writes nothing")
     report_errors("throughput.py", args.batch_size, lambda: measure(args))  # no data, no CUDA: one line
 
 

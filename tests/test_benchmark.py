@@ -100,3 +100,34 @@ def test_latency_tables_eager_and_exported_at_batch_1_and_n(pretrained):
     rows = [line.strip("| ").split(" | ") for line in lines[6:]]
     assert [row[:2] for row in rows] == [["cpu", "eager"], ["cpu", "exported"]]
     assert all(0 < float(row[2]) <= float(row[3]) and float(row[4]) > 0 for row in rows)
+
+
+def test_benchmark_refuses_a_training_runs_flag_it_would_ignore(monkeypatch, capsys):
+    """Before: --epochs 3, --limit 100, --out x.pt were taken and ignored, as if the figures obeyed them."""
+    monkeypatch.syspath_prepend(ROOT / "benchmarks")
+    import throughput
+    for flag, value in (("--epochs", "3"), ("--limit", "100"), ("--out", "x.pt"), ("--val-size", "10")):
+        with pytest.raises(SystemExit) as stopped:
+            throughput.main(["--device", "cpu", flag, value])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(  # argparse's prog is sys.argv[0]'s name
+            f": error: {flag}: a training run's flag; throughput.py times --steps steps of --batch-size images and "
+            "writes nothing")
+
+
+def test_checkpoint_benchmark_with_a_missing_out_dir_is_one_line(tmp_path):
+    """Before: a FileNotFoundError traceback from tempfile."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_writes.py"), "--out-dir",
+                             str(tmp_path / "no"), "--device", "cpu"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (f"checkpoint_writes.py: error: --out-dir {tmp_path / 'no'}: cannot make "
+                                              "a folder in it (No such file or directory); pass a writable folder")
+
+
+def test_peak_memory_without_a_command_is_one_line():
+    """Before: an IndexError traceback from subprocess.Popen([])."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peak_memory.py")], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == ("peak_memory.py: error: pass --make-set DIR, or the command to measure "
+                                              "after --")
