@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", default=None,
         help="data folder whose test/ the check runs on (default: the checkpoint's, else generated images)")
     add("--limit", type=cli.positive_int, default=None,
-        help=f"check only this many images (a stratified sample of the test split; at most {GENERATED_IMAGES} generated)")
+        help=f"check only this many images (a stratified sample of the test split; at most {GENERATED_IMAGES} "
+             "generated)")
     add("--batch-size", type=cli.positive_int, default=256, help="images per forward pass of the check")
     return parser
 
