@@ -203,9 +203,23 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
             raise
         sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
                  f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
-    except KeyboardInterrupt:  # Ctrl-C (SIGINT) where no StopSignal turns it into a saved stop
-        print(f"{program}: interrupted; nothing more was saved", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)  # stopped by a signal: 128 + N, not a failure's 1
+    except KeyboardInterrupt as e:  # Ctrl-C (SIGINT) where no StopSignal turns it into a saved stop
+        if e.args != STOP_SAID:
+            print(f"{program}: interrupted; nothing more was saved", file=sys.stderr)
+        end_by_signal(signal.SIGINT)
+
+
+STOP_SAID = ("the stop is said",)  # the KeyboardInterrupt of end_by_signal: no other line is due
+
+
+def end_by_signal(received: int) -> None:
+    """End a script stopped by signal N, once it has said so: exit 128 + N, not a failure's 1; at Ctrl-C (SIGINT) by
+    an uncaught KeyboardInterrupt, without its traceback, as Python ends at a Ctrl-C: it exits cleanly, then dies of
+    SIGINT, so that a shell running the script in a loop stops too (bash goes on after a child that exited 130)."""
+    if received != signal.SIGINT:
+        sys.exit(128 + received)
+    sys.excepthook = lambda kind, *rest: None if kind is KeyboardInterrupt else sys.__excepthook__(kind, *rest)
+    raise KeyboardInterrupt(*STOP_SAID)
 
 
 # --------------------------------------------------------------------------- output

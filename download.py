@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cli import (ArgumentParser, DataError, Lock, StopSignal, UsageError, check_tilde_expanded, guard_output, shown,
-                 special_kind)
+from cli import (ArgumentParser, DataError, Lock, StopSignal, UsageError, check_tilde_expanded, end_by_signal,
+                 guard_output, shown, special_kind)
 from data import URL, WORKERS, scan_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt:  # the temporary folder is already gone
         print(f"download.py: interrupted; nothing was written to {args.root}", file=sys.stderr)
-        sys.exit(128 + (signals.received or signal.SIGINT))
+        end_by_signal(signals.received or signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
     loop at the next step with the resume state saved, a second one (or one during the test) at once (see stop)."""
     writer = cli.CheckpointWriter(save_checkpoint)
     command = resume_advice(run.stage, side_files(run.out)["last"], run.processes.world)
+    where = None  # where a signal stopped the run
     with cli.StopSignal() as signals:
         try:
             with writer:
@@ -105,12 +106,13 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                                         and progress.epoch < run.args.epochs):
                         writer.wait()
                         run.processes.barrier()
-                        run.processes.close()
                         received = signals.received or signal.SIGTERM  # or another process got the signal
-                        stop(run, received, f"by {received.name} at {progress.position}; resume with: {command}")
+                        where = f"by {received.name} at {progress.position}; resume with: {command}"
+                        break
             run.processes.close()
-            signals.at_once = True  # the trained run is saved: a signal now stops the test at once
-            return test_once(run, progress) if run.processes.main else None
+            if where is None:
+                signals.at_once = True  # the trained run is saved: a signal now stops the test at once
+                return test_once(run, progress) if run.processes.main else None
         except KeyboardInterrupt:  # a second signal, or one during the test
             received = signals.received or signal.SIGINT
             if signals.at_once:
@@ -121,14 +123,14 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
             else:
                 where = (f"at once by a second {received.name}; the resume state at {progress.saved} is saved: "
                          f"resume with: {command}")
-            stop(run, received, where)
+        stop(run, received, where)
 
 
 def stop(run: Run, received: signal.Signals, where: str) -> None:
-    """The one way a signal ends a run: a line saying where it stopped and what to do, and exit 128 + N."""
+    """The one way a signal ends a run: a line saying where it stopped and what to do, then cli.end_by_signal."""
     if run.processes.main:
         print(f"{run.stage}.py: stopped {where}", file=sys.stderr)
-    sys.exit(128 + received)
+    cli.end_by_signal(received)
 
 
 def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, writer: cli.CheckpointWriter,

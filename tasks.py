@@ -15,6 +15,7 @@ joins them with spaces: a name holding one needs --paths). The scripts run in th
 (`invoke -r PROJECT` from elsewhere reads and writes there); each command is shown on stderr before it runs.
 """
 import argparse
+import atexit
 import contextlib
 import functools
 import importlib
@@ -122,14 +123,26 @@ def command_line(words: list[str]) -> str:
 
 def run_shown(c, words: list[str], cwd: Path | None = None) -> None:
     """The command is shown first on stderr, a diagnostic, in invoke's bold only on a terminal; `invoke --dry` shows
-    it only. A step that fails ends invoke with the step's exit status (128 + N when signal N stopped it)."""
+    it only. A step that fails ends invoke with the step's exit status (128 + N when signal N stopped it, and at
+    SIGINT as the step ended: killed by it)."""
     command = command_line(words)
     print(c.config.run.echo_format.format(command=command) if sys.stderr.isatty() else command, file=sys.stderr,
           flush=True)
     if not c.config.run.dry:
         status = run_passing_signals(words, cwd)
+        if status == 128 + signal.SIGINT and sys.platform != "win32":  # as the script ended (cli.end_by_signal)
+            atexit.register(die_of_sigint)  # invoke, raising Exit, runs it as it exits
         if status:
             raise Exit(code=status)
+
+
+def die_of_sigint() -> None:
+    """Invoke's end after a script stopped by Ctrl-C: killed by SIGINT, once its output is out, so that a shell
+    running `invoke` in a loop stops too (invoke itself would exit 1 at a KeyboardInterrupt)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def run_passing_signals(words: list[str], cwd: Path | None) -> int:

@@ -228,7 +228,7 @@ def run_step(step: Step, out_dir: Path, seconds_left: float) -> tuple[int, float
         log.write(f"# exit {code}, {seconds:.1f} s\n\n")
     with open(path) as log:
         log.seek(start)
-        return code, seconds, log.read(), stopped
+        return 128 - code if code < 0 else code, seconds, log.read(), stopped  # killed by N (-N): 128 + N, as sh
 
 
 def stop(process: subprocess.Popen, sig: signal.Signals) -> int:

@@ -177,6 +177,12 @@ def start(out, epochs, data_dir, *extra) -> list[str]:
             "--batch-size", "8", "--ema", "0.9", "--cutout", "0.25", *extra]
 
 
+def stopped_status(sig: signal.Signals) -> int:
+    """A script's status as subprocess gives it after a stop by `sig` (cli.end_by_signal): killed by SIGINT, as Python
+    ends at a Ctrl-C (a shell running it in a loop stops too); exit 128 + N for SIGTERM and SIGHUP."""
+    return -sig if sig == signal.SIGINT else 128 + sig
+
+
 def stop_during(title: str, sig: signal.Signals, args: list) -> str:
     """Start pretrain.py, send `sig` once the pass `title` shows progress (its first tenth: most of the pass is
     still to come, and a later arrival stops at the next epoch's start instead), return the stop's message."""
@@ -187,7 +193,7 @@ def stop_during(title: str, sig: signal.Signals, args: list) -> str:
             process.send_signal(sig)
             break
     _, stderr = process.communicate(timeout=600)
-    assert process.returncode == 128 + sig, stderr
+    assert process.returncode == stopped_status(sig), stderr
     return stderr.strip().splitlines()[-1]
 
 

@@ -13,7 +13,8 @@ import torch
 
 import cli
 import pretrain
-from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run
+from conftest import (QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run,
+                      stopped_status)
 from model import CheckpointError, load_checkpoint
 
 
@@ -130,7 +131,7 @@ def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
             process.send_signal(signal.SIGINT)
             break
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert process.returncode == stopped_status(signal.SIGINT), stderr
     assert "stopped by SIGINT during the test evaluation; the trained run is saved" in stderr.splitlines()[-1]
     assert not out.with_suffix(".test.json").exists()
     again = run("pretrain.py", "--resume", out.with_suffix(".last.pt"))

@@ -4,6 +4,8 @@ import json
 import multiprocessing
 import os
 import pty
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from PIL import Image
 import cli
 import predict
 import pretrain
-from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run
+from conftest import (QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run,
+                      stopped_status)
 from model import load_checkpoint
 from cli import UsageError
 
@@ -181,7 +184,7 @@ def test_ctrl_c_stops_predict_with_one_line_and_128_plus_sigint(pretrained, tmp_
     process.stdout.readline()  # the first image's line: the pass is under way
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr
+    assert process.returncode == stopped_status(signal.SIGINT) and "Traceback" not in stderr, stderr
     assert stderr.splitlines()[-1] == "predict.py: interrupted; nothing more was saved"
 
 
@@ -264,12 +267,33 @@ def test_sighup_stops_like_sigint_with_the_resume_state_saved(tiny_data, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_ctrl_c_stops_a_shell_loop_of_runs_not_only_the_run(tmp_path):
+    """A terminal's Ctrl-C reaches the shell and the run: bash goes on with its loop after a child that exited 130,
+    taking the signal as handled there, and stops after one killed by SIGINT. Before: the next run started."""
+    data = make_class_folders(tmp_path / "data", train=40, size=8)
+    run_once = shlex.join(script("pretrain.py", "--data-dir", data, "--out", "p.pt", "--epochs", "50", "--val-size",
+                                 "6", *QUICK))
+    process = subprocess.Popen(["bash", "-c", f"for i in 1 2; do {run_once}; echo next; done; echo after"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               start_new_session=True, preexec_fn=default_signals)  # a terminal's foreground group
+    for line in process.stderr:
+        if line.startswith("  epoch 1/"):
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == -signal.SIGINT, stderr  # bash too ended by it
+    assert "stopped by SIGINT at epoch 1" in stderr and not {"next", "after"} & set(stdout.splitlines())
+    assert load_checkpoint(tmp_path / "p.last.pt")["step"] > 0
+
+
+@pytest.mark.slow
 def test_a_second_ctrl_c_says_which_resume_state_is_saved(tmp_path):
     data = make_class_folders(tmp_path / "data", train=40, size=8)
     out = tmp_path / "p.pt"
     result = stop_with([signal.SIGINT, signal.SIGINT], ["--data-dir", data, "--out", out, "--epochs", "2",
                                                         "--val-size", "6", *QUICK], gap=0.25)
-    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    assert result.returncode == stopped_status(signal.SIGINT), result.stderr
     line = error_line(result)  # the second signal came during the save, or after it (before: "nothing more saved")
     if line.endswith("no resume state was saved"):
         assert line == "pretrain.py: stopped at once by a second SIGINT; no resume state was saved"
