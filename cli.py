@@ -386,7 +386,7 @@ class StopSignal(contextlib.AbstractContextManager):
 
     def __exit__(self, *exc) -> None:
         """The handlers before are put back; but a program stopping for a signal ignores further ones: a second
-        Ctrl-C after the state is saved would only cut its exit short (killed by SIGINT, not 128 + N)."""
+        Ctrl-C after the state is saved would only cut its exit short (its lock, its temporary files left behind)."""
         self.restore.close()
         if self.received is not None:
             for sig in stop_signals():
