@@ -24,7 +24,7 @@ from torch import nn
 import cli
 import data
 import predict
-from model import CheckpointError, load_checkpoint, model_from_checkpoint, recorded_path
+from model import CheckpointError, is_exported_program, load_checkpoint, model_from_checkpoint, recorded_path
 
 TOLERANCE = 1e-4  # the largest probability difference allowed between the program and the checkpoint, in fp32
 GENERATED_IMAGES = 64  # checked when there is no test split
@@ -56,6 +56,9 @@ def export_program(module: Deployed, stored_size: int, device: torch.device) -> 
 def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> tuple[data.ImageSet, str]:
     """The images both are run on, and what they are: the test split of --data-dir (default: the checkpoint's data
     folder, where it still holds one), else GENERATED_IMAGES seeded noise images."""
+    if data_dir is not None and not (Path(data_dir) / "test").is_dir():  # its images would be taken for classes
+        raise cli.UsageError(f"--data-dir {cli.shown(data_dir)}: holds no test/ folder; pass the data folder whose "
+                             "test/ holds the class folders (e.g. data/cifar10)")
     recorded = checkpoint.get("args", {}).get("data_dir")
     candidates = (recorded_path(checkpoint, recorded), recorded) if recorded else ()  # else here: a copied checkpoint
     folder = data_dir or next((path for path in candidates if (Path(path) / "test").is_dir()), None)
@@ -101,12 +104,25 @@ def write_program(path: Path, program: bytes, record: dict) -> None:
                              "space and export again") from None
 
 
-def export(args: argparse.Namespace) -> int:
-    out = Path(args.out)  # checked before the long work: a file in a folder that exists and can be written
+def check_out(out: Path) -> None:
+    """Before the long work: --out a file in a folder that exists and can be written, replacing no file but a program
+    (a checkpoint, a run's resume state, a picture stay), its record beside it no folder or special file."""
     cli.check_writable_file("--out", out, "model.pt2", "a program file")
     if not out.parent.is_dir():
-        raise cli.UsageError(f"--out {args.out}: folder {cli.shown(out.parent)} does not exist; create it or choose "
-                             "another --out")
+        raise cli.UsageError(f"--out {cli.shown(out)}: folder {cli.shown(out.parent)} does not exist; create it or "
+                             "choose another --out")
+    if out.is_file() and not is_exported_program(out):
+        raise cli.UsageError(f"--out {cli.shown(out)}: exists and is no exported program (a checkpoint?), which "
+                             "writing would replace; choose another --out, or remove the file")
+    record = Path(f"{out}.json")
+    if record.exists() and not record.is_file():
+        raise cli.UsageError(f"--out {cli.shown(out)}: its record {cli.shown(record)} would replace what is there, "
+                             "which is no file; remove it or choose another --out")
+
+
+def export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_out(out)
     device = cli.resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     reference = deployed(checkpoint, args.checkpoint).to(device)

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,16 +144,25 @@ def test_an_altered_program_fails_the_check_and_nothing_is_written(varied, tmp_p
 def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
     out, _ = program
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    cases = {
+    (tmp_path / "r.pt2.json").mkdir()
+    weights = Path(varied).read_bytes()
+    cases = {  # before: --out the checkpoint replaced it, a folder as the record was a traceback after the export,
+        # --data-dir a test/ folder was "test/test: no such folder"
         ("--checkpoint", tmp_path / "notes.txt"): "not a checkpoint file",
         ("--checkpoint", out): "an exported program (export.py), not a checkpoint; pass the checkpoint it was",
         ("--out", tmp_path / "missing" / "m.pt2"): "missing does not exist; create it or choose another --out",
+        ("--out", varied): f"--out {varied}: exists and is no exported program (a checkpoint?), which writing would "
+                           "replace; choose another --out, or remove the file",
+        ("--out", tmp_path / "r.pt2"): f"its record {tmp_path / 'r.pt2.json'} would replace what is there, which is "
+                                       "no file",
+        ("--data-dir", tmp_path): f"--data-dir {tmp_path}: holds no test/ folder; pass the data folder whose test/ "
+                                  "holds the class folders",
     }
     for (flag, value), expected in cases.items():
         argv = {"--checkpoint": varied, "--out": tmp_path / "m.pt2", "--limit": "4"} | {flag: value}
         result = run("export.py", *[word for pair in argv.items() for word in pair], check=False)
         assert expected in error_line(result)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "r.pt2.json"] and Path(varied).read_bytes() == weights
     result = run("finetune.py", "--checkpoint", out, "--data-dir", tmp_path, "--out", tmp_path / "f.pt", check=False)
     assert "an exported program (export.py), not a checkpoint" in error_line(result)
 
