@@ -190,9 +190,14 @@ def linux_available_memory() -> int | None:
 
 
 def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> object:
-    """Run a script's work; a user's mistake or an expected fault ends as one line on stderr."""
+    """Run a script's work; a user's mistake, an expected fault or a stop signal ends as one line on stderr. SIGTERM
+    and SIGHUP stop it as Ctrl-C does (a KeyboardInterrupt: a file being written is removed on the way out), unless
+    the job handles them itself (pretrain.fit's StopSignal)."""
+    signals = StopSignal()
+    signals.at_once = True
     try:
-        return job()
+        with signals:
+            return job()
     except (UsageError, DataError, CheckpointError) as e:
         sys.exit(f"{program}: {e}")
     except torch.cuda.OutOfMemoryError:
@@ -203,10 +208,10 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
             raise
         sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
                  f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
-    except KeyboardInterrupt as e:  # Ctrl-C (SIGINT) where no StopSignal turns it into a saved stop
+    except KeyboardInterrupt as e:
         if e.args != STOP_SAID:
             print(f"{program}: interrupted; nothing more was saved", file=sys.stderr)
-        end_by_signal(signal.SIGINT)
+        end_by_signal(signals.received or signal.SIGINT)
 
 
 STOP_SAID = ("the stop is said",)  # the KeyboardInterrupt of end_by_signal: no other line is due
@@ -361,11 +366,17 @@ def stop_signals() -> list[signal.Signals]:
 
 def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.ExitStack:
     """`handler` installed for each of `signals` at once; the handlers there were before are put back when the
-    `with` block this is entered by ends."""
+    `with` block this is entered by ends, where `handler` is still installed (code that replaced it meanwhile, a
+    stop that ignores further signals, knows better)."""
     restore = contextlib.ExitStack()
     for sig in signals:
-        restore.callback(signal.signal, sig, signal.signal(sig, handler))
+        restore.callback(put_back, sig, signal.signal(sig, handler), handler)
     return restore
+
+
+def put_back(sig: signal.Signals, before, handler: Callable) -> None:
+    if signal.getsignal(sig) == handler:
+        signal.signal(sig, before)
 
 
 class StopSignal(contextlib.AbstractContextManager):

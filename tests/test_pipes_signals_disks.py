@@ -174,17 +174,19 @@ def test_predict_stops_at_the_first_failed_write_into_a_closed_pipe(pretrained, 
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_predict_with_one_line_and_128_plus_sigint(pretrained, tmp_path):
-    """Before: exit 1, a failure's status: whoever ran it could not tell an interrupt from an error."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_stops_predict_with_one_line(pretrained, tmp_path, sig):
+    """Before: exit 1 at Ctrl-C, a failure's status: whoever ran it could not tell an interrupt from an error; killed
+    at once by SIGTERM or SIGHUP, without a line (export.py, the same code, left its temporary file)."""
     for i in range(1000):  # a pass of seconds, a batch each: it is under way when the signal comes
         Image.new("RGB", (32, 32), "red").save(tmp_path / f"{i:04d}.png")
     process = subprocess.Popen(script("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu",
                                       "--batch-size", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=default_signals)
     process.stdout.readline()  # the first image's line: the pass is under way
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == stopped_status(signal.SIGINT) and "Traceback" not in stderr, stderr
+    assert process.returncode == stopped_status(sig) and "Traceback" not in stderr, stderr
     assert stderr.splitlines()[-1] == "predict.py: interrupted; nothing more was saved"
 
 
