@@ -283,6 +283,14 @@ def test_out_of_host_memory_is_one_line(tiny_data, tmp_path):
     assert "pretrain.py: out of host memory with --batch-size 42" in error_line(result)
 
 
+def test_a_runtime_error_that_is_no_allocation_failure_stays_a_traceback():
+    """Only torch's failed malloc is "out of host memory": another RuntimeError is a bug to see, not to misname."""
+    def job():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.report_errors("pretrain.py", 8, job)
+
+
 @pytest.mark.slow
 def test_training_shows_its_progress_in_a_log_at_most_every_tenth(tiny_data, tmp_path):
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",

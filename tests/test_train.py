@@ -288,6 +288,8 @@ def test_an_init_file_that_cannot_be_loaded_is_one_line_without_unsafe_advice(ti
     (["--epochs", "two"], "--epochs: invalid positive_int value"),
     (["--hidden", "64"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, got 64"),
     (["--hidden", "64,0"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, got 64,0"),
+    (["--hidden", "wide,narrow"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, "
+     "got wide,narrow"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message):
     result = run("pretrain.py", *flags, check=False)
