@@ -116,6 +116,42 @@ def test_the_official_source_is_always_checked(tmp_path, server, monkeypatch):
     assert not (tmp_path / "cifar10").exists()
 
 
+def test_a_root_of_other_files_is_refused_and_an_empty_one_filled(tmp_path):
+    source = make_class_folders(tmp_path / "source", train=2, test=1, size=8)
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("a user's file")
+    with pytest.raises(cli.DataError, match=f"--root {root}: exists but holds no train/ and test/ folders; remove it"):
+        download.download(root, str(source))
+    assert [p.name for p in root.iterdir()] == ["notes.txt"] and leftovers(tmp_path) == []
+    (root / "notes.txt").unlink()  # an empty folder made beforehand is filled
+    download.download(root, str(source))
+    assert sorted(p.name for p in (root / "test").iterdir()) == ["blue", "green", "red"]
+
+
+def test_a_source_that_is_no_data_set_is_named_and_leaves_nothing(tmp_path):
+    odd = make_class_folders(tmp_path / "odd", train=2, test=1, size=8)
+    (odd / "train" / "extra").mkdir()
+    Image.new("RGB", (8, 8)).save(odd / "train" / "extra" / "0.png")
+    (tmp_path / "notes.txt").write_text("no archive")
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    for source, message in ((odd, "train/ and test/ have different class folders (only in train: extra; only in "
+                                  "test: none); fix the source"),
+                            (tmp_path / "notes.txt", "not a tar or zip archive, or an incomplete one"),
+                            (tmp_path / "flat", "no train/ and test/ class folders found (looked two levels down)")):
+        with pytest.raises(cli.DataError, match=re.escape(f"{source}: {message}")):
+            download.download(tmp_path / "cifar10", str(source))
+        assert not (tmp_path / "cifar10").exists() and leftovers(tmp_path) == []
+
+
+def test_a_root_in_a_read_only_folder_is_one_line(tmp_path, small_filesystem):
+    source = make_class_folders(tmp_path / "source", train=2, test=1, size=8)
+    read_only = small_filesystem(read_only=True)
+    with pytest.raises(cli.DataError, match=f"--root {read_only}/c: cannot write in {read_only} \\(Read-only file "
+                       "system\\); choose another --root"):
+        download.download(read_only / "c", str(source))
+
+
 def test_unreachable_url_is_one_clear_line(tmp_path):
     result = run("download.py", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz",
                  check=False)
