@@ -406,9 +406,9 @@ def test_recipe_flag_changes_the_training_loss(flag):
     assert losses[0] != pytest.approx(losses[1], abs=1e-4)
 
 
-@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "predict.py", "download.py"])
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "predict.py", "download.py", "export.py"])
 def test_help_shows_every_default(script):
-    text = run(*script.split(), "--help").stdout
+    text = run(script, "--help", process=script == "export.py").stdout  # no other test starts export.py as a file
     assert "(default: None)" not in " ".join(text.split())
     if script.endswith("train.py") or script == "finetune.py":
         assert "passes over the training images (default: 40)" in text and "SGD momentum (default: 0.9)" in text
