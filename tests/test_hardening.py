@@ -108,6 +108,12 @@ def test_a_checkpoint_whose_classes_do_not_fit_its_head_is_refused(pretrained, t
         error_line(result))
 
 
+def test_resuming_a_best_checkpoint_instead_of_its_resume_state_names_the_file_to_pass(pretrained):
+    result = run("pretrain.py", "--resume", pretrained, check=False)
+    assert error_line(result) == (f"pretrain.py: --resume {pretrained}: holds no training state; pass the .last.pt "
+                                  "file beside --out")
+
+
 @pytest.mark.slow
 def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrained, tiny_data, tmp_path):
     out = tmp_path / "f.pt"
