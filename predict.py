@@ -396,11 +396,8 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
     classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says (another one for
     those named as a class but for case or Unicode normalisation). None, or an unreadable folder: a DataError."""
-    try:
-        folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    except OSError as e:
-        raise cli.DataError(f"{cli.shown(path)}: cannot read this folder ({e.strerror or e})",
-                            "check its permissions") from None
+    files = data.image_files(path)  # first: its DataError names a folder that cannot be read
+    folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     labelled = any(p.name in classes for p in folders)
     loosely = {data.alike(name): name for name in classes}  # ImageFolder's names are exact: only a note for these
     matches = {name: loosely.get(data.alike(name)) for name in sorted(p.name for p in folders if p.name not in classes)}
@@ -420,7 +417,7 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
               f"unlabelled; pass {cli.shown(path / 'test')} for the test split's accuracy", file=sys.stderr)
     index = {name: i for i, name in enumerate(classes)} if labelled else {}
     # The class folder an image lies in; one beside the class folders, or in a hidden folder, has none.
-    found = [(p, index.get(p.relative_to(path).parts[0]) if p.parent != path else None) for p in data.image_files(path)]
+    found = [(p, index.get(p.relative_to(path).parts[0]) if p.parent != path else None) for p in files]
     if not found:
         raise cli.DataError(f"{cli.shown(path)}: no images in this folder ({', '.join(data.IMAGE_EXTENSIONS)})")
     return found

@@ -116,6 +116,42 @@ def test_the_official_source_is_always_checked(tmp_path, server, monkeypatch):
     assert not (tmp_path / "cifar10").exists()
 
 
+def test_a_root_of_other_files_is_refused_and_an_empty_one_filled(tmp_path):
+    source = make_class_folders(tmp_path / "source", train=2, test=1, size=8)
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("a user's file")
+    with pytest.raises(cli.DataError, match=f"--root {root}: exists but holds no train/ and test/ folders; remove it"):
+        download.download(root, str(source))
+    assert [p.name for p in root.iterdir()] == ["notes.txt"] and leftovers(tmp_path) == []
+    (root / "notes.txt").unlink()  # an empty folder made beforehand is filled
+    download.download(root, str(source))
+    assert sorted(p.name for p in (root / "test").iterdir()) == ["blue", "green", "red"]
+
+
+def test_a_source_that_is_no_data_set_is_named_and_leaves_nothing(tmp_path):
+    odd = make_class_folders(tmp_path / "odd", train=2, test=1, size=8)
+    (odd / "train" / "extra").mkdir()
+    Image.new("RGB", (8, 8)).save(odd / "train" / "extra" / "0.png")
+    (tmp_path / "notes.txt").write_text("no archive")
+    (tmp_path / "flat" / "cat").mkdir(parents=True)
+    for source, message in ((odd, "train/ and test/ have different class folders (only in train: extra; only in "
+                                  "test: none); fix the source"),
+                            (tmp_path / "notes.txt", "not a tar or zip archive, or an incomplete one"),
+                            (tmp_path / "flat", "no train/ and test/ class folders found (looked two levels down)")):
+        with pytest.raises(cli.DataError, match=re.escape(f"{source}: {message}")):
+            download.download(tmp_path / "cifar10", str(source))
+        assert not (tmp_path / "cifar10").exists() and leftovers(tmp_path) == []
+
+
+def test_a_root_in_a_read_only_folder_is_one_line(tmp_path, small_filesystem):
+    source = make_class_folders(tmp_path / "source", train=2, test=1, size=8)
+    read_only = small_filesystem(read_only=True)
+    with pytest.raises(cli.DataError, match=f"--root {read_only}/c: cannot write in {read_only} \\(Read-only file "
+                       "system\\); choose another --root"):
+        download.download(read_only / "c", str(source))
+
+
 def test_unreachable_url_is_one_clear_line(tmp_path):
     result = run("download.py", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz",
                  check=False)
@@ -240,10 +276,13 @@ def test_a_url_as_the_data_folder_says_to_download_it_first(tmp_path):
 
 def test_empty_or_missing_folders_are_clear_errors_that_name_no_flag_of_ours(tmp_path):
     """data.py is also a library (see data.Loader): its messages name the path and the problem, no flag."""
-    missing = tmp_path / "missing"
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
     (tmp_path / "train" / "cat").mkdir(parents=True)
+    empty.mkdir()
     for call, message in [(lambda: data.load_folder(missing), f"{missing}: no such folder; expected a folder of "
                            "class folders"),
+                          (lambda: data.load_folder(empty), f"{empty}: no class folders inside; expected "
+                           f"{empty}/<class>/<image> files"),
                           (lambda: data.load_folder(tmp_path / "train"), "cat: class folder has no images"),
                           (lambda: data.load_dataset(tmp_path), f"{tmp_path}: no test/ folder; a data folder holds "
                            "train/<class>/ and test/<class>/"),
@@ -252,6 +291,31 @@ def test_empty_or_missing_folders_are_clear_errors_that_name_no_flag_of_ours(tmp
         with pytest.raises(cli.DataError) as error:
             call()
         assert message in str(error.value) and "--" not in str(error.value) and ".py" not in str(error.value)
+
+
+def test_cache_metadata_that_cannot_be_written_is_a_warning_and_the_cache_untrusted(tmp_path, monkeypatch, capsys):
+    """The images fit (their space is allocated first), the small metadata file then fails: a warning, not an
+    OSError traceback; without the metadata the next run decodes again."""
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+
+    def full(path, write):
+        raise OSError(28, "No space left on device", str(path))
+    monkeypatch.setattr(cli, "write_atomically", full)
+    assert data.load_folder(root / "train").images.shape == (9, 3, 32, 32)
+    assert (f"warning: cannot write the image cache {root}/.cache/train.json (No space left on device); decoding "
+            "every run") in capsys.readouterr().err
+    assert not (root / ".cache" / "train.json").exists()
+
+
+def test_a_most_common_side_the_sample_missed_is_decoded_again_at_the_right_one(tmp_path):
+    """The side is guessed from every third image here (a sample of at most 64): those are 8 px, the other two
+    thirds 12 px, so the count of all the images' sides disagrees with the guess and decides."""
+    for i in range(192):
+        folder = tmp_path / "train" / "ab"[i // 96]
+        folder.mkdir(parents=True, exist_ok=True)
+        side = 8 if i % 3 == 0 else 12
+        Image.new("RGB", (side, side), "red").save(folder / f"{i % 96:03d}.png")
+    assert data.load_folder(tmp_path / "train", cache=False).images.shape == (192, 3, 12, 12)
 
 
 def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):

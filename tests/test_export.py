@@ -116,9 +116,12 @@ def test_the_checkpoints_relative_data_folder_is_found_from_another_folder(varie
 
 
 def test_the_program_divides_by_the_checkpoints_temperature(varied, tmp_path):
+    """Its data folder gone (a checkpoint copied to another machine), the check runs on generated images."""
     checkpoint = torch.load(varied, weights_only=True) | {"temperature": 3.0}
+    checkpoint["args"]["data_dir"] = str(tmp_path / "gone")
     torch.save(checkpoint, tmp_path / "warm.pt")
-    run("export.py", "--checkpoint", tmp_path / "warm.pt", "--out", tmp_path / "warm.pt2", "--limit", "8")
+    result = run("export.py", "--checkpoint", tmp_path / "warm.pt", "--out", tmp_path / "warm.pt2", "--limit", "8")
+    assert "on 8 images (generated images (no test split found; pass --data-dir for real ones))" in result.stdout
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         probabilities = torch.export.load(tmp_path / "warm.pt2").module()(images)
@@ -199,6 +202,21 @@ def test_latency_refuses_a_checkpoint_as_its_program(varied):
     result = run("benchmarks/latency.py", "--checkpoint", varied, "--program", varied, process=True, check=False)
     assert error_line(result) == (f"latency.py: {varied}: not an exported program; pass a file export.py wrote, or "
                                   f"export this checkpoint first: python export.py --checkpoint {varied}")
+
+
+def test_a_record_that_cannot_be_written_leaves_no_record_of_another_program(tmp_path, monkeypatch):
+    out, record = tmp_path / "m.pt2", tmp_path / "m.pt2.json"
+    record.write_text('{"check": "of the previous program"}')
+    write_atomically = export.cli.write_atomically
+
+    def full_for_the_record(path, write):
+        if Path(path) == record:
+            raise OSError(28, "No space left on device")
+        write_atomically(path, write)
+    monkeypatch.setattr(export.cli, "write_atomically", full_for_the_record)
+    with pytest.raises(export.cli.UsageError, match=f"--out {out}: written, but not its record {record} \\(No space"):
+        export.write_program(out, b"the program", {"check": "of this one"})
+    assert out.read_bytes() == b"the program" and not record.exists()
 
 
 def test_a_program_onto_a_full_disk_is_one_line_and_leaves_nothing(varied, small_filesystem):

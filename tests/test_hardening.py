@@ -109,6 +109,12 @@ def test_a_checkpoint_whose_classes_do_not_fit_its_head_is_refused(pretrained, t
         error_line(result))
 
 
+def test_resuming_a_best_checkpoint_instead_of_its_resume_state_names_the_file_to_pass(pretrained):
+    result = run("pretrain.py", "--resume", pretrained, check=False)
+    assert error_line(result) == (f"pretrain.py: --resume {pretrained}: holds no training state; pass the .last.pt "
+                                  "file beside --out")
+
+
 @pytest.mark.slow
 def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrained, tiny_data, tmp_path):
     out = tmp_path / "f.pt"
@@ -282,6 +288,14 @@ def test_out_of_host_memory_is_one_line(tiny_data, tmp_path):
     if "import" in result.stderr and "Error" in result.stderr and "pretrain" not in result.stderr:
         pytest.skip(f"torch does not start under a {limit} byte address space here")
     assert "pretrain.py: out of host memory with --batch-size 42" in error_line(result)
+
+
+def test_a_runtime_error_that_is_no_allocation_failure_stays_a_traceback():
+    """Only torch's failed malloc is "out of host memory": another RuntimeError is a bug to see, not to misname."""
+    def job():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.report_errors("pretrain.py", 8, job)
 
 
 @pytest.mark.slow

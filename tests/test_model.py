@@ -1,5 +1,6 @@
 import os
 import random
+import re
 import threading
 import weakref
 from pathlib import Path
@@ -171,6 +172,22 @@ def test_a_folder_or_fifo_as_a_checkpoint_is_named_and_never_read(tmp_path):
         load_checkpoint(tmp_path / "fifo.pt")
     with pytest.raises(CheckpointError, match=f"{tmp_path}: is a folder; pass a checkpoint file"):
         load_checkpoint(tmp_path)
+    (tmp_path / "notes").write_text("a file")
+    with pytest.raises(CheckpointError, match=f"{tmp_path}/notes/m.pt: cannot read it \\(Not a directory\\); pass a "):
+        load_checkpoint(tmp_path / "notes" / "m.pt")
+
+
+@pytest.mark.parametrize("change,problem", [
+    ({"classes": "abc"}, "its classes are not a list of names"),
+    ({"classes": ["a", "b", 3]}, "its classes are not a list of names"),
+    ({"image_size": 32}, "image_size 32 (at least 63) or stored_size 32 is not a size"),
+    ({"stored_size": 0.5}, "image_size 64 (at least 63) or stored_size 0.5 is not a size"),
+])
+def test_classes_or_sizes_that_are_no_such_things_are_an_inconsistent_checkpoint(tmp_path, change, problem):
+    checkpoint = checkpoint_dict(AlexNet(num_classes=3, hidden=(8, 8)), ["a", "b", "c"], 64, 32) | change
+    torch.save(checkpoint, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=re.escape(f"odd.pt: inconsistent checkpoint: {problem}; re-train")):
+        load_checkpoint(tmp_path / "odd.pt")
 
 
 def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Issue 27: the pictures a run and predict.py draw, calibrated probabilities, --min-confidence and --mistakes."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,19 @@ def test_mistakes_draws_and_prints_the_most_confident_wrong_predictions(pretrain
     assert drawn.size == (max(5 * 98 + 2, 420), 34 + 96 + 28 + 4)  # one row of 5 tiles with two caption lines
     caption = np.asarray(drawn.crop((0, 34 + 96, 98, 34 + 96 + 14))).astype(int)  # the first tile's first line
     assert ((caption[..., 0] > 150) & (caption[..., 1:] < 60).all(2)).sum() > 20  # red: a wrong label
+
+
+def test_mistakes_with_no_mistake_is_said_and_no_picture_written(pretrained, tiny_data, tmp_path):
+    first = json.loads(run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu",
+                           "--json").stdout)["predictions"]
+    right = next(Path(p["path"]) for p in first if p["predicted"] == p["true"])
+    (tmp_path / "images" / right.parent.name).mkdir(parents=True)  # a labelled folder of one image it gets right
+    shutil.copy(right, tmp_path / "images" / right.parent.name)
+    result = run("predict.py", tmp_path / "images", "--checkpoint", pretrained, "--device", "cpu", "--mistakes",
+                 tmp_path / "m.png")
+    assert result.stderr.strip().splitlines()[-1] == (f"predict.py: no mistakes among the 1 labelled images; "
+                                                      f"--mistakes {tmp_path / 'm.png'} is not written")
+    assert not (tmp_path / "m.png").exists()
 
 
 def test_mistakes_with_no_labelled_image_and_bad_picture_flags_are_one_line(pretrained, tiny_data, tmp_path):

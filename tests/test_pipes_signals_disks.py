@@ -152,6 +152,21 @@ def filled(disk: Path) -> Path:
     return filler
 
 
+def test_a_flush_into_a_closed_pipe_is_a_loss_not_an_error():
+    """What a write left buffered fails at the flush (print's flush=True, Python's at exit): kept in `lost`, and the
+    descriptor then points at /dev/null, so the next flush does not fail again."""
+    read, write = os.pipe()
+    stream = open(write, "w")
+    output = cli.Output(stream)
+    output.write("a line the reader never reads\n")  # buffered: the write itself succeeds
+    os.close(read)
+    output.flush()
+    assert isinstance(output.lost, BrokenPipeError)
+    output.write("more\n")
+    output.flush()
+    stream.close()
+
+
 @pytest.mark.slow
 def test_predict_into_a_closed_pipe_exits_quietly(pretrained, tiny_data, tmp_path):
     result = closed_pipe_run(script("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu"))

@@ -188,6 +188,14 @@ def test_a_process_on_windows_is_looked_up_not_sent_signal_0(monkeypatch):
     assert [cli.process_is_running(pid) for pid in (10, 11, 12)] == [True, False, False]
 
 
+def test_another_users_process_is_running_though_it_cannot_be_signalled(monkeypatch):
+    """os.kill(pid, 0) on another user's process is EPERM: it is running, its temporary file is not removed."""
+    def kill(pid, sig):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(cli.os, "kill", kill)
+    assert cli.process_is_running(1)
+
+
 def test_without_posix_fallocate_the_image_file_is_written_out_and_a_full_disk_is_one_line(
         tmp_path, monkeypatch, small_filesystem):
     monkeypatch.delattr(data.os, "posix_fallocate")

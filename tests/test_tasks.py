@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from unittest import mock
 
@@ -89,6 +90,20 @@ def test_every_script_flag_is_a_task_flag(name, monkeypatch):
     if name in ("pretrain", "finetune"):
         all_flags = {flag for argument in tasks.all_.get_arguments() for flag in argument.names}
         assert dests - {"data-dir", "out", "checkpoint"} <= all_flags
+
+
+def test_a_benchmarks_parser_is_read_with_its_folder_put_on_the_path(monkeypatch):
+    """invoke puts tasks.py's folder on the path, not benchmarks/, whose scripts import each other by name."""
+    import tasks
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p) != ROOT / "benchmarks"])
+    monkeypatch.delitem(sys.modules, "throughput", raising=False)
+    assert tasks.script_parsers(["bench"])["bench"].prog == "throughput.py"
+    assert str(ROOT / "benchmarks") in sys.path
+
+
+def test_the_test_task_runs_pytest(tmp_path, invoke_here):
+    result = invoke_here("--dry", "test", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr.split()[-2:] == ["-m", "pytest"]
 
 
 @pytest.mark.slow  # a real script process

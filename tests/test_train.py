@@ -288,6 +288,8 @@ def test_an_init_file_that_cannot_be_loaded_is_one_line_without_unsafe_advice(ti
     (["--epochs", "two"], "--epochs: invalid positive_int value"),
     (["--hidden", "64"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, got 64"),
     (["--hidden", "64,0"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, got 64,0"),
+    (["--hidden", "wide,narrow"], "--hidden: must be two positive integers with a comma between, e.g. 4096,1024, "
+     "got wide,narrow"),
 ])
 def test_bad_flags_are_argparse_errors(flags, message):
     result = run("pretrain.py", *flags, check=False)
@@ -404,9 +406,9 @@ def test_recipe_flag_changes_the_training_loss(flag):
     assert losses[0] != pytest.approx(losses[1], abs=1e-4)
 
 
-@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "predict.py", "download.py"])
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py", "predict.py", "download.py", "export.py"])
 def test_help_shows_every_default(script):
-    text = run(*script.split(), "--help").stdout
+    text = run(script, "--help", process=script == "export.py").stdout  # no other test starts export.py as a file
     assert "(default: None)" not in " ".join(text.split())
     if script.endswith("train.py") or script == "finetune.py":
         assert "passes over the training images (default: 40)" in text and "SGD momentum (default: 0.9)" in text
