@@ -323,7 +323,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
     add("--momentum", type=cli.fraction, default=0.9, help="SGD momentum")
     add("--weight-decay", type=cli.non_negative_float, default=0.0, help="SGD weight decay")
     add("--val-size", type=cli.positive_int, default=None,
-        help="validation images held out of train/ (default: 10%%, at most 5000)")
+        help="validation images held out of train/ (default: 10%%, at least one per class, at most 5000)")
     add("--image-size", type=cli.image_size, default=None if fine else 224,
         help="side of the network's input" + " (default: the checkpoint's)" * fine)
     add("--device", default="auto", help=cli.DEVICE_HELP)
@@ -464,11 +464,12 @@ def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[da
     if args.limit is not None:
         check_limit(args, train_images.labels, train_images.classes)
         train_images = train_images.subset(data.stratified_split(train_images.labels, args.limit, args.seed)[0])
-    n = len(train_images)
-    if args.val_size is None and n // 10 == 0:
+    n, classes = len(train_images), len(train_images.classes)
+    val_size = args.val_size or min(5000, max(n // 10, classes))  # 10 %, at least an image per class
+    if args.val_size is None and val_size >= n:
         raise cli.UsageError(f"{args.data_dir}/train: {n} images{' (after --limit)' * bool(args.limit)} are too few "
-                             "to hold out the default validation split of 10 %; pass --val-size or use more images")
-    val_size = args.val_size or min(5000, n // 10)
+                             f"to hold out a validation image per class ({classes}) and train on the rest; use more "
+                             "images")
     if not 0 < val_size < n:
         raise cli.UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
                              f"{n}; pass a smaller --val-size or more data")

@@ -151,8 +151,11 @@ def run_in_process(script: str, argv: list[str], cwd: Path) -> subprocess.Comple
             except Exception:  # noqa: BLE001 - what Python prints for an uncaught error
                 traceback.print_exc()
                 code = 1
+            except KeyboardInterrupt:  # a stop by SIGINT (cli.end_by_signal): the process is then killed by it
+                code = -signal.SIGINT
     finally:
         os.chdir(previous)
+        sys.excepthook = sys.__excepthook__  # as end_by_signal leaves it in a process that ends
     if isinstance(code, str):
         stderr.write(code + "\n")
         code = 1

@@ -326,8 +326,8 @@ def test_world_size_outside_torchrun_is_one_line(tiny_data, tmp_path, monkeypatc
 def test_too_few_images_without_limit_does_not_blame_limit(tmp_path):
     data_dir = make_class_folders(tmp_path / "d", train=1, test=1)
     result = run("pretrain.py", "--data-dir", data_dir, "--out", tmp_path / "p.pt", *QUICK, check=False)
-    assert error_line(result) == (f"pretrain.py: {data_dir}/train: 3 images are too few to hold out the default "
-                                  "validation split of 10 %; pass --val-size or use more images")
+    assert error_line(result) == (f"pretrain.py: {data_dir}/train: 3 images are too few to hold out a validation "
+                                  "image per class (3) and train on the rest; use more images")
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch, capsys):

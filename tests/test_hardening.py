@@ -239,10 +239,19 @@ def test_a_finetune_resume_says_when_its_checkpoint_was_trained_on_since(pretrai
             "older weights") in result.stderr
 
 
+def test_the_smallest_limit_advised_trains_with_a_validation_image_per_class(tiny_data, tmp_path):
+    """--limit 4 advises --limit 6 or more for 3 classes. Before, 6 to 9 were then refused as too few for the default
+    validation split of 10 %, and 10 to 19 held out one image: one class validated, a temperature fitted on it."""
+    assert "pass --limit 6 or more" in error_line(run("pretrain.py", "--data-dir", tiny_data, "--limit", "4",
+                                                      check=False))
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--limit", "6", "--epochs", "1",
+                 *QUICK)
+    assert "pretrain: 3 training, 3 validation, 18 test images, 3 classes" in result.stdout
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--limit", "4"], "--limit 4: too few for 3 classes"),
     (["--limit", "49"], "train has only 48 images; pass --limit 48 or less, or leave it out to use them all"),
-    (["--limit", "9"], "too few to hold out the default validation split"),
     (["--seed", "99999999999999999999"], "--seed: must be an integer from 0 to 4294967295"),
     (["--image-size", "10000"], "--image-size: at most 1024 px"),
     (["--device", "cpu:1"], "--device cpu:1: not supported by these scripts"),
