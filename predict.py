@@ -552,6 +552,9 @@ def predict(args: argparse.Namespace) -> int:
     device = cli.resolve_device(args.device)
     classify, checkpoint = load_classifier(checkpoint_path, device)
     classes = checkpoint["classes"]
+    if args.min_confidence > 0 and UNKNOWN in classes:  # its images and the uncertain ones would read alike
+        raise cli.UsageError(f"--min-confidence {args.min_confidence}: {checkpoint_path} has a class named "
+                             f"'{UNKNOWN}', the label of an image below it; leave --min-confidence out")
 
     found, errors = find_images(args.paths, classes)
     for flag, picture in pictures.items():  # writing it would overwrite an image it is about to show
@@ -596,8 +599,10 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
                   *([done.results[i][key] for i, _ in done.tiles] for key in ("predicted", "true")))
         print(f"wrote {args.grid} ({len(done.tiles)} images)", file=sys.stderr)
     if args.mistakes and not mistakes:
-        print(f"predict.py: no mistakes among the {len(done.labels)} labelled images; --mistakes {args.mistakes} is "
-              "not written", file=sys.stderr)
+        unknown = sum(r["true"] is not None and r["predicted"] == UNKNOWN for r in done.results)
+        below = f" ({unknown} below --min-confidence: no claim, so no mistake)" * bool(unknown and args.min_confidence)
+        print(f"predict.py: no mistakes among the {len(done.labels)} labelled images{below}; --mistakes "
+              f"{args.mistakes} is not written", file=sys.stderr)
     elif args.mistakes:  # each tile titled with the predicted label, its probability and the true label
         grid = tiles(torch.stack([image for _, _, image in done.mistakes]),
                      [[(f"{m['predicted']} {m['probability']:.0%}", "red"), (f"true: {m['true']}", "white")]
@@ -651,7 +656,8 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
             if args.mistakes:  # the most probable wrong predictions so far; an unknown one is no claim, so no mistake
                 done.mistakes += [(r["top"][0]["probability"], len(done.results) + j, images[j].clone())
                                   for j, r in enumerate(results)
-                                  if r["true"] is not None and r["predicted"] not in (r["true"], UNKNOWN)]
+                                  if r["true"] is not None and r["predicted"] != r["true"]
+                                  and r["top"][0]["probability"] >= args.min_confidence]
                 done.mistakes = sorted(done.mistakes, key=lambda m: (-m[0], m[1]))[:args.mistakes_count]
             done.results += results
             if not args.json:

@@ -1,4 +1,5 @@
 """Issue 27: the pictures a run and predict.py draw, calibrated probabilities, --min-confidence and --mistakes."""
+import collections
 import json
 import shutil
 from pathlib import Path
@@ -166,6 +167,33 @@ def test_mistakes_draws_and_prints_the_most_confident_wrong_predictions(pretrain
     assert drawn.size == (max(5 * 98 + 2, 420), 34 + 96 + 28 + 4)  # one row of 5 tiles with two caption lines
     caption = np.asarray(drawn.crop((0, 34 + 96, 98, 34 + 96 + 14))).astype(int)  # the first tile's first line
     assert ((caption[..., 0] > 150) & (caption[..., 1:] < 60).all(2)).sum() > 20  # red: a wrong label
+
+
+def test_a_class_named_unknown_is_a_class_not_an_uncertain_image(pretrained, tiny_data, tmp_path):
+    """Before: images predicted as a class named `unknown` were left out of --mistakes, as uncertain ones are; with
+    --min-confidence the two read alike. Uncertain images are no mistakes, and --mistakes says so."""
+    first = json.loads(run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu",
+                           "--json").stdout)["predictions"]
+    taken = collections.Counter(p["predicted"] for p in first if p["predicted"] != p["true"]).most_common(1)[0][0]
+    checkpoint = torch.load(pretrained, weights_only=True)  # the class most often predicted wrongly, renamed
+    checkpoint["classes"] = ["unknown" if name == taken else name for name in checkpoint["classes"]]
+    torch.save(checkpoint, tmp_path / "renamed.pt")
+    for name in ("red", "green", "blue"):
+        shutil.copytree(tiny_data / "test" / name, tmp_path / "images" / ("unknown" if name == taken else name))
+    args = [tmp_path / "images", "--checkpoint", tmp_path / "renamed.pt", "--device", "cpu", "--mistakes",
+            tmp_path / "m.png"]
+    output = json.loads(run("predict.py", *args, "--mistakes-count", "99", "--json").stdout)
+    wrong = [p["path"] for p in output["predictions"] if p["predicted"] != p["true"]]
+    assert sorted(m["path"] for m in output["mistakes"]) == sorted(wrong)
+    assert any(m["predicted"] == "unknown" for m in output["mistakes"])
+    assert error_line(run("predict.py", *args, "--min-confidence", "0.5", check=False)) == (
+        f"predict.py: --min-confidence 0.5: {tmp_path / 'renamed.pt'} has a class named 'unknown', the label of an "
+        "image below it; leave --min-confidence out")
+    uncertain = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--mistakes",
+                    tmp_path / "m.png", "--min-confidence", "1")
+    assert uncertain.stderr.strip().splitlines()[-1] == (
+        f"predict.py: no mistakes among the 18 labelled images (18 below --min-confidence: no claim, so no mistake); "
+        f"--mistakes {tmp_path / 'm.png'} is not written")
 
 
 def test_mistakes_with_no_mistake_is_said_and_no_picture_written(pretrained, tiny_data, tmp_path):
