@@ -445,12 +445,14 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
     record = {PROGRAM_RECORD: ""}
     torch_log = logging.getLogger("torch.export")  # it logs a traceback before it raises: the line below says it
     torch_log.disabled = True
-    try:
-        try:
-            program = torch.export.load(path, extra_files=record)
-        except Exception:  # noqa: BLE001 - one exported before the crop was torch's own: torchvision's roi_align
-            importlib.import_module("torchvision")  # registers it (a second, so only then); else the line below
-            program = torch.export.load(path, extra_files=record)
+    try:  # from a file object: torch warns of a path not ending in .pt2 (and means to refuse one)
+        with open(path, "rb") as file:
+            try:
+                program = torch.export.load(file, extra_files=record)
+            except Exception:  # noqa: BLE001 - one exported before the crop was torch's own: torchvision's roi_align
+                importlib.import_module("torchvision")  # registers it (a second, so only then); else the line below
+                file.seek(0)
+                program = torch.export.load(file, extra_files=record)
         return program, json.loads(record[PROGRAM_RECORD])
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
         raise CheckpointError(f"{path}: an exported program that cannot be loaded (damaged, or without "

@@ -2,6 +2,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -92,6 +93,16 @@ def test_predict_with_the_program_gives_the_checkpoints_output(program, varied, 
         assert [t["label"] for t in ours["top"]] == [t["label"] for t in theirs["top"]]
         assert all(abs(a["probability"] - b["probability"]) < 1e-5 for a, b in zip(ours["top"], theirs["top"]))
     assert from_program["report"]["accuracy"] == from_checkpoint["report"]["accuracy"]
+
+
+@pytest.mark.slow  # a new interpreter: torch's warning is logged to the stderr it started with
+def test_a_program_named_without_pt2_loads_without_torchs_warning(program, tiny_data, tmp_path):
+    """Before: torch logged "Unable to load package. f must be a buffer or a file ending in .pt2" (an error to be)."""
+    out, _ = program
+    shutil.copy(out, tmp_path / "model.bin")
+    result = run("predict.py", tiny_data / "test", "--checkpoint", tmp_path / "model.bin", "--device", "cpu",
+                 process=True)
+    assert "pt2" not in result.stderr and len(result.stdout.splitlines()) > 18, result.stderr
 
 
 def test_what_the_scripts_write_by_default_is_never_committed():
