@@ -554,15 +554,18 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images - mean) / std
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, black_outside: bool = False) -> torch.Tensor:
     """Bilinear crop-and-resize of box (x1, y1, x2, y2) of each image to size x size: torchvision's roi_align (aligned,
     adaptive sampling) as two matrix products, in torch alone (importing torchvision costs a second at each start);
-    at its outermost half-pixel a crop reads the neighbouring pixels, not a repeated edge (see sampling_weights)."""
-    rows, columns = (sampling_weights(boxes[:, i], boxes[:, i + 2], images.shape[-1 - i], size) for i in (1, 0))
+    at its outermost half-pixel a crop reads the neighbouring pixels, not a repeated edge (see sampling_weights).
+    `black_outside`: as if the image were padded with black (roi_align repeats its edge for half a pixel out)."""
+    rows, columns = (sampling_weights(boxes[:, i], boxes[:, i + 2], images.shape[-1 - i], size, black_outside)
+                     for i in (1, 0))
     return rows.unsqueeze(1) @ images.float() @ columns.transpose(1, 2).unsqueeze(1)
 
 
-def sampling_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: int) -> torch.Tensor:
+def sampling_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: int, black_outside: bool = False
+                     ) -> torch.Tensor:
     """N x size x length: output pixel i averages ceil(box side / size) bilinear samples spread over its share of the
     box, a sample over a pixel outside the image counting 0. At most ceil(length / size) samples (a box is at most the
     image's side): a shape known without reading the boxes, so no wait for the device."""
@@ -572,9 +575,10 @@ def sampling_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: 
     sample = torch.arange(-(-length // size), device=start.device)
     # in roi_align's order of operations: a sample on the image's far edge is in or out as there
     at = start + torch.arange(size, device=start.device).view(1, -1, 1) * step + (sample + 0.5) * step / count
-    weight = ((at >= -1) & (at <= length) & (sample < count)) / count  # N x size x samples
-    # bilinear: weight 1 - distance to the two nearest pixels; a sample beyond an edge pixel reads that pixel
-    distance = (at.clamp(0, length - 1).unsqueeze(-1) - torch.arange(length, device=start.device)).abs()
+    weight = ((black_outside | (at >= -1) & (at <= length)) & (sample < count)) / count  # N x size x samples
+    # bilinear: weight 1 - distance to the two nearest pixels; roi_align's sample beyond an edge pixel reads that pixel
+    distance = ((at if black_outside else at.clamp(0, length - 1)).unsqueeze(-1)
+                - torch.arange(length, device=start.device)).abs()
     return (weight.unsqueeze(-1) * (1 - distance).clamp(min=0)).sum(2)
 
 
@@ -615,7 +619,7 @@ def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, par
     n = batch or len(images)
     boxes = AUGMENTATIONS[augmentation](n, images.shape[-1], generator, images.device)[part]
     flip = (torch.rand(n, generator=generator, device=images.device) < 0.5)[part]
-    x = crop_resize(images, boxes, size)
+    x = crop_resize(images, boxes, size, black_outside=augmentation == "crop")  # the padded crop's border is black
     x = normalize(torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x))
     if cutout:
         side = round(cutout * size)
