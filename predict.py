@@ -95,7 +95,9 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
 
 
 def print_report(title: str, report: dict, classes: list[str]) -> None:
-    print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}")
+    temperature = report.get("loss_temperature")  # predict.py's: a training's test report takes the loss at 1
+    at = f" (at temperature {temperature:.3g}, as the probabilities)" if temperature else ""
+    print(f"{title}: accuracy {report['accuracy']:.2%} on {report['images']} images, loss {report['loss']:.4f}{at}")
     if "unknown" in report:
         print(f"  {report['unknown']} unknown (top probability below --min-confidence), counted wrong")
     classes = [cli.printable(name) for name in classes]  # a newline in a class folder's name would split a row
@@ -579,6 +581,8 @@ def predict(args: argparse.Namespace) -> int:
     # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
     report = (classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes, args.min_confidence)
               if done.labels else None)
+    if report is not None and evaluation_of(checkpoint)[2] != 1:
+        report["loss_temperature"] = evaluation_of(checkpoint)[2]
     mistakes = [{key: done.results[i][key] for key in ("path", "predicted", "true")} | {"probability": p}
                 for p, i, _ in done.mistakes]
     if args.json:

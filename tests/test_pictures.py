@@ -196,6 +196,18 @@ def test_a_class_named_unknown_is_a_class_not_an_uncertain_image(pretrained, tin
         f"--mistakes {tmp_path / 'm.png'} is not written")
 
 
+def test_predicts_loss_says_the_temperature_it_is_taken_at(pretrained, tiny_data):
+    """Before: predict.py's loss (of the calibrated probabilities) and the training's test report's (at temperature
+    1) differed for the same images, nothing saying why."""
+    temperature = torch.load(pretrained, weights_only=True)["temperature"]
+    assert temperature != 1
+    args = [tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu"]
+    report = json.loads(run("predict.py", *args, "--json").stdout)["report"]
+    assert report["loss_temperature"] == temperature
+    assert (f"18 labelled images: accuracy {report['accuracy']:.2%} on 18 images, loss {report['loss']:.4f} (at "
+            f"temperature {temperature:.3g}, as the probabilities)") in run("predict.py", *args).stdout
+
+
 def test_mistakes_with_no_mistake_is_said_and_no_picture_written(pretrained, tiny_data, tmp_path):
     first = json.loads(run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu",
                            "--json").stdout)["predictions"]
