@@ -190,14 +190,9 @@ def linux_available_memory() -> int | None:
 
 
 def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> object:
-    """Run a script's work; a user's mistake, an expected fault or a stop signal ends as one line on stderr. SIGTERM
-    and SIGHUP stop it as Ctrl-C does (a KeyboardInterrupt: a file being written is removed on the way out), unless
-    the job handles them itself (pretrain.fit's StopSignal)."""
-    signals = StopSignal()
-    signals.at_once = True
+    """Run a script's work; a user's mistake, an expected fault or a stop signal ends as one line on stderr."""
     try:
-        with signals:
-            return job()
+        return job()
     except (UsageError, DataError, CheckpointError) as e:
         sys.exit(f"{program}: {e}")
     except torch.cuda.OutOfMemoryError:
@@ -208,23 +203,9 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
             raise
         sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
                  f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
-    except KeyboardInterrupt as e:
-        if e.args != STOP_SAID:
-            print(f"{program}: interrupted; nothing more was saved", file=sys.stderr)
-        end_by_signal(signals.received or signal.SIGINT)
-
-
-STOP_SAID = ("the stop is said",)  # the KeyboardInterrupt of end_by_signal: no other line is due
-
-
-def end_by_signal(received: int) -> None:
-    """End a script stopped by signal N, once it has said so: exit 128 + N, not a failure's 1; at Ctrl-C (SIGINT) by
-    an uncaught KeyboardInterrupt, without its traceback, as Python ends at a Ctrl-C: it exits cleanly, then dies of
-    SIGINT, so that a shell running the script in a loop stops too (bash goes on after a child that exited 130)."""
-    if received != signal.SIGINT:
-        sys.exit(128 + received)
-    sys.excepthook = lambda kind, *rest: None if kind is KeyboardInterrupt else sys.__excepthook__(kind, *rest)
-    raise KeyboardInterrupt(*STOP_SAID)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM or SIGHUP in a script (run_script), where no StopSignal
+        print(f"{program}: interrupted; nothing more was saved", file=sys.stderr)  # turns it into a saved stop
+        sys.exit(128 + signal_of(e))  # stopped by a signal: 128 + N, not a failure's 1
 
 
 # --------------------------------------------------------------------------- output
@@ -356,27 +337,24 @@ class ProgressLine:
 # --------------------------------------------------------------------------- signals and files
 
 
+SIGHUP = getattr(signal, "SIGHUP", None)  # Windows has none
+
+
 def stop_signals() -> list[signal.Signals]:
     """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
     dropped; Windows has none), but not one ignored when it started: `nohup` ignores SIGHUP, a shell script's
     background job SIGINT (the run is to outlive the terminal, or its script's Ctrl-C)."""
-    signals = [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)]
+    signals = [signal.SIGINT, signal.SIGTERM, SIGHUP]
     return [sig for sig in signals if sig is not None and signal.getsignal(sig) != signal.SIG_IGN]
 
 
 def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.ExitStack:
     """`handler` installed for each of `signals` at once; the handlers there were before are put back when the
-    `with` block this is entered by ends, where `handler` is still installed (code that replaced it meanwhile, a
-    stop that ignores further signals, knows better)."""
+    `with` block this is entered by ends."""
     restore = contextlib.ExitStack()
     for sig in signals:
-        restore.callback(put_back, sig, signal.signal(sig, handler), handler)
+        restore.callback(signal.signal, sig, signal.signal(sig, handler))
     return restore
-
-
-def put_back(sig: signal.Signals, before, handler: Callable) -> None:
-    if signal.getsignal(sig) == handler:
-        signal.signal(sig, before)
 
 
 class StopSignal(contextlib.AbstractContextManager):
@@ -393,15 +371,60 @@ class StopSignal(contextlib.AbstractContextManager):
         second = self.received is not None
         self.received = self.received or signal.Signals(signum)
         if second or self.at_once:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signal.Signals(signum))
 
     def __exit__(self, *exc) -> None:
         """The handlers before are put back; but a program stopping for a signal ignores further ones: a second
         Ctrl-C after the state is saved would only cut its exit short (its lock, its temporary files left behind)."""
-        self.restore.close()
-        if self.received is not None:
-            for sig in stop_signals():
-                signal.signal(sig, signal.SIG_IGN)
+        if self.received is None:
+            self.restore.close()
+        else:
+            ignore_stop_signals()
+
+
+def ignore_stop_signals() -> None:
+    for sig in stop_signals():
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def signal_of(interrupt: KeyboardInterrupt) -> signal.Signals:
+    """The stop signal a KeyboardInterrupt stands for: the one it names (StopSignal, run_script), else SIGINT."""
+    return next((arg for arg in interrupt.args if isinstance(arg, signal.Signals)), signal.SIGINT)
+
+
+def interrupt(signum: int, frame) -> None:
+    """A stop signal taken as Ctrl-C is: a KeyboardInterrupt, naming it."""
+    raise KeyboardInterrupt(signal.Signals(signum))
+
+
+STOP_SAID = ("the stop is said",)  # run_script's KeyboardInterrupt: the program said why it stops
+
+
+def run_script(main: Callable[[], None]) -> None:
+    """A script run as a program (`if __name__ == "__main__"`; main() alone changes no handler of its caller's).
+    SIGTERM and SIGHUP, as Ctrl-C, raise a KeyboardInterrupt (report_errors says it in a line; a file being written
+    is removed on the way out), unless a StopSignal takes them meanwhile. A stop by signal N (an exit 128 + N) then
+    ignores further ones and, at SIGINT, ends as Python at a Ctrl-C: killed by it after a clean exit, so that a shell
+    running the script in a loop stops too (bash goes on after a child that exited 130)."""
+    for sig in stop_signals():
+        signal.signal(sig, interrupt)
+    try:
+        main()
+    except (SystemExit, KeyboardInterrupt) as end:
+        code = end.code if isinstance(end, SystemExit) else 128 + signal_of(end)  # a second signal in the exit
+        if not isinstance(code, int) or code - 128 not in (signal.SIGINT, signal.SIGTERM, SIGHUP):
+            raise
+        ignore_stop_signals()
+        if code != 128 + signal.SIGINT:
+            sys.exit(code)
+        sys.excepthook = quiet_stop
+        raise KeyboardInterrupt(*STOP_SAID) from None
+
+
+def quiet_stop(kind: type, value: BaseException, traceback) -> None:
+    """sys.excepthook once run_script ends at a Ctrl-C: its KeyboardInterrupt prints no traceback, others do."""
+    if not (kind is KeyboardInterrupt and value.args == STOP_SAID):
+        sys.__excepthook__(kind, value, traceback)
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:

@@ -10,7 +10,6 @@ import lzma
 import os
 import pickle
 import shutil
-import signal
 import stat
 import sys
 import tarfile
@@ -26,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cli import (ArgumentParser, DataError, Lock, StopSignal, UsageError, check_tilde_expanded, end_by_signal,
-                 guard_output, shown, special_kind)
+from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, run_script, shown,
+                 signal_of, special_kind)
 from data import URL, WORKERS, scan_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -450,19 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     guard_output()  # a closed stdout (`| head`) loses the closing line, not the data set
     args = build_parser().parse_args(argv)
-    # SIGTERM and SIGHUP as Ctrl-C: the temporary folder is removed on the way out, not left to the next download
-    signals = StopSignal()
-    signals.at_once = True
     try:
-        with signals:
-            check_tilde_expanded("--root", Path(args.root))
-            download(args.root, args.source, args.md5)
+        check_tilde_expanded("--root", Path(args.root))
+        download(args.root, args.source, args.md5)
     except (DataError, UsageError) as e:
         sys.exit(f"download.py: {e}")
-    except KeyboardInterrupt:  # the temporary folder is already gone
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM or SIGHUP (run_script): the temporary folder is already gone
         print(f"download.py: interrupted; nothing was written to {args.root}", file=sys.stderr)
-        end_by_signal(signals.received or signal.SIGINT)
+        sys.exit(128 + signal_of(e))
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -56,9 +56,6 @@ def export_program(module: Deployed, stored_size: int, device: torch.device) -> 
 def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> tuple[data.ImageSet, str]:
     """The images both are run on, and what they are: the test split of --data-dir (default: the checkpoint's data
     folder, where it still holds one), else GENERATED_IMAGES seeded noise images."""
-    if data_dir is not None and not (Path(data_dir) / "test").is_dir():  # its images would be taken for classes
-        raise cli.UsageError(f"--data-dir {cli.shown(data_dir)}: holds no test/ folder; pass the data folder whose "
-                             "test/ holds the class folders (e.g. data/cifar10)")
     recorded = checkpoint.get("args", {}).get("data_dir")
     candidates = (recorded_path(checkpoint, recorded), recorded) if recorded else ()  # else here: a copied checkpoint
     folder = data_dir or next((path for path in candidates if (Path(path) / "test").is_dir()), None)
@@ -123,6 +120,9 @@ def check_out(out: Path) -> None:
 def export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out(out)
+    if args.data_dir is not None and not (Path(args.data_dir) / "test").is_dir():  # before the work, as --out
+        raise cli.UsageError(f"--data-dir {cli.shown(args.data_dir)}: holds no test/ folder; pass the data folder "
+                             "whose test/ holds the class folders (e.g. data/cifar10)")
     device = cli.resolve_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint)
     reference = deployed(checkpoint, args.checkpoint).to(device)
@@ -176,4 +176,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)

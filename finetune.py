@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cli import UsageError, guard_output, report_errors
+from cli import UsageError, guard_output, report_errors, run_script
 from model import AlexNet, load_checkpoint, model_from_checkpoint, recorded_path
 from pretrain import make_parser, parse_flags, side_files, train
 
@@ -145,4 +145,4 @@ def warn_if_started_from_older_weights(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

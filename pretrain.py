@@ -127,10 +127,10 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
 
 
 def stop(run: Run, received: signal.Signals, where: str) -> None:
-    """The one way a signal ends a run: a line saying where it stopped and what to do, then cli.end_by_signal."""
+    """The one way a signal ends a run: a line saying where it stopped and what to do, and exit 128 + N."""
     if run.processes.main:
         print(f"{run.stage}.py: stopped {where}", file=sys.stderr)
-    cli.end_by_signal(received)
+    sys.exit(128 + received)
 
 
 def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, writer: cli.CheckpointWriter,
@@ -474,7 +474,8 @@ def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[da
         raise cli.UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
                              f"{n}; pass a smaller --val-size or more data")
     val_index, train_index = data.stratified_split(train_images.labels, val_size, args.seed)
-    check_every_class_trains(val_size, train_images.labels, train_index)
+    split = f"--val-size {val_size}" if args.val_size else f"the default validation split of {val_size}"
+    check_every_class_trains(split, train_images.labels, train_index)
     return (data.place(train_images.subset(train_index), processes.device, args.stream),
             data.place(train_images.subset(val_index), processes.device, args.stream), test_images)
 
@@ -497,7 +498,7 @@ def check_limit(args: argparse.Namespace, labels: torch.Tensor, classes: list[st
                              f"training and a validation image; pass --limit {enough} or more")
 
 
-def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: torch.Tensor) -> None:
+def check_every_class_trains(split: str, labels: torch.Tensor, train_index: torch.Tensor) -> None:
     """A class the split left without training images cannot be learnt: the run would train and exit 0 anyway."""
     per_class = torch.bincount(labels.cpu())
     if (torch.bincount(labels.cpu()[train_index], minlength=len(per_class)) > 0).all():
@@ -505,7 +506,7 @@ def check_every_class_trains(val_size: int, labels: torch.Tensor, train_index: t
     # At most n(m-1)/m of n images, a class of m gets at most m-1 held out, whatever the split's rounding.
     largest = int((len(labels) * (per_class - 1) // per_class.clamp(min=1)).min())
     advice = f"pass --val-size {largest} or less" if largest > 0 else "give every class two images or more"
-    raise cli.UsageError(f"--val-size {val_size}: leaves a class with no training image; {advice}")
+    raise cli.UsageError(f"{split}: leaves a class with no training image; {advice}")
 
 
 @dataclass
@@ -757,4 +758,4 @@ def initial_weights(source: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)

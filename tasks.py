@@ -123,30 +123,32 @@ def command_line(words: list[str]) -> str:
 
 def run_shown(c, words: list[str], cwd: Path | None = None) -> None:
     """The command is shown first on stderr, a diagnostic, in invoke's bold only on a terminal; `invoke --dry` shows
-    it only. A step that fails ends invoke with the step's exit status (128 + N when signal N stopped it, and at
-    SIGINT as the step ended: killed by it)."""
+    it only. A step that fails ends invoke with the step's exit status (128 + N when signal N stopped it; killed by
+    SIGINT, invoke ends so too)."""
     command = command_line(words)
     print(c.config.run.echo_format.format(command=command) if sys.stderr.isatty() else command, file=sys.stderr,
           flush=True)
     if not c.config.run.dry:
         status = run_passing_signals(words, cwd)
-        if status == 128 + signal.SIGINT and sys.platform != "win32":  # as the script ended (cli.end_by_signal)
-            atexit.register(die_of_sigint)  # invoke, raising Exit, runs it as it exits
+        if status == -signal.SIGINT:  # the script ended as Python at a Ctrl-C (cli.run_script): invoke does too
+            atexit.register(die_of_sigint)  # as it exits, at the Exit below
         if status:
-            raise Exit(code=status)
+            raise Exit(code=128 - status if status < 0 else status)  # killed by signal N: -N; as a shell says it
 
 
 def die_of_sigint() -> None:
     """Invoke's end after a script stopped by Ctrl-C: killed by SIGINT, once its output is out, so that a shell
     running `invoke` in a loop stops too (invoke itself would exit 1 at a KeyboardInterrupt)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed (`| head`): nothing to save
+            stream.flush()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
 
 
 def run_passing_signals(words: list[str], cwd: Path | None) -> int:
-    """Run the command and wait for it, passing it each stop signal invoke receives; its exit status.
+    """Run the command and wait for it, passing it each stop signal invoke receives; its exit status (-N: killed by
+    signal N).
 
     Not c.run: invoke copied the script's output through threads that died with it (the script's last line lost),
     exited at Ctrl-C without waiting, ignored `kill -INT`, and left the script orphaned at SIGTERM (`timeout`); and
@@ -159,8 +161,7 @@ def run_passing_signals(words: list[str], cwd: Path | None) -> int:
     script = subprocess.Popen(words, cwd=cwd, start_new_session=posix)
     handler = functools.partial(pass_signal, script.pid) if posix else signal.SIG_IGN
     with cli.handling(cli.stop_signals(), handler):
-        status = script.wait()
-    return 128 - status if status < 0 else status  # killed by signal N: -N; as a shell says it, 128 + N
+        return script.wait()
 
 
 def pass_signal(group: int, signum: int, frame) -> None:

@@ -224,11 +224,12 @@ def run_step(step: Step, out_dir: Path, seconds_left: float) -> tuple[int, float
         except Stopped as e:
             code, stopped = stop(process, e.signal), e.signal
         seconds = time.perf_counter() - started
+    code = 128 - code if code < 0 else code  # killed by signal N (-N): 128 + N, as a shell says it
     with open(path, "a") as log:
         log.write(f"# exit {code}, {seconds:.1f} s\n\n")
     with open(path) as log:
         log.seek(start)
-        return 128 - code if code < 0 else code, seconds, log.read(), stopped  # killed by N (-N): 128 + N, as sh
+        return code, seconds, log.read(), stopped
 
 
 def stop(process: subprocess.Popen, sig: signal.Signals) -> int:
@@ -364,4 +365,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)

@@ -56,9 +56,10 @@ def measure(command: list[str]) -> int:
         rss, anon = memory(tree(process.pid))
         peak_rss, peak_anon = max(peak_rss, rss), max(peak_anon, anon)
         time.sleep(0.02)
+    code = 128 - process.returncode if process.returncode < 0 else process.returncode  # killed by N: as sh says it
     print(f"wall {time.perf_counter() - started:.1f} s, peak RSS {peak_rss / 2**20:.0f} MiB, peak anonymous "
-          f"{peak_anon / 2**20:.0f} MiB, exit {process.returncode}: {' '.join(command)}", file=sys.stderr)
-    return process.returncode
+          f"{peak_anon / 2**20:.0f} MiB, exit {code}: {' '.join(command)}", file=sys.stderr)
+    return code
 
 
 def make_set(root: Path, images: int, size: int, test: int) -> None:

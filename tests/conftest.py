@@ -151,11 +151,8 @@ def run_in_process(script: str, argv: list[str], cwd: Path) -> subprocess.Comple
             except Exception:  # noqa: BLE001 - what Python prints for an uncaught error
                 traceback.print_exc()
                 code = 1
-            except KeyboardInterrupt:  # a stop by SIGINT (cli.end_by_signal): the process is then killed by it
-                code = -signal.SIGINT
     finally:
         os.chdir(previous)
-        sys.excepthook = sys.__excepthook__  # as end_by_signal leaves it in a process that ends
     if isinstance(code, str):
         stderr.write(code + "\n")
         code = 1
@@ -181,7 +178,7 @@ def start(out, epochs, data_dir, *extra) -> list[str]:
 
 
 def stopped_status(sig: signal.Signals) -> int:
-    """A script's status as subprocess gives it after a stop by `sig` (cli.end_by_signal): killed by SIGINT, as Python
+    """A script's status as subprocess gives it after a stop by `sig` (cli.run_script): killed by SIGINT, as Python
     ends at a Ctrl-C (a shell running it in a loop stops too); exit 128 + N for SIGTERM and SIGHUP."""
     return -sig if sig == signal.SIGINT else 128 + sig
 

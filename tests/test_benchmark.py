@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -87,6 +88,9 @@ def test_peak_memory_makes_a_set_and_measures_a_process_tree(tmp_path):
     assert result.returncode == 3
     anonymous = int(result.stderr.split("peak anonymous ")[1].split()[0])
     assert anonymous >= 300 and "exit 3" in result.stderr  # the grandchild's 300 MiB counted
+    killed = subprocess.run([sys.executable, script, "--", sys.executable, "-c", "import os, signal; "
+                             "os.kill(os.getpid(), signal.SIGTERM)"], capture_output=True, text=True)
+    assert killed.returncode == 128 + signal.SIGTERM and "exit 143" in killed.stderr  # before: -15, and Python's 241
 
 
 def test_latency_tables_eager_and_exported_at_batch_1_and_n(pretrained):

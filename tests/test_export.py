@@ -159,14 +159,15 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
     out, _ = program
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     (tmp_path / "r.pt2.json").mkdir()
-    weights = Path(varied).read_bytes()
+    checkpoint = tmp_path / "c.pt"  # a copy: a regression would overwrite the module's checkpoint
+    shutil.copy(varied, checkpoint)
     cases = {  # before: --out the checkpoint replaced it, a folder as the record was a traceback after the export,
         # --data-dir a test/ folder was "test/test: no such folder"
         ("--checkpoint", tmp_path / "notes.txt"): "not a checkpoint file",
         ("--checkpoint", out): "an exported program (export.py), not a checkpoint; pass the checkpoint it was",
         ("--out", tmp_path / "missing" / "m.pt2"): "missing does not exist; create it or choose another --out",
-        ("--out", varied): f"--out {varied}: exists and is no exported program (a checkpoint?), which writing would "
-                           "replace; choose another --out, or remove the file",
+        ("--out", checkpoint): f"--out {checkpoint}: exists and is no exported program (a checkpoint?), which "
+                               "writing would replace; choose another --out, or remove the file",
         ("--out", tmp_path / "r.pt2"): f"its record {tmp_path / 'r.pt2.json'} would replace what is there, which is "
                                        "no file",
         ("--data-dir", tmp_path): f"--data-dir {tmp_path}: holds no test/ folder; pass the data folder whose test/ "
@@ -176,7 +177,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
         argv = {"--checkpoint": varied, "--out": tmp_path / "m.pt2", "--limit": "4"} | {flag: value}
         result = run("export.py", *[word for pair in argv.items() for word in pair], check=False)
         assert expected in error_line(result)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "r.pt2.json"] and Path(varied).read_bytes() == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "notes.txt", "r.pt2.json"]
+    assert checkpoint.read_bytes() == Path(varied).read_bytes()
     result = run("finetune.py", "--checkpoint", out, "--data-dir", tmp_path, "--out", tmp_path / "f.pt", check=False)
     assert "an exported program (export.py), not a checkpoint" in error_line(result)
 

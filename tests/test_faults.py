@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -328,6 +329,10 @@ def test_too_few_images_without_limit_does_not_blame_limit(tmp_path):
     result = run("pretrain.py", "--data-dir", data_dir, "--out", tmp_path / "p.pt", *QUICK, check=False)
     assert error_line(result) == (f"pretrain.py: {data_dir}/train: 3 images are too few to hold out a validation "
                                   "image per class (3) and train on the rest; use more images")
+    shutil.copy(data_dir / "train" / "red" / "0000.png", data_dir / "train" / "red" / "0001.png")  # 2, 1 and 1
+    result = run("pretrain.py", "--data-dir", data_dir, "--out", tmp_path / "p.pt", *QUICK, check=False)
+    assert error_line(result) == ("pretrain.py: the default validation split of 3: leaves a class with no training "
+                                  "image; give every class two images or more")  # before: "--val-size 3", not given
 
 
 def test_out_of_memory_suggests_a_smaller_batch(tiny_data, tmp_path, monkeypatch, capsys):

@@ -159,9 +159,10 @@ def test_a_read_only_folder_flag_is_one_line(tmp_path, small_filesystem, flag):
 def test_a_stop_signal_stops_the_step_under_way_which_gets_a_row_and_no_traceback(tmp_path, signals):
     """Before: the interrupted step had no row, its log a KeyboardInterrupt traceback, and headline.py exited 1; a
     second Ctrl-C while the step was stopping lost its row too, and SIGHUP left the step running, orphaned."""
-    step = ("import signal, sys, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    step = ("import os, signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "print('measured 42 images/s', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
-            "    time.sleep(1); sys.exit(130)  # saving its state\nprint('never')")
+            "    time.sleep(1)  # saving its state, then killed by SIGINT, as the scripts end (cli.run_script)\n"
+            "    signal.signal(signal.SIGINT, signal.SIG_DFL); os.kill(os.getpid(), signal.SIGINT)\nprint('never')")
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import headline\n"
             f"headline.plan = lambda *_: [headline.Step('sleeper', 'sleeper', [sys.executable, '-c', {step!r}], 1), "
             "headline.Step('after', 'after', [sys.executable, '-c', 'pass'], 1)]\n"
@@ -186,3 +187,4 @@ def test_a_stop_signal_stops_the_step_under_way_which_gets_a_row_and_no_tracebac
     assert list(rows) == ["sleeper"] and rows["sleeper"][0].endswith(f" s, stopped by {name}")
     log = (tmp_path / "out" / "sleeper.log").read_text()
     assert "Traceback" not in stderr + log and "\nnever" not in log and log.endswith(" s\n\n")
+    assert f"\n# exit {128 + signals[0]}, " in log  # killed by signal N: 128 + N, as a shell says it (before: -N)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -281,6 +282,44 @@ def test_sighup_stops_like_sigint_with_the_resume_state_saved(tiny_data, tmp_pat
     assert result.returncode == 128 + signal.SIGHUP, result.stderr
     assert "pretrain.py: stopped by SIGHUP at epoch 1, step" in error_line(result)
     assert sorted(os.listdir(out.parent)) == ["p.last.pt"] and load_checkpoint(out.parent / "p.last.pt")["step"] > 0
+
+
+def test_a_scripts_work_run_from_a_program_leaves_its_signal_handling_as_it_was():
+    """report_errors (every main()) is a library's too: an earlier version left SIGINT and SIGTERM ignored and
+    sys.excepthook replaced in the caller's process after a Ctrl-C, and failed in a thread (signals: main thread only);
+    what a script's process does at its end is cli.run_script's."""
+    def handlers():
+        return {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}, sys.excepthook
+    before = handlers()
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as stopped:
+        cli.report_errors("x.py", 1, interrupted)
+    assert stopped.value.code == 128 + signal.SIGINT and handlers() == before
+    results = []
+    thread = threading.Thread(target=lambda: results.append(cli.report_errors("x.py", 1, lambda: 7)))
+    thread.start()
+    thread.join()
+    assert results == [7]
+
+
+def test_a_stop_signal_is_ignored_once_received_and_the_handler_put_back_otherwise():
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, cli.interrupt)  # as cli.run_script has it
+        with cli.StopSignal():
+            assert signal.getsignal(signal.SIGTERM) != cli.interrupt
+        assert signal.getsignal(signal.SIGTERM) == cli.interrupt
+        with cli.StopSignal() as signals:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(500):  # Python runs the handler between two bytecodes: at once
+                if signals.received is not None:
+                    break
+                time.sleep(0.01)
+        assert signals.received == signal.SIGTERM and signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, saved)
 
 
 @pytest.mark.slow
