@@ -431,7 +431,8 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
     """`write` fills a temporary file beside `path`, synced, which then replaces `path`: a failure, a signal or a
     kill mid-write leaves the previous file as it was. The temporary file, named with the writer's pid, is removed on
     failure, a killed writer's by the next write of `path`; writers of one path at once each write their own, the
-    last rename wins. A failure raises its OSError, also one torch.save wrapped in a RuntimeError (a full disk)."""
+    last rename wins. A failure raises its OSError, a signal its KeyboardInterrupt, also those torch.save wraps in a
+    RuntimeError (a full disk; a Ctrl-C mid-write)."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = None
     try:
@@ -447,7 +448,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
     except BaseException as e:
         if tmp is not None:  # it may hold gigabytes
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+        if isinstance(e, RuntimeError) and isinstance(e.__context__, (OSError, KeyboardInterrupt)):
             raise e.__context__ from None
         raise
 

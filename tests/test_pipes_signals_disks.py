@@ -1,5 +1,6 @@
 """Closed pipes, hang-ups, full disks and concurrent runs: ordinary events, each met with the real fault."""
 import errno
+import io
 import json
 import multiprocessing
 import os
@@ -110,6 +111,31 @@ def test_concurrent_writers_of_one_path_never_remove_each_others_temporary_file(
         writer.join(timeout=120)
         assert writer.exitcode == 0  # an exception's traceback is on stderr
     assert os.listdir(tmp_path) == ["same.png"]
+
+
+class InterruptedFile(io.RawIOBase):
+    """A file a Ctrl-C interrupts once `after` bytes are written: the signal's KeyboardInterrupt raised in a write."""
+
+    def __init__(self, file, after: int) -> None:
+        self.file, self.left = file, after
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.left -= len(data)
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return self.file.write(data)
+
+
+def test_a_ctrl_c_while_torch_saves_is_a_keyboard_interrupt_and_leaves_no_file(tmp_path):
+    """torch.save wraps it in a RuntimeError ("unexpected pos"): before, a Ctrl-C while a run wrote its final
+    checkpoint was that traceback and exit 1, not the stop's line."""
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_atomically(tmp_path / "c.pt", lambda f: torch.save({"x": torch.zeros(10**6)},
+                                                                     InterruptedFile(f, 10**5)))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_dead_writers_temporary_file_is_removed_a_running_ones_kept(tmp_path):
