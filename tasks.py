@@ -245,9 +245,10 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     for stage in STAGES:
         dests = {action.dest for action in parsers[stage].flags}
         state = pretrain_script.side_files(Path(outs[stage]))["last"]
-        steps[stage] = {"data_dir": data_dir, "out": outs[stage],
-                        "checkpoint": outs["pretrain"] if stage == "finetune" else None,
-                        "resume": str(state) if resume and state.is_file() else None,
+        resumed = resume and state.is_file()  # its --out and --checkpoint are the state's: another name is refused
+        steps[stage] = {"data_dir": data_dir, "out": None if resumed else outs[stage],
+                        "checkpoint": outs["pretrain"] if stage == "finetune" and not resumed else None,
+                        "resume": str(state) if resumed else None,
                         **{name: value for name, value in training.items() if name in dests}}
     steps["predict"] = {"paths": [f"{data_dir}/test"], "checkpoint": outs["finetune"],
                         "grid": f"{out_dir}/predictions.png", "mistakes": f"{out_dir}/mistakes.png",

@@ -124,14 +124,18 @@ def test_relative_paths_are_the_callers_and_the_command_shown_is_plain_text_on_s
 
 
 def test_all_resume_continues_each_stage_that_left_a_resume_state(tmp_path, invoke_here):
+    """A resumed stage gets no --out or --checkpoint: its state's are used, and another name for them (the folder
+    moved, or spelled otherwise: ck/ then $PWD/ck) was refused as a changed flag."""
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "pretrain.last.pt").write_bytes(b"")
     result = invoke_here("--dry", "all", "--resume", "--out-dir", "ck", "--epochs", "5", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     pretrain, finetune = result.stderr.splitlines()[1:3]
-    assert pretrain.endswith("pretrain.py --data-dir data/cifar10 --out ck/pretrain.pt --epochs 5 "
-                             "--resume ck/pretrain.last.pt")
-    assert "--resume" not in finetune
+    assert pretrain.endswith("pretrain.py --data-dir data/cifar10 --epochs 5 --resume ck/pretrain.last.pt")
+    assert "--resume" not in finetune and "--checkpoint ck/pretrain.pt" in finetune
+    (tmp_path / "ck" / "finetune.last.pt").write_bytes(b"")
+    result = invoke_here("--dry", "all", "--resume", "--out-dir", "ck", cwd=tmp_path)
+    assert result.stderr.splitlines()[2].endswith("finetune.py --data-dir data/cifar10 --resume ck/finetune.last.pt")
 
 
 def test_words_after_a_double_dash_reach_the_script_and_replace_the_default_paths(tmp_path, invoke_here):
