@@ -42,10 +42,13 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
     folder beside ROOT renamed into place once complete (a failure or an interruption leaves nothing). A lock beside
     ROOT lets one download at a time work there: a temporary folder its holder finds, a killed download's, goes."""
     root, given = Path(root), source
-    for path in (root, *root.parents):
-        if path.exists() and not path.is_dir():
-            raise DataError(f"--root {root}: {'it' if path == root else path} is a file, not a folder",
-                            "choose another --root")
+    try:  # a name too long, a folder above that cannot be searched: one line, as for --out
+        in_the_way = next((path for path in (root, *root.parents) if path.exists() and not path.is_dir()), None)
+    except OSError as e:
+        raise DataError(f"--root {root}: cannot reach it ({e.strerror or e})", "choose another --root") from None
+    if in_the_way is not None:
+        raise DataError(f"--root {root}: {'it' if in_the_way == root else in_the_way} is a file, not a folder",
+                        "choose another --root")
     source, md5 = checked_source(source, md5)
     if root.name in ("", "..") and dataset_problem(root) is not None:  # ".", "..", "/": no name to build beside
         raise DataError(f"--root {root}: is {root.resolve()}, named by '.' or '..' (or the top folder): the data set "
@@ -149,6 +152,9 @@ def download_lock(root: Path) -> Lock:
 
 def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
     """Build the data set in a temporary folder beside ROOT (the caller removes it), then rename it into place."""
+    if root.is_symlink():  # the rename would replace the link, or fail on it
+        raise DataError(f"--root {root}: is a link (to {os.readlink(root)}), which the data set would replace",
+                        "pass the folder it points to, or another --root")
     if root.is_dir() and any(root.iterdir()):
         if (root / "train").exists() or (root / "test").exists():
             raise DataError(f"--root {root}: an incomplete data set ({problem})",

@@ -443,6 +443,24 @@ def test_a_root_that_is_a_file_is_one_line(tmp_path, tiny_data, inside):
     assert f"--root {root}: {tmp_path / 'f' if inside else 'it'} is a file, not a folder; choose another --root" in line
 
 
+def test_a_root_that_is_a_link_or_too_long_a_name_is_one_line(tmp_path, tiny_data):
+    """Before: a traceback after unpacking (a link to an empty folder, or to nothing: NotADirectoryError from the
+    rename), or before it (a name over 255 bytes: OSError from stat); a link to a data set is still read."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "to-empty").symlink_to(tmp_path / "empty")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for name, target in (("to-empty", tmp_path / "empty"), ("dangling", tmp_path / "nowhere")):
+        line = error_line(run("download.py", "--root", tmp_path / name, "--source", tiny_data, check=False))
+        assert line == (f"download.py: --root {tmp_path / name}: is a link (to {target}), which the data set would "
+                        "replace; pass the folder it points to, or another --root")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dangling", "empty", "to-empty"]  # no lock, no partial
+    long = tmp_path / ("x" * 300) / "c"
+    assert error_line(run("download.py", "--root", long, "--source", tiny_data, check=False)) == (
+        f"download.py: --root {long}: cannot reach it (File name too long); choose another --root")
+    (tmp_path / "to-data").symlink_to(tiny_data)
+    assert run("download.py", "--root", tmp_path / "to-data", "--source", tiny_data).returncode == 0
+
+
 @pytest.mark.parametrize("damage", ["no test/", "an empty class folder"])
 def test_an_incomplete_root_is_not_taken_for_a_finished_one(tmp_path, tiny_data, damage):
     root = make_class_folders(tmp_path / "c", train=1, test=1)
