@@ -2,6 +2,11 @@
 
     python download.py [--root data/cifar10] [--source URL|PATH] [--md5 HEX]
 """
+import signal
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads: killed quietly (then cli.run_script's)
+
 import argparse
 import errno
 import hashlib

@@ -11,6 +11,11 @@ Before it is written, the program (saved and loaded back) and the checkpoint (th
 images, the checkpoint's test split or generated ones: unless their top-1 classes agree on every image and their
 probabilities differ by less than TOLERANCE, nothing is written. The figures go beside it (model.pt2.json).
 """
+import signal
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads: killed quietly (then cli.run_script's)
+
 import argparse
 import io
 import json

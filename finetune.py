@@ -6,6 +6,11 @@
 
 The data set may have any classes: the head is new unless they are the checkpoint's (see new_model).
 """
+import signal
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads: killed quietly (then cli.run_script's)
+
 import argparse
 import contextlib
 import functools

@@ -3,6 +3,11 @@
     python predict.py img.png photos/ --topk 3
     python predict.py data/cifar10/test --limit 64 --grid predictions.png
 """
+import signal
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads: killed quietly (then cli.run_script's)
+
 import argparse
 import functools
 import importlib
@@ -11,7 +16,6 @@ import io
 import json
 import logging
 import math
-import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

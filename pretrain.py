@@ -9,6 +9,11 @@ This file reads top to bottom as torchvision's references/classification/train.p
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while torch loads: killed quietly (then cli.run_script's)
+
 import argparse
 import contextlib
 import csv
@@ -16,7 +21,6 @@ import io
 import math
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import time
