@@ -364,22 +364,26 @@ class StopSignal(contextlib.AbstractContextManager):
     at_once = False
 
     def __enter__(self) -> "StopSignal":
-        self.restore = handling(stop_signals(), self.handle)
+        """Off the main thread (a program's own thread running main()), where Python takes no handler: none."""
+        self.script = signal.getsignal(signal.SIGTERM) is interrupt  # a script's process (run_script), ending here
+        main = threading.current_thread() is threading.main_thread()
+        self.restore = handling(stop_signals() if main else [], self.handle)
         return self
 
     def handle(self, signum, frame) -> None:
         second = self.received is not None
         self.received = self.received or signal.Signals(signum)
         if second or self.at_once:
+            ignore_stop_signals()  # stopping now: a further signal would only cut the way out short
             raise KeyboardInterrupt(signal.Signals(signum))
 
     def __exit__(self, *exc) -> None:
-        """The handlers before are put back; but a program stopping for a signal ignores further ones: a second
-        Ctrl-C after the state is saved would only cut its exit short (its lock, its temporary files left behind)."""
-        if self.received is None:
-            self.restore.close()
-        else:
+        """The handlers before are put back, but a script's process stopping for a signal ignores further ones: a
+        second Ctrl-C after the state is saved would only cut its exit short (its lock, its temporary files left)."""
+        if self.received is not None and self.script:
             ignore_stop_signals()
+        else:
+            self.restore.close()
 
 
 def ignore_stop_signals() -> None:
@@ -393,7 +397,9 @@ def signal_of(interrupt: KeyboardInterrupt) -> signal.Signals:
 
 
 def interrupt(signum: int, frame) -> None:
-    """A stop signal taken as Ctrl-C is: a KeyboardInterrupt, naming it."""
+    """A stop signal taken as Ctrl-C is: a KeyboardInterrupt, naming it; the script is stopping, so further ones are
+    ignored (they would only cut the way out short: a partial folder or a temporary file left)."""
+    ignore_stop_signals()
     raise KeyboardInterrupt(signal.Signals(signum))
 
 
@@ -401,7 +407,7 @@ STOP_SAID = ("the stop is said",)  # run_script's KeyboardInterrupt: the program
 
 
 def run_script(main: Callable[[], None]) -> None:
-    """A script run as a program (`if __name__ == "__main__"`; main() alone changes no handler of its caller's).
+    """A script run as a program (`if __name__ == "__main__"`; main() from a program leaves its handlers as they were).
     SIGTERM and SIGHUP, as Ctrl-C, raise a KeyboardInterrupt (report_errors says it in a line; a file being written
     is removed on the way out), unless a StopSignal takes them meanwhile. A stop by signal N (an exit 128 + N) then
     ignores further ones and, at SIGINT, ends as Python at a Ctrl-C: killed by it after a clean exit, so that a shell

@@ -454,6 +454,9 @@ def die_with_parent() -> None:
     parent's sentinel (Windows, spawn) and whether this process was handed to another parent (POSIX: under fork,
     siblings hold the sentinel's pipe open; under forkserver the parent is the server)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in cli.stop_signals():  # a forked worker's copy of the script's (cli.run_script): the pool's terminate()
+        if signal.getsignal(sig) is cli.interrupt:  # and a process group's SIGTERM or SIGHUP end it, as by default
+            signal.signal(sig, signal.SIG_DFL)
     parent = multiprocessing.parent_process()
     if parent is None or not parent.is_alive():
         os._exit(1)

@@ -114,6 +114,9 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                         where = f"by {received.name} at {progress.position}; resume with: {command}"
                         break
             run.processes.close()
+            if where is None and signals.received is not None:  # it came as the last epoch ended: no step to stop at
+                received = signals.received
+                where = f"by {received.name} after the last epoch; the trained run is saved; its test report: {command}"
             if where is None:
                 signals.at_once = True  # the trained run is saved: a signal now stops the test at once
                 return test_once(run, progress) if run.processes.main else None

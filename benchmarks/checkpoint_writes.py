@@ -97,4 +97,4 @@ def measure(args, folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)

@@ -29,7 +29,7 @@ from torchvision import datasets, transforms  # noqa: E402
 import data  # noqa: E402
 from model import AlexNet  # noqa: E402
 from predict import compute_logits  # noqa: E402
-from cli import Processes, code_version, positive_int, report_errors  # noqa: E402
+from cli import Processes, code_version, positive_int, report_errors, run_script  # noqa: E402
 from pretrain import make_parser, parse_flags, start_run, train_step  # noqa: E402
 
 # pretrain.py's flags that say what a run trains or writes: a benchmark times --steps steps and writes nothing
@@ -175,4 +175,4 @@ def measure(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

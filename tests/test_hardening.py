@@ -124,6 +124,30 @@ def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrain
     assert "the state of a finetune run; resume it with python finetune.py --resume" in error_line(result)
 
 
+def test_a_signal_as_the_last_epoch_ends_stops_before_the_test(tiny_data, tmp_path, monkeypatch):
+    """No step is left to stop at: before, the signal was dropped, the whole test ran and the run exited 0. Its
+    report is then had as after a stop during the test (a resume of the finished run)."""
+    import pretrain
+    end_epoch = pretrain.end_epoch
+
+    def signalled(run, progress, *rest):  # SIGTERM arrives while the last epoch validates
+        if progress.epoch + 1 == run.args.epochs:
+            os.kill(os.getpid(), signal.SIGTERM)
+        end_epoch(run, progress, *rest)
+    monkeypatch.setattr(pretrain, "end_epoch", signalled)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
+                     "--val-size", "6", *QUICK, check=False)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert error_line(result).startswith("pretrain.py: stopped by SIGTERM after the last epoch; the trained run is "
+                                         "saved; its test report: python ")
+    assert not (tmp_path / "p.test.json").exists() and (tmp_path / "p.last.pt").exists()
+
+
 @pytest.mark.slow
 def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
     data = make_class_folders(tmp_path / "data", train=8, test=400, size=8)  # a test pass long enough to signal

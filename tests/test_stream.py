@@ -201,9 +201,12 @@ def test_the_decoding_processes_work_under_every_start_method(tmp_path, method):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, sig", [("fork", signal.SIGKILL), ("fork", signal.SIGTERM),
-                                         ("forkserver", signal.SIGKILL), ("spawn", signal.SIGKILL)])
-def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, method, sig):
+@pytest.mark.parametrize("method, sig, group", [("fork", signal.SIGKILL, False), ("fork", signal.SIGTERM, False),
+                                                ("fork", signal.SIGTERM, True), ("forkserver", signal.SIGKILL, False),
+                                                ("spawn", signal.SIGKILL, False)])
+def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, method, sig, group):
+    """`group`: SIGTERM to the whole process group (`kill -- -PGID`, a service stopped): forked workers had the
+    script's handler (a KeyboardInterrupt), and the run could hang in the pool's shutdown."""
     root = tmp_path / "d"
     picture = tmp_path / "noise.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)).save(picture)
@@ -215,8 +218,9 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, met
     out = tmp_path / "p.pt"
     process = subprocess.Popen([sys.executable, "-c", WITH_START_METHOD, method, str(ROOT / "pretrain.py"),
                                 "--data-dir", str(root), "--out", str(out), *QUICK],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               preexec_fn=default_signals, env=os.environ | {"TMPDIR": str(tmp_path)})
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=group, preexec_fn=default_signals,
+                               env=os.environ | {"TMPDIR": str(tmp_path)})
     # TMPDIR: a process killed by SIGKILL cannot remove its temporary files (the forkserver's pymp-* folder)
     workers = []
     for _ in range(600):
@@ -226,8 +230,11 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, met
         time.sleep(0.05)
     assert workers and process.poll() is None, "no decoding process seen"
     time.sleep(0.5)  # decoding under way
-    process.send_signal(sig)
-    process.wait(timeout=60)
+    os.killpg(process.pid, sig) if group else process.send_signal(sig)
+    _, stderr = process.communicate(timeout=60)
+    if sig == signal.SIGTERM:  # stopped as by Ctrl-C: one line
+        assert process.returncode == 128 + sig and stderr.splitlines()[-1] == (
+            "pretrain.py: interrupted; nothing more was saved") and "Traceback" not in stderr, stderr
     for _ in range(600):  # a process still importing torch (spawn, forkserver) looks at its parent only after that
         if not any(alive(pid) for pid in workers):
             break

@@ -123,6 +123,20 @@ def test_relative_paths_are_the_callers_and_the_command_shown_is_plain_text_on_s
     assert "download.py" not in result.stdout and "\x1b" not in result.stderr
 
 
+def test_invoke_dies_of_sigint_only_after_a_script_killed_by_it(monkeypatch):
+    """A script killed by SIGINT (-2, cli.run_script's end at Ctrl-C) and one that exited 130 are told apart."""
+    import tasks
+    from invoke import Context, Exit
+    registered = []
+    monkeypatch.setattr(tasks.atexit, "register", registered.append)
+    for status, code, dies in ((130, 130, False), (-signal.SIGINT, 130, True), (-signal.SIGTERM, 143, False)):
+        registered.clear()
+        monkeypatch.setattr(tasks, "run_passing_signals", lambda words, cwd: status)
+        with pytest.raises(Exit) as ended:
+            tasks.run_shown(Context(), ["x"])
+        assert ended.value.code == code and (registered == [tasks.die_of_sigint]) == dies
+
+
 def test_all_resume_continues_each_stage_that_left_a_resume_state(tmp_path, invoke_here):
     """A resumed stage gets no --out or --checkpoint: its state's are used, and another name for them (the folder
     moved, or spelled otherwise: ck/ then $PWD/ck) was refused as a changed flag."""
