@@ -203,8 +203,8 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
             raise
         sys.exit(f"{program}: out of host memory with --batch-size {batch_size}; pass a smaller --batch-size "
                  f"(e.g. {max(1, batch_size // 2)}) or --image-size, or free memory")
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM or SIGHUP in a script (run_script), where no StopSignal
-        print(f"{program}: interrupted; nothing more was saved", file=sys.stderr)  # turns it into a saved stop
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM or SIGHUP in a script (run_script), no StopSignal's stop
+        print(f"{program}: interrupted; nothing more was saved", file=sys.stderr)
         sys.exit(128 + signal_of(e))  # stopped by a signal: 128 + N, not a failure's 1
 
 
@@ -365,7 +365,7 @@ class StopSignal(contextlib.AbstractContextManager):
 
     def __enter__(self) -> "StopSignal":
         """Off the main thread (a program's own thread running main()), where Python takes no handler: none."""
-        self.script = signal.getsignal(signal.SIGTERM) is interrupt  # a script's process (run_script), ending here
+        self.script = any(signal.getsignal(sig) is interrupt for sig in stop_signals())  # run_script's process
         main = threading.current_thread() is threading.main_thread()
         self.restore = handling(stop_signals() if main else [], self.handle)
         return self
