@@ -585,8 +585,8 @@ def predict(args: argparse.Namespace) -> int:
     # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
     report = (classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes, args.min_confidence)
               if done.labels else None)
-    if report is not None and evaluation_of(checkpoint)[2] != 1:
-        report["loss_temperature"] = evaluation_of(checkpoint)[2]
+    if report is not None and (temperature := evaluation_of(checkpoint)[2]) != 1:
+        report["loss_temperature"] = temperature  # its logits' (calibrated_logits); a test report's loss is at 1
     mistakes = [{key: done.results[i][key] for key in ("path", "predicted", "true")} | {"probability": p}
                 for p, i, _ in done.mistakes]
     if args.json:
