@@ -62,8 +62,7 @@ def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size
 
 
 def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: bool = False) -> torch.Tensor:
-    """One batch of uint8 images through the evaluation transform and the model (in eval mode), fp32 logits; also
-    the body of export.py's program."""
+    """A uint8 batch's fp32 logits through the evaluation transform and the model (in eval mode); export.py's too."""
     x = data.eval_batch(images, image_size)
     logits = model(x).float()
     if flip:
@@ -73,23 +72,20 @@ def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: boo
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
                           min_confidence: float = 0.0) -> dict:
-    """Accuracy, loss, per-class accuracy (= recall), precision and F1 with their macro means, and the confusion
-    matrix, as plain numbers. An image whose top probability is below `min_confidence` is `unknown`: in no column
-    of the matrix, and counted wrong."""
+    """Accuracy, loss, per-class accuracy (= recall), precision and F1, their macro means, the confusion matrix; an
+    image whose top probability is below `min_confidence` is `unknown`: in no column of the matrix, counted wrong."""
     labels, n = labels.to(logits.device), len(classes)
     probabilities, predicted = torch.softmax(logits, 1).max(1)
     known = (probabilities >= min_confidence).cpu()
     confusion = torch.bincount(labels.cpu()[known] * n + predicted.cpu()[known], minlength=n * n).view(n, n)
     counts, claimed, right = torch.bincount(labels.cpu(), minlength=n), confusion.sum(0), confusion.diag()
-    # None (JSON null) where a share has nothing to divide: 0 would read as "all of them wrong". F1 = 2 TP / (2 TP +
-    # FP + FN): 0, not undefined, for a class never predicted.
+    # None (JSON null) where a share has nothing to divide, not 0 ("all wrong"); F1 = 2 TP / (2 TP + FP + FN).
     recall, precision, f1 = ([top / bottom if bottom else None for top, bottom in zip(tops.tolist(), bottoms.tolist())]
                              for tops, bottoms in ((right, counts), (right, claimed), (2 * right, counts + claimed)))
     report = {"images": len(labels), "loss": F.cross_entropy(logits, labels).item(),
               "accuracy": (right.sum() / len(labels)).item(), "per_class_accuracy": dict(zip(classes, recall)),
               "per_class_precision": dict(zip(classes, precision)), "per_class_f1": dict(zip(classes, f1))}
-    # Macro means over the classes with images or predictions (scikit-learn's labels, unknowns no class): a share of
-    # nothing counts 0.
+    # Macro means over the classes with images or predictions (as scikit-learn's), a share of nothing as 0.
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):
         present = [value or 0.0 for value, count, claims in zip(values, counts, claimed) if count or claims]
         report[f"macro_{name}"] = sum(present) / len(present)
@@ -364,8 +360,7 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
 # --------------------------------------------------------------------------- prediction
 
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
-    """Files to predict, each once, with their true class index when known (see folder_images), and one error line
-    per bad path."""
+    """Files to predict, each once, with their class index when known (folder_images), an error line per bad path."""
     found, errors = [], []
     for name in paths:
         path = Path(name)
@@ -385,8 +380,7 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{cli.shown(path)}: no such file or folder; check the path")
-    # Each image once, however often the paths name it (`d/test d/test`, a folder and a file in it): twice would
-    # count it twice in the accuracy. Its first name is kept, with a label when any of its names gives one.
+    # Each image once, or the accuracy counts it twice (`d/test d/test`): its first name, labelled if any name is.
     kept: dict[Path, tuple[Path, int | None]] = {}
     for path, label in found:
         key = path.resolve()
@@ -400,8 +394,7 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
-    classes; the images in other sub-folders are predicted unlabelled, which a line on stderr says (another one for
-    those named as a class but for case or Unicode normalisation). None, or an unreadable folder: a DataError."""
+    classes (a note on stderr for the others); none, or an unreadable folder: a DataError."""
     files = data.image_files(path)  # first: its DataError names a folder that cannot be read
     folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     labelled = any(p.name in classes for p in folders)
@@ -500,8 +493,7 @@ def default_checkpoint() -> str:
 
 def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
                 ) -> tuple[torch.Tensor | None, list[int]]:
-    """Decode each file as the training cache was built, and say which were read; an unreadable one adds a line to
-    `errors` and is printed to stderr at once."""
+    """Decoded as the training cache was, and which were read; an unreadable one's line is printed and in `errors`."""
     decoded, kept = [], []
     for i, (path, _) in enumerate(found):
         try:
@@ -645,8 +637,7 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
                        checkpoint: dict, args: argparse.Namespace, device: torch.device, errors: list[str]
                        ) -> Predicted:
     """Decode and predict (`classify`: see load_classifier) --batch-size images at a time, each line printed as it
-    comes: a folder of any size predicts in bounded memory. --grid shows up to GRID_MAX images spread evenly over the
-    files. The pass stops at the first failed write of the results, unless a picture is wanted."""
+    comes: a folder of any size predicts in bounded memory; --grid's GRID_MAX images spread evenly over the files."""
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])
