@@ -380,7 +380,7 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
             errors.append(f"{name}: a URL; predict.py reads local files: download it first (e.g. curl -O {name})")
         else:
             errors.append(f"{cli.shown(path)}: no such file or folder; check the path")
-    # Each image once, or the accuracy counts it twice (`d/test d/test`): its first name, labelled if any name is.
+    # Each image once, or the accuracy counts it twice (`d/test d/test`): its first name, with any name's label.
     kept: dict[Path, tuple[Path, int | None]] = {}
     for path, label in found:
         key = path.resolve()
@@ -493,7 +493,7 @@ def default_checkpoint() -> str:
 
 def read_images(found: list[tuple[Path, int | None]], size: int, errors: list[str]
                 ) -> tuple[torch.Tensor | None, list[int]]:
-    """Decoded as the training cache was, and which were read; an unreadable one's line is printed and in `errors`."""
+    """The files decoded as the training cache was, and which were read; an unreadable one's line: stderr, `errors`."""
     decoded, kept = [], []
     for i, (path, _) in enumerate(found):
         try:
