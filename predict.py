@@ -46,8 +46,7 @@ TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is kept within these
 @torch.no_grad()
 def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size: int, flip: bool = False,
                    title: str | None = None, total: int = 0) -> torch.Tensor:
-    """The fp32 logits of uint8 batches (data.ImageSet.batches) through logits_of, as training's validation and test
-    take them; with a `title`, its progress over `total` images is shown (cli.ProgressLine)."""
+    """logits_of over uint8 batches, as training's validation and test take them; with a `title`, its progress shown."""
     model.eval()
     line = None if title is None else cli.ProgressLine(title, total)
     logits, done = [], 0
