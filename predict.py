@@ -186,15 +186,16 @@ def font(size: int, texts: Iterable[str] = ()) -> ImageFont.FreeTypeFont:
 def font_for(letters: str, size: int) -> ImageFont.FreeTypeFont:
     """The first of Pillow's own font and wide_fonts that draws every one of LETTERS; without one, the first that
     lacks the fewest (DejaVu's Hebrew drawn beside an emoji none has), and one warning line naming those."""
-    best, missing = None, letters
-    for path in (None, *wide_fonts()):
-        chosen = ImageFont.load_default(size) if path is None else ImageFont.truetype(path, size)
-        lacks = lacked(chosen, letters)
-        if best is None or len(lacks) < len(missing):
+    best = ImageFont.load_default(size)
+    missing = lacked(best, letters)
+    for path in wide_fonts() if missing else ():  # the folders walked only for a letter Pillow's font lacks
+        chosen = ImageFont.truetype(path, size)
+        if len(lacks := lacked(chosen, letters)) < len(missing):
             best, missing = chosen, lacks
         if not missing:
             return best
-    warn_boxes(missing)
+    if missing:
+        warn_boxes(missing)
     return best
 
 

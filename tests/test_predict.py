@@ -437,6 +437,17 @@ def test_class_names_are_drawn_with_a_font_that_has_their_letters_or_said_to_be_
                            "NotoSansCJK-Regular.ttc and others in the usual font folders): they are drawn as boxes\n")
 
 
+def test_the_font_folders_are_walked_only_for_a_letter_pillows_font_lacks(tmp_path, monkeypatch):
+    """Before: every process that drew a picture walked the machine's font folders (thousands of files on a Mac)."""
+    import predict
+    monkeypatch.setattr(predict, "wide_fonts", lambda: pytest.fail("font folders walked for ASCII class names"))
+    predict.font_for.cache_clear()
+    predict.draw_grid(str(tmp_path / "grid.png"), torch.zeros(2, 3, 32, 32, dtype=torch.uint8), ["cat", "Truck 2"],
+                      [None, "cat"])
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+    predict.font_for.cache_clear()
+
+
 def test_without_a_font_for_every_letter_the_one_lacking_fewest_draws_the_names(tmp_path, monkeypatch, capsys):
     """Before: Pillow's own font, the Hebrew that DejaVu Sans has drawn as boxes beside the CJK letter none had."""
     import predict
