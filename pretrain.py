@@ -41,9 +41,8 @@ from model import (REFERENCE_HIDDEN, AlexNet, CheckpointError, checkpoint_dict, 
 from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
                      learning_curves, print_report)
 
-# The resume rule: a resume continues the stopped run with the flags in its checkpoint; only these may be given again
-# with another value, any other that differs is refused (--epochs: a larger one trains further; --device, --stream:
-# change no result; --data-dir: the same images moved, their fingerprint is compared). Messages and --help name them.
+# The only flags a resume may change (others that differ are refused): --epochs (a larger one trains further), --device
+# and --stream (they change no result), --data-dir (the same images moved: their fingerprint is compared).
 RESUME_MAY_CHANGE = ("epochs", "device", "stream", "data_dir")
 MAY_CHANGE_FLAGS = " and ".join(", ".join(f"--{name.replace('_', '-')}" for name in names)  # "--epochs, ... and --x"
                                 for names in (RESUME_MAY_CHANGE[:-1], RESUME_MAY_CHANGE[-1:]))
@@ -91,8 +90,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
 
 
 def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | None:
-    """The epoch loop, then the test: train, validate, keep the best, write the resume state; a signal stops the
-    loop at the next step with the resume state saved, a second one (or one during the test) at once (see stop)."""
+    """The epoch loop, then the test: train, validate, keep the best, write the resume state. A signal stops at the
+    next step, resume state saved (a second one, or one during the test, at once): a line says where; exit 128 + N."""
     writer = cli.CheckpointWriter(save_checkpoint)
     command = resume_advice(run.stage, side_files(run.out)["last"], run.processes.world)
     where = None  # where a signal stopped the run
@@ -110,16 +109,16 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                                         and progress.epoch < run.args.epochs):
                         writer.wait()
                         run.processes.barrier()
-                        received = signals.received or signal.SIGTERM  # or another process got the signal
-                        where = f"by {received.name} at {progress.position}; resume with: {command}"
+                        where = f"at {progress.position}; resume with: {command}"
                         break
             run.processes.close()
-            if where is None and signals.received is not None:  # it came as the last epoch ended: no step to stop at
-                received = signals.received
-                where = f"by {received.name} after the last epoch; the trained run is saved; its test report: {command}"
-            if where is None:
+            if where is None and signals.received is None:
                 signals.at_once = True  # the trained run is saved: a signal now stops the test at once
                 return test_once(run, progress) if run.processes.main else None
+            received = signals.received or signal.SIGTERM  # or another process got the signal
+            if where is None:  # it came as the last epoch ended: no step to stop at
+                where = f"after the last epoch; the trained run is saved; its test report: {command}"
+            where = f"by {received.name} {where}"
         except KeyboardInterrupt:  # a second signal, or one during the test
             received = signals.received or signal.SIGINT
             if signals.at_once:
@@ -130,14 +129,9 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
             else:
                 where = (f"at once by a second {received.name}; the resume state at {progress.saved} is saved: "
                          f"resume with: {command}")
-        stop(run, received, where)
-
-
-def stop(run: Run, received: signal.Signals, where: str) -> None:
-    """The one way a signal ends a run: a line saying where it stopped and what to do, and exit 128 + N."""
-    if run.processes.main:
-        print(f"{run.stage}.py: stopped {where}", file=sys.stderr)
-    sys.exit(128 + received)
+        if run.processes.main:
+            print(f"{run.stage}.py: stopped {where}", file=sys.stderr)
+        sys.exit(128 + received)
 
 
 def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, writer: cli.CheckpointWriter,
