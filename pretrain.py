@@ -136,8 +136,7 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
 
 def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, writer: cli.CheckpointWriter,
                     started: float) -> bool:
-    """The steps of epoch `progress.epoch` from `progress.step` on; False when a signal stopped it (state saved, with
-    the epoch's seconds since `started`)."""
+    """The epoch's steps from `progress.step` on; False when a signal stopped it (its state and seconds saved)."""
     args, processes, sums, images = run.args, run.processes, progress.sums, run.train_images
     n = len(images)
     steps = math.ceil(n / args.batch_size)
@@ -282,9 +281,8 @@ def split_logits(model: nn.Module, images: data.ImageSet, args: argparse.Namespa
 
 
 def test_once(run: Run, progress: Progress) -> dict:
-    """The best validation epoch's weights on the test split: the only look at it, printed and saved. The
-    temperature that calibrates their probabilities is fitted on the validation split (Guo et al. 2017) and kept in
-    the checkpoint: predict.py's probabilities use it."""
+    """The best validation epoch's weights on the test split, the only look at it; the temperature calibrating their
+    probabilities for predict.py is fitted on the validation split (Guo et al. 2017) and kept in the checkpoint."""
     best, files, device = progress.best, side_files(run.out), run.processes.device
     final = load_checkpoint(run.out, map_location=device)
     run.evaluated.load_state_dict(final["model"])
@@ -401,8 +399,7 @@ def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> 
 
 
 def check_before_training(args: argparse.Namespace, state: dict | None, processes: cli.Processes) -> None:
-    """Before any image is read: a resume in another number of processes, an --out that cannot be written; a warm-up
-    that does not fit the run is warned about."""
+    """Before any image is read: a resume in another number of processes, an --out that cannot be written."""
     if state is not None and (world := len(state["rng"]["processes"])) != processes.world:
         raise cli.UsageError(f"--resume {args.resume}: the run had {world} processes, this has {processes.world}; "
                              f"resume it with torchrun --nproc_per_node={world}")
@@ -552,16 +549,6 @@ class Progress:
 def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, model: AlexNet,
               trainable: list[nn.Parameter], *images: data.ImageSet) -> Run:
     """What a run trains with (see Run): `images` are its training, validation and test images."""
-    net, optimizer, bf16 = prepare_model(model, trainable, args, processes)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
-    torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
-    augment = torch.Generator(device=processes.device).manual_seed(args.seed)
-    return Run(args, stage, processes, model, net, optimizer, bf16, ema, augment, Path(args.out), *images)
-
-
-def prepare_model(model: AlexNet, trainable: list[nn.Parameter], args: argparse.Namespace, processes: cli.Processes
-                  ) -> tuple[nn.Module, torch.optim.Optimizer, bool]:
-    """The network to train (DDP- and compile-wrapped as asked), its optimizer, and whether it trains in bf16."""
     device = processes.device
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cli.has_bf16_units(device))
     fast = cli.channels_last(device, bf16)
@@ -570,7 +557,11 @@ def prepare_model(model: AlexNet, trainable: list[nn.Parameter], args: argparse.
                                 **({"fused": True} if fast else {}))
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if processes.distributed else model)
-    return (cli.compiled(net) if args.compile else net), optimizer, bf16
+    net = cli.compiled(net) if args.compile else net
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
+    augment = torch.Generator(device=device).manual_seed(args.seed)
+    return Run(args, stage, processes, model, net, optimizer, bf16, ema, augment, Path(args.out), *images)
 
 
 def announce(run: Run, progress: Progress, state: dict | None) -> None:
@@ -668,9 +659,8 @@ def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict
 
 def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter, finished: bool = False,
                       best: dict | None = None) -> None:
-    """Every process's RNG and running sums go to the first process, which writes the .last.pt file. `best`, the
-    epoch's new best checkpoint, is handed over together with it and so written first: a resume state on disk never
-    names a best epoch that --out does not hold yet, even if the run is killed."""
+    """Every process's RNG and running sums go to the first, which writes .last.pt; `best`, the epoch's new best
+    checkpoint, is handed over with it and written first: a resume state on disk never names a best --out lacks."""
     device = run.processes.device
     own = {"torch": torch.get_rng_state(), "sums": {name: total.cpu() for name, total in progress.sums.items()},
            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}

@@ -23,7 +23,8 @@ def test_bf16_steps_with_channels_last_and_the_fused_sgd(tiny_data, tmp_path, co
     import pretrain
     args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cuda"])
     model = AlexNet(num_classes=3)
-    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, cli.Processes("cuda"))
+    run_ = pretrain.start_run(args, "pretrain", cli.Processes("cuda"), model, list(model.parameters()), None)
+    optimizer, bf16 = run_.optimizer, run_.bf16
     assert bf16 and optimizer.defaults["fused"] and model.features[0].weight.is_cuda
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     out = tmp_path / "p.pt"

@@ -316,7 +316,8 @@ def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32
     native = amx or avx512_bf16
     args = pretrain.make_parser("", "pretrain").parse_args(["--device", "cpu"])
     model = AlexNet(num_classes=3, hidden=(64, 32))
-    _, optimizer, bf16 = pretrain.prepare_model(model, list(model.parameters()), args, cli.Processes("cpu"))
+    run_ = pretrain.start_run(args, "pretrain", cli.Processes("cpu"), model, list(model.parameters()), None)
+    optimizer, bf16 = run_.optimizer, run_.bf16
     assert bf16 is native and optimizer.defaults["fused"] is (True if native else None)
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last) is native
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
