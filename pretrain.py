@@ -73,13 +73,12 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
             check_no_run_there(args)
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)
-        if state is None:
-            model, starting_weights_compete = new_model(args, train_images.classes)
-        else:  # the saved order and sums index the training images as they were
-            if state.get("data_fingerprint", train_images.fingerprint) != train_images.fingerprint:
-                raise cli.UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the "
-                                     "run started (added, removed or modified files); restore them, or start a new run")
-            model, starting_weights_compete = AlexNet(**state["model_args"]), False
+        # a resume's saved order and sums index the training images as they were
+        if state is not None and state.get("data_fingerprint", train_images.fingerprint) != train_images.fingerprint:
+            raise cli.UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the run "
+                                 "started (added, removed or modified files); restore them, or start a new run")
+        model, starting_weights_compete = (new_model(args, train_images.classes) if state is None
+                                           else (AlexNet(**state["model_args"]), False))
         run = start_run(args, stage, processes, model, trainable(args, model), train_images, val_images, test_images)
         progress = Progress(new_sums(processes.device)) if state is None else restore(run, state)
         announce(run, progress, state)
