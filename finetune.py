@@ -112,9 +112,8 @@ def check_checkpoint_is_no_run_file(args: argparse.Namespace) -> None:
 
 
 def take_preprocessing(args: argparse.Namespace, given: set[str], checkpoint: dict) -> None:
-    """The checkpoint's preprocessing unless the flags are given, as torchvision's references keep the one a model
-    was trained with: --image-size, and --stored-size (another data folder's images are stored at the checkpoint's
-    size; its own data folder keeps its run's flag, so the same image cache)."""
+    """--image-size and --stored-size from the checkpoint unless given, as torchvision's references keep a model's
+    preprocessing; in the checkpoint's own data folder, its run's --stored-size flag (the same image cache)."""
     stored = checkpoint["args"].get("stored_size") if same_data_folder(args, checkpoint) else checkpoint["stored_size"]
     for name, value, what in (("image_size", checkpoint["image_size"], "was trained at"),
                               ("stored_size", stored, "stored its training images at")):

@@ -369,9 +369,8 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> tupl
 
 
 def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> tuple[dict, argparse.Namespace]:
-    """The resume state, and the run's flags from it, in the run's folder; a changed flag is refused rather than
-    ignored. --out is beside its resume state, even in a moved folder; the run's relative --data-dir is relative to the
-    folder the run started in (one given with the resume, to this one)."""
+    """The resume state and the run's flags from it; a changed flag is refused, not ignored. --out is beside the resume
+    state (a moved folder too); a relative --data-dir is in the folder the run started in (one given now, this one)."""
     if args.overwrite:
         raise cli.UsageError(f"--overwrite with --resume {args.resume}: --overwrite starts a run afresh, --resume "
                              "continues one; pass one of them")
@@ -601,9 +600,8 @@ RESUME_WITH = "ALEXNET_RESUME_WITH"  # set by tasks.py: the command the user typ
 
 
 def resume_advice(stage: str, last: str | os.PathLike, world: int = 1) -> str:
-    """The command that resumes a STAGE run of WORLD processes from its resume state LAST, as RESUME_WITH or the script
-    (torchrun for several processes) named as the running one was (`python main/pretrain.py`: main/STAGE.py), quoted
-    for the shell: copied, it runs as printed."""
+    """The command resuming a STAGE run of WORLD processes from LAST: RESUME_WITH, or the script named as the running
+    one was (`python main/pretrain.py`: main/STAGE.py; torchrun for several), quoted to run as printed."""
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     ran = sys.argv[0] if os.path.basename(sys.argv[0]) in ("pretrain.py", "finetune.py") else ""
     quoted = subprocess.list2cmdline if sys.platform == "win32" else shlex.join
