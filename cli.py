@@ -1,7 +1,5 @@
-"""What every script shares: one-line errors, flag types, the device, stdout and stderr that may close, progress
-lines, stop signals, files written atomically (also in the background) and the lock that keeps two runs apart, the
-processes torchrun started and the code a run used.
-"""
+"""What every script shares: one-line errors, flag types, the device, output that may close, progress lines, stop
+signals, atomic (and background) writes, the lock keeping two runs apart, torchrun's processes, the code's version."""
 import os
 import sys
 
@@ -117,14 +115,10 @@ stored_size = flag_type("stored_size", int, (lambda x: 8 <= x <= MAX_IMAGE_SIZE,
 
 
 def hidden_widths(text: str) -> tuple[int, int]:
-    try:
-        widths = tuple(map(int, text.split(",")))
-    except ValueError:
-        widths = ()
-    if len(widths) != 2 or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"must be two positive integers with a comma between, e.g. 4096,1024, "
-                                         f"got {text}")
-    return widths
+    with contextlib.suppress(ValueError):
+        if len(widths := tuple(map(int, text.split(",")))) == 2 and min(widths) >= 1:
+            return widths
+    raise argparse.ArgumentTypeError(f"must be two positive integers with a comma between, e.g. 4096,1024, got {text}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,8 +174,7 @@ def linux_available_memory() -> int | None:
             if v1 or controllers == "":
                 mount, parts = Path("/sys/fs/cgroup") / ("memory" if v1 else ""), Path(path).parts[1:]
                 # in a container the mount is the container's own cgroup: the path's tail names ours below it
-                folder = next((mount.joinpath(*parts[i:]) for i in range(len(parts) + 1)
-                               if mount.joinpath(*parts[i:]).is_dir()), mount)
+                folder = next((f for i in range(len(parts) + 1) if (f := mount.joinpath(*parts[i:])).is_dir()), mount)
                 limit, used = (("memory.limit_in_bytes", "memory.usage_in_bytes") if v1
                                else ("memory.max", "memory.current"))
                 with contextlib.suppress(OSError, ValueError):
@@ -212,8 +205,7 @@ def report_errors(program: str, batch_size: int, job: Callable[[], object]) -> o
 
 
 def json_text(value, indent: int | None = None) -> str:
-    """JSON any reader takes: a NaN or infinity (a loss that overflowed) as null, not Python's NaN token (json.dumps
-    writes NaN, Infinity and -Infinity, which reading back turns into None)."""
+    """JSON any reader takes: a NaN or infinity (a loss that overflowed) as null, not json.dumps' NaN or Infinity."""
     finite = json.loads(json.dumps(value), parse_constant=lambda token: None)
     return json.dumps(finite, indent=indent, allow_nan=False)
 
@@ -276,10 +268,9 @@ def shown(path: str | os.PathLike) -> str:
     return printable(os.fsdecode(path))
 
 
-# Control characters as Python writes them in a string literal: a newline or tab in a name would split a line of
-# output (predict's tab-separated lines, a report's rows), an escape sequence would drive the terminal. Bytes that are
-# not UTF-8 (os.fsdecode's surrogates) as \xNN; and so that no escape reads like a name, a backslash as two where a
-# name can hold one (not on Windows, where it separates names): `new<LF>line` and a file named `new\nline` differ.
+# Control characters as in a string literal: a newline or tab in a name would split a line of output (predict's
+# tab-separated lines), an escape sequence drive the terminal. Bytes not UTF-8 (os.fsdecode's surrogates) as \xNN; a
+# backslash as two where a name can hold one (not Windows): `new<LF>line` and a file named `new\nline` then differ.
 ESCAPES = ({code: f"\\x{code:02x}" for code in (*range(32), 127)} | {9: "\\t", 10: "\\n", 13: "\\r"}
            | {0xDC00 + byte: f"\\x{byte:02x}" for byte in range(128, 256)} | ({92: "\\\\"} if os.sep == "/" else {}))
 
@@ -341,16 +332,14 @@ SIGHUP = getattr(signal, "SIGHUP", None)  # Windows has none
 
 
 def stop_signals() -> list[signal.Signals]:
-    """The signals that stop a script cleanly: SIGINT, SIGTERM and SIGHUP (a terminal closed, an ssh connection
-    dropped; Windows has none), but not one ignored when it started: `nohup` ignores SIGHUP, a shell script's
-    background job SIGINT (the run is to outlive the terminal, or its script's Ctrl-C)."""
+    """SIGINT, SIGTERM and SIGHUP (a closed terminal or ssh connection; not on Windows), but none ignored at the start:
+    `nohup` ignores SIGHUP, a shell script's background job SIGINT (the run is to outlive the terminal, or a Ctrl-C)."""
     signals = [signal.SIGINT, signal.SIGTERM, SIGHUP]
     return [sig for sig in signals if sig is not None and signal.getsignal(sig) != signal.SIG_IGN]
 
 
 def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.ExitStack:
-    """`handler` installed for each of `signals` at once; the handlers there were before are put back when the
-    `with` block this is entered by ends."""
+    """`handler` for each of `signals`; the handlers before are put back when the `with` block this enters ends."""
     restore = contextlib.ExitStack()
     for sig in signals:
         restore.callback(signal.signal, sig, signal.signal(sig, handler))
@@ -374,8 +363,7 @@ class StopSignal(contextlib.AbstractContextManager):
         second = self.received is not None
         self.received = self.received or signal.Signals(signum)
         if second or self.at_once:
-            ignore_stop_signals()  # stopping now: a further signal would only cut the way out short
-            raise KeyboardInterrupt(signal.Signals(signum))
+            interrupt(signum, frame)
 
     def __exit__(self, *exc) -> None:
         """The handlers before are put back, but a script's process stopping for a signal ignores further ones: a
@@ -408,10 +396,9 @@ STOP_SAID = ("the stop is said",)  # run_script's KeyboardInterrupt: the program
 
 def run_script(main: Callable[[], None]) -> None:
     """A script run as a program (`if __name__ == "__main__"`; main() from a program leaves its handlers as they were).
-    SIGTERM and SIGHUP, as Ctrl-C, raise a KeyboardInterrupt (report_errors says it in a line; a file being written
-    is removed on the way out), unless a StopSignal takes them meanwhile. A stop by signal N (an exit 128 + N) then
-    ignores further ones and, at SIGINT, ends as Python at a Ctrl-C: killed by it after a clean exit, so that a shell
-    running the script in a loop stops too (bash goes on after a child that exited 130)."""
+    SIGTERM and SIGHUP, as Ctrl-C, raise a KeyboardInterrupt (report_errors says it in a line; a file being written is
+    removed), unless a StopSignal takes them. A stop by signal N (exit 128 + N) then ignores further ones and, at
+    SIGINT, ends as Python's Ctrl-C: killed by it after a clean exit, so a shell loop stops (bash goes on at 130)."""
     for sig in stop_signals():
         signal.signal(sig, interrupt)
     try:
@@ -434,11 +421,10 @@ def quiet_stop(kind: type, value: BaseException, traceback) -> None:
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter], object]) -> None:
-    """`write` fills a temporary file beside `path`, synced, which then replaces `path`: a failure, a signal or a
-    kill mid-write leaves the previous file as it was. The temporary file, named with the writer's pid, is removed on
-    failure, a killed writer's by the next write of `path`; writers of one path at once each write their own, the
-    last rename wins. A failure raises its OSError, a signal its KeyboardInterrupt, also those torch.save wraps in a
-    RuntimeError (a full disk; a Ctrl-C mid-write)."""
+    """`write` fills a synced temporary file beside `path`, which then replaces it: a failure, a signal or a kill
+    mid-write leaves the old file. The temporary file, named with the writer's pid, is removed on failure (a killed
+    writer's by the next write of `path`); writers at once each write their own, the last rename wins. A failure raises
+    its OSError or KeyboardInterrupt, also those torch.save wraps in a RuntimeError (a full disk, a Ctrl-C)."""
     directory, name = os.path.split(os.path.abspath(path))
     tmp = None
     try:
@@ -472,10 +458,8 @@ def process_is_running(pid: int) -> bool:
     if sys.platform != "win32":  # where os.kill's signal 0 is CTRL_C_EVENT, sent to the whole console
         try:
             os.kill(pid, 0)  # signal 0: only whether there is such a process
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # another user's
-            pass
+        except (ProcessLookupError, PermissionError) as e:  # PermissionError: another user's
+            return isinstance(e, PermissionError)
         return True
     kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
     handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
@@ -594,9 +578,8 @@ def save_picture(picture: Image.Image, path: Path, flag: str) -> None:
 
 
 def to_cpu(obj, reuse=None):
-    """A copy of a checkpoint with every tensor copied to the CPU: training may go on changing the originals.
-    `reuse`, an earlier copy nothing needs any more, lends its tensors of the same shape and dtype (copying into
-    touched memory takes about half the time)."""
+    """A copy of a checkpoint with every tensor on the CPU: training may go on changing the originals. `reuse`, an
+    earlier copy no longer needed, lends tensors of like shape and dtype (copying into used memory: half the time)."""
     if isinstance(obj, torch.Tensor):
         if isinstance(reuse, torch.Tensor) and (reuse.shape, reuse.dtype) == (obj.shape, obj.dtype):
             return reuse.copy_(obj.detach())
@@ -612,12 +595,10 @@ def to_cpu(obj, reuse=None):
 
 class CheckpointWriter(contextlib.AbstractContextManager):
     """Writes checkpoints with `write` on a background thread, so training does not wait for the disk.
-
     `save_together({path: checkpoint, ...})` copies to the CPU at once (the state at the call) and returns; the files
     are written in that order, no other write between them. A save drops its path's copy not yet being written and
     copies into its memory (or the last written copy's): at most two copies per path, however slow the disk. `wait`
-    blocks until all is on disk; it and the next save raise a write's error. The `with` block's end writes the rest.
-    """
+    blocks until all is on disk; it and the next save raise a write's error. The `with` block's end writes the rest."""
 
     def __init__(self, write: Callable[[dict, str], object]) -> None:
         self.write = write  # (checkpoint, path): e.g. torch.save through write_atomically
@@ -739,9 +720,8 @@ class Processes:
 
 @functools.cache
 def code_version() -> str:
-    """The code a run used, kept in its checkpoints, log and test report so that a figure traces to its code: the
-    git commit of this project's checkout (`-dirty` when tracked files differ from it), else (no git, no commit, or
-    the scripts copied elsewhere) a hash of the scripts beside this file."""
+    """The code a run used (in its checkpoints, log and test report): the git commit of this project's checkout
+    (`-dirty` if tracked files differ), else (no git, no commit, the scripts copied elsewhere) a hash of the scripts."""
     here = Path(__file__).resolve().parent
 
     def git(*command: str) -> str:
