@@ -112,6 +112,7 @@ image_size = flag_type("image_size", int,
                        (lambda x: x <= MAX_IMAGE_SIZE, f"at most {MAX_IMAGE_SIZE} px (the reference used 224)"))
 stored_size = flag_type("stored_size", int, (lambda x: 8 <= x <= MAX_IMAGE_SIZE,
                                              f"must be at least 8 and at most {MAX_IMAGE_SIZE} px"))
+DEVICE_HELP = "cuda, cuda:N, mps, cpu, or auto: CUDA if available, else MPS (Apple's GPU), else the CPU"
 
 
 def hidden_widths(text: str) -> tuple[int, int]:
@@ -144,9 +145,6 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"numbered from 0; pass one of them")
     return device if device.type == "cuda" else torch.device(device.type)
-
-
-DEVICE_HELP = "cuda, cuda:N, mps, cpu, or auto: CUDA if available, else MPS (Apple's GPU), else the CPU"
 
 
 def free_memory(device: torch.device) -> int:
@@ -280,8 +278,7 @@ def printable(text: str) -> str:
 
 
 def clock(seconds: float) -> str:
-    """HH:MM:SS with as many hours as it takes: strftime's %H wraps at a day (25 hours showed as 01:00:00), and
-    time.gmtime overflows for a remaining time beyond time_t (--epochs 10**20)."""
+    """HH:MM:SS with as many hours as it takes: strftime's %H wraps at a day, time.gmtime overflows past time_t."""
     whole = int(seconds)
     return f"{whole // 3600:02d}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
@@ -329,6 +326,7 @@ class ProgressLine:
 
 
 SIGHUP = getattr(signal, "SIGHUP", None)  # Windows has none
+STOP_SAID = ("the stop is said",)  # run_script's KeyboardInterrupt: the program said why it stops
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -389,9 +387,6 @@ def interrupt(signum: int, frame) -> None:
     ignored (they would only cut the way out short: a partial folder or a temporary file left)."""
     ignore_stop_signals()
     raise KeyboardInterrupt(signal.Signals(signum))
-
-
-STOP_SAID = ("the stop is said",)  # run_script's KeyboardInterrupt: the program said why it stops
 
 
 def run_script(main: Callable[[], None]) -> None:
@@ -476,12 +471,10 @@ def current_umask() -> int:
     return mask
 
 
-LOCKED_BYTE = 2**20  # msvcrt locks bytes, which no other process may then read: one far past the holder's pid
-
-
 class Lock(contextlib.AbstractContextManager):
     """An exclusive lock on the file `path`, which names its holder's pid; the holder's end, even by SIGKILL, frees it.
     `taken(pid)` makes the error raised while another process holds it; a full disk raises the OSError."""
+    LOCKED_BYTE = 2**20  # msvcrt locks bytes, which no other process may then read: one far past the holder's pid
 
     def __init__(self, path: Path, taken: Callable[[str], Exception]) -> None:
         self.path = path
@@ -491,7 +484,7 @@ class Lock(contextlib.AbstractContextManager):
                 if fcntl is not None:
                     fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 else:
-                    os.lseek(self.file.fileno(), LOCKED_BYTE, os.SEEK_SET)
+                    os.lseek(self.file.fileno(), self.LOCKED_BYTE, os.SEEK_SET)
                     msvcrt.locking(self.file.fileno(), msvcrt.LK_NBLCK, 1)
             except (BlockingIOError, PermissionError):  # msvcrt's way of saying so is EACCES
                 self.file.seek(0)
@@ -564,8 +557,7 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
 
 
 def save_picture(picture: Image.Image, path: Path, flag: str) -> None:
-    """Written atomically (write_atomically): a full disk leaves no half picture, and the old one stays. `flag`
-    named the path; its ending is one Pillow writes (predict.check_picture_path made sure)."""
+    """Atomically: a full disk leaves the old picture. `path`'s ending is one Pillow writes (predict checked it)."""
     picture_format = Image.registered_extensions()[path.suffix.lower()]
     try:
         write_atomically(path, lambda f: picture.save(f, format=picture_format))
@@ -662,10 +654,9 @@ TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # wha
 
 
 class Processes:
-    """The processes torchrun started (one without torchrun): rank, device, and the few collectives used.
-    `--batch-size` is global: each process takes its share (positions rank, rank + world, ...) of each batch. Host
-    values (the stop flag, the resume state's pieces, barriers) go over a gloo group: over NCCL, reading a CUDA
-    tensor back would make the host wait for everything queued on the GPU."""
+    """The processes torchrun started (one without it): rank, device, the few collectives used. `--batch-size` is
+    global: each process takes its share (rank, rank + world, ...) of each batch. Host values (the stop flag, the resume
+    state, barriers) go over gloo: over NCCL, reading a CUDA tensor back would wait for all queued on the GPU."""
 
     def __init__(self, device_name: str | None) -> None:
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -689,19 +680,15 @@ class Processes:
     def share(self) -> slice:
         return slice(self.rank, None, self.world)
 
-    def reduce(self, tensor: torch.Tensor, largest: bool = False) -> torch.Tensor:  # the sum, or the largest value
+    def reduce(self, tensor: torch.Tensor, largest: bool = False, group=None) -> torch.Tensor:  # sum, or largest
         if self.world > 1:
-            dist.all_reduce(tensor, dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, dist.ReduceOp.MAX if largest else dist.ReduceOp.SUM, group=group)
         return tensor
 
     def any(self, flag: bool) -> bool:
         """Whether any process has the flag set (a signal to one stops them all, at the same step); it waits for
         the other processes' hosts, never for a device."""
-        if self.world > 1:
-            flags = torch.tensor([float(flag)])
-            dist.all_reduce(flags, dist.ReduceOp.MAX, group=self.host_group)
-            flag = bool(flags.item())
-        return flag
+        return bool(self.reduce(torch.tensor([float(flag)]), largest=True, group=self.host_group).item())
 
     def gather(self, obj) -> list:
         gathered = [obj] * self.world
