@@ -383,8 +383,7 @@ def signal_of(interrupt: KeyboardInterrupt) -> signal.Signals:
 
 
 def interrupt(signum: int, frame) -> None:
-    """A stop signal taken as Ctrl-C is: a KeyboardInterrupt, naming it; the script is stopping, so further ones are
-    ignored (they would only cut the way out short: a partial folder or a temporary file left)."""
+    """A stop signal as Ctrl-C: a KeyboardInterrupt naming it; further ones are ignored (they'd cut the exit short)."""
     ignore_stop_signals()
     raise KeyboardInterrupt(signal.Signals(signum))
 
@@ -444,8 +443,7 @@ def remove_dead_writers_files(directory: str, name: str) -> None:
     """The temporary files of `name` (see write_atomically) whose writer is no longer running: they may be large."""
     own = re.compile(rf"\.{re.escape(name)}\.(\d+)-\w+\.tmp")
     for entry in os.scandir(directory):
-        match = own.fullmatch(entry.name)
-        if match and not process_is_running(int(match[1])):
+        if (match := own.fullmatch(entry.name)) and not process_is_running(int(match[1])):
             Path(entry.path).unlink(missing_ok=True)
 
 
@@ -686,8 +684,7 @@ class Processes:
         return tensor
 
     def any(self, flag: bool) -> bool:
-        """Whether any process has the flag set (a signal to one stops them all, at the same step); it waits for
-        the other processes' hosts, never for a device."""
+        """Whether any process has the flag set (a signal to one stops all at one step); waits on hosts, not GPUs."""
         return bool(self.reduce(torch.tensor([float(flag)]), largest=True, group=self.host_group).item())
 
     def gather(self, obj) -> list:
