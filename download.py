@@ -37,8 +37,7 @@ from data import URL, WORKERS, scan_dataset
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR10_DIR = "cifar-10-batches-py"  # the folder inside the official tarball
-# An archive whose members declare more is refused (a zip bomb unpacks a few MB to terabytes); a data set that large
-# would not fit in memory once decoded anyway.
+# An archive declaring more is refused (a zip bomb unpacks MBs to TBs); a data set that large would not fit decoded.
 MAX_UNPACKED_BYTES = 16 * 2**30
 
 
@@ -82,9 +81,8 @@ def source_name(source: str) -> str:
 
 
 def kept_source(root: Path, given: str | None) -> str:
-    """What the data set in ROOT was made from, said in the "nothing to do" line. Another --source is refused rather
-    than fetched over it: checkpoints, resume states and the cache were made from this set, and a mistyped --source
-    would otherwise delete gigabytes; removing it is one command, and says what is lost."""
+    """What the data set in ROOT was made from, for the "nothing to do" line. Another --source is refused, not fetched
+    over it: checkpoints, resume states and caches were made from this set; a mistyped one would delete gigabytes."""
     try:
         recorded = os.fsdecode((root / SOURCE_RECORD).read_bytes())
     except OSError:  # made by hand, or by a download.py that kept no record
@@ -243,15 +241,18 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
             raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
-        if isinstance(e, OSError) and (e.errno in WRITE_ERRNOS or names_a_file_in(e, work)):
+        if isinstance(e, OSError) and writing_failed(e, work):
             raise DataError(f"--root {root}: cannot write ({e.strerror or e})",
                             "free space or choose another --root") from None
         raise DataError(f"{source}: damaged or incomplete archive ({e})", "download it again") from None
     copy_class_folders(work / "extract", tree, source, move=True)
 
 
-def names_a_file_in(e: OSError, folder: Path) -> bool:
-    """Whether `e` is about a file inside FOLDER (one about the archive names the archive, or no file)."""
+def writing_failed(e: OSError, folder: Path) -> bool:
+    """Whether `e` is the fault of where it writes (--root), not of what it copies or unpacks: a full or read-only
+    disk, or a file inside FOLDER (an error about the archive names the archive, or no file)."""
+    if e.errno in {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}:
+        return True
     return e.filename is not None and Path(os.path.abspath(os.fsdecode(e.filename))).is_relative_to(folder.absolute())
 
 
@@ -312,10 +313,6 @@ def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False
                     "lay it out as train/<class>/<image> and test/<class>/<image>")
 
 
-# A write that failed for these is the fault of where it writes (--root), not of what it copies or unpacks.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
-
-
 def copy_file(src: Path, dst: Path, source: str) -> None:
     """Copy a file of a --source folder, or make a folder; the first that fails ends the copy (not hours of copying
     on a full disk), as a DataError naming it."""
@@ -325,9 +322,8 @@ def copy_file(src: Path, dst: Path, source: str) -> None:
         else:
             shutil.copy2(src, dst)
     except OSError as e:
-        at_root = e.errno in WRITE_ERRNOS or names_a_file_in(e, dst.parent)
-        raise DataError(f"--source {source}: cannot copy {shown(src)} ({e.strerror or e})",
-                        "free space or choose another --root" if at_root else "fix or remove it") from None
+        advice = "free space or choose another --root" if writing_failed(e, dst.parent) else "fix or remove it"
+        raise DataError(f"--source {source}: cannot copy {shown(src)} ({e.strerror or e})", advice) from None
 
 
 def source_files(folder: Path, source: str, above: tuple[tuple[tuple[int, int], Path], ...] = ()) -> list[Path]:
