@@ -19,7 +19,7 @@ import threading
 import unicodedata
 import warnings
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -60,8 +60,7 @@ def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
     """Any image Pillow reads as a size x size x 3 uint8 RGB array (upright by EXIF, transparency over white, shorter
-    side to `size`, centre-cropped) and its original shorter side: the cache's and predict.py's images alike. A file
-    that cannot be read raises cli.DataError naming it."""
+    side to `size`, centre-cropped) and its original shorter side: the cache's and predict.py's images alike."""
     try:
         with warnings.catch_warnings(record=True) as caught:  # Pillow's own warning would not name the file
             warnings.simplefilter("always", Image.DecompressionBombWarning)
@@ -128,8 +127,7 @@ class ImageSet:
     def subset(self, indices: torch.Tensor) -> "ImageSet":
         indices = indices.cpu()
         rows = indices if self.rows is None else self.rows[indices]
-        return ImageSet(self.images, self.labels[indices.to(self.labels.device)], self.classes, self.fingerprint,
-                        rows, self.device)
+        return replace(self, labels=self.labels[indices.to(self.labels.device)], rows=rows)
 
     def to(self, device: torch.device) -> "ImageSet":
         """Resident: this set's rows copied to the device (airbench's way: the fastest path, when they fit)."""
@@ -138,7 +136,7 @@ class ImageSet:
 
     def streamed(self, device: torch.device) -> "ImageSet":
         """Left where it is (memory-mapped): `batches` gathers each batch and copies it to `device` ahead of use."""
-        return ImageSet(self.images, self.labels.cpu(), self.classes, self.fingerprint, self.rows, torch.device(device))
+        return replace(self, labels=self.labels.cpu(), device=torch.device(device))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -278,11 +276,10 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
 
 def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True,
                 scanned: tuple[list[str], list[tuple[Path, int]]] | None = None) -> ImageSet:
-    """A class-folder split as a memory-mapped (never loaded whole) uint8 file N x 3 x S x S at `size` (default: the
-    most common shorter side, at most 256), cached as two files in `<root>/../.cache/` (or see cache_folder):
-    `<name>.u8` (the images) and `<name>.json` (the key of the files it was built from, see fingerprint; shape; the
-    pixels' checksum), used only while both hold. Without `cache` the images go to a temporary file gone with the set.
-    `scanned` is scan_class_folders(root) when the caller has it already."""
+    """A class-folder split as a memory-mapped uint8 file N x 3 x S x S at `size` (default: the most common shorter
+    side, at most 256), cached in `<root>/../.cache/` (or see cache_folder) as `<name>.u8` and `<name>.json` (the
+    fingerprint's key, shape, checksum), used only while both hold. Without `cache`: a temporary file gone with the set.
+    `scanned`: scan_class_folders(root), when the caller has it."""
     root = Path(root)
     classes, samples = scanned or scan_class_folders(root)
     files, key = fingerprint(samples, classes, size, root)
@@ -355,9 +352,8 @@ def checksum(images: np.ndarray) -> str:
 
 
 def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tuple[np.memmap, bool]:
-    """Every image decoded at `size` (None: the most common shorter side, guessed from a sample and decoded again
-    only if the full count disagrees) into a memory-mapped file: `target` (published by a rename once complete,
-    then True), else an unlinked temporary file. Memory stays bounded: each process writes its rows to the file."""
+    """Every image decoded at `size` (None: the most common shorter side, guessed from a sample and decoded again if
+    wrong) into a mapped file: `target`, renamed into place when complete (then True), else a temporary one."""
     guess = size or most_common_side([decode(p, 1)[1] for p in paths[:: max(1, len(paths) // 64)]])
     shape = (len(paths), 3, guess, guess)
     tmp, beside = new_image_file(target, shape)
