@@ -48,8 +48,7 @@ PREFETCH = 2  # streamed batches gathered ahead of the one in use
 # --------------------------------------------------------------------------- images
 
 def grey_to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
-    """16-bit and 32-bit integer grey by 65535 / 255; 32-bit float by its range: 0 ... 1 (the usual one), else as
-    integers are; NaN as black."""
+    """Grey to 8 bits: 16-bit (I;16) or any over 255 by 65535 / 255, float within 0 ... 1 by 255; NaN as black."""
     pixels = np.where(np.isnan(pixels), 0.0, pixels)
     if mode == "F" and pixels.size and pixels.max() <= 1.0:
         pixels = pixels * 255.0
@@ -343,8 +342,7 @@ def read_cache(image_file: Path, key: str, damaged: list[Path]) -> np.memmap | N
 
 
 def checksum(images: np.ndarray) -> str:
-    """The sha256 of the sha256s of the images' chunks: hashlib lets go of the GIL, so the chunks hash on all the CPUs;
-    a mapped cache is read a chunk at a time, never held whole."""
+    """The sha256 of its chunks' sha256s: hashlib lets go of the GIL, so they hash on all the CPUs, never held whole."""
     flat = memoryview(images.reshape(-1))
     with ThreadPoolExecutor(WORKERS) as pool:
         chunks = pool.map(lambda start: hashlib.sha256(flat[start:start + CHUNK]).digest(), range(0, len(flat), CHUNK))
@@ -377,9 +375,8 @@ def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tupl
 
 
 def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, bool]:
-    """An empty file of the images' size beside `target` (then True), else in the temporary folder, given its disk
-    space up front (see allocate). Named as cli.write_atomically names its files: one left by a killed build is
-    removed by the next one (concurrent ones are spared)."""
+    """An empty file of the images' size, its disk space given up front (see allocate), beside `target` (then True),
+    else in the temporary folder; named as cli.write_atomically's, so that the next build removes a killed one's."""
     name = "images.u8" if target is None else target.name
     for beside, folder in ([] if target is None else [(True, target.parent)]) + [(False, Path(tempfile.gettempdir()))]:
         path = None
@@ -479,8 +476,7 @@ def load_dataset(data_dir: str | os.PathLike, stored_size: int | None = None) ->
 
 
 def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` indices with the class proportions of `labels` (see stratified_quota), and the rest; the choice
-    within a class is a seeded permutation, the same every run."""
+    """`count` indices in the class proportions of `labels` (see stratified_quota), and the rest; the same every run."""
     generator, labels = torch.Generator().manual_seed(seed), labels.cpu()
     picked, rest = [], []
     for cls, share in enumerate(stratified_quota(torch.bincount(labels), count).tolist()):

@@ -177,8 +177,7 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
 
 def build_tree(source: str, md5: str | None, work: Path,
                root: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
-    """WORK/tree/train/ and test/ from a URL, an archive or a folder; returns their scan_dataset. WORK is in ROOT's
-    parent: ROOT names it in messages."""
+    """WORK/tree/train/ and test/ from a URL, archive or folder, and their scan_dataset; messages call WORK ROOT."""
     tree = work / "tree"
     local = fetch(source, work) if is_url(source) else Path(source)
     if local.is_dir():
@@ -314,8 +313,7 @@ def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False
 
 
 def copy_file(src: Path, dst: Path, source: str) -> None:
-    """Copy a file of a --source folder, or make a folder; the first that fails ends the copy (not hours of copying
-    on a full disk), as a DataError naming it."""
+    """Copy a file or make a folder; the first failure ends the copy (not hours on a full disk) as a DataError."""
     try:
         if src.is_dir():
             dst.mkdir()
