@@ -366,8 +366,7 @@ class CifarUnpickler(pickle.Unpickler):
 
 
 def convert_cifar10(tar: tarfile.TarFile, tree: Path, source: str) -> None:
-    """Write the official arrays as PNG: TREE/<split>/<class>/NNNN.png, NNNN = index within the class. Class names
-    and labels are checked before anything is written: they become paths."""
+    """The official arrays as TREE/<split>/<class>/NNNN.png (NNNN: the index within the class), checked first."""
     classes = cifar_classes(read_cifar_batch(tar, "batches.meta", source), source)
     splits = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
     with ThreadPoolExecutor(WORKERS) as pool:
@@ -400,8 +399,7 @@ def not_official(source: str, name: str, what: str) -> DataError:
 
 
 def cifar_classes(meta: object, source: str) -> list[str]:
-    """batches.meta's label_names, which become folder names: unique plain names, none hidden (ImageFolder skips
-    those), none naming another folder (`..`, `/`) or unwritable (NUL, over 255 bytes)."""
+    """batches.meta's label_names, checked to be folder names: unique, plain, not hidden (ImageFolder skips those)."""
     names = meta.get("label_names") if isinstance(meta, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise not_official(source, "batches.meta", "no list of label_names")
