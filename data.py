@@ -100,15 +100,19 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
         real = current.resolve()
         if real in outer:
             continue
-        try:
-            entries = list(current.iterdir())
-        except OSError as e:
-            raise cli.DataError(f"{cli.shown(current)}: cannot read this folder ({e.strerror or e})",
-                                "check its permissions or remove it") from None
+        entries = folder_entries(current)
         files += [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
                   and p.is_file()]
         walk += [(p, outer | {real}) for p in entries if p.is_dir()]
     return sorted(files)
+
+
+def folder_entries(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as e:
+        raise cli.DataError(f"{cli.shown(folder)}: cannot read this folder ({e.strerror or e})",
+                            "check its permissions or remove it") from None
 
 
 # --------------------------------------------------------------------------- class folders
@@ -210,7 +214,7 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     name = name or cli.shown(root)
     if not root.is_dir():
         raise NoDataFolder(f"{name}: no such folder", "expected a folder of class folders")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in folder_entries(root) if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise cli.DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
     if classes == ["test", "train"]:  # a whole data folder: two "classes", each image labelled by its split

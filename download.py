@@ -32,7 +32,7 @@ from PIL import Image
 
 from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, run_script, shown,
                  signal_of, special_kind)
-from data import URL, WORKERS, scan_dataset
+from data import URL, WORKERS, folder_entries, scan_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -133,7 +133,7 @@ def dataset_problem(root: Path) -> str | None:
 def partial_folders(root: Path) -> list[Path]:
     """The temporary folders of downloads into ROOT (see download)."""
     prefix = f".{root.name}.partial-"
-    return [p for p in root.parent.iterdir() if p.name.startswith(prefix)] if root.parent.is_dir() else []
+    return [p for p in folder_entries(root.parent) if p.name.startswith(prefix)] if root.parent.is_dir() else []
 
 
 def remove_partial_folders(root: Path) -> None:
@@ -158,7 +158,7 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
     if root.is_symlink():  # the rename would replace the link, or fail on it
         raise DataError(f"--root {root}: is a link (to {os.readlink(root)}), which the data set would replace",
                         "pass the folder it points to, or another --root")
-    if root.is_dir() and any(root.iterdir()):
+    if root.is_dir() and folder_entries(root):
         if (root / "train").exists() or (root / "test").exists():
             raise DataError(f"--root {root}: an incomplete data set ({problem})",
                             "remove it and run again, or choose another --root")

@@ -395,8 +395,8 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
     classes (a note on stderr for the others); none, or an unreadable folder: a DataError."""
-    files = data.image_files(path)  # first: its DataError names a folder that cannot be read
-    folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    files = data.image_files(path)
+    folders = [p for p in data.folder_entries(path) if p.is_dir() and not p.name.startswith(".")]
     labelled = any(p.name in classes for p in folders)
     loosely = {data.alike(name): name for name in classes}  # ImageFolder's names are exact: only a note for these
     matches = {name: loosely.get(data.alike(name)) for name in sorted(p.name for p in folders if p.name not in classes)}

@@ -130,6 +130,27 @@ def test_a_root_of_other_files_is_refused_and_an_empty_one_filled(tmp_path):
     assert sorted(p.name for p in (root / "test").iterdir()) == ["blue", "green", "red"]
 
 
+@pytest.mark.parametrize("unreadable", ["root", "its parent", "class folders"])
+def test_a_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch, unreadable):
+    """Before: a traceback for an unreadable --root or the folder it lies in (download.py) and for an unreadable
+    split (data.py); only the class folders' own were one line. Root reads any folder: the refusal is simulated."""
+    source = make_class_folders(tmp_path / "source", train=2, test=1, size=8)
+    root = tmp_path / "mine"
+    (root / "x").mkdir(parents=True)
+    locked = {"root": root, "its parent": tmp_path, "class folders": source / "train"}[unreadable]
+    real_iterdir = type(locked).iterdir
+
+    def iterdir(path):
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+
+    monkeypatch.setattr(type(locked), "iterdir", iterdir)
+    with pytest.raises(cli.DataError, match=re.escape(f"{locked}: cannot read this folder (Permission denied); "
+                                                      "check its permissions")):
+        download.download(root, str(source)) if unreadable != "class folders" else data.load_folder(locked)
+
+
 def test_a_source_that_is_no_data_set_is_named_and_leaves_nothing(tmp_path):
     odd = make_class_folders(tmp_path / "odd", train=2, test=1, size=8)
     (odd / "train" / "extra").mkdir()
