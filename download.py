@@ -243,6 +243,9 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
         if isinstance(e, OSError) and writing_failed(e, work):
             raise DataError(f"--root {root}: cannot write ({e.strerror or e})",
                             "free space or choose another --root") from None
+        member = Path(os.fsdecode(getattr(e, "filename", None) or "/"))
+        if member.is_relative_to(work / "extract"):  # the member's name, not the temporary folder's path
+            e = f"{e.strerror}: {member.relative_to(work / 'extract')}"
         raise DataError(f"{source}: damaged or incomplete archive ({e})", "download it again") from None
     copy_class_folders(work / "extract", tree, source, move=True)
 
@@ -252,6 +255,8 @@ def writing_failed(e: OSError, folder: Path) -> bool:
     disk, or a file inside FOLDER (an error about the archive names the archive, or no file)."""
     if e.errno in {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}:
         return True
+    if e.errno in {errno.EISDIR, errno.ENOTDIR, errno.EEXIST}:  # into a new folder: members naming a folder and a file
+        return False
     return e.filename is not None and Path(os.path.abspath(os.fsdecode(e.filename))).is_relative_to(folder.absolute())
 
 

@@ -241,6 +241,32 @@ def test_archive_members_escaping_the_root_are_refused(tmp_path, kind):
     assert not Path("/tmp/evil-absolute.txt").exists()
 
 
+@pytest.mark.parametrize("kind", ["folder then file", "file then below it", "zip"])
+def test_archive_members_naming_a_folder_and_a_file_blame_the_archive(tmp_path, tiny_data, kind):
+    """Before: "--root ...: cannot write (Is a directory); free space or choose another --root", as for a full disk."""
+    archive, clash = tmp_path / ("a.zip" if kind == "zip" else "a.tar"), "train/red/0000.png"
+    members = [(f"{split}/{p.parent.name}/{p.name}", p) for split in ("train", "test")
+               for p in sorted((tiny_data / split).glob("*/*.png"))]
+    if kind == "zip":
+        with zipfile.ZipFile(archive, "w") as zf:
+            for name, path in members + [(f"{clash}/x.png", members[0][1])]:
+                zf.write(path, name)
+    else:
+        with tarfile.open(archive, "w") as tar:
+            if kind == "folder then file":
+                info = tarfile.TarInfo(clash)
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            for name, path in members + [(f"{clash}/x.png", members[0][1])] * (kind == "file then below it"):
+                tar.add(path, name)
+    result = run("download.py", "--root", tmp_path / "cifar10", "--source", archive, check=False)
+    below = "/x.png" * (kind != "folder then file")
+    assert error_line(result) == (f"download.py: {archive}: damaged or incomplete archive "
+                                  f"({'Not a directory' if below else 'Is a directory'}: {clash}{below}); "
+                                  "download it again")
+    assert not (tmp_path / "cifar10").exists() and leftovers(tmp_path) == []
+
+
 def test_folder_loader_follows_imagefolder_conventions(tmp_path):
     root = make_class_folders(tmp_path / "d", classes=("b_second", "a_first"), train=3, test=1)
     (root / "train" / "a_first" / ".hidden.png").write_bytes(b"not an image")
