@@ -17,6 +17,7 @@ import json
 import math
 import queue
 import re
+import secrets
 import signal
 import stat
 import subprocess
@@ -423,9 +424,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
-        remove_dead_writers_files(directory, name)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the usual permissions
+        fd, tmp = temporary_file(directory, name)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -437,6 +436,15 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
         if isinstance(e, RuntimeError) and isinstance(e.__context__, (OSError, KeyboardInterrupt)):
             raise e.__context__ from None
         raise
+
+
+def temporary_file(directory: str, name: str) -> tuple[int, str]:
+    """A new file for `name` in `directory`, open to write, named with this process's pid; a dead writer's go first.
+    Made with the usual permissions (not mkstemp's 0600) by the system's umask: reading the umask means setting it,
+    which another thread creating a file at that moment would take (a checkpoint writer's, a cache's)."""
+    remove_dead_writers_files(directory, name)
+    path = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
 
 
 def remove_dead_writers_files(directory: str, name: str) -> None:
@@ -462,11 +470,6 @@ def process_is_running(pid: int) -> bool:
     kernel32.GetExitCodeProcess(handle, ctypes.byref(exit_code))
     kernel32.CloseHandle(handle)
     return exit_code.value == 259  # STILL_ACTIVE
-
-
-def current_umask() -> int:
-    os.umask(mask := os.umask(0))
-    return mask
 
 
 class Lock(contextlib.AbstractContextManager):

@@ -386,10 +386,8 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
         path = None
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            cli.remove_dead_writers_files(str(folder), name)
-            fd, path = tempfile.mkstemp(dir=folder, prefix=f".{name}.{os.getpid()}-", suffix=".tmp")
+            fd, path = cli.temporary_file(str(folder), name)
             try:
-                os.chmod(path, 0o666 & ~cli.current_umask())  # mkstemp makes 0600; give the usual permissions
                 allocate(fd, math.prod(shape))
             finally:
                 os.close(fd)

@@ -60,7 +60,25 @@ def test_a_relative_data_folder_is_cached_too(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data.load_folder(Path("d") / "train")
     assert sorted(p.name for p in (tmp_path / "d" / ".cache").iterdir()) == ["train.json", "train.u8"]
-    assert (tmp_path / "d" / ".cache" / "train.u8").stat().st_mode & 0o777 == 0o666 & ~cli.current_umask()
+    os.umask(mask := os.umask(0))
+    assert (tmp_path / "d" / ".cache" / "train.u8").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_files_get_the_umasks_permissions_without_the_umask_being_set(tmp_path, monkeypatch):
+    """Before: each cache and atomic write read the umask by setting it to 0 and back, so a thread creating a file
+    meanwhile (the checkpoint writer beside the main thread) made it 0666, or left the umask 0 for good."""
+    make_class_folders(tmp_path / "d", train=3, test=1)
+    previous = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the process's umask was set"))
+        data.load_folder(tmp_path / "d" / "train")
+        cli.write_atomically(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    finally:
+        monkeypatch.undo()
+        os.umask(previous)
+    for path in (tmp_path / "d" / ".cache" / "train.u8", tmp_path / "f.bin"):
+        assert path.stat().st_mode & 0o777 == 0o640
+    assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_a_truncated_or_lengthened_cache_file_is_rebuilt_never_mapped_past_its_end(tmp_path):
