@@ -103,7 +103,7 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
         entries = folder_entries(current)
         files += [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
                   and p.is_file()]
-        walk += [(p, outer | {real}) for p in entries if p.is_dir()]
+        walk += [(p, outer | {real}) for p in entries if p.is_dir() and not p.name.startswith(".")]
     return sorted(files)
 
 
@@ -217,7 +217,7 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     classes = sorted(p.name for p in folder_entries(root) if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise cli.DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")
-    if classes == ["test", "train"]:  # a whole data folder: two "classes", each image labelled by its split
+    if {"test", "train"} <= set(classes):  # a whole data folder: "classes", each image labelled by its split
         raise cli.DataError(f"{name}: a data folder (train/ and test/), not one split's class folders",
                             f"pass {name}/train or {name}/test")
     samples = []
@@ -422,7 +422,7 @@ def decode_into(path: Path, paths: list[Path], shape: tuple[int, ...]) -> list[i
     Python-bound: processes, each writing its rows to the file; they end with this one (see die_with_parent)."""
     starts = range(0, len(paths), DECODE_CHUNK)
     tasks = (functools.partial(decode_rows, path, shape), starts, [paths[i:i + DECODE_CHUNK] for i in starts])
-    if len(starts) <= 1 or WORKERS <= 1:
+    if len(starts) <= 1 or WORKERS <= 1 or multiprocessing.current_process().daemon:  # (a Pool's) has no children
         return [side for sides in map(*tasks) for side in sides]
     pool = ProcessPoolExecutor(WORKERS, initializer=die_with_parent)
     try:
@@ -520,7 +520,11 @@ class Loader:
                 raise ValueError(f"Loader: {name} must be at least {least}, got {value}")
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"Loader: augmentation {augmentation!r} is none of {', '.join(sorted(AUGMENTATIONS))}")
+        if not 0 <= cutout < 1:  # 1 and more blanked every image (16, as pixels, is a likely slip)
+            raise ValueError(f"Loader: cutout must be at least 0 and below 1 (a share of the side), got {cutout}")
         images = source if isinstance(source, ImageSet) else load_folder(source)
+        if drop_last and epochs and len(images) < batch_size:
+            raise ValueError(f"Loader: drop_last with batch_size {batch_size} leaves no batch of {len(images)} images")
         self.device = torch.device(device)
         self.images = place(images, self.device, "auto")
         self.classes = images.classes

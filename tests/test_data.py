@@ -272,6 +272,8 @@ def test_folder_loader_follows_imagefolder_conventions(tmp_path):
     (root / "train" / "a_first" / ".hidden.png").write_bytes(b"not an image")
     (root / "train" / "a_first" / "notes.txt").write_text("ignored")
     (root / "train" / ".hidden_class").mkdir()
+    (root / "train" / "a_first" / ".ipynb_checkpoints").mkdir()  # before: its images were trained on
+    Image.new("RGB", (8, 8)).save(root / "train" / "a_first" / ".ipynb_checkpoints" / "copy.png")
     Image.new("RGB", (64, 48), "white").save(root / "train" / "a_first" / "big.jpg")
     images = data.load_folder(root / "train")
     assert images.classes == ["a_first", "b_second"]

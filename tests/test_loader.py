@@ -52,9 +52,14 @@ SPAWN = "import multiprocessing\nmultiprocessing.set_start_method('spawn', force
     ({"batch_size": -1}, "batch_size must be at least 1, got -1"),
     ({"epochs": -1}, "epochs must be at least 0, got -1"),
     ({"size": 0}, "size must be at least 1, got 0"),
-    ({"augmentation": "bogus"}, "augmentation 'bogus' is none of crop, rrc")])
+    ({"augmentation": "bogus"}, "augmentation 'bogus' is none of crop, rrc"),
+    ({"cutout": 16}, r"cutout must be at least 0 and below 1 \(a share of the side\), got 16"),  # was all black
+    ({"cutout": float("nan")}, r"cutout must be at least 0 and below 1 \(a share of the side\), got nan"),
+    ({"cutout": -0.5}, r"cutout must be at least 0 and below 1 \(a share of the side\), got -0.5"),
+    ({"batch_size": 31, "drop_last": True}, "drop_last with batch_size 31 leaves no batch of 30 images")])
 def test_arguments_that_cannot_work_are_refused_when_the_loader_is_made(train_folder, argument, message):
-    """Before: a ZeroDivisionError or KeyError at the first batch, or (a negative batch size) no batch at all."""
+    """Before: a ZeroDivisionError or KeyError at the first batch, or (a negative batch size, drop_last with a batch
+    larger than the set) no batch at all; a cutout of 1 or more blanked every image."""
     with pytest.raises(ValueError, match=f"^Loader: {message}$"):
         data.Loader(train_folder, **({"batch_size": 8, "size": 64} | argument))
 
@@ -65,6 +70,14 @@ def test_a_data_folder_given_as_a_split_is_one_line_not_two_classes(train_folder
                        f"one split's class folders; pass {train_folder.parent}/train or {train_folder.parent}/test$"):
         data.Loader(train_folder.parent, batch_size=8, size=64)
     assert not (train_folder.parent.parent / ".cache" / f"{train_folder.parent.name}.u8").exists()
+
+
+def test_a_data_folder_with_more_than_train_and_test_is_no_split_either(tmp_path):
+    """Before: only exactly train/ and test/ were caught; with a valid/ beside them, three classes named by split."""
+    root = make_class_folders(tmp_path / "d", train=2, test=1, size=16)
+    shutil.copytree(root / "test", root / "valid")
+    with pytest.raises(data.cli.DataError, match="a data folder \\(train/ and test/\\), not one split's"):
+        data.load_folder(root)
 
 
 def readme_example() -> str:

@@ -219,6 +219,24 @@ def test_the_decoding_processes_work_under_every_start_method(tmp_path, method):
 
 
 @pytest.mark.slow
+def test_a_split_decodes_in_a_daemonic_process(tmp_path):
+    """A multiprocessing.Pool's worker may start no process: it decodes in its own (before: an AssertionError,
+    "daemonic processes are not allowed to have children", for a split of more than 256 images)."""
+    root = make_class_folders(tmp_path / "d", train=150, test=1, size=8)  # 450 images: two decoding tasks
+    script = tmp_path / "pool.py"
+    script.write_text("import multiprocessing, sys; sys.path.insert(0, sys.argv[1]); import data\n"
+                      "def count(folder):\n"
+                      "    data.WORKERS = 2  # decoding processes, as on any machine of two cores or more\n"
+                      "    return len(data.load_folder(folder, cache=False))\n"
+                      "if __name__ == '__main__':\n"
+                      "    with multiprocessing.Pool(1) as pool:\n"
+                      "        print(pool.apply(count, (sys.argv[2],)))\n")
+    result = subprocess.run([sys.executable, str(script), str(ROOT), str(root / "train")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and result.stdout == "450\n", result.stderr
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method, sig, group", [("fork", signal.SIGKILL, False), ("fork", signal.SIGTERM, False),
                                                 ("fork", signal.SIGTERM, True), ("forkserver", signal.SIGKILL, False),
                                                 ("spawn", signal.SIGKILL, False)])
