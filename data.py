@@ -490,11 +490,17 @@ def stratified_split(labels: torch.Tensor, count: int, seed: int) -> tuple[torch
 
 
 def stratified_quota(per_class: torch.Tensor, count: int) -> torch.Tensor:
-    """Each class's picks of `count`: floor(count * share), plus one for the largest remainders (stratified_split)."""
+    """Each class's picks of `count`: floor(count * share), plus one for the largest remainders (stratified_split);
+    then one for each class of two images or more left none, while a class has two picks to give (a rare class's
+    images validated too)."""
     exact = count * per_class.double() / int(per_class.sum())
     quota = exact.floor().long()
     remainders = (exact - quota).argsort(descending=True, stable=True)
     quota[remainders[: count - int(quota.sum())]] += 1
+    for cls in ((quota == 0) & (per_class > 1)).nonzero().flatten().tolist():
+        if quota.max() > 1:
+            quota[quota.argmax()] -= 1
+            quota[cls] += 1
     return quota
 
 

@@ -433,6 +433,15 @@ def test_stratified_split_is_seeded_disjoint_and_proportional():
     assert not torch.equal(picked, data.stratified_split(labels, 10, seed=4)[0])
 
 
+def test_a_stratified_split_gives_a_rare_class_one_image_too():
+    """Before: a class of 3 among 128 images had no validation image in the default split of 12 (largest remainders
+    gave it none), though --val-size's help says at least one per class."""
+    labels = torch.tensor([0] * 70 + [1] * 30 + [2] * 25 + [3] * 3 + [4])
+    picked, _ = data.stratified_split(labels, 12, seed=0)
+    assert torch.bincount(labels[picked], minlength=5).tolist() == [6, 3, 2, 1, 0]  # 4: its one image trains
+    assert data.stratified_quota(torch.tensor([70, 30, 25, 3]), 3).tolist() == [1, 1, 1, 0]  # none left to give
+
+
 def test_eval_batch_is_torchvisions_resize_and_centre_crop():
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     reference = T.Compose([
