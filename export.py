@@ -108,7 +108,7 @@ def write_program(path: Path, program: bytes, record: dict) -> None:
 
 def check_out(out: Path) -> None:
     """Before the long work: --out a file in a folder that exists and can be written, replacing no file but a program
-    (a checkpoint, a run's resume state, a picture stay), its record beside it no folder or special file."""
+    (a checkpoint, a run's resume state, a picture stay), nor a file where its record goes but the program's own."""
     cli.check_writable_file("--out", out, "model.pt2", "a program file")
     if not out.parent.is_dir():
         raise cli.UsageError(f"--out {cli.shown(out)}: folder {cli.shown(out.parent)} does not exist; create it or "
@@ -117,9 +117,9 @@ def check_out(out: Path) -> None:
         raise cli.UsageError(f"--out {cli.shown(out)}: exists and is no exported program (a checkpoint?), which "
                              "writing would replace; choose another --out, or remove the file")
     record = Path(f"{out}.json")
-    if record.exists() and not record.is_file():
+    if record.exists() and not (record.is_file() and is_exported_program(out)):  # a program's own record is replaced
         raise cli.UsageError(f"--out {cli.shown(out)}: its record {cli.shown(record)} would replace what is there, "
-                             "which is no file; remove it or choose another --out")
+                             "which is no record of a program at --out; remove it or choose another --out")
 
 
 def export(args: argparse.Namespace) -> int:

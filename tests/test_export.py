@@ -158,6 +158,7 @@ def test_an_altered_program_fails_the_check_and_nothing_is_written(varied, tmp_p
 def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
     out, _ = program
     (tmp_path / "notes.txt").write_text("not a checkpoint")
+    (tmp_path / "notes.json").write_text('{"mine": 1}')  # before: replaced by the record without a word
     (tmp_path / "r.pt2.json").mkdir()
     checkpoint = tmp_path / "c.pt"  # a copy: a regression would overwrite the module's checkpoint
     shutil.copy(varied, checkpoint)
@@ -169,7 +170,8 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
         ("--out", checkpoint): f"--out {checkpoint}: exists and is no exported program (a checkpoint?), which "
                                "writing would replace; choose another --out, or remove the file",
         ("--out", tmp_path / "r.pt2"): f"its record {tmp_path / 'r.pt2.json'} would replace what is there, which is "
-                                       "no file",
+                                       "no record of a program at --out",
+        ("--out", tmp_path / "notes"): f"its record {tmp_path / 'notes.json'} would replace what is there",  # a file
         ("--data-dir", tmp_path): f"--data-dir {tmp_path}: holds no test/ folder; pass the data folder whose test/ "
                                   "holds the class folders",
     }
@@ -177,7 +179,12 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
         argv = {"--checkpoint": varied, "--out": tmp_path / "m.pt2", "--limit": "4"} | {flag: value}
         result = run("export.py", *[word for pair in argv.items() for word in pair], check=False)
         assert expected in error_line(result)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "notes.txt", "r.pt2.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "notes.json", "notes.txt", "r.pt2.json"]
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+    shutil.copy(out, tmp_path / "again.pt2")  # a program and its record are replaced by the next export
+    (tmp_path / "again.pt2.json").write_text("{}")
+    run("export.py", "--checkpoint", varied, "--out", tmp_path / "again.pt2", "--limit", "4")
+    assert json.loads((tmp_path / "again.pt2.json").read_text())["checkpoint"] == str(varied)
     assert checkpoint.read_bytes() == Path(varied).read_bytes()
     result = run("finetune.py", "--checkpoint", out, "--data-dir", tmp_path, "--out", tmp_path / "f.pt", check=False)
     assert "an exported program (export.py), not a checkpoint" in error_line(result)
