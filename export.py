@@ -29,7 +29,7 @@ from torch import nn
 import cli
 import data
 import predict
-from model import CheckpointError, is_exported_program, load_checkpoint, model_from_checkpoint, recorded_path
+from model import CheckpointError, is_exported_program, model_from_checkpoint, recorded_path
 
 TOLERANCE = 1e-4  # the largest probability difference allowed between the program and the checkpoint, in fp32
 GENERATED_IMAGES = 64  # checked when there is no test split
@@ -129,7 +129,8 @@ def export(args: argparse.Namespace) -> int:
         raise cli.UsageError(f"--data-dir {cli.shown(args.data_dir)}: holds no test/ folder; pass the data folder "
                              "whose test/ holds the class folders (e.g. data/cifar10)")
     device = cli.resolve_device(args.device)
-    checkpoint = load_checkpoint(args.checkpoint)
+    args.checkpoint = predict.checkpoint_given(args.checkpoint, "export.py")
+    checkpoint = predict.load_trained(args.checkpoint)
     reference = deployed(checkpoint, args.checkpoint).to(device)
     size = checkpoint["stored_size"]
     record = {"checkpoint": str(args.checkpoint), "checkpoint_code": checkpoint.get("code"), "code": cli.code_version(),
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     """export.py's flags, also the `invoke export` task's."""
     parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
-    add("--checkpoint", default=predict.DEFAULT_CHECKPOINTS[0], help="the checkpoint to export")
+    add("--checkpoint", default=None, help=f"the checkpoint to export (default: {predict.DEFAULT_RULE})")
     add("--out", default="model.pt2", help="the program file; its record is written beside it (OUT.json)")
     add("--device", default="cpu", help="cuda, cpu ...: the device the program runs on, and is checked on")
     add("--data-dir", default=None,

@@ -427,12 +427,22 @@ def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Te
     `device`, and what describes it (classes, stored_size: the checkpoint, or the record in the program's file)."""
     check_checkpoint_file(path)
     if not is_exported_program(path):
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_trained(path)
         model = model_from_checkpoint(checkpoint, path).to(device).eval()
         return functools.partial(calibrated_logits, model, checkpoint), checkpoint
     from torch.export.passes import move_to_device_pass  # here: an older torch has none, and cli.py says so first
     program, about = load_program(path)
     return functools.partial(log_probabilities, move_to_device_pass(program, device).module()), about
+
+
+def load_trained(path: str) -> dict:
+    """A run's checkpoint; its resume state (.last.pt) is refused: the last epoch's raw weights, not those chosen."""
+    checkpoint = load_checkpoint(path)
+    if "optimizer" in checkpoint:
+        best = Path(path).with_name(Path(str(checkpoint.get("args", {}).get("out", "X.pt"))).name)
+        raise CheckpointError(f"{path}: a run's resume state, its last epoch's weights (not the best validation "
+                              f"epoch's, nor calibrated or averaged); pass the run's checkpoint, {best}")
+    return checkpoint
 
 
 def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
@@ -480,14 +490,20 @@ def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
 DEFAULT_RULE = f"the newer of {' and '.join(DEFAULT_CHECKPOINTS)} (the first if both are as new)"
 
 
-def default_checkpoint() -> str:
-    """DEFAULT_RULE, said on stderr: a finetune.pt left from before pretrain.pt was trained again is not taken."""
+def checkpoint_given(checkpoint: str | None, program: str) -> str:
+    """--checkpoint, else DEFAULT_RULE's, said on stderr: a finetune.pt left from before pretrain.pt was trained again
+    is not taken."""
+    if checkpoint is not None:
+        if checkpoint == "":  # `or` would fall back to the default checkpoints without a word
+            raise cli.UsageError(f"--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
+                                 f"{DEFAULT_RULE}")
+        return checkpoint
     found = [path for path in DEFAULT_CHECKPOINTS if Path(path).is_file()]
     if not found:
         raise CheckpointError(f"no checkpoint given and none of {', '.join(DEFAULT_CHECKPOINTS)} exists under the "
                               "current folder; train first (invoke all, or python pretrain.py) or pass --checkpoint")
     path = max(found, key=lambda p: Path(p).stat().st_mtime_ns)
-    print(f"predict.py: checkpoint {path} (no --checkpoint given: {DEFAULT_RULE})", file=sys.stderr)
+    print(f"{program}: checkpoint {path} (no --checkpoint given: {DEFAULT_RULE})", file=sys.stderr)
     return path
 
 
@@ -545,10 +561,7 @@ def predict(args: argparse.Namespace) -> int:
         check_picture_path(flag, picture)
     if len(pictures) == 2 and Path(args.grid).resolve() == Path(args.mistakes).resolve():  # it would keep the second
         raise cli.UsageError(f"--mistakes {args.mistakes}: is also --grid; pass two different files")
-    if args.checkpoint == "":  # `or` would fall back to the default checkpoints without a word
-        raise cli.UsageError(f"--checkpoint is empty; pass a checkpoint file, or leave the flag out to use "
-                             f"{DEFAULT_RULE}")
-    checkpoint_path = args.checkpoint or default_checkpoint()
+    checkpoint_path = checkpoint_given(args.checkpoint, "predict.py")
     device = cli.resolve_device(args.device)
     classify, checkpoint = load_classifier(checkpoint_path, device)
     classes = checkpoint["classes"]

@@ -210,6 +210,21 @@ def test_without_checkpoint_the_newest_default_is_taken_and_named_on_stderr(pret
                                              "newer of checkpoints/finetune.pt and checkpoints/pretrain.pt (the first "
                                              "if both are as new))")
     assert result.stdout.startswith(f"{image}\t") and "checkpoint" not in result.stdout
+    if newest == "pretrain.pt":  # export.py takes the same one (before: finetune.pt, the older)
+        result = run("export.py", "--out", tmp_path / "m.pt2", "--limit", "2", cwd=tmp_path)
+        assert result.stderr.startswith("export.py: checkpoint checkpoints/pretrain.pt (no --checkpoint given: ")
+
+
+@pytest.mark.parametrize("script", ["predict.py", "export.py"])
+def test_a_runs_resume_state_is_refused_naming_its_checkpoint(pretrained, tiny_data, tmp_path, script):
+    """Before: predicted and exported with the last epoch's weights, not the best validation epoch's, uncalibrated."""
+    state = pretrained.with_suffix(".last.pt")
+    result = run(script, "--checkpoint", state, *{"predict.py": [tiny_data / "test"],
+                                                  "export.py": ["--out", tmp_path / "m.pt2"]}[script], check=False)
+    assert error_line(result) == (f"{script}: {state}: a run's resume state, its last epoch's weights (not the best "
+                                  "validation epoch's, nor calibrated or averaged); pass the run's checkpoint, "
+                                  f"{pretrained}")
+    assert result.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_missing_path_and_empty_folder(pretrained, tmp_path):
