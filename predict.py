@@ -656,6 +656,8 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
                else [])
     line = None if args.json or not found else cli.ProgressLine("predict", len(found), stream=sys.stderr)
     for start in range(0, len(found), args.batch_size):
+        if line is not None:  # erased before this batch's lines: on a terminal they would follow it on its line
+            line.close()
         batch = found[start:start + args.batch_size]
         images, kept = read_images(batch, checkpoint["stored_size"], errors)
         if images is not None:

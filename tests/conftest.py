@@ -116,6 +116,21 @@ def make_class_folders(root: Path, classes=("red", "green", "blue"), train=16, t
     return root
 
 
+def read_terminal(parent: int) -> str:
+    """All a pseudo-terminal's writer wrote, once it has closed its side; `parent` is closed."""
+    written = b""
+    while True:  # a terminal hands the writes over in pieces; EIO once the writer's side is closed
+        try:
+            piece = os.read(parent, 10_000)
+        except OSError:
+            break
+        if not piece:
+            break
+        written += piece
+    os.close(parent)
+    return written.decode()
+
+
 def run(script: str, *args, check: bool = True, process: bool = False, cwd: Path = ROOT,
         **kwargs) -> subprocess.CompletedProcess:
     """Run a project script as a user does, and return its exit status and output.

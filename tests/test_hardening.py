@@ -13,7 +13,7 @@ import torch
 
 import cli
 import pretrain
-from conftest import (QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, run,
+from conftest import (QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, read_terminal, run,
                       stopped_status)
 from model import CheckpointError, load_checkpoint
 
@@ -350,17 +350,7 @@ def test_progress_on_a_terminal_is_one_line_rewritten_in_place(monkeypatch):
             line.show(done)
     line.close()
     terminal.close()
-    written = b""
-    while True:  # a terminal hands the writes over in pieces; EIO once the writer's side is closed
-        try:
-            piece = os.read(parent, 10_000)
-        except OSError:
-            break
-        if not piece:
-            break
-        written += piece
-    os.close(parent)
-    written = written.decode()
+    written = read_terminal(parent)
     assert written.count("\r") == 10 and "\n" not in written  # nine rewrites of one line, then erased
     assert "\r  test: 90/100 images  " in written and written.endswith("\r\x1b[K")
 

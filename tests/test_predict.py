@@ -1,7 +1,10 @@
 import json
 import os
+import pty
 import shutil
 import stat
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -10,7 +13,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import QUICK, QUICK_NO_HIDDEN, error_line, run
+from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, error_line, read_terminal, run
 from model import load_checkpoint, model_from_checkpoint
 from cli import UsageError, resolve_device
 from predict import classification_report, compute_logits, print_report
@@ -225,6 +228,26 @@ def test_a_runs_resume_state_is_refused_naming_its_checkpoint(pretrained, tiny_d
                                   "validation epoch's, nor calibrated or averaged); pass the run's checkpoint, "
                                   f"{pretrained}")
     assert result.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # a process: its stdout and stderr are one terminal
+def test_on_a_terminal_no_result_line_follows_the_progress_line(pretrained, tiny_data):
+    """Before: a batch's first line was printed after the progress line's text (`\\r  predict: 12/300 images ...
+    eta 00:00:15\\x1b[K../many/0012.png ...`), the progress on stderr and the results on stdout sharing the line."""
+    parent, child = pty.openpty()
+    every_batch = ("import sys; sys.path.insert(0, sys.argv[1]); import cli, runpy; "
+                   "cli.ProgressLine.TERMINAL_INTERVAL = 0; sys.argv = sys.argv[2:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", every_batch, str(ROOT), str(ROOT / "predict.py"),
+                                tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--batch-size", "4"],
+                               stdout=child, stderr=child)
+    os.close(child)
+    written = read_terminal(parent)
+    assert process.wait() == 0
+    results = [line for line in written.replace("\r\n", "\n").split("\n") if str(tiny_data) in line]
+    assert len(results) == 18 and "  predict: 16/18 images" in written
+    # as the terminal shows each line: from its last carriage return on, the erasures (\x1b[K) invisible
+    assert all(line.rsplit("\r", 1)[-1].replace("\x1b[K", "").startswith(str(tiny_data)) for line in results)
 
 
 def test_missing_path_and_empty_folder(pretrained, tmp_path):
