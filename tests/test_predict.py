@@ -250,6 +250,20 @@ def test_on_a_terminal_no_result_line_follows_the_progress_line(pretrained, tiny
     assert all(line.rsplit("\r", 1)[-1].replace("\x1b[K", "").startswith(str(tiny_data)) for line in results)
 
 
+def test_paths_may_come_between_and_after_the_flags(pretrained, tiny_data, tmp_path):
+    """Before: `a.png --topk 2 b.png` was "unrecognized arguments: b.png", also as `invoke predict --paths b.png --
+    a.png --topk 2` runs it."""
+    first, second = sorted((tiny_data / "test" / "red").iterdir())[:2]
+    shutil.copy(second, tmp_path / "-dash.png")
+    for argv in ([first, "--topk", "2", second, "--", tmp_path / "-dash.png"],
+                 [first, "--topk", "2", "--", second, tmp_path / "-dash.png"]):
+        result = run("predict.py", "--checkpoint", pretrained, "--device", "cpu", *argv)
+        assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(first), str(second),
+                                                                                str(tmp_path / "-dash.png")]
+    result = run("predict.py", first, "--topk", "2", "--bogus", second, "--checkpoint", pretrained, check=False)
+    assert result.returncode == 2 and result.stderr.endswith("error: unrecognized arguments: --bogus\n")
+
+
 def test_missing_path_and_empty_folder(pretrained, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained,
