@@ -386,6 +386,7 @@ def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> 
     if changed:
         raise cli.UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
                              f"flags (only {MAY_CHANGE_FLAGS} may change): drop these flags or start a new run")
+    check_epochs(args, given, state)
     args = argparse.Namespace(**(vars(args) | stored | {name: getattr(args, name) for name in given | {"resume"}}))
     if "data_dir" not in given and Path(state.get("cwd", os.getcwd())) != Path.cwd():
         args.data_dir = recorded_path(state, args.data_dir)
@@ -394,6 +395,15 @@ def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> 
         raise cli.UsageError(f"--resume {args.resume}: its best checkpoint {args.out} (epoch "
                              f"{state['best']['epoch']}) is missing; put it back there, or start a new run")
     return state, args
+
+
+def check_epochs(args: argparse.Namespace, given: set[str], state: dict) -> None:
+    """--epochs on a resume, below where an unfinished run stopped: its trained steps would go, the test run early."""
+    reached = state["epoch"] + (state["step"] > 0)
+    if "epochs" in given and not state["finished"] and args.epochs < reached:
+        raise cli.UsageError(f"--epochs {args.epochs}: --resume {args.resume} stopped at "
+                             f"{position_of(state['epoch'], state['step'])}; pass --epochs {reached} or more to "
+                             "finish it, or leave --epochs out")
 
 
 def check_before_training(args: argparse.Namespace, state: dict | None, processes: cli.Processes) -> None:
@@ -540,8 +550,12 @@ class Progress:
     seconds: float = 0.0  # the training seconds of the epoch under way before a stop (a resume carries them)
 
     @property
-    def position(self) -> str:  # where a stopped run is, as its messages say it
-        return f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
+    def position(self) -> str:
+        return position_of(self.epoch, self.step)
+
+
+def position_of(epoch: int, step: int) -> str:  # where a stopped run is, as its messages say it
+    return f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
 
 
 def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, model: AlexNet,
@@ -572,6 +586,10 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
         if state.get("finished") and progress.epoch >= run.args.epochs:
             print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
                   "evaluating the test split again with its best validation epoch's weights")
+        elif run.args.lr_schedule == "cosine" and run.args.epochs != state["args"]["epochs"]:
+            print(f"note: --epochs {run.args.epochs} with --lr-schedule cosine: from here the rate follows the "
+                  f"cosine over {run.args.epochs} epochs, not the {state['args']['epochs']} the run started with",
+                  file=sys.stderr)
     args, images = run.args, run.train_images
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     print(f"{run.stage}: {len(images)} training, {len(run.val_images)} validation, {len(run.test_images)} test images, "
