@@ -226,7 +226,8 @@ def warn_boxes(letters: str) -> None:
 
 
 def new_picture(width: int, height: int, title: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    """A white picture with `title` centred at its top (TITLE_SIZE px, in the top 30 px)."""
+    """A white picture with `title` centred at its top (TITLE_SIZE px, in the top 30 px), widened to hold it."""
+    width = max(width, int(font(TITLE_SIZE).getlength(title)) + 16)
     picture = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(picture)
     draw.text((width // 2, 8), title, fill=INK, font=font(TITLE_SIZE), anchor="mt")
@@ -622,9 +623,9 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
         grid = tiles(torch.stack([image for _, _, image in done.mistakes]),
                      [[(f"{m['predicted']} {m['probability']:.0%}", "red"), (f"true: {m['true']}", "white")]
                       for m in mistakes])
-        picture, _ = new_picture(max(grid.width, 420), grid.height + 34,
+        picture, _ = new_picture(grid.width, grid.height + 34,
                                  f"the {len(mistakes)} most confident mistakes of {len(done.labels)} labelled images")
-        picture.paste(grid, (0, 34))
+        picture.paste(grid, ((picture.width - grid.width) // 2, 34))
         cli.save_picture(picture, Path(args.mistakes), "--mistakes")
         if not args.json:
             print(f"the {len(mistakes)} most confident mistakes (drawn in {args.mistakes}): path, predicted, "

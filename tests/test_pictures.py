@@ -60,6 +60,14 @@ def test_a_right_models_confusion_picture_is_darkest_on_the_diagonal(n):
     assert shades[diagonal].max() < shades[~diagonal].min() - 100
 
 
+def test_a_title_wider_than_its_picture_widens_it():
+    """Before: a confusion matrix of few classes cut its title (and the accuracy in it) at both edges."""
+    title = "pretrain: p1, the test split (47.6% right; shade: share of the true class's images)"
+    picture = np.asarray(predict.confusion_picture([[3, 1], [2, 4]], ["a", "b"], title).convert("L"))
+    inked = np.nonzero((picture[:30] < 128).any(0))[0]  # the columns the title's letters reach
+    assert inked.size and inked.min() > 2 and inked.max() < picture.shape[1] - 3
+
+
 def test_temperature_lowers_the_nll_of_an_over_confident_model():
     generator = torch.Generator().manual_seed(0)
     labels = torch.randint(0, 10, (2000,), generator=generator)
