@@ -10,6 +10,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 
 import argparse
 import functools
+import glob
 import importlib
 import os
 import io
@@ -361,9 +362,16 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
 # --------------------------------------------------------------------------- prediction
 
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
-    """Files to predict, each once, with their class index when known (folder_images), an error line per bad path."""
-    found, errors = [], []
+    """Files to predict, each once, with their class index when known (folder_images), an error line per bad path.
+    A name with a wildcard that names no file is expanded: cmd.exe and PowerShell pass `*.jpg` on as typed."""
+    found, errors, names = [], [], []
     for name in paths:
+        wildcard = any(letter in name for letter in "*?[") and not Path(name).exists()
+        matches = sorted(glob.glob(name, recursive=True)) if wildcard else [name]
+        if not matches:
+            errors.append(f"{name}: no file matches this wildcard; check the pattern")
+        names += matches
+    for name in names:
         path = Path(name)
         if not name:  # Path("") is the current folder
             errors.append("'': an empty path; pass image files or folders")

@@ -264,6 +264,17 @@ def test_paths_may_come_between_and_after_the_flags(pretrained, tiny_data, tmp_p
     assert result.returncode == 2 and result.stderr.endswith("error: unrecognized arguments: --bogus\n")
 
 
+def test_a_wildcard_no_shell_expanded_is_expanded(pretrained, tiny_data):
+    """cmd.exe and PowerShell pass `*.png` on as typed (before: "no such file or folder" on Windows)."""
+    red = tiny_data / "test" / "red"
+    result = run("predict.py", red / "000[01].png", tiny_data / "test" / "*" / "9*.png", "--checkpoint", pretrained,
+                 "--device", "cpu", check=False)
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(red / name)
+                                                                            for name in ("0000.png", "0001.png")]
+    pattern = tiny_data / "test" / "*" / "9*.png"
+    assert error_line(result) == f"predict.py: {pattern}: no file matches this wildcard; check the pattern"
+
+
 def test_missing_path_and_empty_folder(pretrained, tmp_path):
     (tmp_path / "empty").mkdir()
     result = run("predict.py", tmp_path / "nope.png", tmp_path / "empty", "--checkpoint", pretrained,
