@@ -392,9 +392,11 @@ def new_image_file(target: Path | None, shape: tuple[int, ...]) -> tuple[Path, b
             finally:
                 os.close(fd)
             return Path(path), beside
-        except OSError as e:
+        except BaseException as e:  # a Ctrl-C while gigabytes are allocated too: the file goes
             if path is not None:
                 Path(path).unlink(missing_ok=True)
+            if not isinstance(e, OSError):
+                raise
             if not beside:
                 raise cli.DataError(f"{cli.shown(folder)}: cannot hold the decoded images ({e.strerror or e}, "
                                     f"{math.prod(shape) / 1e9:.1f} GB)", "free disk space or set TMPDIR") from None
@@ -528,10 +530,14 @@ class Loader:
             raise ValueError(f"Loader: augmentation {augmentation!r} is none of {', '.join(sorted(AUGMENTATIONS))}")
         if not 0 <= cutout < 1:  # 1 and more blanked every image (16, as pixels, is a likely slip)
             raise ValueError(f"Loader: cutout must be at least 0 and below 1 (a share of the side), got {cutout}")
+        try:  # before the decoding: a name torch does not know, a CUDA or MPS this machine lacks
+            self.device = torch.device(device)
+            torch.empty(0, device=self.device)
+        except (RuntimeError, AssertionError) as e:  # AssertionError: a torch built without CUDA
+            raise ValueError(f"Loader: device {device!r} cannot be used ({str(e).strip().splitlines()[0]})") from None
         images = source if isinstance(source, ImageSet) else load_folder(source)
         if drop_last and epochs and len(images) < batch_size:
             raise ValueError(f"Loader: drop_last with batch_size {batch_size} leaves no batch of {len(images)} images")
-        self.device = torch.device(device)
         self.images = place(images, self.device, "auto")
         self.classes = images.classes
         self.batch_size, self.size, self.train, self.epochs = batch_size, size, train, epochs

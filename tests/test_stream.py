@@ -64,6 +64,18 @@ def test_a_relative_data_folder_is_cached_too(tmp_path, monkeypatch):
     assert (tmp_path / "d" / ".cache" / "train.u8").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_a_stop_while_the_cache_file_is_allocated_leaves_no_file(tmp_path, monkeypatch):
+    """Before: only an OSError removed it: a Ctrl-C there left the file, gigabytes for a large set, till the next build."""
+    root = make_class_folders(tmp_path / "d", train=3, test=1)
+
+    def interrupted(fd, size):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "allocate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        data.load_folder(root / "train")
+    assert list((root / ".cache").iterdir()) == []
+
+
 def test_files_get_the_umasks_permissions_without_the_umask_being_set(tmp_path, monkeypatch):
     """Before: each cache and atomic write read the umask by setting it to 0 and back, so a thread creating a file
     meanwhile (the checkpoint writer beside the main thread) made it 0666, or left the umask 0 for good."""
