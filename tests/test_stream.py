@@ -65,7 +65,8 @@ def test_a_relative_data_folder_is_cached_too(tmp_path, monkeypatch):
 
 
 def test_a_stop_while_the_cache_file_is_allocated_leaves_no_file(tmp_path, monkeypatch):
-    """Before: only an OSError removed it: a Ctrl-C there left the file, gigabytes for a large set, till the next build."""
+    """Before: only an OSError removed it: a Ctrl-C there left the file (gigabytes for a large set) till the next
+    build."""
     root = make_class_folders(tmp_path / "d", train=3, test=1)
 
     def interrupted(fd, size):
