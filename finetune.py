@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import data
 from cli import UsageError, guard_output, report_errors, run_script
 from model import AlexNet, load_checkpoint, model_from_checkpoint, recorded_path
 from pretrain import make_parser, parse_flags, side_files, train
@@ -31,17 +32,21 @@ TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "fu
 SPLIT_FLAGS = ("seed", "val_size", "limit")
 
 
-def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict) -> None:
-    """Same data, another split: some validation images trained the checkpoint, so validation flatters it."""
+def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict, images: data.ImageSet) -> None:
+    """Same data folder, another split: some validation images trained the checkpoint, so validation flatters it.
+    A folder changed since (images added, removed or modified) has its split drawn anew."""
     if not same_data_folder(args, checkpoint):
         return
+    trained_on = checkpoint.get("data_fingerprint")  # None: a checkpoint from before it was kept
     values = [(name, getattr(args, name), checkpoint["args"].get(name)) for name in SPLIT_FLAGS]
     differing = [f"--{name.replace('_', '-')} {'default' if now is None else now} (the checkpoint's run: "
                  f"{'default' if then is None else then})" for name, now, then in values if now != then]
+    if trained_on not in (None, images.fingerprint):
+        differing.append(f"{args.data_dir}/train changed since its run (images added, removed or modified)")
     if differing:
         print(f"finetune.py: warning: {', '.join(differing)}: this validation split holds images {args.checkpoint} "
               "trained on, so validation accuracy is optimistic and may pick the wrong epoch; the test split is "
-              "unaffected. Use the checkpoint's values to avoid it", file=sys.stderr)
+              "unaffected. Use the checkpoint's values and images to avoid it", file=sys.stderr)
 
 
 def same_data_folder(args: argparse.Namespace, checkpoint: dict) -> bool:
@@ -52,16 +57,16 @@ def same_data_folder(args: argparse.Namespace, checkpoint: dict) -> bool:
                                      == os.path.realpath(args.data_dir))
 
 
-def new_model(args: argparse.Namespace, classes: list[str], checkpoint: dict) -> tuple[AlexNet, bool]:
+def new_model(args: argparse.Namespace, images: data.ImageSet, checkpoint: dict) -> tuple[AlexNet, bool]:
     """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head). Only then do
     the starting weights compete as epoch 0: a new head is random, no model of these classes."""
     model = model_from_checkpoint(checkpoint, args.checkpoint)
-    if new_head := args.new_head or checkpoint["classes"] != classes:
-        model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(classes))
+    if new_head := args.new_head or checkpoint["classes"] != images.classes:
+        model.classifier[6] = nn.Linear(model.classifier[6].in_features, len(images.classes))
     else:
         print(f"{args.checkpoint} has this data set's classes: the head starts from its weights "
               "(--new-head: a fresh one)")
-    warn_if_validation_was_trained_on(args, checkpoint)
+    warn_if_validation_was_trained_on(args, checkpoint, images)
     return model, not new_head
 
 

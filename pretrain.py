@@ -60,10 +60,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def train(args: argparse.Namespace, given: set[str], stage: str,
-          new_model: Callable[[argparse.Namespace, list[str]], tuple[AlexNet, bool]] | None,
+          new_model: Callable[[argparse.Namespace, data.ImageSet], tuple[AlexNet, bool]] | None,
           trainable: Callable[[argparse.Namespace, AlexNet], list[nn.Parameter]]) -> dict | None:
     """Train, keep the best validation epoch, test it once; returns the test report. `given`: the command line's flags;
-    `new_model(args, classes)`: a fresh run's model and whether its starting weights compete as epoch 0 (None:
+    `new_model(args, train_images)`: a fresh run's model and whether its starting weights compete as epoch 0 (None:
     resume only); `trainable(args, model)`: what trains. Under torchrun all processes run this; the first writes."""
     state, args = (None, args) if args.resume is None else read_resume_state(args, given, stage)
     processes = cli.Processes(args.device)
@@ -77,7 +77,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         if state is not None and state.get("data_fingerprint", train_images.fingerprint) != train_images.fingerprint:
             raise cli.UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the run "
                                  "started (added, removed or modified files); restore them, or start a new run")
-        model, starting_weights_compete = (new_model(args, train_images.classes) if state is None
+        model, starting_weights_compete = (new_model(args, train_images) if state is None
                                            else (AlexNet(**state["model_args"]), False))
         run = start_run(args, stage, processes, model, trainable(args, model), train_images, val_images, test_images)
         progress = Progress(new_sums(processes.device)) if state is None else restore(run, state)
@@ -669,7 +669,8 @@ def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict
     images = run.train_images
     return checkpoint_dict(model, images.classes, run.args.image_size, images.stored_size, tta=run.args.tta,
                            mean=list(data.MEAN), std=list(data.STD), stage=run.stage, epoch=epoch, metrics=metrics,
-                           args=dict(vars(run.args)), cwd=os.getcwd(), code=cli.code_version())
+                           args=dict(vars(run.args)), cwd=os.getcwd(), code=cli.code_version(),
+                           data_fingerprint=images.fingerprint)
 
 
 def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter, finished: bool = False,
@@ -686,7 +687,7 @@ def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished, "data_fingerprint": run.train_images.fingerprint,
+        "best": progress.best, "finished": finished,
         "seconds": progress.seconds}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
     progress.saved = progress.position
@@ -727,10 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def new_model(args: argparse.Namespace, classes: list[str]) -> tuple[AlexNet, bool]:
+def new_model(args: argparse.Namespace, images: data.ImageSet) -> tuple[AlexNet, bool]:
     """A fresh AlexNet, or one started from --init's tensors where names and shapes match; its head is new, so its
     starting weights never compete as epoch 0."""
-    model = AlexNet(num_classes=len(classes), hidden=args.hidden)
+    model = AlexNet(num_classes=len(images.classes), hidden=args.hidden)
     if args.init is not None:
         loaded, skipped = load_matching(model, initial_weights(args.init))
         print(f"--init {args.init}: loaded {len(loaded)} tensors; kept fresh (name or shape differs): "

@@ -111,6 +111,13 @@ def test_the_overlap_warning_knows_the_data_folder_by_any_name(tmp_path):
                      "f.pt", "--overwrite", "--epochs", "1", "--val-size", "3", "--seed", "1", *QUICK_NO_HIDDEN,
                      cwd=tmp_path)
         assert "--seed 1 (the checkpoint's run: 0)" in result.stderr and "optimistic" in result.stderr
+    # before: none once an image was added or removed, with the run's own flags (its split drawn anew: most of the
+    # validation images trained the checkpoint)
+    (tmp_path / "run" / "data" / "train" / "red" / "0000.png").rename(tmp_path / "run" / "data" / "train" / "x.png")
+    result = run("finetune.py", "--checkpoint", tmp_path / "run" / "p.pt", "--data-dir", "linked", "--out", "f.pt",
+                 "--overwrite", "--epochs", "1", "--val-size", "3", *QUICK_NO_HIDDEN, cwd=tmp_path)
+    assert ("warning: linked/train changed since its run (images added, removed or modified): this validation split "
+            "holds images") in result.stderr
 
 
 @pytest.mark.parametrize("mode,frozen,changed", [("classifier", "features.0.weight", "classifier.1.weight"),
