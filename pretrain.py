@@ -99,6 +99,8 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
             with writer:
                 if starting_weights_compete:
                     start_competes(run, progress, writer)
+                if progress.epoch >= run.args.epochs and not progress.finished:  # a resume's --epochs ends it here
+                    save_resume_state(run, progress, writer, finished=True)
                 while progress.epoch < run.args.epochs:
                     started = time.perf_counter() - progress.seconds  # a resumed epoch's seconds before its stop
                     finished = train_one_epoch(run, progress, signals, writer, started)
@@ -548,6 +550,7 @@ class Progress:
     best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
     saved: str | None = None  # where the newest resume state handed to the writer is (see position); None: none yet
     seconds: float = 0.0  # the training seconds of the epoch under way before a stop (a resume carries them)
+    finished: bool = False  # its resume state says the run trained all its epochs
 
     @property
     def position(self) -> str:
@@ -583,12 +586,12 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
     if state is not None:
         print(f"resuming {run.stage} from {run.args.resume} at {progress.position}; flags from the checkpoint, "
               f"{MAY_CHANGE_FLAGS} from the command line when given")
-        if state.get("finished") and progress.epoch >= run.args.epochs:
+        if state["finished"] and progress.epoch >= run.args.epochs:
             print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
                   "evaluating the test split again with its best validation epoch's weights")
         elif run.args.lr_schedule == "cosine" and run.args.epochs != state["args"]["epochs"]:
             print(f"note: --epochs {run.args.epochs} with --lr-schedule cosine: from here the rate follows the "
-                  f"cosine over {run.args.epochs} epochs, not the {state['args']['epochs']} the run started with",
+                  f"cosine over {run.args.epochs} epochs, not the {state['args']['epochs']} it followed until now",
                   file=sys.stderr)
     args, images = run.args, run.train_images
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
@@ -708,7 +711,7 @@ def restore(run: Run, state: dict) -> Progress:
     perm = None if state["perm"] is None else state["perm"].to(device)
     sums = {name: total.to(device) for name, total in own["sums"].items()}
     progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"],
-                        seconds=state.get("seconds", 0.0))  # a state from before "seconds" was kept: 0
+                        seconds=state.get("seconds", 0.0), finished=state["finished"])  # "seconds" may be new
     progress.saved = progress.position
     return progress
 

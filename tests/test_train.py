@@ -207,15 +207,21 @@ def test_a_resumed_epochs_speed_and_seconds_count_its_steps_before_the_stop(tiny
 def test_a_resume_may_not_end_before_where_the_run_stopped_and_says_a_stretched_cosine(tiny_data, tmp_path,
                                                                                         monkeypatch, capsys):
     """Before: --epochs 1 on a run stopped in epoch 2 tested at once, its steps there dropped without a word and the
-    state left unfinished (a later resume trained on and tested again); a longer cosine changed the rate unsaid."""
+    state left unfinished (a later resume trained on and tested again; also with --epochs 1 after a stop at the end
+    of epoch 1); a longer cosine changed the rate unsaid."""
     import pretrain
-    steps, train_step = types.SimpleNamespace(done=0), pretrain.train_step
+    steps, train_step = types.SimpleNamespace(done=0, stop_at=6), pretrain.train_step
 
     def counted_step(*args):
         steps.done += 1
         return train_step(*args)
     monkeypatch.setattr(pretrain, "train_step", counted_step)
-    monkeypatch.setattr(cli.Processes, "any", lambda self, flag: steps.done == 8)  # epoch 2, step 2 (6 an epoch)
+    monkeypatch.setattr(cli.Processes, "any", lambda self, flag: steps.done == steps.stop_at)  # 6 steps an epoch
+    with pytest.raises(SystemExit):
+        pretrain.main(list(map(str, start(tmp_path / "e.pt", 3, tiny_data))))  # stopped at the end of epoch 1
+    pretrain.main(["--resume", str(tmp_path / "e.last.pt"), "--epochs", "1"])
+    assert torch.load(tmp_path / "e.last.pt", weights_only=True)["finished"]
+    steps.done, steps.stop_at = 0, 8  # epoch 2, step 2
     with pytest.raises(SystemExit):
         pretrain.main(list(map(str, start(tmp_path / "p.pt", 3, tiny_data, "--lr-schedule", "cosine"))))
     capsys.readouterr()
@@ -226,7 +232,7 @@ def test_a_resume_may_not_end_before_where_the_run_stopped_and_says_a_stretched_
                                   "--epochs 2 or more to finish it, or leave --epochs out")
     pretrain.main(["--resume", last, "--epochs", "4"])
     assert ("note: --epochs 4 with --lr-schedule cosine: from here the rate follows the cosine over 4 epochs, not "
-            "the 3 the run started with\n") in capsys.readouterr().err
+            "the 3 it followed until now\n") in capsys.readouterr().err
 
 
 @pytest.mark.slow
