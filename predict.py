@@ -363,13 +363,14 @@ def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[
 
 def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, int | None]], list[str]]:
     """Files to predict, each once, with their class index when known (folder_images), an error line per bad path.
-    A name with a wildcard that names no file is expanded: cmd.exe and PowerShell pass `*.jpg` on as typed."""
+    A name with * or ? that names no file (nor a URL) is expanded: cmd.exe and PowerShell pass `*.jpg` on as typed
+    (their [ is a letter: `photo[1].png` is no pattern for photo1.png)."""
     found, errors, names = [], [], []
     for name in paths:
-        wildcard = any(letter in name for letter in "*?[") and not Path(name).exists()
-        matches = sorted(glob.glob(name, recursive=True)) if wildcard else [name]
+        wildcard = ("*" in name or "?" in name) and not Path(name).exists() and not data.URL.match(name)
+        matches = sorted(glob.glob(name.replace("[", "[[]"), recursive=True)) if wildcard else [name]
         if not matches:
-            errors.append(f"{name}: no file matches this wildcard; check the pattern")
+            errors.append(f"{cli.shown(name)}: no file matches this wildcard; check the pattern")
         names += matches
     for name in names:
         path = Path(name)

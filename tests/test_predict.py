@@ -1,6 +1,5 @@
 import json
 import os
-import pty
 import shutil
 import stat
 import subprocess
@@ -234,7 +233,7 @@ def test_a_runs_resume_state_is_refused_naming_its_checkpoint(pretrained, tiny_d
 def test_on_a_terminal_no_result_line_follows_the_progress_line(pretrained, tiny_data):
     """Before: a batch's first line was printed after the progress line's text (`\\r  predict: 12/300 images ...
     eta 00:00:15\\x1b[K../many/0012.png ...`), the progress on stderr and the results on stdout sharing the line."""
-    parent, child = pty.openpty()
+    parent, child = pytest.importorskip("pty").openpty()  # POSIX's
     every_batch = ("import sys; sys.path.insert(0, sys.argv[1]); import cli, runpy; "
                    "cli.ProgressLine.TERMINAL_INTERVAL = 0; sys.argv = sys.argv[2:]; "
                    "runpy.run_path(sys.argv[0], run_name='__main__')")
@@ -264,15 +263,20 @@ def test_paths_may_come_between_and_after_the_flags(pretrained, tiny_data, tmp_p
     assert result.returncode == 2 and result.stderr.endswith("error: unrecognized arguments: --bogus\n")
 
 
-def test_a_wildcard_no_shell_expanded_is_expanded(pretrained, tiny_data):
-    """cmd.exe and PowerShell pass `*.png` on as typed (before: "no such file or folder" on Windows)."""
-    red = tiny_data / "test" / "red"
-    result = run("predict.py", red / "000[01].png", tiny_data / "test" / "*" / "9*.png", "--checkpoint", pretrained,
-                 "--device", "cpu", check=False)
-    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(red / name)
-                                                                            for name in ("0000.png", "0001.png")]
-    pattern = tiny_data / "test" / "*" / "9*.png"
-    assert error_line(result) == f"predict.py: {pattern}: no file matches this wildcard; check the pattern"
+def test_a_wildcard_no_shell_expanded_is_expanded(pretrained, tiny_data, tmp_path):
+    """cmd.exe and PowerShell pass `*.png` on as typed (before: "no such file or folder" on Windows). Their [ is a
+    letter; a URL's ? is no wildcard."""
+    shutil.copytree(tiny_data / "test" / "red", tmp_path / "[red]")
+    shutil.copy(tmp_path / "[red]" / "0001.png", tmp_path / "photo1.png")
+    url = "https://example.com/cat.png?raw=true"
+    result = run("predict.py", tmp_path / "[red]" / "000?.png", tmp_path / "*" / "9*.png", tmp_path / "photo[1].png",
+                 url, "--checkpoint", pretrained, "--device", "cpu", check=False)
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(tmp_path / "[red]" / f"000{i}.png")
+                                                                            for i in range(6)]
+    assert result.stderr.splitlines()[:3] == [
+        f"predict.py: {tmp_path / '*' / '9*.png'}: no file matches this wildcard; check the pattern",
+        f"predict.py: {tmp_path / 'photo[1].png'}: no such file or folder; check the path",
+        f"predict.py: {url}: a URL; predict.py reads local files: download it first (e.g. curl -O {url})"]
 
 
 def test_missing_path_and_empty_folder(pretrained, tmp_path):
