@@ -245,7 +245,7 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
                             "free space or choose another --root") from None
         member = Path(os.fsdecode(getattr(e, "filename", None) or "/"))
         if member.is_relative_to(work / "extract"):  # the member's name, not the temporary folder's path
-            e = f"{e.strerror}: {member.relative_to(work / 'extract')}"
+            e = f"{e.strerror}: {shown(member.relative_to(work / 'extract'))}"
         raise DataError(f"{source}: damaged or incomplete archive ({e})", "download it again") from None
     copy_class_folders(work / "extract", tree, source, move=True)
 

@@ -243,10 +243,12 @@ def test_archive_members_escaping_the_root_are_refused(tmp_path, kind):
 
 @pytest.mark.parametrize("kind", ["folder then file", "file then below it", "zip"])
 def test_archive_members_naming_a_folder_and_a_file_blame_the_archive(tmp_path, tiny_data, kind):
-    """Before: "--root ...: cannot write (Is a directory); free space or choose another --root", as for a full disk."""
-    archive, clash = tmp_path / ("a.zip" if kind == "zip" else "a.tar"), "train/red/0000.png"
+    """Before: "--root ...: cannot write (Is a directory); free space or choose another --root", as for a full disk.
+    The member's name is an archive's: shown escaped, never a terminal's control sequence."""
+    archive, clash = tmp_path / ("a.zip" if kind == "zip" else "a.tar"), "train/red/0000\x1b[31m.png"
     members = [(f"{split}/{p.parent.name}/{p.name}", p) for split in ("train", "test")
                for p in sorted((tiny_data / split).glob("*/*.png"))]
+    members.append((clash, members[0][1]))
     if kind == "zip":
         with zipfile.ZipFile(archive, "w") as zf:
             for name, path in members + [(f"{clash}/x.png", members[0][1])]:
@@ -262,7 +264,7 @@ def test_archive_members_naming_a_folder_and_a_file_blame_the_archive(tmp_path, 
     result = run("download.py", "--root", tmp_path / "cifar10", "--source", archive, check=False)
     below = "/x.png" * (kind != "folder then file")
     assert error_line(result) == (f"download.py: {archive}: damaged or incomplete archive "
-                                  f"({'Not a directory' if below else 'Is a directory'}: {clash}{below}); "
+                                  f"({'Not a directory' if below else 'Is a directory'}: {cli.shown(clash)}{below}); "
                                   "download it again")
     assert not (tmp_path / "cifar10").exists() and leftovers(tmp_path) == []
 
