@@ -533,8 +533,9 @@ class Loader:
         try:  # before the decoding: a name torch does not know, a CUDA or MPS this machine lacks
             self.device = torch.device(device)
             torch.empty(0, device=self.device)
-        except (RuntimeError, AssertionError) as e:  # AssertionError: a torch built without CUDA
-            raise ValueError(f"Loader: device {device!r} cannot be used ({str(e).strip().splitlines()[0]})") from None
+        except (RuntimeError, AssertionError):  # AssertionError: a torch built without CUDA
+            raise ValueError(f"Loader: device {device!r} is no device name, or none this machine has; pass e.g. "
+                             "'cpu', 'cuda' or 'mps'") from None
         images = source if isinstance(source, ImageSet) else load_folder(source)
         if drop_last and epochs and len(images) < batch_size:
             raise ValueError(f"Loader: drop_last with batch_size {batch_size} leaves no batch of {len(images)} images")

@@ -57,7 +57,10 @@ SPAWN = "import multiprocessing\nmultiprocessing.set_start_method('spawn', force
     ({"cutout": float("nan")}, r"cutout must be at least 0 and below 1 \(a share of the side\), got nan"),
     ({"cutout": -0.5}, r"cutout must be at least 0 and below 1 \(a share of the side\), got -0.5"),
     ({"batch_size": 31, "drop_last": True}, "drop_last with batch_size 31 leaves no batch of 30 images"),
-    ({"device": "gpu"}, r"device 'gpu' cannot be used \(Expected one of cpu, .*\)")])
+    ({"device": "gpu"}, "device 'gpu' is no device name, or none this machine has; pass e.g. 'cpu', 'cuda' or 'mps'"),
+    *[({"device": kind}, f"device '{kind}' is no device name, or none this machine has; pass e.g. 'cpu', 'cuda' or "
+                         "'mps'") for kind, present in (("cuda", torch.cuda.is_available()),
+                                                       ("mps", torch.backends.mps.is_available())) if not present]])
 def test_arguments_that_cannot_work_are_refused_when_the_loader_is_made(train_folder, argument, message):
     """Before: a ZeroDivisionError or KeyError at the first batch, or (a negative batch size, drop_last with a batch
     larger than the set) no batch at all; a cutout of 1 or more blanked every image."""
