@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import data
 from cli import UsageError, guard_output, report_errors, run_script
+from data import ImageSet
 from model import AlexNet, load_checkpoint, model_from_checkpoint, recorded_path
 from pretrain import make_parser, parse_flags, side_files, train
 
@@ -32,7 +32,7 @@ TRAINED_PARTS = {"head": ("classifier.6.",), "classifier": ("classifier.",), "fu
 SPLIT_FLAGS = ("seed", "val_size", "limit")
 
 
-def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict, images: data.ImageSet) -> None:
+def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict, images: ImageSet) -> None:
     """Same data folder, another split: some validation images trained the checkpoint, so validation flatters it.
     A folder changed since (images added, removed or modified) has its split drawn anew."""
     if not same_data_folder(args, checkpoint):
@@ -57,7 +57,7 @@ def same_data_folder(args: argparse.Namespace, checkpoint: dict) -> bool:
                                      == os.path.realpath(args.data_dir))
 
 
-def new_model(args: argparse.Namespace, images: data.ImageSet, checkpoint: dict) -> tuple[AlexNet, bool]:
+def new_model(args: argparse.Namespace, images: ImageSet, checkpoint: dict) -> tuple[AlexNet, bool]:
     """The checkpoint's model; its head is kept for the checkpoint's own classes (unless --new-head). Only then do
     the starting weights compete as epoch 0: a new head is random, no model of these classes."""
     model = model_from_checkpoint(checkpoint, args.checkpoint)
