@@ -158,16 +158,23 @@ def run_passing_signals(words: list[str], cwd: Path | None) -> int:
     """
     posix = sys.platform != "win32"
     import cli  # here: it imports torch, which listing the tasks does not need
-    script = subprocess.Popen(words, cwd=cwd, start_new_session=posix)
-    handler = functools.partial(pass_signal, script.pid) if posix else signal.SIG_IGN
-    with cli.handling(cli.stop_signals(), handler):
-        return script.wait()
+    script = SimpleNamespace(pid=None, pending=[])  # taken before the script starts: none is lost while it does
+    with cli.handling(cli.stop_signals(), functools.partial(pass_signal, script) if posix else signal.SIG_IGN):
+        process = subprocess.Popen(words, cwd=cwd, start_new_session=posix)
+        script.pid = process.pid
+        for signum in script.pending:
+            pass_signal(script, signum, None)
+        return process.wait()
 
 
-def pass_signal(group: int, signum: int, frame) -> None:
-    """To the script's whole process group, as a terminal's Ctrl-C would: the script and its workers."""
+def pass_signal(script: SimpleNamespace, signum: int, frame) -> None:
+    """To the script's whole process group, as a terminal's Ctrl-C would: the script and its workers; one that
+    came before the script had a pid goes once it has one."""
+    if script.pid is None:
+        script.pending.append(signum)
+        return
     with contextlib.suppress(ProcessLookupError):  # it has just ended: wait() returns
-        os.killpg(group, signum)
+        os.killpg(script.pid, signum)
 
 
 def resume_template(name: str) -> str:

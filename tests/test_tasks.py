@@ -137,6 +137,26 @@ def test_invoke_dies_of_sigint_only_after_a_script_killed_by_it(monkeypatch):
         assert ended.value.code == code and (registered == [tasks.die_of_sigint]) == dies
 
 
+@pytest.mark.slow  # a real script process, a real signal
+def test_a_signal_as_a_script_starts_reaches_it(monkeypatch):
+    """Before: invoke took the signals only once the script had started; one that came as it started ended invoke
+    (exit 1, no line) and left the script running on its own (holding the lock of --out)."""
+    import tasks
+    real_popen = subprocess.Popen
+
+    def popen_after_a_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a stop signal arriving while the script starts
+        return real_popen(*args, **kwargs)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # this test's process outlives it
+    try:
+        monkeypatch.setattr(subprocess, "Popen", popen_after_a_signal)
+        status = tasks.run_passing_signals([sys.executable, "-c", "import time; time.sleep(5)"], None)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, previous)
+    assert status == -signal.SIGTERM  # killed by it at once, not ended after its 5 s
+
+
 def test_all_resume_continues_each_stage_that_left_a_resume_state(tmp_path, invoke_here):
     """A resumed stage gets no --out or --checkpoint: its state's are used, and another name for them (the folder
     moved, or spelled otherwise: ck/ then $PWD/ck) was refused as a changed flag."""
