@@ -313,7 +313,8 @@ def cache_folder(data_folder: Path) -> Path:
     in a folder named after the data folder's real path. One warning line says which."""
     own, problem = data_folder / ".cache", None
     name = hashlib.sha256(os.fsencode(data_folder.resolve())).hexdigest()[:16]
-    users = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    users = os.environ.get("XDG_CACHE_HOME", "")
+    users = users if os.path.isabs(users) else os.path.expanduser("~/.cache")  # as the XDG spec: a relative one unset
     for folder in (own, *(Path(parent) / "alexnet-image-cache" / name for parent in (users, tempfile.gettempdir()))):
         try:
             folder.mkdir(parents=True, exist_ok=True)

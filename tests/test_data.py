@@ -830,6 +830,11 @@ def test_a_file_named_dot_cache_in_the_data_folder_moves_the_cache_with_a_warnin
                                        f"it goes to {folder}\n")  # once for the data folder
     assert (root / ".cache").read_text() == "mine"
     assert sorted(p.name for p in folder.iterdir()) == ["test.json", "test.u8", "train.json", "train.u8"]
+    data.cache_folder.cache_clear()  # before: a relative XDG_CACHE_HOME was taken in the current folder
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.chdir(tmp_path)
+    assert data.cache_folder(root) == tmp_path / "user" / ".cache" / "alexnet-image-cache" / folder.name
 
 
 def test_a_refused_cache_build_keeps_the_valid_caches_metadata(small_filesystem, monkeypatch, capsys):
