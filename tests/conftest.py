@@ -116,6 +116,18 @@ def make_class_folders(root: Path, classes=("red", "green", "blue"), train=16, t
     return root
 
 
+def refuse_listing(monkeypatch, folder: Path) -> None:
+    """`folder` cannot be listed, as without read permission: simulated, for root reads any folder."""
+    real_iterdir = type(folder).iterdir
+
+    def iterdir(path):
+        if path == folder:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_iterdir(path)
+
+    monkeypatch.setattr(type(folder), "iterdir", iterdir)
+
+
 def read_terminal(parent: int) -> str:
     """All a pseudo-terminal's writer wrote, once it has closed its side; `parent` is closed."""
     written = b""

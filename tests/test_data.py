@@ -24,7 +24,7 @@ from PIL import Image
 import cli
 import data
 import download
-from conftest import QuietHTTPServer, class_folder_archive, error_line, make_class_folders, md5, run
+from conftest import QuietHTTPServer, class_folder_archive, error_line, make_class_folders, md5, refuse_listing, run
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -138,14 +138,7 @@ def test_a_folder_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch, unrea
     root = tmp_path / "mine"
     (root / "x").mkdir(parents=True)
     locked = {"root": root, "its parent": tmp_path, "class folders": source / "train"}[unreadable]
-    real_iterdir = type(locked).iterdir
-
-    def iterdir(path):
-        if path == locked:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_iterdir(path)
-
-    monkeypatch.setattr(type(locked), "iterdir", iterdir)
+    refuse_listing(monkeypatch, locked)
     with pytest.raises(cli.DataError, match=re.escape(f"{locked}: cannot read this folder (Permission denied); "
                                                       "check its permissions")):
         download.download(root, str(source)) if unreadable != "class folders" else data.load_folder(locked)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, error_line, read_terminal, run
+from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, error_line, read_terminal, refuse_listing, run
 from model import load_checkpoint, model_from_checkpoint
 from cli import UsageError, resolve_device
 from predict import classification_report, compute_logits, print_report
@@ -424,17 +424,10 @@ def test_a_confusion_matrix_wider_than_a_terminal_is_printed_as_its_most_confuse
 
 def test_an_unreadable_folder_is_its_own_error_line_and_the_rest_predicted(pretrained, tiny_data, tmp_path,
                                                                            monkeypatch):
-    """Root reads any folder, so the refusal is simulated: the Path.iterdir of that one folder fails as it would."""
+    """Before: a PermissionError traceback."""
     locked, image = tmp_path / "locked", tiny_data / "test" / "red" / "0000.png"
     locked.mkdir()
-    real_iterdir = type(locked).iterdir
-
-    def iterdir(path):
-        if path == locked:
-            raise PermissionError(13, "Permission denied", str(path))
-        return real_iterdir(path)
-
-    monkeypatch.setattr(type(locked), "iterdir", iterdir)
+    refuse_listing(monkeypatch, locked)
     result = run("predict.py", locked, image, "--checkpoint", pretrained, "--device", "cpu", check=False)
     assert result.returncode == 1 and result.stdout.startswith(str(image)) and "Traceback" not in result.stderr
     assert f"{locked}: cannot read this folder (Permission denied); check its permissions" in result.stderr
