@@ -117,9 +117,17 @@ def check_out(out: Path) -> None:
         raise cli.UsageError(f"--out {cli.shown(out)}: exists and is no exported program (a checkpoint?), which "
                              "writing would replace; choose another --out, or remove the file")
     record = Path(f"{out}.json")
-    if record.exists() and not (record.is_file() and is_exported_program(out)):  # a program's own record is replaced
+    if record.exists() and not (is_exported_program(out) and is_record(record)):  # a program's own record is replaced
         raise cli.UsageError(f"--out {cli.shown(out)}: its record {cli.shown(record)} would replace what is there, "
                              "which is no record of a program at --out; remove it or choose another --out")
+
+
+def is_record(path: Path) -> bool:
+    """Whether `path` is a record export.py wrote (JSON naming a checkpoint and the check), not a user's file."""
+    try:
+        return {"checkpoint", "check"} <= set(json.loads(path.read_bytes()))
+    except (OSError, ValueError, TypeError):  # a folder, no JSON, JSON that is no object
+        return False
 
 
 def export(args: argparse.Namespace) -> int:

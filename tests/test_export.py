@@ -181,10 +181,13 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
         assert expected in error_line(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "notes.json", "notes.txt", "r.pt2.json"]
     assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
-    shutil.copy(out, tmp_path / "again.pt2")  # a program and its record are replaced by the next export
-    (tmp_path / "again.pt2.json").write_text("{}")
+    shutil.copy(out, tmp_path / "again.pt2")  # a program and its own record are replaced by the next export
+    (tmp_path / "again.pt2.json").write_text('{"mine": 1}')  # not a record: a user's file beside a program
+    result = run("export.py", "--checkpoint", varied, "--out", tmp_path / "again.pt2", "--limit", "4", check=False)
+    assert "its record" in error_line(result) and (tmp_path / "again.pt2.json").read_text() == '{"mine": 1}'
+    shutil.copy(f"{out}.json", tmp_path / "again.pt2.json")
     run("export.py", "--checkpoint", varied, "--out", tmp_path / "again.pt2", "--limit", "4")
-    assert json.loads((tmp_path / "again.pt2.json").read_text())["checkpoint"] == str(varied)
+    assert json.loads((tmp_path / "again.pt2.json").read_text())["check"]["images"] == 4
     assert checkpoint.read_bytes() == Path(varied).read_bytes()
     result = run("finetune.py", "--checkpoint", out, "--data-dir", tmp_path, "--out", tmp_path / "f.pt", check=False)
     assert "an exported program (export.py), not a checkpoint" in error_line(result)
