@@ -688,6 +688,8 @@ class Processes:
 
     def any(self, flag: bool) -> bool:
         """Whether any process has the flag set (a signal to one stops all at one step); waits on hosts, not GPUs."""
+        if self.world == 1:  # asked at every training step: no tensor, no read-back for one process
+            return flag
         return bool(self.reduce(torch.tensor([float(flag)]), largest=True, group=self.host_group).item())
 
     def gather(self, obj) -> list:

@@ -113,11 +113,12 @@ def check_out(out: Path) -> None:
     if not out.parent.is_dir():
         raise cli.UsageError(f"--out {cli.shown(out)}: folder {cli.shown(out.parent)} does not exist; create it or "
                              "choose another --out")
-    if out.is_file() and not is_exported_program(out):
+    program = out.is_file() and is_exported_program(out)
+    if out.is_file() and not program:
         raise cli.UsageError(f"--out {cli.shown(out)}: exists and is no exported program (a checkpoint?), which "
                              "writing would replace; choose another --out, or remove the file")
     record = Path(f"{out}.json")
-    if record.exists() and not (is_exported_program(out) and is_record(record)):  # a program's own record is replaced
+    if record.exists() and not (program and is_record(record)):  # a program's own record is replaced
         raise cli.UsageError(f"--out {cli.shown(out)}: its record {cli.shown(record)} would replace what is there, "
                              "which is no record of a program at --out; remove it or choose another --out")
 
