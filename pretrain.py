@@ -286,16 +286,20 @@ def test_once(run: Run, progress: Progress) -> dict:
     probabilities for predict.py is fitted on the validation split (Guo et al. 2017) and kept in the checkpoint."""
     best, files, device = progress.best, side_files(run.out), run.processes.device
     final = load_checkpoint(run.out, map_location=device)
-    run.evaluated.load_state_dict(final["model"])
-    logits = split_logits(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, "test")
-    temperature = fit_temperature(split_logits(run.evaluated, run.val_images, run.args), run.val_images.labels)
-    test = classification_report(logits, run.test_images.labels, run.test_images.classes)
-    test |= calibration_report(logits, run.test_images.labels, temperature)
+    test, temperature = final.get("test_metrics"), final.get("temperature")  # a resume of a tested run: its report
+    tested = test is not None
+    if not tested:
+        run.evaluated.load_state_dict(final["model"])
+        logits = split_logits(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, "test")
+        temperature = fit_temperature(split_logits(run.evaluated, run.val_images, run.args), run.val_images.labels)
+        test = classification_report(logits, run.test_images.labels, run.test_images.classes)
+        test |= calibration_report(logits, run.test_images.labels, temperature)
     print(f"best validation accuracy {best['val_acc']:.2%} at epoch {best['epoch']}"
           f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
-          "weights:")
+          f"weights{' (when the run finished)' if tested else ''}:")
     print_report("test", test, run.train_images.classes)
-    test |= {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": cli.code_version()}
+    test = {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": cli.code_version()
+            } | test
     save_checkpoint(final | {"test_metrics": test, "temperature": temperature}, run.out)
     write_run_file(files["test"], "test report", lambda f: f.write((cli.json_text(test, indent=2) + "\n").encode()))
     write_run_file(files["confusion"], "confusion matrix picture", lambda f: confusion_picture(
@@ -588,7 +592,7 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
               f"{MAY_CHANGE_FLAGS} from the command line when given")
         if state["finished"] and progress.epoch >= run.args.epochs:
             print(f"this run already finished {progress.epoch} epochs (pass a larger --epochs to train further): "
-                  "evaluating the test split again with its best validation epoch's weights")
+                  "its test report, of its best validation epoch's weights")
         elif run.args.lr_schedule == "cosine" and run.args.epochs != state["args"]["epochs"]:
             print(f"note: --epochs {run.args.epochs} with --lr-schedule cosine: from here the rate follows the "
                   f"cosine over {run.args.epochs} epochs, not the {state['args']['epochs']} it followed until now",

@@ -236,6 +236,24 @@ def test_a_resume_may_not_end_before_where_the_run_stopped_and_says_a_stretched_
 
 
 @pytest.mark.slow
+def test_a_resume_of_a_tested_run_gives_its_report_without_looking_at_the_test_split_again(tiny_data, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """`invoke all --resume` after a stop in finetune resumes the finished pretrain run: before, its test split (and
+    validation, for the temperature) was evaluated again; the test set is looked at once per stage."""
+    import pretrain
+    out = tmp_path / "p.pt"
+    pretrain.main(list(map(str, start(out, 1, tiny_data))))
+    report = json.loads(out.with_suffix(".test.json").read_text())
+    out.with_suffix(".test.json").unlink()
+    looks, split_logits = [], pretrain.split_logits
+    monkeypatch.setattr(pretrain, "split_logits", lambda *args: looks.append(args[1]) or split_logits(*args))
+    capsys.readouterr()
+    pretrain.main(["--resume", str(out.with_suffix(".last.pt"))])
+    assert looks == [] and json.loads(out.with_suffix(".test.json").read_text()) == report
+    assert "evaluated once with those weights (when the run finished):\ntest: accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_resume_takes_the_runs_flags_and_extends_epochs(tiny_data, tmp_path):
     out = tmp_path / "pretrain.pt"
     run("pretrain.py", *start(out, 1, tiny_data, "--lr", "0.03"))
