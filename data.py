@@ -576,7 +576,7 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, black_outs
     `black_outside`: as if the image were padded with black (roi_align repeats its edge for half a pixel out)."""
     rows, columns = (sampling_weights(boxes[:, i], boxes[:, i + 2], images.shape[-1 - i], size, black_outside)
                      for i in (1, 0))
-    return rows.unsqueeze(1) @ images.float() @ columns.transpose(1, 2).unsqueeze(1)
+    return rows.unsqueeze(1) @ images.to(rows.dtype) @ columns.transpose(1, 2).unsqueeze(1)  # torch's default dtype
 
 
 def sampling_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: int, black_outside: bool = False
@@ -649,5 +649,6 @@ def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize to 256/224 of `size`, centre-crop `size`, normalise: one crop box per image."""
     resized = int(size * EVAL_RESIZE)
     offset = round((resized - size) / 2)
-    box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32, device=images.device)
+    box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.get_default_dtype(),
+                       device=images.device)
     return normalize(crop_resize(images, (box * images.shape[-1] / resized).expand(images.shape[0], 4), size))

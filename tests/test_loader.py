@@ -44,6 +44,18 @@ def test_drop_last_shuffle_and_evaluation_batches(train_folder):
         assert torch.equal(y, images.labels[start:start + 8])
 
 
+def test_batches_are_in_torchs_default_dtype_as_torchvisions_to_tensor_gives_them(train_folder):
+    """A float64 training loop (torch.set_default_dtype) gets float64 batches; before, training ones were an error."""
+    images = data.load_folder(train_folder)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        dtypes = {x.dtype for train in (True, False) for x, _ in data.Loader(images, 8, 32, train=train, cutout=0.25)}
+    finally:
+        torch.set_default_dtype(before)
+    assert dtypes == {torch.float64}
+
+
 SPAWN = "import multiprocessing\nmultiprocessing.set_start_method('spawn', force=True)\n"  # macOS's and Windows'
 
 
