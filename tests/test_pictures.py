@@ -1,4 +1,5 @@
 """Issue 27: the pictures a run and predict.py draw, calibrated probabilities, --min-confidence and --mistakes."""
+import argparse
 import collections
 import json
 import shutil
@@ -60,12 +61,21 @@ def test_a_right_models_confusion_picture_is_darkest_on_the_diagonal(n):
     assert shades[diagonal].max() < shades[~diagonal].min() - 100
 
 
-def test_a_title_wider_than_its_picture_widens_it():
-    """Before: a confusion matrix of few classes cut its title (and the accuracy in it) at both edges."""
+def test_a_title_wider_than_its_picture_widens_it(tmp_path):
+    """Before: a confusion matrix of few classes cut its title (and the accuracy in it) at both edges; the tiles of
+    --mistakes, fewer than four, lay at the left of a title centred on 420 px."""
     title = "pretrain: p1, the test split (47.6% right; shade: share of the true class's images)"
     picture = np.asarray(predict.confusion_picture([[3, 1], [2, 4]], ["a", "b"], title).convert("L"))
     inked = np.nonzero((picture[:30] < 128).any(0))[0]  # the columns the title's letters reach
     assert inked.size and inked.min() > 2 and inked.max() < picture.shape[1] - 3
+    red = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    red[0] = 255
+    done = predict.Predicted(labels=[0, 1], mistakes=[(0.9, 0, red)])  # one mistake: a tile far narrower than its title
+    args = argparse.Namespace(grid=None, mistakes=str(tmp_path / "m.png"), json=True, min_confidence=0.0)
+    predict.draw_predicted_pictures(args, done, [{"path": "a.png", "predicted": "b", "true": "a", "probability": 0.9}])
+    drawn = Image.open(tmp_path / "m.png")
+    columns = pixels_of(drawn, (255, 0, 0))[:, 1]  # the tile's red image
+    assert drawn.width > 200 and abs(columns.min() - (drawn.width - 1 - columns.max())) <= 2  # centred under it
 
 
 def test_temperature_lowers_the_nll_of_an_over_confident_model():
