@@ -199,16 +199,17 @@ def test_no_checkpoint_says_train_first(tmp_path, tiny_data):
     assert "checkpoints/pretrain.pt exists under the current folder; " in result.stderr  # where its paths are
 
 
-@pytest.mark.parametrize("newest", ["pretrain.pt", "finetune.pt"])
+@pytest.mark.parametrize("newest", ["pretrain.pt", "finetune.pt", None])  # None: both as new, finetune.pt taken
 def test_without_checkpoint_the_newest_default_is_taken_and_named_on_stderr(pretrained, tiny_data, tmp_path, newest):
     """Before: finetune.pt was taken even when pretrain.pt had been trained again since, and nothing said which."""
     image = next((tiny_data / "test" / "red").iterdir())
     (tmp_path / "checkpoints").mkdir()
     for age, name in enumerate(sorted(["pretrain.pt", "finetune.pt"], key=lambda name: name == newest)):
         shutil.copy(pretrained, tmp_path / "checkpoints" / name)
-        os.utime(tmp_path / "checkpoints" / name, (1000 * (age + 1),) * 2)
+        os.utime(tmp_path / "checkpoints" / name, (1000 * (age + 1 if newest else 1),) * 2)
     result = run("predict.py", image, "--device", "cpu", cwd=tmp_path)
-    assert result.stderr.splitlines()[0] == (f"predict.py: checkpoint checkpoints/{newest} (no --checkpoint given: the "
+    taken = newest or "finetune.pt"
+    assert result.stderr.splitlines()[0] == (f"predict.py: checkpoint checkpoints/{taken} (no --checkpoint given: the "
                                              "newer of checkpoints/finetune.pt and checkpoints/pretrain.pt (the first "
                                              "if both are as new))")
     assert result.stdout.startswith(f"{image}\t") and "checkpoint" not in result.stdout
