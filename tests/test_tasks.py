@@ -299,3 +299,12 @@ def test_the_flags_cache_failing_to_write_leaves_no_temporary_file(tmp_path, sma
         tasks.FLAGS_CACHE.mkdir(parents=True)
     assert "--lr-schedule" in [flag for action in tasks.script_flags()["pretrain"] for flag in action.option_strings]
     assert [p.name for p in folder.iterdir()] == (["tasks-flags.json"] if fault != "full disk" else [])
+    if fault == "folder in the way":  # once out of the way: written with the umask's permissions (before: 0600)
+        tasks.FLAGS_CACHE.rmdir()
+        previous = os.umask(0o022)
+        try:
+            tasks.script_flags()
+        finally:
+            os.umask(previous)
+        assert [p.name for p in folder.iterdir()] == ["tasks-flags.json"]
+        assert tasks.FLAGS_CACHE.stat().st_mode & 0o777 == 0o644
