@@ -64,6 +64,21 @@ def test_finetune_to_other_classes_changes_only_the_head(pretrained, tmp_path):
     assert all(line.split("\t")[1] in "wxyz" for line in predicted.stdout.splitlines() if "\t" in line)
 
 
+def test_a_given_stored_size_or_image_size_wins_over_the_checkpoints(pretrained, tmp_path, capsys):
+    """The checkpoint's preprocessing is taken only for the flags not given: a given --stored-size (or --image-size)
+    wins, in another data folder as in its own."""
+    import finetune
+    checkpoint = torch.load(pretrained, weights_only=True)
+    assert (checkpoint["image_size"], checkpoint["stored_size"]) == (64, 32)
+    for data_dir in (tmp_path, checkpoint["args"]["data_dir"]):
+        argv = ["--checkpoint", str(pretrained), "--data-dir", str(data_dir), "--stored-size", "40"]
+        for given, expected in (([], (64, 40)), (["--image-size", "96"], (96, 40))):
+            args, names = finetune.parse_flags(finetune.build_parser(), argv + given)
+            finetune.take_preprocessing(args, names, checkpoint)
+            assert (args.image_size, args.stored_size) == expected
+    assert "--stored-size" not in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates_below_its_start(
         pretrained, tiny_data, tmp_path):
