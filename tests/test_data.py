@@ -379,8 +379,19 @@ def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch
     assert len(data.load_folder(root / "train").labels) == len(first.labels) + 1
 
 
-@pytest.mark.parametrize("how", ["renamed over it", "written into it"])
-def test_an_image_replaced_by_one_of_the_same_size_and_mtime_rebuilds_the_cache(tmp_path, how):
+class CreationTimeKept:
+    """A file's stat where st_ctime is its creation time (Windows) and the file system kept the old one for a file
+    renamed over it (NTFS's tunnelling): the inode alone tells the files apart."""
+
+    def __init__(self, real: os.stat_result, ctime_ns: int) -> None:
+        self.real, self.st_ctime_ns, self.st_ctime = real, ctime_ns, ctime_ns / 1e9
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("how", ["renamed over it", "written into it", "renamed over it, its ctime kept"])
+def test_an_image_replaced_by_one_of_the_same_size_and_mtime_rebuilds_the_cache(tmp_path, monkeypatch, how):
     """Before: the key saw only names, sizes and mtimes, and the replaced image's old pixels were used."""
     for name, colour in (("a", "red"), ("b", "blue")):
         (tmp_path / "train" / name).mkdir(parents=True)
@@ -389,12 +400,16 @@ def test_an_image_replaced_by_one_of_the_same_size_and_mtime_rebuilds_the_cache(
     assert data.load_folder(tmp_path / "train").images[0].sum() > 0
     before = image.stat()
     Image.new("RGB", (8, 8), "black").save(replacement)
-    if how == "renamed over it":
+    if how.startswith("renamed over it"):
         os.replace(replacement, image)
     while image.stat().st_ctime_ns == before.st_ctime_ns:  # in a later tick of the file system's clock, as in life
         image.write_bytes(replacement.read_bytes())
     os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert image.stat().st_size == before.st_size and image.stat().st_mtime_ns == before.st_mtime_ns
+    if how.endswith("its ctime kept"):
+        real_stat = Path.stat
+        monkeypatch.setattr(Path, "stat", lambda path, **kwargs: CreationTimeKept(
+            real_stat(path, **kwargs), before.st_ctime_ns) if path == image else real_stat(path, **kwargs))
     assert data.load_folder(tmp_path / "train").images[0].sum() == 0
 
 
