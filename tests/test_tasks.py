@@ -243,6 +243,11 @@ def test_a_second_invoke_all_advises_invoke_all_resume(pretrained, tiny_data, tm
     typed = f"invoke --search-root {ROOT} all --source {tiny_data} --data-dir data --out-dir ck --epochs 1 --device cpu"
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"continue it with {typed} --resume (a larger --epochs trains further)" in result.stderr.splitlines()[-1]
+    # a single task: its own name, --resume and the state (before: `pretrain.py --resume ...`)
+    result = invoke_here("pretrain", "--data-dir", tiny_data, "--out", "ck/pretrain.pt", "--epochs", "1", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert (f"continue it with invoke --search-root {ROOT} pretrain --resume ck/pretrain.last.pt (a larger --epochs "
+            "trains further)") in result.stderr.splitlines()[-1]
 
 
 def test_the_advice_to_resume_names_the_invoke_command_typed(monkeypatch):
