@@ -110,9 +110,10 @@ def test_benchmark_refuses_a_training_runs_flag_it_would_ignore(monkeypatch, cap
     """Before: --epochs 3, --limit 100, --out x.pt were taken and ignored, as if the figures obeyed them."""
     monkeypatch.syspath_prepend(ROOT / "benchmarks")
     import throughput
-    for flag, value in (("--epochs", "3"), ("--limit", "100"), ("--out", "x.pt"), ("--val-size", "10")):
-        with pytest.raises(SystemExit) as stopped:
-            throughput.main(["--device", "cpu", flag, value])
+    for flag, *value in (("--epochs", "3"), ("--limit", "100"), ("--out", "x.pt"), ("--val-size", "10"),
+                         ("--resume", "x.last.pt"), ("--overwrite",)):
+        with pytest.raises(SystemExit) as stopped:  # a step or two, were the flag taken: the test stays quick
+            throughput.main(["--device", "cpu", "--steps", "1", "--warmup", "1", "--batch-size", "2", flag, *value])
         assert stopped.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1].endswith(  # argparse's prog is sys.argv[0]'s name
             f": error: {flag}: a training run's flag; throughput.py times --steps steps of --batch-size images and "
