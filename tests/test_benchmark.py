@@ -129,6 +129,16 @@ def test_checkpoint_benchmark_with_a_missing_out_dir_is_one_line(tmp_path):
                                               "a folder in it (No such file or directory); pass a writable folder")
 
 
+def test_checkpoint_benchmark_on_cuda_where_there_is_none_is_one_line(tmp_path):
+    """--device cuda on a machine without CUDA (hidden here, so on any machine): resolve_device's line, no traceback."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_writes.py"), "--out-dir",
+                             str(tmp_path), "--device", "cuda"], capture_output=True, text=True, cwd=ROOT,
+                            env=os.environ | {"CUDA_VISIBLE_DEVICES": ""})
+    assert (result.returncode, result.stderr) == (1, "checkpoint_writes.py: --device cuda: CUDA is not available on "
+                                                     "this machine; use --device auto or cpu\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_peak_memory_without_a_command_is_one_line():
     """Before: an IndexError traceback from subprocess.Popen([])."""
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peak_memory.py")], capture_output=True,
