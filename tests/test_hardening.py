@@ -242,6 +242,12 @@ def test_the_resume_a_refusal_advises_runs_as_printed(pretrained, tiny_data, tmp
     assert advised.group(1) == "pretrain.py"
     resumed = run(advised.group(1), *advised.group(2).split())
     assert "already finished 2 epochs" in resumed.stdout
+    state = torch.load(tmp_path / "pretrain.last.pt", weights_only=True)
+    state["rng"]["processes"] *= 2  # the state of a torchrun run of two processes: resumed under torchrun too
+    torch.save(state, tmp_path / "pretrain.last.pt")
+    result = run("pretrain.py", "--out", tmp_path / "pretrain.pt", "--data-dir", tiny_data, *QUICK, check=False)
+    assert (f"continue it with torchrun --nproc_per_node=2 pretrain.py --resume {tmp_path / 'pretrain.last.pt'} (a "
+            in error_line(result))
 
 
 @pytest.mark.slow
