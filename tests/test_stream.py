@@ -249,6 +249,31 @@ def test_a_split_decodes_in_a_daemonic_process(tmp_path):
     assert result.returncode == 0 and result.stdout == "450\n", result.stderr
 
 
+def stop_handlers() -> list:
+    """In a decoding worker: its handlers of SIGINT, SIGTERM and SIGHUP."""
+    return [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+def test_a_forked_decoding_worker_gets_the_default_stop_actions_back():
+    """A forked worker copies cli.run_script's handlers (a KeyboardInterrupt at SIGTERM or SIGHUP): die_with_parent
+    puts the default actions back, so a process group's SIGTERM or the pool's terminate() ends it; Ctrl-C is the
+    parent's. The killed runs of test_a_run_killed_while_decoding_leaves_no_process_and_no_lock end alike without."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for sig in saved:
+            signal.signal(sig, cli.interrupt)  # as cli.run_script has them in a script's process
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=data.die_with_parent) as pool:
+            handlers = pool.submit(stop_handlers).result(timeout=60)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert handlers == [signal.SIG_IGN, signal.SIG_DFL, signal.SIG_DFL]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method, sig, group", [("fork", signal.SIGKILL, False), ("fork", signal.SIGTERM, False),
                                                 ("fork", signal.SIGTERM, True), ("forkserver", signal.SIGKILL, False),
