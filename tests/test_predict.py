@@ -523,3 +523,10 @@ def test_without_a_font_for_every_letter_the_one_lacking_fewest_draws_the_names(
         cached.cache_clear()
     assert predict.font(11, ["שלום", "猫"]).path == str(found[0])
     assert "draws the letters 猫 of the class names" in capsys.readouterr().err
+    for name in ("first.ttf", "second.ttf"):  # two fonts lacking as many letters: the first in WIDE_FONTS' order
+        shutil.copy(found[0], tmp_path / name)
+    monkeypatch.setattr(predict, "FONT_FOLDERS", (str(tmp_path),))
+    monkeypatch.setattr(predict, "WIDE_FONTS", ("first.ttf", "second.ttf"))
+    for cached in (predict.wide_fonts, predict.font_for, predict.warn_boxes):
+        cached.cache_clear()
+    assert predict.font(11, ["שלום", "猫"]).path == str(tmp_path / "first.ttf")
