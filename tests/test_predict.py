@@ -475,7 +475,8 @@ def test_an_output_under_a_file_names_the_file(pretrained, tiny_data, tmp_path, 
     assert (tmp_path / "notes").read_text() == "mine"
 
 
-@pytest.mark.parametrize("fonts", ["DejaVuSans.ttf", None])
+@pytest.mark.parametrize("fonts", [["DejaVuSans.ttf"], ["NotoSans-Regular.ttf", "DejaVuSans.ttf"], []],
+                         ids=["one", "two", "none"])  # two: the first in WIDE_FONTS' order draws
 def test_class_names_are_drawn_with_a_font_that_has_their_letters_or_said_to_be_boxes(tmp_path, monkeypatch, capsys,
                                                                                       fonts):
     """Before: Cyrillic, CJK, even accented class names were drawn as boxes in --grid, without a word."""
@@ -484,8 +485,8 @@ def test_class_names_are_drawn_with_a_font_that_has_their_letters_or_said_to_be_
     if fonts and not found:
         pytest.skip("no DejaVuSans.ttf on this machine")
     (tmp_path / "fonts").mkdir()
-    if fonts:
-        shutil.copy(found[0], tmp_path / "fonts" / fonts)
+    for name in fonts:  # DejaVu Sans under each name: every font here has the letters
+        shutil.copy(found[0], tmp_path / "fonts" / name)
     monkeypatch.setattr(predict, "FONT_FOLDERS", (str(tmp_path / "fonts"),))
     for cached in (predict.wide_fonts, predict.font_for, predict.warn_boxes):
         cached.cache_clear()
@@ -494,7 +495,7 @@ def test_class_names_are_drawn_with_a_font_that_has_their_letters_or_said_to_be_
     assert Image.open(tmp_path / "grid.png").size[0] > 0
     warning = capsys.readouterr().err
     if fonts:
-        assert warning == "" and predict.font(11, ["снег café"]).path == str(tmp_path / "fonts" / fonts)
+        assert warning == "" and predict.font(11, ["снег café"]).path == str(tmp_path / "fonts" / fonts[0])
     else:
         assert warning == ("warning: no font found here draws the letters éгенс of the class names (looked for "
                            "NotoSansCJK-Regular.ttc and others in the usual font folders): they are drawn as boxes\n")
