@@ -1,4 +1,5 @@
 import importlib
+import json
 import os
 import shlex
 import shutil
@@ -292,6 +293,33 @@ def test_a_half_written_or_outdated_flags_cache_is_read_from_the_scripts_again(t
         tasks.FLAGS_CACHE.write_text(cached)
         assert tasks.script_flags() == fresh and tasks.FLAGS_CACHE.read_text() == whole
     assert "--lr" in [flag for action in fresh["pretrain"] for flag in action.option_strings]
+
+
+def test_the_flags_cache_is_read_from_the_scripts_again_when_one_changes_its_size_or_mtime(tmp_path, monkeypatch):
+    """Its key: each .py file's name, mtime and size. A script edited is read again (not the cache's old flags)."""
+    import tasks
+    (tmp_path / "benchmarks").mkdir()
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("benchmarks/*.py")]:  # copies: the project's files stay untouched
+        shutil.copy2(path, tmp_path / path.relative_to(ROOT))
+    monkeypatch.setattr(tasks, "HERE", tmp_path)
+    monkeypatch.setattr(tasks, "FLAGS_CACHE", tmp_path / "flags.json")
+    monkeypatch.setattr(sys, "path", list(sys.path))  # script_parsers puts the scripts' folders on it
+
+    def tamper():  # the cache with its key, but a flag only it names: seen only where the cache is read
+        record = json.loads(tasks.FLAGS_CACHE.read_text())
+        record["flags"]["pretrain"][0]["option_strings"] = ["--cached"]
+        tasks.FLAGS_CACHE.write_text(json.dumps(record))
+    fresh = tasks.script_flags()
+    tamper()
+    assert tasks.script_flags()["pretrain"][0].option_strings == ["--cached"]  # the scripts as they were: the cache
+    script, before = tmp_path / "pretrain.py", (tmp_path / "pretrain.py").stat()
+    os.utime(script, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # its mtime changed
+    assert tasks.script_flags() == fresh
+    tamper()
+    with open(script, "a") as f:
+        f.write("\n")
+    os.utime(script, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # its size changed, its mtime as cached
+    assert tasks.script_flags() == fresh
 
 
 @pytest.mark.parametrize("fault", ["full disk", "folder in the way"])
