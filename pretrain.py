@@ -252,9 +252,12 @@ def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -
     """Fine-tuning with the checkpoint's head: its weights are validated as epoch 0 and kept if no epoch beats them."""
     val = evaluate(run.evaluated, run.val_images, run.args)
     progress.best = {"val_acc": val["accuracy"], "epoch": 0}
+    metrics = {"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]}
+    # with its resume state (at the end of epoch 0): a run killed in epoch 1 resumes, not a fresh run refused for
+    # the checkpoint it left (before: --out alone, and `invoke all --resume` could not go on)
+    best = checkpoint_of(run, run.evaluated, 0, metrics) if run.processes.main else None
+    save_resume_state(run, progress, writer, best=best)
     if run.processes.main:
-        metrics = {"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]}
-        writer.save(checkpoint_of(run, run.evaluated, 0, metrics), run.out)
         print(f"epoch   0/{run.args.epochs}  {'(the starting weights)':25}val_loss {val['loss']:.4f}  "
               f"val_acc {val['accuracy']:6.2%}  *best", flush=True)
 

@@ -29,7 +29,7 @@ import data
 import download
 import pretrain
 from conftest import (QUICK, QUICK_NO_HIDDEN, ROOT, QuietHTTPServer, class_folder_archive, default_signals,
-                      error_line, make_class_folders, md5, run, stopped_status)
+                      error_line, make_class_folders, md5, run, stopped_status, training_log)
 from model import AlexNet, CheckpointError, load_checkpoint
 from pretrain import save_checkpoint
 
@@ -196,6 +196,44 @@ for i in range(1000):
     assert torch.load(path, weights_only=True)["step"] >= 1
     save_checkpoint({"step": "next"}, path)  # and the next save clears what the killed write left
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+
+class Killed(BaseException):
+    """A process's death as a test can cause it in-process: nothing after it runs (no handler takes it)."""
+
+
+@pytest.mark.slow
+def test_finetune_killed_after_its_starting_weights_are_saved_resumes_bit_identically(pretrained, tiny_data,
+                                                                                       tmp_path, monkeypatch):
+    """finetune.py validates a checkpoint's own head as epoch 0 and saves it as --out at once; killed (SIGKILL, the
+    machine's power) before epoch 1 ended, it left --out without a resume state: no --resume, and a fresh run (or
+    `invoke all --resume`) refused for the --out it left. Now the resume state comes with it and the resumed run is
+    the unstopped one's, bit for bit."""
+    flags = ["--checkpoint", pretrained, "--data-dir", tiny_data, "--epochs", "2", "--val-size", "6",
+             *QUICK_NO_HIDDEN, "--mode", "full"]
+    whole, killed = tmp_path / "whole" / "ft.pt", tmp_path / "killed" / "ft.pt"
+    run("finetune.py", *flags, "--out", whole)
+
+    def die_at_epoch_1(run_, progress, signals, writer, started):
+        writer.wait()  # --out on disk, as a kill any time in epoch 1 finds it
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, "train_one_epoch", die_at_epoch_1)
+        with pytest.raises(Killed):
+            run("finetune.py", *flags, "--out", killed)
+    assert killed.exists() and killed.with_suffix(".last.pt").exists(), sorted(os.listdir(killed.parent))
+    resumed = run("finetune.py", "--resume", killed.with_suffix(".last.pt"))
+    assert "at the end of epoch 0" in resumed.stdout
+    for name in ("ft.pt", "ft.last.pt"):
+        a, b = (torch.load(folder / name, weights_only=True) for folder in (whole.parent, killed.parent))
+        assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+    logs = [[{k: v for k, v in row.items() if k not in ("images_per_s", "epoch_s")} for row in training_log(path)]
+            for path in (whole, killed)]
+    assert logs[0] == logs[1] and len(logs[0]) == 2
+    reports = [json.loads(path.with_suffix(".test.json").read_text()) for path in (whole, killed)]
+    assert reports[0]["accuracy"] == reports[1]["accuracy"] and reports[0]["loss"] == reports[1]["loss"]
 
 
 # ---------------------------------------------------------------- archives and download
