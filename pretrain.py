@@ -234,8 +234,11 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
         progress.best = {"val_acc": val["accuracy"], "epoch": epoch}
     best = checkpoint_of(run, run.evaluated, epoch, progress.history[-1]) if improved else None
     progress.epoch, progress.step, progress.perm, progress.seconds = epoch, 0, None, 0.0
+    first = progress.saved is None  # no resume state on disk yet
     save_resume_state(run, progress, writer, finished=epoch == run.args.epochs, best=best)
     if run.processes.main:
+        if first:  # the log comes after the first resume state: a run killed between them left a log and no state,
+            writer.wait()  # which a fresh run refused (an earlier run's files) and no --resume could continue
         write_csv(side_files(run.out)["csv"], progress.history)
         write_run_file(side_files(run.out)["curves"], "learning curves", lambda f: learning_curves(
             progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {epoch} of "

@@ -236,6 +236,30 @@ def test_finetune_killed_after_its_starting_weights_are_saved_resumes_bit_identi
     assert reports[0]["accuracy"] == reports[1]["accuracy"] and reports[0]["loss"] == reports[1]["loss"]
 
 
+
+@pytest.mark.slow
+def test_a_runs_first_log_is_written_after_its_first_resume_state(tiny_data, tmp_path, monkeypatch):
+    """The first epoch's .csv and .png came while its resume state was still being written (on the writer's thread):
+    a run killed then (SIGKILL, at the end of its first epoch) left a log and no resume state: no --resume, and a
+    fresh run refused for the log it left. A slow disk (a write delayed) makes that moment last."""
+    out = tmp_path / "ck" / "p.pt"
+    last, seen = out.with_suffix(".last.pt"), []
+    save, write_csv = pretrain.save_checkpoint, pretrain.write_csv
+
+    def slow_save(checkpoint, path):
+        time.sleep(0.3)
+        save(checkpoint, path)
+
+    def logged(path, history):
+        seen.append(last.exists())
+        write_csv(path, history)
+
+    monkeypatch.setattr(pretrain, "save_checkpoint", slow_save)
+    monkeypatch.setattr(pretrain, "write_csv", logged)
+    run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK)
+    assert seen == [True, True]
+
+
 # ---------------------------------------------------------------- archives and download
 
 class Flaky(http.server.BaseHTTPRequestHandler):
