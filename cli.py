@@ -6,6 +6,7 @@ import sys
 if sys.version_info < (3, 10):  # before an `X | Y` annotation fails with a traceback
     sys.exit(f"{os.path.basename(sys.argv[0])}: needs Python 3.10 or newer, this is %d.%d" % sys.version_info[:2])
 
+import _thread
 import argparse
 import contextlib
 import ctypes
@@ -373,6 +374,25 @@ class StopSignal(contextlib.AbstractContextManager):
             self.restore.close()
 
 
+@contextlib.contextmanager
+def stops_held():
+    """A stop signal that comes while the block runs is held, then handled as the block ends, by the handler it would
+    have met (interrupt, SIGINT's KeyboardInterrupt, or the default: the process ends): for work that an exception
+    raised half-way would leave broken, such as a process pool starting its processes. On the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    with handling(stop_signals(), lambda signum, frame: held.append(signum)):
+        yield
+    if held:
+        handler = signal.getsignal(held[0])  # put back by handling's end
+        if callable(handler):
+            handler(held[0], None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(held[0])
+
+
 def ignore_stop_signals() -> None:
     for sig in stop_signals():
         signal.signal(sig, signal.SIG_IGN)
@@ -396,6 +416,7 @@ def run_script(main: Callable[[], None]) -> None:
     SIGINT, ends as Python's Ctrl-C: killed by it after a clean exit, so a shell loop stops (bash goes on at 130)."""
     for sig in stop_signals():
         signal.signal(sig, interrupt)
+    sys.unraisablehook = functools.partial(stop_where_raised, sys.unraisablehook)
     try:
         main()
     except (SystemExit, KeyboardInterrupt) as end:
@@ -407,6 +428,22 @@ def run_script(main: Callable[[], None]) -> None:
             sys.exit(code)
         sys.excepthook = quiet_stop
         raise KeyboardInterrupt(*STOP_SAID) from None
+
+
+def stop_where_raised(previous: Callable, unraisable) -> None:
+    """sys.unraisablehook in a script: a stop signal's KeyboardInterrupt (interrupt) raised where Python cannot pass it
+    on, in an os.fork hook (a signal that came while a decoding pool forked its processes: logging's hook runs first),
+    a __del__ or a weakref callback, was printed as "Exception ignored" and dropped, the stop signals left ignored:
+    the run went on to its end, deaf to Ctrl-C and SIGTERM. The signal is handled again, as soon as that code is done:
+    from a thread, as if it came now."""
+    value = unraisable.exc_value
+    if not (isinstance(value, KeyboardInterrupt) and any(isinstance(a, signal.Signals) for a in value.args)
+            and threading.current_thread() is threading.main_thread()):
+        previous(unraisable)
+        return
+    sig = signal_of(value)
+    signal.signal(sig, interrupt)  # interrupt() ignored it, with the others, before its exception was dropped
+    threading.Timer(0.01, _thread.interrupt_main, (sig,)).start()
 
 
 def quiet_stop(kind: type, value: BaseException, traceback) -> None:

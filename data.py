@@ -429,7 +429,12 @@ def decode_into(path: Path, paths: list[Path], shape: tuple[int, ...]) -> list[i
         return [side for sides in map(*tasks) for side in sides]
     pool = ProcessPoolExecutor(WORKERS, initializer=die_with_parent)
     try:
-        return [side for sides in pool.map(*tasks) for side in sides]
+        # A stop signal while the pool forks its processes: handled in an os.fork hook, its KeyboardInterrupt was
+        # dropped (cli.stop_where_raised), and one raised in the pool's own start left processes that no thread would
+        # end: the exit waited for them forever. Held until every task is handed over (map submits them all).
+        with cli.stops_held():
+            results = pool.map(*tasks)
+        return [side for sides in results for side in sides]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
