@@ -198,7 +198,6 @@ for i in range(1000):
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
-
 class Killed(BaseException):
     """A process's death as a test can cause it in-process: nothing after it runs (no handler takes it)."""
 
