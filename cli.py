@@ -376,21 +376,15 @@ class StopSignal(contextlib.AbstractContextManager):
 
 @contextlib.contextmanager
 def stops_held():
-    """A stop signal that comes while the block runs is held, then handled as the block ends, by the handler it would
-    have met (interrupt, SIGINT's KeyboardInterrupt, or the default: the process ends): for work that an exception
-    raised half-way would leave broken, such as a process pool starting its processes. On the main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    """A stop signal that comes while the block runs is held, then sent again as the block ends, to the handler put
+    back: for work that an exception raised half-way would leave broken, such as a process pool starting its
+    processes. On the main thread only (Python takes no handler elsewhere)."""
     held: list[int] = []
-    with handling(stop_signals(), lambda signum, frame: held.append(signum)):
+    main = threading.current_thread() is threading.main_thread()
+    with handling(stop_signals() if main else [], lambda signum, frame: held.append(signum)):
         yield
-    if held:
-        handler = signal.getsignal(held[0])  # put back by handling's end
-        if callable(handler):
-            handler(held[0], None)
-        elif handler == signal.SIG_DFL:
-            signal.raise_signal(held[0])
+    for sig in held[:1]:
+        signal.raise_signal(sig)
 
 
 def ignore_stop_signals() -> None:
