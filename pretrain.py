@@ -120,16 +120,16 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
             if where is None:  # it came as the last epoch ended: no step to stop at
                 where = f"after the last epoch; the trained run is saved; its test report: {command}"
             where = f"by {received.name} {where}"
-        except KeyboardInterrupt:  # a second signal, or one during the test
-            received = signals.received or signal.SIGINT
+        except KeyboardInterrupt as e:  # a second signal, or one during the test
+            received = cli.signal_of(e)  # the second's (a SIGINT after a SIGHUP ends as a Ctrl-C)
             if signals.at_once:
                 where = (f"by {received.name} during the test evaluation; the trained run is saved; its test report: "
                          f"{command}")
             elif progress.saved is None or writer.error is not None:
-                where = f"at once by a second {received.name}; no resume state was saved"
+                where = f"at once by a second signal, {received.name}; no resume state was saved"
             else:
-                where = (f"at once by a second {received.name}; the resume state at {progress.saved} is saved: "
-                         f"resume with: {command}")
+                where = (f"at once by a second signal, {received.name}; the resume state at {progress.saved} is "
+                         f"saved: resume with: {command}")
         if run.processes.main:
             print(f"{run.stage}.py: stopped {where}", file=sys.stderr)
         sys.exit(128 + received)

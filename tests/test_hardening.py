@@ -148,6 +148,32 @@ def test_a_signal_as_the_last_epoch_ends_stops_before_the_test(tiny_data, tmp_pa
     assert not (tmp_path / "p.test.json").exists() and (tmp_path / "p.last.pt").exists()
 
 
+def test_a_second_signal_of_another_kind_is_said_and_ends_the_run_as_itself(tiny_data, tmp_path, monkeypatch):
+    """A SIGHUP (the terminal closed) stops at the next step; a Ctrl-C while the state is saved stops at once: before,
+    said as "a second SIGHUP" and exit 129, which a shell loop takes as a hang-up, not a Ctrl-C, and goes on."""
+    import pretrain
+    train_step, save_resume_state = pretrain.train_step, pretrain.save_resume_state
+
+    def hung_up(*args):
+        os.kill(os.getpid(), signal.SIGHUP)
+        return train_step(*args)
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        save_resume_state(*args, **kwargs)
+    monkeypatch.setattr(pretrain, "train_step", hung_up)
+    monkeypatch.setattr(pretrain, "save_resume_state", interrupted)
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
+                     "--val-size", "6", *QUICK, check=False)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert result.returncode == 128 + signal.SIGINT, result.stderr
+    assert error_line(result) == "pretrain.py: stopped at once by a second signal, SIGINT; no resume state was saved"
+
+
 @pytest.mark.slow
 def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
     data = make_class_folders(tmp_path / "data", train=8, test=400, size=8)  # a test pass long enough to signal
