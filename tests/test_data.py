@@ -546,12 +546,22 @@ def test_any_image_mode_decodes_to_rgb(tmp_path, mode):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8))
     image = {"I;16": lambda: Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)),
              "P": lambda: rgb.convert("P")}.get(mode, lambda: rgb.convert(mode))()
-    if mode == "P":
+    if mode == "P":  # the left half the transparent index (black in the palette)
+        indices = np.asarray(image).copy()
+        indices[:, :25] = 0
+        image, palette = Image.fromarray(indices, "P"), image.getpalette()
+        image.putpalette(palette)
         image.info["transparency"] = 0
+    elif mode in ("RGBA", "LA"):  # the left half fully transparent
+        alpha = np.full((40, 50), 255, np.uint8)
+        alpha[:, :25] = 0
+        image.putalpha(Image.fromarray(alpha))
     path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
     image.save(path)
     pixels, shorter = data.decode(path, 32)
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8 and shorter == 40
+    if mode in ("RGBA", "LA", "P"):  # transparency over white, not over black or the hidden colour
+        assert (pixels[:, :10] == 255).all() and (pixels[:, -10:] < 255).any()
     if mode == "I;16":  # 16-bit grey is scaled to 8 bits, not clipped to white
         assert abs(int(pixels.mean()) - int(np.asarray(rgb.convert("L").resize((40, 40))).mean())) < 20
 
