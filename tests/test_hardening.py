@@ -309,6 +309,7 @@ def test_the_smallest_limit_advised_trains_with_a_validation_image_per_class(tin
     (["--limit", "4"], "--limit 4: too few for 3 classes"),
     (["--limit", "49"], "train has only 48 images; pass --limit 48 or less, or leave it out to use them all"),
     (["--seed", "99999999999999999999"], "--seed: must be an integer from 0 to 4294967295"),
+    (["--seed", "-1"], "--seed: must be an integer from 0 to 4294967295, got -1"),
     (["--image-size", "10000"], "--image-size: at most 1024 px"),
     (["--device", "cpu:1"], "--device cpu:1: not supported by these scripts"),
     (["--device", "mps"], "--device mps: MPS (Apple's GPU) is not available on this machine"),
@@ -323,6 +324,8 @@ def test_the_smallest_limit_advised_trains_with_a_validation_image_per_class(tin
     (["--weight-decay", "1e39"], "--weight-decay: too large: at most 3.4e+38, got 1e39"),
     (["--momentum", "1e300"], "--momentum: must be at least 0 and below 1, got 1e300"),
     (["--momentum", "1"], "--momentum: must be at least 0 and below 1, got 1"),
+    (["--momentum", "-0.5"], "--momentum: must be at least 0 and below 1, got -0.5"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing: must be at least 0 and below 1, got -0.1"),
     (["--warmup-epochs", "1e300"], "--warmup-epochs: too large: at most 3.4e+38, got 1e300"),
 ])
 def test_flags_that_cannot_work_are_one_line(tiny_data, tmp_path, flags, message):
