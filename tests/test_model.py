@@ -108,6 +108,7 @@ def test_checkpoint_of_another_class_count_is_a_clear_error(tmp_path):
     ({"num_classes": 3, "foo": 1}, "hold 'foo', not arguments of AlexNet (num_classes, dropout, hidden)"),
     ({"num_classes": 0}, "do not say how many classes the head has"),
     ({"num_classes": 3.0}, "do not say how many classes the head has"),
+    ({"num_classes": True}, "do not say how many classes the head has"),  # bool is an int to Python
     ({"num_classes": 3, "dropout": 1.0}, "hold a dropout that is not a probability in [0, 1)"),
     ({"num_classes": 3, "dropout": "0.5"}, "hold a dropout that is not a probability in [0, 1)"),
     ({"num_classes": 3, "dropout": True}, "hold a dropout that is not a probability in [0, 1)"),
@@ -180,6 +181,7 @@ def test_a_folder_or_fifo_as_a_checkpoint_is_named_and_never_read(tmp_path):
 @pytest.mark.parametrize("change,problem", [
     ({"classes": "abc"}, "its classes are not a list of names"),
     ({"classes": ["a", "b", 3]}, "its classes are not a list of names"),
+    ({"classes": ["a", "a", "b"]}, "it names 3 classes (2 different) for a head of 3 outputs"),  # one repeated
     ({"image_size": 32}, "image_size 32 (at least 63) or stored_size 32 is not a size"),
     ({"stored_size": 0.5}, "image_size 64 (at least 63) or stored_size 0.5 is not a size"),
 ])
