@@ -133,6 +133,9 @@ def test_stored_size_is_the_cache_side_and_reaches_the_checkpoint(tiny_data, tmp
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--stored-size", "7",
                  "--epochs", "1", *QUICK, check=False)
     assert "--stored-size: must be at least" in error_line(result)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--stored-size", "1025",
+                 "--epochs", "1", *QUICK, check=False)
+    assert "--stored-size: must be at least 8 and at most 1024 px, got 1025" in error_line(result)
 
 
 def test_limit_keeps_every_class_or_names_limit(tmp_path):
