@@ -116,6 +116,7 @@ def test_an_image_outside_the_class_folders_is_predicted_unlabelled(pretrained, 
     assert truth.get(str(folder / stray)) is None
     assert sorted(set(truth.values()) - {None}) == ["blue", "green", "red"]
     assert output["report"]["images"] == 18 and output["errors"] == []
+    assert "sub-folder(s)" not in result.stderr  # a hidden folder is no sub-folder of another class to note
 
 
 def test_an_extra_sub_folder_leaves_the_class_folders_labelled_and_says_so(pretrained, tiny_data, tmp_path):
