@@ -141,11 +141,16 @@ def test_the_program_divides_by_the_checkpoints_temperature(varied, tmp_path):
     assert torch.allclose(probabilities, expected, atol=1e-6)
 
 
-def test_an_altered_program_fails_the_check_and_nothing_is_written(varied, tmp_path, monkeypatch):
+@pytest.mark.parametrize("change", ["bias", "scale"])
+def test_an_altered_program_fails_the_check_and_nothing_is_written(varied, tmp_path, monkeypatch, change):
     def altered(module, *args):
         changed = copy.deepcopy(module)  # the program's weights, not the checkpoint's
-        with torch.no_grad():  # a small, real change of one weight
-            changed.model.classifier[6].bias[1] += 0.01
+        with torch.no_grad():
+            if change == "bias":  # a small, real change of one weight
+                changed.model.classifier[6].bias[1] += 0.01
+            else:  # every logit times 10: no top-1 class changes, only the probabilities (the TOLERANCE check)
+                changed.model.classifier[6].weight *= 10
+                changed.model.classifier[6].bias *= 10
         return export_program(changed, *args)
 
     export_program = export.export_program
@@ -153,6 +158,8 @@ def test_an_altered_program_fails_the_check_and_nothing_is_written(varied, tmp_p
     result = run("export.py", "--checkpoint", varied, "--out", tmp_path / "m.pt2", "--limit", "8", check=False)
     assert "the exported program differs from the checkpoint" in error_line(result)
     assert "largest probability difference" in result.stdout and list(tmp_path.iterdir()) == []
+    if change == "scale":
+        assert "top-1 agreement 100.00%" in result.stdout
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
