@@ -104,6 +104,12 @@ def test_a_truncated_or_lengthened_cache_file_is_rebuilt_never_mapped_past_its_e
         os.truncate(cache, length)
         again = data.load_folder(root / "train")
         assert torch.equal(again.images, first.images) and cache.stat().st_size == size
+    with open(cache, "r+b") as changed:  # changed underneath at its length: the metadata's checksum tells
+        changed.seek(size // 2)
+        byte = changed.read(1)
+        changed.seek(size // 2)
+        changed.write(bytes([byte[0] ^ 0xFF]))
+    assert torch.equal(data.load_folder(root / "train").images, first.images)
 
 
 def test_a_build_leaves_no_trusted_cache_until_complete_and_a_killed_builds_file_is_removed(tmp_path, monkeypatch):
