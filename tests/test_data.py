@@ -377,6 +377,7 @@ def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch
     assert changed.images[first_red].sum() == 0 and first.images[first_red].sum() > 0
     Image.new("RGB", (32, 32), "black").save(root / "train" / "red" / "extra.png")
     assert len(data.load_folder(root / "train").labels) == len(first.labels) + 1
+    assert data.load_folder(root / "train", size=16).images.shape[-1] == 16  # another stored size: not this cache
 
 
 class CreationTimeKept:
