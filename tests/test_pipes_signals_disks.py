@@ -215,6 +215,11 @@ def test_predict_stops_at_the_first_failed_write_into_a_closed_pipe(pretrained, 
     result = closed_pipe_run(script("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu",
                                     "--batch-size", "1"))
     assert result.returncode == 128 + signal.SIGPIPE and result.stderr == "", result.stderr
+    grid = tmp_path / "grid" / "g.png"  # asked for a picture, the pass goes on to the last image
+    result = closed_pipe_run(script("predict.py", tmp_path, "--checkpoint", pretrained, "--device", "cpu",
+                                    "--batch-size", "1", "--grid", grid))
+    assert result.returncode == 128 + signal.SIGPIPE, result.stderr
+    assert "z.png: cannot read this image" in result.stderr and f"wrote {grid} (3 images)" in result.stderr
 
 
 @pytest.mark.slow
