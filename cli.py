@@ -257,6 +257,18 @@ class Output:
         return getattr(self.stream, name)
 
 
+def say_if_stdout_lost(program: str, kept: str) -> None:
+    """For a script whose result is a file (export.py, download.py): a full disk (or a hang-up) under `> log` lost its
+    lines on stdout, said in one line on stderr with what is `kept`; a closed pipe (`| head`) or `>&-` is no loss."""
+    sys.stdout.flush()  # a line still buffered meets the full disk here, not silently at exit
+    lost = getattr(sys.stdout, "lost", None)
+    if lost is not None and not isinstance(lost, BrokenPipeError) and lost.errno != errno.EBADF:
+        if not getattr(sys.stdout, "lost_told", True):
+            sys.stdout.lost_told = True
+            print(f"{program}: cannot write to stdout ({lost.strerror or lost}); its lines are lost, {kept}",
+                  file=sys.stderr)
+
+
 def guard_output(whole: bool = False) -> None:
     """sys.stdout and sys.stderr as Output (stdout `whole` or not): a script's output never ends it with a traceback."""
     sys.stdout = sys.stdout if isinstance(sys.stdout, Output) else Output(sys.stdout, whole)

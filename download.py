@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, run_script, shown,
-                 signal_of, special_kind)
+from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, run_script,
+                 say_if_stdout_lost, shown, signal_of, special_kind)
 from data import URL, WORKERS, folder_entries, scan_dataset
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -172,6 +172,7 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
     os.replace(work / "tree", root)
     classes, train = scans["train"]
     print(f"{root}: {len(train)} training and {len(scans['test'][1])} test images in {len(classes)} classes")
+    say_if_stdout_lost("download.py", f"the data set is written: {shown(root)}")
     return root
 
 

@@ -278,6 +278,33 @@ def test_training_with_stdout_on_a_full_disk_goes_on_and_says_so(tiny_data, tmp_
     assert (tmp_path / "p.test.json").exists()
 
 
+def test_a_download_with_stdout_on_a_full_disk_says_its_line_is_lost(tiny_data, tmp_path, small_filesystem):
+    disk = small_filesystem("256k")
+    filled(disk)
+    with open(disk / "log", "w") as stdout:  # `> log`
+        result = subprocess.run(script("download.py", "--root", tmp_path / "c", "--source", tiny_data),
+                                stdout=stdout, stderr=subprocess.PIPE, text=True)
+    assert result.returncode == 0 and result.stderr.splitlines()[-1] == (
+        f"download.py: cannot write to stdout (No space left on device); its lines are lost, the data set is written: "
+        f"{tmp_path}/c"), result.stderr  # before: nothing said
+    assert (tmp_path / "c" / "train").is_dir()
+
+
+@pytest.mark.slow
+def test_an_export_with_stdout_on_a_full_disk_says_its_line_is_lost(pretrained, tiny_data, tmp_path,
+                                                                      small_filesystem):
+    disk = small_filesystem("256k")
+    filled(disk)
+    with open(disk / "log", "w") as stdout:  # `> log`
+        result = subprocess.run(script("export.py", "--checkpoint", pretrained, "--out", tmp_path / "m.pt2",
+                                       "--device", "cpu", "--data-dir", tiny_data), stdout=stdout,
+                                stderr=subprocess.PIPE, text=True)
+    assert result.returncode == 0 and result.stderr.splitlines()[-1] == (
+        f"export.py: cannot write to stdout (No space left on device); its lines are lost, the agreement's figures "
+        f"are in the record {tmp_path}/m.pt2.json"), result.stderr  # before: nothing said
+    assert "check" in json.loads((tmp_path / "m.pt2.json").read_text())
+
+
 def test_out_on_a_completely_full_disk_is_one_line_and_leaves_no_lock(tiny_data, small_filesystem):
     disk = small_filesystem("256k")
     filled(disk)
