@@ -642,6 +642,7 @@ class CheckpointWriter(contextlib.AbstractContextManager):
         self.pending: dict[str, dict] = {}  # path -> its newest copy not yet being written, in order of saving
         self.spare: dict[str, dict] = {}  # path -> a written copy, whose memory the next save of that path reuses
         self.error: BaseException | None = None
+        self.written: set[str] = set()  # the paths written so far
         self.handed = queue.Queue()  # a token per copy handed over: its write, or none if a newer one replaced it
         self.thread = threading.Thread(target=self.run, name="checkpoint-writer", daemon=True)
         self.thread.start()
@@ -654,6 +655,7 @@ class CheckpointWriter(contextlib.AbstractContextManager):
             try:
                 if checkpoint is not None and self.error is None:
                     self.write(checkpoint, path)
+                    self.written.add(path)
             except BaseException as e:  # handed to the training thread at its next save or wait
                 self.error = e
             with self.lock:

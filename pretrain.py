@@ -120,6 +120,12 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
             if where is None:  # it came as the last epoch ended: no step to stop at
                 where = f"after the last epoch; the trained run is saved; its test report: {command}"
             where = f"by {received.name} {where}"
+        except WriteFailed as e:  # a full disk: the advice is what this run left on disk allows
+            if run.args.resume is not None or os.fspath(side_files(run.out)["last"]) in writer.written:
+                raise WriteFailed(e.failure, f"free disk space, then resume with: {command}") from None
+            if os.fspath(run.out) in writer.written:  # its first epoch's best alone: no state to resume
+                raise WriteFailed(e.failure, "free disk space, then start again with --overwrite") from None
+            raise
         except KeyboardInterrupt as e:  # a second signal, or one during the test
             received = cli.signal_of(e)  # the second's (a SIGINT after a SIGHUP ends as a Ctrl-C)
             if signals.at_once:
@@ -663,8 +669,16 @@ def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.Buffe
     try:
         cli.write_atomically(path, write)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot write the {what} ({e.strerror or e}); the previous one is untouched: "
-                              "free disk space, or choose a writable --out") from None
+        kept = "the previous one is untouched" if os.path.exists(path) else "no part of it was left"
+        raise WriteFailed(f"{path}: cannot write the {what} ({e.strerror or e}); {kept}") from None
+
+
+class WriteFailed(CheckpointError):
+    """write_run_file's error: `failure` (what and why), then the advice (`fit` words it for a run left to resume)."""
+
+    def __init__(self, failure: str, advice: str = "free disk space, or choose a writable --out") -> None:
+        super().__init__(f"{failure}: {advice}")
+        self.failure = failure
 
 
 def write_csv(path: Path, history: list[dict]) -> None:

@@ -39,6 +39,9 @@ def test_a_full_disk_keeps_the_previous_log_and_test_report(small_filesystem):
     with pytest.raises(CheckpointError, match="p.test.json: cannot write the test report \\(No space left"):
         pretrain.write_run_file(report, "test report", lambda f: f.write(b"x" * 2_000_000))
     assert log.read_text() == before and report.read_text() == '{"accuracy": 0.5}\n'
+    with pytest.raises(CheckpointError, match="p.confusion.png: cannot write the confusion matrix picture \\(No space "
+                                              "left on device\\); no part of it was left: free disk space"):
+        pretrain.write_run_file(disk / "p.confusion.png", "confusion matrix picture", lambda f: f.write(b"x" * 2**21))
     assert sorted(os.listdir(disk)) == ["p.csv", "p.test.json"]  # no temporary file left
 
 

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import pty
+import re
 import shlex
 import shutil
 import signal
@@ -313,6 +314,46 @@ def test_out_on_a_completely_full_disk_is_one_line_and_leaves_no_lock(tiny_data,
     assert error_line(result) == (f"pretrain.py: --out {disk}/p.pt: cannot write its lock file {disk}/.p.lock (No "
                                   "space left on device); free disk space, or choose another --out")
     assert os.listdir(disk) == ["filler"]
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_at_the_first_resume_state_says_to_start_again_with_overwrite(tiny_data, small_filesystem):
+    """Room for the first best checkpoint (12 MB with QUICK's widths), not for the resume state written after it (24
+    MB): --out is left alone, no state to resume, and the same command is refused for it (an earlier run's file); the
+    line says so (before: "free disk space, or choose a writable --out", and "the previous one", of no file)."""
+    disk = small_filesystem("64m")
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - 18 * 2**20)
+    command = ("pretrain.py", "--data-dir", tiny_data, "--out", disk / "p.pt", "--epochs", "1", "--val-size", "6",
+               *QUICK)
+    result = run(*command, check=False)
+    assert error_line(result) == (f"pretrain.py: {disk}/p.last.pt: cannot write the checkpoint (No space left on "
+                                  "device); no part of it was left: free disk space, then start again with --overwrite")
+    assert sorted(os.listdir(disk)) == ["filler", "p.pt"]
+    filler.unlink()
+    run(*command, "--overwrite")
+    assert load_checkpoint(disk / "p.pt")["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_once_a_resume_state_is_saved_says_to_resume(tiny_data, small_filesystem):
+    """Room for the first epoch's files, not for the second's beside them: the line says to resume, which continues
+    the run (before: "free disk space, or choose a writable --out", a fresh run's advice, which lost the epoch)."""
+    disk = small_filesystem("64m")
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(disk).free - 44 * 2**20)
+    result = run("pretrain.py", "--data-dir", tiny_data, "--out", disk / "p.pt", "--epochs", "2", "--val-size", "6",
+                 *QUICK, check=False)
+    line = error_line(result)  # the resume state is written in the background as the log and curves are: any
+    assert re.fullmatch(rf"pretrain\.py: {disk}/p\.((last\.)?pt: cannot write the checkpoint|png: cannot write the "
+                        r"learning curves|csv: cannot write the training log) \(No space left on device\); the "
+                        rf"previous one is untouched: free disk space, then resume with: .*pretrain\.py --resume "
+                        rf"{disk}/p\.last\.pt", line), line
+    filler.unlink()
+    run("pretrain.py", "--resume", disk / "p.last.pt")
+    assert len(load_checkpoint(disk / "p.last.pt")["history"]) == 2 and (disk / "p.test.json").exists()
 
 
 # ---------------------------------------------------------------- signals
