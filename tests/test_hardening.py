@@ -127,6 +127,17 @@ def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrain
     assert "the state of a finetune run; resume it with python finetune.py --resume" in error_line(result)
 
 
+def one_epoch_run_restoring_signal_handlers(tiny_data, tmp_path):
+    """pretrain.py in this process; its stop signals' handlers put back after it (a stop leaves them ignored)."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1", "--val-size",
+                   "6", *QUICK, check=False)
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def test_a_signal_as_the_last_epoch_ends_stops_before_the_test(tiny_data, tmp_path, monkeypatch):
     """No step is left to stop at: before, the signal was dropped, the whole test ran and the run exited 0. Its
     report is then had as after a stop during the test (a resume of the finished run)."""
@@ -138,13 +149,7 @@ def test_a_signal_as_the_last_epoch_ends_stops_before_the_test(tiny_data, tmp_pa
             os.kill(os.getpid(), signal.SIGTERM)
         end_epoch(run, progress, *rest)
     monkeypatch.setattr(pretrain, "end_epoch", signalled)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
-                     "--val-size", "6", *QUICK, check=False)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    result = one_epoch_run_restoring_signal_handlers(tiny_data, tmp_path)
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert error_line(result).startswith("pretrain.py: stopped by SIGTERM after the last epoch; the trained run is "
                                          "saved; its test report: python ")
@@ -166,13 +171,7 @@ def test_a_second_signal_of_another_kind_is_said_and_ends_the_run_as_itself(tiny
         save_resume_state(*args, **kwargs)
     monkeypatch.setattr(pretrain, "train_step", hung_up)
     monkeypatch.setattr(pretrain, "save_resume_state", interrupted)
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        result = run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1",
-                     "--val-size", "6", *QUICK, check=False)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    result = one_epoch_run_restoring_signal_handlers(tiny_data, tmp_path)
     assert result.returncode == 128 + signal.SIGINT, result.stderr
     assert error_line(result) == "pretrain.py: stopped at once by a second signal, SIGINT; no resume state was saved"
 

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -373,6 +374,30 @@ def stop_with(signals: list[signal.Signals], args: list, gap: float = 0.0) -> su
     return subprocess.CompletedProcess(args, process.returncode, stdout, stderr)
 
 
+def stopped_as_it_forks(tmp_path, sig: signal.Signals, name: str, work: str) -> subprocess.CompletedProcess:
+    """A script `name` whose `work` (lines of Python) forks, sent `sig` by an os.fork hook as each fork ends in the
+    parent: it must stop as at any other moment, one line, no "Exception ignored"."""
+    program = tmp_path / name
+    program.write_text(f"""
+import os, signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import cli, data
+
+def work():
+    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), {int(sig)}))
+{textwrap.indent(work, "    ")}
+
+if __name__ == "__main__":
+    cli.run_script(lambda: cli.report_errors({name!r}, 1, work))
+""")
+    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120,
+                            preexec_fn=default_signals)
+    assert result.returncode == stopped_status(sig), (result.stdout, result.stderr)
+    assert "Exception ignored" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"{name}: interrupted; nothing more was saved"
+    return result
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs fork")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -381,30 +406,9 @@ def test_a_stop_signal_arriving_as_the_script_forks_still_stops_it(tmp_path, sig
     hook (logging's, after_in_parent), where Python drops an exception as "Exception ignored": the stop was lost, the
     stop signals then ignored, and the run trained on to its end, deaf to every further Ctrl-C and SIGTERM (found
     with SIGTERM while the image cache was decoded). A hook that sends the signal as the fork ends makes it certain."""
-    program = tmp_path / "forks.py"
-    program.write_text(f"""
-import os, signal, sys, time
-sys.path.insert(0, {str(ROOT)!r})
-import cli
-
-def work():
-    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), {int(sig)}))
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    os.waitpid(pid, 0)
-    for _ in range(200):
-        time.sleep(0.01)
-    print("went on")
-
-if __name__ == "__main__":
-    cli.run_script(lambda: cli.report_errors("forks.py", 1, work))
-""")
-    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120,
-                            preexec_fn=default_signals)
-    assert result.returncode == stopped_status(sig), (result.stdout, result.stderr)
-    assert "went on" not in result.stdout and "Exception ignored" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "forks.py: interrupted; nothing more was saved"
+    result = stopped_as_it_forks(tmp_path, sig, "forks.py", "if os.fork() == 0:\n    os._exit(0)\nos.wait()\n"
+                                 "time.sleep(2)\nprint('went on')")
+    assert "went on" not in result.stdout
 
 
 @pytest.mark.slow
@@ -415,25 +419,9 @@ def test_a_stop_signal_as_the_decoding_pool_forks_stops_the_decoding_cleanly(tmp
     (before: dropped in logging's fork hook, the run went on deaf to signals; re-raised at once in the pool's start,
     the exit waited forever for processes no thread would end). Found with SIGTERM while the cache was decoded."""
     folders = make_class_folders(tmp_path / "data", train=100, test=2, size=8)
-    program = tmp_path / "decodes.py"
-    program.write_text(f"""
-import os, signal, sys
-sys.path.insert(0, {str(ROOT)!r})
-import cli, data
-
-def work():
-    os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), {int(sig)}))
-    data.load_folder({str(folders / "train")!r})
-    print("decoded")
-
-if __name__ == "__main__":
-    cli.run_script(lambda: cli.report_errors("decodes.py", 1, work))
-""")
-    result = subprocess.run([sys.executable, str(program)], capture_output=True, text=True, timeout=120,
-                            preexec_fn=default_signals)
-    assert result.returncode == stopped_status(sig), (result.stdout, result.stderr)
-    assert "decoded" not in result.stdout and "Exception ignored" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "decodes.py: interrupted; nothing more was saved"
+    result = stopped_as_it_forks(tmp_path, sig, "decodes.py", f"data.load_folder({str(folders / 'train')!r})\n"
+                                 "print('decoded')")
+    assert "decoded" not in result.stdout
     assert not [name for name in os.listdir(folders / ".cache") if name.endswith(".tmp")]
 
 
