@@ -257,16 +257,16 @@ class Output:
         return getattr(self.stream, name)
 
 
-def say_if_stdout_lost(program: str, kept: str) -> None:
-    """For a script whose result is a file (export.py, download.py): a full disk (or a hang-up) under `> log` lost its
-    lines on stdout, said in one line on stderr with what is `kept`; a closed pipe (`| head`) or `>&-` is no loss."""
+def say_if_stdout_lost(program: str, kept: str, closed_pipe: bool = False) -> None:
+    """Lines on stdout lost (a full disk or EIO under `> log`), said once, in one line on stderr with what is `kept`;
+    a closed pipe (`| head`) or `>&-` only with `closed_pipe` (a training's lines are its log: it goes on, says so)."""
     sys.stdout.flush()  # a line still buffered meets the full disk here, not silently at exit
     lost = getattr(sys.stdout, "lost", None)
-    if lost is not None and not isinstance(lost, BrokenPipeError) and lost.errno != errno.EBADF:
-        if not getattr(sys.stdout, "lost_told", True):
-            sys.stdout.lost_told = True
-            print(f"{program}: cannot write to stdout ({lost.strerror or lost}); its lines are lost, {kept}",
-                  file=sys.stderr)
+    if lost is None or getattr(sys.stdout, "lost_told", True):
+        return
+    if closed_pipe or not (isinstance(lost, BrokenPipeError) or lost.errno == errno.EBADF):
+        sys.stdout.lost_told = True
+        print(f"{program}: cannot write to stdout any more ({lost.strerror or lost}); {kept}", file=sys.stderr)
 
 
 def guard_output(whole: bool = False) -> None:
@@ -388,15 +388,21 @@ class StopSignal(contextlib.AbstractContextManager):
 
 @contextlib.contextmanager
 def stops_held():
-    """A stop signal that comes while the block runs is held, then sent again as the block ends, to the handler put
-    back: for work that an exception raised half-way would leave broken, such as a process pool starting its
-    processes. On the main thread only (Python takes no handler elsewhere)."""
+    """A stop signal that comes while the block runs is held, then sent again as the block ends (also by an error),
+    to the handler put back: for work that an exception raised half-way would leave broken, such as a process pool
+    starting its processes. On the main thread only (Python takes no handler elsewhere)."""
     held: list[int] = []
     main = threading.current_thread() is threading.main_thread()
-    with handling(stop_signals() if main else [], lambda signum, frame: held.append(signum)):
-        yield
-    for sig in held[:1]:
-        signal.raise_signal(sig)
+    try:
+        with handling(stop_signals() if main else [], functools.partial(hold, held)):
+            yield
+    finally:
+        for sig in held[-1:]:  # the last, as a second signal ends a run as itself
+            signal.raise_signal(sig)
+
+
+def hold(held: list[int], signum: int, frame) -> None:
+    held.append(signum)
 
 
 def ignore_stop_signals() -> None:
@@ -449,7 +455,9 @@ def stop_where_raised(previous: Callable, unraisable) -> None:
         return
     sig = signal_of(value)
     signal.signal(sig, interrupt)  # interrupt() ignored it, with the others, before its exception was dropped
-    threading.Timer(0.01, _thread.interrupt_main, (sig,)).start()
+    resend = (functools.partial(signal.pthread_kill, threading.main_thread().ident) if hasattr(signal, "pthread_kill")
+              else _thread.interrupt_main)  # a real signal wakes a blocked wait; Windows has none to send a thread
+    threading.Timer(0.01, resend, (sig,)).start()
 
 
 def quiet_stop(kind: type, value: BaseException, traceback) -> None:

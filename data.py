@@ -457,9 +457,8 @@ def die_with_parent() -> None:
     parent's sentinel (Windows, spawn) and whether this process was handed to another parent (POSIX: under fork,
     siblings hold the sentinel's pipe open; under forkserver the parent is the server)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for sig in cli.stop_signals():  # a forked worker's copy of the script's (cli.run_script): the pool's terminate()
-        if signal.getsignal(sig) is cli.interrupt:  # and a process group's SIGTERM or SIGHUP end it, as by default
-            signal.signal(sig, signal.SIG_DFL)
+    for sig in cli.stop_signals():  # a forked worker's copy of the parent's (cli.run_script's, cli.stops_held's): the
+        signal.signal(sig, signal.SIG_DFL)  # pool's terminate() and a process group's SIGTERM or SIGHUP end it
     parent = multiprocessing.parent_process()
     if parent is None or not parent.is_alive():
         os._exit(1)
@@ -654,6 +653,5 @@ def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize to 256/224 of `size`, centre-crop `size`, normalise: one crop box per image."""
     resized = int(size * EVAL_RESIZE)
     offset = round((resized - size) / 2)
-    box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.get_default_dtype(),
-                       device=images.device)
+    box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32, device=images.device)
     return normalize(crop_resize(images, (box * images.shape[-1] / resized).expand(images.shape[0], 4), size))

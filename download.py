@@ -172,7 +172,7 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
     os.replace(work / "tree", root)
     classes, train = scans["train"]
     print(f"{root}: {len(train)} training and {len(scans['test'][1])} test images in {len(classes)} classes")
-    say_if_stdout_lost("download.py", f"the data set is written: {shown(root)}")
+    say_if_stdout_lost("download.py", f"its lines are lost, the data set is written: {shown(root)}")
     return root
 
 

@@ -165,7 +165,8 @@ def export(args: argparse.Namespace) -> int:
     write_program(out, program, record | {"check": check, "export_seconds": round(seconds, 2)})
     print(f"wrote {cli.shown(out)} ({len(program) / 1e6:.1f} MB, exported in {seconds:.1f} s) and its record "
           f"{cli.shown(out)}.json", file=sys.stderr)
-    cli.say_if_stdout_lost("export.py", f"the agreement's figures are in the record {cli.shown(out)}.json")
+    cli.say_if_stdout_lost("export.py", f"its lines are lost, the agreement's figures are in the record "
+                           f"{cli.shown(out)}.json")
     return 0
 
 

@@ -71,6 +71,8 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     with OutLock(Path(args.out)) if processes.main else contextlib.nullcontext():
         if state is None and processes.main:
             check_no_run_there(args)
+            if args.overwrite:  # the replaced run's resume state would pair with this run's first checkpoint
+                side_files(Path(args.out))["last"].unlink(missing_ok=True)
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)
         # a resume's saved order and sums index the training images as they were
@@ -250,11 +252,8 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
             progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {epoch} of "
             f"{run.args.epochs} epochs").save(f, format="PNG"))
         print_epoch(progress.history, run.args.epochs, improved)
-        stdout = sys.stdout  # closed (`| head`), or a full disk under `> log`: the training goes on, said once
-        if getattr(stdout, "lost", None) is not None and not stdout.lost_told:
-            stdout.lost_told = True
-            print(f"{run.stage}.py: cannot write to stdout any more ({stdout.lost.strerror or stdout.lost}); training "
-                  f"goes on, each epoch is logged in {side_files(run.out)['csv']}", file=sys.stderr)
+        cli.say_if_stdout_lost(f"{run.stage}.py", f"training goes on, each epoch is logged in "
+                               f"{side_files(run.out)['csv']}", closed_pipe=True)
 
 
 def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -> None:
@@ -298,8 +297,8 @@ def test_once(run: Run, progress: Progress) -> dict:
     probabilities for predict.py is fitted on the validation split (Guo et al. 2017) and kept in the checkpoint."""
     best, files, device = progress.best, side_files(run.out), run.processes.device
     final = load_checkpoint(run.out, map_location=device)
-    test, temperature = final.get("test_metrics"), final.get("temperature")  # a resume of a tested run: its report
-    tested = test is not None
+    tested = "test_metrics" in final and "temperature" in final  # a resume of a tested, calibrated run: its report
+    test, temperature = (final["test_metrics"], final["temperature"]) if tested else (None, None)
     if not tested:
         run.evaluated.load_state_dict(final["model"])
         logits = split_logits(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, "test")
@@ -310,9 +309,10 @@ def test_once(run: Run, progress: Progress) -> dict:
           f"{' (the starting weights)' if best['epoch'] == 0 else ''}; the test split, evaluated once with those "
           f"weights{' (when the run finished)' if tested else ''}:")
     print_report("test", test, run.train_images.classes)
-    test = {"checkpoint": str(run.out), "epoch": best["epoch"], "val_acc": best["val_acc"], "code": cli.code_version()
-            } | test
-    save_checkpoint(final | {"test_metrics": test, "temperature": temperature}, run.out)
+    test = test | {"checkpoint": str(run.out)}  # where it is now: the folder may have moved since its test
+    if not tested:
+        test |= {"epoch": best["epoch"], "val_acc": best["val_acc"], "code": cli.code_version()}
+        save_checkpoint(final | {"test_metrics": test, "temperature": temperature}, run.out)
     write_run_file(files["test"], "test report", lambda f: f.write((cli.json_text(test, indent=2) + "\n").encode()))
     write_run_file(files["confusion"], "confusion matrix picture", lambda f: confusion_picture(
         test["confusion_matrix"], run.test_images.classes, f"{run.stage}: {run_name(run.out).name}, the test split "

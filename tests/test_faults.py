@@ -259,6 +259,24 @@ def test_a_runs_first_log_is_written_after_its_first_resume_state(tiny_data, tmp
     assert seen == [True, True]
 
 
+@pytest.mark.slow
+def test_an_overwrite_run_leaves_no_resume_state_of_the_run_it_replaces(pretrained, tmp_path, monkeypatch, tiny_data):
+    """Killed (or on a full disk) after its first best checkpoint and before its first resume state, an --overwrite
+    run left the replaced run's .last.pt beside its own --out: a rerun advised resuming it, which tested the new
+    weights as the old run's best epoch."""
+    out = tmp_path / "p.pt"
+    shutil.copy(pretrained, out)  # a finished run there
+    shutil.copy(pretrained.with_suffix(".last.pt"), out.with_suffix(".last.pt"))
+
+    def die_at_epoch_1(run_, progress, signals, writer, started):
+        raise Killed
+    monkeypatch.setattr(pretrain, "train_one_epoch", die_at_epoch_1)
+    with pytest.raises(Killed):
+        run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
+            "--overwrite")
+    assert not out.with_suffix(".last.pt").exists()
+
+
 # ---------------------------------------------------------------- archives and download
 
 class Flaky(http.server.BaseHTTPRequestHandler):

@@ -287,8 +287,8 @@ def test_a_download_with_stdout_on_a_full_disk_says_its_line_is_lost(tiny_data, 
         result = subprocess.run(script("download.py", "--root", tmp_path / "c", "--source", tiny_data),
                                 stdout=stdout, stderr=subprocess.PIPE, text=True)
     assert result.returncode == 0 and result.stderr.splitlines()[-1] == (
-        f"download.py: cannot write to stdout (No space left on device); its lines are lost, the data set is written: "
-        f"{tmp_path}/c"), result.stderr  # before: nothing said
+        f"download.py: cannot write to stdout any more (No space left on device); its lines are lost, the data set is "
+        f"written: {tmp_path}/c"), result.stderr  # before: nothing said
     assert (tmp_path / "c" / "train").is_dir()
 
 
@@ -302,8 +302,8 @@ def test_an_export_with_stdout_on_a_full_disk_says_its_line_is_lost(pretrained, 
                                        "--device", "cpu", "--data-dir", tiny_data), stdout=stdout,
                                 stderr=subprocess.PIPE, text=True)
     assert result.returncode == 0 and result.stderr.splitlines()[-1] == (
-        f"export.py: cannot write to stdout (No space left on device); its lines are lost, the agreement's figures "
-        f"are in the record {tmp_path}/m.pt2.json"), result.stderr  # before: nothing said
+        f"export.py: cannot write to stdout any more (No space left on device); its lines are lost, the agreement's "
+        f"figures are in the record {tmp_path}/m.pt2.json"), result.stderr  # before: nothing said
     assert "check" in json.loads((tmp_path / "m.pt2.json").read_text())
 
 

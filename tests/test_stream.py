@@ -1,6 +1,7 @@
 """The memory-mapped cache and the one batch path: streamed batches are the resident ones, the cache is never
 trusted past what was written, and decoding processes end with the run that started them."""
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -263,24 +264,30 @@ def stop_handlers() -> list:
     return [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
-def test_a_forked_decoding_worker_gets_the_default_stop_actions_back():
-    """A forked worker copies cli.run_script's handlers (a KeyboardInterrupt at SIGTERM or SIGHUP): die_with_parent
-    puts the default actions back, so a process group's SIGTERM or the pool's terminate() ends it; Ctrl-C is the
-    parent's. The killed runs of test_a_run_killed_while_decoding_leaves_no_process_and_no_lock end alike without."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+def handlers_of_a_worker(path, shape, start, paths) -> list:
+    """In place of data.decode_rows: a decoding worker's handlers of SIGINT, SIGTERM and SIGHUP."""
+    return [stop_handlers()]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP") or multiprocessing.get_start_method() != "fork",
+                    reason="POSIX signals; a forked worker (a patch reaches it)")
+def test_a_forked_decoding_worker_gets_the_default_stop_actions_back(tmp_path, monkeypatch):
+    """A forked worker copies its parent's handlers: cli.run_script's (a KeyboardInterrupt at SIGTERM or SIGHUP), and
+    cli.stops_held's while the pool starts (before: those were kept, and the workers ignored SIGTERM and SIGHUP).
+    die_with_parent puts the default actions back, so a process group's SIGTERM or the pool's terminate() ends them;
+    Ctrl-C is the parent's. The killed runs of test_a_run_killed_while_decoding_leaves_no_process_and_no_lock end
+    alike without."""
+    monkeypatch.setattr(data, "decode_rows", handlers_of_a_worker)
+    monkeypatch.setattr(data, "WORKERS", 2)
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         for sig in saved:
             signal.signal(sig, cli.interrupt)  # as cli.run_script has them in a script's process
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"),
-                                 initializer=data.die_with_parent) as pool:
-            handlers = pool.submit(stop_handlers).result(timeout=60)
+        handlers = data.decode_into(tmp_path / "images.u8", [tmp_path] * (2 * data.DECODE_CHUNK), (1, 3, 1, 1))
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-    assert handlers == [signal.SIG_IGN, signal.SIG_DFL, signal.SIG_DFL]
+    assert handlers == [[signal.SIG_IGN, signal.SIG_DFL, signal.SIG_DFL]] * 2
 
 
 @pytest.mark.slow

@@ -254,18 +254,28 @@ def test_a_resume_may_not_end_before_where_the_run_stopped_and_says_a_stretched_
 def test_a_resume_of_a_tested_run_gives_its_report_without_looking_at_the_test_split_again(tiny_data, tmp_path,
                                                                                              monkeypatch, capsys):
     """`invoke all --resume` after a stop in finetune resumes the finished pretrain run: before, its test split (and
-    validation, for the temperature) was evaluated again; the test set is looked at once per stage."""
+    validation, for the temperature) was evaluated again; the test set is looked at once per stage. The checkpoint is
+    not rewritten; the report names where it is now. A run tested before calibration is tested again."""
     import pretrain
-    out = tmp_path / "p.pt"
+    out = tmp_path / "a" / "p.pt"
     pretrain.main(list(map(str, start(out, 1, tiny_data))))
     report = json.loads(out.with_suffix(".test.json").read_text())
+    out.parent.rename(tmp_path / "b")
+    out = tmp_path / "b" / "p.pt"
     out.with_suffix(".test.json").unlink()
+    written = out.stat().st_mtime_ns
     looks, split_logits = [], pretrain.split_logits
     monkeypatch.setattr(pretrain, "split_logits", lambda *args: looks.append(args[1]) or split_logits(*args))
     capsys.readouterr()
     pretrain.main(["--resume", str(out.with_suffix(".last.pt"))])
-    assert looks == [] and json.loads(out.with_suffix(".test.json").read_text()) == report
+    assert looks == [] and out.stat().st_mtime_ns == written
+    assert json.loads(out.with_suffix(".test.json").read_text()) == report | {"checkpoint": str(out)}
     assert "evaluated once with those weights (when the run finished):\ntest: accuracy" in capsys.readouterr().out
+    checkpoint = torch.load(out, weights_only=True)
+    del checkpoint["temperature"]  # as runs tested before the temperature was kept
+    torch.save(checkpoint, out)
+    pretrain.main(["--resume", str(out.with_suffix(".last.pt"))])
+    assert len(looks) == 2 and "temperature" in torch.load(out, weights_only=True)
 
 
 @pytest.mark.slow
