@@ -14,7 +14,7 @@ import torch
 import cli
 import pretrain
 from conftest import (QUICK, QUICK_NO_HIDDEN, ROOT, default_signals, error_line, make_class_folders, read_terminal, run,
-                      stopped_status)
+                      start, stopped_status)
 from model import CheckpointError, load_checkpoint
 
 
@@ -43,6 +43,16 @@ def test_a_full_disk_keeps_the_previous_log_and_test_report(small_filesystem):
                                               "left on device\\); no part of it was left: free disk space"):
         pretrain.write_run_file(disk / "p.confusion.png", "confusion matrix picture", lambda f: f.write(b"x" * 2**21))
     assert sorted(os.listdir(disk)) == ["p.csv", "p.test.json"]  # no temporary file left
+
+
+def test_a_resumed_run_on_a_full_disk_is_told_to_resume_again(tiny_data, tmp_path, monkeypatch):
+    """Its resume state is on disk before it writes anything: the advice is to resume, not a fresh run's."""
+    out = tmp_path / "p.pt"
+    run("pretrain.py", *start(out, 1, tiny_data))
+    monkeypatch.setattr(cli, "write_atomically", lambda path, write: (_ for _ in ()).throw(OSError(28, "No space")))
+    result = run("pretrain.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2", check=False)
+    assert error_line(result).endswith(f"free disk space, then resume with: python pretrain.py --resume "
+                                       f"{tmp_path}/p.last.pt"), result.stderr
 
 
 @pytest.mark.slow
