@@ -17,6 +17,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_
 import argparse
 import contextlib
 import csv
+import errno
 import io
 import math
 import os
@@ -123,10 +124,10 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                 where = f"after the last epoch; the trained run is saved; its test report: {command}"
             where = f"by {received.name} {where}"
         except WriteFailed as e:  # a full disk: the advice is what this run left on disk allows
-            if run.args.resume is not None or os.fspath(side_files(run.out)["last"]) in writer.written:
-                raise WriteFailed(e.failure, f"free disk space, then resume with: {command}") from None
-            if os.fspath(run.out) in writer.written:  # its first epoch's best alone: no state to resume
-                raise WriteFailed(e.failure, "free disk space, then start again with --overwrite") from None
+            if e.full and (run.args.resume is not None or os.fspath(side_files(run.out)["last"]) in writer.written):
+                raise WriteFailed(e.failure, e.full, f"free disk space, then resume with: {command}") from None
+            if e.full and os.fspath(run.out) in writer.written:  # its first epoch's best alone: no state to resume
+                raise WriteFailed(e.failure, e.full, "free disk space, then start again with --overwrite") from None
             raise
         except KeyboardInterrupt as e:  # a second signal, or one during the test
             received = cli.signal_of(e)  # the second's (a SIGINT after a SIGHUP ends as a Ctrl-C)
@@ -670,15 +671,18 @@ def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.Buffe
         cli.write_atomically(path, write)
     except OSError as e:
         kept = "the previous one is untouched" if os.path.exists(path) else "no part of it was left"
-        raise WriteFailed(f"{path}: cannot write the {what} ({e.strerror or e}); {kept}") from None
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise WriteFailed(f"{path}: cannot write the {what} ({e.strerror or e}); {kept}", full,
+                          "free disk space, or choose a writable --out" if full else "choose another --out") from None
 
 
 class WriteFailed(CheckpointError):
-    """write_run_file's error: `failure` (what and why), then the advice (`fit` words it for a run left to resume)."""
+    """write_run_file's error: `failure` (what and why), then the advice (`fit` words a full disk's for a run left to
+    resume); `full`: the disk (or the quota) was full."""
 
-    def __init__(self, failure: str, advice: str = "free disk space, or choose a writable --out") -> None:
+    def __init__(self, failure: str, full: bool, advice: str) -> None:
         super().__init__(f"{failure}: {advice}")
-        self.failure = failure
+        self.failure, self.full = failure, full
 
 
 def write_csv(path: Path, history: list[dict]) -> None:

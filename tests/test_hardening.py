@@ -55,6 +55,14 @@ def test_a_resumed_run_on_a_full_disk_is_told_to_resume_again(tiny_data, tmp_pat
                                        f"{tmp_path}/p.last.pt"), result.stderr
 
 
+def test_a_write_failing_on_no_full_disk_is_not_told_to_free_space_and_resume(tiny_data, tmp_path):
+    """A folder where the log goes: resuming would fail alike (before: "free disk space, then resume with: ...")."""
+    (tmp_path / "p.csv").mkdir()
+    result = run("pretrain.py", *start(tmp_path / "p.pt", 1, tiny_data), "--overwrite", check=False)
+    assert error_line(result) == (f"pretrain.py: {tmp_path}/p.csv: cannot write the training log (Is a directory); "
+                                  "the previous one is untouched: choose another --out")
+
+
 @pytest.mark.slow
 def test_training_onto_a_full_disk_is_one_line(tiny_data, small_filesystem):
     out = small_filesystem("4m") / "p.pt"  # a checkpoint is 12 MB (QUICK's widths)
