@@ -388,9 +388,8 @@ class StopSignal(contextlib.AbstractContextManager):
 
 @contextlib.contextmanager
 def stops_held():
-    """A stop signal that comes while the block runs is held, then sent again as the block ends (also by an error),
-    to the handler put back: for work that an exception raised half-way would leave broken, such as a process pool
-    starting its processes. On the main thread only (Python takes no handler elsewhere)."""
+    """A stop signal coming while the block runs (on the main thread) is held, then sent again to the handler put back
+    as it ends: for work an exception half-way would leave broken, such as a process pool starting its processes."""
     held: list[int] = []
     main = threading.current_thread() is threading.main_thread()
     try:
@@ -443,15 +442,11 @@ def run_script(main: Callable[[], None]) -> None:
 
 
 def stop_where_raised(previous: Callable, unraisable) -> None:
-    """sys.unraisablehook in a script: a stop signal's KeyboardInterrupt (interrupt) raised where Python cannot pass it
-    on, in an os.fork hook (a signal that came while a decoding pool forked its processes: logging's hook runs first),
-    a __del__ or a weakref callback, was printed as "Exception ignored" and dropped, the stop signals left ignored:
-    the run went on to its end, deaf to Ctrl-C and SIGTERM. The signal is handled again, as soon as that code is done:
-    from a thread, as if it came now."""
+    """sys.unraisablehook in a script: interrupt's KeyboardInterrupt raised where Python drops it (an os.fork hook, a
+    __del__) left the run deaf to every stop signal; the signal is sent again once that code is done, from a thread."""
     value = unraisable.exc_value
-    if not (isinstance(value, KeyboardInterrupt) and any(isinstance(a, signal.Signals) for a in value.args)
-            and threading.current_thread() is threading.main_thread()):
-        previous(unraisable)
+    if not (isinstance(value, KeyboardInterrupt) and any(isinstance(a, signal.Signals) for a in value.args)):
+        previous(unraisable)  # a signal's handler runs on the main thread only: so does its dropped exception
         return
     sig = signal_of(value)
     signal.signal(sig, interrupt)  # interrupt() ignored it, with the others, before its exception was dropped
