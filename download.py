@@ -149,8 +149,9 @@ def download_lock(root: Path) -> Lock:
             f"--root {root}: another download (pid {owner}) is writing it",
             "wait for it to end or choose another --root"))
     except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)  # not writing_failed's: a read-only disk is freed of nothing
         raise DataError(f"--root {root}: cannot write in {root.parent} ({e.strerror or e})",
-                        "choose another --root") from None
+                        "free space or choose another --root" if full else "choose another --root") from None
 
 
 def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:

@@ -167,6 +167,19 @@ def test_a_root_in_a_read_only_folder_is_one_line(tmp_path, small_filesystem):
         download.download(read_only / "c", str(source))
 
 
+def test_a_root_on_a_completely_full_disk_is_told_to_free_space(tmp_path, small_filesystem):
+    """Before: "choose another --root" alone, when the download's lock file could not be written."""
+    source = make_class_folders(tmp_path / "source", train=2, test=1, size=8)
+    disk = small_filesystem("64k")
+    with pytest.raises(OSError), open(disk / "filler", "wb") as filler:
+        while True:
+            filler.write(bytes(4096))
+            filler.flush()
+    line = error_line(run("download.py", "--root", disk / "c", "--source", source, check=False))
+    assert line == f"download.py: --root {disk}/c: cannot write in {disk} (No space left on device); free space or " \
+        "choose another --root"
+
+
 def test_unreachable_url_is_one_clear_line(tmp_path):
     result = run("download.py", "--root", tmp_path / "c", "--source", "http://127.0.0.1:9/x.tar.gz",
                  check=False)
