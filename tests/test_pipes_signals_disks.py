@@ -425,6 +425,27 @@ def test_a_stop_signal_as_the_decoding_pool_forks_stops_the_decoding_cleanly(tmp
     assert not [name for name in os.listdir(folders / ".cache") if name.endswith(".tmp")]
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("fails", [False, True])
+def test_stop_signals_held_in_a_block_come_after_it_the_last_once(fails):
+    """cli.stops_held: nothing reaches the handler during the block; after it (also when it raised), the last of the
+    held signals, once: a second signal ends a run as itself (a Ctrl-C after a SIGHUP, as a Ctrl-C)."""
+    received, saved = [], {sig: signal.getsignal(sig) for sig in cli.stop_signals()}
+    try:
+        for sig in saved:
+            signal.signal(sig, lambda signum, frame: received.append(signum))
+        with contextlib.suppress(RuntimeError), cli.stops_held():
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                signal.raise_signal(sig)
+            assert received == []
+            if fails:
+                raise RuntimeError("the block failed")
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert received == [signal.SIGINT]
+
+
 @pytest.mark.slow
 def test_sighup_stops_like_sigint_with_the_resume_state_saved(tiny_data, tmp_path):
     """The terminal closed, or an ssh connection dropped: before, the run died mid-write, leaving a temporary file."""
