@@ -350,10 +350,11 @@ def stop_signals() -> list[signal.Signals]:
     return [sig for sig in signals if sig is not None and signal.getsignal(sig) != signal.SIG_IGN]
 
 
-def handling(signals: list[signal.Signals], handler: Callable) -> contextlib.ExitStack:
-    """`handler` for each of `signals`; the handlers before are put back when the `with` block this enters ends."""
+def handling(handler: Callable) -> contextlib.ExitStack:
+    """`handler` for each of stop_signals; the handlers before are put back when the `with` block this enters ends.
+    Off the main thread (a program's own thread running main()), where Python takes no handler: none."""
     restore = contextlib.ExitStack()
-    for sig in signals:
+    for sig in stop_signals() if threading.current_thread() is threading.main_thread() else []:
         restore.callback(signal.signal, sig, signal.signal(sig, handler))
     return restore
 
@@ -365,10 +366,8 @@ class StopSignal(contextlib.AbstractContextManager):
     at_once = False
 
     def __enter__(self) -> "StopSignal":
-        """Off the main thread (a program's own thread running main()), where Python takes no handler: none."""
         self.script = any(signal.getsignal(sig) is interrupt for sig in stop_signals())  # run_script's process
-        main = threading.current_thread() is threading.main_thread()
-        self.restore = handling(stop_signals() if main else [], self.handle)
+        self.restore = handling(self.handle)
         return self
 
     def handle(self, signum, frame) -> None:
@@ -391,9 +390,8 @@ def stops_held():
     """A stop signal coming while the block runs (on the main thread) is held, then sent again to the handler put back
     as it ends: for work an exception half-way would leave broken, such as a process pool starting its processes."""
     held: list[int] = []
-    main = threading.current_thread() is threading.main_thread()
     try:
-        with handling(stop_signals() if main else [], functools.partial(hold, held)):
+        with handling(functools.partial(hold, held)):
             yield
     finally:
         for sig in held[-1:]:  # the last, as a second signal ends a run as itself

@@ -159,7 +159,7 @@ def run_passing_signals(words: list[str], cwd: Path | None) -> int:
     posix = sys.platform != "win32"
     import cli  # here: it imports torch, which listing the tasks does not need
     script = SimpleNamespace(pid=None, pending=[])  # taken before the script starts: none is lost while it does
-    with cli.handling(cli.stop_signals(), functools.partial(pass_signal, script) if posix else signal.SIG_IGN):
+    with cli.handling(functools.partial(pass_signal, script) if posix else signal.SIG_IGN):
         process = subprocess.Popen(words, cwd=cwd, start_new_session=posix)
         script.pid = process.pid
         for signum in script.pending:
