@@ -299,7 +299,8 @@ def clock(seconds: float) -> str:
 
 class ProgressLine:
     """How far a long pass over images is: on a terminal one line rewritten in place, at most twice a second; in a
-    log file or pipe, a line at each tenth. `due` reads only the clock: the caller reads the device only to show."""
+    log file or pipe, a line at each tenth. `due` reads only the clock: the caller reads the device only to show.
+    Without a `title`, never due: a pass that shows no progress."""
     TERMINAL_INTERVAL = 0.5  # seconds between rewrites of the terminal line
 
     def __init__(self, title: str, total: int, done: int = 0, stream=None) -> None:
@@ -307,11 +308,11 @@ class ProgressLine:
         self.stream = stream or sys.stderr  # progress, not a result (tqdm's convention): `> results` holds none
         self.terminal = self.stream.isatty()
         self.started = self.shown_at = time.perf_counter()
-        self.next_tenth = done * 10 // total + 1
+        self.next_tenth = done * 10 // max(total, 1) + 1
         self.shown = False
 
     def due(self, done: int) -> bool:
-        if done >= self.total:  # the pass's own closing line says the rest
+        if self.title is None or done >= self.total:  # the pass's own closing line says the rest
             return False
         if self.terminal:
             return time.perf_counter() - self.shown_at >= self.TERMINAL_INTERVAL

@@ -49,15 +49,14 @@ def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size
                    title: str | None = None, total: int = 0) -> torch.Tensor:
     """logits_of over uint8 batches, as training's validation and test take them; with a `title`, its progress shown."""
     model.eval()
-    line = None if title is None else cli.ProgressLine(title, total)
+    line = cli.ProgressLine(title, total)
     logits, done = [], 0
     for images in batches:
         logits.append(logits_of(model, images, image_size, flip))
         done += len(images)
-        if line is not None and line.due(done):
+        if line.due(done):
             line.show(done)
-    if line is not None:
-        line.close()
+    line.close()
     return torch.cat(logits)
 
 
@@ -664,10 +663,9 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
     done = Predicted()
     grid = set(torch.linspace(0, len(found) - 1, min(GRID_MAX, len(found))).round().long().tolist() if args.grid
                else [])
-    line = None if args.json or not found else cli.ProgressLine("predict", len(found), stream=sys.stderr)
+    line = cli.ProgressLine(None if args.json else "predict", len(found))
     for start in range(0, len(found), args.batch_size):
-        if line is not None:  # erased before this batch's lines: on a terminal they would follow it on its line
-            line.close()
+        line.close()  # erased before this batch's lines: on a terminal they would follow it on its line
         batch = found[start:start + args.batch_size]
         images, kept = read_images(batch, checkpoint["stored_size"], errors)
         if images is not None:
@@ -690,10 +688,9 @@ def predict_in_batches(classify: Callable[[torch.Tensor], torch.Tensor], found: 
                 print("".join(map(result_line, results)), end="", flush=True)
         if getattr(sys.stdout, "lost", None) and not (args.grid or args.mistakes):  # `| head` has gone: no reader
             break
-        if line is not None and line.due(start + len(batch)):
+        if line.due(start + len(batch)):
             line.show(start + len(batch))
-    if line is not None:
-        line.close()
+    line.close()
     return done
 
 
