@@ -204,18 +204,17 @@ def task_of(doc: str, name: str, fallback: dict | None = None) -> Task:
     def body(c, **options):
         os.environ.setdefault(RESUME_WITH, resume_template(name))  # unless `invoke all` set it
         extra = getattr(c, "remainder", "").split()  # the words after `--` (invoke 3 keeps them, joined)
-        given = {name: value for name, value in options.items() if value not in (None, False, [])}
-        defaults = {} if extra else {dest: value for dest, value in fallback.items() if dest not in given}
+        defaults = {} if extra else {dest: value for dest, value in fallback.items() if not options.get(dest)}
         for dest, value in defaults.items():  # `invoke predict` alone: say what it reads, and that it is a default
             print(f"invoke {name}: no --{dest.replace('_', '-')} given: {' '.join(map(str, value))} (the default)",
                   file=sys.stderr)
-        run_shown(c, [sys.executable, str(HERE / script), *script_argv(actions, defaults | given, extra)])
+        run_shown(c, [sys.executable, str(HERE / script), *script_argv(actions, options | defaults, extra)])
 
     body.__signature__ = signature(actions)
     body.__doc__ = doc
     helps = {action.dest: help_of(action) for action in actions}
     for dest, value in fallback.items():
-        helps[dest] += f" (default {' '.join(value) if isinstance(value, list) else value})"
+        helps[dest] += f" (default {' '.join(value)})"
     # No short flags: they would be drawn from the names in order, and change as scripts gain flags.
     return Task(body, name=name, help=helps, iterable=[a.dest for a in actions if is_list(a)], auto_shortflags=False)
 
