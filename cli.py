@@ -303,7 +303,7 @@ class ProgressLine:
     Without a `title`, never due: a pass that shows no progress."""
     TERMINAL_INTERVAL = 0.5  # seconds between rewrites of the terminal line
 
-    def __init__(self, title: str, total: int, done: int = 0, stream=None) -> None:
+    def __init__(self, title: str | None, total: int, done: int = 0, stream=None) -> None:
         self.title, self.total, self.done_at_start = title, total, done
         self.stream = stream or sys.stderr  # progress, not a result (tqdm's convention): `> results` holds none
         self.terminal = self.stream.isatty()

@@ -155,7 +155,7 @@ def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, write
         progress.perm = torch.randperm(n, generator=run.augment, device=processes.device)
         progress.sums = sums = new_sums(processes.device)
     stopped, done = False, progress.step * args.batch_size
-    line = cli.ProgressLine(f"epoch {progress.epoch + 1}/{args.epochs}", n, done=done) if processes.main else None
+    line = cli.ProgressLine(f"epoch {progress.epoch + 1}/{args.epochs}" if processes.main else None, n, done=done)
     # closed however the loop ends (a stop, an error): a streamed set's reading ahead ends with it
     batches = images.batches(progress.perm, progress.step, args.batch_size, processes.share())
     with contextlib.closing(batches):
@@ -170,13 +170,12 @@ def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, write
             sums["loss"] += loss
             sums["correct"] += correct
             done = min(n, (step + 1) * args.batch_size)
-            if line is not None and line.due(done):  # the loss so far: this process's share, scaled to all
+            if line.due(done):  # the loss so far: this process's share, scaled to all
                 line.show(done, f", loss {sums['loss'].item() * processes.world / done:.4f}")
             if processes.any(signals.received is not None) and step + 1 < steps:
                 progress.step, progress.seconds, stopped = step + 1, time.perf_counter() - started, True
                 break
-    if line is not None:
-        line.close()  # also on a stop: the stop's message starts a line of its own
+    line.close()  # also on a stop: the stop's message starts a line of its own
     if stopped:
         save_resume_state(run, progress, writer)
     return not stopped
