@@ -337,9 +337,26 @@ def confusion_picture(confusion: list[list[int]], classes: list[str], title: str
     return picture
 
 
+def fitted(text: str, chosen: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """TEXT in lines drawn within WIDTH px, broken at spaces; a word wider than that cut, ending in '…'."""
+    lines = []
+    for word in text.split(" "):
+        if lines and chosen.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+            continue
+        while len(word) > 1 and chosen.getlength(word) > width:
+            word = word[:-2] + "…"
+        lines.append(word)
+    return lines
+
+
 def tiles(images: torch.Tensor, captions: list[list[tuple[str, str]]]) -> Image.Image:
-    """The images as GRID_TILE px tiles, 8 a row 2 px apart, each with its caption's lines (text, colour) under it."""
-    height, caption_font = GRID_TILE + 14 * max(map(len, captions)), font(11, [t for c in captions for t, _ in c])
+    """The images as GRID_TILE px tiles, 8 a row 2 px apart, each with its caption's lines (text, colour) under it,
+    a line wider than a tile broken (before: cut at the tile's edge, "automobile (airpla")."""
+    caption_font = font(11, [t for c in captions for t, _ in c])
+    captions = [[(part, colour) for text, colour in c for part in fitted(text, caption_font, GRID_TILE - 4)]
+                for c in captions]
+    height = GRID_TILE + 14 * max(map(len, captions))
     grid = Image.new("RGB", (2 + min(8, len(images)) * (GRID_TILE + 2), 2 + -(-len(images) // 8) * (height + 2)))
     for n, (image, caption) in enumerate(zip(images, captions)):
         tile = Image.new("RGB", (GRID_TILE, height), "black")

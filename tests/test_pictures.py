@@ -291,3 +291,15 @@ def test_a_run_picture_onto_a_full_disk_is_one_line_and_keeps_the_previous_one(s
     with pytest.raises(CheckpointError, match="run.png: cannot write the learning curves \\(No space left on dev"):
         pretrain.write_run_file(path, "learning curves", lambda f: noise.save(f, format="PNG"))
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == ["run.png"]
+
+
+def test_a_grid_caption_wider_than_its_tile_is_broken_not_cut(tmp_path):
+    """Before: a wrong label with its true one, "automobile (airplane)", ran past the tile and was cut there."""
+    images = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    predict.draw_grid(str(tmp_path / "grid.png"), images, ["automobile", "cat"], ["airplane", "cat"])
+    drawn = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
+    assert drawn.shape[:2] == (2 + 96 + 28 + 2, 2 + 2 * 98)  # two caption lines under every tile
+    red = (drawn[..., 0] > 150) & (drawn[..., 1:] < 60).all(2)
+    rows, columns = np.nonzero(red[2 + 96:, :2 + 98])  # the first tile's caption
+    assert columns.max() < 2 + 96 - 2  # within its tile, clear of its edge
+    assert rows.min() < 14 and rows.max() > 14  # on both lines: the true label, in brackets, under the predicted
