@@ -82,7 +82,7 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: l
     recall, precision, f1 = ([top / bottom if bottom else None for top, bottom in zip(tops.tolist(), bottoms.tolist())]
                              for tops, bottoms in ((right, counts), (right, claimed), (2 * right, counts + claimed)))
     report = {"images": len(labels), "loss": F.cross_entropy(logits, labels).item(),
-              "accuracy": (right.sum() / len(labels)).item(), "per_class_accuracy": dict(zip(classes, recall)),
+              "accuracy": right.sum().item() / len(labels), "per_class_accuracy": dict(zip(classes, recall)),
               "per_class_precision": dict(zip(classes, precision)), "per_class_f1": dict(zip(classes, f1))}
     # Macro means over the classes with images or predictions (as scikit-learn's), a share of nothing as 0.
     for name, values in (("precision", precision), ("recall", recall), ("f1", f1)):

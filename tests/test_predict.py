@@ -534,3 +534,15 @@ def test_without_a_font_for_every_letter_the_one_lacking_fewest_draws_the_names(
     for cached in (predict.wide_fonts, predict.font_for, predict.warn_boxes):
         cached.cache_clear()
     assert predict.font(11, ["שלום", "猫"]).path == str(tmp_path / "first.ttf")
+
+
+def test_accuracy_is_the_exact_share_not_a_float32_rounding():
+    """Before: 7 right of 40 was reported as 0.17499999701976776 (a float32 division), and 0.1825 of a validation
+    split as 0.18250000476837158 in the log; the per-class accuracies, shares of Python ints, were exact."""
+    labels = torch.tensor([0] * 20 + [1] * 20)
+    logits = torch.zeros(40, 2)
+    logits[:7, 0] = 1.0  # 7 of class 0 right, the rest predicted 0's opposite
+    logits[7:20, 1] = 1.0
+    logits[20:, 0] = 1.0
+    report = classification_report(logits, labels, ["a", "b"])
+    assert report["accuracy"] == 7 / 40 and json.dumps(report["accuracy"]) == "0.175"
