@@ -49,6 +49,25 @@ def measure(run, size: int, args: argparse.Namespace, device: torch.device) -> t
             args.batch_size * args.batch_runs / float(batched.sum()))
 
 
+@torch.no_grad()
+def check_program(program, record: dict, eager: export.Deployed, checkpoint: dict, args: argparse.Namespace) -> None:
+    """--program is --checkpoint's: its record's classes and sizes, and its probabilities on a few images (before:
+    another checkpoint's program was timed as this one's, or one of another size failed with a traceback)."""
+    size = checkpoint["stored_size"]
+    ours = {"classes": checkpoint["classes"], "stored_size": size, "image_size": eager.image_size, "tta": eager.flip}
+    differ = [key for key, value in ours.items() if record.get(key) != value]
+    if not differ:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=generator)
+        if (program.module()(images) - eager(images)).abs().max() > export.TOLERANCE:
+            differ = ["probabilities"]
+    if differ:
+        source = cli.shown(str(record.get("checkpoint")))
+        raise cli.UsageError(f"--program {cli.shown(args.program)}: not exported from --checkpoint "
+                             f"{cli.shown(args.checkpoint)} (the {', '.join(differ)} differ; it was exported from "
+                             f"{source}); pass the program exported from it, or leave out --program to export it here")
+
+
 def latency(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
     eager = export.deployed(checkpoint, args.checkpoint)
@@ -56,7 +75,8 @@ def latency(args: argparse.Namespace) -> int:
     if args.program is None:
         program = export.export_program(eager, size, torch.device("cpu"))
     else:
-        program = predict.load_program(args.program)[0]
+        program, record = predict.load_program(args.program)
+        check_program(program, record, eager, checkpoint, args)
     devices = [torch.device("cpu")] + [torch.device("cuda")] * torch.cuda.is_available()
     print(describe(devices[-1]))
     print(f"{cli.shown(args.checkpoint)}: {size} x {size} uint8 in, image size {checkpoint['image_size']}, "

@@ -234,6 +234,24 @@ def test_latency_refuses_a_checkpoint_as_its_program(varied):
                                   f"export this checkpoint first: python export.py --checkpoint {varied}")
 
 
+def test_latency_refuses_a_program_exported_from_another_checkpoint(program, varied, pretrained, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Before: another checkpoint's program was timed as --checkpoint's, silently; one of another stored size failed
+    in its first call with a traceback (a shape guard's AssertionError)."""
+    monkeypatch.syspath_prepend(ROOT / "benchmarks")
+    import latency
+    resized = torch.load(varied, weights_only=True) | {"stored_size": 24}
+    torch.save(resized, tmp_path / "resized.pt")
+    for checkpoint, differ in ((pretrained, "probabilities"), (tmp_path / "resized.pt", "stored_size")):
+        with pytest.raises(SystemExit) as stopped:
+            latency.main(["--checkpoint", str(checkpoint), "--program", str(program[0]), "--runs", "1",
+                          "--batch-runs", "1", "--warmup", "1", "--batch-size", "2"])
+        assert stopped.value.code == (f"latency.py: --program {program[0]}: not exported from --checkpoint "
+                                      f"{checkpoint} (the {differ} differ; it was exported from {varied}); pass the "
+                                      "program exported from it, or leave out --program to export it here")
+    assert capsys.readouterr().out == ""  # refused before the table's first line
+
+
 def test_a_record_that_cannot_be_written_leaves_no_record_of_another_program(tmp_path, monkeypatch):
     out, record = tmp_path / "m.pt2", tmp_path / "m.pt2.json"
     record.write_text('{"check": "of the previous program"}')
