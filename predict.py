@@ -241,9 +241,12 @@ def ticks(low: float, high: float, most: int, percent: bool = False, least_step:
     step = max(next(step * m for m in (1, 2, 2.5, 5, 10) if (high - low) / (step * m) <= most), least_step)
     scale = 100 if percent else 1
     power = math.floor(math.log10(step * scale) + 1e-9)
-    decimals = max(0, -power + (round(step * scale / 10 ** power, 6) == 2.5))  # a step of 0.25 needs two
-    return [(value, f"{value * scale:.{decimals}f}" + (" %" if percent else ""))
-            for value in np.arange(math.ceil(low / step) * step, high + step * 1e-6, step)]
+    quarter = round(step * scale / 10 ** power, 6) == 2.5  # a step of 0.25 needs two decimals
+    values = np.arange(math.ceil(low / step) * step, high + step * 1e-6, step)
+    if -power + quarter > 6:  # an lr of 1e-9 as 0.00000000110 reached into the panel beside: 1.1e-09
+        digits = math.floor(math.log10(max(abs(low), abs(high)) * scale)) - power + 1 + quarter
+        return [(value, f"{value * scale:.{digits}g}" + (" %" if percent else "")) for value in values]
+    return [(value, f"{value * scale:.{max(0, -power + quarter)}f}" + (" %" if percent else "")) for value in values]
 
 
 def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, percent: bool, epochs: list[int],

@@ -303,3 +303,14 @@ def test_a_grid_caption_wider_than_its_tile_is_broken_not_cut(tmp_path):
     rows, columns = np.nonzero(red[2 + 96:, :2 + 98])  # the first tile's caption
     assert columns.max() < 2 + 96 - 2  # within its tile, clear of its edge
     assert rows.min() < 14 and rows.max() > 14  # on both lines: the true label, in brackets, under the predicted
+
+
+def test_a_tiny_learning_rate_is_labelled_within_its_panel():
+    """Before: an lr of 1e-9 was labelled 0.00000000110, 13 characters that ran into the accuracy panel beside."""
+    labels = [text for _, text in predict.ticks(0.9e-9, 1.1e-9, 6)]
+    assert labels == ["9e-10", "9.5e-10", "1e-09", "1.05e-09", "1.1e-09"]
+    assert [text for _, text in predict.ticks(0.028, 0.032, 6)] == ["0.028", "0.029", "0.030", "0.031", "0.032"]
+    rows = [row | {"lr": 1e-9} for row in history(3)]
+    picture = np.asarray(predict.learning_curves(rows, 2, "tiny lr").convert("L"))
+    gap = picture[84:294, 2 * 360 - 16 + 2:2 * 360 + 70 - 60]  # between the accuracy panel and the lr labels' room
+    assert (gap > 200).all()
