@@ -19,6 +19,7 @@ import zipfile
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 
 REFERENCE_HIDDEN = (4096, 1024)  # the classifier's two hidden widths in the reference
@@ -43,6 +44,25 @@ class AlexNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class EMA(AveragedModel):
+    """An exponential moving average of a model's weights: AveragedModel with get_ema_multi_avg_fn's state and
+    arithmetic, bit for bit, without its wait for the device at each update (it copied its CPU step count there, a
+    blocking copy: on CUDA the host waited for every step queued on the GPU)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        super().__init__(model)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged, current = list(self.module.parameters()), [p.detach() for p in model.parameters()]
+        if self.n_averaged == 0:  # a CPU tensor: read without waiting for the device
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(averaged, current, 1 - self.decay)
+        self.n_averaged += 1
 
 
 MIN_IMAGE_SIZE = 63  # the smallest input for which every pooling layer still has a 3x3 window

@@ -33,11 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import cli
 import data
-from model import (REFERENCE_HIDDEN, AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
+from model import (EMA, REFERENCE_HIDDEN, AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching,
                    load_tensors, non_finite, recorded_path)
 from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
                      learning_curves, print_report)
@@ -543,7 +542,7 @@ class Run:
     net: nn.Module  # what the step calls: the model, DDP- and compile-wrapped as asked
     optimizer: torch.optim.Optimizer
     bf16: bool
-    ema: AveragedModel | None
+    ema: EMA | None
     augment: torch.Generator  # the same in every process: the draws of one global batch
     out: Path
     train_images: data.ImageSet  # placed for the device (see prepare_data), as the validation images
@@ -589,7 +588,7 @@ def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, mo
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if processes.distributed else model)
     net = cli.compiled(net) if args.compile else net
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema)) if args.ema else None
+    ema = EMA(model, args.ema) if args.ema else None
     torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
     augment = torch.Generator(device=device).manual_seed(args.seed)
     return Run(args, stage, processes, model, net, optimizer, bf16, ema, augment, Path(args.out), *images)

@@ -7,9 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._pytree as pytree
 import torchvision
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching, model_from_checkpoint
+from model import EMA, AlexNet, CheckpointError, checkpoint_dict, load_checkpoint, load_matching, model_from_checkpoint
 from pretrain import save_checkpoint
 
 
@@ -380,3 +383,38 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_by_the_loader(tmp_path,
         load_checkpoint(tmp_path / "x.pt")
     save_checkpoint(checkpoint | {key: healthy}, tmp_path / "x.pt")
     load_checkpoint(tmp_path / "x.pt")
+
+
+def test_the_ema_is_torchs_averaged_model_bit_for_bit():
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=3, hidden=(8, 4))
+    ours, torchs = EMA(model, 0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+    a, b = ours.state_dict(), torchs.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a) and int(a["n_averaged"]) == 3
+
+
+def test_an_ema_update_copies_nothing_from_the_host_to_the_device():
+    """AveragedModel copied its step count (a CPU tensor) to the device at every update: on CUDA a blocking copy, the
+    host waiting for all the GPU had queued, each step. The meta device stands for the GPU here."""
+    class HostToDevice(TorchDispatchMode):
+        copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            given, made = (pytree.tree_leaves(x) for x in ((args, kwargs), out))
+            HostToDevice.copies += any(getattr(t, "device", None) == torch.device("cpu") for t in given) and any(
+                getattr(t, "is_meta", False) for t in made)
+            return out
+    model = AlexNet(num_classes=3, hidden=(8, 4)).to("meta")
+    for ema in (EMA(model, 0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))):
+        HostToDevice.copies = 0
+        with HostToDevice():
+            for _ in range(3):
+                ema.update_parameters(model)
+        assert HostToDevice.copies == (0 if isinstance(ema, EMA) else 2)  # torch's: at each update but the first
