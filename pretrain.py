@@ -454,8 +454,7 @@ def warn_about_warmup(args: argparse.Namespace) -> None:
 
 
 def check_no_run_there(args: argparse.Namespace) -> None:
-    """A fresh run would replace the checkpoint, resume state, log and report already at --out: every file it writes
-    is checked, also a user's own that only shares a run's name (exp.csv beside --out exp.pt)."""
+    """A fresh run would replace the files of a run at --out: each is checked, a user's exp.csv beside exp.pt too."""
     out, files = Path(args.out), side_files(Path(args.out))
     found = [str(path) for path in (out, *files.values()) if path.exists()]
     if found and not args.overwrite:
@@ -622,8 +621,7 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
 
 
 def run_name(out: Path) -> Path:
-    """What --out's side files and lock are named after: --out without a .pt/.pth ending (any other is kept: exp.1,
-    exp.1.last.pt; exp.2 has its own); run.pt, run.pth and run share them, and so their lock: one runs at a time."""
+    """--out less a .pt/.pth ending (exp.1: exp.1.last.pt), its side files' and lock's name: run.pt and run share it."""
     return out.with_suffix("") if out.suffix in (".pt", ".pth") else out
 
 
@@ -636,8 +634,7 @@ RESUME_WITH = "ALEXNET_RESUME_WITH"  # set by tasks.py: the command the user typ
 
 
 def resume_advice(stage: str, last: str | os.PathLike, world: int = 1) -> str:
-    """The command resuming a STAGE run of WORLD processes from LAST: RESUME_WITH, or the script named as the running
-    one was (`python main/pretrain.py`: main/STAGE.py; torchrun for several), quoted to run as printed."""
+    """The command resuming a STAGE run of WORLD processes from LAST: RESUME_WITH, or the script named as this one."""
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={world}"
     ran = sys.argv[0] if os.path.basename(sys.argv[0]) in ("pretrain.py", "finetune.py") else ""
     quoted = subprocess.list2cmdline if sys.platform == "win32" else shlex.join
@@ -663,8 +660,7 @@ def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:
 
 
 def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.BufferedWriter], object]) -> None:
-    """A checkpoint, log, report or picture, by cli.write_atomically: a crash, a reader or a full disk never meets half
-    of it; a failure to write (a full disk, a read-only folder) is one line naming `what`."""
+    """A checkpoint, log, report or picture, by cli.write_atomically (never half of it); a failure is one line."""
     try:
         cli.write_atomically(path, write)
     except OSError as e:
@@ -675,8 +671,7 @@ def write_run_file(path: str | os.PathLike, what: str, write: Callable[[io.Buffe
 
 
 class WriteFailed(CheckpointError):
-    """write_run_file's error: `failure` (what and why), then the advice (`fit` words a full disk's for a run left to
-    resume); `full`: the disk (or the quota) was full."""
+    """write_run_file's error: `failure` (what and why), then the advice (see `fit`); `full`: the disk or quota was."""
 
     def __init__(self, failure: str, full: bool, advice: str) -> None:
         super().__init__(f"{failure}: {advice}")
@@ -716,8 +711,7 @@ def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,
         "perm": None if progress.perm is None else progress.perm.cpu(), "history": progress.history,
-        "best": progress.best, "finished": finished,
-        "seconds": progress.seconds}
+        "best": progress.best, "finished": finished, "seconds": progress.seconds}
     writer.save_together(({} if best is None else {run.out: best}) | {side_files(run.out)["last"]: state})
     progress.saved = progress.position
 
@@ -727,6 +721,9 @@ def restore(run: Run, state: dict) -> Progress:
     device = run.processes.device
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
+    for weight, kept in run.optimizer.state.items():  # the fused SGD reads a momentum in its weight's layout alone (a
+        if kept.get("momentum_buffer") is not None:  # run moved to or from channels_last: CUDA's, a bf16 CPU's)
+            kept["momentum_buffer"] = torch.empty_like(weight).copy_(kept["momentum_buffer"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
     own = state["rng"]["processes"][run.processes.rank]
@@ -758,8 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def new_model(args: argparse.Namespace, images: data.ImageSet) -> tuple[AlexNet, bool]:
-    """A fresh AlexNet, or one started from --init's tensors where names and shapes match; its head is new, so its
-    starting weights never compete as epoch 0."""
+    """A fresh AlexNet, or one from --init's tensors where names and shapes match (a new head: never epoch 0)."""
     model = AlexNet(num_classes=len(images.classes), hidden=args.hidden)
     if args.init is not None:
         loaded, skipped = load_matching(model, initial_weights(args.init))

@@ -554,3 +554,33 @@ def test_an_eta_beyond_a_day_is_shown_in_hours_not_wrapped_or_a_traceback(capsys
     progress.started -= 3600  # an hour for the first 10 images: the rest take over a day
     progress.show(10)
     assert re.search(r"eta \d{5,}:\d\d:\d\d\n", stream.getvalue())
+
+
+def moved_resume(tiny_data, folder, change) -> dict:
+    """The resume state of a 1-epoch run, changed as a run moved to another device leaves it (`change(state)`), resumed
+    to 2 epochs: its .last.pt."""
+    out = folder / "p.pt"
+    run("pretrain.py", *start(out, 1, tiny_data))
+    state = torch.load(out.with_suffix(".last.pt"), weights_only=True)
+    change(state)
+    torch.save(state, out.with_suffix(".last.pt"))
+    run("pretrain.py", "--resume", out.with_suffix(".last.pt"), "--epochs", "2")
+    return torch.load(out.with_suffix(".last.pt"), weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_resume_whose_momentum_has_another_layout_than_its_weights_trains_as_one_that_has_not(tiny_data, tmp_path):
+    """A run moved to or from channels_last weights (CUDA, a CPU with bf16 units) resumed momentum of the other layout:
+    the fused SGD took it element for element in its weight's layout (wrong on a CPU, refused on CUDA)."""
+    def flip_layouts(state):
+        for kept in state["optimizer"]["state"].values():
+            buffer = kept["momentum_buffer"]
+            if buffer.dim() == 4:
+                nhwc = buffer.is_contiguous(memory_format=torch.channels_last) and not buffer.is_contiguous()
+                kept["momentum_buffer"] = buffer.contiguous(
+                    memory_format=torch.contiguous_format if nhwc else torch.channels_last)
+    run("pretrain.py", *start(tmp_path / "whole" / "p.pt", 2, tiny_data))
+    whole = torch.load(tmp_path / "whole" / "p.last.pt", weights_only=True)
+    moved = moved_resume(tiny_data, tmp_path / "flipped", flip_layouts)
+    assert all(torch.equal(whole["model"][k], moved["model"][k]) for k in whole["model"])
+
