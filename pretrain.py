@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import csv
 import errno
+import hashlib
 import io
 import math
 import os
@@ -730,7 +731,11 @@ def restore(run: Run, state: dict) -> Progress:
     torch.set_rng_state(own["torch"])
     if device.type == "cuda" and own["cuda"] is not None:
         torch.cuda.set_rng_state(own["cuda"], device)
-    run.augment.set_state(state["rng"]["augment"])
+    augment = state["rng"]["augment"]  # CUDA's is 16 bytes, the CPU's 5056: a run moved from another kind of device
+    if len(augment) == len(run.augment.get_state()):  # draws on from a seed made of its state
+        run.augment.set_state(augment)
+    else:
+        run.augment.manual_seed(int.from_bytes(hashlib.sha256(augment.numpy().tobytes()).digest()[:8], "little"))
     perm = None if state["perm"] is None else state["perm"].to(device)
     sums = {name: total.to(device) for name, total in own["sums"].items()}
     progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"],

@@ -584,3 +584,13 @@ def test_a_resume_whose_momentum_has_another_layout_than_its_weights_trains_as_o
     moved = moved_resume(tiny_data, tmp_path / "flipped", flip_layouts)
     assert all(torch.equal(whole["model"][k], moved["model"][k]) for k in whole["model"])
 
+
+@pytest.mark.slow
+def test_a_resume_of_a_run_that_augmented_on_another_kind_of_device_goes_on_deterministically(tiny_data, tmp_path):
+    """Before: a CUDA generator's state (16 bytes: seed, offset) set on the CPU's (5056), or the reverse, was a
+    traceback (the README lets --device change on a resume). Now the draws go on from a seed made of it, each time
+    the same."""
+    cuda_state = torch.tensor([0, 1234], dtype=torch.int64).view(torch.uint8)
+    ends = [moved_resume(tiny_data, tmp_path / f"moved{i}", lambda state: state["rng"].update(augment=cuda_state))
+            for i in range(2)]
+    assert all(torch.equal(ends[0]["model"][k], ends[1]["model"][k]) for k in ends[0]["model"])
