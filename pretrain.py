@@ -296,7 +296,7 @@ def test_once(run: Run, progress: Progress) -> dict:
     """The best validation epoch's weights on the test split, the only look at it; the temperature calibrating their
     probabilities for predict.py is fitted on the validation split (Guo et al. 2017) and kept in the checkpoint."""
     best, files, device = progress.best, side_files(run.out), run.processes.device
-    final = load_checkpoint(run.out, map_location=device)
+    final = load_checkpoint(run.out)  # on the CPU: saved again with its report, it loads where there is no GPU
     tested = "test_metrics" in final and "temperature" in final  # a resume of a tested, calibrated run: its report
     test, temperature = (final["test_metrics"], final["temperature"]) if tested else (None, None)
     if not tested:
