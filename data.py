@@ -568,8 +568,21 @@ class Loader:
 
 # --------------------------------------------------------------------------- transforms on the device
 
+def constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """float32 `values` on `device`. On CUDA made once, not per batch: torch.tensor's copy there is a blocking one (the
+    host waits for all the GPU has queued); not while torch.export or torch.compile traces (the tensor is theirs)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=torch.float32, device=device)
+    return cuda_constants(values, device)
+
+
+@functools.cache
+def cuda_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    mean, std = (torch.tensor(values, device=images.device).view(1, 3, 1, 1) * 255 for values in (MEAN, STD))
+    mean, std = (constants(values, images.device).view(1, 3, 1, 1) * 255 for values in (MEAN, STD))
     return (images - mean) / std
 
 
@@ -653,5 +666,5 @@ def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize to 256/224 of `size`, centre-crop `size`, normalise: one crop box per image."""
     resized = int(size * EVAL_RESIZE)
     offset = round((resized - size) / 2)
-    box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32, device=images.device)
+    box = constants((offset, offset, offset + size, offset + size), images.device)
     return normalize(crop_resize(images, (box * images.shape[-1] / resized).expand(images.shape[0], 4), size))

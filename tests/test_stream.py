@@ -348,3 +348,22 @@ def test_predict_prints_each_batch_before_decoding_the_next(pretrained, tiny_dat
     result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--batch-size", "4")
     assert len(printed) == 18 and "18 labelled images: accuracy" in result.stdout
     assert printed == [4 * (i // 4) for i in range(18)]
+
+
+def test_the_transforms_constants_are_made_once_per_cuda_device_and_never_kept_from_a_trace(monkeypatch):
+    """torch.tensor(values, device=cuda) is a blocking copy, the host waiting for all the GPU has queued: made for
+    each batch (the mean, the std, the evaluation's crop box), each training step waited twice. (CUDA stood in for.)"""
+    made = []
+    monkeypatch.setattr(torch, "tensor", lambda values, dtype, device: made.append(device) or object())
+    data.cuda_constants.cache_clear()
+    try:
+        cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+        first = data.constants(data.MEAN, cuda)
+        assert data.constants(data.MEAN, cuda) is first and made == [cuda]
+        data.constants(data.MEAN, cpu)
+        data.constants(data.MEAN, torch.device("cuda", 1))
+        assert made == [cuda, cpu, torch.device("cuda", 1)]
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.export's tracing: its own tensor
+        assert data.constants(data.MEAN, cuda) is not first and made[-1] == cuda and len(made) == 4
+    finally:
+        data.cuda_constants.cache_clear()
