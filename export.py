@@ -153,7 +153,7 @@ def export(args: argparse.Namespace) -> int:
                       extra_files={predict.PROGRAM_RECORD: json.dumps(record)})
     program = buffer.getvalue()
     seconds = time.perf_counter() - started
-    loaded = torch.export.load(io.BytesIO(program)).module()  # checked as it will be loaded
+    loaded = predict.load_exported(io.BytesIO(program)).module()  # checked as it will be loaded
     images, source = check_images(checkpoint, args.data_dir, args.limit)
     check = agreement(loaded, reference, images, args.batch_size, device) | {"source": source}
     print(f"{cli.shown(args.checkpoint)} -> {cli.shown(out)} on {check['images']} images ({source}): top-1 agreement "

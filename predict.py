@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -474,6 +475,13 @@ def load_trained(path: str) -> dict:
     return checkpoint
 
 
+def load_exported(file, **options) -> torch.export.ExportedProgram:
+    """torch.export.load, without torch 2.11's warning that the buffer it reads its own file into is read-only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        return torch.export.load(file, **options)
+
+
 def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
     """A program export.py wrote, and the record it holds (PROGRAM_RECORD); anything else is one line."""
     check_checkpoint_file(path)
@@ -486,11 +494,11 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
     try:  # from a file object: torch warns of a path not ending in .pt2 (and means to refuse one)
         with open(path, "rb") as file:
             try:
-                program = torch.export.load(file, extra_files=record)
+                program = load_exported(file, extra_files=record)
             except Exception:  # noqa: BLE001 - one exported before the crop was torch's own: torchvision's roi_align
                 importlib.import_module("torchvision")  # registers it (a second, so only then); else the line below
                 file.seek(0)
-                program = torch.export.load(file, extra_files=record)
+                program = load_exported(file, extra_files=record)
         return program, json.loads(record[PROGRAM_RECORD])
     except Exception:  # noqa: BLE001 - torch raises many types for a damaged or foreign archive
         raise CheckpointError(f"{path}: an exported program that cannot be loaded (damaged, or without "
