@@ -42,8 +42,8 @@ from model import (EMA, REFERENCE_HIDDEN, AlexNet, CheckpointError, checkpoint_d
 from predict import (calibration_report, classification_report, compute_logits, confusion_picture, fit_temperature,
                      learning_curves, print_report)
 
-# The only flags a resume may change (others that differ are refused): --epochs (a larger one trains further), --device
-# and --stream (they change no result), --data-dir (the same images moved: their fingerprint is compared).
+# The only flags a resume may change (others that differ are refused): --epochs (a larger one trains further), --stream
+# (no result changes), --device (its arithmetic; see restore), --data-dir (the same images moved: fingerprint compared).
 RESUME_MAY_CHANGE = ("epochs", "device", "stream", "data_dir")
 MAY_CHANGE_FLAGS = " and ".join(", ".join(f"--{name.replace('_', '-')}" for name in names)  # "--epochs, ... and --x"
                                 for names in (RESUME_MAY_CHANGE[:-1], RESUME_MAY_CHANGE[-1:]))
