@@ -3,10 +3,11 @@
     python benchmarks/headline.py --out-dir checkpoints/headline --source ../shared/data/cifar10-jpg.tar.gz --minutes 12
     python benchmarks/headline.py --out-dir /tmp/rehearsal --rehearse     # the same steps on the CPU, toy scale
 
-The steps (see `plan`) run in order: tests/test_cuda.py; benchmarks/throughput.py at 224 px, batch 256, once per
-entry of THROUGHPUT_RUNS; the whole job, the commands `invoke all` chains (tasks.py) run directly, each stage timed
-(the GPU machine has no invoke); benchmarks/latency.py on its checkpoint, eager against exported; then
-benchmarks/recipes.py at 40 epochs, one recipe at a time, the most promising first, while time is left. Each step's
+The steps (see `plan`) run in order, the headline figures first (a lent GPU's minutes are few): the download;
+benchmarks/throughput.py at 224 px, batch 256; the whole job, the commands `invoke all` chains (tasks.py) run
+directly, each stage timed (the GPU machine has no invoke); tests/test_cuda.py; throughput.py's further entries of
+THROUGHPUT_RUNS; benchmarks/latency.py on the job's checkpoint, eager against exported; then benchmarks/recipes.py
+at 40 epochs, one recipe at a time, the most promising first, while time is left. Each step's
 output goes to DIR/LOG.log as it runs, and DIR/results.md, one table of every figure with the device, torch version,
 commit and each figure's command, is rewritten after each step: a run cut off keeps what it measured. A step starts
 only when its estimate fits in what is left of --minutes (a training step's estimate uses the images/s measured by
@@ -108,18 +109,14 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
     device = ["--device", scale.device]
     training = ["--data-dir", str(data_dir), *scale.training, *device]
     epoch_images = scale.epochs * scale.train_images
+    throughput = [Step(name, name, [python, "benchmarks/throughput.py", "--data-dir", str(data_dir),
+                                    *scale.throughput, *flags, *device],
+                       scale.seconds["compile" if "--compile" in flags else "throughput"], needs="download")
+                  for name, flags in THROUGHPUT_RUNS]
     steps = [
-        Step("cuda-tests", "cuda-tests", [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o",
-                                          "addopts=", "tests/test_cuda.py"],  # one process: no pytest-xdist there
-             scale.seconds["cuda-tests"]),
         Step("download", "job", [python, "download.py", "--root", str(data_dir), "--source", str(args.source)],
              scale.seconds["download"]),
-    ]
-    for name, flags in THROUGHPUT_RUNS:
-        seconds = scale.seconds["compile" if "--compile" in flags else "throughput"]
-        steps.append(Step(name, name, [python, "benchmarks/throughput.py", "--data-dir", str(data_dir),
-                                       *scale.throughput, *flags, *device], seconds, needs="download"))
-    steps += [
+        throughput[0],  # its images/s make the training steps' estimates
         Step("pretrain", "job", [python, "pretrain.py", *training, *scale.pretraining,
                                  "--out", str(ckpt / "pretrain.pt")],
              scale.seconds["training"], epoch_images, "download", ckpt / "pretrain.test.json"),
@@ -129,6 +126,10 @@ def plan(args: argparse.Namespace, scale: Scale, work: Path) -> list[Step]:
         Step("predict", "job", [python, "predict.py", str(data_dir / "test"), "--checkpoint", str(ckpt / "finetune.pt"),
                                 "--limit", "64", "--grid", str(ckpt / "predictions.png"), *device],  # the task's
              scale.seconds["predict"], needs="finetune"),
+        Step("cuda-tests", "cuda-tests", [python, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-o",
+                                          "addopts=", "tests/test_cuda.py"],  # one process: no pytest-xdist there
+             scale.seconds["cuda-tests"]),
+        *throughput[1:],
         Step("latency", "latency", [python, "benchmarks/latency.py", "--checkpoint", str(ckpt / "finetune.pt"),
                                     *scale.latency], scale.seconds["latency"], needs="finetune"),
     ]
