@@ -391,6 +391,7 @@ def test_compile_without_a_working_cxx_compiler_trains_eager_with_a_warning(tiny
                      "--epochs", "1", "--compile")
     assert ("warning: --compile: no working C++ compiler for torch.compile (install g++, or name one in CXX); "
             "training without it") in result.stderr.splitlines()
+    assert re.search(r"\(--precision auto\), [0-9,]+ trainable parameters", result.stdout)  # not ", compiled"
 
 
 def test_world_size_outside_torchrun_is_one_line(tiny_data, tmp_path, monkeypatch):
