@@ -51,15 +51,17 @@ def measure(run, size: int, args: argparse.Namespace, device: torch.device) -> t
 
 @torch.no_grad()
 def check_program(program, record: dict, eager: export.Deployed, checkpoint: dict, args: argparse.Namespace) -> None:
-    """--program is --checkpoint's: its record's classes and sizes, and its probabilities on a few images (before:
-    another checkpoint's program was timed as this one's, or one of another size failed with a traceback)."""
+    """--program is --checkpoint's: its record's classes and sizes, and its probabilities on a few images, on the CPU
+    as `eager` is (a program exported with --device cuda moved there first) (before: another checkpoint's program
+    was timed as this one's, or one of another size failed with a traceback)."""
     size = checkpoint["stored_size"]
     ours = {"classes": checkpoint["classes"], "stored_size": size, "image_size": eager.image_size, "tta": eager.flip}
     differ = [key for key, value in ours.items() if record.get(key) != value]
     if not differ:
         generator = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=generator)
-        if (program.module()(images) - eager(images)).abs().max() > export.TOLERANCE:
+        on_cpu = move_to_device_pass(program, torch.device("cpu")).module()
+        if (on_cpu(images) - eager(images)).abs().max() > export.TOLERANCE:
             differ = ["probabilities"]
     if differ:
         source = cli.shown(str(record.get("checkpoint")))

@@ -64,6 +64,9 @@ def test_an_export_checked_on_cuda_and_a_cpu_program_predicting_on_cuda(pretrain
         result = run("predict.py", tiny_data / "test", "--checkpoint", path, "--json", "--device", device)
         top1[device] = [p["top"][0]["label"] for p in json.loads(result.stdout)["predictions"]]
     assert top1["cuda"] == top1["cpu"] and len(top1["cpu"]) == 18
+    timed = run("benchmarks/latency.py", "--checkpoint", pretrained, "--program", tmp_path / "cuda.pt2", "--runs", "1",
+                "--batch-runs", "1", "--warmup", "1", "--batch-size", "2", process=True)  # checked on the CPU
+    assert "| cuda | exported |" in timed.stdout
 
 
 def test_torchrun_with_one_process_trains_over_nccl(tiny_data, tmp_path):

@@ -252,6 +252,20 @@ def test_latency_refuses_a_program_exported_from_another_checkpoint(program, var
     assert capsys.readouterr().out == ""  # refused before the table's first line
 
 
+def test_latency_checks_a_program_exported_for_cuda_on_the_cpu_as_its_eager_model(program, varied, monkeypatch):
+    """A program exported with --device cuda holds CUDA tensors: run as loaded on the CPU's images, its check was a
+    device-mismatch traceback. It is moved to the CPU first, as the timing moves it (test_cuda runs it for real)."""
+    monkeypatch.syspath_prepend(ROOT / "benchmarks")
+    import latency
+    moved, move = [], latency.move_to_device_pass
+    monkeypatch.setattr(latency, "move_to_device_pass", lambda p, device: moved.append(device) or move(p, device))
+    checkpoint = torch.load(varied, weights_only=True)
+    loaded, record = predict.load_program(str(program[0]))
+    args = latency.build_parser().parse_args(["--checkpoint", varied, "--program", str(program[0])])
+    latency.check_program(loaded, record, export.deployed(checkpoint, varied), checkpoint, args)
+    assert moved == [torch.device("cpu")]
+
+
 def test_a_record_that_cannot_be_written_leaves_no_record_of_another_program(tmp_path, monkeypatch):
     out, record = tmp_path / "m.pt2", tmp_path / "m.pt2.json"
     record.write_text('{"check": "of the previous program"}')
