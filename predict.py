@@ -349,7 +349,7 @@ def fitted(text: str, chosen: ImageFont.FreeTypeFont, width: int) -> list[str]:
             lines[-1] += f" {word}"
             continue
         while len(word) > 1 and chosen.getlength(word) > width:
-            word = word[:-2] + "…"
+            word = word.removesuffix("…")[:-1] + "…"  # one letter less each time, the first too
         lines.append(word)
     return lines
 

@@ -314,3 +314,16 @@ def test_a_tiny_learning_rate_is_labelled_within_its_panel():
     picture = np.asarray(predict.learning_curves(rows, 2, "tiny lr").convert("L"))
     gap = picture[84:294, 2 * 360 - 16 + 2:2 * 360 + 70 - 60]  # between the accuracy panel and the lr labels' room
     assert (gap > 200).all()
+
+
+def test_a_caption_word_wider_than_its_tile_ends_in_an_ellipsis_as_much_of_it_as_fits():
+    """A class name of one long word: cut where it fits with its "…", the next words still drawn whole; a last letter
+    wider than "…" is the only one cut where the rest fits (before: two, "eeeeeeeemm…" for eeeeeeeemmmW)."""
+    chosen = predict.font(11)
+    assert predict.fitted("Donaudampfschifffahrtsgesellschaft (cat)", chosen, 92)[1:] == ["(cat)"]
+    for word in ["Donaudampfschifffahrtsgesellschaft", *("e" * 8 + "m" * n + "W" for n in range(6))]:
+        [line] = predict.fitted(word, chosen, 92)
+        kept = line.removesuffix("…")
+        assert chosen.getlength(line) <= 92 and word.startswith(kept)
+        assert kept == word or chosen.getlength(word[:len(kept) + 1] + "…") > 92, word
+    assert predict.fitted("", chosen, 92) == [""]
