@@ -237,7 +237,8 @@ def new_picture(width: int, height: int, title: str) -> tuple[Image.Image, Image
 
 def ticks(low: float, high: float, most: int, percent: bool = False, least_step: float = 0.0) -> list[tuple]:
     """Round values within [low, high], at most `most` of them, a step of 1, 2, 2.5 or 5 times a power of ten (at
-    least `least_step`), each with its text: as many decimals as the step needs (a percentage: of the value x 100)."""
+    least `least_step`), each with its text: as many decimals as the step needs, beyond six as significant digits
+    (1.1e-09) (a percentage: of the value x 100)."""
     step = 10 ** math.floor(math.log10((high - low) / most))
     step = max(next(step * m for m in (1, 2, 2.5, 5, 10) if (high - low) / (step * m) <= most), least_step)
     scale = 100 if percent else 1
