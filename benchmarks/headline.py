@@ -1,4 +1,4 @@
-"""Every headline figure in one command: the CUDA tests, throughput, the whole 40 + 40 job, recipes; DIR/results.md.
+"""Every headline figure in one command: throughput, the whole 40 + 40 job, the CUDA tests, recipes; DIR/results.md.
 
     python benchmarks/headline.py --out-dir checkpoints/headline --source ../shared/data/cifar10-jpg.tar.gz --minutes 12
     python benchmarks/headline.py --out-dir /tmp/rehearsal --rehearse     # the same steps on the CPU, toy scale
