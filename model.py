@@ -48,8 +48,8 @@ class AlexNet(nn.Module):
 
 class EMA(AveragedModel):
     """An exponential moving average of a model's weights: AveragedModel with get_ema_multi_avg_fn's state and
-    arithmetic, bit for bit, without its wait for the device at each update (it copied its CPU step count there, a
-    blocking copy: on CUDA the host waited for every step queued on the GPU)."""
+    arithmetic, bit for bit for a model without buffers (AlexNet), without its wait for the device at each update (it
+    copied its CPU step count there, a blocking copy: on CUDA the host waited for every step queued on the GPU)."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         super().__init__(model)

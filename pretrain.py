@@ -616,7 +616,7 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
           f"{run.processes.device}"
           + (f" x {run.processes.world} processes ({dist.get_backend()})" if run.processes.distributed else "")
           + f", {'bf16 autocast, channels_last, fused SGD' if run.bf16 else 'fp32'} (--precision {args.precision})"
-          + f"{', compiled' if hasattr(run.net, '_orig_mod') else ''}, {trainable:,} trainable parameters")  # or not
+          + f"{', compiled' if hasattr(run.net, '_orig_mod') else ''}, {trainable:,} trainable parameters")
 
 
 # --------------------------------------------------------------------------- run files and checkpoints
