@@ -306,6 +306,8 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, met
             for i in range(count):
                 os.link(picture, root / split / name / f"{i}.png")
     out = tmp_path / "p.pt"
+    shared = Path(os.environ["TMPDIR"])  # the session's temporary folder, which the run is not to be given
+    before = set(shared.iterdir())
     process = subprocess.Popen([sys.executable, "-c", WITH_START_METHOD, method, str(ROOT / "pretrain.py"),
                                 "--data-dir", str(root), "--out", str(out), *QUICK],
                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -334,6 +336,8 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, met
     with pretrain.OutLock(out):  # the next run is not refused
         pass
     assert not (root / ".cache" / "train.json").exists()
+    # what a killed run leaves in its TMPDIR (the forkserver's pymp-* folder) is in the test's folder, which goes
+    assert set(shared.iterdir()) - before == set()
 
 
 def test_predict_prints_each_batch_before_decoding_the_next(pretrained, tiny_data, monkeypatch):
