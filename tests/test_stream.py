@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +289,36 @@ def test_a_forked_decoding_worker_gets_the_default_stop_actions_back(tmp_path, m
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert handlers == [[signal.SIG_IGN, signal.SIG_DFL, signal.SIG_DFL]] * 2
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP") or multiprocessing.get_start_method() != "fork",
+                    reason="POSIX signals; a forked worker (a patch reaches it)")
+def test_a_stop_signal_as_the_decoding_pool_starts_reaches_the_handler_once_its_tasks_are_handed_over(
+        tmp_path, monkeypatch):
+    """A stop signal while the pool forks its processes and takes its tasks is held (cli.stops_held) until map has
+    handed over every task, then handled: raised in the pool's start, it left processes that no thread would end (the
+    exit waited for them forever). The signal is sent from inside map, so that it certainly comes then."""
+    monkeypatch.setattr(data, "decode_rows", handlers_of_a_worker)
+    monkeypatch.setattr(data, "WORKERS", 2)
+    mapping, received = [False], []
+    real_map = ProcessPoolExecutor.map
+
+    def map_signalled(self, *args, **kwargs):
+        mapping[0] = True
+        try:
+            signal.raise_signal(signal.SIGTERM)  # as its first process forks
+            return real_map(self, *args, **kwargs)
+        finally:
+            mapping[0] = False
+
+    monkeypatch.setattr(ProcessPoolExecutor, "map", map_signalled)
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: received.append("in map" if mapping[0] else "after"))
+        handlers = data.decode_into(tmp_path / "images.u8", [tmp_path] * (2 * data.DECODE_CHUNK), (1, 3, 1, 1))
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert received == ["after"] and len(handlers) == 2
 
 
 @pytest.mark.slow
