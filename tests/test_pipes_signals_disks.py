@@ -292,6 +292,18 @@ def test_a_download_with_stdout_on_a_full_disk_says_its_line_is_lost(tiny_data, 
     assert (tmp_path / "c" / "train").is_dir()
 
 
+@pytest.mark.parametrize("stdout", ["a closed pipe", "closed"])
+def test_a_download_whose_stdout_is_a_closed_pipe_or_closed_says_nothing_of_it(tiny_data, tmp_path, stdout):
+    """`download.py | head`, `download.py >&-`: its lines were not wanted, so their loss is not said (only a full
+    disk's or a hang-up's is)."""
+    command = script("download.py", "--root", tmp_path / "c", "--source", tiny_data)
+    if stdout == "a closed pipe":
+        result = closed_pipe_run(command)
+    else:
+        result = subprocess.run(command, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1))
+    assert (result.returncode, result.stderr) == (0, "") and (tmp_path / "c" / "train").is_dir()
+
+
 @pytest.mark.slow
 def test_an_export_with_stdout_on_a_full_disk_says_its_line_is_lost(pretrained, tiny_data, tmp_path,
                                                                       small_filesystem):
