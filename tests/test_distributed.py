@@ -33,12 +33,17 @@ def torchrun(*args, nproc=2, **kwargs):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(ROOT / "pretrain.py"), *map(str, args)]
     scratch = Path(args[args.index("--data-dir") + 1]).parent
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            preexec_fn=default_signals, env=os.environ | {"TMPDIR": str(scratch)}, **kwargs)
+    shared = Path(os.environ["TMPDIR"])  # the session's temporary folder, which torchrun is not to be given
+    before = set(shared.glob("torchelastic_*"))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               preexec_fn=default_signals, env=os.environ | {"TMPDIR": str(scratch)}, **kwargs)
+    process.left_in_the_session = lambda: set(shared.glob("torchelastic_*")) - before
+    return process
 
 
 def finish(process, timeout=300):
     stdout, stderr = process.communicate(timeout=timeout)
+    assert not process.left_in_the_session(), "torchrun left its folder in the session's temporary folder"
     return process.returncode, stdout, stderr
 
 
