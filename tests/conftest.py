@@ -72,6 +72,12 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", "slow: end-to-end runs (training, real processes); `-m 'not slow'` skips them")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slow tests first, in their files' order: pytest-xdist hands tests out in this order, so the quick ones fill
+    the end; the longest (a minute) came last and ran alone while the other workers had finished."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 # Importing torchvision, or torch._dynamo (which making a torch optimizer imports), makes torch.compile's default cache
 # folder (torchinductor_<user>), empty: the tests' compiles use the run's folder (temporary_folder). A run leaves none
 # that it did not find.
