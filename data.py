@@ -569,15 +569,15 @@ class Loader:
 # --------------------------------------------------------------------------- transforms on the device
 
 def constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """float32 `values` on `device`. On CUDA made once, not per batch: torch.tensor's copy there is a blocking one (the
-    host waits for all the GPU has queued); not while torch.export or torch.compile traces (the tensor is theirs)."""
-    if device.type != "cuda" or torch.compiler.is_compiling():
+    """float32 `values` on `device`, made once per device, not per batch: on CUDA torch.tensor's copy is a blocking
+    one (the host waits for all the GPU has queued); anew while torch.export or torch.compile trace (theirs)."""
+    if torch.compiler.is_compiling():
         return torch.tensor(values, dtype=torch.float32, device=device)
-    return cuda_constants(values, device)
+    return device_constants(values, device)
 
 
 @functools.cache
-def cuda_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+def device_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 

@@ -390,7 +390,7 @@ def test_the_transforms_constants_are_made_once_per_cuda_device_and_never_kept_f
     each batch (the mean, the std, the evaluation's crop box), each training step waited twice. (CUDA stood in for.)"""
     made = []
     monkeypatch.setattr(torch, "tensor", lambda values, dtype, device: made.append(device) or object())
-    data.cuda_constants.cache_clear()
+    data.device_constants.cache_clear()
     try:
         cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
         first = data.constants(data.MEAN, cuda)
@@ -401,4 +401,4 @@ def test_the_transforms_constants_are_made_once_per_cuda_device_and_never_kept_f
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # torch.export's tracing: its own tensor
         assert data.constants(data.MEAN, cuda) is not first and made[-1] == cuda and len(made) == 4
     finally:
-        data.cuda_constants.cache_clear()
+        data.device_constants.cache_clear()
