@@ -287,14 +287,14 @@ def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, 
 
 def learning_curves(history: list[dict], kept: int, title: str) -> Image.Image:
     """A run's epochs (its .csv rows): loss, accuracy and learning rate side by side, under a legend; a dashed line
-    marks the epoch kept (best validation; 0: the starting weights)."""
+    marks the epoch kept (best validation; 0: the starting weights, a row of validation alone)."""
     panel, height, small = 360, 340, font(TEXT_SIZE)
     picture, draw = new_picture(3 * panel, height, title)
     panels = (("loss", ("train_loss", "val_loss"), False), ("accuracy", ("train_acc", "val_acc"), True),
               ("learning rate (at the epoch's end)", ("lr",), False))
     for i, (name, columns, percent) in enumerate(panels):
         plot(draw, (i * panel + 70, 84, (i + 1) * panel - 16, height - 46), name, percent,
-             [row["epoch"] for row in history], {column: [row[column] for row in history] for column in columns}, kept)
+             [row["epoch"] for row in history], {c: [row.get(c, math.nan) for row in history] for c in columns}, kept)
     legend = ("training", "validation", f"kept: epoch {kept}" + (" (the starting weights)" if kept == 0 else "") +
               ", the best validation accuracy")  # in CURVE_COLOURS' order
     x = (picture.width - sum(24 + small.getlength(name) + 20 for name in legend)) / 2

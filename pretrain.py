@@ -260,10 +260,10 @@ def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -
     """Fine-tuning with the checkpoint's head: its weights are validated as epoch 0 and kept if no epoch beats them."""
     val = evaluate(run.evaluated, run.val_images, run.args)
     progress.best = {"val_acc": val["accuracy"], "epoch": 0}
-    metrics = {"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]}
+    progress.history.append({"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]})  # the .csv's too
     # with its resume state (at the end of epoch 0): a run killed in epoch 1 resumes, not a fresh run refused for
     # the checkpoint it left (before: --out alone, and `invoke all --resume` could not go on)
-    best = checkpoint_of(run, run.evaluated, 0, metrics) if run.processes.main else None
+    best = checkpoint_of(run, run.evaluated, 0, progress.history[0]) if run.processes.main else None
     save_resume_state(run, progress, writer, best=best)
     if run.processes.main:
         print(f"epoch   0/{run.args.epochs}  {'(the starting weights)':25}val_loss {val['loss']:.4f}  "
@@ -272,7 +272,8 @@ def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -
 
 def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
     row = history[-1]
-    remaining = (epochs - row["epoch"]) * sum(r["epoch_s"] for r in history) / len(history)
+    seconds = [r["epoch_s"] for r in history if "epoch_s" in r]  # not epoch 0's starting weights: none trained
+    remaining = (epochs - row["epoch"]) * sum(seconds) / len(seconds)
     print(f"epoch {row['epoch']:3d}/{epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:6.2%}  "
           f"val_loss {row['val_loss']:.4f}  val_acc {row['val_acc']:6.2%}  {row['images_per_s']:7.0f} img/s  "
           f"{row['epoch_s']:6.1f} s  eta {cli.clock(remaining)}" + ("  *best" if improved else ""), flush=True)
@@ -684,7 +685,7 @@ def write_csv(path: Path, history: list[dict]) -> None:
     """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
     text = io.StringIO(newline="")
     text.write(f"# {cli.code_version()}, torch {torch.__version__}\n")  # a comment line: csv readers skip it with #
-    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer = csv.DictWriter(text, fieldnames=list(history[-1]), restval="")  # epoch 0's training columns: empty
     writer.writeheader()
     writer.writerows(history)
     write_run_file(path, "training log", lambda f: f.write(text.getvalue().encode()))

@@ -89,7 +89,11 @@ def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates
     assert "the head starts from its weights" in result.stdout and "optimistic" not in result.stderr
     assert "--stored-size" not in result.stdout  # its own data folder: the run's flag, the same image cache
     assert "epoch   0/1  (the starting weights)" in result.stdout
+    # epoch 0 is in the log too (validation alone: its training columns empty); before, the log began at epoch 1
+    log = training_log(out)
+    assert [row["epoch"] for row in log] == ["0", "1"] and log[0]["train_loss"] == log[0]["lr"] == ""
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
+    assert float(log[0]["val_acc"]) == tuned["metrics"]["val_acc"]
     assert tuned["epoch"] == 0
     assert tuned["metrics"]["val_acc"] == source["test_metrics"]["val_acc"]  # the same split
     assert all(torch.equal(tensor, source["model"][name]) for name, tensor in tuned["model"].items())
@@ -549,6 +553,9 @@ def test_an_eta_beyond_a_day_is_shown_in_hours_not_wrapped_or_a_traceback(capsys
     row = {"epoch": 1, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "images_per_s": 1.0,
            "epoch_s": 3600.0}
     print_epoch([row], epochs, improved=False)  # before: 01:00:00 (strftime's %H), an OverflowError
+    assert re.search(eta, capsys.readouterr().out)
+    # a fine-tune's epoch 0 (its starting weights validated, nothing trained) takes no time from the estimate
+    print_epoch([{"epoch": 0, "val_loss": 1.0, "val_acc": 0.5}, row], epochs, improved=False)
     assert re.search(eta, capsys.readouterr().out)
     stream = io.StringIO()
     progress = ProgressLine("epoch 1/1", total=10**9, stream=stream)
