@@ -131,7 +131,7 @@ def is_record(path: Path) -> bool:
         return False
 
 
-def export(args: argparse.Namespace) -> int:
+def export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     check_out(out)
     if args.data_dir is not None and not (Path(args.data_dir) / "test").is_dir():  # before the work, as --out
@@ -167,7 +167,6 @@ def export(args: argparse.Namespace) -> int:
           f"{cli.shown(out)}.json", file=sys.stderr)
     cli.say_if_stdout_lost("export.py", f"its lines are lost, the agreement's figures are in the record "
                            f"{cli.shown(out)}.json")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     cli.guard_output()  # stdout closed (`| head`) does not stop the export: the program is its result
     args = build_parser().parse_args(argv)
-    sys.exit(cli.report_errors("export.py", args.batch_size, lambda: export(args)))
+    cli.report_errors("export.py", args.batch_size, lambda: export(args))
 
 
 if __name__ == "__main__":
