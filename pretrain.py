@@ -69,7 +69,7 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
     state, args = (None, args) if args.resume is None else read_resume_state(args, given, stage)
     processes = cli.Processes(args.device)
     check_before_training(args, state, processes)
-    with OutLock(Path(args.out)) if processes.main else contextlib.nullcontext():
+    with out_lock(Path(args.out)) if processes.main else contextlib.nullcontext():
         if state is None and processes.main:
             check_no_run_there(args)
             if args.overwrite:  # the replaced run's resume state would pair with this run's first checkpoint
@@ -645,17 +645,15 @@ def resume_advice(stage: str, last: str | os.PathLike, world: int = 1) -> str:
         stage=stage, script=quoted([os.path.join(os.path.dirname(ran), f"{stage}.py")]), last=quoted([os.fspath(last)]))
 
 
-class OutLock(cli.Lock):
+def out_lock(out: Path) -> cli.Lock:
     """Held on --out and its side files for the whole run: two runs writing the same files would mix them."""
-
-    def __init__(self, out: Path) -> None:
-        path = out.parent / f".{run_name(out).name}.lock"
-        try:
-            super().__init__(path, lambda owner: cli.UsageError(f"--out {out}: another run (pid {owner}) is writing "
-                                                                "it; wait for that run to end or choose another --out"))
-        except OSError as e:
-            raise cli.UsageError(f"--out {out}: cannot write its lock file {path} ({e.strerror or e}); free disk "
-                                 "space, or choose another --out") from None
+    path = out.parent / f".{run_name(out).name}.lock"
+    try:
+        return cli.Lock(path, lambda owner: cli.UsageError(f"--out {out}: another run (pid {owner}) is writing it; "
+                                                           "wait for that run to end or choose another --out"))
+    except OSError as e:
+        raise cli.UsageError(f"--out {out}: cannot write its lock file {path} ({e.strerror or e}); free disk "
+                             "space, or choose another --out") from None
 
 
 def save_checkpoint(checkpoint: dict, path: str | os.PathLike) -> None:

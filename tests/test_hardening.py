@@ -218,7 +218,7 @@ def test_a_stop_during_the_test_leaves_a_run_whose_report_can_be_had(tmp_path):
 @pytest.mark.slow
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tiny_data, tmp_path):
     out = tmp_path / "p.pt"
-    with pretrain.OutLock(out):  # a real lock, as a running training holds it
+    with pretrain.out_lock(out):  # a real lock, as a running training holds it
         result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6",
                      *QUICK, check=False)
     assert f"--out {out}: another run (pid {os.getpid()}) is writing it" in error_line(result)

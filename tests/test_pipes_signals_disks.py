@@ -41,10 +41,10 @@ def test_side_files_belong_to_one_out():
 
 def test_outs_that_share_side_files_share_their_lock(tmp_path):
     """run.pt and run both write run.last.pt: one of them at a time."""
-    with pretrain.OutLock(tmp_path / "run.pt"):
+    with pretrain.out_lock(tmp_path / "run.pt"):
         with pytest.raises(UsageError, match="another run .* is writing it"):
-            pretrain.OutLock(tmp_path / "run")
-        with pretrain.OutLock(tmp_path / "run.2"):  # another run name: its own lock
+            pretrain.out_lock(tmp_path / "run")
+        with pretrain.out_lock(tmp_path / "run.2"):  # another run name: its own lock
             pass
 
 

@@ -364,7 +364,7 @@ def test_a_run_killed_while_decoding_leaves_no_process_and_no_lock(tmp_path, met
         time.sleep(0.1)
     assert not any(alive(pid) for pid in workers)
     import pretrain
-    with pretrain.OutLock(out):  # the next run is not refused
+    with pretrain.out_lock(out):  # the next run is not refused
         pass
     assert not (root / ".cache" / "train.json").exists()
     # what a killed run leaves in its TMPDIR (the forkserver's pymp-* folder) is in the test's folder, which goes
