@@ -405,7 +405,11 @@ def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> 
     if changed:
         raise cli.UsageError(f"--resume {args.resume}: {', '.join(changed)}; a resume continues the run with its own "
                              f"flags (only {MAY_CHANGE_FLAGS} may change): drop these flags or start a new run")
-    check_epochs(args, given, state)
+    reached = state["epoch"] + (state["step"] > 0)  # a lower --epochs would drop trained steps, and test early
+    if "epochs" in given and not state["finished"] and args.epochs < reached:
+        raise cli.UsageError(f"--epochs {args.epochs}: --resume {args.resume} stopped at "
+                             f"{position_of(state['epoch'], state['step'])}; pass --epochs {reached} or more to "
+                             "finish it, or leave --epochs out")
     args = argparse.Namespace(**(vars(args) | stored | {name: getattr(args, name) for name in given | {"resume"}}))
     if "data_dir" not in given and Path(state.get("cwd", os.getcwd())) != Path.cwd():
         args.data_dir = recorded_path(state, args.data_dir)
@@ -414,15 +418,6 @@ def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> 
         raise cli.UsageError(f"--resume {args.resume}: its best checkpoint {args.out} (epoch "
                              f"{state['best']['epoch']}) is missing; put it back there, or start a new run")
     return state, args
-
-
-def check_epochs(args: argparse.Namespace, given: set[str], state: dict) -> None:
-    """--epochs on a resume, below where an unfinished run stopped: its trained steps would go, the test run early."""
-    reached = state["epoch"] + (state["step"] > 0)
-    if "epochs" in given and not state["finished"] and args.epochs < reached:
-        raise cli.UsageError(f"--epochs {args.epochs}: --resume {args.resume} stopped at "
-                             f"{position_of(state['epoch'], state['step'])}; pass --epochs {reached} or more to "
-                             "finish it, or leave --epochs out")
 
 
 def check_before_training(args: argparse.Namespace, state: dict | None, processes: cli.Processes) -> None:
