@@ -52,6 +52,8 @@ MAY_CHANGE_FLAGS = " and ".join(", ".join(f"--{name.replace('_', '-')}" for name
 SIDE_SUFFIXES = {"last": ".last.pt", "csv": ".csv", "test": ".test.json", "curves": ".png",
                  "confusion": ".confusion.png"}
 
+RESUME_WITH = "ALEXNET_RESUME_WITH"  # set by tasks.py: the command the user typed, a template of {stage} and {last}
+
 
 def main(argv: list[str] | None = None) -> None:
     cli.guard_output()
@@ -626,9 +628,6 @@ def run_name(out: Path) -> Path:
 def side_files(out: Path) -> dict[str, Path]:
     base = run_name(out)
     return {kind: base.with_name(base.name + suffix) for kind, suffix in SIDE_SUFFIXES.items()}
-
-
-RESUME_WITH = "ALEXNET_RESUME_WITH"  # set by tasks.py: the command the user typed, a template of {stage} and {last}
 
 
 def resume_advice(stage: str, last: str | os.PathLike, world: int = 1) -> str:
