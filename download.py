@@ -347,8 +347,7 @@ def source_files(folder: Path, source: str, above: tuple[tuple[tuple[int, int], 
             raise DataError(f"--source {source}: {shown(entry.path)} {what} ({e.strerror})",
                             "remove it or make it point to a file or folder") from None
         if stat.S_ISDIR(target.st_mode):
-            back = [path for key, path in above if key == (target.st_dev, target.st_ino)]
-            if back:
+            if back := [path for key, path in above if key == (target.st_dev, target.st_ino)]:
                 raise DataError(f"--source {source}: {shown(entry.path)} is a link back to {shown(back[0])}, "
                                 "a loop", "remove it")
             found += source_files(Path(entry.path), source, above)
