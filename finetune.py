@@ -37,11 +37,10 @@ def warn_if_validation_was_trained_on(args: argparse.Namespace, checkpoint: dict
     A folder changed since (images added, removed or modified) has its split drawn anew."""
     if not same_data_folder(args, checkpoint):
         return
-    trained_on = checkpoint.get("data_fingerprint")  # None: a checkpoint from before it was kept
     values = [(name, getattr(args, name), checkpoint["args"].get(name)) for name in SPLIT_FLAGS]
     differing = [f"--{name.replace('_', '-')} {'default' if now is None else now} (the checkpoint's run: "
                  f"{'default' if then is None else then})" for name, now, then in values if now != then]
-    if trained_on not in (None, images.fingerprint):
+    if checkpoint.get("data_fingerprint") not in (None, images.fingerprint):  # None: not kept by an older checkpoint
         differing.append(f"{args.data_dir}/train changed since its run (images added, removed or modified)")
     if differing:
         print(f"finetune.py: warning: {', '.join(differing)}: this validation split holds images {args.checkpoint} "
