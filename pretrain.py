@@ -696,12 +696,13 @@ def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter
                       best: dict | None = None) -> None:
     """Every process's RNG and running sums go to the first, which writes .last.pt; `best`, the epoch's new best
     checkpoint, is handed over with it and written first: a resume state on disk never names a best --out lacks."""
-    device = run.processes.device
     own = {"torch": torch.get_rng_state(), "sums": {name: total.cpu() for name, total in progress.sums.items()},
-           "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+           "cuda": torch.cuda.get_rng_state(run.processes.device) if run.processes.device.type == "cuda" else None}
     every = run.processes.gather(own)
     if not run.processes.main:
         return
+    for kind in ("test", "confusion") if best is not None else ():  # the test report of the weights `best` replaces
+        side_files(run.out)[kind].unlink(missing_ok=True)  # (an --overwrite or resumed run) would stay beside it
     state = checkpoint_of(run, run.model, progress.epoch, progress.history[-1] if progress.history else {}) | {
         "optimizer": run.optimizer.state_dict(), "rng": {"processes": every, "augment": run.augment.get_state()},
         "ema": None if run.ema is None else run.ema.state_dict(), "step": progress.step,

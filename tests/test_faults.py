@@ -277,6 +277,28 @@ def test_an_overwrite_run_leaves_no_resume_state_of_the_run_it_replaces(pretrain
     assert not out.with_suffix(".last.pt").exists()
 
 
+@pytest.mark.slow
+def test_a_new_best_takes_away_the_test_report_of_the_weights_it_replaces(pretrained, tmp_path, monkeypatch, tiny_data):
+    """An --overwrite run (or a tested run resumed with a larger --epochs) stopped after its first new best left the
+    replaced weights' .test.json and .confusion.png beside the new --out: another run's accuracy, epoch and matrix."""
+    out = tmp_path / "p.pt"
+    for suffix in (".pt", ".last.pt", ".csv", ".png", ".test.json", ".confusion.png"):  # a finished, tested run
+        shutil.copy(pretrained.with_suffix(suffix), out.with_suffix(suffix))
+    train_one_epoch = pretrain.train_one_epoch
+
+    def stop_in_epoch_2(run_, progress, signals, writer, started):
+        if progress.epoch == 1:
+            writer.wait()  # epoch 1's best on disk, as a stop any time in epoch 2 finds it
+            raise Killed
+        return train_one_epoch(run_, progress, signals, writer, started)
+    monkeypatch.setattr(pretrain, "train_one_epoch", stop_in_epoch_2)
+    with pytest.raises(Killed):
+        run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK,
+            "--overwrite", "--seed", "1")
+    assert load_checkpoint(out)["epoch"] == 1 and "test_metrics" not in load_checkpoint(out)
+    assert not out.with_suffix(".test.json").exists() and not out.with_suffix(".confusion.png").exists()
+
+
 # ---------------------------------------------------------------- archives and download
 
 class Flaky(http.server.BaseHTTPRequestHandler):
