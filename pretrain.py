@@ -249,10 +249,7 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
     if run.processes.main:
         if first:  # the log comes after the first resume state: a run killed between them left a log and no state,
             writer.wait()  # which a fresh run refused (an earlier run's files) and no --resume could continue
-        write_csv(side_files(run.out)["csv"], progress.history)
-        write_run_file(side_files(run.out)["curves"], "learning curves", lambda f: learning_curves(
-            progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {epoch} of "
-            f"{run.args.epochs} epochs").save(f, format="PNG"))
+        write_log(run, progress)
         print_epoch(progress.history, run.args.epochs, improved)
         cli.say_if_stdout_lost(f"{run.stage}.py", f"training goes on, each epoch is logged in "
                                f"{side_files(run.out)['csv']}", closed_pipe=True)
@@ -270,6 +267,15 @@ def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -
     if run.processes.main:
         print(f"epoch   0/{run.args.epochs}  {'(the starting weights)':25}val_loss {val['loss']:.4f}  "
               f"val_acc {val['accuracy']:6.2%}  *best", flush=True)
+
+
+def write_log(run: Run, progress: Progress) -> None:
+    """The .csv and .png from the history: after each epoch, and before the test (a run killed between its last resume
+    state and its log, then resumed, goes straight to the test: its log lacked the last epoch)."""
+    write_csv(side_files(run.out)["csv"], progress.history)
+    write_run_file(side_files(run.out)["curves"], "learning curves", lambda f: learning_curves(
+        progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {progress.epoch} of "
+        f"{max(progress.epoch, run.args.epochs)} epochs").save(f, format="PNG"))
 
 
 def print_epoch(history: list[dict], epochs: int, improved: bool) -> None:
@@ -303,6 +309,7 @@ def test_once(run: Run, progress: Progress) -> dict:
     tested = "test_metrics" in final and "temperature" in final  # a resume of a tested, calibrated run: its report
     test, temperature = (final["test_metrics"], final["temperature"]) if tested else (None, None)
     if not tested:
+        write_log(run, progress)
         run.evaluated.load_state_dict(final["model"])
         logits = split_logits(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, "test")
         temperature = fit_temperature(split_logits(run.evaluated, run.val_images, run.args), run.val_images.labels)

@@ -256,7 +256,7 @@ def test_a_runs_first_log_is_written_after_its_first_resume_state(tiny_data, tmp
     monkeypatch.setattr(pretrain, "save_checkpoint", slow_save)
     monkeypatch.setattr(pretrain, "write_csv", logged)
     run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK)
-    assert seen == [True, True]
+    assert seen == [True, True, True]  # each epoch's log, and the test's
 
 
 @pytest.mark.slow
@@ -275,6 +275,25 @@ def test_an_overwrite_run_leaves_no_resume_state_of_the_run_it_replaces(pretrain
         run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", "--val-size", "6", *QUICK,
             "--overwrite")
     assert not out.with_suffix(".last.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_its_last_epochs_log_has_it_once_resumed(tiny_data, tmp_path, monkeypatch):
+    """Killed (SIGKILL, a full disk) after the last epoch's resume state and before its log, a resumed run went
+    straight to its test: it said it saved the .csv and .png, which lacked the last epoch (and its kept mark)."""
+    out = tmp_path / "p.pt"
+    write_csv = pretrain.write_csv
+
+    def die_before_the_last_log(path, history):
+        if len(history) == 2:
+            raise Killed
+        write_csv(path, history)
+    with monkeypatch.context() as patch:
+        patch.setattr(pretrain, "write_csv", die_before_the_last_log)
+        with pytest.raises(Killed):
+            run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK)
+    assert "test: accuracy" in run("pretrain.py", "--resume", out.with_suffix(".last.pt")).stdout
+    assert [row["epoch"] for row in training_log(out)] == ["1", "2"]
 
 
 @pytest.mark.slow
