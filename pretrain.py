@@ -238,7 +238,8 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
     progress.history.append({"epoch": epoch, "train_loss": loss / n, "train_acc": correct / n,
                              "val_loss": val["loss"], "val_acc": val["accuracy"],
                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": n / train_seconds,
-                             "epoch_s": time.perf_counter() - started})
+                             "epoch_s": time.perf_counter() - started, "code": cli.code_version(),
+                             "torch": str(torch.__version__)})  # not its TorchVersion: weights_only refuses it
     improved = val["accuracy"] > progress.best["val_acc"]
     if improved:
         progress.best = {"val_acc": val["accuracy"], "epoch": epoch}
@@ -259,7 +260,8 @@ def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -
     """Fine-tuning with the checkpoint's head: its weights are validated as epoch 0 and kept if no epoch beats them."""
     val = evaluate(run.evaluated, run.val_images, run.args)
     progress.best = {"val_acc": val["accuracy"], "epoch": 0}
-    progress.history.append({"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"]})  # the .csv's too
+    progress.history.append({"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"],  # the .csv's too
+                             "code": cli.code_version(), "torch": str(torch.__version__)})
     # with its resume state (at the end of epoch 0): a run killed in epoch 1 resumes, not a fresh run refused for
     # the checkpoint it left (before: --out alone, and `invoke all --resume` could not go on)
     best = checkpoint_of(run, run.evaluated, 0, progress.history[0]) if run.processes.main else None
@@ -270,8 +272,7 @@ def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -
 
 
 def write_log(run: Run, progress: Progress) -> None:
-    """The .csv and .png from the history: after each epoch, and before the test (a run killed between its last resume
-    state and its log, then resumed, goes straight to the test: its log lacked the last epoch)."""
+    """The .csv and .png from the history: after each epoch, and before the test (see test_once)."""
     write_csv(side_files(run.out)["csv"], progress.history)
     write_run_file(side_files(run.out)["curves"], "learning curves", lambda f: learning_curves(
         progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {progress.epoch} of "
@@ -309,7 +310,7 @@ def test_once(run: Run, progress: Progress) -> dict:
     tested = "test_metrics" in final and "temperature" in final  # a resume of a tested, calibrated run: its report
     test, temperature = (final["test_metrics"], final["temperature"]) if tested else (None, None)
     if not tested:
-        write_log(run, progress)
+        write_log(run, progress)  # a run killed after its last resume state, before its log, was resumed to here
         run.evaluated.load_state_dict(final["model"])
         logits = split_logits(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, "test")
         temperature = fit_temperature(split_logits(run.evaluated, run.val_images, run.args), run.val_images.labels)
@@ -681,9 +682,8 @@ class WriteFailed(CheckpointError):
 
 
 def write_csv(path: Path, history: list[dict]) -> None:
-    """Rewritten whole from the history each epoch, so a resumed run's log has no duplicate rows."""
+    """Rewritten whole each epoch: no duplicate rows on a resume. No comment line (csv, pandas take it as header)."""
     text = io.StringIO(newline="")
-    text.write(f"# {cli.code_version()}, torch {torch.__version__}\n")  # a comment line: csv readers skip it with #
     writer = csv.DictWriter(text, fieldnames=list(history[-1]), restval="")  # epoch 0's training columns: empty
     writer.writeheader()
     writer.writerows(history)

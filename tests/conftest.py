@@ -63,9 +63,9 @@ QUICK = ["--hidden", "64,32", *QUICK_NO_HIDDEN]
 
 
 def training_log(out: Path) -> list[dict]:
-    """The rows of a run's .csv log; its first line, a comment, names the code that wrote it."""
+    """The rows of a run's .csv log."""
     with open(out.with_suffix(".csv"), newline="") as log:
-        return list(csv.DictReader(line for line in log if not line.startswith("#")))
+        return list(csv.DictReader(log))
 
 
 def pytest_configure(config) -> None:

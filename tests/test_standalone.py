@@ -1,5 +1,6 @@
 """The files travel: model.py alone, and model.py + cli.py + data.py + predict.py, work in an empty folder."""
 import ast
+import csv
 import json
 import re
 import shutil
@@ -68,13 +69,17 @@ print(sorted(name for name in sys.modules if name.startswith("torchvision")))
 
 
 def test_a_run_records_the_code_that_made_it(pretrained):
-    """Provenance: the checkpoint, the log's comment line and the test report name the commit of this checkout."""
+    """Provenance: the checkpoint, each row of the log (with torch's version) and the test report name the commit of
+    this checkout. The log is plain CSV: its first line is its header (a comment line there was read as the header)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if head.returncode != 0:
         pytest.skip("not a git checkout")
     code = torch.load(pretrained, weights_only=True)["code"]
     assert re.fullmatch(rf"commit {head.stdout.strip()}(-dirty)?", code)
-    assert pretrained.with_suffix(".csv").read_text().startswith(f"# {code}, torch {torch.__version__}\n")
+    with open(pretrained.with_suffix(".csv"), newline="") as log:
+        rows = list(csv.DictReader(log))
+    assert [(row["epoch"], row["code"], row["torch"]) for row in rows] == [("1", code, torch.__version__),
+                                                                           ("2", code, torch.__version__)]
     assert json.loads(pretrained.with_suffix(".test.json").read_text())["code"] == code
 
 
