@@ -477,6 +477,20 @@ def test_eval_batch_is_torchvisions_resize_and_centre_crop():
     assert torch.allclose(data.eval_batch(images, 64), reference(images), atol=1e-4)
 
 
+def test_eval_batch_gives_each_image_the_numbers_of_its_own_box():
+    """Its one centre box's weights, made once and broadcast, are bit for bit those of a box for each image, in a batch
+    or alone: a split's evaluation and predict.py's single image (and the exported program) give the same logits."""
+    generator = torch.Generator().manual_seed(0)
+    for stored, size in ((32, 64), (256, 224), (96, 32)):
+        images = torch.randint(0, 256, (5, 3, stored, stored), dtype=torch.uint8, generator=generator)
+        resized = int(size * data.EVAL_RESIZE)
+        offset = round((resized - size) / 2)
+        box = torch.tensor([offset, offset, offset + size, offset + size], dtype=torch.float32) * stored / resized
+        each_its_own = data.normalize(data.crop_resize(images, box.expand(len(images), 4), size))
+        assert torch.equal(data.eval_batch(images, size), each_its_own)
+        assert torch.equal(torch.cat([data.eval_batch(image[None], size) for image in images]), each_its_own)
+
+
 def test_train_batch_follows_random_resized_crop_and_flip():
     n, side = 4000, 32
     generator = torch.Generator().manual_seed(0)

@@ -206,9 +206,9 @@ def test_a_program_exported_with_torchvisions_crop_still_predicts(varied, tiny_d
     importing torchvision: predict.py, which no longer imports it, does so for them."""
     from torchvision.ops import roi_align
 
-    def torchvision_crop(images, boxes, size):  # the crop as it was
+    def torchvision_crop(images, boxes, size):  # the crop as it was (given a box for each image, as eval_batch was)
         index = torch.arange(images.shape[0], device=images.device, dtype=boxes.dtype).unsqueeze(1)
-        return roi_align(images.float(), torch.cat([index, boxes], 1), size, 1.0, -1, True)
+        return roi_align(images.float(), torch.cat([index, boxes.expand(images.shape[0], 4)], 1), size, 1.0, -1, True)
 
     monkeypatch.setattr(data, "crop_resize", torchvision_crop)
     run("export.py", "--checkpoint", varied, "--out", tmp_path / "old.pt2", "--limit", "8")
