@@ -268,10 +268,11 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
     and ctime: a file replaced by one of the same size and mtime (any program sets an mtime; none a ctime) changes it,
     as a chmod or copy does. On Windows (st_ino may be 0, st_ctime is the creation time) it sees less, never more."""
     files, identities = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode()), hashlib.sha256()
+    skip = len(root.parts)  # a name: its path's parts after root's (path.relative_to parsed root anew for each file)
     for path, label in samples:
         info = path.stat()
-        # the name as bytes: a name that is not UTF-8 cannot be encoded as text
-        files.update(os.fsencode(path.relative_to(root)) + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+        name = os.fsencode(os.path.join(*path.parts[skip:]))  # bytes: a name that is not UTF-8 cannot be text
+        files.update(name + f"\0{label}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
         identities.update(f"{info.st_ino}\0{info.st_ctime_ns}\n".encode())
     identities.update(files.hexdigest().encode())  # the key changes whenever the fingerprint does
     return files.hexdigest(), identities.hexdigest()

@@ -324,6 +324,19 @@ def test_a_folder_named_relatively_or_absolutely_or_moved_uses_its_cache(tmp_pat
     assert data.load_folder(tmp_path / "moved" / "train").fingerprint == first.fingerprint
 
 
+def test_a_fingerprint_is_the_one_runs_from_before_recorded(tmp_path):
+    """The names relative to the split folder (nested ones too), labels, sizes and mtimes hash as they always did: a
+    resume compares the fingerprint with its run's, so another spelling of the same files would refuse every run."""
+    for i, name in enumerate(["a/1.png", "a/sub/deeper/2.png", "b/an image.png"]):
+        path = tmp_path / "train" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * (i + 3))
+        os.utime(path, ns=(0, 10**18 + i))
+    classes, samples = data.scan_class_folders(tmp_path / "train")
+    recorded = "8d83b9ef06c664056b30764b6dea7e58efa722f5f347ad3b9bd51d8aa7e8b8d8"  # by the code at bcc1c95
+    assert data.fingerprint(samples, classes, 32, tmp_path / "train")[0] == recorded
+
+
 def test_a_url_as_the_data_folder_says_to_download_it_first(tmp_path):
     result = run("pretrain.py", "--data-dir", "https://example.com/data.tar.gz", "--out", tmp_path / "p.pt",
                  "--device", "cpu", check=False, cwd=tmp_path)
