@@ -11,21 +11,6 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # end to end: real processes and training
 
-def test_benchmark_prints_device_commit_and_both_pipelines(tiny_data):
-    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--data-dir", str(tiny_data),
-               "--image-size", "64", "--batch-size", "8", "--steps", "2", "--reference-steps", "2", "--warmup", "1",
-               "--device", "cpu", "--stream", "always"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "throughput.py" in lines[2]
-    assert "batch size 8, image size 64" in lines[3] and "decoding 48 training images" in lines[4]
-    for name in ("train", "evaluate"):
-        rows = [line.split() for line in lines if line.startswith(name)]
-        assert len(rows) == 2  # ours against the reference, then streamed against resident
-        assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x") for row in rows)
-    assert lines[-3].split() == ["streamed", "resident", "ratio"]
-
 
 @pytest.mark.slow  # a new interpreter: the script as `invoke bench` runs it
 def test_benchmark_without_data_is_one_line(tmp_path):
@@ -91,19 +76,6 @@ def test_peak_memory_makes_a_set_and_measures_a_process_tree(tmp_path):
     killed = subprocess.run([sys.executable, script, "--", sys.executable, "-c", "import os, signal; "
                              "os.kill(os.getpid(), signal.SIGTERM)"], capture_output=True, text=True)
     assert killed.returncode == 128 + signal.SIGTERM and "exit 143" in killed.stderr  # before: -15, and Python's 241
-
-
-def test_latency_tables_eager_and_exported_at_batch_1_and_n(pretrained):
-    command = [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--checkpoint", str(pretrained), "--runs", "5",
-               "--batch-runs", "2", "--warmup", "1", "--batch-size", "3"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "latency.py" in lines[2]
-    assert lines[4] == "| device | model | batch 1 median ms | batch 1 p95 ms | batch 3 images/s |"
-    rows = [line.strip("| ").split(" | ") for line in lines[6:]]
-    assert [row[:2] for row in rows] == [["cpu", "eager"], ["cpu", "exported"]]
-    assert all(0 < float(row[2]) <= float(row[3]) and float(row[4]) > 0 for row in rows)
 
 
 def test_benchmark_refuses_a_training_runs_flag_it_would_ignore(monkeypatch, capsys):

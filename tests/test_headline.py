@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,11 @@ def table(results: str) -> dict[str, list[str]]:
     """results.md's rows by step: wall time, figures, command."""
     rows = [line.strip("| ").split(" | ") for line in results.splitlines() if line.startswith("| ")]
     return {row[0]: row[1:] for row in rows[2:]}
+
+
+def script_output(log: Path) -> list[str]:
+    """The lines a step's script wrote, from its log (headline.py frames them with its command and exit status)."""
+    return log.read_text().split("\n", 1)[1].rsplit("\n# exit ", 1)[0].splitlines()
 
 
 @pytest.mark.slow
@@ -47,6 +53,21 @@ def test_the_rehearsal_runs_every_step_and_tables_every_figure(tmp_path):
             *(f"{name}.log" for name, _ in headline.THROUGHPUT_RUNS)]
     assert sorted(p.name for p in out.iterdir()) == sorted([*logs, "results.md"])  # a GPU lease returns 8 files
     assert (out / "job.log").read_text().count("# exit 0, ") == 4  # download, pretrain, finetune, predict
+    # The scripts' own output, which their logs keep: the rehearsal runs each as a test of it would (a process each).
+    lines = script_output(out / "throughput-stream.log")
+    assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "throughput.py" in lines[2]
+    assert "batch size 8, image size 64" in lines[3] and "decoding 120 training images" in lines[4]
+    for name in ("train", "evaluate"):
+        rows = [line.split() for line in lines if line.startswith(name)]
+        assert len(rows) == 2  # ours against the reference, then streamed against resident
+        assert all(float(row[1]) > 0 and float(row[2]) > 0 and row[3].endswith("x") for row in rows)
+    assert lines[-3].split() == ["streamed", "resident", "ratio"]
+    lines = script_output(out / "latency.log")
+    assert lines[0].startswith("device: CPU") and "commit" in lines[1] and "latency.py" in lines[2]
+    assert lines[4] == "| device | model | batch 1 median ms | batch 1 p95 ms | batch 4 images/s |"
+    rows = [line.strip("| ").split(" | ") for line in lines[6:]]
+    assert [row[:2] for row in rows] == [["cpu", "eager"], ["cpu", "exported"]]
+    assert all(0 < float(row[2]) <= float(row[3]) and float(row[4]) > 0 for row in rows)
 
 
 def test_no_step_starts_that_the_time_left_cannot_fit(tmp_path):
