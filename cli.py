@@ -30,7 +30,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 # export.py's programs, and predict.py's loading of them, need torch.export of 2.8 (its pre-releases and builds too)
 if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 8):
@@ -602,16 +601,6 @@ def check_writable_file(flag: str, path: Path, example: str, what: str = "a file
                          "choose a writable folder") from None
 
 
-def save_picture(picture: Image.Image, path: Path, flag: str) -> None:
-    """Atomically: a full disk leaves the old picture. `path`'s ending is one Pillow writes (predict checked it)."""
-    picture_format = Image.registered_extensions()[path.suffix.lower()]
-    try:
-        write_atomically(path, lambda f: picture.save(f, format=picture_format))
-    except OSError as e:
-        raise UsageError(f"{flag} {path}: cannot write ({e.strerror or e}); free space or choose another path"
-                         ) from None
-
-
 # --------------------------------------------------------------------------- checkpoints written in the background
 
 
@@ -664,9 +653,6 @@ class CheckpointWriter(contextlib.AbstractContextManager):
                 if checkpoint is not None:
                     self.spare[path] = checkpoint
             self.handed.task_done()
-
-    def save(self, checkpoint: dict, path: str | os.PathLike) -> None:
-        self.save_together({path: checkpoint})
 
     def save_together(self, files: dict) -> None:
         self.raise_error()
@@ -777,6 +763,16 @@ def has_bf16_units(device: torch.device) -> bool:
     fp32 (benchmarks/README.md; an EPYC with AVX512-BF16, no AMX: 66 images/s against 37). MPS trains in fp32."""
     return device.type == "cuda" or (device.type == "cpu" and any(
         getattr(torch.cpu, name, bool)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")))
+
+
+def tune_for_training() -> None:
+    """cuDNN times its convolutions once (fixed shapes); glibc keeps freed blocks over 32 MB for the next step, not
+    mapped anew, every page zeroed: a third of a CPU step (benchmarks/README.md). Without glibc nothing changes."""
+    torch.backends.cudnn.benchmark = True
+    with contextlib.suppress(OSError, AttributeError):  # no libc.so.6 (macOS, Windows, musl)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)  # M_MMAP_MAX: no block mapped on its own
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: the free memory at the heap's top stays
 
 
 def channels_last(device: torch.device, bf16: bool) -> bool:

@@ -372,12 +372,22 @@ def tiles(images: torch.Tensor, captions: list[list[tuple[str, str]]]) -> Image.
     return grid
 
 
+def save_picture(picture: Image.Image, path: Path, flag: str) -> None:
+    """Atomically: a full disk leaves the old picture. `path`'s ending is one Pillow writes (checked first)."""
+    picture_format = Image.registered_extensions()[path.suffix.lower()]
+    try:
+        cli.write_atomically(path, lambda f: picture.save(f, format=picture_format))
+    except OSError as e:
+        raise cli.UsageError(f"{flag} {path}: cannot write ({e.strerror or e}); free space or choose another path"
+                             ) from None
+
+
 def draw_grid(path: str, images: torch.Tensor, predicted: list[str], true: list[str | None]) -> None:
     """Tiles of the images with the predicted label under each (green right, red wrong, white unknown)."""
     captions = [[(guess if label is None or label == guess else f"{guess} ({label})",
                   "white" if label is None else ("lime" if label == guess else "red"))]
                 for guess, label in zip(predicted, true)]
-    cli.save_picture(tiles(images, captions), Path(path), "--grid")
+    save_picture(tiles(images, captions), Path(path), "--grid")
 
 
 # --------------------------------------------------------------------------- prediction
@@ -663,7 +673,7 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
         picture, _ = new_picture(grid.width, grid.height + 34,
                                  f"the {len(mistakes)} most confident mistakes of {len(done.labels)} labelled images")
         picture.paste(grid, ((picture.width - grid.width) // 2, 34))
-        cli.save_picture(picture, Path(args.mistakes), "--mistakes")
+        save_picture(picture, Path(args.mistakes), "--mistakes")
         if not args.json:
             print(f"the {len(mistakes)} most confident mistakes (drawn in {args.mistakes}): path, predicted, "
                   "probability, true")

@@ -589,7 +589,7 @@ def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, mo
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cli.has_bf16_units(device))
     fast = cli.channels_last(device, bf16)
     model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
-    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its convolutions once (torchvision's references)
+    cli.tune_for_training()
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 **({"fused": True} if fast else {}))
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -207,7 +207,7 @@ def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", slow_save)
     weights = torch.zeros(4)
     with CheckpointWriter(save_checkpoint) as writer:
-        writer.save({"w": weights}, tmp_path / "c.pt")
+        writer.save_together({tmp_path / "c.pt": {"w": weights}})
         assert not (tmp_path / "c.pt").exists()  # save returned while the write waits
         weights += 1  # training goes on changing the tensor
         release.set()
@@ -223,7 +223,7 @@ def test_background_writer_raises_a_failed_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", disk_full)
     writer = CheckpointWriter(save_checkpoint)
-    writer.save({"version": 2}, tmp_path / "c.pt")
+    writer.save_together({tmp_path / "c.pt": {"version": 2}})
     with pytest.raises(CheckpointError, match="No space left on device"):
         writer.wait()
     assert torch.load(tmp_path / "c.pt", weights_only=True) == {"version": 1}
@@ -270,10 +270,10 @@ def test_background_writer_keeps_only_the_newest_state_of_each_file_while_the_di
     disk, copies = SlowDisk(), CountedCopies(cli.to_cpu)
     monkeypatch.setattr(cli, "to_cpu", copies)
     with cli.CheckpointWriter(disk) as writer:
-        writer.save(state(0), tmp_path / "last.pt")
+        writer.save_together({tmp_path / "last.pt": state(0)})
         assert disk.started.wait(60)  # the first write is under way and stays there until released
         for version in range(1, 41):  # a resume state every epoch, a best checkpoint every other one
-            writer.save(state(version), tmp_path / ("last.pt" if version % 2 else "best.pt"))
+            writer.save_together({tmp_path / ("last.pt" if version % 2 else "best.pt"): state(version)})
         assert len(copies.alive) == 3  # the one being written and the newest of each file
         disk.release.set()
         writer.wait()
@@ -288,11 +288,11 @@ def test_background_writer_writes_in_the_order_of_the_newest_saves(tmp_path, mon
     import cli
     disk = SlowDisk()
     with cli.CheckpointWriter(disk) as writer:
-        writer.save(state(0), tmp_path / "best.pt")
+        writer.save_together({tmp_path / "best.pt": state(0)})
         assert disk.started.wait(60)
-        writer.save(state(0), tmp_path / "last.pt")
-        writer.save(state(1), tmp_path / "best.pt")
-        writer.save(state(1), tmp_path / "last.pt")  # saved after best.pt's newest: written after it
+        writer.save_together({tmp_path / "last.pt": state(0)})
+        writer.save_together({tmp_path / "best.pt": state(1)})
+        writer.save_together({tmp_path / "last.pt": state(1)})  # saved after best.pt's newest: written after it
         disk.release.set()
     assert disk.written == [("best.pt", 0), ("best.pt", 1), ("last.pt", 1)]
 
@@ -320,7 +320,7 @@ def test_a_resume_state_never_reaches_the_disk_before_the_best_checkpoint_saved_
     copies = FreesTheDiskMidSave(cli.to_cpu, disk)
     monkeypatch.setattr(cli, "to_cpu", copies)
     with cli.CheckpointWriter(disk) as writer:
-        writer.save(state(0), tmp_path / "last.pt")
+        writer.save_together({tmp_path / "last.pt": state(0)})
         assert disk.started.wait(60)
         writer.save_together({tmp_path / "best.pt": state(1), tmp_path / "last.pt": state(1)})
         copies.writer = writer
@@ -348,7 +348,7 @@ def test_a_save_copies_into_the_memory_of_a_written_copy(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "to_cpu", copies)
     with cli.CheckpointWriter(save_checkpoint) as writer:
         for version in range(3):
-            writer.save(state(version), tmp_path / "c.pt")
+            writer.save_together({tmp_path / "c.pt": state(version)})
             writer.wait()
     first, *later = [copy["w"].untyped_storage().data_ptr() for copy in copies.made]
     assert later == [first, first]
