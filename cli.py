@@ -766,8 +766,8 @@ def has_bf16_units(device: torch.device) -> bool:
 
 
 def tune_for_training() -> None:
-    """cuDNN times its convolutions once (fixed shapes); glibc keeps freed blocks over 32 MB for the next step, not
-    mapped anew, every page zeroed: a third of a CPU step (benchmarks/README.md). Without glibc nothing changes."""
+    """For the process's life: cuDNN times its convolutions once (fixed shapes); glibc keeps freed blocks over 32 MB for
+    the next step, not mapped anew and zeroed (a third of a CPU step; benchmarks/README.md). Elsewhere: as it was."""
     torch.backends.cudnn.benchmark = True
     with contextlib.suppress(OSError, AttributeError):  # no libc.so.6 (macOS, Windows, musl)
         libc = ctypes.CDLL("libc.so.6")

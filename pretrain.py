@@ -682,9 +682,9 @@ class WriteFailed(CheckpointError):
 
 
 def write_csv(path: Path, history: list[dict]) -> None:
-    """Rewritten whole each epoch: no duplicate rows on a resume. No comment line (csv, pandas take it as header)."""
+    """Rewritten whole each epoch; plain CSV (a comment line is read as a header); all rows' columns (other code's)."""
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(history[-1]), restval="")  # epoch 0's training columns: empty
+    writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in history[::-1] for k in row)), restval="")
     writer.writeheader()
     writer.writerows(history)
     write_run_file(path, "training log", lambda f: f.write(text.getvalue().encode()))

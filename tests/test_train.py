@@ -18,7 +18,7 @@ from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, error_line, make_class_folder
 from model import AlexNet
 import cli
 from cli import ProgressLine
-from pretrain import print_epoch
+from pretrain import print_epoch, write_csv
 
 
 def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
@@ -548,6 +548,13 @@ def test_finetune_resumes_with_its_mode(pretrained, tiny_data, tmp_path):
     source = torch.load(pretrained, weights_only=True)
     assert tuned["epoch"] == 2
     assert torch.equal(tuned["model"]["features.0.weight"], source["model"]["features.0.weight"])
+
+
+def test_a_log_whose_rows_have_other_columns_is_written_whole(tmp_path):
+    """Rows made by other code (a run resumed by an older checkout, then by this one) may lack columns of the others:
+    the log has every row's columns, the newest row's first (before: csv's ValueError, a traceback)."""
+    write_csv(tmp_path / "p.csv", [{"epoch": 1, "val_acc": 0.5, "code": "commit a"}, {"epoch": 2, "val_acc": 0.75}])
+    assert (tmp_path / "p.csv").read_text().splitlines() == ["epoch,val_acc,code", "1,0.5,commit a", "2,0.75,"]
 
 
 @pytest.mark.parametrize("epochs, eta", [(26, r"eta 25:00:00"), (10**20, r"eta \d{20,}:\d\d:\d\d")])
