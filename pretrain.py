@@ -102,6 +102,8 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
     with cli.StopSignal() as signals:
         try:
             with writer:
+                if run.args.resume is not None and run.processes.main and progress.history:  # killed between a resume
+                    write_log(run, progress)  # state and its log, a run left its log an epoch behind: caught up
                 if starting_weights_compete:
                     start_competes(run, progress, writer)
                 if progress.epoch >= run.args.epochs and not progress.finished:  # a resume's --epochs ends it here
@@ -262,8 +264,7 @@ def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -
     progress.best = {"val_acc": val["accuracy"], "epoch": 0}
     progress.history.append({"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"],  # the .csv's too
                              "code": cli.code_version(), "torch": str(torch.__version__)})
-    # with its resume state (at the end of epoch 0): a run killed in epoch 1 resumes, not a fresh run refused for
-    # the checkpoint it left (before: --out alone, and `invoke all --resume` could not go on)
+    # with its resume state: a run killed in epoch 1 resumes (before: --out alone, for which a fresh run was refused)
     best = checkpoint_of(run, run.evaluated, 0, progress.history[0]) if run.processes.main else None
     save_resume_state(run, progress, writer, best=best)
     if run.processes.main:
@@ -272,7 +273,7 @@ def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -
 
 
 def write_log(run: Run, progress: Progress) -> None:
-    """The .csv and .png from the history: after each epoch, and before the test (see test_once)."""
+    """The .csv and .png from the history: after each epoch, and as a resume starts (see fit)."""
     write_csv(side_files(run.out)["csv"], progress.history)
     write_run_file(side_files(run.out)["curves"], "learning curves", lambda f: learning_curves(
         progress.history, progress.best["epoch"], f"{run.stage}: {run_name(run.out).name}, {progress.epoch} of "
@@ -310,7 +311,6 @@ def test_once(run: Run, progress: Progress) -> dict:
     tested = "test_metrics" in final and "temperature" in final  # a resume of a tested, calibrated run: its report
     test, temperature = (final["test_metrics"], final["temperature"]) if tested else (None, None)
     if not tested:
-        write_log(run, progress)  # a run killed after its last resume state, before its log, was resumed to here
         run.evaluated.load_state_dict(final["model"])
         logits = split_logits(run.evaluated, data.place(run.test_images, device, run.args.stream), run.args, "test")
         temperature = fit_temperature(split_logits(run.evaluated, run.val_images, run.args), run.val_images.labels)
