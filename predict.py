@@ -244,11 +244,11 @@ def ticks(low: float, high: float, most: int, percent: bool = False, least_step:
     scale = 100 if percent else 1
     power = math.floor(math.log10(step * scale) + 1e-9)
     quarter = round(step * scale / 10 ** power, 6) == 2.5  # a step of 0.25 needs two decimals
-    values = np.arange(math.ceil(low / step) * step, high + step * 1e-6, step)
-    if -power + quarter > 6:  # an lr of 1e-9 as 0.00000000110 reached into the panel beside: 1.1e-09
-        digits = math.floor(math.log10(max(abs(low), abs(high)) * scale)) - power + 1 + quarter
-        return [(value, f"{value * scale:.{digits}g}" + (" %" if percent else "")) for value in values]
-    return [(value, f"{value * scale:.{max(0, -power + quarter)}f}" + (" %" if percent else "")) for value in values]
+    decimals = max(0, -power + quarter)  # beyond six, an lr of 1e-9 as 0.00000000110 reached into the next panel
+    spec = (f".{math.floor(math.log10(max(abs(low), abs(high)) * scale)) - power + 1 + quarter}g" if decimals > 6
+            else f".{decimals}f")
+    return [(value, f"{value * scale:{spec}}" + (" %" if percent else ""))
+            for value in np.arange(math.ceil(low / step) * step, high + step * 1e-6, step)]
 
 
 def plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], title: str, percent: bool, epochs: list[int],
