@@ -85,6 +85,14 @@ def test_the_program_runs_without_the_project_as_predict_does_at_batch_1_and_7(p
     assert lines[1] == lines[7][:1]
 
 
+def test_the_programs_probabilities_are_plain_tensors(program):
+    """Before: they required grad (the program's weights were trainable): each call kept the batch's autograd graph,
+    and `.numpy()` raised "Can't call numpy() on Tensor that requires grad"."""
+    out, _ = program
+    probabilities = torch.export.load(out).module()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert not probabilities.requires_grad and probabilities.numpy().shape == (2, 3)
+
+
 def test_predict_with_the_program_gives_the_checkpoints_output(program, varied, tiny_data):
     out, _ = program
     from_program, from_checkpoint = (
