@@ -110,8 +110,9 @@ def write_program(path: Path, program: bytes, record: dict) -> None:
 
 
 def check_out(out: Path) -> None:
-    """Before the long work: --out a file in a folder that exists and can be written, replacing no file but a program
-    (a checkpoint, a run's resume state, a picture stay), nor a file where its record goes but the program's own."""
+    """Before the long work: --out a .pt2 file in a folder that exists and can be written, replacing no file but a
+    program (a checkpoint, a run's resume state, a picture stay), nor a file where its record goes but the program's
+    own."""
     cli.check_writable_file("--out", out, "model.pt2", "a program file")
     if not out.parent.is_dir():
         raise cli.UsageError(f"--out {cli.shown(out)}: folder {cli.shown(out.parent)} does not exist; create it or "
@@ -124,6 +125,9 @@ def check_out(out: Path) -> None:
     if record.exists() and not (program and is_record(record)):  # a program's own record is replaced
         raise cli.UsageError(f"--out {cli.shown(out)}: its record {cli.shown(record)} would replace what is there, "
                              "which is no record of a program at --out; remove it or choose another --out")
+    if not out.name.endswith(".pt2"):  # torch's own test of a path, the program's users' torch.export.load(path)
+        raise cli.UsageError(f"--out {cli.shown(out)}: a program file's name ends in .pt2 (torch.export.load warns of "
+                             f"any other, and is to refuse it); choose e.g. --out {cli.shown(out.with_suffix('.pt2'))}")
 
 
 def is_record(path: Path) -> bool:

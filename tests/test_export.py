@@ -188,6 +188,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
         ("--out", tmp_path / "r.pt2"): f"its record {tmp_path / 'r.pt2.json'} would replace what is there, which is "
                                        "no record of a program at --out",
         ("--out", tmp_path / "notes"): f"its record {tmp_path / 'notes.json'} would replace what is there",  # a file
+        ("--out", tmp_path / "m.bin"): f"--out {tmp_path / 'm.bin'}: a program file's name ends in .pt2 (torch."
+                                       f"export.load warns of any other, and is to refuse it); choose e.g. --out "
+                                       f"{tmp_path / 'm.pt2'}",  # before: written, "Unable to load package" at load
         ("--data-dir", tmp_path): f"--data-dir {tmp_path}: holds no test/ folder; pass the data folder whose test/ "
                                   "holds the class folders",
     }
