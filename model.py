@@ -6,6 +6,14 @@ Imports only torch, so this file can be copied into another project on its own:
     model = model_from_checkpoint(checkpoint)      # AlexNet with the trained weights
     classes = checkpoint["classes"]
 
+Its input, as its evaluation makes it from the keys it holds: the RGB image (upright by its EXIF, transparency over
+white), its shorter side resized to `stored_size` (Pillow's bilinear) and its centre square cut, 0 ... 255; that
+resized to r = int(image_size * eval_resize) px square (eval_resize 256 / 224, older checkpoints lack it; bilinear,
+as torch's interpolate; where it shrinks, each pixel the mean of ceil(stored_size / r) samples, as torchvision's
+roi_align with aligned=True), its centre image_size square cut (at round((r - image_size) / 2)), divided by 255 and
+normalised by `mean` and `std`. Its probabilities: softmax(logits / temperature) (1 if absent), the logits averaged
+with the mirror image's where `tta`.
+
 The layer names match torchvision's `models/alexnet.py` (features / avgpool / classifier), so torchvision state dicts
 load by name; only the classifier differs (4096 -> 1024 -> num_classes instead of 4096 -> 4096 -> 1000). `hidden` sets
 its two hidden widths: smaller ones train faster on a CPU or a small set.

@@ -696,7 +696,7 @@ def checkpoint_of(run: Run, model: nn.Module, epoch: int, metrics: dict) -> dict
     return checkpoint_dict(model, images.classes, run.args.image_size, images.stored_size, tta=run.args.tta,
                            mean=list(data.MEAN), std=list(data.STD), stage=run.stage, epoch=epoch, metrics=metrics,
                            args=dict(vars(run.args)), cwd=os.getcwd(), code=cli.code_version(),
-                           data_fingerprint=images.fingerprint)
+                           data_fingerprint=images.fingerprint, eval_resize=data.EVAL_RESIZE)
 
 
 def save_resume_state(run: Run, progress: Progress, writer: cli.CheckpointWriter, finished: bool = False,

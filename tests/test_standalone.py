@@ -10,7 +10,10 @@ import sys
 import pytest
 import torch
 
+import data
+import predict
 from conftest import ROOT
+from model import model_from_checkpoint
 
 
 def python_in(folder, code: str) -> subprocess.CompletedProcess:
@@ -32,6 +35,23 @@ print(sorted(name for name in ("torchvision", "PIL", "data", "predict", "pretrai
 """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["AlexNet ['blue', 'green', 'red'] 3061763", "[]"]  # 64, 32 wide
+
+
+def test_a_checkpoints_own_keys_give_its_evaluation_with_torch_alone(pretrained, tiny_data):
+    """model.py's recipe for a checkpoint's input, done with torch's interpolate from the keys the checkpoint holds,
+    gives predict's logits. Before: it held mean and std, but not the resize before the centre crop (256/224)."""
+    checkpoint = torch.load(pretrained, weights_only=True)
+    size, images = checkpoint["image_size"], data.load_folder(tiny_data / "test", size=checkpoint["stored_size"]).images
+    resized = int(size * checkpoint["eval_resize"])
+    at = round((resized - size) / 2)
+    x = torch.nn.functional.interpolate(images / 255, size=(resized, resized), mode="bilinear")
+    x = x[..., at:at + size, at:at + size]
+    x = (x - torch.tensor(checkpoint["mean"]).view(3, 1, 1)) / torch.tensor(checkpoint["std"]).view(3, 1, 1)
+    model = model_from_checkpoint(checkpoint).eval()
+    with torch.no_grad():
+        ours = model(x) / checkpoint["temperature"]
+        assert torch.allclose(ours, predict.calibrated_logits(model, checkpoint, images), atol=1e-5)
+    assert checkpoint["stored_size"] < resized  # enlarged: interpolate's bilinear is the evaluation's (not shrunk)
 
 
 def test_model_py_names_no_flag_or_script_of_ours():
