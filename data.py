@@ -213,7 +213,8 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     messages call `root` (default: its path)."""
     name = name or cli.shown(root)
     if not root.is_dir():
-        raise NoDataFolder(f"{name}: no such folder", "expected a folder of class folders")
+        what = "a file, not a folder" if root.exists() else "no such folder"  # "no such" of a file misleads
+        raise NoDataFolder(f"{name}: {what}", "expected a folder of class folders")
     classes = sorted(p.name for p in folder_entries(root) if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise cli.DataError(f"{name}: no class folders inside", f"expected {name}/<class>/<image> files")

@@ -350,8 +350,12 @@ def test_empty_or_missing_folders_are_clear_errors_that_name_no_flag_of_ours(tmp
     missing, empty = tmp_path / "missing", tmp_path / "empty"
     (tmp_path / "train" / "cat").mkdir(parents=True)
     empty.mkdir()
+    image = tmp_path / "cat.png"  # an image given where its folder's parent is meant
+    image.write_bytes(b"")
     for call, message in [(lambda: data.load_folder(missing), f"{missing}: no such folder; expected a folder of "
                            "class folders"),
+                          (lambda: data.Loader(image, 2, 64), f"{image}: a file, not a folder; expected a folder of "
+                           "class folders"),  # before: "no such folder", of a file that is there
                           (lambda: data.load_folder(empty), f"{empty}: no class folders inside; expected "
                            f"{empty}/<class>/<image> files"),
                           (lambda: data.load_folder(tmp_path / "train"), "cat: class folder has no images"),
