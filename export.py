@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--checkpoint", default=None, help=f"the checkpoint to export (default: {predict.DEFAULT_RULE})")
-    add("--out", default="model.pt2", help="the program file; its record is written beside it (OUT.json)")
+    add("--out", default="model.pt2", help="the program file, named *.pt2; its record is written beside it (OUT.json)")
     add("--device", default="cpu", help="cuda, cpu ...: the device the program runs on, and is checked on")
     add("--data-dir", default=None,
         help="data folder whose test/ the check runs on (default: the checkpoint's, else generated images)")
