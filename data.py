@@ -3,7 +3,6 @@
 A data set is a folder with `train/` and `test/`, each holding one folder per class as ImageFolder reads them
 (download.py gets one); each split is decoded once into a uint8 file N x 3 x S x S, cached (see load_folder).
 """
-import collections
 import contextlib
 import functools
 import hashlib
@@ -281,8 +280,8 @@ def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int |
 
 def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = True,
                 scanned: tuple[list[str], list[tuple[Path, int]]] | None = None) -> ImageSet:
-    """A class-folder split as a memory-mapped uint8 file N x 3 x S x S at `size` (default: the most common shorter
-    side, at most 256), cached in `<root>/../.cache/` (or see cache_folder) as `<name>.u8` and `<name>.json` (the
+    """A class-folder split as a memory-mapped uint8 file N x 3 x S x S at `size` (default: the median shorter side,
+    at most 256), cached in `<root>/../.cache/` (or see cache_folder) as `<name>.u8` and `<name>.json` (the
     fingerprint's key, shape, checksum), used only while both hold. Without `cache`: a temporary file gone with the set.
     `scanned`: scan_class_folders(root), when the caller has it."""
     root = Path(root)
@@ -357,16 +356,16 @@ def checksum(images: np.ndarray) -> str:
 
 
 def decode_all(paths: list[Path], size: int | None, target: Path | None) -> tuple[np.memmap, bool]:
-    """Every image decoded at `size` (None: the most common shorter side, guessed from a sample and decoded again if
+    """Every image decoded at `size` (None: the median shorter side, guessed from a sample and decoded again if
     wrong) into a mapped file: `target`, renamed into place when complete (then True), else a temporary one."""
-    guess = size or most_common_side([decode(p, 1)[1] for p in paths[:: max(1, len(paths) // 64)]])
+    guess = size or typical_side([decode(p, 1)[1] for p in paths[:: max(1, len(paths) // 64)]])
     shape = (len(paths), 3, guess, guess)
     tmp, beside = new_image_file(target, shape)
     try:
         sides = decode_into(tmp, paths, shape)
-        if size is None and most_common_side(sides) != guess:
+        if size is None and typical_side(sides) != guess:
             tmp.unlink()
-            return decode_all(paths, most_common_side(sides), target)
+            return decode_all(paths, typical_side(sides), target)
         images = np.memmap(tmp, np.uint8, "c", shape=shape)  # before the rename: another build may replace target
         if beside:
             with open(tmp, "rb+") as f:
@@ -474,8 +473,10 @@ def watch_parent(sentinel: int, ppid: int) -> None:
     os._exit(1)
 
 
-def most_common_side(sides: list[int]) -> int:
-    return min(collections.Counter(sides).most_common(1)[0][0], MAX_STORED_SIZE)
+def typical_side(sides: list[int]) -> int:
+    """The median shorter side, at most MAX_STORED_SIZE. Not the most common one: where no two photos share a size it
+    is any one's, and a few thumbnails of one size would set it for the hundreds of photos beside them."""
+    return min(sorted(sides)[len(sides) // 2], MAX_STORED_SIZE)
 
 
 def load_dataset(data_dir: str | os.PathLike, stored_size: int | None = None) -> tuple[ImageSet, ImageSet]:

@@ -383,7 +383,7 @@ def make_parser(description: str, stage: str) -> argparse.ArgumentParser:
              "there whole (never); auto streams a split larger than half the device's free memory (the host's for "
              "the CPU); the results are the same")
     add("--stored-size", type=cli.stored_size, default=None,
-        help="side the images are cached at (default: " + ("the checkpoint's" if fine else "their most common shorter "
+        help="side the images are cached at (default: " + ("the checkpoint's" if fine else "their median shorter "
              "side, at most 256") + "); smaller keeps a large set's cache small")
     return parser
 

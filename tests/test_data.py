@@ -382,9 +382,9 @@ def test_cache_metadata_that_cannot_be_written_is_a_warning_and_the_cache_untrus
     assert not (root / ".cache" / "train.json").exists()
 
 
-def test_a_most_common_side_the_sample_missed_is_decoded_again_at_the_right_one(tmp_path):
+def test_a_median_side_the_sample_missed_is_decoded_again_at_the_right_one(tmp_path):
     """The side is guessed from every third image here (a sample of at most 64): those are 8 px, the other two
-    thirds 12 px, so the count of all the images' sides disagrees with the guess and decides."""
+    thirds 12 px, so the median of all the images' sides disagrees with the guess and decides."""
     for i in range(192):
         folder = tmp_path / "train" / "ab"[i // 96]
         folder.mkdir(parents=True, exist_ok=True)
@@ -392,6 +392,16 @@ def test_a_most_common_side_the_sample_missed_is_decoded_again_at_the_right_one(
         Image.new("RGB", (side, side), "red").save(folder / f"{i % 96:03d}.png")
     assert data.load_folder(tmp_path / "train", cache=False).images.shape == (192, 3, 12, 12)
 
+
+
+def test_photos_of_all_sizes_are_stored_at_their_median_side_not_at_a_few_thumbnails(tmp_path):
+    """Photos of sides no two share, and three thumbnails of one size: the most common side would be 8 px."""
+    sides = [8, 8, 8, 20, 22, 24, 26, 28, 30]
+    for i, side in enumerate(sides):
+        folder = tmp_path / "train" / "ab"[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (side + 5, side), "red").save(folder / f"{i}.png")
+    assert data.load_folder(tmp_path / "train", cache=False).stored_size == 22
 
 def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
     root = make_class_folders(tmp_path / "d", train=3, test=1)
