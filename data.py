@@ -89,9 +89,10 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
     return np.array(img, dtype=np.uint8), shorter_side
 
 
-def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path]:
+def image_files(folder: Path, above: frozenset[Path] | None = None, left_out: list[Path] | None = None) -> list[Path]:
     """The image files anywhere under `folder`, sorted; links to folders are followed (as ImageFolder does), except
     a link to a folder it lies in (a loop). `above`: the real paths of the folders it lies in (default: all).
+    `left_out` gets the files of the types Pillow reads that IMAGE_EXTENSIONS leaves out (see other_image_types).
     A walk, not a recursion: a tree may be deeper than Python's recursion limit."""
     files, walk = [], [(folder, frozenset(folder.resolve().parents) if above is None else above)]
     while walk:
@@ -99,11 +100,27 @@ def image_files(folder: Path, above: frozenset[Path] | None = None) -> list[Path
         real = current.resolve()
         if real in outer:
             continue
-        entries = folder_entries(current)
-        files += [p for p in entries if not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and p.is_file()]
-        walk += [(p, outer | {real}) for p in entries if p.is_dir() and not p.name.startswith(".")]
+        entries = [p for p in folder_entries(current) if not p.name.startswith(".")]
+        files += [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+        if left_out is not None:
+            left_out += [p for p in entries if p.suffix.lower() in other_image_types() and p.is_file()]
+        walk += [(p, outer | {real}) for p in entries if p.is_dir()]
     return sorted(files)
+
+
+@functools.cache
+def other_image_types() -> frozenset[str]:
+    """Endings of files Pillow reads that ImageFolder's conventions (IMAGE_EXTENSIONS) skip: .gif, .jfif, .jpe, ..."""
+    return frozenset(end for end, kind in Image.registered_extensions().items() if kind in Image.OPEN) - set(
+        IMAGE_EXTENSIONS)
+
+
+def warn_left_out(name: str, left_out: list[Path]) -> None:
+    """Said: a user's .gif or .jfif photos would otherwise be missing from their class without a word."""
+    if left_out:
+        print(f"warning: {name}: {len(left_out)} image file(s) left out, of types not taken from folders "
+              f"({', '.join(sorted({p.suffix.lower() for p in left_out}))}; such as {cli.shown(min(left_out))}): "
+              f"convert them to one of {', '.join(IMAGE_EXTENSIONS)} to use them", file=sys.stderr)
 
 
 def folder_entries(folder: Path) -> list[Path]:
@@ -222,12 +239,14 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
                             f"pass {name}/train or {name}/test")
     samples = []
     above = frozenset([root.resolve(), *root.resolve().parents])  # a class folder linked to one: a loop
+    left_out: list[Path] = []
     for label, folder in enumerate(classes):
-        files = image_files(root / folder, above)
+        files = image_files(root / folder, above, left_out)
         if not files:
             raise cli.DataError(f"{name}/{cli.shown(folder)}: class folder has no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)})", "add images or remove the folder")
         samples += [(p, label) for p in files]
+    warn_left_out(name, left_out)
     if len(classes) == 1:  # training would reach 100 % by always answering the one class
         raise cli.DataError(f"{name}: only one class folder ({cli.shown(classes[0])})",
                             "a classifier needs at least two: add a folder of images for each other class")

@@ -314,6 +314,24 @@ def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
         data.scan_class_folders(root / "train")
 
 
+def test_images_of_types_not_taken_from_class_folders_are_said_to_be_left_out(tmp_path, capsys):
+    """A .gif or .jfif photo (Pillow reads both) is left out of its class as ImageFolder leaves it; before, unsaid.
+    Files of no image type (notes, Thumbs.db) and hidden ones are left out quietly."""
+    root = make_class_folders(tmp_path / "d", train=2, test=1)
+    (root / "train" / "red" / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / "red" / "sub" / "party.gif")
+    Image.new("RGB", (8, 8)).save(root / "train" / "green" / "scan.jfif", "JPEG")
+    for name in ("notes.txt", "Thumbs.db", ".hidden.gif"):
+        (root / "train" / "blue" / name).write_bytes(b"x")
+    classes, samples = data.scan_class_folders(root / "train")
+    assert len(samples) == 2 * len(classes)
+    assert capsys.readouterr().err == (
+        f"warning: {root}/train: 2 image file(s) left out, of types not taken from folders (.gif, .jfif; such as "
+        f"{root}/train/green/scan.jfif): convert them to one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, "
+        ".webp to use them\n")
+    data.scan_class_folders(root / "test")
+    assert capsys.readouterr().err == ""
+
 def test_a_folder_named_relatively_or_absolutely_or_moved_uses_its_cache(tmp_path, monkeypatch):
     root = make_class_folders(tmp_path / "d", train=3, test=1)
     first = data.load_folder(root / "train")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import data
+import predict
 from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, error_line, read_terminal, refuse_listing, run
 from model import load_checkpoint, model_from_checkpoint
 from cli import UsageError, resolve_device
@@ -135,6 +136,15 @@ def test_an_extra_sub_folder_leaves_the_class_folders_labelled_and_says_so(pretr
     assert result.stderr.endswith(f"predict.py: note: {tiny_data} is a data folder (train/, test/): its images are "
                                   f"predicted unlabelled; pass {tiny_data / 'test'} for the test split's accuracy\n")
 
+
+def test_a_gif_in_a_folder_is_said_to_be_left_out(tmp_path, capsys):
+    """predict.py names a .gif to predict it, as any file Pillow reads; a folder's are left out, not unsaid."""
+    (tmp_path / "red").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "red" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "red" / "b.gif")
+    assert predict.folder_images(tmp_path, ["blue", "red"]) == [(tmp_path / "red" / "a.png", 1)]
+    assert f"{tmp_path}: 1 image file(s) left out, of types not taken from folders (.gif; such as " in (
+        capsys.readouterr().err)
 
 def test_class_folders_named_but_for_case_or_unicode_normalisation_are_unlabelled_with_a_note(
         pretrained, tiny_data, tmp_path):
