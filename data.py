@@ -35,6 +35,9 @@ EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centr
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
 MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its shorter one
 CACHE_VERSION = 1  # in the fingerprint a resumed run compares: raised, no run from before resumes
+# How a split's side is chosen without --stored-size (typical_side); in the cache's record, not in its key or the
+# fingerprint: a cache an older rule built is built again, and runs from before still resume
+SIDE_RULE = "median"
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # "//" may have become "/" in a Path; one letter is a drive (C:/)
 # the CPUs this process may use (macOS and Windows have no affinity: all of them)
 WORKERS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -318,7 +321,8 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
                   "built with); decoding the images again", file=sys.stderr)
         images, published = decode_all([p for p, _ in samples], size, image_file if cache else None)
         if published:  # the metadata makes it trusted
-            record = {"version": CACHE_VERSION, "key": key, "shape": list(images.shape), "checksum": checksum(images)}
+            record = {"version": CACHE_VERSION, "key": key, "shape": list(images.shape), "checksum": checksum(images),
+                      "side": SIDE_RULE}
             try:
                 cli.write_atomically(image_file.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
             except OSError as e:
@@ -354,7 +358,8 @@ def read_cache(image_file: Path, key: str, damaged: list[Path]) -> np.memmap | N
     try:
         record = json.loads(image_file.with_suffix(".json").read_bytes())
         shape = tuple(record["shape"])
-        if record.get("version") != CACHE_VERSION or record.get("key") != key or len(shape) != 4:
+        stale = [record.get(name) for name in ("version", "key", "side")] != [CACHE_VERSION, key, SIDE_RULE]
+        if stale or len(shape) != 4:
             return None
         if image_file.stat().st_size == math.prod(shape):  # never mapped past its end
             images = np.memmap(image_file, np.uint8, "c", shape=shape)
