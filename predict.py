@@ -167,6 +167,7 @@ def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: 
 INK, FAINT = (40, 40, 40), (222, 222, 222)
 CURVE_COLOURS = {"train": (31, 119, 180), "validation": (230, 110, 0), "kept": (0, 150, 60)}
 SHADE = np.array([8, 48, 107])  # the darkest shade of the confusion matrix: a whole row in one cell
+MATRIX_LABEL = 300  # px: a longer class name beside the confusion matrix is cut, ending in "…": the matrix stays big
 TITLE_SIZE, TEXT_SIZE = 16, 12  # px
 
 
@@ -312,6 +313,7 @@ def confusion_picture(confusion: list[list[int]], classes: list[str], title: str
     counts = np.array(confusion, dtype=np.int64).reshape(n, n)
     cell = int(np.clip(900 // n, 9, 56))
     label_font, small = font(int(np.clip(cell - 2, 8, TEXT_SIZE)), names), font(TEXT_SIZE)
+    names = [cut(name, label_font, MATRIX_LABEL) for name in names]
     count_font = font(int(np.clip(cell // 3, 8, TEXT_SIZE)))
     label = int(max(label_font.getlength(name) for name in names)) + 8
     left, top, side = 30 + label, 40, n * cell
@@ -349,10 +351,15 @@ def fitted(text: str, chosen: ImageFont.FreeTypeFont, width: int) -> list[str]:
         if lines and chosen.getlength(f"{lines[-1]} {word}") <= width:
             lines[-1] += f" {word}"
             continue
-        while len(word) > 1 and chosen.getlength(word) > width:
-            word = word.removesuffix("…")[:-1] + "…"  # one letter less each time, the first too
-        lines.append(word)
+        lines.append(cut(word, chosen, width))
     return lines
+
+
+def cut(text: str, chosen: ImageFont.FreeTypeFont, width: int) -> str:
+    """TEXT as drawn within WIDTH px: whole, or cut ending in '…'."""
+    while len(text) > 1 and chosen.getlength(text) > width:
+        text = text.removesuffix("…")[:-1] + "…"  # one letter less each time, the first too
+    return text
 
 
 def tiles(images: torch.Tensor, captions: list[list[tuple[str, str]]]) -> Image.Image:

@@ -74,6 +74,12 @@ def test_a_right_models_confusion_picture_is_darkest_on_the_diagonal(n):
     assert shades[diagonal].max() < shades[~diagonal].min() - 100
 
 
+def test_a_long_class_name_is_cut_beside_the_confusion_matrix_not_widening_it():
+    """Before: a class folder named with 200 letters made a 1885 x 1835 px picture, the matrix in its corner."""
+    long = "x" * 200
+    picture = predict.confusion_picture([[3, 1, 0], [2, 4, 0], [0, 0, 1]], ["a", long, "b"], "test")
+    assert max(picture.size) < 600
+
 def test_a_title_wider_than_its_picture_widens_it(tmp_path):
     """Before: a confusion matrix of few classes cut its title (and the accuracy in it) at both edges; the tiles of
     --mistakes, fewer than four, lay at the left of a title centred on 420 px."""
