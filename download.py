@@ -160,11 +160,14 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
         raise DataError(f"--root {root}: is a link (to {os.readlink(root)}), which the data set would replace",
                         "pass the folder it points to, or another --root")
     if root.is_dir() and folder_entries(root):
-        if (root / "train").exists() or (root / "test").exists():
-            raise DataError(f"--root {root}: an incomplete data set ({problem})",
-                            "remove it and run again, or choose another --root")
-        raise DataError(f"--root {root}: exists but holds no train/ and test/ folders",
-                        "remove it or choose another --root")
+        what = (f"an incomplete data set ({problem})" if (root / "train").exists() or (root / "test").exists()
+                else "exists but holds no train/ and test/ folders")
+        if (root / SOURCE_RECORD).is_file():  # a download's (renamed into place whole, its record in it), changed since
+            raise DataError(f"--root {root}: {what}", "remove it and run again, or choose another --root")
+        # No record: a user's own images (a class folder set without test/), never to be advised away
+        raise DataError(f"--root {root}: {what}, with no record of a download in it ({SOURCE_RECORD})",
+                        "for images of your own, lay them out as train/<class>/ and test/<class>/ (some of each "
+                        "class's images in test/); else choose another --root")
     work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
     scans = build_tree(source, md5, work, root)
     (work / "tree" / SOURCE_RECORD).write_bytes(os.fsencode(source_name(source)))

@@ -123,8 +123,12 @@ def test_a_root_of_other_files_is_refused_and_an_empty_one_filled(tmp_path):
     root = tmp_path / "mine"
     root.mkdir()
     (root / "notes.txt").write_text("a user's file")
-    with pytest.raises(cli.DataError, match=f"--root {root}: exists but holds no train/ and test/ folders; remove it"):
+    with pytest.raises(cli.DataError) as refused:
         download.download(root, str(source))
+    assert str(refused.value) == (f"--root {root}: exists but holds no train/ and test/ folders, with no record of a "
+                                  "download in it (.source); for images of your own, lay them out as train/<class>/ "
+                                  "and test/<class>/ (some of each class's images in test/); else choose another "
+                                  "--root")
     assert [p.name for p in root.iterdir()] == ["notes.txt"] and leftovers(tmp_path) == []
     (root / "notes.txt").unlink()  # an empty folder made beforehand is filled
     download.download(root, str(source))
