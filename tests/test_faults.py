@@ -97,7 +97,9 @@ def test_train_and_test_with_different_classes(tmp_path):
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "test" / "red").rename(root / "test" / "crimson")
     result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
-    expected = "train/ and test/ have different class folders (only in train: red; only in test: crimson)"
+    expected = ("train/ and test/ have different class folders (only in train: red; only in test: crimson); each "
+                "class needs images in both: move some of a class's images into the other split's folder of its name, "
+                "or remove the class")  # before: "make them the same", and an empty folder's advice was to remove it
     assert expected in error_line(result)
 
 
@@ -107,7 +109,7 @@ def test_a_class_spelled_in_nfc_and_nfd_is_reported_so_that_the_names_differ(tmp
     (root / "test" / "caf\u00e9").rename(root / "test" / "cafe\u0301")  # as macOS spells it
     result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
     assert ("train/ and test/ have different class folders (only in train: caf\u00e9; only in test: cafe\u0301 "
-            "(not NFC: 'cafe\\u0301')); make them the same") in error_line(result)
+            "(not NFC: 'cafe\\u0301')); each class needs images in both") in error_line(result)
 
 
 def test_missing_test_folder(tmp_path):
