@@ -242,9 +242,9 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
                              "lr": run.optimizer.param_groups[0]["lr"], "images_per_s": n / train_seconds,
                              "epoch_s": time.perf_counter() - started, "code": cli.code_version(),
                              "torch": str(torch.__version__)})  # not its TorchVersion: weights_only refuses it
-    improved = val["accuracy"] > progress.best["val_acc"]
-    if improved:
-        progress.best = {"val_acc": val["accuracy"], "epoch": epoch}
+    # a tie in accuracy goes to the lower loss: on a small set accuracy stays put for epochs while the loss falls
+    if improved := (val["accuracy"], -val["loss"]) > (progress.best["val_acc"], -progress.best["val_loss"]):
+        progress.best = {"val_acc": val["accuracy"], "val_loss": val["loss"], "epoch": epoch}
     best = checkpoint_of(run, run.evaluated, epoch, progress.history[-1]) if improved else None
     progress.epoch, progress.step, progress.perm, progress.seconds = epoch, 0, None, 0.0
     first = progress.saved is None  # no resume state on disk yet
@@ -261,7 +261,7 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
 def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -> None:
     """Fine-tuning with the checkpoint's head: its weights are validated as epoch 0 and kept if no epoch beats them."""
     val = evaluate(run.evaluated, run.val_images, run.args)
-    progress.best = {"val_acc": val["accuracy"], "epoch": 0}
+    progress.best = {"val_acc": val["accuracy"], "val_loss": val["loss"], "epoch": 0}
     progress.history.append({"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"],  # the .csv's too
                              "code": cli.code_version(), "torch": str(torch.__version__)})
     # with its resume state: a run killed in epoch 1 resumes (before: --out alone, for which a fresh run was refused)
@@ -496,9 +496,8 @@ def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[da
     n, classes = len(train_images), len(train_images.classes)
     val_size = args.val_size or min(5000, max(n // 10, classes))  # 10 %, at least an image per class
     if args.val_size is None and val_size >= n:
-        raise cli.UsageError(f"{args.data_dir}/train: {n} images{' (after --limit)' * bool(args.limit)} are too few "
-                             f"to hold out a validation image per class ({classes}) and train on the rest; use more "
-                             "images")
+        raise cli.UsageError(f"{args.data_dir}/train: {n} images{' (after --limit)' * bool(args.limit)} are too few to "
+                             f"keep a validation image per class ({classes}) and train on the rest; use more images")
     if not 0 < val_size < n:
         raise cli.UsageError(f"--val-size {val_size}: must be between 1 and {n - 1}, the training images there are "
                              f"{n}; pass a smaller --val-size or more data")
@@ -568,7 +567,7 @@ class Progress:
     step: int = 0  # the next step of the epoch under way
     perm: torch.Tensor | None = None  # the order of the epoch under way; None between epochs
     history: list[dict] = field(default_factory=list)
-    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "epoch": 0})
+    best: dict = field(default_factory=lambda: {"val_acc": -1.0, "val_loss": math.inf, "epoch": 0})
     saved: str | None = None  # where the newest resume state handed to the writer is (see position); None: none yet
     seconds: float = 0.0  # the training seconds of the epoch under way before a stop (a resume carries them)
     finished: bool = False  # its resume state says the run trained all its epochs
@@ -740,8 +739,9 @@ def restore(run: Run, state: dict) -> Progress:
         run.augment.manual_seed(int.from_bytes(hashlib.sha256(augment.numpy().tobytes()).digest()[:8], "little"))
     perm = None if state["perm"] is None else state["perm"].to(device)
     sums = {name: total.to(device) for name, total in own["sums"].items()}
-    progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], state["best"],
-                        seconds=state.get("seconds", 0.0), finished=state["finished"])  # "seconds" may be new
+    progress = Progress(sums, state["epoch"], state["step"], perm, state["history"],
+                        {"val_loss": math.inf} | state["best"],  # "val_loss" and "seconds" may be new
+                        seconds=state.get("seconds", 0.0), finished=state["finished"])
     progress.saved = progress.position
     return progress
 

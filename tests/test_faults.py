@@ -450,7 +450,7 @@ def test_world_size_outside_torchrun_is_one_line(tiny_data, tmp_path, monkeypatc
 def test_too_few_images_without_limit_does_not_blame_limit(tmp_path):
     data_dir = make_class_folders(tmp_path / "d", train=1, test=1)
     result = run("pretrain.py", "--data-dir", data_dir, "--out", tmp_path / "p.pt", *QUICK, check=False)
-    assert error_line(result) == (f"pretrain.py: {data_dir}/train: 3 images are too few to hold out a validation "
+    assert error_line(result) == (f"pretrain.py: {data_dir}/train: 3 images are too few to keep a validation "
                                   "image per class (3) and train on the rest; use more images")
     shutil.copy(data_dir / "train" / "red" / "0000.png", data_dir / "train" / "red" / "0001.png")  # 2, 1 and 1
     result = run("pretrain.py", "--data-dir", data_dir, "--out", tmp_path / "p.pt", *QUICK, check=False)
