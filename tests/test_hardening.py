@@ -146,9 +146,12 @@ def test_resuming_a_finetune_state_with_pretrain_names_the_right_script(pretrain
 
 
 def one_epoch_run_restoring_signal_handlers(tiny_data, tmp_path):
-    """pretrain.py in this process; its stop signals' handlers put back after it (a stop leaves them ignored)."""
+    """pretrain.py in this process, its stop signals as on a terminal (a suite started with `&` ignores SIGINT); their
+    handlers put back after it (a stop leaves them ignored)."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
+        for sig in saved:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         return run("pretrain.py", "--data-dir", tiny_data, "--out", tmp_path / "p.pt", "--epochs", "1", "--val-size",
                    "6", *QUICK, check=False)
     finally:
