@@ -31,7 +31,7 @@ def test_pretrain_writes_checkpoints_log_and_one_test_report(pretrained):
     rows = training_log(pretrained)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"train_loss", "train_acc", "val_loss", "val_acc", "images_per_s"} <= set(rows[0])
-    best = max(rows, key=lambda r: float(r["val_acc"]))  # the first of equals, as the run keeps it
+    best = max(rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))  # a tie: the lower loss
     assert checkpoint["epoch"] == int(best["epoch"])
     report = json.loads(pretrained.with_suffix(".test.json").read_text())
     assert report["images"] == 18
