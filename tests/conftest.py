@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 
@@ -43,7 +42,11 @@ def pytest_xdist_auto_num_workers(config) -> int | None:
 
 # pytest.ini starts a pytest-xdist worker per core: each worker, and every script it starts, computes on its share
 # of the cores (torch's default, a thread per core in every process, made two workers on 2 cores slower than one).
+# torch is imported here, in a worker, and by the test modules: not in pytest-xdist's controller, which runs no test
+# and starts the workers only once this file is read (importing torch there cost every run 2.3 s before any test).
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    import torch
+
     THREADS = max(1, usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(THREADS)
     torch.set_num_threads(THREADS)  # where torch came before the variable (imported by a plugin, a sitecustomize)
