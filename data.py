@@ -269,9 +269,9 @@ def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[lis
     if train != test:
         only_train, only_test = (", ".join(map(spelled, sorted(set(one) - set(other)))) or "none"
                                  for one, other in ((train, test), (test, train)))
-        raise cli.DataError(f"{name}: train/ and test/ have different class folders "
-                            f"(only in train: {only_train}; only in test: {only_test})", "each class needs images in both: move "
-                            "some of a class's images into the other split's folder of its name, or remove the class")
+        raise cli.DataError(f"{name}: train/ and test/ have different class folders (only in train: {only_train}; "
+                            f"only in test: {only_test})", "each class needs images in both: move some of a class's "
+                            "images into the other split's folder of its name, or remove the class")
     return scans
 
 
