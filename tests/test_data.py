@@ -337,6 +337,7 @@ def test_images_of_types_not_taken_from_class_folders_are_said_to_be_left_out(tm
     data.scan_class_folders(root / "test")
     assert capsys.readouterr().err == ""
 
+
 def test_a_folder_named_relatively_or_absolutely_or_moved_uses_its_cache(tmp_path, monkeypatch):
     root = make_class_folders(tmp_path / "d", train=3, test=1)
     first = data.load_folder(root / "train")
@@ -416,7 +417,6 @@ def test_a_median_side_the_sample_missed_is_decoded_again_at_the_right_one(tmp_p
     assert data.load_folder(tmp_path / "train", cache=False).images.shape == (192, 3, 12, 12)
 
 
-
 def test_photos_of_all_sizes_are_stored_at_their_median_side_not_at_a_few_thumbnails(tmp_path, monkeypatch):
     """Photos of sides no two share, and three thumbnails of one size: the most common side would be 8 px. A cache
     built by the code before (at that side, its record naming no rule) is built again."""
@@ -432,6 +432,7 @@ def test_photos_of_all_sizes_are_stored_at_their_median_side_not_at_a_few_thumbn
     record = tmp_path / ".cache" / "train.json"
     record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "side"}))
     assert data.load_folder(tmp_path / "train").stored_size == 22
+
 
 def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
     root = make_class_folders(tmp_path / "d", train=3, test=1)

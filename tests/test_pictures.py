@@ -80,6 +80,7 @@ def test_a_long_class_name_is_cut_beside_the_confusion_matrix_not_widening_it():
     picture = predict.confusion_picture([[3, 1, 0], [2, 4, 0], [0, 0, 1]], ["a", long, "b"], "test")
     assert max(picture.size) < 600
 
+
 def test_a_title_wider_than_its_picture_widens_it(tmp_path):
     """Before: a confusion matrix of few classes cut its title (and the accuracy in it) at both edges; the tiles of
     --mistakes, fewer than four, lay at the left of a title centred on 420 px."""

@@ -146,6 +146,7 @@ def test_a_gif_in_a_folder_is_said_to_be_left_out(tmp_path, capsys):
     assert f"{tmp_path}: 1 image file(s) left out, of types not taken from folders (.gif; such as " in (
         capsys.readouterr().err)
 
+
 def test_class_folders_named_but_for_case_or_unicode_normalisation_are_unlabelled_with_a_note(
         pretrained, tiny_data, tmp_path):
     """Before: predicted unlabelled without a word. Names stay exact, as ImageFolder's: a note says what to do."""
