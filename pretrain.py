@@ -110,8 +110,7 @@ def fit(run: Run, progress: Progress, starting_weights_compete: bool) -> dict | 
                     save_resume_state(run, progress, writer, finished=True)
                 while progress.epoch < run.args.epochs:
                     started = time.perf_counter() - progress.seconds  # a resumed epoch's seconds before its stop
-                    finished = train_one_epoch(run, progress, signals, writer, started)
-                    if finished:
+                    if finished := train_one_epoch(run, progress, signals, writer, started):
                         end_epoch(run, progress, started, writer)
                     if not finished or (run.processes.any(signals.received is not None)
                                         and progress.epoch < run.args.epochs):
@@ -739,9 +738,10 @@ def restore(run: Run, state: dict) -> Progress:
         run.augment.manual_seed(int.from_bytes(hashlib.sha256(augment.numpy().tobytes()).digest()[:8], "little"))
     perm = None if state["perm"] is None else state["perm"].to(device)
     sums = {name: total.to(device) for name, total in own["sums"].items()}
-    progress = Progress(sums, state["epoch"], state["step"], perm, state["history"],
-                        {"val_loss": math.inf} | state["best"],  # "val_loss" and "seconds" may be new
-                        seconds=state.get("seconds", 0.0), finished=state["finished"])
+    best = {"val_loss": next((row["val_loss"] for row in state["history"] if row["epoch"] == state["best"]["epoch"]),
+                             math.inf)} | state["best"]  # an older state's best has no loss: its epoch's row has it
+    progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], best,
+                        seconds=state.get("seconds", 0.0), finished=state["finished"])  # "seconds" may be new
     progress.saved = progress.position
     return progress
 

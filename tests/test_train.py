@@ -207,9 +207,9 @@ def test_an_epochs_best_checkpoint_and_resume_state_are_saved_together_best_firs
 
 def test_a_tie_in_validation_accuracy_goes_to_the_lower_loss(tiny_data, tmp_path, monkeypatch, capsys):
     """Before: the first epoch of a tie was kept, on a small set often while the loss fell for many epochs after it.
-    A resume state saved before (its best without a loss) goes on."""
+    A resume state saved before (its best without a loss) goes on, its kept epoch's loss read from its log."""
     import pretrain
-    scripted = iter([(0.5, 1.0), (0.5, 0.7), (0.25, 0.1)])  # epoch 2: the same accuracy, a lower loss
+    scripted = iter([(0.5, 1.0), (0.5, 0.7), (0.5, 0.9)])  # epoch 2: the same accuracy, a lower loss; 3: higher
     monkeypatch.setattr(pretrain, "evaluate", lambda *args: dict(zip(("accuracy", "loss"), next(scripted))))
     pretrain.main(["--data-dir", str(tiny_data), "--out", str(tmp_path / "p.pt"), "--epochs", "2", "--val-size", "6",
                    *QUICK])
@@ -217,7 +217,7 @@ def test_a_tie_in_validation_accuracy_goes_to_the_lower_loss(tiny_data, tmp_path
     state = torch.load(tmp_path / "p.last.pt", weights_only=True)
     del state["best"]["val_loss"]
     torch.save(state, tmp_path / "p.last.pt")
-    pretrain.main(["--resume", str(tmp_path / "p.last.pt"), "--epochs", "3"])  # epoch 3: a lower accuracy
+    pretrain.main(["--resume", str(tmp_path / "p.last.pt"), "--epochs", "3"])  # before: its tie won, over a lower loss
     assert torch.load(tmp_path / "p.pt", weights_only=True)["epoch"] == 2
     assert [row["epoch"] for row in training_log(tmp_path / "p.pt")] == ["1", "2", "3"]
 
