@@ -270,8 +270,8 @@ def scan_dataset(data_dir: Path, name: str | None = None) -> dict[str, tuple[lis
         only_train, only_test = (", ".join(map(spelled, sorted(set(one) - set(other)))) or "none"
                                  for one, other in ((train, test), (test, train)))
         raise cli.DataError(f"{name}: train/ and test/ have different class folders (only in train: {only_train}; "
-                            f"only in test: {only_test})", "each class needs images in both: move some of a class's "
-                            "images into the other split's folder of its name, or remove the class")
+                            f"only in test: {only_test})", "each class needs images in both: rename a folder spelled "
+                            "otherwise, or move some of a class's images into the other split's folder of its name")
     return scans
 
 

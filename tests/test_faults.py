@@ -98,8 +98,8 @@ def test_train_and_test_with_different_classes(tmp_path):
     (root / "test" / "red").rename(root / "test" / "crimson")
     result = run("pretrain.py", "--data-dir", root, "--out", tmp_path / "p.pt", *QUICK, check=False)
     expected = ("train/ and test/ have different class folders (only in train: red; only in test: crimson); each "
-                "class needs images in both: move some of a class's images into the other split's folder of its name, "
-                "or remove the class")  # before: "make them the same", and an empty folder's advice was to remove it
+                "class needs images in both: rename a folder spelled otherwise, or move some of a class's images into "
+                "the other split's folder of its name")  # before: "make them the same" (an empty folder: remove it)
     assert expected in error_line(result)
 
 
