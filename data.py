@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 import cli
 
@@ -113,8 +113,11 @@ def image_files(folder: Path, above: frozenset[Path] | None = None, left_out: li
 
 @functools.cache
 def other_image_types() -> frozenset[str]:
-    """Endings of files Pillow reads that ImageFolder's conventions (IMAGE_EXTENSIONS) skip: .gif, .jfif, .jpe, ..."""
-    return frozenset(end for end, kind in Image.registered_extensions().items() if kind in Image.OPEN) - set(
+    """Endings of images Pillow reads that ImageFolder's conventions (IMAGE_EXTENSIONS) skip: .gif, .jfif, .jpe, ...;
+    not its stubs' (.h5, .grib, .wmf: data it cannot decode), nor video's (.mpg)."""
+    ends = Image.registered_extensions()  # fills Image.OPEN too
+    return frozenset(end for end, kind in ends.items() if kind in Image.OPEN and kind != "MPEG" and not (
+        isinstance(opener := Image.OPEN[kind][0], type) and issubclass(opener, ImageFile.StubImageFile))) - set(
         IMAGE_EXTENSIONS)
 
 

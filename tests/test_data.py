@@ -321,12 +321,12 @@ def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
 
 def test_images_of_types_not_taken_from_class_folders_are_said_to_be_left_out(tmp_path, capsys):
     """A .gif or .jfif photo (Pillow reads both) is left out of its class as ImageFolder leaves it; before, unsaid.
-    Files of no image type (notes, Thumbs.db) and hidden ones are left out quietly."""
+    Files of no image type (notes, Thumbs.db, HDF5 data, video) and hidden ones are left out quietly."""
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "train" / "red" / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(root / "train" / "red" / "sub" / "party.gif")
     Image.new("RGB", (8, 8)).save(root / "train" / "green" / "scan.jfif", "JPEG")
-    for name in ("notes.txt", "Thumbs.db", ".hidden.gif"):
+    for name in ("notes.txt", "Thumbs.db", ".hidden.gif", "data.h5", "clip.mpg"):  # Pillow's stubs, video: no images
         (root / "train" / "blue" / name).write_bytes(b"x")
     classes, samples = data.scan_class_folders(root / "train")
     assert len(samples) == 2 * len(classes)
