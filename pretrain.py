@@ -78,10 +78,12 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
                 side_files(Path(args.out))["last"].unlink(missing_ok=True)
         train_images, val_images, test_images = prepare_data(args, processes)
         torch.manual_seed(args.seed)
-        # a resume's saved order and sums index the training images as they were
-        if state is not None and state.get("data_fingerprint", train_images.fingerprint) != train_images.fingerprint:
+        # a resume's saved order and sums index the training images as they were, at the size they were stored at
+        was = (state.get("data_fingerprint", train_images.fingerprint), state["stored_size"]) if state else None
+        if was is not None and was != (train_images.fingerprint, train_images.stored_size):
             raise cli.UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the run "
-                                 "started (added, removed or modified files); restore them, or start a new run")
+                                 f"started (added, removed or modified files, or stored at {train_images.stored_size} "
+                                 f"px, not {was[1]}: older code chose otherwise); restore them, or start a new run")
         model, starting_weights_compete = (new_model(args, train_images) if state is None
                                            else (AlexNet(**state["model_args"]), False))
         run = start_run(args, stage, processes, model, trainable(args, model), train_images, val_images, test_images)
@@ -151,8 +153,7 @@ def train_one_epoch(run: Run, progress: Progress, signals: cli.StopSignal, write
                     started: float) -> bool:
     """The epoch's steps from `progress.step` on; False when a signal stopped it (its state and seconds saved)."""
     args, processes, sums, images = run.args, run.processes, progress.sums, run.train_images
-    n = len(images)
-    steps = math.ceil(n / args.batch_size)
+    n, steps = len(images), math.ceil(len(images) / args.batch_size)
     run.model.train()
     if progress.perm is None:
         progress.perm = torch.randperm(n, generator=run.augment, device=processes.device)
@@ -438,8 +439,7 @@ def check_before_training(args: argparse.Namespace, state: dict | None, processe
         return
     warn_about_warmup(args)
     if not Path(args.out).name or args.out.endswith(("/", os.sep)):  # Path drops the slash of `runs/`: a file `runs`
-        raise cli.UsageError(f"--out {args.out!r}: names no file; pass the best-checkpoint name, e.g. "
-                             "checkpoints/run.pt")
+        raise cli.UsageError(f"--out {args.out!r}: names no file; pass the best-checkpoint name, e.g. runs/p.pt")
     if args.out.endswith(tuple(SIDE_SUFFIXES.values())):
         raise cli.UsageError(f"--out {args.out}: that name is for a run's resume state/log/report/pictures; pass "
                              "the best-checkpoint name, e.g. checkpoints/run.pt")

@@ -119,6 +119,17 @@ def test_resume_after_the_training_images_changed_is_refused(tmp_path):
     assert f"the images in {data}/train changed since the run started" in error_line(result)
 
 
+def test_resume_of_images_stored_at_another_size_is_refused(pretrained, tmp_path):
+    """Older code chose a split's stored size otherwise (the most common side): its run, resumed where the cache was
+    built again at the median side, went on at the new size without a word, no longer bit-identical."""
+    state = torch.load(pretrained.with_suffix(".last.pt"), weights_only=True)
+    torch.save(state | {"stored_size": 16}, tmp_path / "pretrain.last.pt")  # as stored by such code
+    shutil.copy(pretrained, tmp_path / "pretrain.pt")
+    result = run("pretrain.py", "--resume", tmp_path / "pretrain.last.pt", "--epochs", "3", check=False)
+    assert result.returncode == 1 and error_line(result).endswith(
+        "or stored at 32 px, not 16: older code chose otherwise); restore them, or start a new run")
+
+
 @pytest.mark.parametrize("names", [11, 9])
 def test_a_checkpoint_whose_classes_do_not_fit_its_head_is_refused(pretrained, tiny_data, tmp_path, names):
     checkpoint = torch.load(pretrained, weights_only=True)
@@ -362,7 +373,7 @@ def test_an_out_ending_in_a_slash_names_no_file(tiny_data, tmp_path):
     out = f"{tmp_path}/runs/"
     result = run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "1", *QUICK, check=False)
     assert error_line(result) == (f"pretrain.py: --out {out!r}: names no file; pass the best-checkpoint name, e.g. "
-                                  "checkpoints/run.pt")
+                                  "runs/p.pt")
     assert os.listdir(tmp_path) == []
 
 
