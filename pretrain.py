@@ -81,9 +81,9 @@ def train(args: argparse.Namespace, given: set[str], stage: str,
         # a resume's saved order and sums index the training images as they were, at the size they were stored at
         was = (state.get("data_fingerprint", train_images.fingerprint), state["stored_size"]) if state else None
         if was is not None and was != (train_images.fingerprint, train_images.stored_size):
+            size = f", or stored at {train_images.stored_size} px, not {was[1]}" * (was[1] != train_images.stored_size)
             raise cli.UsageError(f"--resume {args.resume}: the images in {args.data_dir}/train changed since the run "
-                                 f"started (added, removed or modified files, or stored at {train_images.stored_size} "
-                                 f"px, not {was[1]}: older code chose otherwise); restore them, or start a new run")
+                                 f"started (added, removed or modified files{size}); restore them, or start a new run")
         model, starting_weights_compete = (new_model(args, train_images) if state is None
                                            else (AlexNet(**state["model_args"]), False))
         run = start_run(args, stage, processes, model, trainable(args, model), train_images, val_images, test_images)

@@ -127,7 +127,8 @@ def test_resume_of_images_stored_at_another_size_is_refused(pretrained, tmp_path
     shutil.copy(pretrained, tmp_path / "pretrain.pt")
     result = run("pretrain.py", "--resume", tmp_path / "pretrain.last.pt", "--epochs", "3", check=False)
     assert result.returncode == 1 and error_line(result).endswith(
-        "or stored at 32 px, not 16: older code chose otherwise); restore them, or start a new run")
+        "changed since the run started (added, removed or modified files, or stored at 32 px, not 16); restore them, "
+        "or start a new run")
 
 
 @pytest.mark.parametrize("names", [11, 9])
