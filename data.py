@@ -35,8 +35,8 @@ EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centr
 MAX_STORED_SIZE = 256  # larger photos are stored at 256 px, enough for 224 crops
 MAX_ASPECT_RATIO = 100  # an image's longer side at most this many times its shorter one
 CACHE_VERSION = 1  # in the fingerprint a resumed run compares: raised, no run from before resumes
-# How a split's side is chosen without --stored-size (typical_side); in the cache's record, not in its key or the
-# fingerprint: a cache an older rule built is built again, and runs from before still resume
+# How a split's side is chosen without --stored-size (typical_side); in the cache's key, not in the fingerprint: a cache
+# an older rule built is built again, and runs from before still resume (pretrain.py refuses one at another size)
 SIDE_RULE = "median"
 URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # "//" may have become "/" in a Path; one letter is a drive (C:/)
 # the CPUs this process may use (macOS and Windows have no affinity: all of them)
@@ -290,10 +290,12 @@ def spelled(name: str) -> str:
 
 def fingerprint(samples: list[tuple[Path, int]], classes: list[str], size: int | None, root: Path) -> tuple[str, str]:
     """Of the files under `root` (names relative to it: the same folder named relatively or absolutely, or moved,
-    has the same fingerprint), sizes and mtimes: what a resume compares. And the cache's key, adding each file's inode
-    and ctime: a file replaced by one of the same size and mtime (any program sets an mtime; none a ctime) changes it,
-    as a chmod or copy does. On Windows (st_ino may be 0, st_ctime is the creation time) it sees less, never more."""
-    files, identities = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode()), hashlib.sha256()
+    has the same fingerprint), sizes and mtimes: what a resume compares. And the cache's key, adding SIDE_RULE without
+    `size`, and each file's inode and ctime: a file replaced by one of the same size and mtime (any program sets an
+    mtime; none a ctime) changes it, as a chmod or copy does. On Windows (st_ino may be 0, st_ctime is the creation
+    time) it sees less, never more."""
+    files = hashlib.sha256(f"{CACHE_VERSION}\n{classes}\n{size}\n".encode())
+    identities = hashlib.sha256(b"" if size else f"{SIDE_RULE}\n".encode())
     skip = len(root.parts)  # a name: its path's parts after root's (path.relative_to parsed root anew for each file)
     for path, label in samples:
         info = path.stat()
@@ -325,8 +327,7 @@ def load_folder(root: str | os.PathLike, size: int | None = None, cache: bool = 
                   "built with); decoding the images again", file=sys.stderr)
         images, published = decode_all([p for p, _ in samples], size, image_file if cache else None)
         if published:  # the metadata makes it trusted
-            record = {"version": CACHE_VERSION, "key": key, "shape": list(images.shape), "checksum": checksum(images),
-                      "side": SIDE_RULE}
+            record = {"version": CACHE_VERSION, "key": key, "shape": list(images.shape), "checksum": checksum(images)}
             try:
                 cli.write_atomically(image_file.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
             except OSError as e:
@@ -362,8 +363,7 @@ def read_cache(image_file: Path, key: str, damaged: list[Path]) -> np.memmap | N
     try:
         record = json.loads(image_file.with_suffix(".json").read_bytes())
         shape = tuple(record["shape"])
-        stale = [record.get(name) for name in ("version", "key", "side")] != [CACHE_VERSION, key, SIDE_RULE]
-        if stale or len(shape) != 4:
+        if record.get("version") != CACHE_VERSION or record.get("key") != key or len(shape) != 4:
             return None
         if image_file.stat().st_size == math.prod(shape):  # never mapped past its end
             images = np.memmap(image_file, np.uint8, "c", shape=shape)
