@@ -48,7 +48,8 @@ def test_learning_curves_show_training_validation_and_the_kept_epoch_where_it_wa
 
 def test_learning_curves_draw_a_fine_tunes_epoch_0_validation_alone():
     """A fine-tune's starting weights validated as epoch 0: its row has no training columns; the validation curves
-    start at epoch 0 (at a quarter of the panel from epoch -0.5 to 1.5), the training curve at epoch 1."""
+    start at epoch 0 (at a quarter of the panel from epoch -0.5 to 1.5), the training curve at epoch 1; the kept
+    line, epoch 0, there too."""
     start = {"epoch": 0, "val_loss": 3.0, "val_acc": 0.1}
     picture = predict.learning_curves([start, *history(1)], 0, "finetune: run, 1 of 1 epochs")
     train, validation = (pixels_of(picture, predict.CURVE_COLOURS[kind]) for kind in ("train", "validation"))
@@ -57,6 +58,8 @@ def test_learning_curves_draw_a_fine_tunes_epoch_0_validation_alone():
     at = [left + (epoch + 0.5) / 2 * (right - left) for epoch in (0, 1)]
     assert any(abs(column - at[0]) <= 3 for column in validation) and any(abs(c - at[1]) <= 3 for c in validation)
     assert not any(abs(column - at[0]) <= 3 for column in train) and any(abs(c - at[1]) <= 3 for c in train)
+    kept = pixels_of(picture, predict.CURVE_COLOURS["kept"])
+    assert any(abs(column - at[0]) <= 3 for column in kept[kept[:, 0] > 84][:, 1])
 
 
 @pytest.mark.parametrize("n", [10, 100])

@@ -9,11 +9,14 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import data
+import predict
 from conftest import QUICK, QUICK_NO_HIDDEN, ROOT, error_line, make_class_folders, run, start, stop_during, training_log
 from model import AlexNet
 import cli
@@ -94,6 +97,10 @@ def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates
     # epoch 0 is in the log too (validation alone: its training columns empty); before, the log began at epoch 1
     log = training_log(out)
     assert [row["epoch"] for row in log] == ["0", "1"] and log[0]["train_loss"] == log[0]["lr"] == ""
+    # and the curves draw it: a validation dot a quarter of the way across the loss panel (epochs -0.5 to 1.5)
+    curves = np.asarray(Image.open(out.with_suffix(".png")).convert("RGB"))[84:]  # below the legend
+    columns = np.argwhere((curves == predict.CURVE_COLOURS["validation"]).all(2))[:, 1]
+    assert any(abs(column - (70 + (344 - 70) / 4)) <= 3 for column in columns)
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
     assert float(log[0]["val_acc"]) == tuned["metrics"]["val_acc"]
     assert tuned["epoch"] == 0
