@@ -296,6 +296,10 @@ def test_a_run_killed_before_its_last_epochs_log_has_it_once_resumed(tiny_data, 
             run("pretrain.py", "--data-dir", tiny_data, "--out", out, "--epochs", "2", "--val-size", "6", *QUICK)
     assert "test: accuracy" in run("pretrain.py", "--resume", out.with_suffix(".last.pt")).stdout
     assert [row["epoch"] for row in training_log(out)] == ["1", "2"]
+    # the curves too: every epoch, the kept one marked (a catch-up of the .csv alone left epoch 1's picture)
+    state = torch.load(out.with_suffix(".last.pt"), weights_only=True)
+    drawn = pretrain.learning_curves(state["history"], state["best"]["epoch"], "pretrain: p, 2 of 2 epochs")
+    assert np.array_equal(np.asarray(Image.open(out.with_suffix(".png")).convert("RGB")), np.asarray(drawn))
 
 
 @pytest.mark.slow
