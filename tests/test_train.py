@@ -103,6 +103,7 @@ def test_finetune_on_the_same_classes_keeps_the_trained_head_and_never_validates
     assert any(abs(column - (70 + (344 - 70) / 4)) <= 3 for column in columns)
     tuned, source = torch.load(out, weights_only=True), torch.load(pretrained, weights_only=True)
     assert float(log[0]["val_acc"]) == tuned["metrics"]["val_acc"]
+    assert (log[0]["code"], log[0]["torch"]) == (tuned["code"], torch.__version__)  # as every row: who made it
     assert tuned["epoch"] == 0
     assert tuned["metrics"]["val_acc"] == source["test_metrics"]["val_acc"]  # the same split
     assert all(torch.equal(tensor, source["model"][name]) for name, tensor in tuned["model"].items())
