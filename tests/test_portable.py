@@ -1,5 +1,6 @@
 """macOS, Windows and Python 3.14's forkserver, simulated on Linux: the scripts run under a sitecustomize.py that takes
 away what those systems lack; and the code's other paths for them, with the system calls faked."""
+import ctypes
 import errno
 import fcntl
 import functools
@@ -163,6 +164,20 @@ def test_free_memory_where_nothing_tells_it_is_none_so_every_set_streams(monkeyp
     monkeypatch.setattr(cli, "linux_available_memory", lambda: None)
     monkeypatch.delattr(os, "sysconf")  # Windows
     assert cli.free_memory(torch.device("cpu")) == 0
+
+
+@pytest.mark.parametrize("libc", [OSError("libc.so.6: cannot open shared object file"), types.SimpleNamespace()],
+                         ids=["no libc.so.6", "no mallopt"])
+def test_without_glibc_a_training_starts_with_the_allocator_as_it_was(monkeypatch, libc):
+    """macOS, Windows and musl have no libc.so.6 (OSError); a C library without mallopt (AttributeError)."""
+    def cdll(name):
+        if isinstance(libc, Exception):
+            raise libc
+        return libc
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cli.tune_for_training()
+    assert torch.backends.cudnn.benchmark
 
 
 def test_a_process_on_windows_is_looked_up_not_sent_signal_0(monkeypatch):
