@@ -578,8 +578,9 @@ def test_finetune_resumes_with_its_mode(pretrained, tiny_data, tmp_path):
 def test_a_log_whose_rows_have_other_columns_is_written_whole(tmp_path):
     """Rows made by other code (a run resumed by an older checkout, then by this one) may lack columns of the others:
     the log has every row's columns, the newest row's first (before: csv's ValueError, a traceback)."""
-    write_csv(tmp_path / "p.csv", [{"epoch": 1, "val_acc": 0.5, "code": "commit a"}, {"epoch": 2, "val_acc": 0.75}])
-    assert (tmp_path / "p.csv").read_text().splitlines() == ["epoch,val_acc,code", "1,0.5,commit a", "2,0.75,"]
+    rows = [{"epoch": 1, "val_acc": 0.5, "code": "commit a"}, {"epoch": 2, "lr": 0.1, "val_acc": 0.75}]
+    write_csv(tmp_path / "p.csv", rows)
+    assert (tmp_path / "p.csv").read_text().splitlines() == ["epoch,lr,val_acc,code", "1,,0.5,commit a", "2,0.1,0.75,"]
 
 
 @pytest.mark.parametrize("epochs, eta", [(26, r"eta 25:00:00"), (10**20, r"eta \d{20,}:\d\d:\d\d")])
