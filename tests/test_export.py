@@ -171,7 +171,7 @@ def test_an_altered_program_fails_the_check_and_nothing_is_written(varied, tmp_p
         assert "top-1 agreement 100.00%" in result.stdout
 
 
-def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
+def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path, monkeypatch):
     out, _ = program
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     (tmp_path / "notes.json").write_text('{"mine": 1}')  # before: replaced by the record without a word
@@ -194,10 +194,12 @@ def test_bad_inputs_are_one_line_and_write_nothing(program, varied, tmp_path):
         ("--data-dir", tmp_path): f"--data-dir {tmp_path}: holds no test/ folder; pass the data folder whose test/ "
                                   "holds the class folders",
     }
-    for (flag, value), expected in cases.items():
-        argv = {"--checkpoint": varied, "--out": tmp_path / "m.pt2", "--limit": "4"} | {flag: value}
-        result = run("export.py", *[word for pair in argv.items() for word in pair], check=False)
-        assert expected in error_line(result)
+    with monkeypatch.context() as patch:  # each told before the work: the export
+        patch.setattr(export, "export_program", lambda *args: pytest.fail("exported before the bad input was told"))
+        for (flag, value), expected in cases.items():
+            argv = {"--checkpoint": varied, "--out": tmp_path / "m.pt2", "--limit": "4"} | {flag: value}
+            result = run("export.py", *[word for pair in argv.items() for word in pair], check=False)
+            assert expected in error_line(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "notes.json", "notes.txt", "r.pt2.json"]
     assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
     shutil.copy(out, tmp_path / "again.pt2")  # a program and its own record are replaced by the next export
