@@ -52,6 +52,8 @@ def test_a_checkpoints_own_keys_give_its_evaluation_with_torch_alone(pretrained,
         ours = model(x) / checkpoint["temperature"]
         assert torch.allclose(ours, predict.calibrated_logits(model, checkpoint, images), atol=1e-5)
     assert checkpoint["stored_size"] < resized  # enlarged: interpolate's bilinear is the evaluation's (not shrunk)
+    recipe = sys.modules[model_from_checkpoint.__module__].__doc__  # a reuser's document: the keys used above
+    assert all(key in recipe for key in ("stored_size", "eval_resize", "image_size", "mean", "std", "temperature"))
 
 
 def test_model_py_names_no_flag_or_script_of_ours():
