@@ -425,6 +425,10 @@ def test_photos_of_all_sizes_are_stored_at_their_median_side_not_at_a_few_thumbn
         folder.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (side + 5, side), "red").save(folder / f"{i}.png")
     assert data.load_folder(tmp_path / "train", cache=False).stored_size == 22
+    for i, side in enumerate([260, 300, 900]):  # larger photos: at most 256 px, enough for 224 crops
+        (tmp_path / "large" / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (side, side), "red").save(tmp_path / "large" / "ab"[i % 2] / f"{i}.png")
+    assert data.load_folder(tmp_path / "large", cache=False).stored_size == 256
     with monkeypatch.context() as old:
         old.setattr(data, "typical_side", lambda sides: max(set(sides), key=sides.count))
         old.setattr(data, "SIDE_RULE", "most common")
