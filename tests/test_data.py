@@ -325,13 +325,15 @@ def test_images_of_types_not_taken_from_class_folders_are_said_to_be_left_out(tm
     (root / "train" / "red" / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(root / "train" / "red" / "sub" / "party.gif")
     Image.new("RGB", (8, 8)).save(root / "train" / "green" / "scan.jfif", "JPEG")
+    (root / "train" / "green" / "album").mkdir()  # the first named is the first in order, not the first found
+    Image.new("RGB", (8, 8)).save(root / "train" / "green" / "album" / "old.gif")
     for name in ("notes.txt", "Thumbs.db", ".hidden.gif", "data.h5", "clip.mpg"):  # Pillow's stubs, video: no images
         (root / "train" / "blue" / name).write_bytes(b"x")
     classes, samples = data.scan_class_folders(root / "train")
     assert len(samples) == 2 * len(classes)
     assert capsys.readouterr().err == (
-        f"warning: {root}/train: 2 image file(s) left out, of types not taken from folders (.gif, .jfif; such as "
-        f"{root}/train/green/scan.jfif): convert them to one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, "
+        f"warning: {root}/train: 3 image file(s) left out, of types not taken from folders (.gif, .jfif; such as "
+        f"{root}/train/green/album/old.gif): convert them to one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, "
         ".webp to use them\n")
     data.scan_class_folders(root / "test")
     assert capsys.readouterr().err == ""
