@@ -420,7 +420,8 @@ def test_a_median_side_the_sample_missed_is_decoded_again_at_the_right_one(tmp_p
 
 def test_photos_of_all_sizes_are_stored_at_their_median_side_not_at_a_few_thumbnails(tmp_path, monkeypatch):
     """Photos of sides no two share, and three thumbnails of one size: the most common side would be 8 px. A cache
-    built by the code before (at that side, its key naming no rule of choosing it) is built again."""
+    built by the code before (at that side, its key naming no rule of choosing it) is built again; the fingerprint a
+    resume compares stays, and a cache of a size given, which no rule chose, is kept."""
     sides = [8, 8, 8, 20, 22, 24, 26, 28, 30]
     for i, side in enumerate(sides):
         folder = tmp_path / "train" / "ab"[i % 2]
@@ -434,8 +435,13 @@ def test_photos_of_all_sizes_are_stored_at_their_median_side_not_at_a_few_thumbn
     with monkeypatch.context() as old:
         old.setattr(data, "typical_side", lambda sides: max(set(sides), key=sides.count))
         old.setattr(data, "SIDE_RULE", "most common")
-        assert data.load_folder(tmp_path / "train").stored_size == 8
-    assert data.load_folder(tmp_path / "train").stored_size == 22
+        before = data.load_folder(tmp_path / "train")
+        assert before.stored_size == 8
+        data.load_folder(tmp_path / "large", size=16)
+    after = data.load_folder(tmp_path / "train")
+    assert after.stored_size == 22 and after.fingerprint == before.fingerprint
+    monkeypatch.setattr(data, "decode_all", lambda *a: pytest.fail("a given size's cache built again for a new rule"))
+    assert data.load_folder(tmp_path / "large", size=16).stored_size == 16
 
 
 def test_cache_is_used_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
