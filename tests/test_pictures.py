@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import predict
 import pretrain
@@ -77,11 +77,15 @@ def test_a_right_models_confusion_picture_is_darkest_on_the_diagonal(n):
     assert shades[diagonal].max() < shades[~diagonal].min() - 100
 
 
-def test_a_long_class_name_is_cut_beside_the_confusion_matrix_not_widening_it():
+def test_a_long_class_name_is_cut_beside_the_confusion_matrix_not_widening_it(monkeypatch):
     """Before: a class folder named with 200 letters made a 1885 x 1835 px picture, the matrix in its corner."""
-    long = "x" * 200
+    long, drawn, text = "x" * 200, [], ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, words, *args, **kwargs: drawn.append(words) or (
+        text(self, xy, words, *args, **kwargs)))
     picture = predict.confusion_picture([[3, 1, 0], [2, 4, 0], [0, 0, 1]], ["a", long, "b"], "test")
     assert max(picture.size) < 600
+    labels = [words for words in drawn if words.startswith("xx")]  # its row's and column's (not a font's probe, "x")
+    assert len(labels) == 2 and all(label.endswith("…") for label in labels)
 
 
 def test_a_title_wider_than_its_picture_widens_it(tmp_path):
