@@ -592,19 +592,22 @@ def test_a_root_that_is_a_link_or_too_long_a_name_is_one_line(tmp_path, tiny_dat
 def test_an_incomplete_root_is_not_taken_for_a_finished_one(tmp_path, tiny_data, damage):
     """A download's root (its .source record in it) is to be removed and made again; one without the record holds a
     user's own images, which no advice removes (before: "remove it and run again" for a user's photos without test/)."""
-    root = make_class_folders(tmp_path / "c", train=1, test=1)
-    for image in (root / "test" / "red").iterdir():
-        image.unlink()
-    if damage == "no test/":
-        (root / "test").rename(tmp_path / "elsewhere")
-    line = error_line(run("download.py", "--root", root, "--source", tiny_data, check=False))
+    def damaged(root: Path) -> str:
+        for image in (root / "test" / "red").iterdir():
+            image.unlink()
+        if damage == "no test/":
+            (root / "test").rename(root.parent / "elsewhere")
+        return error_line(run("download.py", "--root", root, "--source", tiny_data, check=False))
+
     problem = ": no test/ folder" if damage == "no test/" else "/test/red: class folder has no images"
+    root = make_class_folders(tmp_path / "c", train=1, test=1)
+    line = damaged(root)
     assert f"--root {root}: an incomplete data set (c{problem}" in line and line.endswith(
         "), with no record of a download in it (.source); for images of your own, lay them out as train/<class>/ and "
         "test/<class>/ (some of each class's images in test/); else choose another --root")
-    (root / ".source").write_text(str(tiny_data))
-    line = error_line(run("download.py", "--root", root, "--source", tiny_data, check=False))
-    assert f"--root {root}: an incomplete data set (c{problem}" in line and line.endswith(
+    run("download.py", "--root", tmp_path / "made" / "c", "--source", tiny_data)
+    line = damaged(tmp_path / "made" / "c")
+    assert f"--root {tmp_path / 'made' / 'c'}: an incomplete data set (c{problem}" in line and line.endswith(
         "); remove it and run again, or choose another --root")
 
 
