@@ -217,17 +217,18 @@ def test_a_tie_in_validation_accuracy_goes_to_the_lower_loss(tiny_data, tmp_path
     """Before: the first epoch of a tie was kept, on a small set often while the loss fell for many epochs after it.
     A resume state saved before (its best without a loss) goes on, its kept epoch's loss read from its log."""
     import pretrain
-    scripted = iter([(0.5, 1.0), (0.5, 0.7), (0.5, 0.9)])  # epoch 2: the same accuracy, a lower loss; 3: higher
+    # epoch 2: the same accuracy, a lower loss; 3 and 4: higher than 2's (the kept one's), lower than 1's
+    scripted = iter([(0.5, 1.0), (0.5, 0.7), (0.5, 0.9), (0.5, 0.8)])
     monkeypatch.setattr(pretrain, "evaluate", lambda *args: dict(zip(("accuracy", "loss"), next(scripted))))
-    pretrain.main(["--data-dir", str(tiny_data), "--out", str(tmp_path / "p.pt"), "--epochs", "2", "--val-size", "6",
+    pretrain.main(["--data-dir", str(tiny_data), "--out", str(tmp_path / "p.pt"), "--epochs", "3", "--val-size", "6",
                    *QUICK])
     assert "best validation accuracy 50.00% at epoch 2" in capsys.readouterr().out
     state = torch.load(tmp_path / "p.last.pt", weights_only=True)
     del state["best"]["val_loss"]
     torch.save(state, tmp_path / "p.last.pt")
-    pretrain.main(["--resume", str(tmp_path / "p.last.pt"), "--epochs", "3"])  # before: its tie won, over a lower loss
+    pretrain.main(["--resume", str(tmp_path / "p.last.pt"), "--epochs", "4"])  # before: its tie won, over a lower loss
     assert torch.load(tmp_path / "p.pt", weights_only=True)["epoch"] == 2
-    assert [row["epoch"] for row in training_log(tmp_path / "p.pt")] == ["1", "2", "3"]
+    assert [row["epoch"] for row in training_log(tmp_path / "p.pt")] == ["1", "2", "3", "4"]
 
 
 @pytest.mark.slow
