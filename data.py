@@ -92,12 +92,12 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
     return np.array(img, dtype=np.uint8), shorter_side
 
 
-def image_files(folder: Path, above: frozenset[Path] | None = None, left_out: list[Path] | None = None) -> list[Path]:
+def image_files(folder: Path, above: frozenset[Path] | None = None) -> tuple[list[Path], list[Path]]:
     """The image files anywhere under `folder`, sorted; links to folders are followed (as ImageFolder does), except
     a link to a folder it lies in (a loop). `above`: the real paths of the folders it lies in (default: all).
-    `left_out` gets the files of the types Pillow reads that IMAGE_EXTENSIONS leaves out (see other_image_types).
-    A walk, not a recursion: a tree may be deeper than Python's recursion limit."""
-    files, walk = [], [(folder, frozenset(folder.resolve().parents) if above is None else above)]
+    And the files of the types Pillow reads that IMAGE_EXTENSIONS leaves out (see other_image_types), for the caller
+    to say (warn_left_out). A walk, not a recursion: a tree may be deeper than Python's recursion limit."""
+    files, left_out, walk = [], [], [(folder, frozenset(folder.resolve().parents) if above is None else above)]
     while walk:
         current, outer = walk.pop()
         real = current.resolve()
@@ -105,10 +105,9 @@ def image_files(folder: Path, above: frozenset[Path] | None = None, left_out: li
             continue
         entries = [p for p in folder_entries(current) if not p.name.startswith(".")]
         files += [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-        if left_out is not None:
-            left_out += [p for p in entries if p.suffix.lower() in other_image_types() and p.is_file()]
+        left_out += [p for p in entries if p.suffix.lower() in other_image_types() and p.is_file()]
         walk += [(p, outer | {real}) for p in entries if p.is_dir()]
-    return sorted(files)
+    return sorted(files), left_out
 
 
 @functools.cache
@@ -243,15 +242,15 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
     if {"test", "train"} <= set(classes):  # a whole data folder: "classes", each image labelled by its split
         raise cli.DataError(f"{name}: a data folder (train/ and test/), not one split's class folders",
                             f"pass {name}/train or {name}/test")
-    samples = []
+    samples, left_out = [], []
     above = frozenset([root.resolve(), *root.resolve().parents])  # a class folder linked to one: a loop
-    left_out: list[Path] = []
     for label, folder in enumerate(classes):
-        files = image_files(root / folder, above, left_out)
+        files, skipped = image_files(root / folder, above)
         if not files:
             raise cli.DataError(f"{name}/{cli.shown(folder)}: class folder has no images "
                                 f"({', '.join(IMAGE_EXTENSIONS)})", "add images or remove the folder")
         samples += [(p, label) for p in files]
+        left_out += skipped
     warn_left_out(name, left_out)
     if len(classes) == 1:  # training would reach 100 % by always answering the one class
         raise cli.DataError(f"{name}: only one class folder ({cli.shown(classes[0])})",

@@ -443,8 +443,7 @@ def find_images(paths: list[str], classes: list[str]) -> tuple[list[tuple[Path, 
 def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None]]:
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
     classes (a note on stderr for the others); none, or an unreadable folder: a DataError."""
-    left_out: list[Path] = []
-    files = data.image_files(path, left_out=left_out)
+    files, left_out = data.image_files(path)
     data.warn_left_out(cli.shown(path), left_out)
     folders = [p for p in data.folder_entries(path) if p.is_dir() and not p.name.startswith(".")]
     labelled = any(p.name in classes for p in folders)
