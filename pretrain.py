@@ -244,7 +244,7 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
                              "torch": str(torch.__version__)})  # not its TorchVersion: weights_only refuses it
     # a tie in accuracy goes to the lower loss: on a small set accuracy stays put for epochs while the loss falls
     if improved := (val["accuracy"], -val["loss"]) > (progress.best["val_acc"], -progress.best["val_loss"]):
-        progress.best = {"val_acc": val["accuracy"], "val_loss": val["loss"], "epoch": epoch}
+        progress.best = progress.history[-1]
     best = checkpoint_of(run, run.evaluated, epoch, progress.history[-1]) if improved else None
     progress.epoch, progress.step, progress.perm, progress.seconds = epoch, 0, None, 0.0
     first = progress.saved is None  # no resume state on disk yet
@@ -261,9 +261,9 @@ def end_epoch(run: Run, progress: Progress, started: float, writer: cli.Checkpoi
 def start_competes(run: Run, progress: Progress, writer: cli.CheckpointWriter) -> None:
     """Fine-tuning with the checkpoint's head: its weights are validated as epoch 0 and kept if no epoch beats them."""
     val = evaluate(run.evaluated, run.val_images, run.args)
-    progress.best = {"val_acc": val["accuracy"], "val_loss": val["loss"], "epoch": 0}
     progress.history.append({"epoch": 0, "val_loss": val["loss"], "val_acc": val["accuracy"],  # the .csv's too
                              "code": cli.code_version(), "torch": str(torch.__version__)})
+    progress.best = progress.history[0]
     # with its resume state: a run killed in epoch 1 resumes (before: --out alone, for which a fresh run was refused)
     best = checkpoint_of(run, run.evaluated, 0, progress.history[0]) if run.processes.main else None
     save_resume_state(run, progress, writer, best=best)
@@ -738,10 +738,9 @@ def restore(run: Run, state: dict) -> Progress:
         run.augment.manual_seed(int.from_bytes(hashlib.sha256(augment.numpy().tobytes()).digest()[:8], "little"))
     perm = None if state["perm"] is None else state["perm"].to(device)
     sums = {name: total.to(device) for name, total in own["sums"].items()}
-    best = {"val_loss": next((row["val_loss"] for row in state["history"] if row["epoch"] == state["best"]["epoch"]),
-                             math.inf)} | state["best"]  # an older state's best has no loss: its epoch's row has it
-    progress = Progress(sums, state["epoch"], state["step"], perm, state["history"], best,
+    progress = Progress(sums, state["epoch"], state["step"], perm, state["history"],
                         seconds=state.get("seconds", 0.0), finished=state["finished"])  # "seconds" may be new
+    progress.best = next((row for row in progress.history if row["epoch"] == state["best"]["epoch"]), progress.best)
     progress.saved = progress.position
     return progress
 
