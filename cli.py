@@ -391,15 +391,11 @@ def stops_held():
     as it ends: for work an exception half-way would leave broken, such as a process pool starting its processes."""
     held: list[int] = []
     try:
-        with handling(functools.partial(hold, held)):
+        with handling(lambda signum, frame: held.append(signum)):
             yield
     finally:
         for sig in held[-1:]:  # the last, as a second signal ends a run as itself
             signal.raise_signal(sig)
-
-
-def hold(held: list[int], signum: int, frame) -> None:
-    held.append(signum)
 
 
 def ignore_stop_signals() -> None:
