@@ -479,20 +479,15 @@ def write_atomically(path: str | os.PathLike, write: Callable[[io.BufferedWriter
 
 
 def temporary_file(directory: str, name: str) -> tuple[int, str]:
-    """A new file for `name` in `directory`, open to write, named with this process's pid; a dead writer's go first.
-    Made with the usual permissions (not mkstemp's 0600) by the system's umask: reading the umask means setting it,
-    which another thread creating a file at that moment would take (a checkpoint writer's, a cache's)."""
-    remove_dead_writers_files(directory, name)
-    path = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
-
-
-def remove_dead_writers_files(directory: str, name: str) -> None:
-    """The temporary files of `name` (see write_atomically) whose writer is no longer running: they may be large."""
+    """A new file for `name` in `directory`, open to write, named with this process's pid; a dead writer's go first
+    (they may be large). Made with the usual permissions (not mkstemp's 0600) by the system's umask: reading the
+    umask means setting it, which another thread creating a file then would take (a checkpoint writer's, a cache's)."""
     own = re.compile(rf"\.{re.escape(name)}\.(\d+)-\w+\.tmp")
     for entry in os.scandir(directory):
         if (match := own.fullmatch(entry.name)) and not process_is_running(int(match[1])):
             Path(entry.path).unlink(missing_ok=True)
+    path = os.path.join(directory, f".{name}.{os.getpid()}-{secrets.token_hex(8)}.tmp")
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), path
 
 
 def process_is_running(pid: int) -> bool:
