@@ -692,9 +692,9 @@ def train_batch(images: torch.Tensor, size: int, generator: torch.Generator, par
     return x
 
 
-def eval_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize to 256/224 of `size`, centre-crop `size`, normalise: one box, its weights broadcast to every image."""
-    resized = int(size * EVAL_RESIZE)
+def eval_batch(images: torch.Tensor, size: int, resize: float = EVAL_RESIZE) -> torch.Tensor:
+    """Resize to `resize` x `size`, centre-crop `size`, normalise: one box, its weights broadcast to every image."""
+    resized = int(size * resize)
     offset = round((resized - size) / 2)
     box = constants((offset, offset, offset + size, offset + size), images.device)
     return normalize(crop_resize(images, (box * images.shape[-1] / resized).view(1, 4), size))

@@ -38,20 +38,19 @@ GENERATED_IMAGES = 64  # checked when there is no test split
 class Deployed(nn.Module):
     """What the program computes: predict.py's evaluation path, then softmax(logits / temperature)."""
 
-    def __init__(self, model: nn.Module, image_size: int, flip: bool, temperature: float) -> None:
+    def __init__(self, model: nn.Module, evaluation: dict) -> None:
         super().__init__()
         # frozen: a program of trainable weights returns probabilities that require grad, each call keeping the
         # batch's autograd graph (1.7x the peak memory at batch 1024) and refusing .numpy()
-        self.model, self.image_size, self.flip = model.eval().requires_grad_(False), image_size, flip
-        self.temperature = temperature
+        self.model, self.evaluation = model.eval().requires_grad_(False), evaluation  # predict.evaluation_of's
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(predict.logits_of(self.model, images, self.image_size, self.flip) / self.temperature, 1)
+        return torch.softmax(predict.logits_of(self.model, images, **self.evaluation), 1)
 
 
 def deployed(checkpoint: dict, path: str) -> Deployed:
     """The checkpoint's model, eager, with what the program adds around it."""
-    return Deployed(model_from_checkpoint(checkpoint, path), *predict.evaluation_of(checkpoint))
+    return Deployed(model_from_checkpoint(checkpoint, path), predict.evaluation_of(checkpoint))
 
 
 def export_program(module: Deployed, stored_size: int, device: torch.device) -> torch.export.ExportedProgram:
@@ -152,8 +151,7 @@ def export(args: argparse.Namespace) -> None:
     record = {"checkpoint": str(args.checkpoint), "checkpoint_code": checkpoint.get("code"), "code": cli.code_version(),
               "torch": torch.__version__, "device": str(device), "input": f"N x 3 x {size} x {size} uint8",
               "output": f"N x {len(checkpoint['classes'])} probabilities", "classes": checkpoint["classes"],
-              "stored_size": size, "image_size": reference.image_size, "tta": reference.flip,
-              "temperature": reference.temperature, "mean": list(data.MEAN), "std": list(data.STD)}
+              "stored_size": size, **reference.evaluation, "mean": list(data.MEAN), "std": list(data.STD)}
     started = time.perf_counter()
     buffer = io.BytesIO()  # the program's file, its record in it
     torch.export.save(export_program(reference, size, device), buffer,

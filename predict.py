@@ -61,13 +61,15 @@ def compute_logits(model: nn.Module, batches: Iterable[torch.Tensor], image_size
     return torch.cat(logits)
 
 
-def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, flip: bool = False) -> torch.Tensor:
-    """A uint8 batch's fp32 logits through the evaluation transform and the model (in eval mode); export.py's too."""
-    x = data.eval_batch(images, image_size)
+def logits_of(model: nn.Module, images: torch.Tensor, image_size: int, tta: bool = False,
+              eval_resize: float = data.EVAL_RESIZE, temperature: float = 1.0) -> torch.Tensor:
+    """A uint8 batch's fp32 logits through the evaluation transform and the model (in eval mode), over `temperature`
+    (their softmax: predict's probabilities, a program's); the arguments after `images` are evaluation_of's."""
+    x = data.eval_batch(images, image_size, eval_resize)
     logits = model(x).float()
-    if flip:
+    if tta:
         logits = (logits + model(x.flip(3)).float()) / 2
-    return logits
+    return logits / temperature
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, classes: list[str],
@@ -478,7 +480,7 @@ def load_classifier(path: str, device: torch.device) -> tuple[Callable[[torch.Te
     if not is_exported_program(path):
         checkpoint = load_trained(path)
         model = model_from_checkpoint(checkpoint, path).to(device).eval()
-        return functools.partial(calibrated_logits, model, checkpoint), checkpoint
+        return functools.partial(logits_of, model, **evaluation_of(checkpoint)), checkpoint
     from torch.export.passes import move_to_device_pass  # here: an older torch has none, and cli.py says so first
     program, about = load_program(path)
     return functools.partial(log_probabilities, move_to_device_pass(program, device).module()), about
@@ -526,15 +528,12 @@ def load_program(path: str) -> tuple[torch.export.ExportedProgram, dict]:
         torch_log.disabled = False
 
 
-def evaluation_of(checkpoint: dict) -> tuple[int, bool, float]:
-    """A checkpoint's input size, whether mirrored images are averaged in (--tta), and its temperature (1: none)."""
-    return checkpoint["image_size"], checkpoint.get("tta", False), float(checkpoint.get("temperature", 1.0))
-
-
-def calibrated_logits(model: nn.Module, checkpoint: dict, images: torch.Tensor) -> torch.Tensor:
-    """The logits over the checkpoint's temperature: their softmax is predict's probabilities, as a program's are."""
-    image_size, flip, temperature = evaluation_of(checkpoint)
-    return logits_of(model, images, image_size, flip) / temperature
+def evaluation_of(checkpoint: dict) -> dict:
+    """A checkpoint's (or a program record's) input size, --tta, resize before the centre crop and temperature; an
+    older one lacks the last three."""
+    return {"image_size": checkpoint["image_size"], "tta": checkpoint.get("tta", False),
+            "eval_resize": checkpoint.get("eval_resize", data.EVAL_RESIZE),
+            "temperature": float(checkpoint.get("temperature", 1.0))}
 
 
 def log_probabilities(program: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -646,8 +645,8 @@ def predict(args: argparse.Namespace) -> int:
     # Accuracy over the images whose class is known: a labelled folder may hold a few others, or files come too.
     report = (classification_report(torch.cat(done.logits), torch.tensor(done.labels), classes, args.min_confidence)
               if done.labels else None)
-    if report is not None and (temperature := evaluation_of(checkpoint)[2]) != 1:
-        report["loss_temperature"] = temperature  # its logits' (calibrated_logits); a test report's loss is at 1
+    if report is not None and (temperature := evaluation_of(checkpoint)["temperature"]) != 1:
+        report["loss_temperature"] = temperature  # its logits' (logits_of); a test report's loss is at 1
     mistakes = [{key: done.results[i][key] for key in ("path", "predicted", "true")} | {"probability": p}
                 for p, i, _ in done.mistakes]
     if args.json:

@@ -69,6 +69,28 @@ def test_predict_gives_the_evaluation_paths_logits(pretrained, tiny_data):
     assert output["report"]["confusion_matrix"] == report["confusion_matrix"]
 
 
+def test_a_checkpoints_own_eval_resize_is_the_one_predict_and_export_use(pretrained, tiny_data, tmp_path):
+    """The resize before the centre crop is the checkpoint's `eval_resize` (one kept by older code than this one's
+    data.EVAL_RESIZE), not data.py's; a checkpoint without one is evaluated at data.EVAL_RESIZE, as it was trained.
+    Before: data.EVAL_RESIZE whatever the checkpoint said."""
+    import export
+    checkpoint = torch.load(pretrained, weights_only=True) | {"eval_resize": 1.0}
+    torch.save(checkpoint, tmp_path / "own.pt")
+    images = data.load_folder(tiny_data / "test", size=checkpoint["stored_size"]).images
+    model, size = model_from_checkpoint(checkpoint).eval(), checkpoint["image_size"]
+    with torch.no_grad():
+        own, usual = (model(data.eval_batch(images, size, resize)) / checkpoint["temperature"]
+                      for resize in (1.0, data.EVAL_RESIZE))
+        assert (own - usual).abs().max() > 1e-4  # ten times the tolerance below (a barely trained model)
+        classify, _ = predict.load_classifier(str(tmp_path / "own.pt"), torch.device("cpu"))
+        assert torch.allclose(classify(images), own, atol=1e-5)
+        assert torch.allclose(export.deployed(checkpoint, "own.pt")(images), torch.softmax(own, 1), atol=1e-6)
+        del checkpoint["eval_resize"]
+        torch.save(checkpoint, tmp_path / "older.pt")
+        classify, _ = predict.load_classifier(str(tmp_path / "older.pt"), torch.device("cpu"))
+        assert torch.allclose(classify(images), usual, atol=1e-5)
+
+
 def test_a_labelled_folder_prints_accuracy_and_a_grid(pretrained, tiny_data, tmp_path):
     grid = tmp_path / "grid.png"
     result = run("predict.py", tiny_data / "test", "--checkpoint", pretrained, "--device", "cpu", "--limit", "9",

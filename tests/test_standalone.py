@@ -50,7 +50,7 @@ def test_a_checkpoints_own_keys_give_its_evaluation_with_torch_alone(pretrained,
     model = model_from_checkpoint(checkpoint).eval()
     with torch.no_grad():
         ours = model(x) / checkpoint["temperature"]
-        assert torch.allclose(ours, predict.calibrated_logits(model, checkpoint, images), atol=1e-5)
+        assert torch.allclose(ours, predict.logits_of(model, images, **predict.evaluation_of(checkpoint)), atol=1e-5)
     assert checkpoint["stored_size"] < resized  # enlarged: interpolate's bilinear is the evaluation's (not shrunk)
     recipe = sys.modules[model_from_checkpoint.__module__].__doc__  # a reuser's document: the keys used above
     assert all(key in recipe for key in ("stored_size", "eval_resize", "image_size", "mean", "std", "temperature"))
