@@ -766,11 +766,6 @@ def tune_for_training() -> None:
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: the free memory at the heap's top stays
 
 
-def channels_last(device: torch.device, bf16: bool) -> bool:
-    """CUDA's code path (NHWC tensors, the fused SGD): on CUDA, and in bf16 on the CPU, where oneDNN is fastest so."""
-    return device.type == "cuda" or bf16
-
-
 def compiled(net: torch.nn.Module) -> torch.nn.Module:
     """torch.compile's inductor builds C++: without a working compiler the first step was a 100-line
     InvalidCxxCompiler. Checked up front as inductor checks it; the run then trains eager, with a warning."""

@@ -190,8 +190,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, batch: int)
     share. Returns the summed loss and the number right as device tensors: the caller decides when to wait."""
     args, world = run.args, run.processes.world
     x = data.train_batch(images, args.image_size, run.augment, run.processes.share(), args.augment, args.cutout, batch)
-    if cli.channels_last(x.device, run.bf16):  # cuDNN's and oneDNN's fastest convolutions take NHWC
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=run.layout)  # cuDNN's and oneDNN's fastest convolutions take NHWC
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=run.bf16):
         logits = run.net(x)
     loss = F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=args.label_smoothing)
@@ -546,6 +545,7 @@ class Run:
     net: nn.Module  # what the step calls: the model, DDP- and compile-wrapped as asked
     optimizer: torch.optim.Optimizer
     bf16: bool
+    layout: torch.memory_format  # channels_last (with the fused SGD) on CUDA, and in bf16 on the CPU: CUDA's path
     ema: EMA | None
     augment: torch.Generator  # the same in every process: the draws of one global batch
     out: Path
@@ -585,18 +585,18 @@ def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, mo
     """What a run trains with (see Run): `images` are its training, validation and test images."""
     device = processes.device
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cli.has_bf16_units(device))
-    fast = cli.channels_last(device, bf16)
-    model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
+    layout = torch.channels_last if device.type == "cuda" or bf16 else torch.contiguous_format
+    model.to(device, memory_format=layout)
     cli.tune_for_training()
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                **({"fused": True} if fast else {}))
+                                **({"fused": True} if layout == torch.channels_last else {}))
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if processes.distributed else model)
     net = cli.compiled(net) if args.compile else net
     ema = EMA(model, args.ema) if args.ema else None
     torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
     augment = torch.Generator(device=device).manual_seed(args.seed)
-    return Run(args, stage, processes, model, net, optimizer, bf16, ema, augment, Path(args.out), *images)
+    return Run(args, stage, processes, model, net, optimizer, bf16, layout, ema, augment, Path(args.out), *images)
 
 
 def announce(run: Run, progress: Progress, state: dict | None) -> None:
