@@ -644,12 +644,11 @@ def sampling_weights(start: torch.Tensor, end: torch.Tensor, length: int, size: 
     return (weight.unsqueeze(-1) * (1 - distance).clamp(min=0)).sum(2)
 
 
-def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: torch.device,
-                         scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), attempts: int = 10) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params for a batch of side x side images: each tries `attempts` (area,
-    aspect) draws and keeps the first that fits, else the whole image."""
-    area, log_aspect = (low + (high - low) * torch.rand(n, attempts, generator=generator, device=device)
-                        for low, high in (scale, (np.log(ratio[0]), np.log(ratio[1]))))
+def random_resized_boxes(n: int, side: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params at its defaults (scale 0.08 to 1, ratio 3/4 to 4/3) for a batch of
+    side x side images: each tries 10 (area, aspect) draws and keeps the first that fits, else the whole image."""
+    area, log_aspect = (low + (high - low) * torch.rand(n, 10, generator=generator, device=device)
+                        for low, high in ((0.08, 1.0), (np.log(3 / 4), np.log(4 / 3))))
     area, aspect = side * side * area, torch.exp(log_aspect)
     w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= side) & (h > 0) & (h <= side)
