@@ -205,7 +205,6 @@ def font_for(letters: str, size: int) -> ImageFont.FreeTypeFont:
 
 @functools.cache
 def wide_fonts() -> list[str]:
-    """The WIDE_FONTS found in FONT_FOLDERS, in WIDE_FONTS' order."""
     found = {}
     for folder in FONT_FOLDERS:
         for parent, _, names in os.walk(os.path.expanduser(folder)):
