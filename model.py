@@ -165,7 +165,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint of this project (lacks {', '.join(missing)}); "
                               "pass a checkpoint that its training wrote")
-    problem = model_args_problem(checkpoint["model_args"]) or names_and_sizes_problem(checkpoint)
+    problem = (model_args_problem(checkpoint["model_args"]) or names_and_sizes_problem(checkpoint)
+               or evaluation_problem(checkpoint))
     if problem is not None:
         raise CheckpointError(f"{path}: inconsistent checkpoint: {problem}; re-train or pass another file")
     for key in ("model", "ema"):
@@ -202,6 +203,18 @@ def names_and_sizes_problem(checkpoint: dict) -> str | None:
             and isinstance(checkpoint["stored_size"], int) and checkpoint["stored_size"] > 0):
         return (f"image_size {checkpoint['image_size']!r} (at least {MIN_IMAGE_SIZE}) or stored_size "
                 f"{checkpoint['stored_size']!r} is not a size")
+    return None
+
+
+def evaluation_problem(checkpoint: dict) -> str | None:
+    """Evaluation values its input and probabilities cannot be made with (a checkpoint from before them lacks them)."""
+    resize, temperature = checkpoint.get("eval_resize", 1.0), checkpoint.get("temperature", 1.0)
+    if not (is_number(resize, (int, float)) and 1 <= resize < float("inf")):
+        return f"eval_resize {resize!r} is not a finite factor of at least 1 (the resize before the centre crop)"
+    if not (is_number(temperature, (int, float)) and 0 < temperature < float("inf")):
+        return f"temperature {temperature!r} is not a finite number above 0"
+    if not isinstance(checkpoint.get("tta", False), bool):
+        return f"tta {checkpoint['tta']!r} is not True or False"
     return None
 
 

@@ -187,6 +187,13 @@ def test_a_folder_or_fifo_as_a_checkpoint_is_named_and_never_read(tmp_path):
     ({"classes": ["a", "a", "b"]}, "it names 3 classes (2 different) for a head of 3 outputs"),  # one repeated
     ({"image_size": 32}, "image_size 32 (at least 63) or stored_size 32 is not a size"),
     ({"stored_size": 0.5}, "image_size 64 (at least 63) or stored_size 0.5 is not a size"),
+    ({"eval_resize": "x"}, "eval_resize 'x' is not a finite factor of at least 1 (the resize before the centre crop)"),
+    ({"eval_resize": float("inf")}, "eval_resize inf is not a finite factor of at least 1 (the resize before the "
+                                    "centre crop)"),
+    ({"temperature": "x"}, "temperature 'x' is not a finite number above 0"),
+    ({"temperature": 0.0}, "temperature 0.0 is not a finite number above 0"),
+    ({"temperature": float("nan")}, "temperature nan is not a finite number above 0"),
+    ({"tta": "yes"}, "tta 'yes' is not True or False"),
 ])
 def test_classes_or_sizes_that_are_no_such_things_are_an_inconsistent_checkpoint(tmp_path, change, problem):
     checkpoint = checkpoint_dict(AlexNet(num_classes=3, hidden=(8, 8)), ["a", "b", "c"], 64, 32) | change
