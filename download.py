@@ -1,6 +1,9 @@
 """Get a data set onto disk: the official CIFAR-10 (md5-checked), an archive or a folder of class folders.
 
-    python download.py [--root data/cifar10] [--source URL|PATH] [--md5 HEX]
+    python download.py [--root data/cifar10] [--source URL|PATH] [--md5 HEX] [--test-size N]
+
+A source of train/<class>/ and test/<class>/ folders is taken as it is; one of <class>/ folders alone (one's own
+photos) is split: --test-size of its images, in each class's share, go to test/, the same ones every time.
 """
 import signal
 
@@ -28,11 +31,12 @@ from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, run_script,
-                 say_if_stdout_lost, shown, signal_of, special_kind)
-from data import URL, WORKERS, folder_entries, scan_dataset
+from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, positive_int,
+                 run_script, say_if_stdout_lost, shown, signal_of, special_kind)
+from data import URL, WORKERS, folder_entries, scan_class_folders, scan_dataset, stratified_split
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -41,7 +45,8 @@ CIFAR10_DIR = "cifar-10-batches-py"  # the folder inside the official tarball
 MAX_UNPACKED_BYTES = 16 * 2**30
 
 
-def download(root: str | os.PathLike, source: str | None = None, md5: str | None = None) -> Path:
+def download(root: str | os.PathLike, source: str | None = None, md5: str | None = None,
+             test_size: int | None = None) -> Path:
     """Make ROOT/train/<class>/ and ROOT/test/<class>/ from the official CIFAR-10 or another source, in a temporary
     folder beside ROOT renamed into place once complete (a failure or an interruption leaves nothing). A lock beside
     ROOT lets one download at a time work there: a temporary folder its holder finds, a killed download's, goes."""
@@ -64,7 +69,7 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
             try:
                 problem = dataset_problem(root)
                 if problem is not None:
-                    return make_root(root, source, md5, problem)
+                    return make_root(root, source, md5, test_size, problem)
             finally:
                 remove_partial_folders(root)  # this one's, also when a signal came as mkdtemp returned
     print(f"{root} already holds train/ and test/{kept_source(root, given)}; nothing to do")
@@ -154,7 +159,7 @@ def download_lock(root: Path) -> Lock:
                         "free space or choose another --root" if full else "choose another --root") from None
 
 
-def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
+def make_root(root: Path, source: str, md5: str | None, test_size: int | None, problem: str) -> Path:
     """Build the data set in a temporary folder beside ROOT (the caller removes it), then rename it into place."""
     if root.is_symlink():  # the rename would replace the link, or fail on it
         raise DataError(f"--root {root}: is a link (to {os.readlink(root)}), which the data set would replace",
@@ -165,11 +170,14 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
         if (root / SOURCE_RECORD).is_file():  # a download's (renamed into place whole, its record in it), changed since
             raise DataError(f"--root {root}: {what}", "remove it and run again, or choose another --root")
         # No record: a user's own images (a class folder set without test/), never to be advised away
+        mine = root / "train" if (root / "train").is_dir() else root
+        advice = (f"pass --source {mine} and a new --root to split its class folders into train/ and test/ there"
+                  if not (root / "test").exists() else "for images of your own, lay them out as train/<class>/ and "
+                  "test/<class>/ (some of each class's images in test/)")
         raise DataError(f"--root {root}: {what}, with no record of a download in it ({SOURCE_RECORD})",
-                        "for images of your own, lay them out as train/<class>/ and test/<class>/ (some of each "
-                        "class's images in test/); else choose another --root")
+                        f"{advice}; else choose another --root")
     work = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.partial-"))
-    scans = build_tree(source, md5, work, root)
+    scans = build_tree(source, md5, test_size, work, root)
     (work / "tree" / SOURCE_RECORD).write_bytes(os.fsencode(source_name(source)))
     if root.exists():
         root.rmdir()  # empty, checked above
@@ -180,20 +188,21 @@ def make_root(root: Path, source: str, md5: str | None, problem: str) -> Path:
     return root
 
 
-def build_tree(source: str, md5: str | None, work: Path,
+def build_tree(source: str, md5: str | None, test_size: int | None, work: Path,
                root: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
     """WORK/tree/train/ and test/ from a URL, archive or folder, and their scan_dataset; messages call WORK ROOT."""
     tree = work / "tree"
     local = fetch(source, work) if is_url(source) else Path(source)
     if local.is_dir():
-        copy_class_folders(local, tree, source)
+        copy_class_folders(local, tree, source, test_size)
     else:
         if md5 is None:  # a folder has no checksum, and is not warned about
             print(f"warning: {source} is not checked against a checksum; pass --md5 to check it", file=sys.stderr)
         elif not local.is_file() or file_md5(local) != md5:  # a device or FIFO: never read to its end, if it has one
             raise DataError(f"{source}: checksum mismatch (expected md5 {md5}); the file is corrupt or not the one "
                             "expected: download it again or pass the right --md5")
-        unpack(local, work, root, source)
+        if unpack(local, work, root, source):
+            copy_class_folders(work / "extract", tree, source, test_size, move=True)
     try:
         return scan_dataset(tree, source)
     except DataError as e:
@@ -219,9 +228,9 @@ def fetch(url: str, work: Path) -> Path:
     return work / name
 
 
-def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
-    """The official python tarball, or a .tar(.gz)/.zip of train/ and test/ class folders, into WORK/tree. A damaged
-    compressed stream raises an OSError without errno, a full --root one with it (or naming a file in WORK)."""
+def unpack(archive: Path, work: Path, root: Path, source: str) -> bool:
+    """The official python tarball into WORK/tree (False), or another .tar(.gz)/.zip into WORK/extract (True). A
+    damaged compressed stream raises an OSError without errno, a full --root one with it (or naming a file in WORK)."""
     tree = work / "tree"
     try:
         if tarfile.is_tarfile(archive):
@@ -230,7 +239,7 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
                 check_unpacked_size(source, sum(m.size for m in members if m.isreg()), work)
                 if f"{CIFAR10_DIR}/data_batch_1" in tar.getnames():
                     convert_cifar10(tar, tree, source)
-                    return
+                    return False
                 check_members(source, [tar_member(m) for m in members])
                 tar.extractall(work / "extract", **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
                 while tar.fileobj.read(2**20):  # to the stream's end, where gzip and xz check it: damage that
@@ -241,6 +250,7 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
                 check_unpacked_size(source, sum(m.file_size for m in members), work)
                 check_members(source, [(m.filename, None, None) for m in members])  # zipfile writes only files
                 zf.extractall(work / "extract")
+            shutil.rmtree(work / "extract" / "__MACOSX", ignore_errors=True)  # a Mac's zip: its files' metadata
         else:
             raise DataError(f"{source}: not a tar or zip archive, or an incomplete one; download it again, or pass "
                             "the CIFAR-10 python tarball or an archive or folder of train/ and test/ class folders")
@@ -252,7 +262,7 @@ def unpack(archive: Path, work: Path, root: Path, source: str) -> None:
         if member.is_relative_to(work / "extract"):  # the member's name, not the temporary folder's path
             e = f"{e.strerror}: {shown(member.relative_to(work / 'extract'))}"
         raise DataError(f"{source}: damaged or incomplete archive ({e})", "download it again") from None
-    copy_class_folders(work / "extract", tree, source, move=True)
+    return True
 
 
 def writing_failed(e: OSError, folder: Path) -> bool:
@@ -306,9 +316,12 @@ def check_members(source: str, members: list[tuple[str, str | None, str | None]]
                                 MEMBER_ADVICE)
 
 
-def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False) -> None:
-    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`."""
-    for found in [folder] + [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir()]:
+def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | None, move: bool = False) -> None:
+    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`; else the
+    first holding two folders or more, as class folders to split, unless a split's (train/, val/): none named train
+    or test, nor in one."""
+    found_in = [folder] + [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir()]
+    for found in found_in:
         if (found / "train").is_dir() and (found / "test").is_dir():
             tree.mkdir()
             for split in ("train", "test"):
@@ -318,17 +331,43 @@ def copy_class_folders(folder: Path, tree: Path, source: str, move: bool = False
                     for path in source_files(found / split, source):
                         copy_file(path, tree / split / path.relative_to(found / split), source)
             return
+    for found in found_in:
+        inside = {p.name for p in folder_entries(found) if p.is_dir() and not p.name.startswith(".")}
+        if len(inside) >= 2 and not {"train", "test"} & (inside | set(found.relative_to(folder).parts)):
+            split_class_folders(found, tree, source if found == folder else f"{source}/"
+                                f"{found.relative_to(folder).as_posix()}", test_size, move)
+            return
     raise DataError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
-                    "lay it out as train/<class>/<image> and test/<class>/<image>")
+                    "lay it out as train/<class>/<image> and test/<class>/<image>, or as <class>/<image> to split")
 
 
-def copy_file(src: Path, dst: Path, source: str) -> None:
-    """Copy a file or make a folder; the first failure ends the copy (not hours on a full disk) as a DataError."""
+def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | None, move: bool) -> None:
+    """FOLDER/<class>/ into TREE/train/<class>/ and TREE/test/<class>/: `test_size` images (default a fifth) in each
+    class's share to test/ (data.stratified_split, seed 0: the same every time), each class in both."""
+    classes, samples = scan_class_folders(folder, name)
+    labels = torch.tensor([label for _, label in samples])
+    test, train = stratified_split(labels, test_size or max(1, round(len(samples) / 5)), seed=0)
+    for split, picked in (("test", test), ("train", train)):
+        missing = sorted(set(range(len(classes))) - set(labels[picked].tolist()))
+        if missing:
+            few = int((labels == missing[0]).sum())
+            raise DataError(f"{name}/{classes[missing[0]]}: {few} image{'s' * (few > 1)}, none left for {split}/",
+                            "pass a smaller --test-size" if split == "train" and few > 1 else "add images to it")
+    for split, picked in (("test", test), ("train", train)):
+        for path, label in (samples[i] for i in picked.tolist()):
+            copy_file(path, tree / split / classes[label] / path.relative_to(folder / classes[label]), name, move)
+    print(f"{name}: class folders alone, split: {len(test)} of their {len(samples)} images held out as test/")
+
+
+def copy_file(src: Path, dst: Path, source: str, move: bool = False) -> None:
+    """Copy (or move) a file, its folder made, or make a folder; the first failure ends the copy (not hours on a full
+    disk) as a DataError."""
     try:
         if src.is_dir():
             dst.mkdir()
         else:
-            shutil.copy2(src, dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dst) if move else shutil.copy2(src, dst)
     except OSError as e:
         advice = "free space or choose another --root" if writing_failed(e, dst.parent) else "fix or remove it"
         raise DataError(f"--source {source}: cannot copy {shown(src)} ({e.strerror or e})", advice) from None
@@ -455,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--source", type=path_text, default=None, help="URL, tarball, .tar.gz/.zip of class folders, or a folder "
         "(default: the official cifar-10-python.tar.gz, md5-checked)")
     add("--md5", type=md5_digits, default=None, help="expected md5 of a --source file (default: not checked)")
+    add("--test-size", type=positive_int, default=None, help="images of a --source of class folders alone (no train/ "
+        "and test/) held out as test/, in each class's share (default: a fifth)")
     return parser
 
 
@@ -463,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         check_tilde_expanded("--root", Path(args.root))
-        download(args.root, args.source, args.md5)
+        download(args.root, args.source, args.md5, args.test_size)
     except (DataError, UsageError) as e:
         sys.exit(f"download.py: {e}")
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM or SIGHUP (run_script): the temporary folder is already gone

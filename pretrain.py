@@ -484,8 +484,9 @@ def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[da
     try:
         train_images, test_images = data.load_dataset(args.data_dir, args.stored_size)
     except data.NoDataFolder as e:
-        raise cli.DataError(e.problem, "pass --data-dir FOLDER of train/<class>/ and test/<class>/ folders "
-                            "(python download.py [--source URL|ARCHIVE] --root FOLDER makes one)") from None
+        raise cli.DataError(e.problem, "pass --data-dir FOLDER of train/<class>/ and test/<class>/ folders (python "
+                            "download.py --source URL|ARCHIVE|FOLDER --root FOLDER makes one, splitting <class>/ "
+                            "folders alone)") from None
     if processes.main:
         processes.barrier()
     if args.limit is not None:

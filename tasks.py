@@ -236,7 +236,7 @@ ALL_ACTIONS = list({action.dest: action for stage in reversed(STAGES) for action
                     if action.dest not in ALL_OWN}.values())
 
 
-def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
+def all_(c, data_dir, out_dir, source=None, md5=None, test_size=None, resume=False, **training):
     """The whole job: download, pretrain, finetune, predict on test images (a grid and the most confident mistakes)."""
     if getattr(c, "remainder", ""):  # each step would pass them on to its script
         raise Exit(f"invoke all: takes no words after --, got {c.remainder!r}; pass flags (invoke --help all)")
@@ -247,7 +247,7 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
     import pretrain as pretrain_script
     parsers = script_parsers(TASKS)
     outs = {stage: str(Path(out_dir) / Path(parsers[stage].get_default("out")).name) for stage in STAGES}
-    steps = {"download": {"root": data_dir, "source": source, "md5": md5}}
+    steps = {"download": {"root": data_dir, "source": source, "md5": md5, "test_size": test_size}}
     for stage in STAGES:
         dests = {action.dest for action in parsers[stage].flags}
         state = pretrain_script.side_files(Path(outs[stage]))["last"]
@@ -272,7 +272,7 @@ def all_(c, data_dir, out_dir, source=None, md5=None, resume=False, **training):
 TASKS = {"download": download, "pretrain": pretrain, "finetune": finetune, "predict": predict}
 ALL_DEFAULTS = {"data_dir": default_of(FLAGS["download"], "root"),
                 "out_dir": str(Path(default_of(FLAGS["pretrain"], "out")).parent),
-                "source": None, "md5": None, "resume": False}
+                "source": None, "md5": None, "test_size": None, "resume": False}
 all_.__signature__ = signature(ALL_ACTIONS, ALL_DEFAULTS)
 all_ = Task(all_, name="all", auto_shortflags=False, help={
     "data_dir": f"where the data set is downloaded and read (default {ALL_DEFAULTS['data_dir']})",

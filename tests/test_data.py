@@ -125,9 +125,8 @@ def test_a_root_of_other_files_is_refused_and_an_empty_one_filled(tmp_path):
     with pytest.raises(cli.DataError) as refused:
         download.download(root, str(source))
     assert str(refused.value) == (f"--root {root}: exists but holds no train/ and test/ folders, with no record of a "
-                                  "download in it (.source); for images of your own, lay them out as train/<class>/ "
-                                  "and test/<class>/ (some of each class's images in test/); else choose another "
-                                  "--root")
+                                  f"download in it (.source); pass --source {root} and a new --root to split its "
+                                  "class folders into train/ and test/ there; else choose another --root")
     assert [p.name for p in root.iterdir()] == ["notes.txt"] and leftovers(tmp_path) == []
     (root / "notes.txt").unlink()  # an empty folder made beforehand is filled
     download.download(root, str(source))
@@ -202,6 +201,57 @@ def test_class_folder_sources(tmp_path, tiny_data, kind):
     downloaded = sorted(p.relative_to(root) for p in root.rglob("*.png"))
     expected = sorted(p.relative_to(tiny_data) for p in tiny_data.rglob("*.png"))
     assert downloaded == expected
+
+
+@pytest.mark.parametrize("kind", ["folder", "archive.zip"])
+def test_class_folders_alone_are_split_into_train_and_test_the_same_every_time(tmp_path, kind):
+    """One's own photos, <class>/<image> with no train/ and test/: before, refused ("lay it out as train/... and
+    test/..."). A fifth of each class's images to test/, or --test-size; an album folder in a class kept; a Mac's zip
+    (a top folder beside __MACOSX/) unpacked as it holds."""
+    photos = tmp_path / "src"
+    for name, count in (("cat", 12), ("dog", 18)):
+        (photos / "photos" / name).mkdir(parents=True)
+        made = make_class_folders(tmp_path / "made" / name, classes=(name,), train=count, test=0)
+        (made / "train" / name).rename(photos / "photos" / name / "album")
+    source = photos / "photos"
+    if kind == "archive.zip":
+        source = tmp_path / kind
+        with zipfile.ZipFile(source, "w") as zf:
+            zf.writestr("__MACOSX/photos/cat/._0000.png", b"a Mac's metadata")
+            for path in sorted((photos / "photos").rglob("*.png")):
+                zf.write(path, path.relative_to(photos).as_posix())
+    splits = []
+    for root in (tmp_path / "one", tmp_path / "two"):
+        result = run("download.py", "--root", root, "--source", source)
+        assert result.stdout.splitlines()[0] == (f"{source}{'/photos' * (kind != 'folder')}: class folders alone, "
+                                                 "split: 6 of their 30 images held out as test/")
+        splits.append({split: sorted(p.relative_to(root / split).as_posix() for p in (root / split).rglob("*.png"))
+                       for split in ("train", "test")})
+    test = splits[0]["test"]
+    assert splits[0] == splits[1] and sum(p.startswith("cat/album/") for p in test) == 2 and len(test) == 6
+    assert sorted(test + splits[0]["train"]) == sorted(p.relative_to(photos / "photos").as_posix()
+                                                       for p in (photos / "photos").rglob("*.png"))  # copied, kept
+    run("download.py", "--root", tmp_path / "three", "--source", source, "--test-size", "10")
+    assert len(list((tmp_path / "three" / "test" / "dog").rglob("*.png"))) == 6
+
+
+def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path):
+    source = make_class_folders(tmp_path / "src", classes=("a", "b"), train=3, test=0) / "train"
+    for empty in ("a", "b", ""):
+        (source.parent / "test" / empty).rmdir()
+    result = run("download.py", "--root", tmp_path / "r", "--source", source, "--test-size", "5", check=False)
+    assert error_line(result) == f"download.py: {source}/a: 3 images, none left for train/; pass a smaller --test-size"
+    (source / "b" / "0001.png").unlink()
+    (source / "b" / "0002.png").unlink()
+    result = run("download.py", "--root", tmp_path / "r", "--source", source, check=False)
+    assert error_line(result) == f"download.py: {source}/b: 1 image, none left for test/; add images to it"
+    (source.parent / "val").mkdir()  # train/ and val/: never split as two classes named so
+    result = run("download.py", "--root", tmp_path / "r", "--source", source.parent, check=False)
+    assert error_line(result).endswith("no train/ and test/ class folders found (looked two levels down); lay it out "
+                                       "as train/<class>/<image> and test/<class>/<image>, or as <class>/<image> to "
+                                       "split")
+    assert not (tmp_path / "r").exists() and leftovers(tmp_path) == [] and [p.name for p in tmp_path.iterdir()] == [
+        "src"]
 
 
 def test_a_root_from_another_source_is_refused_and_its_own_source_named(tmp_path, tiny_data):
@@ -366,8 +416,8 @@ def test_a_url_as_the_data_folder_says_to_download_it_first(tmp_path):
     result = run("pretrain.py", "--data-dir", "https://example.com/data.tar.gz", "--out", tmp_path / "p.pt",
                  "--device", "cpu", check=False, cwd=tmp_path)
     assert error_line(result) == ("pretrain.py: https:/example.com/data.tar.gz: a URL, not a folder; pass --data-dir "
-                                  "FOLDER of train/<class>/ and test/<class>/ folders (python download.py [--source "
-                                  "URL|ARCHIVE] --root FOLDER makes one)")
+                                  "FOLDER of train/<class>/ and test/<class>/ folders (python download.py --source "
+                                  "URL|ARCHIVE|FOLDER --root FOLDER makes one, splitting <class>/ folders alone)")
 
 
 def test_empty_or_missing_folders_are_clear_errors_that_name_no_flag_of_ours(tmp_path):

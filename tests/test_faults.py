@@ -602,9 +602,11 @@ def test_an_incomplete_root_is_not_taken_for_a_finished_one(tmp_path, tiny_data,
     problem = ": no test/ folder" if damage == "no test/" else "/test/red: class folder has no images"
     root = make_class_folders(tmp_path / "c", train=1, test=1)
     line = damaged(root)
+    advice = (f"pass --source {root / 'train'} and a new --root to split its class folders into train/ and test/ there"
+              if damage == "no test/" else "for images of your own, lay them out as train/<class>/ and test/<class>/ "
+              "(some of each class's images in test/)")
     assert f"--root {root}: an incomplete data set (c{problem}" in line and line.endswith(
-        "), with no record of a download in it (.source); for images of your own, lay them out as train/<class>/ and "
-        "test/<class>/ (some of each class's images in test/); else choose another --root")
+        f"), with no record of a download in it (.source); {advice}; else choose another --root")
     run("download.py", "--root", tmp_path / "made" / "c", "--source", tiny_data)
     line = damaged(tmp_path / "made" / "c")
     assert f"--root {tmp_path / 'made' / 'c'}: an incomplete data set (c{problem}" in line and line.endswith(

@@ -88,9 +88,16 @@ def test_every_script_flag_is_a_task_flag(name, monkeypatch):
     parser = importlib.import_module({"bench": "throughput"}.get(name, name)).build_parser()
     dests = {action.dest.replace("_", "-") for action in parser._actions if action.dest != "help"}
     assert flags == dests
-    if name in ("pretrain", "finetune"):
+    if name in ("download", "pretrain", "finetune"):  # invoke all takes every flag of theirs, each its name
         all_flags = {flag for argument in tasks.all_.get_arguments() for flag in argument.names}
-        assert dests - {"data-dir", "out", "checkpoint"} <= all_flags
+        assert dests - {"root", "data-dir", "out", "checkpoint"} <= all_flags
+
+
+def test_all_passes_the_downloads_flags_to_it(tmp_path, invoke_here):
+    result = invoke_here("--dry", "all", "--source", "photos", "--test-size", "7", "--md5", "0" * 32, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{ROOT / 'download.py'} --root data/cifar10 --source photos --md5 {'0' * 32} --test-size 7\n" in (
+        result.stderr)
 
 
 def test_a_benchmarks_parser_is_read_with_its_folder_put_on_the_path(monkeypatch):
