@@ -56,6 +56,9 @@ def test_export_checks_the_program_and_writes_its_record(program, varied, tiny_d
     assert record["check"]["max_probability_difference"] < export.TOLERANCE
     assert record["checkpoint"] == varied and record["classes"] == ["blue", "green", "red"]
     assert record["input"] == "N x 3 x 32 x 32 uint8" and record["mean"] == [0.485, 0.456, 0.406]
+    evaluation = ("image_size", "tta", "eval_resize", "temperature")  # the checkpoint's own (row 266)
+    checkpoint = torch.load(varied, weights_only=True)
+    assert [record[key] for key in evaluation] == [checkpoint[key] for key in evaluation]
     assert "top-1 agreement 100.00%" in result.stdout and "test split" in result.stdout
 
 
