@@ -159,7 +159,8 @@ def load_tensors(path: str | os.PathLike, map_location="cpu"):
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """One of our checkpoints (see load_tensors), its pieces checked against each other (one class name per output of
-    the head, sizes the model can take) and its weights finite (a diverged training's predict nothing)."""
+    the head, sizes the model can take), its evaluation values usable (evaluation_problem) and its weights finite (a
+    diverged training's predict nothing)."""
     checkpoint = load_tensors(path, map_location)
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
