@@ -190,6 +190,8 @@ def test_a_folder_or_fifo_as_a_checkpoint_is_named_and_never_read(tmp_path):
     ({"eval_resize": "x"}, "eval_resize 'x' is not a finite factor of at least 1 (the resize before the centre crop)"),
     ({"eval_resize": float("inf")}, "eval_resize inf is not a finite factor of at least 1 (the resize before the "
                                     "centre crop)"),
+    ({"eval_resize": 0.5}, "eval_resize 0.5 is not a finite factor of at least 1 (the resize before the centre "
+                           "crop)"),  # a crop larger than the image resized
     ({"temperature": "x"}, "temperature 'x' is not a finite number above 0"),
     ({"temperature": 0.0}, "temperature 0.0 is not a finite number above 0"),
     ({"temperature": float("nan")}, "temperature nan is not a finite number above 0"),
