@@ -204,6 +204,15 @@ def test_classes_or_sizes_that_are_no_such_things_are_an_inconsistent_checkpoint
         load_checkpoint(tmp_path / "odd.pt")
 
 
+def test_evaluation_values_written_as_ints_are_taken(tmp_path):
+    """A temperature or resize written as an int (a file edited by hand: `checkpoint["temperature"] = 2`; a resize of
+    exactly 1, the least): numbers the evaluation takes, as fit_temperature's float is."""
+    edited = {"temperature": 2, "eval_resize": 1, "tta": True}
+    torch.save(checkpoint_dict(AlexNet(num_classes=3, hidden=(8, 8)), ["a", "b", "c"], 64, 32) | edited,
+               tmp_path / "edited.pt")
+    assert load_checkpoint(tmp_path / "edited.pt").items() >= edited.items()
+
+
 def test_background_writer_saves_the_state_at_the_call(tmp_path, monkeypatch):
     from cli import CheckpointWriter
     release = threading.Event()
