@@ -74,6 +74,7 @@ class EMA(AveragedModel):
 
 
 MIN_IMAGE_SIZE = 63  # the smallest input for which every pooling layer still has a 3x3 window
+TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is kept within these (below, float32 logits / T overflow)
 WRAPPER_PREFIXES = re.compile(r"(module\.|_orig_mod\.)*")  # what DataParallel/DDP and torch.compile add to names
 
 
@@ -212,8 +213,8 @@ def evaluation_problem(checkpoint: dict) -> str | None:
     resize, temperature = checkpoint.get("eval_resize", 1.0), checkpoint.get("temperature", 1.0)
     if not (is_number(resize, (int, float)) and 1 <= resize < float("inf")):
         return f"eval_resize {resize!r} is not a finite factor of at least 1 (the resize before the centre crop)"
-    if not (is_number(temperature, (int, float)) and 0 < temperature < float("inf")):
-        return f"temperature {temperature!r} is not a finite number above 0"
+    if not (is_number(temperature, (int, float)) and TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]):
+        return f"temperature {temperature!r} is not a number from {TEMPERATURE_RANGE[0]} to {TEMPERATURE_RANGE[1]}"
     if not isinstance(checkpoint.get("tta", False), bool):
         return f"tta {checkpoint['tta']!r} is not True or False"
     return None

@@ -31,7 +31,8 @@ from torch import nn
 
 import cli
 import data
-from model import CheckpointError, check_checkpoint_file, is_exported_program, load_checkpoint, model_from_checkpoint
+from model import (TEMPERATURE_RANGE, CheckpointError, check_checkpoint_file, is_exported_program, load_checkpoint,
+                   model_from_checkpoint)
 
 DEFAULT_CHECKPOINTS = ("checkpoints/finetune.pt", "checkpoints/pretrain.pt")
 GRID_TILE = 96  # px per image in the --grid picture
@@ -40,7 +41,6 @@ PROGRAM_RECORD = "export.json"  # in an exported program's file (export.py): cla
 MATRIX_WIDTH = 120  # characters: a wider confusion matrix is printed as its most confused pairs
 UNKNOWN = "unknown"  # the label of an image whose top probability is below --min-confidence
 ECE_BINS = 15  # the expected calibration error's bins, as Guo et al. 2017
-TEMPERATURE_RANGE = (0.05, 20.0)  # a fitted temperature is kept within these
 
 
 # --------------------------------------------------------------------------- the evaluation path

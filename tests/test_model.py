@@ -192,9 +192,10 @@ def test_a_folder_or_fifo_as_a_checkpoint_is_named_and_never_read(tmp_path):
                                     "centre crop)"),
     ({"eval_resize": 0.5}, "eval_resize 0.5 is not a finite factor of at least 1 (the resize before the centre "
                            "crop)"),  # a crop larger than the image resized
-    ({"temperature": "x"}, "temperature 'x' is not a finite number above 0"),
-    ({"temperature": 0.0}, "temperature 0.0 is not a finite number above 0"),
-    ({"temperature": float("nan")}, "temperature nan is not a finite number above 0"),
+    ({"temperature": "x"}, "temperature 'x' is not a number from 0.05 to 20.0"),
+    ({"temperature": 0.0}, "temperature 0.0 is not a number from 0.05 to 20.0"),
+    ({"temperature": 1e-40}, "temperature 1e-40 is not a number from 0.05 to 20.0"),  # logits / T: inf, then NaN
+    ({"temperature": float("nan")}, "temperature nan is not a number from 0.05 to 20.0"),
     ({"tta": "yes"}, "tta 'yes' is not True or False"),
 ])
 def test_classes_or_sizes_that_are_no_such_things_are_an_inconsistent_checkpoint(tmp_path, change, problem):
