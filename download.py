@@ -316,10 +316,13 @@ def check_members(source: str, members: list[tuple[str, str | None, str | None]]
                                 MEMBER_ADVICE)
 
 
+SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}  # folders of a split, never class folders to split
+
+
 def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | None, move: bool = False) -> None:
     """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`; else the
-    first holding two folders or more, as class folders to split, unless a split's (train/, val/): none named train
-    or test, nor in one."""
+    first holding two folders or more, as class folders to split, unless named as a split's (train/ beside val/):
+    refused, not split as classes named so, nor searched further (one split's folders would be taken alone)."""
     found_in = [folder] + [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir()]
     for found in found_in:
         if (found / "train").is_dir() and (found / "test").is_dir():
@@ -333,10 +336,16 @@ def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | N
             return
     for found in found_in:
         inside = {p.name for p in folder_entries(found) if p.is_dir() and not p.name.startswith(".")}
-        if len(inside) >= 2 and not {"train", "test"} & (inside | set(found.relative_to(folder).parts)):
-            split_class_folders(found, tree, source if found == folder else f"{source}/"
-                                f"{found.relative_to(folder).as_posix()}", test_size, move)
-            return
+        if len(inside) < 2:
+            continue
+        name = source if found == folder else f"{source}/{found.relative_to(folder).as_posix()}"
+        if inside & SPLIT_NAMES:
+            raise DataError(f"{name}: holds {' and '.join(f'{n}/' for n in sorted(inside & SPLIT_NAMES))}"
+                            f"{' beside other folders' * bool(inside - SPLIT_NAMES)}: a split other than train/ and "
+                            "test/ (or a class named so)", "lay it out as train/<class>/ and test/<class>/ (a val/ "
+                            "may be renamed test/), or as <class>/ folders alone to split")
+        split_class_folders(found, tree, name, test_size, move)
+        return
     raise DataError(f"{source}: no train/ and test/ class folders found (looked two levels down); "
                     "lay it out as train/<class>/<image> and test/<class>/<image>, or as <class>/<image> to split")
 

@@ -5,6 +5,7 @@ import io
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -236,22 +237,28 @@ def test_class_folders_alone_are_split_into_train_and_test_the_same_every_time(t
 
 
 def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path):
+    """Before, train/ beside val/ of class folders: val/ split alone, train/ dropped without a word; train/ alone in
+    an archive: "no train/ and test/ class folders found" (val/ alone was split)."""
     source = make_class_folders(tmp_path / "src", classes=("a", "b"), train=3, test=0) / "train"
     for empty in ("a", "b", ""):
         (source.parent / "test" / empty).rmdir()
+    shutil.copytree(source, source.parent / "val")  # train/ and val/: never split as two classes named so, nor one
+    result = run("download.py", "--root", tmp_path / "r", "--source", source.parent, check=False)
+    assert error_line(result) == (f"download.py: {source.parent}: holds train/ and val/: a split other than train/ "
+                                  "and test/ (or a class named so); lay it out as train/<class>/ and test/<class>/ "
+                                  "(a val/ may be renamed test/), or as <class>/ folders alone to split")
+    shutil.rmtree(source.parent / "val")
+    with tarfile.open(tmp_path / "train.tar", "w") as tar:  # train/ alone: class folders to split, as val/ alone
+        tar.add(source, "ds/train")
+    result = run("download.py", "--root", tmp_path / "t", "--source", tmp_path / "train.tar", "--test-size", "2")
+    assert result.stdout.startswith(f"{tmp_path / 'train.tar'}/ds/train: class folders alone, split: 2 of their 6 ")
     result = run("download.py", "--root", tmp_path / "r", "--source", source, "--test-size", "5", check=False)
     assert error_line(result) == f"download.py: {source}/a: 3 images, none left for train/; pass a smaller --test-size"
     (source / "b" / "0001.png").unlink()
     (source / "b" / "0002.png").unlink()
     result = run("download.py", "--root", tmp_path / "r", "--source", source, check=False)
     assert error_line(result) == f"download.py: {source}/b: 1 image, none left for test/; add images to it"
-    (source.parent / "val").mkdir()  # train/ and val/: never split as two classes named so
-    result = run("download.py", "--root", tmp_path / "r", "--source", source.parent, check=False)
-    assert error_line(result).endswith("no train/ and test/ class folders found (looked two levels down); lay it out "
-                                       "as train/<class>/<image> and test/<class>/<image>, or as <class>/<image> to "
-                                       "split")
-    assert not (tmp_path / "r").exists() and leftovers(tmp_path) == [] and [p.name for p in tmp_path.iterdir()] == [
-        "src"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "t", "train.tar"]  # nothing written, nor left
 
 
 def test_a_root_from_another_source_is_refused_and_its_own_source_named(tmp_path, tiny_data):
