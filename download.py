@@ -362,9 +362,15 @@ def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | No
             few = int((labels == missing[0]).sum())
             raise DataError(f"{name}/{classes[missing[0]]}: {few} image{'s' * (few > 1)}, none left for {split}/",
                             "pass a smaller --test-size" if split == "train" and few > 1 else "add images to it")
-    for split, picked in (("test", test), ("train", train)):
-        for path, label in (samples[i] for i in picked.tolist()):
-            copy_file(path, tree / split / classes[label] / path.relative_to(folder / classes[label]), name, move)
+    copies = [(path, tree / split / classes[label] / path.relative_to(folder / classes[label]))
+              for split, picked in (("test", test), ("train", train))
+              for path, label in (samples[i] for i in picked.tolist())]
+    # An archive's link (or a file in a linked folder) is copied as the image it points to, before anything is moved:
+    # moved as a link, it would point to nothing once it or its target went elsewhere
+    real = folder.resolve()
+    linked = {path for path, _ in copies if move and path.resolve() != real / path.relative_to(folder)}
+    for path, to in sorted(copies, key=lambda copy: copy[0] not in linked):
+        copy_file(path, to, name, move and path not in linked)
     print(f"{name}: class folders alone, split: {len(test)} of their {len(samples)} images held out as test/")
 
 

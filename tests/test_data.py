@@ -236,6 +236,21 @@ def test_class_folders_alone_are_split_into_train_and_test_the_same_every_time(t
     assert len(list((tmp_path / "three" / "test" / "dog").rglob("*.png"))) == 6
 
 
+def test_links_in_an_archive_of_class_folders_alone_are_split_as_what_they_point_to(tmp_path):
+    """Before: moved as links, a link in test/ to an image moved to train/ (or the reverse) pointed to nothing, the
+    image left out without a word ("36 images, 7 held out" then "28 training and 6 test"); a linked class folder
+    failed, naming the temporary folder."""
+    photos = make_class_folders(tmp_path / "made", classes=("cat", "dog"), train=5, test=0) / "train"
+    for i in range(5):
+        (photos / "dog" / f"cat{i}.png").symlink_to(f"../cat/{i:04d}.png")
+    (photos / "kitty").symlink_to("cat")
+    with tarfile.open(tmp_path / "photos.tar", "w") as tar:
+        tar.add(photos, "photos")
+    result = run("download.py", "--root", tmp_path / "r", "--source", tmp_path / "photos.tar", "--test-size", "6")
+    assert result.stdout.splitlines()[1] == f"{tmp_path / 'r'}: 14 training and 6 test images in 3 classes"
+    assert not [p for p in (tmp_path / "r").rglob("*") if p.is_symlink()]
+
+
 def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path):
     """Before, train/ beside val/ of class folders: val/ split alone, train/ dropped without a word; train/ alone in
     an archive: "no train/ and test/ class folders found" (val/ alone was split)."""
