@@ -351,17 +351,18 @@ def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | N
 
 
 def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | None, move: bool) -> None:
-    """FOLDER/<class>/ into TREE/train/<class>/ and TREE/test/<class>/: `test_size` images (default a fifth) in each
-    class's share to test/ (data.stratified_split, seed 0: the same every time), each class in both."""
+    """FOLDER/<class>/ into TREE/train/<class>/ and TREE/test/<class>/: `test_size` images (default a fifth, at least
+    one of each class) in each class's share to test/ (data.stratified_split, seed 0: the same every time)."""
     classes, samples = scan_class_folders(folder, name)
     labels = torch.tensor([label for _, label in samples])
-    test, train = stratified_split(labels, test_size or max(1, round(len(samples) / 5)), seed=0)
+    test, train = stratified_split(labels, test_size or max(len(classes), round(len(samples) / 5)), seed=0)
     for split, picked in (("test", test), ("train", train)):
         missing = sorted(set(range(len(classes))) - set(labels[picked].tolist()))
         if missing:
             few = int((labels == missing[0]).sum())
             raise DataError(f"{name}/{classes[missing[0]]}: {few} image{'s' * (few > 1)}, none left for {split}/",
-                            "pass a smaller --test-size" if split == "train" and few > 1 else "add images to it")
+                            "add images to it" if few == 1 else "pass a smaller --test-size" if split == "train" else
+                            f"pass a --test-size of at least {len(classes)}, one image of each class")
     copies = [(path, tree / split / classes[label] / path.relative_to(folder / classes[label]))
               for split, picked in (("test", test), ("train", train))
               for path, label in (samples[i] for i in picked.tolist())]
@@ -510,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the official cifar-10-python.tar.gz, md5-checked)")
     add("--md5", type=md5_digits, default=None, help="expected md5 of a --source file (default: not checked)")
     add("--test-size", type=positive_int, default=None, help="images of a --source of class folders alone (no train/ "
-        "and test/) held out as test/, in each class's share (default: a fifth)")
+        "and test/) held out as test/, in each class's share (default: a fifth, at least one of each class)")
     return parser
 
 

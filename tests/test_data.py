@@ -253,7 +253,8 @@ def test_links_in_an_archive_of_class_folders_alone_are_split_as_what_they_point
 
 def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path):
     """Before, train/ beside val/ of class folders: val/ split alone, train/ dropped without a word; train/ alone in
-    an archive: "no train/ and test/ class folders found" (val/ alone was split)."""
+    an archive: "no train/ and test/ class folders found" (val/ alone was split). A --test-size below the classes
+    said "add images to it" of a class of many; the default, a fifth, did so with fewer than five images a class."""
     source = make_class_folders(tmp_path / "src", classes=("a", "b"), train=3, test=0) / "train"
     for empty in ("a", "b", ""):
         (source.parent / "test" / empty).rmdir()
@@ -265,10 +266,13 @@ def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path
     shutil.rmtree(source.parent / "val")
     with tarfile.open(tmp_path / "train.tar", "w") as tar:  # train/ alone: class folders to split, as val/ alone
         tar.add(source, "ds/train")
-    result = run("download.py", "--root", tmp_path / "t", "--source", tmp_path / "train.tar", "--test-size", "2")
+    result = run("download.py", "--root", tmp_path / "t", "--source", tmp_path / "train.tar")  # 2: one a class
     assert result.stdout.startswith(f"{tmp_path / 'train.tar'}/ds/train: class folders alone, split: 2 of their 6 ")
     result = run("download.py", "--root", tmp_path / "r", "--source", source, "--test-size", "5", check=False)
     assert error_line(result) == f"download.py: {source}/a: 3 images, none left for train/; pass a smaller --test-size"
+    result = run("download.py", "--root", tmp_path / "r", "--source", source, "--test-size", "1", check=False)
+    assert error_line(result) == (f"download.py: {source}/b: 3 images, none left for test/; pass a --test-size of at "
+                                  "least 2, one image of each class")
     (source / "b" / "0001.png").unlink()
     (source / "b" / "0002.png").unlink()
     result = run("download.py", "--root", tmp_path / "r", "--source", source, check=False)
