@@ -72,7 +72,7 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
                     return make_root(root, source, md5, test_size, problem)
             finally:
                 remove_partial_folders(root)  # this one's, also when a signal came as mkdtemp returned
-    print(f"{root} already holds train/ and test/{kept_source(root, given)}; nothing to do")
+    print(f"{root} already holds train/ and test/{kept_source(root, given, test_size)}; nothing to do")
     return root
 
 
@@ -85,9 +85,13 @@ def source_name(source: str) -> str:
     return source if is_url(source) else str(Path(source).resolve())
 
 
-def kept_source(root: Path, given: str | None) -> str:
-    """What the data set in ROOT was made from, for the "nothing to do" line. Another --source is refused, not fetched
-    over it: checkpoints, resume states and caches were made from this set; a mistyped one would delete gigabytes."""
+def kept_source(root: Path, given: str | None, test_size: int | None) -> str:
+    """What the data set in ROOT was made from, for the "nothing to do" line. Another --source (or --test-size) is
+    refused, not fetched over it: checkpoints, resume states and caches were made from this set; a mistyped one would
+    delete gigabytes."""
+    if test_size is not None and (held := len(scan_dataset(root)["test"][1])) != test_size:
+        raise DataError(f"--root {root}: holds {held} test images, not --test-size {test_size}",
+                        "remove the folder to split its source again, or choose another --root")
     try:
         recorded = os.fsdecode((root / SOURCE_RECORD).read_bytes())
     except OSError:  # made by hand, or by a download.py that kept no record
@@ -204,9 +208,13 @@ def build_tree(source: str, md5: str | None, test_size: int | None, work: Path,
         if unpack(local, work, root, source):
             copy_class_folders(work / "extract", tree, source, test_size, move=True)
     try:
-        return scan_dataset(tree, source)
+        scans = scan_dataset(tree, source)
     except DataError as e:
         raise DataError(e.problem, "fix the source") from None
+    if test_size is not None and len(scans["test"][1]) != test_size:  # not split: its own test/ taken
+        raise DataError(f"--test-size {test_size}: {source} holds train/ and test/ already ({len(scans['test'][1])} "
+                        "test images), taken as they are", "drop --test-size")
+    return scans
 
 
 def file_md5(path: Path) -> str:

@@ -234,6 +234,16 @@ def test_class_folders_alone_are_split_into_train_and_test_the_same_every_time(t
                                                        for p in (photos / "photos").rglob("*.png"))  # copied, kept
     run("download.py", "--root", tmp_path / "three", "--source", source, "--test-size", "10")
     assert len(list((tmp_path / "three" / "test" / "dog").rglob("*.png"))) == 6
+    # Another --test-size, of a root made, or of a source already split: before, "nothing to do" or taken as it was
+    result = run("download.py", "--root", tmp_path / "three", "--source", source, "--test-size", "9", check=False)
+    assert error_line(result) == (f"download.py: --root {tmp_path / 'three'}: holds 10 test images, not --test-size "
+                                  "9; remove the folder to split its source again, or choose another --root")
+    result = run("download.py", "--root", tmp_path / "four", "--source", tmp_path / "one", "--test-size", "9",
+                 check=False)
+    assert error_line(result) == (f"download.py: --test-size 9: {tmp_path / 'one'} holds train/ and test/ already "
+                                  "(6 test images), taken as they are; drop --test-size")
+    assert "nothing to do" in run("download.py", "--root", tmp_path / "three", "--source", source, "--test-size",
+                                  "10").stdout and not (tmp_path / "four").exists()
 
 
 def test_links_in_an_archive_of_class_folders_alone_are_split_as_what_they_point_to(tmp_path):
