@@ -198,6 +198,9 @@ def build_tree(source: str, md5: str | None, test_size: int | None, work: Path,
     tree = work / "tree"
     local = fetch(source, work) if is_url(source) else Path(source)
     if local.is_dir():
+        if root.resolve().is_relative_to(local.resolve()):  # a later run would take it for some of the images
+            raise DataError(f"--root {root}: inside --source {source}, among the images it is made from",
+                            "choose a --root outside it")
         copy_class_folders(local, tree, source, test_size)
     else:
         if md5 is None:  # a folder has no checksum, and is not warned about

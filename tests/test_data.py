@@ -278,6 +278,11 @@ def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path
         tar.add(source, "ds/train")
     result = run("download.py", "--root", tmp_path / "t", "--source", tmp_path / "train.tar")  # 2: one a class
     assert result.stdout.startswith(f"{tmp_path / 'train.tar'}/ds/train: class folders alone, split: 2 of their 6 ")
+    # A --root inside the source: before, made there; a later run from the source took its train/ and test/
+    result = run("download.py", "--root", source / "split", "--source", source, check=False)
+    assert error_line(result) == (f"download.py: --root {source / 'split'}: inside --source {source}, among the "
+                                  "images it is made from; choose a --root outside it")
+    assert sorted(p.name for p in source.iterdir()) == ["a", "b"]
     result = run("download.py", "--root", tmp_path / "r", "--source", source, "--test-size", "5", check=False)
     assert error_line(result) == f"download.py: {source}/a: 3 images, none left for train/; pass a smaller --test-size"
     result = run("download.py", "--root", tmp_path / "r", "--source", source, "--test-size", "1", check=False)
