@@ -331,10 +331,11 @@ SPLIT_NAMES = {"train", "test", "val", "valid", "validation"}  # folders of a sp
 
 
 def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | None, move: bool = False) -> None:
-    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/) and bring it to `tree`; else the
-    first holding two folders or more, as class folders to split, unless named as a split's (train/ beside val/):
-    refused, not split as classes named so, nor searched further (one split's folders would be taken alone)."""
-    found_in = [folder] + [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir()]
+    """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/; never a hidden one) and bring it to
+    `tree`; else the first holding two folders or more, as class folders to split, unless named as a split's (train/
+    beside val/): refused, not split as classes named so, nor searched further (one split's would be taken alone)."""
+    found_in = [folder] + [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir() and not
+                           any(part.startswith(".") for part in p.relative_to(folder).parts)]  # nor .git/, .thumbnails/
     for found in found_in:
         if (found / "train").is_dir() and (found / "test").is_dir():
             tree.mkdir()

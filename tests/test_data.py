@@ -208,7 +208,8 @@ def test_class_folder_sources(tmp_path, tiny_data, kind):
 def test_class_folders_alone_are_split_into_train_and_test_the_same_every_time(tmp_path, kind):
     """One's own photos, <class>/<image> with no train/ and test/: before, refused ("lay it out as train/... and
     test/..."). A fifth of each class's images to test/, or --test-size; an album folder in a class kept; a Mac's zip
-    (a top folder beside __MACOSX/) unpacked as it holds."""
+    (a top folder beside __MACOSX/) unpacked as it holds; a hidden folder never searched (before: .thumbnails/'s
+    folders were split as the classes, without a word)."""
     photos = tmp_path / "src"
     for name, count in (("cat", 12), ("dog", 18)):
         (photos / "photos" / name).mkdir(parents=True)
@@ -221,6 +222,7 @@ def test_class_folders_alone_are_split_into_train_and_test_the_same_every_time(t
             zf.writestr("__MACOSX/photos/cat/._0000.png", b"a Mac's metadata")
             for path in sorted((photos / "photos").rglob("*.png")):
                 zf.write(path, path.relative_to(photos).as_posix())
+                zf.write(path, f".thumbnails/{path.parent.parent.name}/{path.name}")
     splits = []
     for root in (tmp_path / "one", tmp_path / "two"):
         result = run("download.py", "--root", root, "--source", source)
