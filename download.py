@@ -22,6 +22,7 @@ import stat
 import sys
 import tarfile
 import tempfile
+import unicodedata
 import urllib.error
 import urllib.parse
 import zipfile
@@ -36,7 +37,7 @@ from PIL import Image
 
 from cli import (ArgumentParser, DataError, Lock, UsageError, check_tilde_expanded, guard_output, positive_int,
                  run_script, say_if_stdout_lost, shown, signal_of, special_kind)
-from data import URL, WORKERS, folder_entries, scan_class_folders, scan_dataset, stratified_split
+from data import URL, WORKERS, folder_entries, scan_class_folders, scan_dataset, stratified_quota
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -364,27 +365,35 @@ def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | N
 
 def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | None, move: bool) -> None:
     """FOLDER/<class>/ into TREE/train/<class>/ and TREE/test/<class>/: `test_size` images (default a fifth, at least
-    one of each class) in each class's share to test/ (data.stratified_split, seed 0: the same every time)."""
+    one of each class) in each class's share (data.stratified_quota) to test/, those whose names hash lowest: the
+    same on any system, and an image added moves others only at the edge (a shuffle would redraw every class)."""
     classes, samples = scan_class_folders(folder, name)
-    labels = torch.tensor([label for _, label in samples])
-    test, train = stratified_split(labels, test_size or max(len(classes), round(len(samples) / 5)), seed=0)
-    for split, picked in (("test", test), ("train", train)):
-        missing = sorted(set(range(len(classes))) - set(labels[picked].tolist()))
-        if missing:
-            few = int((labels == missing[0]).sum())
-            raise DataError(f"{name}/{classes[missing[0]]}: {few} image{'s' * (few > 1)}, none left for {split}/",
-                            "add images to it" if few == 1 else "pass a smaller --test-size" if split == "train" else
+    per_class = torch.bincount(torch.tensor([label for _, label in samples]), minlength=len(classes))
+    quota = stratified_quota(per_class, test_size or max(len(classes), round(len(samples) / 5))).tolist()
+    for label, (count, held) in enumerate(zip(per_class.tolist(), quota)):
+        if held == 0 or held >= count:
+            raise DataError(f"{name}/{classes[label]}: {count} image{'s' * (count > 1)}, none left for "
+                            f"{'test' if held == 0 else 'train'}/", "add images to it" if count == 1 else
+                            "pass a smaller --test-size" if held else
                             f"pass a --test-size of at least {len(classes)}, one image of each class")
-    copies = [(path, tree / split / classes[label] / path.relative_to(folder / classes[label]))
-              for split, picked in (("test", test), ("train", train))
-              for path, label in (samples[i] for i in picked.tolist())]
+    split_of, taken = {}, [0] * len(classes)
+    for path, label in sorted(samples, key=lambda sample: name_hash(sample[0].relative_to(folder))):
+        split_of[path] = "test" if taken[label] < quota[label] else "train"
+        taken[label] += 1
+    copies = [(path, tree / split_of[path] / classes[label] / path.relative_to(folder / classes[label]))
+              for path, label in samples]
     # An archive's link (or a file in a linked folder) is copied as the image it points to, before anything is moved:
     # moved as a link, it would point to nothing once it or its target went elsewhere
     real = folder.resolve()
     linked = {path for path, _ in copies if move and path.resolve() != real / path.relative_to(folder)}
     for path, to in sorted(copies, key=lambda copy: copy[0] not in linked):
         copy_file(path, to, name, move and path not in linked)
-    print(f"{name}: class folders alone, split: {len(test)} of their {len(samples)} images held out as test/")
+    print(f"{name}: class folders alone, split: {sum(quota)} of their {len(samples)} images held out as test/")
+
+
+def name_hash(path: Path) -> bytes:
+    """Of a path's name, the same on every system: '/' between its parts, in NFC (macOS's names are NFD)."""
+    return hashlib.sha256(unicodedata.normalize("NFC", path.as_posix()).encode("utf-8", "surrogateescape")).digest()
 
 
 def copy_file(src: Path, dst: Path, source: str, move: bool = False) -> None:

@@ -12,7 +12,7 @@ import tempfile
 import tarfile
 import threading
 import zipfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import pytest
@@ -246,6 +246,24 @@ def test_class_folders_alone_are_split_into_train_and_test_the_same_every_time(t
                                   "(6 test images), taken as they are; drop --test-size")
     assert "nothing to do" in run("download.py", "--root", tmp_path / "three", "--source", source, "--test-size",
                                   "10").stdout and not (tmp_path / "four").exists()
+
+
+def test_an_image_added_to_class_folders_moves_others_between_splits_only_at_the_edge(tmp_path):
+    """Before, a seeded shuffle: one photo more in cat/ redrew dog/'s test images too, and a fine-tune from a checkpoint
+    of the first split was tested on images it had trained on. Now those whose names hash lowest: cat's test images
+    stay test images (its share grows by one), dog's share shrinks by one from its own."""
+    photos = make_class_folders(tmp_path / "made", classes=("cat", "dog"), train=18, test=0) / "train"
+    for extra in range(12, 18):
+        (photos / "cat" / f"{extra:04d}.png").unlink()  # 12 cats, 18 dogs: 2 and 4 of 6 held out
+    tests = []
+    for root in ("before", "after"):
+        if root == "after":
+            (photos / "dog" / "0000.png").rename(photos / "cat" / "new.png")  # 13 and 17: 3 and 3 held out
+        run("download.py", "--root", tmp_path / root, "--source", photos, "--test-size", "6")
+        tests.append({name: {p.name for p in (tmp_path / root / "test" / name).iterdir()} for name in ("cat", "dog")})
+    assert tests[0]["cat"] < tests[1]["cat"] and tests[1]["dog"] < tests[0]["dog"] and len(tests[1]["dog"]) == 3
+    # the same name on Windows ('\\') and macOS (NFD) hashes as here: the same split of the same files everywhere
+    assert download.name_hash(PureWindowsPath("caf\u00e9\\1.png")) == download.name_hash(Path("cafe\u0301/1.png"))
 
 
 def test_links_in_an_archive_of_class_folders_alone_are_split_as_what_they_point_to(tmp_path):
