@@ -376,12 +376,10 @@ def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | No
                             f"{'test' if held == 0 else 'train'}/", "add images to it" if count == 1 else
                             "pass a smaller --test-size" if held else
                             f"pass a --test-size of at least {len(classes)}, one image of each class")
-    split_of, taken = {}, [0] * len(classes)
+    copies, taken = [], [0] * len(classes)
     for path, label in sorted(samples, key=lambda sample: name_hash(sample[0].relative_to(folder))):
-        split_of[path] = "test" if taken[label] < quota[label] else "train"
+        copies.append((path, tree / ("test" if taken[label] < quota[label] else "train") / path.relative_to(folder)))
         taken[label] += 1
-    copies = [(path, tree / split_of[path] / classes[label] / path.relative_to(folder / classes[label]))
-              for path, label in samples]
     # An archive's link (or a file in a linked folder) is copied as the image it points to, before anything is moved:
     # moved as a link, it would point to nothing once it or its target went elsewhere
     real = folder.resolve()
