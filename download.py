@@ -60,20 +60,22 @@ def download(root: str | os.PathLike, source: str | None = None, md5: str | None
         raise DataError(f"--root {root}: {'it' if in_the_way == root else in_the_way} is a file, not a folder",
                         "choose another --root")
     source, md5 = checked_source(source, md5)
-    if root.name in ("", "..") and dataset_problem(root) is not None:  # ".", "..", "/": no name to build beside
+    scans, problem = scanned(root)
+    if root.name in ("", "..") and problem is not None:  # ".", "..", "/": no name to build beside
         raise DataError(f"--root {root}: is {root.resolve()}, named by '.' or '..' (or the top folder): the data set "
                         "is built beside a named --root, then renamed to it",
                         "pass the name of a folder to create, e.g. --root data/cifar10")
-    if dataset_problem(root) is not None or partial_folders(root):  # a complete ROOT needs no lock: it may be read-only
+    if problem is not None or partial_folders(root):  # a complete ROOT needs no lock: it may be read-only
         with download_lock(root):
             remove_partial_folders(root)  # a killed download's: they may hold gigabytes
             try:
-                problem = dataset_problem(root)
+                scans, problem = scanned(root)
                 if problem is not None:
                     return make_root(root, source, md5, test_size, problem)
             finally:
                 remove_partial_folders(root)  # this one's, also when a signal came as mkdtemp returned
-    print(f"{root} already holds train/ and test/{kept_source(root, given, test_size)}; nothing to do")
+    made_from = kept_source(root, given, test_size, len(scans["test"][1]))
+    print(f"{root} already holds train/ and test/{made_from}; nothing to do")
     return root
 
 
@@ -86,11 +88,11 @@ def source_name(source: str) -> str:
     return source if is_url(source) else str(Path(source).resolve())
 
 
-def kept_source(root: Path, given: str | None, test_size: int | None) -> str:
-    """What the data set in ROOT was made from, for the "nothing to do" line. Another --source (or --test-size) is
-    refused, not fetched over it: checkpoints, resume states and caches were made from this set; a mistyped one would
-    delete gigabytes."""
-    if test_size is not None and (held := len(scan_dataset(root)["test"][1])) != test_size:
+def kept_source(root: Path, given: str | None, test_size: int | None, held: int) -> str:
+    """What the data set in ROOT (`held` test images) was made from, for the "nothing to do" line. Another --source (or
+    --test-size) is refused, not fetched over it: checkpoints, resume states and caches were made from this set; a
+    mistyped one would delete gigabytes."""
+    if test_size is not None and held != test_size:
         raise DataError(f"--root {root}: holds {held} test images, not --test-size {test_size}",
                         "remove the folder to split its source again, or choose another --root")
     try:
@@ -131,13 +133,13 @@ def checked_source(source: str | None, md5: str | None) -> tuple[str, str | None
     return source, None if md5 is None else md5.lower()
 
 
-def dataset_problem(root: Path) -> str | None:
-    """What keeps ROOT from being a complete data set (see scan_dataset), or None; ROOT named by its last part."""
+def scanned(root: Path) -> tuple[dict | None, str | None]:
+    """ROOT's scan_dataset and None, or None and what keeps it from being a complete data set (ROOT named by its last
+    part): a "nothing to do" reads its test images' count from the one scan (CIFAR-10's 60,000 files take a second)."""
     try:
-        scan_dataset(root, root.name)
+        return scan_dataset(root, root.name), None
     except DataError as e:
-        return e.problem
-    return None
+        return None, e.problem
 
 
 def partial_folders(root: Path) -> list[Path]:
