@@ -92,9 +92,9 @@ def kept_source(root: Path, given: str | None, test_size: int | None, held: int)
     """What the data set in ROOT (`held` test images) was made from, for the "nothing to do" line. Another --source (or
     --test-size) is refused, not fetched over it: checkpoints, resume states and caches were made from this set; a
     mistyped one would delete gigabytes."""
-    if test_size is not None and held != test_size:
+    if test_size is not None and held != test_size:  # never "remove it": made by hand, it may be one's only copy
         raise DataError(f"--root {root}: holds {held} test images, not --test-size {test_size}",
-                        "remove the folder to split its source again, or choose another --root")
+                        f"pass --test-size {held} (or none), or choose another --root for a new split")
     try:
         recorded = os.fsdecode((root / SOURCE_RECORD).read_bytes())
     except OSError:  # made by hand, or by a download.py that kept no record

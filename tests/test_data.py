@@ -239,13 +239,23 @@ def test_class_folders_alone_are_split_into_train_and_test_the_same_every_time(t
     # Another --test-size, of a root made, or of a source already split: before, "nothing to do" or taken as it was
     result = run("download.py", "--root", tmp_path / "three", "--source", source, "--test-size", "9", check=False)
     assert error_line(result) == (f"download.py: --root {tmp_path / 'three'}: holds 10 test images, not --test-size "
-                                  "9; remove the folder to split its source again, or choose another --root")
+                                  "9; pass --test-size 10 (or none), or choose another --root for a new split")
     result = run("download.py", "--root", tmp_path / "four", "--source", tmp_path / "one", "--test-size", "9",
                  check=False)
     assert error_line(result) == (f"download.py: --test-size 9: {tmp_path / 'one'} holds train/ and test/ already "
                                   "(6 test images), taken as they are; drop --test-size")
     assert "nothing to do" in run("download.py", "--root", tmp_path / "three", "--source", source, "--test-size",
                                   "10").stdout and not (tmp_path / "four").exists()
+
+
+def test_a_hand_made_root_of_another_test_size_is_never_advised_away(tmp_path):
+    """Before: "remove the folder to split its source again" of a ROOT made by hand (no .source: one's own train/ and
+    test/, maybe their only copy), which has no source to split again."""
+    root = make_class_folders(tmp_path / "mine", classes=("a", "b"), train=3, test=2)
+    result = run("download.py", "--root", root, "--test-size", "3", check=False)
+    assert error_line(result) == (f"download.py: --root {root}: holds 4 test images, not --test-size 3; pass "
+                                  "--test-size 4 (or none), or choose another --root for a new split")
+    assert "nothing to do" in run("download.py", "--root", root, "--test-size", "4").stdout
 
 
 def test_an_image_added_to_class_folders_moves_others_between_splits_only_at_the_edge(tmp_path):
