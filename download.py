@@ -199,6 +199,10 @@ def build_tree(source: str, md5: str | None, test_size: int | None, work: Path,
                root: Path) -> dict[str, tuple[list[str], list[tuple[Path, int]]]]:
     """WORK/tree/train/ and test/ from a URL, archive or folder, and their scan_dataset; messages call WORK ROOT."""
     tree = work / "tree"
+    if test_size is not None and source == CIFAR10_URL:  # before its download, not after (see the end)
+        raise DataError(f"--test-size {test_size}: the official CIFAR-10 holds train/ and test/ already (10,000 test "
+                        "images), taken as they are", "drop --test-size, or pass --source a folder or archive of class "
+                        "folders alone to split")
     local = fetch(source, work) if is_url(source) else Path(source)
     if local.is_dir():
         if root.resolve().is_relative_to(local.resolve()):  # a later run would take it for some of the images

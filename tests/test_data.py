@@ -258,6 +258,18 @@ def test_a_hand_made_root_of_another_test_size_is_never_advised_away(tmp_path):
     assert "nothing to do" in run("download.py", "--root", root, "--test-size", "4").stdout
 
 
+def test_a_test_size_of_the_official_cifar10_is_refused_before_it_is_downloaded(tmp_path, monkeypatch):
+    """Before: refused only once its 163 MB were downloaded and its 60,000 images converted (`invoke all
+    --test-size N` without --source): it holds train/ and test/ already."""
+    monkeypatch.setattr(download, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens
+    with pytest.raises(cli.DataError) as refused:
+        download.download(tmp_path / "cifar10", test_size=5)
+    assert str(refused.value) == ("--test-size 5: the official CIFAR-10 holds train/ and test/ already (10,000 test "
+                                  "images), taken as they are; drop --test-size, or pass --source a folder or archive "
+                                  "of class folders alone to split")
+    assert leftovers(tmp_path) == [] and not (tmp_path / "cifar10").exists()
+
+
 def test_an_image_added_to_class_folders_moves_others_between_splits_only_at_the_edge(tmp_path):
     """Before, a seeded shuffle: one photo more in cat/ redrew dog/'s test images too, and a fine-tune from a checkpoint
     of the first split was tested on images it had trained on. Now those whose names hash lowest: cat's test images
