@@ -341,23 +341,27 @@ def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | N
     """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/; never a hidden one) and bring it to
     `tree`; else the first holding two folders or more, as class folders to split, unless named as a split's (train/
     beside val/): refused, not split as classes named so, nor searched further (one split's would be taken alone)."""
-    found_in = [folder] + [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir() and not
-                           any(part.startswith(".") for part in p.relative_to(folder).parts)]  # nor .git/, .thumbnails/
-    for found in found_in:
+    found_in = {folder: source}  # the folders searched, never a hidden one (.git/, .thumbnails/), and their names
+    for found in [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir()]:
+        inner = found.relative_to(folder)
+        if not any(part.startswith(".") for part in inner.parts):
+            found_in[found] = f"{source}/{inner.as_posix()}"
+    for found, name in found_in.items():
         if (found / "train").is_dir() and (found / "test").is_dir():
             tree.mkdir()
-            for split in ("train", "test"):
-                if move:
+            if move and not holds_links(found):  # nothing a move breaks: moved whole (60,000 files one by one: 5 s)
+                for split in ("train", "test"):
                     shutil.move(found / split, tree / split)
-                else:  # a linked image or class folder is copied as what it points to (a copied link could break)
-                    for path in source_files(found / split, source):
-                        copy_file(path, tree / split / path.relative_to(found / split), source)
+                return
+            # a folder's files, what the copy would fail on refused first; an archive's images, its folders checked
+            files = ([path for _, samples in scan_dataset(found, name).values() for path, _ in samples] if move else
+                     [path for split in ("train", "test") for path in source_files(found / split, source)])
+            bring([(path, tree / path.relative_to(found)) for path in files], found, source, move)
             return
-    for found in found_in:
+    for found, name in found_in.items():
         inside = {p.name for p in folder_entries(found) if p.is_dir() and not p.name.startswith(".")}
         if len(inside) < 2:
             continue
-        name = source if found == folder else f"{source}/{found.relative_to(folder).as_posix()}"
         if inside & SPLIT_NAMES:
             raise DataError(f"{name}: holds {' and '.join(f'{n}/' for n in sorted(inside & SPLIT_NAMES))}"
                             f"{' beside other folders' * bool(inside - SPLIT_NAMES)}: a split other than train/ and "
@@ -386,18 +390,30 @@ def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | No
     for path, label in sorted(samples, key=lambda sample: name_hash(sample[0].relative_to(folder))):
         copies.append((path, tree / ("test" if taken[label] < quota[label] else "train") / path.relative_to(folder)))
         taken[label] += 1
-    # An archive's link (or a file in a linked folder) is copied as the image it points to, before anything is moved:
-    # moved as a link, it would point to nothing once it or its target went elsewhere
-    real = folder.resolve()
-    linked = {path for path, _ in copies if move and path.resolve() != real / path.relative_to(folder)}
-    for path, to in sorted(copies, key=lambda copy: copy[0] not in linked):
-        copy_file(path, to, name, move and path not in linked)
+    bring(copies, folder, name, move)
     print(f"{name}: class folders alone, split: {sum(quota)} of their {len(samples)} images held out as test/")
 
 
 def name_hash(path: Path) -> bytes:
     """Of a path's name, the same on every system: '/' between its parts, in NFC (macOS's names are NFD)."""
     return hashlib.sha256(unicodedata.normalize("NFC", path.as_posix()).encode("utf-8", "surrogateescape")).digest()
+
+
+def bring(copies: list[tuple[Path, Path]], folder: Path, name: str, move: bool) -> None:
+    """Copy each (path under FOLDER, to), or move it out of an archive's unpacked FOLDER: there a link (or a file in a
+    linked folder) is copied as what it points to, before anything is moved (moved as a link, it would point to
+    nothing once it or its target went elsewhere). A folder's links are always copied as what they point to."""
+    real = folder.resolve()  # a path's own folders, not links (one resolve each: not one for each of 60,000 files)
+    plain = {p for p in {path.parent for path, _ in copies} if p.resolve() == real / p.relative_to(folder)}
+    linked = {path for path, _ in copies if move and (path.parent not in plain or path.is_symlink())}
+    for path, to in sorted(copies, key=lambda copy: copy[0] not in linked):
+        copy_file(path, to, name, move and path not in linked)
+
+
+def holds_links(folder: Path) -> bool:
+    """Whether a file or folder under FOLDER is a link (os.walk follows none)."""
+    return any(os.path.islink(os.path.join(top, entry)) for top, folders, files in os.walk(folder)
+               for entry in folders + files)
 
 
 def copy_file(src: Path, dst: Path, source: str, move: bool = False) -> None:

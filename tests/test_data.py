@@ -303,6 +303,21 @@ def test_links_in_an_archive_of_class_folders_alone_are_split_as_what_they_point
     assert not [p for p in (tmp_path / "r").rglob("*") if p.is_symlink()]
 
 
+def test_links_in_an_archive_of_train_and_test_are_taken_as_what_they_point_to(tmp_path):
+    """Before: train/ and test/ were moved out of the unpacked archive whole, links and all: one to an image beside
+    them pointed to nothing, its image left out without a word ("5 training" of 6), a broken link in ROOT."""
+    ds = make_class_folders(tmp_path / "made" / "ds", classes=("a", "b"), train=3, test=2)
+    (tmp_path / "made" / "extra").mkdir()
+    (ds / "train" / "a" / "0000.png").rename(tmp_path / "made" / "extra" / "0000.png")
+    (ds / "train" / "a" / "0000.png").symlink_to("../../../extra/0000.png")
+    (ds / "test" / "b" / "twin.png").symlink_to("../../train/b/0001.png")  # its target moved: copied first
+    with tarfile.open(tmp_path / "ds.tar", "w") as tar:
+        tar.add(tmp_path / "made", "made")
+    result = run("download.py", "--root", tmp_path / "r", "--source", tmp_path / "ds.tar")
+    assert result.stdout.splitlines()[0] == f"{tmp_path / 'r'}: 6 training and 5 test images in 2 classes"
+    assert not [p for p in (tmp_path / "r").rglob("*") if p.is_symlink()]
+
+
 def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path):
     """Before, train/ beside val/ of class folders: val/ split alone, train/ dropped without a word; train/ alone in
     an archive: "no train/ and test/ class folders found" (val/ alone was split). A --test-size below the classes
