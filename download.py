@@ -366,7 +366,8 @@ def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | N
             raise DataError(f"{name}: holds {' and '.join(f'{n}/' for n in sorted(inside & SPLIT_NAMES))}"
                             f"{' beside other folders' * bool(inside - SPLIT_NAMES)}: a split other than train/ and "
                             "test/ (or a class named so)", "lay it out as train/<class>/ and test/<class>/ (a val/ "
-                            "may be renamed test/), or as <class>/ folders alone to split")
+                            "may be renamed test/), or as <class>/ folders alone to split (a class named so renamed, "
+                            "e.g. train/ to trains/)")
         split_class_folders(found, tree, name, test_size, move)
         return
     raise DataError(f"{source}: no train/ and test/ class folders found (looked two levels down); "

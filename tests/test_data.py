@@ -329,7 +329,8 @@ def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path
     result = run("download.py", "--root", tmp_path / "r", "--source", source.parent, check=False)
     assert error_line(result) == (f"download.py: {source.parent}: holds train/ and val/: a split other than train/ "
                                   "and test/ (or a class named so); lay it out as train/<class>/ and test/<class>/ "
-                                  "(a val/ may be renamed test/), or as <class>/ folders alone to split")
+                                  "(a val/ may be renamed test/), or as <class>/ folders alone to split (a class "
+                                  "named so renamed, e.g. train/ to trains/)")
     shutil.rmtree(source.parent / "val")
     with tarfile.open(tmp_path / "train.tar", "w") as tar:  # train/ alone: class folders to split, as val/ alone
         tar.add(source, "ds/train")
@@ -350,6 +351,19 @@ def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path
     result = run("download.py", "--root", tmp_path / "r", "--source", source, check=False)
     assert error_line(result) == f"download.py: {source}/b: 1 image, none left for test/; add images to it"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "t", "train.tar"]  # nothing written, nor left
+
+
+def test_class_folders_alone_with_a_class_named_as_a_split_are_told_to_rename_it(tmp_path):
+    """CIFAR-100 has a class named train, one's photos may (trains), or test: refused as a split's folder beside others
+    (a split's train/ beside a folder of other images looks the same), the advice named layouts alone, no way out."""
+    photos = make_class_folders(tmp_path / "made", classes=("bus", "car", "train"), train=5, test=0) / "train"
+    result = run("download.py", "--root", tmp_path / "r", "--source", photos, check=False)
+    assert error_line(result) == (f"download.py: {photos}: holds train/ beside other folders: a split other than "
+                                  "train/ and test/ (or a class named so); lay it out as train/<class>/ and "
+                                  "test/<class>/ (a val/ may be renamed test/), or as <class>/ folders alone to split "
+                                  "(a class named so renamed, e.g. train/ to trains/)")
+    (photos / "train").rename(photos / "trains")
+    assert "3 classes" in run("download.py", "--root", tmp_path / "r", "--source", photos).stdout
 
 
 def test_a_root_from_another_source_is_refused_and_its_own_source_named(tmp_path, tiny_data):
