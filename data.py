@@ -120,11 +120,13 @@ def other_image_types() -> frozenset[str]:
         IMAGE_EXTENSIONS)
 
 
-def warn_left_out(name: str, left_out: list[Path]) -> None:
-    """Said: a user's .gif or .jfif photos would otherwise be missing from their class without a word."""
+def warn_left_out(name: str, root: Path, left_out: list[Path]) -> None:
+    """Said: a user's .gif or .jfif photos would otherwise be missing from their class without a word. One is named
+    under `name`, what ROOT is called (an archive's unpacked copy is in a temporary folder)."""
     if left_out:
+        such_as = f"{name}/{cli.shown(min(left_out).relative_to(root).as_posix())}"
         print(f"warning: {name}: {len(left_out)} image file(s) left out, of types not taken from folders "
-              f"({', '.join(sorted({p.suffix.lower() for p in left_out}))}; such as {cli.shown(min(left_out))}): "
+              f"({', '.join(sorted({p.suffix.lower() for p in left_out}))}; such as {such_as}): "
               f"convert them to one of {', '.join(IMAGE_EXTENSIONS)} to use them", file=sys.stderr)
 
 
@@ -251,7 +253,7 @@ def scan_class_folders(root: Path, name: str | None = None) -> tuple[list[str], 
                                 f"({', '.join(IMAGE_EXTENSIONS)})", "add images or remove the folder")
         samples += [(p, label) for p in files]
         left_out += skipped
-    warn_left_out(name, left_out)
+    warn_left_out(name, root, left_out)
     if len(classes) == 1:  # training would reach 100 % by always answering the one class
         raise cli.DataError(f"{name}: only one class folder ({cli.shown(classes[0])})",
                             "a classifier needs at least two: add a folder of images for each other class")

@@ -445,7 +445,7 @@ def folder_images(path: Path, classes: list[str]) -> list[tuple[Path, int | None
     """A folder's images, labelled by the class folder they lie in when its sub-folders include the checkpoint's
     classes (a note on stderr for the others); none, or an unreadable folder: a DataError."""
     files, left_out = data.image_files(path)
-    data.warn_left_out(cli.shown(path), left_out)
+    data.warn_left_out(cli.shown(path), path, left_out)
     folders = [p for p in data.folder_entries(path) if p.is_dir() and not p.name.startswith(".")]
     labelled = any(p.name in classes for p in folders)
     loosely = {data.alike(name): name for name in classes}  # ImageFolder's names are exact: only a note for these

@@ -318,6 +318,17 @@ def test_links_in_an_archive_of_train_and_test_are_taken_as_what_they_point_to(t
     assert not [p for p in (tmp_path / "r").rglob("*") if p.is_symlink()]
 
 
+def test_a_gif_left_out_of_an_archive_is_named_in_the_archive_not_in_the_temporary_folder(tmp_path):
+    """Before: "such as .r.partial-x1y2/extract/photos/a/x.gif", a folder gone when the line is read."""
+    photos = make_class_folders(tmp_path / "made", classes=("a", "b"), train=3, test=0) / "train"
+    Image.new("RGB", (8, 8)).save(photos / "a" / "x.gif")
+    with tarfile.open(tmp_path / "photos.tar", "w") as tar:
+        tar.add(photos, "photos")
+    result = run("download.py", "--root", tmp_path / "r", "--source", tmp_path / "photos.tar")
+    assert f"1 image file(s) left out, of types not taken from folders (.gif; such as {tmp_path}/photos.tar/photos/a/" \
+        "x.gif)" in result.stderr
+
+
 def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path):
     """Before, train/ beside val/ of class folders: val/ split alone, train/ dropped without a word; train/ alone in
     an archive: "no train/ and test/ class folders found" (val/ alone was split). A --test-size below the classes
