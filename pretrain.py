@@ -417,8 +417,8 @@ def read_resume_state(args: argparse.Namespace, given: set[str], stage: str) -> 
     reached = state["epoch"] + (state["step"] > 0)  # a lower --epochs would drop trained steps, and test early
     if "epochs" in given and not state["finished"] and args.epochs < reached:
         raise cli.UsageError(f"--epochs {args.epochs}: --resume {args.resume} stopped at "
-                             f"{position_of(state['epoch'], state['step'])}; pass --epochs {reached} or more to "
-                             "finish it, or leave --epochs out")
+                             f"{Progress({}, state['epoch'], state['step']).position}; pass --epochs {reached} or "
+                             "more to finish it, or leave --epochs out")
     args = argparse.Namespace(**(vars(args) | stored | {name: getattr(args, name) for name in given | {"resume"}}))
     if "data_dir" not in given and Path(state.get("cwd", os.getcwd())) != Path.cwd():
         args.data_dir = recorded_path(state, args.data_dir)
@@ -573,12 +573,8 @@ class Progress:
     finished: bool = False  # its resume state says the run trained all its epochs
 
     @property
-    def position(self) -> str:
-        return position_of(self.epoch, self.step)
-
-
-def position_of(epoch: int, step: int) -> str:  # where a stopped run is, as its messages say it
-    return f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch}"
+    def position(self) -> str:  # where a stopped run is, as its messages say it
+        return f"epoch {self.epoch + 1}, step {self.step}" if self.step else f"the end of epoch {self.epoch}"
 
 
 def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, model: AlexNet,
@@ -616,12 +612,13 @@ def announce(run: Run, progress: Progress, state: dict | None) -> None:
                   file=sys.stderr)
     args, images = run.args, run.train_images
     trainable = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    how = ("bf16 autocast" if run.bf16 else "fp32") + ", channels_last, fused SGD" * (run.layout == torch.channels_last)
     print(f"{run.stage}: {len(images)} training, {len(run.val_images)} validation, {len(run.test_images)} test images, "
           f"{len(images.classes)} classes, stored at {images.stored_size} px, trained at {args.image_size} px, on "
           f"{run.processes.device}"
           + (f" x {run.processes.world} processes ({dist.get_backend()})" if run.processes.distributed else "")
-          + f", {'bf16 autocast, channels_last, fused SGD' if run.bf16 else 'fp32'} (--precision {args.precision})"
-          + f"{', compiled' if hasattr(run.net, '_orig_mod') else ''}, {trainable:,} trainable parameters")
+          + f", {how} (--precision {args.precision}){', compiled' * hasattr(run.net, '_orig_mod')}, {trainable:,} "
+          "trainable parameters")
 
 
 # --------------------------------------------------------------------------- run files and checkpoints

@@ -446,6 +446,21 @@ def test_precision_auto_takes_cudas_path_on_a_cpu_with_bf16_units_and_stays_fp32
         assert "on cpu, fp32 (--precision fp32)," in fp32.stdout
 
 
+def test_the_start_line_names_channels_last_and_the_fused_sgd_wherever_they_are_used(capsys):
+    """fp32 on CUDA takes channels_last and the fused SGD too (start_run): the line said "fp32" alone there."""
+    import dataclasses
+    import pretrain
+    images = data.ImageSet(torch.zeros(6, 3, 8, 8, dtype=torch.uint8), torch.arange(6) % 3, ["a", "b", "c"])
+    args = pretrain.make_parser("", "pretrain").parse_args(["--precision", "fp32", "--device", "cpu"])
+    model = AlexNet(num_classes=3, hidden=(64, 32))
+    run_ = pretrain.start_run(args, "pretrain", cli.Processes("cpu"), model, list(model.parameters()),
+                              images, images, images)
+    for layout, said in ((torch.contiguous_format, "fp32 (--precision fp32)"),
+                         (torch.channels_last, "fp32, channels_last, fused SGD (--precision fp32)")):
+        pretrain.announce(dataclasses.replace(run_, layout=layout), pretrain.Progress({}), None)
+        assert f"on cpu, {said}, " in capsys.readouterr().out
+
+
 def test_a_bf16_step_on_the_cpu_convolves_nhwc_in_bf16_and_updates_fp32_weights():
     import pretrain
     args = pretrain.make_parser("", "pretrain").parse_args(["--precision", "bf16", "--image-size", "64"])
