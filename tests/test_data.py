@@ -492,11 +492,13 @@ def test_a_linked_sub_folder_is_followed_and_a_link_loop_is_not(tmp_path):
 
 
 def test_images_of_types_not_taken_from_class_folders_are_said_to_be_left_out(tmp_path, capsys):
-    """A .gif or .jfif photo (Pillow reads both) is left out of its class as ImageFolder leaves it; before, unsaid.
+    """A .gif or .jfif photo (Pillow reads both) or an iPhone's .heic is left out of its class as ImageFolder leaves
+    it; before, unsaid.
     Files of no image type (notes, Thumbs.db, HDF5 data, video) and hidden ones are left out quietly."""
     root = make_class_folders(tmp_path / "d", train=2, test=1)
     (root / "train" / "red" / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(root / "train" / "red" / "sub" / "party.gif")
+    (root / "train" / "red" / "IMG_0001.HEIC").write_bytes(b"x")  # an iPhone's: Pillow reads none without a plugin
     Image.new("RGB", (8, 8)).save(root / "train" / "green" / "scan.jfif", "JPEG")
     (root / "train" / "green" / "album").mkdir()  # the first named is the first in order, not the first found
     Image.new("RGB", (8, 8)).save(root / "train" / "green" / "album" / "old.gif")
@@ -505,9 +507,9 @@ def test_images_of_types_not_taken_from_class_folders_are_said_to_be_left_out(tm
     classes, samples = data.scan_class_folders(root / "train")
     assert len(samples) == 2 * len(classes)
     assert capsys.readouterr().err == (
-        f"warning: {root}/train: 3 image file(s) left out, of types not taken from folders (.gif, .jfif; such as "
-        f"{root}/train/green/album/old.gif): convert them to one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, "
-        ".webp to use them\n")
+        f"warning: {root}/train: 4 image file(s) left out, of types not taken from folders (.gif, .heic, .jfif; such "
+        f"as {root}/train/green/album/old.gif): convert them to one of .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, "
+        ".tiff, .webp to use them\n")
     data.scan_class_folders(root / "test")
     assert capsys.readouterr().err == ""
 
