@@ -387,12 +387,38 @@ def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | No
                             f"{'test' if held == 0 else 'train'}/", "add images to it" if count == 1 else
                             "pass a smaller --test-size" if held else
                             f"pass a --test-size of at least {len(classes)}, one image of each class")
-    copies, taken = [], [0] * len(classes)
-    for path, label in sorted(samples, key=lambda sample: name_hash(sample[0].relative_to(folder))):
-        copies.append((path, tree / ("test" if taken[label] < quota[label] else "train") / path.relative_to(folder)))
-        taken[label] += 1
+    copies, held = [], [0] * len(classes)
+    for _, label, same in identical_groups(samples, folder):  # a group fills its class's quota whole, or trains
+        split = "test" if held[label] + len(same) <= quota[label] else "train"
+        held[label] += len(same) * (split == "test")
+        copies += [(path, tree / split / path.relative_to(folder)) for path in same]
+    if 0 in held:
+        raise DataError(f"{name}/{classes[held.index(0)]}: its images are copies of one another (byte for byte): any "
+                        "held out for test/ would be trained on too", "add other images to it")
     bring(copies, folder, name, move)
-    print(f"{name}: class folders alone, split: {sum(quota)} of their {len(samples)} images held out as test/")
+    print(f"{name}: class folders alone, split: {sum(held)} of their {len(samples)} images held out as test/")
+
+
+def identical_groups(samples: list[tuple[Path, int]], folder: Path) -> list[tuple[bytes, int, list[Path]]]:
+    """Each class's images as groups of byte-identical files (a photo saved twice: one in test/ would be trained on
+    in train/), in the order of their lowest name_hash; only files of a size another one has are read."""
+    sizes: dict[tuple[int, int], list[Path]] = {}
+    for path, label in samples:
+        sizes.setdefault((label, path.stat().st_size), []).append(path)
+    groups = []
+    for (label, _), paths in sizes.items():
+        contents: dict[str, list[Path]] = {}
+        for path in paths:
+            contents.setdefault(content_key(path) if len(paths) > 1 else "", []).append(path)
+        groups += [(min(name_hash(p.relative_to(folder)) for p in same), label, same) for same in contents.values()]
+    return sorted(groups)
+
+
+def content_key(path: Path) -> str:
+    try:
+        return file_md5(path)
+    except OSError:  # not grouped: its copy then says why it cannot be read
+        return ""
 
 
 def name_hash(path: Path) -> bytes:

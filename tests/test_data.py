@@ -288,6 +288,28 @@ def test_an_image_added_to_class_folders_moves_others_between_splits_only_at_the
     assert download.name_hash(PureWindowsPath("caf\u00e9\\1.png")) == download.name_hash(Path("cafe\u0301/1.png"))
 
 
+def test_copies_of_a_photo_in_class_folders_alone_go_to_one_split(tmp_path, capsys):
+    """Before: a photo saved twice (`0001.png`, `copy of 0001.png`) could land in train/ and test/ alike, a test image
+    then trained on: test accuracy flattered. Byte-identical files of a class now go to one split, whole; --test-size
+    is still met. A class of copies alone cannot be split so: one line."""
+    photos = make_class_folders(tmp_path / "made", classes=("cat", "dog"), train=10, test=0) / "train"
+    for path in sorted(photos.rglob("*.png")):
+        shutil.copy(path, path.with_name(f"copy of {path.name}"))
+    download.download(tmp_path / "root", str(photos), test_size=8)
+    assert capsys.readouterr().out.startswith(f"{photos}: class folders alone, split: 8 of their 40 images held out")
+    for name in ("cat", "dog"):
+        test, train = ([p.name.removeprefix("copy of ") for p in (tmp_path / "root" / split / name).iterdir()]
+                       for split in ("test", "train"))
+        assert len(test) == 4 and len(set(test)) == 2 and not set(test) & set(train)
+    for path in (photos / "dog").glob("*0[1-9]*.png"):
+        shutil.copy(photos / "dog" / "0000.png", path)
+    with pytest.raises(cli.DataError) as refused:
+        download.download(tmp_path / "again", str(photos))
+    assert str(refused.value) == (f"{photos}/dog: its images are copies of one another (byte for byte): any held out "
+                                  "for test/ would be trained on too; add other images to it")
+    assert not (tmp_path / "again").exists()
+
+
 def test_links_in_an_archive_of_class_folders_alone_are_split_as_what_they_point_to(tmp_path):
     """Before: moved as links, a link in test/ to an image moved to train/ (or the reverse) pointed to nothing, the
     image left out without a word ("36 images, 7 held out" then "28 training and 6 test"); a linked class folder
