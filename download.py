@@ -393,8 +393,10 @@ def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | No
         held[label] += len(same) * (split == "test")
         copies += [(path, tree / split / path.relative_to(folder)) for path in same]
     if 0 in held:
-        raise DataError(f"{name}/{classes[held.index(0)]}: its images are copies of one another (byte for byte): any "
-                        "held out for test/ would be trained on too", "add other images to it")
+        label = held.index(0)
+        raise DataError(f"{name}/{classes[label]}: its images come in copies (byte for byte), more of each than its "
+                        f"share of test/ ({quota[label]}): held out, a copy would be trained on too",
+                        "add other images, or remove the copies")
     bring(copies, folder, name, move)
     print(f"{name}: class folders alone, split: {sum(held)} of their {len(samples)} images held out as test/")
 

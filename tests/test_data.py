@@ -305,8 +305,9 @@ def test_copies_of_a_photo_in_class_folders_alone_go_to_one_split(tmp_path, caps
         shutil.copy(photos / "dog" / "0000.png", path)
     with pytest.raises(cli.DataError) as refused:
         download.download(tmp_path / "again", str(photos))
-    assert str(refused.value) == (f"{photos}/dog: its images are copies of one another (byte for byte): any held out "
-                                  "for test/ would be trained on too; add other images to it")
+    assert str(refused.value) == (f"{photos}/dog: its images come in copies (byte for byte), more of each than its "
+                                  "share of test/ (4): held out, a copy would be trained on too; add other images, or "
+                                  "remove the copies")
     assert not (tmp_path / "again").exists()
 
 
