@@ -481,8 +481,10 @@ def prepare_data(args: argparse.Namespace, processes: cli.Processes) -> tuple[da
     builds the cache, the others read it. --limit and the split are lists of rows of the cache, not copies."""
     if not processes.main:
         processes.barrier()
+    # the data's warnings (images left out, a read-only folder's cache) said once, not by every process
     try:
-        train_images, test_images = data.load_dataset(args.data_dir, args.stored_size)
+        with contextlib.redirect_stderr(io.StringIO()) if not processes.main else contextlib.nullcontext():
+            train_images, test_images = data.load_dataset(args.data_dir, args.stored_size)
     except data.NoDataFolder as e:
         raise cli.DataError(e.problem, "pass --data-dir FOLDER of train/<class>/ and test/<class>/ folders (python "
                             "download.py --source URL|ARCHIVE|FOLDER --root FOLDER makes one, splitting <class>/ "

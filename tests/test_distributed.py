@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, default_signals, make_class_folders, run, training_log
 
@@ -25,7 +26,9 @@ FLAGS = ["--epochs", "3", "--val-size", "12", "--image-size", "64", "--batch-siz
 
 @pytest.fixture(scope="module")
 def data40(tmp_path_factory):
-    return make_class_folders(tmp_path_factory.mktemp("ddp") / "data", train=40, test=10)
+    root = make_class_folders(tmp_path_factory.mktemp("ddp") / "data", train=40, test=10)
+    Image.new("RGB", (8, 8)).save(root / "train" / "red" / "party.gif")  # left out, with a warning
+    return root
 
 
 def torchrun(*args, nproc=2, **kwargs):
@@ -56,13 +59,19 @@ def two_processes(data40, tmp_path_factory):
     out = tmp_path_factory.mktemp("two") / "pretrain.pt"
     code, stdout, stderr = finish(torchrun("--data-dir", data40, "--out", out, *FLAGS))
     assert code == 0, stderr
-    yield out, stdout
+    yield out, stdout, stderr
     shutil.rmtree(out.parent)  # half a gigabyte of checkpoints: gone with the module, not at the session's end
+
+
+def test_a_data_warning_is_said_once_not_by_every_process(two_processes):
+    """Before: each process scanned the data folder and said its left-out .gif, 8 lines for 8 GPUs."""
+    _, _, stderr = two_processes
+    assert stderr.count("1 image file(s) left out") == 1, stderr
 
 
 @pytest.mark.slow
 def test_two_processes_match_one(data40, two_processes, tmp_path):
-    out, stdout = two_processes
+    out, stdout, _ = two_processes
     assert "on cpu x 2 processes" in stdout and stdout.count("epoch   1/3") == 1  # only the first process prints
     single = tmp_path / "pretrain.pt"
     run("pretrain.py", "--data-dir", data40, "--out", single, *FLAGS)
@@ -86,7 +95,7 @@ def test_torchrun_with_one_process_takes_the_distributed_path(data40, tmp_path):
 
 @pytest.mark.slow
 def test_the_checkpoint_has_no_wrapper_prefix_and_predicts(data40, two_processes):
-    out, _ = two_processes
+    out, _, _ = two_processes
     checkpoint = torch.load(out, weights_only=True)
     assert not any(name.startswith(("module.", "_orig_mod.")) for name in checkpoint["model"])
     result = run("predict.py", data40 / "test", "--checkpoint", out, "--device", "cpu")
@@ -110,7 +119,7 @@ def worker(parent: int, rank: int) -> int:
 
 @pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_and_resume_under_torchrun_is_exact(data40, two_processes, tmp_path):
-    whole, _ = two_processes
+    whole, _, _ = two_processes
     out = tmp_path / "pretrain.pt"
     process = torchrun("--data-dir", data40, "--out", out, *FLAGS)
     second = worker(process.pid, 1)
