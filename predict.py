@@ -773,21 +773,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    """build_parser's, with paths between and after the flags too (`a.png --topk 3 b.png`, which `invoke predict
-    --paths b.png -- a.png --topk 3` runs): parse_intermixed_args', but a path after `--` alone is no error."""
+def main(argv: list[str] | None = None) -> None:
+    cli.guard_output(whole=True)
+    # Paths between and after the flags too (`a.png --topk 3 b.png`, which `invoke predict --paths b.png -- a.png
+    # --topk 3` runs): parse_intermixed_args', but a path after `--` alone is no error.
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     before, after = (rest[:rest.index("--")], rest[rest.index("--") + 1:]) if "--" in rest else (rest, [])
     if flags := [word for word in before if word.startswith("-") and word != "-"]:
         parser.error(f"unrecognized arguments: {' '.join(flags)}")
     args.paths += before + after
-    return args
-
-
-def main(argv: list[str] | None = None) -> None:
-    cli.guard_output(whole=True)
-    args = parse_arguments(argv)
     sys.exit(cli.report_errors("predict.py", args.batch_size, lambda: predict(args)))
 
 
