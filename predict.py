@@ -158,7 +158,6 @@ def expected_calibration_error(probabilities: torch.Tensor, labels: torch.Tensor
 
 
 def calibration_report(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> dict:
-    """The expected calibration error of the probabilities as the model gives them, and with `temperature`."""
     return {"temperature": temperature, "ece": expected_calibration_error(torch.softmax(logits, 1), labels),
             "ece_calibrated": expected_calibration_error(torch.softmax(logits / temperature, 1), labels)}
 
