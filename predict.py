@@ -689,8 +689,8 @@ def draw_predicted_pictures(args: argparse.Namespace, done: "Predicted", mistake
 
 @dataclass
 class Predicted:
-    """A pass's result per image, the labelled ones' logits, the --grid images as (result, image), and the most
-    confident mistakes as (probability, result, image); never all the images."""
+    """A pass's result per image, the labelled ones' logits, the --grid images as (index of their result, image), and
+    the most confident mistakes as (probability, index of the result, image); never all the images."""
     results: list[dict] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
