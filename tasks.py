@@ -64,9 +64,8 @@ def script_flags() -> dict[str, list[SimpleNamespace]]:
     except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged
         flags = None
     if flags is None:
-        fields = ("dest", "option_strings", "nargs", "help", "default")
-        flags = {name: [{field: getattr(action, field) for field in fields} | {
-            "choices": None if action.choices is None else list(map(str, action.choices))} for action in parser.flags]
+        fields = ("dest", "option_strings", "nargs", "help", "default", "choices")
+        flags = {name: [{field: getattr(action, field) for field in fields} for action in parser.flags]
                  for name, parser in script_parsers().items()}
         flags = json.loads(json.dumps(flags, default=str))  # as read back from the cache
         import cli  # here, as the scripts were: it imports torch
