@@ -125,7 +125,6 @@ def is_exported_program(path: str | os.PathLike) -> bool:
 
 
 def unwrap_state_dict(state_dict: dict) -> dict:
-    """Strip the `module.` / `_orig_mod.` prefixes that wrappers add."""
     return {name[WRAPPER_PREFIXES.match(name).end():]: tensor for name, tensor in state_dict.items()}
 
 
@@ -187,7 +186,6 @@ def recorded_path(checkpoint: dict, path: str) -> str:
 
 
 def non_finite(weights) -> list[str]:
-    """The names of the floating-point tensors in a state dict that hold a NaN or an infinity."""
     if not isinstance(weights, dict):
         return []
     return [name for name, tensor in weights.items() if isinstance(tensor, torch.Tensor)
