@@ -49,12 +49,10 @@ class Deployed(nn.Module):
 
 
 def deployed(checkpoint: dict, path: str) -> Deployed:
-    """The checkpoint's model, eager, with what the program adds around it."""
     return Deployed(model_from_checkpoint(checkpoint, path), predict.evaluation_of(checkpoint))
 
 
 def export_program(module: Deployed, stored_size: int, device: torch.device) -> torch.export.ExportedProgram:
-    """The module traced for uint8 batches of any size on `device`."""
     example = torch.zeros(2, 3, stored_size, stored_size, dtype=torch.uint8, device=device)
     with torch.no_grad():
         return torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
