@@ -70,7 +70,6 @@ def new_model(args: argparse.Namespace, images: ImageSet, checkpoint: dict) -> t
 
 
 def trainable(args: argparse.Namespace, model: AlexNet) -> list[nn.Parameter]:
-    """--mode's layers train, the others are frozen."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith(TRAINED_PARTS[args.mode]))
     return [p for p in model.parameters() if p.requires_grad]
