@@ -546,7 +546,6 @@ def cifar_classes(meta: object, source: str) -> list[str]:
 
 
 def cifar_arrays(batch: object, name: str, class_count: int, source: str) -> tuple[np.ndarray, list[int]]:
-    """A batch's data (N x 3072 uint8) and labels (N integers, each a class)."""
     pixels = batch.get("data") if isinstance(batch, dict) else None
     if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] != 3072:
         raise not_official(source, name, "data is not N x 3072 uint8")
