@@ -144,8 +144,7 @@ def scanned(root: Path) -> tuple[dict | None, str | None]:
 
 def partial_folders(root: Path) -> list[Path]:
     """The temporary folders of downloads into ROOT (see download)."""
-    prefix = f".{root.name}.partial-"
-    return [p for p in folder_entries(root.parent) if p.name.startswith(prefix)] if root.parent.is_dir() else []
+    return [p for p in folder_entries(root.parent) if p.name.startswith(f".{root.name}.partial-")]
 
 
 def remove_partial_folders(root: Path) -> None:
