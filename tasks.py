@@ -227,6 +227,8 @@ finetune = task_of("Fine-tune a trained model (--mode head: its last layer only)
 predict = task_of("Classify images and folders of images.", "predict", fallback={"paths": [f"{DEFAULT_DATA}/test"]})
 export = task_of("Export a checkpoint as a program that runs without this project, checked against it.", "export")
 bench = task_of("Training and evaluation images/s of this pipeline against the reference's.", "bench")
+headline = task_of("Every headline figure on a GPU in one command: throughput, the 40 + 40 job, CUDA tests, recipes.",
+                   "headline")
 
 STAGES = ("pretrain", "finetune")
 # `all` takes both training scripts' flags but these: it names the stages' files itself.
@@ -280,10 +282,6 @@ all_ = Task(all_, name="all", auto_shortflags=False, help={
     "resume": "continue each stage from the resume state it left in --out-dir, where there is one",
 } | {action.dest: help_of(action) for action in FLAGS["download"] if action.dest in ALL_DEFAULTS}
   | {action.dest: help_of(action) for action in ALL_ACTIONS})
-
-
-headline = task_of("Every headline figure on a GPU in one command: throughput, the 40 + 40 job, CUDA tests, recipes.",
-                   "headline")
 
 
 @task
