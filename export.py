@@ -36,20 +36,17 @@ GENERATED_IMAGES = 64  # checked when there is no test split
 
 
 class Deployed(nn.Module):
-    """What the program computes: predict.py's evaluation path, then softmax(logits / temperature)."""
+    """What the program computes from a checkpoint: predict.py's evaluation path, then softmax(logits / temperature)."""
 
-    def __init__(self, model: nn.Module, evaluation: dict) -> None:
+    def __init__(self, checkpoint: dict, path: str) -> None:
         super().__init__()
         # frozen: a program of trainable weights returns probabilities that require grad, each call keeping the
         # batch's autograd graph (1.7x the peak memory at batch 1024) and refusing .numpy()
-        self.model, self.evaluation = model.eval().requires_grad_(False), evaluation  # predict.evaluation_of's
+        self.model = model_from_checkpoint(checkpoint, path).eval().requires_grad_(False)
+        self.evaluation = predict.evaluation_of(checkpoint)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.softmax(predict.logits_of(self.model, images, **self.evaluation), 1)
-
-
-def deployed(checkpoint: dict, path: str) -> Deployed:
-    return Deployed(model_from_checkpoint(checkpoint, path), predict.evaluation_of(checkpoint))
 
 
 def export_program(module: Deployed, stored_size: int, device: torch.device) -> torch.export.ExportedProgram:
@@ -144,7 +141,7 @@ def export(args: argparse.Namespace) -> None:
     device = cli.resolve_device(args.device)
     args.checkpoint = predict.checkpoint_given(args.checkpoint, "export.py")
     checkpoint = predict.load_trained(args.checkpoint)
-    reference = deployed(checkpoint, args.checkpoint).to(device)
+    reference = Deployed(checkpoint, args.checkpoint).to(device)
     size = checkpoint["stored_size"]
     record = {"checkpoint": str(args.checkpoint), "checkpoint_code": checkpoint.get("code"), "code": cli.code_version(),
               "torch": torch.__version__, "device": str(device), "input": f"N x 3 x {size} x {size} uint8",

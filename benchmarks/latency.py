@@ -73,7 +73,7 @@ def check_program(program, record: dict, eager: export.Deployed, checkpoint: dic
 
 def latency(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(args.checkpoint)
-    eager = export.deployed(checkpoint, args.checkpoint)
+    eager = export.Deployed(checkpoint, args.checkpoint)
     size = checkpoint["stored_size"]
     if args.program is None:
         program = export.export_program(eager, size, torch.device("cpu"))

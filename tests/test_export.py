@@ -148,7 +148,7 @@ def test_the_program_divides_by_the_checkpoints_temperature(varied, tmp_path):
     images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         probabilities = torch.export.load(tmp_path / "warm.pt2").module()(images)
-        eager = export.deployed(checkpoint, "warm.pt")
+        eager = export.Deployed(checkpoint, "warm.pt")
         expected = torch.softmax(eager.model(export.data.eval_batch(images, 64)) / 3.0, 1)
     assert torch.allclose(probabilities, expected, atol=1e-6)
 
@@ -279,7 +279,7 @@ def test_latency_checks_a_program_exported_for_cuda_on_the_cpu_as_its_eager_mode
     checkpoint = torch.load(varied, weights_only=True)
     loaded, record = predict.load_program(str(program[0]))
     args = latency.build_parser().parse_args(["--checkpoint", varied, "--program", str(program[0])])
-    latency.check_program(loaded, record, export.deployed(checkpoint, varied), checkpoint, args)
+    latency.check_program(loaded, record, export.Deployed(checkpoint, varied), checkpoint, args)
     assert moved == [torch.device("cpu")]
 
 

@@ -84,7 +84,7 @@ def test_a_checkpoints_own_eval_resize_is_the_one_predict_and_export_use(pretrai
         assert (own - usual).abs().max() > 1e-4  # ten times the tolerance below (a barely trained model)
         classify, _ = predict.load_classifier(str(tmp_path / "own.pt"), torch.device("cpu"))
         assert torch.allclose(classify(images), own, atol=1e-5)
-        assert torch.allclose(export.deployed(checkpoint, "own.pt")(images), torch.softmax(own, 1), atol=1e-6)
+        assert torch.allclose(export.Deployed(checkpoint, "own.pt")(images), torch.softmax(own, 1), atol=1e-6)
         del checkpoint["eval_resize"]
         torch.save(checkpoint, tmp_path / "older.pt")
         classify, _ = predict.load_classifier(str(tmp_path / "older.pt"), torch.device("cpu"))
