@@ -182,7 +182,9 @@ class ImageSet:
         in turn), each step `batch_size` positions of which this process gathers only its `share`. Resident sets
         index the device copy, streamed ones are gathered ahead (see prefetched): the same rows either way."""
         resident = self.device is None  # streamed also on the CPU: the same thread and gathering as on CUDA
-        positions = torch.arange(len(self)) if order is None else order if resident else order.cpu()
+        # in turn: positions on the images' device (a CPU index into CUDA images is a blocking copy at each batch)
+        positions = torch.arange(len(self), device=self.images.device) if order is None else order
+        positions = positions if resident else positions.cpu()
         steps = [positions[i:i + batch_size][share] for i in range(start * batch_size, len(positions), batch_size)]
         if not resident:
             yield from self.prefetched(steps)

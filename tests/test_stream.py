@@ -402,3 +402,29 @@ def test_the_transforms_constants_are_made_once_per_cuda_device_and_never_kept_f
         assert data.constants(data.MEAN, cuda) is not first and made[-1] == cuda and len(made) == 4
     finally:
         data.device_constants.cache_clear()
+
+
+class IndexDevices(torch.overrides.TorchFunctionMode):
+    """Records (indexed tensor's device, index's device) for every tensor indexed with a tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.device, torch.device]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__ and isinstance(args[1], torch.Tensor):
+            self.seen.append((args[0].device, args[1].device))
+        return func(*args, **(kwargs or {}))
+
+
+def test_batches_in_turn_index_images_on_a_device_with_positions_there_too():
+    """Evaluation's batches (no order: in turn) indexed images resident on CUDA with CPU positions: each batch's index
+    copied to the GPU by a blocking copy, the host waiting for all queued there, twice a batch (images and labels).
+    (The meta device stands in for CUDA.)"""
+    meta = torch.device("meta")
+    images = data.ImageSet(torch.empty(5, 3, 8, 8, dtype=torch.uint8, device=meta),
+                           torch.empty(5, dtype=torch.int64, device=meta), ["a", "b"])
+    with IndexDevices() as indexing:
+        got = [len(x) for x, _ in images.batches(None, 0, 2)]
+    assert got == [2, 2, 1] and len(indexing.seen) == 6
+    assert all(indexed == index for indexed, index in indexing.seen), indexing.seen
