@@ -60,11 +60,18 @@ def run(name: str, flags: str, common: list[str], out_dir: Path) -> tuple[bool, 
                *shlex.split(flags)]
     started = time.perf_counter()
     with open(out_dir / f"{name}.log", "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)  # here: its paths are the user's
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # here: its paths are the user's
+        try:
+            process.wait()
+        except KeyboardInterrupt as stop:  # a Ctrl-C, headline.py's stop: sent to the process group, pretrain.py's too
+            print(f"recipes.py: stopped by {cli.signal_of(stop).name}; waiting for recipe {name}'s pretrain.py (pid "
+                  f"{process.pid}) to save its resume state and end (see {log.name})", file=sys.stderr, flush=True)
+            process.wait()  # before: subprocess.run killed it 0.25 s after a Ctrl-C, its resume state unsaved
+            raise
     wall = time.perf_counter() - started
-    if result.returncode != 0:
+    if process.returncode != 0:
         last = (out_dir / f"{name}.log").read_text().strip().splitlines()[-1:] or ["no output"]
-        return False, f"| {name} | `{flags}` | failed (exit {result.returncode}): {last[0]} | | | |"
+        return False, f"| {name} | `{flags}` | failed (exit {process.returncode}): {last[0]} | | | |"
     report = json.loads(out.with_suffix(".test.json").read_text())
     with open(out.with_suffix(".csv"), newline="") as log:
         epochs = len(list(csv.DictReader(log)))
@@ -103,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run_script(main)  # a stop signal: a KeyboardInterrupt naming it, ended in one line (see run)

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -45,6 +46,27 @@ def test_recipe_search_runs_each_recipe_and_tables_val_and_test(tiny_data, tmp_p
     unknown = subprocess.run([*command[:2], "--recipe", "nope"], capture_output=True, text=True, cwd=ROOT)
     assert unknown.returncode == 2 and "no recipe 'nope'; known: reference" in unknown.stderr
 
+
+
+def test_a_stopped_recipe_search_lets_its_run_save_its_resume_state(tiny_data, tmp_path):
+    """A Ctrl-C (or headline.py's SIGINT at its deadline) reaches the process group, pretrain.py too, which stops at its
+    next step and saves its resume state; before, recipes.py's subprocess.run killed it 0.25 s later (SIGKILL): the
+    run's log ended mid-epoch, its state unsaved, and recipes.py ended in a KeyboardInterrupt traceback."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "recipes.py"), "--recipe", "r=--lr 0.01", "--out-dir", "out",
+               "--data-dir", str(tiny_data), "--epochs", "30", "--val-size", "6", "--image-size", "64",
+               "--batch-size", "8", "--device", "cpu", "--hidden", "64,32"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                               start_new_session=True)
+    log = tmp_path / "out" / "r.log"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (log.exists() and "  epoch 1/30: " in log.read_text()):
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGINT and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1].startswith("recipes.py: stopped by SIGINT; waiting for recipe r's pretrain")
+    assert log.read_text().strip().splitlines()[-1].startswith("pretrain.py: stopped by SIGINT at ")
+    assert (tmp_path / "out" / "r.last.pt").is_file()
 
 
 def test_checkpoint_benchmark_times_each_save_and_counts_the_writes(tmp_path):
