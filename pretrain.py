@@ -721,7 +721,8 @@ def restore(run: Run, state: dict) -> Progress:
     """Everything a resume brings back, in one place: weights, optimizer, EMA, every RNG, where the run was."""
     device = run.processes.device
     run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    groups = [group | {"fused": run.optimizer.defaults["fused"]} for group in state["optimizer"]["param_groups"]]
+    run.optimizer.load_state_dict(state["optimizer"] | {"param_groups": groups})  # this device's SGD, not the saved
     for weight, kept in run.optimizer.state.items():  # the fused SGD reads a momentum in its weight's layout alone (a
         if kept.get("momentum_buffer") is not None:  # run moved to or from channels_last: CUDA's, a bf16 CPU's)
             kept["momentum_buffer"] = torch.empty_like(weight).copy_(kept["momentum_buffer"])

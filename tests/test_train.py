@@ -645,6 +645,20 @@ def test_a_resume_whose_momentum_has_another_layout_than_its_weights_trains_as_o
 
 
 @pytest.mark.slow
+def test_a_resume_on_another_kind_of_device_steps_with_that_devices_sgd(tiny_data, tmp_path):
+    """Before: load_state_dict took the saved run's `fused` (a CPU run resumed on CUDA stepped with the foreach SGD
+    while its start line said "fused SGD"; a CUDA run on an fp32 CPU, the fused one on contiguous weights)."""
+    def other_device(state):
+        for group in state["optimizer"]["param_groups"]:
+            group["fused"] = None if group.get("fused") else True
+    run("pretrain.py", *start(tmp_path / "whole" / "p.pt", 1, tiny_data))
+    whole = torch.load(tmp_path / "whole" / "p.last.pt", weights_only=True)
+    moved = moved_resume(tiny_data, tmp_path / "moved", other_device)
+    assert [group["fused"] for group in moved["optimizer"]["param_groups"]] == [
+        group["fused"] for group in whole["optimizer"]["param_groups"]]
+
+
+@pytest.mark.slow
 def test_a_resume_of_a_run_that_augmented_on_another_kind_of_device_goes_on_deterministically(tiny_data, tmp_path):
     """Before: a CUDA generator's state (16 bytes: seed, offset) set on the CPU's (5056), or the reverse, was a
     traceback (the README lets --device change on a resume). Now the draws go on from a seed made of it, each time
