@@ -22,6 +22,7 @@ import secrets
 import signal
 import stat
 import subprocess
+import sysconfig
 import tempfile
 import threading
 import time
@@ -766,14 +767,21 @@ def tune_for_training() -> None:
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: the free memory at the heap's top stays
 
 
-def compiled(net: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile's inductor builds C++: without a working compiler the first step was a 100-line
-    InvalidCxxCompiler. Checked up front as inductor checks it; the run then trains eager, with a warning."""
+def compiled(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """torch.compile's inductor builds C++, and on CUDA Triton builds its launcher in C with Python's headers: without
+    a working compiler, or Python.h (no python3-dev), the first step was a 100-line traceback. Checked up front, as
+    inductor and Triton look for them; the run then trains eager, with a warning."""
     from torch._inductor import cpp_builder, exc
+    scheme = sysconfig.get_default_scheme()  # Debian's posix_local names /usr/local, not where python3-dev puts them
+    headers = Path(sysconfig.get_paths("posix_prefix" if scheme == "posix_local" else scheme)["include"], "Python.h")
+    missing = ""
+    if device.type == "cuda" and not headers.is_file():
+        missing = f"no {headers}, which Triton needs on CUDA (install python3-dev)"
     try:
         cpp_builder.get_cpp_compiler()
     except exc.InvalidCxxCompiler:
-        print("warning: --compile: no working C++ compiler for torch.compile (install g++, or name one in CXX); "
-              "training without it", file=sys.stderr)
+        missing = "no working C++ compiler for torch.compile (install g++, or name one in CXX)"
+    if missing:
+        print(f"warning: --compile: {missing}; training without it", file=sys.stderr)
         return net
     return torch.compile(net)

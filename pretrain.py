@@ -591,7 +591,7 @@ def start_run(args: argparse.Namespace, stage: str, processes: cli.Processes, mo
                                 **({"fused": True} if layout == torch.channels_last else {}))
     net = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
            if processes.distributed else model)
-    net = cli.compiled(net) if args.compile else net
+    net = cli.compiled(net, device) if args.compile else net
     ema = EMA(model, args.ema) if args.ema else None
     torch.manual_seed(args.seed + processes.rank)  # dropout: its own masks in each process
     augment = torch.Generator(device=device).manual_seed(args.seed)

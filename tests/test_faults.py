@@ -441,6 +441,19 @@ def test_compile_without_a_working_cxx_compiler_trains_eager_with_a_warning(tiny
     assert re.search(r"\(--precision auto\), [0-9,]+ trainable parameters", result.stdout)  # not ", compiled"
 
 
+def test_compile_on_cuda_without_pythons_headers_trains_eager_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Before: on CUDA, where python3-dev is not installed, Triton's launcher failed to build at the first step
+    (`fatal error: Python.h: No such file or directory`, then a long traceback). The CPU's inductor needs none."""
+    import sysconfig
+    real = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *args, **kwargs: real(*args, **kwargs) | {"include": tmp_path})
+    net = torch.nn.Linear(2, 2)
+    assert cli.compiled(net, torch.device("cuda")) is net
+    assert capsys.readouterr().err == (f"warning: --compile: no {tmp_path / 'Python.h'}, which Triton needs on CUDA "
+                                       "(install python3-dev); training without it\n")
+    assert cli.compiled(net, torch.device("cpu")) is not net and not capsys.readouterr().err
+
+
 def test_world_size_outside_torchrun_is_one_line(tiny_data, tmp_path, monkeypatch):
     """`WORLD_SIZE=1 python pretrain.py`: before, torch's `ValueError: ... RANK expected` traceback."""
     monkeypatch.setenv("WORLD_SIZE", "1")
