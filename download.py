@@ -391,11 +391,11 @@ def split_class_folders(folder: Path, tree: Path, name: str, test_size: int | No
         split = "test" if held[label] + len(same) <= quota[label] else "train"
         held[label] += len(same) * (split == "test")
         copies += [(path, tree / split / path.relative_to(folder)) for path in same]
-    if 0 in held:
-        label = held.index(0)
-        raise DataError(f"{name}/{classes[label]}: its images come in copies (byte for byte), more of each than its "
-                        f"share of test/ ({quota[label]}): held out, a copy would be trained on too",
-                        "add other images, or remove the copies")
+    # a --test-size is met exactly (a ROOT's test images are compared with it), a default at least in part
+    if short := [label for label, count in enumerate(held) if count < quota[label] and (test_size or not count)]:
+        raise DataError(f"{name}/{classes[short[0]]}: its share of test/ ({quota[short[0]]}) cannot be held out in "
+                        "whole groups of copies (byte for byte; held out apart, a copy would be trained on too)",
+                        "pass another --test-size, or remove the copies")
     bring(copies, folder, name, move)
     print(f"{name}: class folders alone, split: {sum(held)} of their {len(samples)} images held out as test/")
 

@@ -291,7 +291,7 @@ def test_an_image_added_to_class_folders_moves_others_between_splits_only_at_the
 def test_copies_of_a_photo_in_class_folders_alone_go_to_one_split(tmp_path, capsys):
     """Before: a photo saved twice (`0001.png`, `copy of 0001.png`) could land in train/ and test/ alike, a test image
     then trained on: test accuracy flattered. Byte-identical files of a class now go to one split, whole; --test-size
-    is still met. A class of copies alone cannot be split so: one line."""
+    is still met, or it is one line (as a class of copies alone)."""
     photos = make_class_folders(tmp_path / "made", classes=("cat", "dog"), train=10, test=0) / "train"
     for path in sorted(photos.rglob("*.png")):
         shutil.copy(path, path.with_name(f"copy of {path.name}"))
@@ -301,14 +301,16 @@ def test_copies_of_a_photo_in_class_folders_alone_go_to_one_split(tmp_path, caps
         test, train = ([p.name.removeprefix("copy of ") for p in (tmp_path / "root" / split / name).iterdir()]
                        for split in ("test", "train"))
         assert len(test) == 4 and len(set(test)) == 2 and not set(test) & set(train)
+    with pytest.raises(cli.DataError) as refused:  # 3 of each class's 10 pairs: no whole pairs make it
+        download.download(tmp_path / "odd", str(photos), test_size=6)
+    assert str(refused.value) == (f"{photos}/cat: its share of test/ (3) cannot be held out in whole groups of copies "
+                                  "(byte for byte; held out apart, a copy would be trained on too); pass another "
+                                  "--test-size, or remove the copies")
     for path in (photos / "dog").glob("*0[1-9]*.png"):
         shutil.copy(photos / "dog" / "0000.png", path)
-    with pytest.raises(cli.DataError) as refused:
+    with pytest.raises(cli.DataError, match=f"^{photos}/dog: its share of test/ \\(4\\) cannot be held out"):
         download.download(tmp_path / "again", str(photos))
-    assert str(refused.value) == (f"{photos}/dog: its images come in copies (byte for byte), more of each than its "
-                                  "share of test/ (4): held out, a copy would be trained on too; add other images, or "
-                                  "remove the copies")
-    assert not (tmp_path / "again").exists()
+    assert not (tmp_path / "odd").exists() and not (tmp_path / "again").exists()
 
 
 def test_links_in_an_archive_of_class_folders_alone_are_split_as_what_they_point_to(tmp_path):
