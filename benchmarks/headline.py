@@ -213,8 +213,8 @@ def run_step(step: Step, out_dir: Path, seconds_left: float) -> tuple[int, float
         log.flush()
         start = log.tell()
         started = time.perf_counter()
-        # its own process group (a session: process_group= needs Python 3.11): a signal reaches recipes.py's
-        # pretrain.py too
+        # its own process group (a session: process_group= needs Python 3.11): a signal reaches its workers too
+        # (recipes.py passes it on to its pretrain.py, in a session of its own: a SIGKILL does not reach that one)
         process = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                    start_new_session=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
         stopped = None

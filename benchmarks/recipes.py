@@ -12,8 +12,10 @@ accuracy, which pretrain.py measured once, with the best-validation weights.
 The device, torch version, commit and command come first.
 """
 import argparse
+import contextlib
 import csv
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -59,11 +61,17 @@ def run(name: str, flags: str, common: list[str], out_dir: Path) -> tuple[bool, 
     command = [sys.executable, str(ROOT / "pretrain.py"), *common, "--out", str(out), "--overwrite",
                *shlex.split(flags)]
     started = time.perf_counter()
+    posix = sys.platform != "win32"  # Windows: a console's Ctrl-C reaches both; a kill ends recipes.py at once
     with open(out_dir / f"{name}.log", "w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)  # here: its paths are the user's
+        # in a session of its own, the stop comes from here, once, whoever was sent it: a Ctrl-C and headline.py's
+        # SIGINT go to the group, a `kill` to recipes.py alone (a second signal would stop pretrain.py unsaved)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=posix)
         try:
             process.wait()
-        except KeyboardInterrupt as stop:  # a Ctrl-C, headline.py's stop: sent to the process group, pretrain.py's too
+        except KeyboardInterrupt as stop:
+            if posix:
+                with contextlib.suppress(ProcessLookupError):  # it has just ended: wait() returns
+                    os.killpg(process.pid, cli.signal_of(stop))
             print(f"recipes.py: stopped by {cli.signal_of(stop).name}; waiting for recipe {name}'s pretrain.py (pid "
                   f"{process.pid}) to save its resume state and end (see {log.name})", file=sys.stderr, flush=True)
             process.wait()  # before: subprocess.run killed it 0.25 s after a Ctrl-C, its resume state unsaved
