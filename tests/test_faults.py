@@ -451,7 +451,8 @@ def test_compile_on_cuda_without_pythons_headers_trains_eager_with_a_warning(tmp
     assert cli.compiled(net, torch.device("cuda")) is net
     assert capsys.readouterr().err == (f"warning: --compile: no {tmp_path / 'Python.h'}, which Triton needs on CUDA "
                                        "(install python3-dev); training without it\n")
-    assert cli.compiled(net, torch.device("cpu")) is not net and not capsys.readouterr().err
+    cli.compiled(net, torch.device("cpu"))  # compiled, or eager where there is no g++: for that reason alone
+    assert "Python.h" not in capsys.readouterr().err
 
 
 def test_world_size_outside_torchrun_is_one_line(tiny_data, tmp_path, monkeypatch):
