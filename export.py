@@ -76,13 +76,19 @@ def check_images(checkpoint: dict, data_dir: str | None, limit: int | None) -> t
 @torch.no_grad()
 def agreement(program: nn.Module, reference: nn.Module, images: data.ImageSet, batch_size: int,
               device: torch.device) -> dict:
-    """Both run batch by batch: the share of images whose top-1 class they agree on, the largest probability gap."""
-    same, largest = 0, 0.0
+    """Both run batch by batch: the share of images whose top-1 class they agree on, the largest probability gap.
+    Its progress shown: CIFAR-10's test split takes a minute and a half on 2 CPU cores, else without a word."""
+    same, largest, done = 0, 0.0, 0
+    line = cli.ProgressLine("check", len(images))
     for batch, _ in images.batches(None, 0, batch_size):
         batch = batch.to(device)
         exported, eager = program(batch), reference(batch)
         same += int((exported.argmax(1) == eager.argmax(1)).sum())
         largest = max(largest, float((exported - eager).abs().max()))
+        done += len(batch)
+        if line.due(done):
+            line.show(done)
+    line.close()
     return {"images": len(images), "top1_agreement": same / len(images), "max_probability_difference": largest,
             "tolerance": TOLERANCE}
 
