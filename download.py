@@ -340,6 +340,7 @@ def copy_class_folders(folder: Path, tree: Path, source: str, test_size: int | N
     """Find the folder holding train/ and test/ (it may be nested, e.g. cifar10/; never a hidden one) and bring it to
     `tree`; else the first holding two folders or more, as class folders to split, unless named as a split's (train/
     beside val/): refused, not split as classes named so, nor searched further (one split's would be taken alone)."""
+    source = source.rstrip("/" + os.sep) or source  # "photos/" as typed: its folders named photos/a, not photos//a
     found_in = {folder: source}  # the folders searched, never a hidden one (.git/, .thumbnails/), and their names
     for found in [p for pattern in ("*", "*/*") for p in sorted(folder.glob(pattern)) if p.is_dir()]:
         inner = found.relative_to(folder)

@@ -354,6 +354,15 @@ def test_a_gif_left_out_of_an_archive_is_named_in_the_archive_not_in_the_tempora
         "x.gif)" in result.stderr
 
 
+def test_a_folder_named_with_a_trailing_slash_names_its_class_folders_with_one(tmp_path):
+    """`--source photos/`, as a shell completes it: before, "photos//a/x.gif" in the warning and the errors."""
+    photos = make_class_folders(tmp_path / "made", classes=("a", "b"), train=3, test=0) / "train"
+    Image.new("RGB", (8, 8)).save(photos / "a" / "x.gif")
+    result = run("download.py", "--root", tmp_path / "r", "--source", "train/", cwd=photos.parent)
+    assert result.stdout.splitlines()[0] == "train: class folders alone, split: 2 of their 6 images held out as test/"
+    assert "(.gif; such as train/a/x.gif)" in result.stderr
+
+
 def test_class_folders_too_small_to_split_or_train_and_val_are_one_line(tmp_path):
     """Before, train/ beside val/ of class folders: val/ split alone, train/ dropped without a word; train/ alone in
     an archive: "no train/ and test/ class folders found" (val/ alone was split). A --test-size below the classes
