@@ -102,6 +102,8 @@ def kept_source(root: Path, given: str | None, test_size: int | None, held: int)
     if given is not None and source_name(given) != recorded:
         raise DataError(f"--root {root}: holds the data set made from {recorded}, not from --source {given}",
                         "remove the folder to download this one into it, or choose another --root")
+    if Path(recorded).is_dir():  # one's photos: a photo added since would be in neither split without a word
+        return f" (made from {recorded}; what changed there since is not taken: remove {root} to take it)"
     return f" (made from {recorded})"
 
 

@@ -412,12 +412,14 @@ def test_class_folders_alone_with_a_class_named_as_a_split_are_told_to_rename_it
 
 
 def test_a_root_from_another_source_is_refused_and_its_own_source_named(tmp_path, tiny_data):
-    """Before: `--source other` on a root made from another source said "nothing to do" and ignored it."""
+    """Before: `--source other` on a root made from another source said "nothing to do" and ignored it. A folder's
+    images added since are not taken: said (before, "nothing to do" alone, to one who had added photos)."""
     root, other = tmp_path / "cifar10", make_class_folders(tmp_path / "other", classes=("a", "b"), train=2, test=1)
     run("download.py", "--root", root, "--source", tiny_data)
     for source in ([], ["--source", tiny_data], ["--source", os.path.relpath(tiny_data, tmp_path)]):
         result = run("download.py", "--root", "cifar10", *source, cwd=tmp_path)
-        assert result.stdout == f"cifar10 already holds train/ and test/ (made from {tiny_data}); nothing to do\n"
+        assert result.stdout == (f"cifar10 already holds train/ and test/ (made from {tiny_data}; what changed there "
+                                 "since is not taken: remove cifar10 to take it); nothing to do\n")
     result = run("download.py", "--root", root, "--source", other, check=False)
     assert error_line(result) == (f"download.py: --root {root}: holds the data set made from {tiny_data}, not from "
                                   f"--source {other}; remove the folder to download this one into it, or choose "
