@@ -29,6 +29,7 @@ from PIL import Image, ImageFile, ImageOps
 import cli
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+PLUGIN_TYPES = (".heic", ".heif", ".avif")  # phones' photos, which Pillow reads only with a plugin (pillow-heif)
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation, as the reference
 STD = (0.229, 0.224, 0.225)
 EVAL_RESIZE = 256 / 224  # evaluation resizes to 256/224 of the crop, then centre-crops
@@ -80,7 +81,10 @@ def decode(path: str | os.PathLike, size: int) -> tuple[np.ndarray, int]:
                 img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img.convert("RGBA"))
             img = img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise cli.DataError(f"{cli.shown(path)}: cannot read this image ({e}); remove or replace the file") from None
+        plugin = isinstance(e, Image.UnidentifiedImageError) and Path(path).suffix.lower() in PLUGIN_TYPES
+        advice = ("convert it to .jpg or .png (Pillow reads HEIC and AVIF only with a plugin)" if plugin else
+                  "remove or replace the file")
+        raise cli.DataError(f"{cli.shown(path)}: cannot read this image ({e}); {advice}") from None
     for warning in caught:
         print(f"warning: {cli.shown(path)}: {warning.message}", file=sys.stderr)
     if img.size != (size, size):
@@ -118,7 +122,7 @@ def other_image_types() -> frozenset[str]:
     ends = Image.registered_extensions()  # fills Image.OPEN too
     return frozenset(end for end, kind in ends.items() if kind in Image.OPEN and kind != "MPEG" and not (
         isinstance(opener := Image.OPEN[kind][0], type) and issubclass(opener, ImageFile.StubImageFile))).union(
-        (".heic", ".heif", ".avif")) - set(IMAGE_EXTENSIONS)
+        PLUGIN_TYPES) - set(IMAGE_EXTENSIONS)
 
 
 def warn_left_out(name: str, root: Path, left_out: list[Path]) -> None:

@@ -61,6 +61,19 @@ def test_bad_image_files_are_reported_and_the_rest_predicted(pretrained, tmp_pat
     assert "decompression bomb" in errors[0] and all("cannot read this image" in e for e in errors)
 
 
+def test_an_iphone_photo_given_by_name_is_said_to_need_converting(pretrained, tmp_path):
+    """A .HEIC named on predict's command line (a folder's are left out with a warning, row 282): before, "remove or
+    replace the file", as of a damaged one; Pillow reads none without a plugin."""
+    (tmp_path / "IMG_0001.HEIC").write_bytes(b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + bytes(64))
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "good.png")
+    result = run("predict.py", tmp_path / "IMG_0001.HEIC", tmp_path / "good.png", "--checkpoint", pretrained,
+                 "--device", "cpu", check=False)
+    assert result.returncode == 1 and "good.png" in result.stdout
+    assert error_line(result) == (f"predict.py: {tmp_path}/IMG_0001.HEIC: cannot read this image (cannot identify "
+                                  f"image file '{tmp_path}/IMG_0001.HEIC'); convert it to .jpg or .png (Pillow reads "
+                                  "HEIC and AVIF only with a plugin)")
+
+
 def test_a_path_that_is_no_file_or_folder_is_named_as_such(pretrained, tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     with socket.socket(socket.AF_UNIX) as listening:
