@@ -55,8 +55,8 @@ def check_program(program, record: dict, eager: export.Deployed, checkpoint: dic
     as `eager` is (a program exported with --device cuda moved there first) (before: another checkpoint's program
     was timed as this one's, or one of another size failed with a traceback)."""
     size = checkpoint["stored_size"]
-    ours = {"classes": checkpoint["classes"], "stored_size": size, "image_size": checkpoint["image_size"],
-            "tta": checkpoint.get("tta", False)}
+    ours = {"classes": checkpoint["classes"], "stored_size": size,
+            **{key: eager.evaluation[key] for key in ("image_size", "tta")}}
     differ = [key for key, value in ours.items() if record.get(key) != value]
     if not differ:
         generator = torch.Generator().manual_seed(0)
